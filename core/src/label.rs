@@ -1,0 +1,53 @@
+//! Reward labels: what the reward pool attaches to a trajectory.
+
+use crate::trajectory::{Step, Trajectory};
+use serde::{Deserialize, Serialize};
+
+/// Where a score came from. Every score carries one, so a run can say how much
+/// of its signal came from verifiers, the judge, its cache or the distilled model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreSource {
+    /// A deterministic verifier (exact answer, numeric, step checker, calculator).
+    Verifier,
+    /// A live call to the judge model.
+    Judge,
+    /// The judge's answer for the same (model, template, problem, step prefix), cached.
+    JudgeCache,
+    /// The online-distilled reward model.
+    Distilled,
+    /// A guard rejected the completion before any judge call (no final answer, too short).
+    Guard,
+    /// No source could score it (e.g. an unparseable verdict); the score is unknown.
+    Unknown,
+}
+
+/// The score of one step: `Some(p)` with `p` = P(step is correct) in [0, 1], or
+/// `None` when it could not be determined (never silently 0 or 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepScore {
+    pub step: Step,
+    pub score: Option<f32>,
+    pub source: ScoreSource,
+}
+
+/// The reward of one trajectory: outcome plus, when a process judge is
+/// configured, one score per step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardLabel {
+    /// Outcome score, 1.0 for a correct final answer and 0.0 otherwise for
+    /// binary verifiers.
+    pub outcome: f32,
+    pub outcome_source: ScoreSource,
+    /// The final answer extracted from the completion, if any.
+    pub answer: Option<String>,
+    /// Step scores in completion order; empty when no process reward is configured.
+    pub steps: Vec<StepScore>,
+}
+
+/// A trajectory with its label: what the learner consumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabeledTrajectory {
+    pub trajectory: Trajectory,
+    pub label: RewardLabel,
+}

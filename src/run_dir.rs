@@ -1,0 +1,88 @@
+//! The run folder: `runs/<run-id>/` with the resolved `config.toml`, the
+//! `trace.jsonl`, and (written by the training commands) `metrics.jsonl` and
+//! `checkpoints/`.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One run's folder.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub id: String,
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `root/<new id>/` and writes the resolved configuration into it.
+    pub fn create(root: &Path, config_toml: &str) -> std::io::Result<Self> {
+        loop {
+            let id = new_run_id(SystemTime::now(), random_suffix());
+            let path = root.join(&id);
+            std::fs::create_dir_all(root)?;
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    std::fs::write(path.join("config.toml"), config_toml)?;
+                    return Ok(Self { id, path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// `YYYYMMDD-HHMMSS-xxxx`: UTC time of creation and 4 random hex digits, so ids
+/// sort by start time and two runs started in the same second do not collide.
+pub fn new_run_id(now: SystemTime, suffix: u16) -> String {
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{suffix:04x}", s / 3600, s % 3600 / 60, s % 60)
+}
+
+fn random_suffix() -> u16 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    (SystemTime::now(), std::process::id()).hash(&mut h);
+    h.finish() as u16
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard
+/// Hinnant's `civil_from_days` algorithm (http://howardhinnant.github.io/date_algorithms.html).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn run_id_is_utc_timestamp_and_suffix() {
+        // 2026-11-26T09:18:40Z = 1795684720 s (date -u -d @1795684720)
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_684_720);
+        assert_eq!(new_run_id(t, 0xab1), "20261126-091840-0ab1");
+        assert_eq!(new_run_id(UNIX_EPOCH, 0), "19700101-000000-0000");
+        // leap day
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29T00:00:00Z
+        assert_eq!(&new_run_id(t, 0)[..8], "20000229");
+    }
+
+    #[test]
+    fn create_writes_config_and_distinct_ids() {
+        let root = tempfile::tempdir().unwrap();
+        let a = RunDir::create(root.path(), "[run]\nseed = 1\n").unwrap();
+        let b = RunDir::create(root.path(), "x").unwrap();
+        assert_ne!(a.id, b.id);
+        assert_eq!(std::fs::read_to_string(a.path.join("config.toml")).unwrap(), "[run]\nseed = 1\n");
+    }
+}
