@@ -325,7 +325,7 @@ impl Transformer {
     /// Copies `value` into parameter `name` (casting dtype, moving device).
     /// `origin` names the file in errors.
     pub(crate) fn set_parameter(&self, name: &str, value: &Tensor, origin: &std::path::Path) -> Result<()> {
-        let mut var = self.vs.root().get(name).ok_or_else(|| Error::invalid("parameter", name))?;
+        let mut var = self.vs.variables().remove(name).ok_or_else(|| Error::invalid("parameter", name))?;
         if var.size() != value.size() {
             return Err(Error::WrongShape { path: origin.into(), name: name.into(), got: value.size(), want: var.size() });
         }
