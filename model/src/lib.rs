@@ -167,3 +167,33 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<Loaded> {
     }
     Err(Error::UnknownSource(source.to_string()))
 }
+
+/// `[model]`: the policy model every command loads.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// An HF folder, a `.gguf` file or a builtin preset. Default `builtin:tiny-arith`.
+    pub source: String,
+    /// Parameter precision: `f32`, `bf16` or `f16`. Default `f32`.
+    pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`. Default `cpu`.
+    pub device: String,
+}
+
+impl Config {
+    /// Checks values that parse but cannot be used.
+    pub fn validate(&self) -> std::result::Result<(), prism_core::config::Invalid> {
+        use prism_core::config::Invalid;
+        if self.source.is_empty() {
+            return Err(Invalid::new("model.source", &self.source, "must not be empty"));
+        }
+        prism_core::config::check::one_of("model.dtype", &self.dtype, &["f32", "bf16", "f16"])?;
+        parse_device(&self.device).map_err(|_| Invalid::new("model.device", &self.device, "expected cpu, cuda or cuda:N"))?;
+        Ok(())
+    }
+
+    /// The load options this section describes, with `seed` for random initialisation.
+    pub fn load_options(&self, seed: u64) -> Result<LoadOptions> {
+        Ok(LoadOptions { device: parse_device(&self.device)?, dtype: self.dtype.parse()?, seed })
+    }
+}
