@@ -360,7 +360,7 @@ async fn wait(rx: oneshot::Receiver<Result<(Vec<Sample>, usize), String>>) -> Re
 }
 
 /// The completion as OpenAI reports it: text cut before the first stop string,
-/// and the number of tokens that text covers.
+/// and the number of tokens that text covers (their logprobs are reported).
 fn visible(sample: &Sample, stop: &[String]) -> (String, usize) {
     let mut text = sample.text.clone();
     if sample.finish == FinishReason::Stop {
@@ -377,7 +377,9 @@ fn visible(sample: &Sample, stop: &[String]) -> (String, usize) {
         count += 1;
         start = end;
     }
-    (text, count.min(sample.tokens.len()))
+    // The eos token that ended a sample has no text of its own to report.
+    let shown = if sample.finish == FinishReason::Eos { sample.tokens.len() - 1 } else { sample.tokens.len() };
+    (text, count.min(shown))
 }
 
 fn finish_reason(f: FinishReason) -> &'static str {
