@@ -167,8 +167,12 @@ fn reference(
     model_cfg: &prism_model::Config,
 ) -> anyhow::Result<(Timing, String)> {
     let repo = repo_root();
-    let python = repo.join(".venv/bin/python");
-    let python = if python.exists() { python } else { PathBuf::from("python3") };
+    let venv = repo.join(".venv/bin/python");
+    let python = match std::env::var_os("PRISM_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None if venv.exists() => venv,
+        None => PathBuf::from("python3"),
+    };
     let script = repo.join("benches/reference/generate.py");
     // transformers reads HF folders and GGUF files; anything else goes through an export.
     let tmp;

@@ -32,7 +32,7 @@ fn tiny_llama_and_qwen2_logits_match_transformers() {
     let ids = &reference["ids"];
     let mask = &reference["mask"];
     for name in ["llama", "qwen2"] {
-        let loaded = load(dir.join(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let loaded = load(dir.join(name).to_str().unwrap(), &load_options()).unwrap();
         let model = &loaded.model;
         if name == "qwen2" {
             assert!(model.config().qkv_bias && model.config().tie_word_embeddings);
@@ -40,12 +40,12 @@ fn tiny_llama_and_qwen2_logits_match_transformers() {
             assert!(!model.config().tie_word_embeddings);
             assert!(matches!(model.config().rope_scaling, prism_model::RopeScaling::Linear { factor } if factor == 2.0));
         }
-        let ours = tch::no_grad(|| model.forward(ids, None));
+        let ours = tch::no_grad(|| model.forward(ids, None)).to_device(tch::Device::Cpu);
         let diff = max_abs_diff(&ours, &reference[&format!("{name}.logits")]);
         assert!(diff <= 1e-4, "{name}: max |logits - transformers| = {diff}");
 
         // Left padding: compare the real positions only.
-        let ours = tch::no_grad(|| model.forward(ids, Some(mask)));
+        let ours = tch::no_grad(|| model.forward(ids, Some(mask))).to_device(tch::Device::Cpu);
         let theirs = &reference[&format!("{name}.logits_masked")];
         let real = mask.to_kind(Kind::Bool).unsqueeze(-1);
         let diff = max_abs_diff(&ours.masked_select(&real), &theirs.masked_select(&real));
@@ -62,9 +62,9 @@ fn kv_cached_decode_equals_full_forward() {
     let reference = read_safetensors(&dir.join("reference.safetensors"));
     let (ids, mask) = (&reference["ids"], &reference["mask"]);
     for name in ["llama", "qwen2"] {
-        let loaded = load(dir.join(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let loaded = load(dir.join(name).to_str().unwrap(), &load_options()).unwrap();
         let model = &loaded.model;
-        let full = tch::no_grad(|| model.forward(ids, Some(mask)));
+        let full = tch::no_grad(|| model.forward(ids, Some(mask))).to_device(tch::Device::Cpu);
         let t = ids.size()[1];
         let prefill = 6;
         let mut cache = model.new_cache(2, t as usize);
@@ -75,7 +75,7 @@ fn kv_cached_decode_equals_full_forward() {
         for i in prefill..t {
             parts.push(tch::no_grad(|| model.forward_cached(&ids.narrow(1, i, 1), None, &mut cache, false)).unwrap());
         }
-        let cached = Tensor::cat(&parts, 1);
+        let cached = Tensor::cat(&parts, 1).to_device(tch::Device::Cpu);
         let real = mask.to_kind(Kind::Bool).unsqueeze(-1);
         let diff = max_abs_diff(&cached.masked_select(&real), &full.masked_select(&real));
         assert!(diff <= 1e-5, "{name}: cached vs full max diff {diff}");
@@ -87,10 +87,10 @@ fn kv_cached_decode_equals_full_forward() {
 #[test]
 fn export_reloads_in_transformers() {
     let out = tempfile::tempdir().unwrap();
-    let arith = load("builtin:tiny-arith", &LoadOptions { seed: 7, ..Default::default() }).unwrap();
+    let arith = load("builtin:tiny-arith", &LoadOptions { seed: 7, ..load_options() }).unwrap();
     let arith_dir = out.path().join("arith");
     arith.model.save_hf_with(&arith_dir, &arith.tokenizer, &arith.generation).unwrap();
-    let qwen = load(tiny_dir().join("qwen2").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let qwen = load(tiny_dir().join("qwen2").to_str().unwrap(), &load_options()).unwrap();
     let qwen_dir = out.path().join("qwen2");
     qwen.model.save_hf(&qwen_dir, &qwen.tokenizer).unwrap();
 
@@ -106,7 +106,7 @@ fn export_reloads_in_transformers() {
         let r = &got[i];
         assert_eq!(r["class"], class);
         let theirs: Vec<f32> = r["logits"][0].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
-        let ours = tch::no_grad(|| loaded.model.forward(&input, None));
+        let ours = tch::no_grad(|| loaded.model.forward(&input, None)).to_device(tch::Device::Cpu);
         let theirs = Tensor::from_slice(&theirs).view(ours.size().as_slice());
         let diff = max_abs_diff(&ours, &theirs);
         assert!(diff <= 1e-4, "{class}: reloaded logits differ by {diff}");

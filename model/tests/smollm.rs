@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use prism_model::chat::ChatMessage;
 use prism_model::engine::{self, SamplingParams};
-use prism_model::{LoadOptions, Loaded, load};
+use prism_model::{Loaded, load};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use tch::Tensor;
 
@@ -68,7 +68,7 @@ fn build() -> Option<Fixture> {
         let reference: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("reference.json")).unwrap()).unwrap();
         let logits = read_safetensors(&dir.path().join("logits.safetensors")).remove("logits").unwrap();
-        let loaded = load(gguf.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let loaded = load(gguf.to_str().unwrap(), &load_options()).unwrap();
         Some(Fixture { loaded, reference, logits, _dir: dir })
     }
 }
@@ -108,7 +108,7 @@ fn logits_match_transformers_on_64_tokens() {
     assert_eq!(prompt.len(), 64);
     assert_eq!(f.loaded.tokenizer.encode(LOGITS_TEXT, true).unwrap()[..64], prompt[..]);
     let input = Tensor::from_slice(&prompt.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
-    let ours = tch::no_grad(|| f.loaded.model.forward(&input, None)).squeeze_dim(0);
+    let ours = tch::no_grad(|| f.loaded.model.forward(&input, None)).to_device(tch::Device::Cpu).squeeze_dim(0);
     let diff = max_abs_diff(&ours, &f.logits);
     assert!(diff <= 1e-3, "max |logits - transformers| = {diff}");
 }

@@ -15,8 +15,9 @@ pub fn repo() -> PathBuf {
 /// Runs `model/tests/reference/<script>` with the repository's `.venv` Python,
 /// feeding `stdin`; returns stdout, panicking with stderr on failure.
 pub fn python(script: &str, args: &[&str], stdin: &str) -> String {
-    let py = repo().join(".venv/bin/python");
-    assert!(py.exists(), "{} is missing: run scripts/setup", py.display());
+    // PRISM_PYTHON: another interpreter with torch and transformers (GPU machines).
+    let py = std::env::var_os("PRISM_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv/bin/python"));
+    assert!(py.exists() || std::env::var_os("PRISM_PYTHON").is_some(), "{} is missing: run scripts/setup", py.display());
     let mut child = Command::new(py)
         .arg(repo().join("model/tests/reference").join(script))
         .args(args)
@@ -49,10 +50,22 @@ pub fn smollm_gguf() -> Option<PathBuf> {
     None
 }
 
+/// The device the parity tests run the model on: `PRISM_TEST_DEVICE` (`cuda`,
+/// `cuda:N`; scripts/gpu-check sets it), else the CPU.
+pub fn device() -> tch::Device {
+    std::env::var("PRISM_TEST_DEVICE").map_or(tch::Device::Cpu, |d| prism_model::parse_device(&d).expect("PRISM_TEST_DEVICE"))
+}
+
+/// Load options on [`device`], float32.
+pub fn load_options() -> prism_model::LoadOptions {
+    prism_model::LoadOptions { device: device(), ..Default::default() }
+}
+
 /// Largest absolute difference between two float tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+    let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
+    (cpu(a) - cpu(b)).abs().max().double_value(&[])
 }
 
 /// Named tensors of a safetensors file.
