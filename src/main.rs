@@ -4,6 +4,8 @@
 mod cli;
 mod config;
 mod doctor;
+#[allow(dead_code)] // drawn by `prism train`
+mod progress;
 mod report;
 #[allow(dead_code)] // written by the training commands
 mod run_dir;
