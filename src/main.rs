@@ -6,6 +6,9 @@ mod cli;
 mod config;
 mod doctor;
 mod export;
+#[allow(dead_code)] // drawn by `prism train`
+mod progress;
+mod report;
 #[allow(dead_code)] // written by the training commands
 mod run_dir;
 mod serve;
@@ -42,10 +45,22 @@ fn main() -> ExitCode {
     let _console = telemetry::init_console(&config.log);
     match cli.command {
         cli::Command::Doctor(_) => doctor::run(&config),
-        cli::Command::Serve(_) => report(serve::main(&config.model, &config.serve, config.run.seed)),
-        cli::Command::Export(a) => report(export::main(&a.from, &a.to, &config.model, config.run.seed)),
+        cli::Command::Serve(_) => exit_code(serve::main(&config.model, &config.serve, config.run.seed)),
+        cli::Command::Export(a) => exit_code(export::main(&a.from, &a.to, &config.model, config.run.seed)),
         cli::Command::Bench(b) => match &b.what {
-            cli::BenchCommand::Generate(g) => report(bench::generate(g, &config.model, config.run.seed)),
+            cli::BenchCommand::Generate(g) => exit_code(bench::generate(g, &config.model, config.run.seed)),
+        },
+        cli::Command::Report(a) => match report::run(&a.run, a.out.as_deref()) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("prism report: {e:#}");
+                ExitCode::FAILURE
+            }
         },
         _ => {
             eprintln!("prism: `prism {name}` is not implemented yet");
@@ -55,7 +70,7 @@ fn main() -> ExitCode {
 }
 
 /// A command's outcome as an exit code: errors print their chain on one line.
-fn report(result: anyhow::Result<()>) -> ExitCode {
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
