@@ -10,6 +10,7 @@
 pub mod arithmetic;
 pub mod dataset;
 mod rng;
+pub mod sampler;
 pub mod task;
 
 pub use rng::{hash64, SplitMix64};
@@ -26,6 +27,8 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}:{line}: {reason}", path.display())]
     Dataset { path: PathBuf, line: usize, reason: String },
+    #[error(transparent)]
+    Model(#[from] prism_model::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
