@@ -38,12 +38,13 @@ pub fn estimate_group(group: &[LabeledTrajectory], config: &Config) -> Result<Gr
     let scores: Vec<f64> = group
         .iter()
         .zip(&raw)
-        .map(|(lt, &s)| s + if config.overlong_shaping { overlong_penalty(lt.trajectory.tokens.len(), config) } else { 0.0 })
+        .map(|(lt, &s)| {
+            s + if config.overlong_shaping { overlong_penalty(lt.trajectory.tokens.len(), config) } else { 0.0 }
+        })
         .collect();
     let lengths: Vec<usize> = group.iter().map(|lt| lt.trajectory.tokens.len()).collect();
-    let per_sample = |adv: Vec<f64>| -> Vec<Vec<f32>> {
-        adv.iter().zip(&lengths).map(|(&a, &n)| vec![a as f32; n]).collect()
-    };
+    let per_sample =
+        |adv: Vec<f64>| -> Vec<Vec<f32>> { adv.iter().zip(&lengths).map(|(&a, &n)| vec![a as f32; n]).collect() };
     let advantages = match config.estimator() {
         Estimator::Grpo => per_sample(grpo(&scores, config.std_unbiased, config.adv_eps)),
         Estimator::DrGrpo => per_sample(dr_grpo(&scores)),
@@ -202,7 +203,13 @@ pub fn process(
 /// - incorrect solution: incorrect thoughts `r_hat`, correct thoughts `0`;
 /// - steps of unknown verdict, tokens before the first step and after the last
 ///   (the answer line): `r_hat`.
-pub fn tp_grpo(n_tokens: usize, verdicts: &[(Range<u32>, Option<bool>)], correct_solution: bool, r_hat: f64, r_c: f64) -> Vec<f32> {
+pub fn tp_grpo(
+    n_tokens: usize,
+    verdicts: &[(Range<u32>, Option<bool>)],
+    correct_solution: bool,
+    r_hat: f64,
+    r_c: f64,
+) -> Vec<f32> {
     let mut adv = vec![r_hat; n_tokens];
     // Thoughts as (token start, token end of the last step, verdict).
     let mut thoughts: Vec<(usize, usize, Option<bool>)> = Vec::new();

@@ -51,7 +51,9 @@ impl Batch {
         }
         for (i, r) in rows.iter().enumerate() {
             if r.prompt.is_empty() {
-                return Err(Error::Batch(format!("row {i}: empty prompt (the first completion token needs a context)")));
+                return Err(Error::Batch(format!(
+                    "row {i}: empty prompt (the first completion token needs a context)"
+                )));
             }
             if r.completion.is_empty() {
                 return Err(Error::Batch(format!("row {i}: empty completion")));
@@ -95,7 +97,10 @@ impl Batch {
                 old[first..first + n].copy_from_slice(&r.old_logprobs);
                 adv[first..first + n].copy_from_slice(&r.advantages);
             }
-            for (dst, src, name) in [(&mut prox, &r.prox_logprobs, "proximal logprobs"), (&mut reference, &r.ref_logprobs, "reference logprobs")] {
+            for (dst, src, name) in [
+                (&mut prox, &r.prox_logprobs, "proximal logprobs"),
+                (&mut reference, &r.ref_logprobs, "reference logprobs"),
+            ] {
                 match (dst.as_mut(), src) {
                     (Some(dst), Some(src)) => {
                         check(name, src.len())?;

@@ -139,7 +139,8 @@ pub fn write_atomic(dir: &Path, step: u64, keep: usize, fill: impl FnOnce(&Path)
         files.insert(file_name, file_sum(&path)?);
     }
     let manifest_path = tmp.join(MANIFEST);
-    let json = serde_json::to_vec_pretty(&Manifest { files }).map_err(|e| Error::Checkpoint { path: manifest_path.clone(), reason: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(&Manifest { files })
+        .map_err(|e| Error::Checkpoint { path: manifest_path.clone(), reason: e.to_string() })?;
     fs::write(&manifest_path, json).map_err(|e| Error::io(&manifest_path, e))?;
     sync_path(&manifest_path)?;
     sync_path(&tmp)?;

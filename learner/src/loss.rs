@@ -198,7 +198,8 @@ pub fn policy_loss(logits: &Tensor, data: &TokenData, c: &LossConfig, norm: Norm
     let loss = aggregate(&per_token, mask, c.aggregation, norm, c.loss_norm_len);
 
     let sums = tch::no_grad(|| -> Result<Sums> {
-        let sum = |t: &Tensor| -> Result<f64> { Ok((t.to_kind(Kind::Float) * mask).sum(Kind::Double).f_double_value(&[])?) };
+        let sum =
+            |t: &Tensor| -> Result<f64> { Ok((t.to_kind(Kind::Float) * mask).sum(Kind::Double).f_double_value(&[])?) };
         let count = |b: &Tensor| sum(&b.to_kind(Kind::Float));
         let positive = adv.gt(0.0);
         let high = ratio.gt(1.0 + c.clip_high).logical_and(&positive);

@@ -130,21 +130,34 @@ impl AdamW {
         self.params
             .iter()
             .flat_map(|p| {
-                [(format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()), (format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone())]
+                [
+                    (format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()),
+                    (format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()),
+                ]
             })
             .collect()
     }
 
     /// Restores the state written by [`AdamW::state_tensors`] after `steps` steps.
-    pub fn load_state(&mut self, mut tensors: HashMap<String, Tensor>, steps: u64, origin: &std::path::Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        mut tensors: HashMap<String, Tensor>,
+        steps: u64,
+        origin: &std::path::Path,
+    ) -> Result<()> {
         let bad = |reason: String| Error::Checkpoint { path: origin.to_path_buf(), reason };
         tch::no_grad(|| {
             for p in &mut self.params {
                 for (prefix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
                     let name = format!("{prefix}.{}", p.name);
-                    let src = tensors.remove(&name).ok_or_else(|| bad(format!("optimizer tensor {name} is missing")))?;
+                    let src =
+                        tensors.remove(&name).ok_or_else(|| bad(format!("optimizer tensor {name} is missing")))?;
                     if src.size() != dst.size() {
-                        return Err(bad(format!("optimizer tensor {name} has shape {:?}, expected {:?}", src.size(), dst.size())));
+                        return Err(bad(format!(
+                            "optimizer tensor {name} has shape {:?}, expected {:?}",
+                            src.size(),
+                            dst.size()
+                        )));
                     }
                     dst.f_copy_(&src)?;
                 }

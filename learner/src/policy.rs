@@ -111,7 +111,8 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let st = safetensors::SafeTensors::deserialize(&buffer).map_err(|e| bad(e.to_string()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype()).ok_or_else(|| bad(format!("tensor {name}: unsupported dtype {:?}", view.dtype())))?;
+        let kind =
+            kind_of(view.dtype()).ok_or_else(|| bad(format!("tensor {name}: unsupported dtype {:?}", view.dtype())))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         out.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
     }

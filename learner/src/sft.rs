@@ -44,7 +44,8 @@ mod tests {
     fn reads_pairs_and_names_bad_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sft.jsonl");
-        std::fs::write(&path, "{\"prompt\":\"Q:1+2\\n\",\"completion\":\"1+2=3\\nA:3\\n\"}\n\n{\"prompt\":\"x\"}\n").unwrap();
+        std::fs::write(&path, "{\"prompt\":\"Q:1+2\\n\",\"completion\":\"1+2=3\\nA:3\\n\"}\n\n{\"prompt\":\"x\"}\n")
+            .unwrap();
         let err = read_jsonl(&path).unwrap_err().to_string();
         assert!(err.contains("line 3") && err.contains("completion"), "{err}");
         std::fs::write(&path, "{\"prompt\":\"Q:1+2\\n\",\"completion\":\"1+2=3\\nA:3\\n\"}\n").unwrap();

@@ -139,7 +139,14 @@ impl<P: Policy> Learner<P> {
             return Err(Error::Model("learner.kl_coef > 0 needs a reference model".into()));
         }
         let optimizer = AdamW::new(policy.var_store(), AdamWConfig::from(&config));
-        Ok(Self { loss: LossConfig::from(&config), config, policy, reference, optimizer, rng: ChaCha8Rng::seed_from_u64(seed) })
+        Ok(Self {
+            loss: LossConfig::from(&config),
+            config,
+            policy,
+            reference,
+            optimizer,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })
     }
 
     /// The policy being trained.
@@ -188,7 +195,11 @@ impl<P: Policy> Learner<P> {
             }
         }
         if report.groups_dropped_uniform > 0 {
-            tracing::info!(dropped = report.groups_dropped_uniform, groups = report.groups, "dynamic sampling dropped uniform groups");
+            tracing::info!(
+                dropped = report.groups_dropped_uniform,
+                groups = report.groups,
+                "dynamic sampling dropped uniform groups"
+            );
         }
         report.sequences = rows.len();
         if rows.is_empty() {
@@ -331,7 +342,10 @@ impl<P: Policy> Learner<P> {
         checkpoint::write_atomic(dir, meta.step, keep, |tmp| {
             self.policy.save_hf(tmp)?;
             if !tmp.join(MODEL_FILE).is_file() {
-                return Err(Error::Checkpoint { path: tmp.to_path_buf(), reason: format!("the model wrote no {MODEL_FILE}") });
+                return Err(Error::Checkpoint {
+                    path: tmp.to_path_buf(),
+                    reason: format!("the model wrote no {MODEL_FILE}"),
+                });
             }
             write_safetensors(&self.optimizer.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
             let json = serde_json::to_vec_pretty(&state)
@@ -367,9 +381,13 @@ impl<P: Policy> Learner<P> {
         load_into(self.policy.var_store(), read_safetensors(&model_path)?, &model_path)?;
         let optimizer_path = path.join(OPTIMIZER_FILE);
         self.optimizer.load_state(read_safetensors(&optimizer_path)?, state.optimizer_steps, &optimizer_path)?;
-        let seed = parse_seed(&state.rng.seed).ok_or_else(|| bad(format!("{STATE_FILE}: bad rng seed {:?}", state.rng.seed)))?;
-        let word_pos: u128 =
-            state.rng.word_pos.parse().map_err(|_| bad(format!("{STATE_FILE}: bad rng word_pos {:?}", state.rng.word_pos)))?;
+        let seed = parse_seed(&state.rng.seed)
+            .ok_or_else(|| bad(format!("{STATE_FILE}: bad rng seed {:?}", state.rng.seed)))?;
+        let word_pos: u128 = state
+            .rng
+            .word_pos
+            .parse()
+            .map_err(|_| bad(format!("{STATE_FILE}: bad rng word_pos {:?}", state.rng.word_pos)))?;
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(state.rng.stream);
         rng.set_word_pos(word_pos);

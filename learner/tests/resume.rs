@@ -71,7 +71,8 @@ fn resume_is_bit_identical_across_processes() {
 
     run_child(dir.path(), "first");
     run_child(dir.path(), "second");
-    let got: Vec<(String, Vec<f32>)> = serde_json::from_slice(&std::fs::read(dir.path().join("final.json")).unwrap()).unwrap();
+    let got: Vec<(String, Vec<f32>)> =
+        serde_json::from_slice(&std::fs::read(dir.path().join("final.json")).unwrap()).unwrap();
     let got = bits(&got);
     assert_eq!(got.len(), want.len());
     for ((name, g), (_, w)) in got.iter().zip(&want) {

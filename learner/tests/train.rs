@@ -41,7 +41,12 @@ fn gradient_accumulation_matches_the_full_batch() {
         let uneven = trained(&Config { micro_batch_size: 5, ..base.clone() }, 1, 2);
         let initial = TinyLm::new(7).weights();
         assert!(max_diff(&whole, &initial) > 1e-3, "{aggregation}: training must move the weights");
-        eprintln!("{aggregation}: moved {}, split {}, uneven {}", max_diff(&whole, &initial), max_diff(&whole, &split), max_diff(&whole, &uneven));
+        eprintln!(
+            "{aggregation}: moved {}, split {}, uneven {}",
+            max_diff(&whole, &initial),
+            max_diff(&whole, &split),
+            max_diff(&whole, &uneven)
+        );
         assert!(max_diff(&whole, &split) <= 1e-5, "{aggregation}: {}", max_diff(&whole, &split));
         assert!(max_diff(&whole, &uneven) <= 1e-5, "{aggregation}: {}", max_diff(&whole, &uneven));
     }
@@ -88,9 +93,7 @@ fn sequence_logprob(model: &TinyLm, prompt: &[u32], completion: &[u32]) -> f64 {
     let input = Tensor::from_slice(&ids).view([1, n]);
     let logits = tch::no_grad(|| model.forward(&input, &input.ones_like()).unwrap());
     let lp = logits.log_softmax(-1, tch::Kind::Float);
-    (0..completion.len())
-        .map(|j| lp.double_value(&[0, (prompt.len() + j - 1) as i64, completion[j] as i64]))
-        .sum()
+    (0..completion.len()).map(|j| lp.double_value(&[0, (prompt.len() + j - 1) as i64, completion[j] as i64])).sum()
 }
 
 #[test]
@@ -99,14 +102,16 @@ fn rl_raises_the_rewarded_completion_and_lowers_the_other() {
     let good = vec![3u32, 4, 5];
     let bad = vec![6u32, 7, 8];
     let mut learner = Learner::new(Config { lr: 0.02, ..Config::default() }, TinyLm::new(3), None, 0).unwrap();
-    let before = (sequence_logprob(learner.policy(), &prompt, &good), sequence_logprob(learner.policy(), &prompt, &bad));
+    let before =
+        (sequence_logprob(learner.policy(), &prompt, &good), sequence_logprob(learner.policy(), &prompt, &bad));
     for step in 0..15 {
         let model = learner.policy();
         let lp = |c: &[u32]| -> Vec<f32> {
             // Behaviour log-probs = the current policy's, as a synchronous rollout gives.
             let ids: Vec<i64> = prompt.iter().chain(c).map(|&t| t as i64).collect();
             let input = Tensor::from_slice(&ids).view([1, ids.len() as i64]);
-            let logits = tch::no_grad(|| model.forward(&input, &input.ones_like()).unwrap()).log_softmax(-1, tch::Kind::Float);
+            let logits =
+                tch::no_grad(|| model.forward(&input, &input.ones_like()).unwrap()).log_softmax(-1, tch::Kind::Float);
             (0..c.len()).map(|j| logits.double_value(&[0, (prompt.len() + j - 1) as i64, c[j] as i64]) as f32).collect()
         };
         let group = vec![
@@ -143,7 +148,12 @@ fn sft_learns_the_completions() {
 }
 
 fn meta(step: u64) -> CheckpointMeta {
-    CheckpointMeta { step, policy_version: step, data_cursor: serde_json::json!({ "next": step * 10 }), config_hash: "h".into() }
+    CheckpointMeta {
+        step,
+        policy_version: step,
+        data_cursor: serde_json::json!({ "next": step * 10 }),
+        config_hash: "h".into(),
+    }
 }
 
 #[test]
@@ -179,7 +189,10 @@ fn a_corrupted_checkpoint_falls_back_to_the_previous_one() {
     let len = std::fs::metadata(&optimizer).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&optimizer).unwrap().set_len(len / 2).unwrap();
     let err = Learner::new(config, TinyLm::new(6), None, 0).unwrap().resume(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("step-00000002") && err.contains("step-00000001") && err.contains("optimizer.safetensors"), "{err}");
+    assert!(
+        err.contains("step-00000002") && err.contains("step-00000001") && err.contains("optimizer.safetensors"),
+        "{err}"
+    );
 
     // An empty folder is simply no checkpoint.
     let empty = tempfile::tempdir().unwrap();

@@ -195,10 +195,8 @@ fn tp_grpo_covers_every_case() {
     close(&a[0][5..7], &[r - 1.0, r - 1.0]);
 
     // acc_G = 0: every r_hat is 0, so TP-GRPO equals outcome-only GRPO (all zeros).
-    let failed = vec![
-        sample(0, 4, 0.0, &[(0..2, Some(1.0)), (2..4, Some(0.0))]),
-        sample(1, 3, 0.0, &[(0..3, Some(0.0))]),
-    ];
+    let failed =
+        vec![sample(0, 4, 0.0, &[(0..2, Some(1.0)), (2..4, Some(0.0))]), sample(1, 3, 0.0, &[(0..3, Some(0.0))])];
     let tp = kept(estimate_group(&failed, &Config { advantage: "tp_grpo".into(), ..Config::default() }).unwrap());
     let grpo = kept(estimate_group(&failed, &Config::default()).unwrap());
     assert_eq!(tp, grpo);

@@ -44,7 +44,11 @@ fn damaged_checkpoints_are_named_and_skipped() {
     let lines: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines[0].contains("step-00000004") && lines[0].contains("a.bin: sha256"), "{}", lines[0]);
-    assert!(lines[1].contains("step-00000003") && lines[1].contains("a.bin: 10 bytes, the manifest says 1000"), "{}", lines[1]);
+    assert!(
+        lines[1].contains("step-00000003") && lines[1].contains("a.bin: 10 bytes, the manifest says 1000"),
+        "{}",
+        lines[1]
+    );
     assert!(lines[2].contains("step-00000002") && lines[2].contains("manifest.json"), "{}", lines[2]);
 
     // A deleted file is reported too.

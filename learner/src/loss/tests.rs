@@ -104,7 +104,14 @@ fn log_ratio_is_clamped_at_20() {
     let mask = Tensor::ones([1, 1], (Kind::Float, tch::Device::Cpu));
     let old = t(&[-100.0], &[1, 1]);
     let adv = t(&[-1.0], &[1, 1]);
-    let data = TokenData { targets: &targets, mask: &mask, old_logprobs: &old, advantages: &adv, prox_logprobs: None, ref_logprobs: None };
+    let data = TokenData {
+        targets: &targets,
+        mask: &mask,
+        old_logprobs: &old,
+        advantages: &adv,
+        prox_logprobs: None,
+        ref_logprobs: None,
+    };
     let c = LossConfig { dual_clip: 0.0, ..config(Aggregation::TokenMean) };
     let (loss, sums) = policy_loss(&logits, &data, &c, Norm { tokens: 1.0, sequences: 1.0 }).unwrap();
     assert!((value(&loss) / 20f64.exp() - 1.0).abs() < 1e-5, "{}", value(&loss));

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use prism_core::{
-    FinishReason, GroupId, LabeledTrajectory, PolicyVersion, Prompt, PromptId, RewardLabel, ScoreSource, Step, StepScore,
-    Trajectory, TrajectoryId,
+    FinishReason, GroupId, LabeledTrajectory, PolicyVersion, Prompt, PromptId, RewardLabel, ScoreSource, Step,
+    StepScore, Trajectory, TrajectoryId,
 };
 use prism_learner::{Policy, Result};
 use rand::{RngExt, SeedableRng};
@@ -33,7 +33,12 @@ impl TinyLm {
         let embed = nn::embedding(&model / "embed_tokens", VOCAB, HIDDEN, Default::default());
         let layer = &model / "layers" / 0;
         let up = nn::linear(&layer / "mlp" / "up_proj", HIDDEN, HIDDEN, Default::default());
-        let mix = nn::linear(&layer / "self_attn" / "o_proj", HIDDEN, HIDDEN, nn::LinearConfig { bias: false, ..Default::default() });
+        let mix = nn::linear(
+            &layer / "self_attn" / "o_proj",
+            HIDDEN,
+            HIDDEN,
+            nn::LinearConfig { bias: false, ..Default::default() },
+        );
         let head = nn::linear(&root / "lm_head", HIDDEN, VOCAB, nn::LinearConfig { bias: false, ..Default::default() });
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         tch::no_grad(|| {
