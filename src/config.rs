@@ -24,6 +24,7 @@ pub struct Config {
     pub run: RunConfig,
     pub log: LogConfig,
     pub redis: RedisConfig,
+    pub learner: prism_learner::Config,
 }
 
 /// `[run]`: where a run writes and how it is seeded.
@@ -70,6 +71,7 @@ impl Config {
         if self.run.dir.as_os_str().is_empty() {
             return Err(Invalid::new("run.dir", &self.run.dir, "must not be empty"));
         }
+        self.learner.validate()?;
         Ok(())
     }
 
