@@ -2,7 +2,7 @@
 //! accumulation, clipping, AdamW, PPO epochs and mini-batches, SFT, and
 //! checkpoints with exact resume.
 
-use crate::advantage::{GroupAdvantages, estimate_group};
+use crate::advantage::{DropReason, GroupAdvantages, estimate_group};
 use crate::autocast;
 use crate::batch::{Batch, Row};
 use crate::checkpoint::{self, CheckpointMeta, Restored};
@@ -17,6 +17,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -76,6 +77,30 @@ impl UpdateStats {
     }
 }
 
+impl UpdateStats {
+    /// The statistics by name, as metrics want them.
+    pub fn to_map(&self) -> BTreeMap<String, f64> {
+        let pairs = [
+            ("loss", self.loss),
+            ("lr", self.lr),
+            ("clip_frac_low", self.clip_frac_low),
+            ("clip_frac_high", self.clip_frac_high),
+            ("dual_clip_frac", self.dual_clip_frac),
+            ("approx_kl", self.approx_kl),
+            ("kl_ref", self.kl_ref),
+            ("entropy", self.entropy),
+            ("ratio_mean", self.ratio_mean),
+            ("ratio_max", self.ratio_max),
+            ("is_weight_mean", self.is_weight_mean),
+            ("grad_norm", self.grad_norm),
+            ("tokens", self.tokens as f64),
+            ("sequences", self.sequences as f64),
+            ("skipped", self.skipped as u8 as f64),
+        ];
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+}
+
 /// What one [`Learner::train_step`] did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TrainReport {
@@ -88,6 +113,40 @@ pub struct TrainReport {
     /// One entry per optimizer update (`ppo_epochs * mini_batches` when there
     /// was anything to train on).
     pub updates: Vec<UpdateStats>,
+}
+
+impl TrainReport {
+    /// One set of statistics for the whole step: token-weighted means over its
+    /// updates, the maximum ratio, summed tokens and skips, the last learning
+    /// rate, and the group counts.
+    pub fn summary(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        let tokens: f64 = self.updates.iter().map(|u| u.tokens as f64).sum();
+        if tokens > 0.0 {
+            let weighted =
+                |f: fn(&UpdateStats) -> f64| self.updates.iter().map(|u| f(u) * u.tokens as f64).sum::<f64>() / tokens;
+            let n = self.updates.len() as f64;
+            out.insert("loss".into(), self.updates.iter().map(|u| u.loss).sum::<f64>() / n);
+            out.insert("grad_norm".into(), self.updates.iter().map(|u| u.grad_norm).sum::<f64>() / n);
+            out.insert("clip_frac_low".into(), weighted(|u| u.clip_frac_low));
+            out.insert("clip_frac_high".into(), weighted(|u| u.clip_frac_high));
+            out.insert("dual_clip_frac".into(), weighted(|u| u.dual_clip_frac));
+            out.insert("approx_kl".into(), weighted(|u| u.approx_kl));
+            out.insert("kl_ref".into(), weighted(|u| u.kl_ref));
+            out.insert("entropy".into(), weighted(|u| u.entropy));
+            out.insert("ratio_mean".into(), weighted(|u| u.ratio_mean));
+            out.insert("is_weight_mean".into(), weighted(|u| u.is_weight_mean));
+            out.insert("ratio_max".into(), self.updates.iter().map(|u| u.ratio_max).fold(0.0, f64::max));
+            out.insert("lr".into(), self.updates.last().map_or(0.0, |u| u.lr));
+            out.insert("skipped_updates".into(), self.updates.iter().filter(|u| u.skipped).count() as f64);
+        }
+        out.insert("tokens".into(), tokens);
+        out.insert("updates".into(), self.updates.len() as f64);
+        out.insert("sequences".into(), self.sequences as f64);
+        out.insert("groups".into(), self.groups as f64);
+        out.insert("groups_dropped_uniform".into(), self.groups_dropped_uniform as f64);
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,6 +216,21 @@ impl<P: Policy> Learner<P> {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The policy, mutably (e.g. to load weights into it).
+    pub fn policy_mut(&mut self) -> &mut P {
+        &mut self.policy
+    }
+
+    /// Whether `group` would be trained on: `Err` with the reason when dynamic
+    /// sampling (`learner.drop_uniform_groups`) would drop it.
+    pub fn admit(&self, group: &[LabeledTrajectory]) -> std::result::Result<(), DropReason> {
+        if self.config.drop_uniform_groups && group.windows(2).all(|w| w[0].label.outcome == w[1].label.outcome) {
+            Err(DropReason::UniformOutcome)
+        } else {
+            Ok(())
+        }
     }
 
     /// Optimizer updates taken so far (what the schedule counts).

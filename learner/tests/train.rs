@@ -79,8 +79,13 @@ fn uniform_groups_are_dropped_and_counted() {
     }
     let config = Config { drop_uniform_groups: true, ..Config::default() };
     let mut learner = Learner::new(config, TinyLm::new(1), None, 0).unwrap();
+    assert!(learner.admit(&all[0]).is_ok());
+    assert_eq!(learner.admit(&all[1]), Err(prism_learner::advantage::DropReason::UniformOutcome));
     let report = learner.train_step(&all).unwrap();
     assert_eq!((report.groups, report.groups_dropped_uniform, report.sequences), (3, 1, 8));
+    let summary = report.summary();
+    assert_eq!((summary["groups_dropped_uniform"], summary["sequences"], summary["updates"]), (1.0, 8.0, 1.0));
+    assert_eq!(summary["tokens"], report.updates[0].tokens as f64);
     // Nothing left: no update, no error.
     let report = learner.train_step(&[all[1].clone()]).unwrap();
     assert_eq!((report.groups_dropped_uniform, report.updates.len()), (1, 0));
