@@ -13,6 +13,7 @@
 pub mod advantage;
 pub mod autocast;
 pub mod batch;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod loss;

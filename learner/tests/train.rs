@@ -204,3 +204,20 @@ fn a_corrupted_checkpoint_falls_back_to_the_previous_one() {
     let mut l = Learner::new(Config::default(), TinyLm::new(6), None, 0).unwrap();
     assert!(l.resume(empty.path()).unwrap().is_none());
 }
+
+#[test]
+fn bench_times_full_train_steps() {
+    use prism_learner::bench;
+    let spec = bench::Spec { batch: 4, seq_len: 8, prompt_len: 2, steps: 2, warmup: 1, vocab: VOCAB as u32, seed: 0 };
+    let group = bench::synthetic_group(&spec);
+    assert_eq!(group.len(), 4);
+    assert!(group.iter().all(|lt| lt.trajectory.prompt_tokens.len() == 2 && lt.trajectory.tokens.len() == 6));
+    let mut learner = Learner::new(Config::default(), TinyLm::new(0), None, 0).unwrap();
+    let timing = bench::run(&mut learner, &spec).unwrap();
+    assert_eq!((timing.step_seconds.len(), timing.tokens_per_step), (2, 32));
+    assert!(timing.tokens_per_s > 0.0);
+    assert_eq!(learner.updates(), 3);
+    // 392 parameters, 128 of them the input embedding (the head is untied):
+    // 6 * 264 + 12 * 1 layer * 8 hidden * 8 tokens.
+    assert_eq!(bench::flops_per_token(learner.policy(), 1, 8, 16, 8), 2352.0);
+}
