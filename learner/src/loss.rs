@@ -197,33 +197,47 @@ pub fn policy_loss(logits: &Tensor, data: &TokenData, c: &LossConfig, norm: Norm
     };
     let loss = aggregate(&per_token, mask, c.aggregation, norm, c.loss_norm_len);
 
+    // Every statistic in one tensor, read back with one device sync.
     let sums = tch::no_grad(|| -> Result<Sums> {
-        let sum =
-            |t: &Tensor| -> Result<f64> { Ok((t.to_kind(Kind::Float) * mask).sum(Kind::Double).f_double_value(&[])?) };
-        let count = |b: &Tensor| sum(&b.to_kind(Kind::Float));
+        let sum = |t: &Tensor| (t.to_kind(Kind::Double) * mask).sum(Kind::Double);
+        let zero = || Tensor::zeros([], (Kind::Double, mask.device()));
         let positive = adv.gt(0.0);
         let high = ratio.gt(1.0 + c.clip_high).logical_and(&positive);
         let low = ratio.lt(1.0 - c.clip_low).logical_and(&negative);
         let ratio_d = ratio.detach();
-        let ratio_max = if mask.sum(Kind::Float).f_double_value(&[])? > 0.0 {
-            ratio_d.masked_select(&mask.gt(0.0)).max().f_double_value(&[])?
-        } else {
-            0.0
-        };
+        let values = Tensor::stack(
+            &[
+                loss.detach().to_kind(Kind::Double),
+                mask.sum(Kind::Double),
+                mask.sum_dim_intlist(-1, false, Kind::Float).gt(0.0).sum(Kind::Double),
+                sum(&low),
+                sum(&high),
+                dual_active.as_ref().map_or_else(zero, sum),
+                // Schulman's k3 between the base policy and the current one.
+                sum(&((&ratio_d - 1.0) - log_ratio.detach())),
+                kl_ref.as_ref().map_or_else(zero, |k| sum(&k.detach())),
+                sum(&ent.detach()),
+                sum(&ratio_d),
+                // Ratios are positive, so the masked max is the max of ratio * mask.
+                (&ratio_d * mask).max().to_kind(Kind::Double),
+                is_weight.as_ref().map_or_else(zero, sum),
+            ],
+            0,
+        );
+        let v = Vec::<f64>::try_from(values.to_device(tch::Device::Cpu))?;
         Ok(Sums {
-            loss: loss.detach().f_double_value(&[])?,
-            tokens: mask.sum(Kind::Double).f_double_value(&[])?,
-            sequences: mask.sum_dim_intlist(-1, false, Kind::Float).gt(0.0).sum(Kind::Double).f_double_value(&[])?,
-            clip_low: count(&low)?,
-            clip_high: count(&high)?,
-            dual_clip: dual_active.as_ref().map(count).transpose()?.unwrap_or(0.0),
-            // Schulman's k3 between the base policy and the current one.
-            approx_kl: sum(&((&ratio_d - 1.0) - log_ratio.detach()))?,
-            kl_ref: kl_ref.as_ref().map(|k| sum(&k.detach())).transpose()?.unwrap_or(0.0),
-            entropy: sum(&ent.detach())?,
-            ratio: sum(&ratio_d)?,
-            ratio_max,
-            is_weight: is_weight.as_ref().map(sum).transpose()?.unwrap_or(0.0),
+            loss: v[0],
+            tokens: v[1],
+            sequences: v[2],
+            clip_low: v[3],
+            clip_high: v[4],
+            dual_clip: v[5],
+            approx_kl: v[6],
+            kl_ref: v[7],
+            entropy: v[8],
+            ratio: v[9],
+            ratio_max: v[10],
+            is_weight: v[11],
         })
     })?;
     Ok((loss, sums))
@@ -236,11 +250,21 @@ pub fn sft_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor, norm: Norm) ->
     let loss = aggregate(&(-&logp), mask, Aggregation::TokenMean, norm, 1.0);
     let sums = tch::no_grad(|| -> Result<Sums> {
         let ent = entropy(&log_probs.detach());
+        let values = Tensor::stack(
+            &[
+                loss.detach().to_kind(Kind::Double),
+                mask.sum(Kind::Double),
+                mask.sum_dim_intlist(-1, false, Kind::Float).gt(0.0).sum(Kind::Double),
+                (ent.to_kind(Kind::Double) * mask).sum(Kind::Double),
+            ],
+            0,
+        );
+        let v = Vec::<f64>::try_from(values.to_device(tch::Device::Cpu))?;
         Ok(Sums {
-            loss: loss.detach().f_double_value(&[])?,
-            tokens: mask.sum(Kind::Double).f_double_value(&[])?,
-            sequences: mask.sum_dim_intlist(-1, false, Kind::Float).gt(0.0).sum(Kind::Double).f_double_value(&[])?,
-            entropy: (ent * mask).sum(Kind::Double).f_double_value(&[])?,
+            loss: v[0],
+            tokens: v[1],
+            sequences: v[2],
+            entropy: v[3],
             ..Sums::default()
         })
     })?;

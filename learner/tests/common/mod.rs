@@ -27,7 +27,12 @@ impl TinyLm {
     /// Weights drawn uniformly from [-0.5, 0.5) by a ChaCha generator seeded with
     /// `seed` (not torch's global generator, which parallel tests would share).
     pub fn new(seed: u64) -> Self {
-        let vs = nn::VarStore::new(Device::Cpu);
+        Self::on(seed, Device::Cpu)
+    }
+
+    /// The same weights as [`TinyLm::new`], on `device`.
+    pub fn on(seed: u64, device: Device) -> Self {
+        let mut vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
         let model = &root / "model";
         let embed = nn::embedding(&model / "embed_tokens", VOCAB, HIDDEN, Default::default());
@@ -47,6 +52,7 @@ impl TinyLm {
                 var.copy_(&Tensor::from_slice(&values).view(var.size().as_slice()));
             }
         });
+        vs.set_device(device);
         Self { vs, embed, up, mix, head }
     }
 
@@ -54,7 +60,7 @@ impl TinyLm {
     pub fn weights(&self) -> Vec<(String, Vec<f32>)> {
         prism_learner::policy::named_variables(&self.vs)
             .into_iter()
-            .map(|(n, t)| (n, Vec::<f32>::try_from(t.detach().view([-1])).unwrap()))
+            .map(|(n, t)| (n, Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).view([-1])).unwrap()))
             .collect()
     }
 }
