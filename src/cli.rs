@@ -21,15 +21,15 @@ pub enum Command {
     /// Run a reward worker process of a distributed run.
     Reward(ConfigArgs),
     /// Serve a model over an OpenAI-compatible HTTP API.
-    Serve(ConfigArgs),
+    Serve(ServeArgs),
     /// Evaluate a checkpoint on a task, or a judge on ProcessBench.
     Eval(ConfigArgs),
     /// Draw the plots and timeline of a run folder.
     Report(ReportArgs),
     /// Export a checkpoint or GGUF file as a Hugging Face model folder.
-    Export(ConfigArgs),
+    Export(ExportArgs),
     /// Run a benchmark.
-    Bench(ConfigArgs),
+    Bench(BenchArgs),
     /// Check the installation: libtorch, CUDA, NCCL, Redis, threads.
     Doctor(ConfigArgs),
 }
@@ -48,6 +48,45 @@ pub struct ConfigArgs {
     pub print_config: bool,
 }
 
+/// Options of `prism serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Model to serve: HF folder, .gguf file or builtin preset (overrides `model.source`).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Listen address (overrides `serve.addr`).
+    #[arg(long)]
+    pub addr: Option<String>,
+    #[command(flatten)]
+    pub common: ConfigArgs,
+}
+
+/// Options of `prism export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// A checkpoint or HF folder, a .gguf file, or a builtin preset.
+    #[arg(long)]
+    pub from: String,
+    /// The folder to write (created if needed).
+    #[arg(long)]
+    pub to: PathBuf,
+    #[command(flatten)]
+    pub common: ConfigArgs,
+}
+
+/// `prism bench <what>`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// Generation throughput against transformers on the same workload.
+    Generate(crate::bench::GenerateArgs),
+}
+
 impl Command {
     /// The subcommand's name and its common options.
     pub fn parts(&self) -> (&'static str, &ConfigArgs) {
@@ -56,11 +95,13 @@ impl Command {
             Command::Learner(a) => ("learner", a),
             Command::Rollout(a) => ("rollout", a),
             Command::Reward(a) => ("reward", a),
-            Command::Serve(a) => ("serve", a),
+            Command::Serve(a) => ("serve", &a.common),
             Command::Eval(a) => ("eval", a),
             Command::Report(a) => ("report", &a.common),
-            Command::Export(a) => ("export", a),
-            Command::Bench(a) => ("bench", a),
+            Command::Export(a) => ("export", &a.common),
+            Command::Bench(a) => match &a.what {
+                BenchCommand::Generate(g) => ("bench", &g.common),
+            },
             Command::Doctor(a) => ("doctor", a),
         }
     }
