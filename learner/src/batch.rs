@@ -20,6 +20,12 @@ pub struct Row {
 
 /// The tensors of one micro-batch.
 ///
+/// Rows are right-padded: every pad comes after every real token of its row, so
+/// plain causal attention gives the real tokens exactly what a mask would, and
+/// the learner calls the model without one (keeping the fused causal attention
+/// kernels, flash attention on CUDA). `attention_mask` is there for policies
+/// that want it.
+///
 /// Logits at position `p` predict the token at `p + 1`. Only a window of
 /// positions `[offset, offset + S)` covers completion tokens, so the loss slices
 /// the logits to that window; the per-token tensors below are `[B, S]` and

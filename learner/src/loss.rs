@@ -260,13 +260,7 @@ pub fn sft_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor, norm: Norm) ->
             0,
         );
         let v = Vec::<f64>::try_from(values.to_device(tch::Device::Cpu))?;
-        Ok(Sums {
-            loss: v[0],
-            tokens: v[1],
-            sequences: v[2],
-            entropy: v[3],
-            ..Sums::default()
-        })
+        Ok(Sums { loss: v[0], tokens: v[1], sequences: v[2], entropy: v[3], ..Sums::default() })
     })?;
     Ok((loss, sums))
 }

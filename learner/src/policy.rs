@@ -14,9 +14,10 @@ use tch::{Kind, Tensor, nn};
 /// tokenizer, which [`Policy::save_hf`] adds when the model knows them) is a
 /// Hugging Face checkpoint.
 pub trait Policy {
-    /// Logits `[B, T, V]` (float32) for `input_ids` `[B, T]` (int64) and
-    /// `attention_mask` `[B, T]` (1 = real token), differentiable.
-    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+    /// Logits `[B, T, V]` (float32) for `input_ids` `[B, T]` (int64),
+    /// differentiable. `attention_mask` `[B, T]` marks real tokens with 1; `None`
+    /// means plain causal attention over positions `0..T`.
+    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor>;
 
     /// The parameters.
     fn var_store(&self) -> &nn::VarStore;
@@ -135,4 +136,32 @@ pub fn load_into(vs: &nn::VarStore, mut tensors: HashMap<String, Tensor>, path: 
         return Err(bad(format!("tensor {extra} is not a parameter of the model")));
     }
     Ok(())
+}
+
+/// The real model. Its `save_hf` writes a complete Hugging Face folder
+/// (`config.json`, `generation_config.json`, safetensors and the tokenizer) when
+/// the model carries its tokenizer, else the weights and `config.json`.
+impl Policy for prism_model::Transformer {
+    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        Ok(prism_model::Transformer::forward(self, input_ids, attention_mask))
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        prism_model::Transformer::var_store(self)
+    }
+
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        match self.tokenizer() {
+            Some(tokenizer) => {
+                prism_model::Transformer::save_hf(self, dir, tokenizer).map_err(|e| Error::Model(e.to_string()))
+            }
+            None => {
+                write_safetensors(&named_variables(self.var_store()), &dir.join("model.safetensors"))?;
+                let path = dir.join("config.json");
+                let json = serde_json::to_vec_pretty(&self.config().to_hf_json())
+                    .map_err(|e| Error::Checkpoint { path: path.clone(), reason: e.to_string() })?;
+                std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+            }
+        }
+    }
 }

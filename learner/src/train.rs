@@ -333,7 +333,7 @@ impl<P: Policy> Learner<P> {
             let refs: Vec<&Row> = chunk.iter().collect();
             let batch = Batch::new(&refs, device)?;
             let logp = autocast::bf16(self.config.bf16, device, || -> Result<Tensor> {
-                let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
+                let logits = model.forward(&batch.input_ids, None)?;
                 let window = logits.f_narrow(1, batch.offset, batch.window())?;
                 Ok(token_logprobs(&window, &batch.targets, self.config.temperature).0)
             })?;
@@ -357,7 +357,7 @@ impl<P: Policy> Learner<P> {
             let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
             let batch = Batch::new(&refs, device)?;
             let (loss, s) = autocast::bf16(self.config.bf16, device, || -> Result<(Tensor, Sums)> {
-                let logits = self.policy.forward(&batch.input_ids, &batch.attention_mask)?;
+                let logits = self.policy.forward(&batch.input_ids, None)?;
                 let window = logits.f_narrow(1, batch.offset, batch.window())?;
                 match objective {
                     Objective::Policy => {

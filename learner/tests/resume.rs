@@ -1,15 +1,17 @@
 //! Exact resume across processes: 4 steps straight equal, bit for bit, 2 steps
-//! in one process, a checkpoint, and 2 more in a new process that resumes.
+//! in one process, a checkpoint, and 2 more in a new process that resumes —
+//! with the tiny test model and with the real transformer (`builtin:tiny-arith`).
 
 mod common;
 
 use common::*;
-use prism_learner::{CheckpointMeta, Config, Learner};
+use prism_learner::{CheckpointMeta, Config, Learner, Policy};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DIR_ENV: &str = "PRISM_LEARNER_RESUME_DIR";
 const PHASE_ENV: &str = "PRISM_LEARNER_RESUME_PHASE";
+const MODEL_ENV: &str = "PRISM_LEARNER_RESUME_MODEL";
 
 /// Everything that carries state across steps is on: the cosine schedule with
 /// warmup, shuffled mini-batches (the RNG), PPO epochs, AdamW moments, truncated
@@ -31,13 +33,30 @@ fn config() -> Config {
     }
 }
 
-/// A learner whose starting weights come from `seed`; the reference is always the
-/// same initial model (the caller rebuilds it on resume, it is not checkpointed).
-fn learner(seed: u64) -> Learner<TinyLm> {
-    Learner::new(config(), TinyLm::new(seed), Some(TinyLm::new(11)), 42).unwrap()
+/// Which model a run uses: `tiny` (tests/common's TinyLm) or `tiny-arith`.
+trait Model: Policy + Sized {
+    fn make(seed: u64) -> Self;
 }
 
-fn train(learner: &mut Learner<TinyLm>, steps: std::ops::Range<u64>) {
+impl Model for TinyLm {
+    fn make(seed: u64) -> Self {
+        TinyLm::new(seed)
+    }
+}
+
+impl Model for prism_model::Transformer {
+    fn make(seed: u64) -> Self {
+        tiny_arith(seed)
+    }
+}
+
+/// A learner whose starting weights come from `seed`; the reference is always the
+/// same initial model (the caller rebuilds it on resume, it is not checkpointed).
+fn learner<M: Model>(seed: u64) -> Learner<M> {
+    Learner::new(config(), M::make(seed), Some(M::make(11)), 42).unwrap()
+}
+
+fn train<M: Model>(learner: &mut Learner<M>, steps: std::ops::Range<u64>) {
     for step in steps {
         learner.train_step(&groups(1000 + step, 3, 4)).unwrap();
     }
@@ -47,30 +66,30 @@ fn bits(weights: &[(String, Vec<f32>)]) -> Vec<(String, Vec<u32>)> {
     weights.iter().map(|(n, v)| (n.clone(), v.iter().map(|x| x.to_bits()).collect())).collect()
 }
 
-fn run_child(dir: &Path, phase: &str) {
+fn run_child(dir: &Path, model: &str, phase: &str) {
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "resume_child", "--ignored", "--nocapture", "--test-threads=1"])
         .env(DIR_ENV, dir)
+        .env(MODEL_ENV, model)
         .env(PHASE_ENV, phase)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "child {phase} failed:\n{}\n{}",
+        "child {model} {phase} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
-#[test]
-fn resume_is_bit_identical_across_processes() {
+fn resume_identity<M: Model>(name: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let mut straight = learner(11);
+    let mut straight = learner::<M>(11);
     train(&mut straight, 0..4);
-    let want = bits(&straight.policy().weights());
+    let want = bits(&weights(straight.policy()));
 
-    run_child(dir.path(), "first");
-    run_child(dir.path(), "second");
+    run_child(dir.path(), name, "first");
+    run_child(dir.path(), name, "second");
     let got: Vec<(String, Vec<f32>)> =
         serde_json::from_slice(&std::fs::read(dir.path().join("final.json")).unwrap()).unwrap();
     let got = bits(&got);
@@ -80,18 +99,24 @@ fn resume_is_bit_identical_across_processes() {
         assert_eq!(differing, 0, "{name}: {differing} of {} values differ after resume", w.len());
     }
     // And training did move the weights, so the comparison means something.
-    assert_ne!(want, bits(&TinyLm::new(11).weights()));
+    assert_ne!(want, bits(&weights(&M::make(11))));
 }
 
-/// The two halves, each in its own process (started by the test above).
 #[test]
-#[ignore = "run as a child process by resume_is_bit_identical_across_processes"]
-fn resume_child() {
-    let dir = PathBuf::from(std::env::var(DIR_ENV).expect("run by resume_is_bit_identical_across_processes"));
+fn resume_is_bit_identical_across_processes() {
+    resume_identity::<TinyLm>("tiny");
+}
+
+#[test]
+fn resume_is_bit_identical_across_processes_with_the_transformer() {
+    resume_identity::<prism_model::Transformer>("tiny-arith");
+}
+
+fn child<M: Model>(dir: &Path, phase: &str) {
     let checkpoints = dir.join("checkpoints");
-    match std::env::var(PHASE_ENV).unwrap().as_str() {
+    match phase {
         "first" => {
-            let mut l = learner(11);
+            let mut l = learner::<M>(11);
             train(&mut l, 0..2);
             let meta = CheckpointMeta {
                 step: 2,
@@ -103,14 +128,27 @@ fn resume_child() {
         }
         "second" => {
             // Different starting weights: everything must come from the checkpoint.
-            let mut l = learner(99);
+            let mut l = learner::<M>(99);
             let restored = l.resume(&checkpoints).unwrap().expect("the first process wrote a checkpoint");
             assert!(restored.rejected.is_empty());
             assert_eq!(restored.meta.config_hash, prism_learner::checkpoint::config_hash(&config()));
             let next = restored.meta.data_cursor["next_step"].as_u64().unwrap();
             train(&mut l, next..4);
-            std::fs::write(dir.join("final.json"), serde_json::to_vec(&l.policy().weights()).unwrap()).unwrap();
+            std::fs::write(dir.join("final.json"), serde_json::to_vec(&weights(l.policy())).unwrap()).unwrap();
         }
         other => panic!("unknown phase {other}"),
+    }
+}
+
+/// The two halves, each in its own process (started by the tests above).
+#[test]
+#[ignore = "run as a child process by the resume_is_bit_identical_* tests"]
+fn resume_child() {
+    let dir = PathBuf::from(std::env::var(DIR_ENV).expect("run by resume_is_bit_identical_across_processes"));
+    let phase = std::env::var(PHASE_ENV).unwrap();
+    match std::env::var(MODEL_ENV).unwrap().as_str() {
+        "tiny" => child::<TinyLm>(&dir, &phase),
+        "tiny-arith" => child::<prism_model::Transformer>(&dir, &phase),
+        other => panic!("unknown model {other}"),
     }
 }

@@ -96,7 +96,7 @@ fn sequence_logprob(model: &TinyLm, prompt: &[u32], completion: &[u32]) -> f64 {
     let ids: Vec<i64> = prompt.iter().chain(completion).map(|&t| t as i64).collect();
     let n = ids.len() as i64;
     let input = Tensor::from_slice(&ids).view([1, n]);
-    let logits = tch::no_grad(|| model.forward(&input, &input.ones_like()).unwrap());
+    let logits = tch::no_grad(|| model.forward(&input, None).unwrap());
     let lp = logits.log_softmax(-1, tch::Kind::Float);
     (0..completion.len()).map(|j| lp.double_value(&[0, (prompt.len() + j - 1) as i64, completion[j] as i64])).sum()
 }
@@ -115,8 +115,7 @@ fn rl_raises_the_rewarded_completion_and_lowers_the_other() {
             // Behaviour log-probs = the current policy's, as a synchronous rollout gives.
             let ids: Vec<i64> = prompt.iter().chain(c).map(|&t| t as i64).collect();
             let input = Tensor::from_slice(&ids).view([1, ids.len() as i64]);
-            let logits =
-                tch::no_grad(|| model.forward(&input, &input.ones_like()).unwrap()).log_softmax(-1, tch::Kind::Float);
+            let logits = tch::no_grad(|| model.forward(&input, None).unwrap()).log_softmax(-1, tch::Kind::Float);
             (0..c.len()).map(|j| logits.double_value(&[0, (prompt.len() + j - 1) as i64, c[j] as i64]) as f32).collect()
         };
         let group = vec![

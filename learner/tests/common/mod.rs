@@ -58,15 +58,32 @@ impl TinyLm {
 
     /// Every parameter's values, by name.
     pub fn weights(&self) -> Vec<(String, Vec<f32>)> {
-        prism_learner::policy::named_variables(&self.vs)
-            .into_iter()
-            .map(|(n, t)| (n, Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).view([-1])).unwrap()))
-            .collect()
+        weights(self)
     }
 }
 
+/// Every parameter's values of `policy`, by name, as float32 on the CPU.
+pub fn weights(policy: &impl Policy) -> Vec<(String, Vec<f32>)> {
+    prism_learner::policy::named_variables(policy.var_store())
+        .into_iter()
+        .map(|(n, t)| {
+            let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            (n, Vec::<f32>::try_from(t.view([-1])).unwrap())
+        })
+        .collect()
+}
+
+/// `builtin:tiny-arith` (a 0.79M-parameter Llama) initialised from `seed`, with
+/// its tokenizer attached.
+pub fn tiny_arith(seed: u64) -> prism_model::Transformer {
+    let opts = prism_model::LoadOptions { seed, ..Default::default() };
+    let model = prism_model::load("builtin:tiny-arith", &opts).unwrap().model;
+    assert!(model.tokenizer().is_some());
+    model
+}
+
 impl Policy for TinyLm {
-    fn forward(&self, input_ids: &Tensor, _attention_mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, input_ids: &Tensor, _attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let x = self.embed.forward(input_ids);
         let t = x.size()[1];
         let positions = Tensor::arange_start(1, t + 1, (Kind::Float, x.device())).view([1, t, 1]);
