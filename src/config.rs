@@ -26,6 +26,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub model: prism_model::Config,
     pub serve: crate::serve::Config,
+    pub learner: prism_learner::Config,
 }
 
 /// `[run]`: where a run writes and how it is seeded.
@@ -74,6 +75,7 @@ impl Config {
         if self.run.dir.as_os_str().is_empty() {
             return Err(Invalid::new("run.dir", &self.run.dir, "must not be empty"));
         }
+        self.learner.validate()?;
         Ok(())
     }
 

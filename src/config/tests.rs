@@ -125,3 +125,14 @@ fn malformed_set_is_an_error() {
     let e = load(&layers(None, &[], &["run.seed"])).unwrap_err().to_string();
     assert_eq!(e, "--set run.seed: malformed override \"run.seed\": expected section.key=value");
 }
+
+#[test]
+fn learner_section_defaults_match_the_documented_ones() {
+    let c = load(&Layers::default()).unwrap();
+    assert_eq!(c.learner, prism_learner::Config::default());
+    let c = load(&layers(None, &[], &["learner.mode=sft", "learner.clip_high=0.3"])).unwrap();
+    assert!(c.learner.is_sft());
+    assert_eq!(c.learner.clip_high, 0.3);
+    let e = load(&layers(None, &[], &["learner.advantage=ppo"])).unwrap_err().to_string();
+    assert!(e.contains("`learner.advantage`") && e.contains("tp_grpo"), "{e}");
+}

@@ -1,0 +1,227 @@
+//! Every expected number here is a hand calculation written next to it.
+
+use super::*;
+use prism_core::{
+    FinishReason, GroupId, PolicyVersion, Prompt, PromptId, RewardLabel, ScoreSource, Step, StepScore, Trajectory,
+    TrajectoryId,
+};
+
+fn close(got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "got {got:?}, want {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((*g as f64 - w).abs() < 1e-5, "got {got:?}, want {want:?}");
+    }
+}
+
+fn close64(got: &[f64], want: &[f64]) {
+    close(&got.iter().map(|&x| x as f32).collect::<Vec<_>>(), want);
+}
+
+/// A labeled sample with `n` completion tokens, `outcome`, and steps given as
+/// (token span, score).
+fn sample(id: u64, n: usize, outcome: f32, steps: &[(Range<u32>, Option<f32>)]) -> LabeledTrajectory {
+    LabeledTrajectory {
+        trajectory: Trajectory {
+            id: TrajectoryId(id),
+            group: GroupId(0),
+            sample: id as u32,
+            group_size: 4,
+            prompt: Prompt {
+                id: PromptId(0),
+                task: "arithmetic".into(),
+                problem: String::new(),
+                text: String::new(),
+                reference: None,
+            },
+            policy_version: PolicyVersion(0),
+            prompt_tokens: vec![1, 2],
+            tokens: vec![5; n],
+            logprobs: vec![-1.0; n],
+            text: String::new(),
+            token_ends: (1..=n as u32).collect(),
+            finish: FinishReason::Eos,
+            generate_ms: 0,
+        },
+        label: RewardLabel {
+            outcome,
+            outcome_source: ScoreSource::Verifier,
+            answer: None,
+            steps: steps
+                .iter()
+                .map(|(span, score)| StepScore {
+                    step: Step { text: span.clone(), tokens: span.clone() },
+                    score: *score,
+                    source: ScoreSource::Verifier,
+                })
+                .collect(),
+        },
+    }
+}
+
+fn kept(g: GroupAdvantages) -> Vec<Vec<f32>> {
+    match g {
+        GroupAdvantages::Kept(a) => a,
+        other => panic!("expected kept, got {other:?}"),
+    }
+}
+
+#[test]
+fn grpo_with_and_without_bessel() {
+    // s = [1,0,0,1]: mean 0.5; unbiased std = sqrt(4 * 0.25 / 3) = 0.5773503,
+    // so A = ±0.5 / 0.5773503 = ±0.8660254; biased std = 0.5, A = ±1.
+    close64(&grpo(&[1.0, 0.0, 0.0, 1.0], true, 1e-6), &[0.866024, -0.866024, -0.866024, 0.866024]);
+    close64(&grpo(&[1.0, 0.0, 0.0, 1.0], false, 1e-6), &[0.999998, -0.999998, -0.999998, 0.999998]);
+    // s = [1,0,0,0]: mean 0.25; unbiased std = sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5,
+    // A = 0.75 / 0.5 = 1.5 and -0.25 / 0.5 = -0.5.
+    close64(&grpo(&[1.0, 0.0, 0.0, 0.0], true, 1e-6), &[1.499997, -0.499999, -0.499999, -0.499999]);
+    // All equal: std 0, numerator 0.
+    close64(&grpo(&[1.0, 1.0, 1.0], true, 1e-6), &[0.0, 0.0, 0.0]);
+    // A group of one has nothing to compare against.
+    close64(&grpo(&[1.0], true, 1e-6), &[0.0]);
+    close64(&grpo(&[1.0], false, 1e-6), &[0.0]);
+}
+
+#[test]
+fn dr_grpo_and_rloo() {
+    // mean 0.25: 1 - 0.25, 0 - 0.25.
+    close64(&dr_grpo(&[1.0, 0.0, 0.0, 0.0]), &[0.75, -0.25, -0.25, -0.25]);
+    // others' means: 0, 1/3, 1/3, 1/3.
+    close64(&rloo(&[1.0, 0.0, 0.0, 0.0]), &[1.0, -1.0 / 3.0, -1.0 / 3.0, -1.0 / 3.0]);
+    // others' means of [2, 4]: 4 and 2.
+    close64(&rloo(&[2.0, 4.0]), &[-2.0, 2.0]);
+    close64(&rloo(&[3.0]), &[0.0]);
+    close64(&dr_grpo(&[3.0]), &[0.0]);
+}
+
+#[test]
+fn overlong_penalty_is_linear_in_the_buffer() {
+    let config = Config { overlong_shaping: true, overlong_max_len: 100, overlong_buffer: 20, ..Config::default() };
+    // Penalty starts at L_max - L_buf = 80 and reaches -factor at L_max.
+    for (len, want) in [(70, 0.0), (80, 0.0), (90, -0.5), (100, -1.0)] {
+        assert!((overlong_penalty(len, &config) - want).abs() < 1e-12, "len {len}");
+    }
+    let doubled = Config { overlong_factor: 2.0, ..config };
+    assert!((overlong_penalty(90, &doubled) + 1.0).abs() < 1e-12);
+}
+
+#[test]
+fn estimate_group_broadcasts_outcome_advantages_and_applies_shaping() {
+    let group = vec![sample(0, 3, 1.0, &[]), sample(1, 2, 0.0, &[]), sample(2, 4, 0.0, &[]), sample(3, 1, 0.0, &[])];
+    let a = kept(estimate_group(&group, &Config::default()).unwrap());
+    close(&a[0], &[1.499997; 3]);
+    close(&a[1], &[-0.499999; 2]);
+    close(&a[3], &[-0.499999; 1]);
+
+    let config = Config { advantage: "dr_grpo".into(), ..Config::default() };
+    close(&kept(estimate_group(&group, &config).unwrap())[0], &[0.75; 3]);
+
+    // Shaping with L_max = 4, L_buf = 2: lengths 3, 2, 4, 1 get -0.5, 0, -1, 0,
+    // so scores [0.5, 0, -1, 0], mean -0.125; Dr. GRPO: [0.625, 0.125, -0.875, 0.125].
+    let config = Config {
+        advantage: "dr_grpo".into(),
+        overlong_shaping: true,
+        overlong_max_len: 4,
+        overlong_buffer: 2,
+        ..Config::default()
+    };
+    let a = kept(estimate_group(&group, &config).unwrap());
+    close(&a[0], &[0.625; 3]);
+    close(&a[1], &[0.125; 2]);
+    close(&a[2], &[-0.875; 4]);
+}
+
+#[test]
+fn dynamic_sampling_drops_uniform_groups() {
+    let uniform = vec![sample(0, 2, 1.0, &[]), sample(1, 2, 1.0, &[])];
+    let mixed = vec![sample(0, 2, 1.0, &[]), sample(1, 2, 0.0, &[])];
+    let on = Config { drop_uniform_groups: true, ..Config::default() };
+    assert_eq!(estimate_group(&uniform, &on).unwrap(), GroupAdvantages::Dropped(DropReason::UniformOutcome));
+    assert!(matches!(estimate_group(&mixed, &on).unwrap(), GroupAdvantages::Kept(_)));
+    // Off: kept, with zero advantages.
+    close(&kept(estimate_group(&uniform, &Config::default()).unwrap())[0], &[0.0, 0.0]);
+}
+
+#[test]
+fn process_advantages_sum_the_steps_at_or_after_each_token() {
+    // Sample A (6 tokens): steps [0,2) score 1, [2,4) score 0; tokens 4, 5 after the steps.
+    // Sample B (5 tokens): step [0,3) score 1, step [3,4) unknown.
+    // Known scores [1, 0, 1]: mean 2/3, unbiased std sqrt((1/9 + 4/9 + 1/9) / 2) = 0.5773503,
+    // normalised [0.5773503, -1.1547005, 0.5773503].
+    let group = vec![
+        sample(0, 6, 1.0, &[(0..2, Some(1.0)), (2..4, Some(0.0))]),
+        sample(1, 5, 0.0, &[(0..3, Some(1.0)), (3..4, None)]),
+    ];
+    let config = Config { advantage: "process".into(), ..Config::default() };
+    let a = kept(estimate_group(&group, &config).unwrap());
+    // A: tokens 0,1 see both steps: 0.5773503 - 1.1547005; tokens 2,3 the second only.
+    close(&a[0], &[-0.577350, -0.577350, -1.154700, -1.154700, 0.0, 0.0]);
+    close(&a[1], &[0.577350, 0.577350, 0.577350, 0.0, 0.0]);
+
+    // Plus 0.5 x the outcome advantage: outcomes [1, 0], unbiased std 0.7071068, A_o = ±0.7071068.
+    let config = Config { process_outcome_weight: 0.5, ..config };
+    let a = kept(estimate_group(&group, &config).unwrap());
+    close(&a[0], &[-0.223797, -0.223797, -0.801147, -0.801147, 0.353553, 0.353553]);
+    close(&a[1], &[0.223797, 0.223797, 0.223797, -0.353553, -0.353553]);
+}
+
+#[test]
+fn tp_grpo_covers_every_case() {
+    // Outcomes [1, 1, 0, 0]: acc_G = 0.5, r_c = 1.0 * 0.5; r_hat = ±0.8660254 (unbiased).
+    let r = 0.866024;
+    let group = vec![
+        // Correct solution, 12 tokens: token 0 before the first step; steps [1,2) and [2,4)
+        // correct (one thought, which also owns the separator token 4); [5,7) incorrect;
+        // [7,9) unknown; tokens 9..12 the answer line.
+        sample(0, 12, 1.0, &[(1..2, Some(0.9)), (2..4, Some(0.6)), (5..7, Some(0.1)), (7..9, None)]),
+        // Correct solution without step labels: outcome-only.
+        sample(1, 3, 1.0, &[]),
+        // Incorrect solution, 10 tokens: [0,3) correct, [3,5) and [5,6) incorrect (one
+        // thought), [6,8) correct, answer tokens 8, 9.
+        sample(2, 10, 0.0, &[(0..3, Some(0.5)), (3..5, Some(0.2)), (5..6, Some(0.0)), (6..8, Some(1.0))]),
+        // Incorrect, all steps incorrect.
+        sample(3, 4, 0.0, &[(0..2, Some(0.0)), (2..3, Some(0.4))]),
+    ];
+    let config = Config { advantage: "tp_grpo".into(), ..Config::default() };
+    let a = kept(estimate_group(&group, &config).unwrap());
+    let penalised = r - 0.5;
+    close(&a[0], &[r, r, r, r, r, penalised, penalised, r, r, r, r, r]);
+    close(&a[1], &[r, r, r]);
+    close(&a[2], &[0.0, 0.0, 0.0, -r, -r, -r, 0.0, 0.0, -r, -r]);
+    close(&a[3], &[-r, -r, -r, -r]);
+
+    // alpha scales the penalty: r_c = 2 * 0.5.
+    let config = Config { tp_alpha: 2.0, ..config };
+    let a = kept(estimate_group(&group, &config).unwrap());
+    close(&a[0][5..7], &[r - 1.0, r - 1.0]);
+
+    // acc_G = 0: every r_hat is 0, so TP-GRPO equals outcome-only GRPO (all zeros).
+    let failed =
+        vec![sample(0, 4, 0.0, &[(0..2, Some(1.0)), (2..4, Some(0.0))]), sample(1, 3, 0.0, &[(0..3, Some(0.0))])];
+    let tp = kept(estimate_group(&failed, &Config { advantage: "tp_grpo".into(), ..Config::default() }).unwrap());
+    let grpo = kept(estimate_group(&failed, &Config::default()).unwrap());
+    assert_eq!(tp, grpo);
+    close(&tp[0], &[0.0; 4]);
+}
+
+#[test]
+fn tp_grpo_merges_only_equal_known_verdicts() {
+    // Correct solution; steps correct, unknown, incorrect are three thoughts. The gap
+    // token 2 belongs to the unknown thought before it, so it keeps r_hat; only the
+    // incorrect thought's token 3 is penalised.
+    let a = tp_grpo(5, &[(0..1, Some(true)), (1..2, None), (3..4, Some(false))], true, 1.0, 0.25);
+    close(&a, &[1.0, 1.0, 1.0, 0.75, 1.0]);
+    // Incorrect solution with a gap between two correct steps inside one thought: the gap is 0.
+    let a = tp_grpo(6, &[(0..2, Some(true)), (3..4, Some(true)), (4..5, Some(false))], false, -1.0, 0.5);
+    close(&a, &[0.0, 0.0, 0.0, 0.0, -1.0, -1.0]);
+}
+
+#[test]
+fn malformed_trajectories_are_named() {
+    let mut bad = sample(7, 3, 1.0, &[(0..5, Some(1.0))]);
+    let err = estimate_group(std::slice::from_ref(&bad), &Config::default()).unwrap_err().to_string();
+    assert!(err.contains("trajectory 7") && err.contains("0..5"), "{err}");
+    bad.label.steps.clear();
+    bad.trajectory.logprobs.pop();
+    let err = estimate_group(&[bad], &Config::default()).unwrap_err().to_string();
+    assert!(err.contains("3 tokens but 2 behaviour logprobs"), "{err}");
+}

@@ -1,0 +1,332 @@
+//! `[learner]`: the objective, the optimizer and the step layout.
+
+use prism_core::config::{Invalid, check};
+use serde::{Deserialize, Serialize};
+
+/// The learner's configuration section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `rl` (policy-gradient updates on labeled groups) or `sft` (cross-entropy on
+    /// prompt/completion pairs). Default `rl`.
+    pub mode: String,
+
+    /// Advantage estimator: `grpo`, `dr_grpo`, `rloo`, `process`, `tp_grpo`.
+    /// Default `grpo`.
+    pub advantage: String,
+    /// Group std with Bessel's correction (n-1), as verl does. Default true.
+    pub std_unbiased: bool,
+    /// Added to the group std before dividing. Default 1e-6.
+    pub adv_eps: f64,
+    /// `process`: weight of the outcome (GRPO) advantage added to every token's
+    /// process advantage. Default 0.0 (pure DeepSeekMath process supervision).
+    pub process_outcome_weight: f64,
+    /// `tp_grpo`: a step (or an outcome) scoring at least this is correct. Default 0.5.
+    pub tp_threshold: f64,
+    /// `tp_grpo`: `r_c = tp_alpha * acc_G`, the penalty on incorrect thoughts of a
+    /// correct solution. Default 1.0.
+    pub tp_alpha: f64,
+    /// DAPO dynamic sampling: drop groups whose outcomes are all equal (they carry
+    /// no signal), counted in the step report. Default false.
+    pub drop_uniform_groups: bool,
+    /// DAPO overlong shaping: add `min(-(len - (overlong_max_len - overlong_buffer))
+    /// / overlong_buffer * overlong_factor, 0)` to the outcome. Default false.
+    pub overlong_shaping: bool,
+    /// Overlong shaping: `L_max`, the completion token budget. Default 512.
+    pub overlong_max_len: u32,
+    /// Overlong shaping: `L_buf`, the soft-penalty zone before `L_max`. Default 128.
+    pub overlong_buffer: u32,
+    /// Overlong shaping: penalty at `L_max`. Default 1.0.
+    pub overlong_factor: f64,
+
+    /// PPO clip below: ratios under `1 - clip_low` stop helping. Default 0.2.
+    pub clip_low: f64,
+    /// PPO clip above (DAPO clip-higher): ratios over `1 + clip_high` stop helping.
+    /// Default 0.28.
+    pub clip_high: f64,
+    /// Dual clip `c` (> 1) bounding the loss of negative-advantage tokens at
+    /// `-c * A`; 0 disables it. Default 3.0.
+    pub dual_clip: f64,
+    /// Truncated importance sampling: when > 0, the ratio is taken against the
+    /// learner's own log-probs at the start of the step and each token is weighted
+    /// by `min(pi_learner / pi_behaviour, is_cap)`; 0 takes the ratio against the
+    /// behaviour log-probs directly. Default 0.0.
+    pub is_cap: f64,
+    /// Loss aggregation: `token_mean`, `seq_mean_token_mean`,
+    /// `seq_mean_token_sum_norm`. Default `token_mean`.
+    pub aggregation: String,
+    /// `seq_mean_token_sum_norm`: the constant each sequence's token sum is divided
+    /// by (Dr. GRPO uses the generation budget). Default 512.
+    pub loss_norm_len: u32,
+    /// Weight of the KL penalty to the frozen reference model; 0 disables it (and
+    /// no reference is kept). Default 0.0.
+    pub kl_coef: f64,
+    /// KL estimator: `k1`, `k2` or `k3` (Schulman's low-variance one). Default `k3`.
+    pub kl_estimator: String,
+    /// Weight of the entropy bonus; 0 disables it. Default 0.0.
+    pub entropy_coef: f64,
+    /// Logits are divided by this before the softmax, to match the rollout's
+    /// sampling temperature. Default 1.0.
+    pub temperature: f64,
+
+    /// Peak learning rate. Default 1e-6.
+    pub lr: f64,
+    /// `constant` or `cosine` (linear warmup then cosine decay). Default `constant`.
+    pub schedule: String,
+    /// Optimizer steps of linear warmup from 0 to `lr`. Default 0.
+    pub warmup_steps: u64,
+    /// `cosine`: the step at which the decay reaches `min_lr_ratio * lr`. Default 1000.
+    pub total_steps: u64,
+    /// `cosine`: the floor of the decay as a fraction of `lr`. Default 0.0.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay. Default 0.01.
+    pub weight_decay: f64,
+    /// AdamW beta1. Default 0.9.
+    pub beta1: f64,
+    /// AdamW beta2. Default 0.999.
+    pub beta2: f64,
+    /// AdamW epsilon. Default 1e-8.
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping. Default 1.0.
+    pub grad_clip: f64,
+    /// Sequences per forward/backward; gradients are accumulated over the
+    /// mini-batch. Default 4.
+    pub micro_batch_size: u32,
+    /// Passes over each batch. Default 1.
+    pub ppo_epochs: u32,
+    /// Optimizer steps per pass (the batch is shuffled and split). Default 1.
+    pub mini_batches: u32,
+    /// Run the forward and backward under bf16 autocast when the model is on CUDA
+    /// (weights and optimizer state stay float32). Default true.
+    pub bf16: bool,
+    /// Checkpoints kept in a run's `checkpoints/` folder. Default 3.
+    pub keep_checkpoints: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mode: "rl".into(),
+            advantage: "grpo".into(),
+            std_unbiased: true,
+            adv_eps: 1e-6,
+            process_outcome_weight: 0.0,
+            tp_threshold: 0.5,
+            tp_alpha: 1.0,
+            drop_uniform_groups: false,
+            overlong_shaping: false,
+            overlong_max_len: 512,
+            overlong_buffer: 128,
+            overlong_factor: 1.0,
+            clip_low: 0.2,
+            clip_high: 0.28,
+            dual_clip: 3.0,
+            is_cap: 0.0,
+            aggregation: "token_mean".into(),
+            loss_norm_len: 512,
+            kl_coef: 0.0,
+            kl_estimator: "k3".into(),
+            entropy_coef: 0.0,
+            temperature: 1.0,
+            lr: 1e-6,
+            schedule: "constant".into(),
+            warmup_steps: 0,
+            total_steps: 1000,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            micro_batch_size: 4,
+            ppo_epochs: 1,
+            mini_batches: 1,
+            bf16: true,
+            keep_checkpoints: 3,
+        }
+    }
+}
+
+/// The advantage estimators, parsed from [`Config::advantage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Estimator {
+    Grpo,
+    DrGrpo,
+    Rloo,
+    Process,
+    TpGrpo,
+}
+
+/// How per-token losses become one number, parsed from [`Config::aggregation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregation {
+    TokenMean,
+    SeqMeanTokenMean,
+    SeqMeanTokenSumNorm,
+}
+
+/// KL estimators (Schulman, "Approximating KL divergence", 2020).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KlEstimator {
+    K1,
+    K2,
+    K3,
+}
+
+/// Learning-rate schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    Cosine,
+}
+
+const MODES: &[&str] = &["rl", "sft"];
+const ESTIMATORS: &[&str] = &["grpo", "dr_grpo", "rloo", "process", "tp_grpo"];
+const AGGREGATIONS: &[&str] = &["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"];
+const KL_ESTIMATORS: &[&str] = &["k1", "k2", "k3"];
+const SCHEDULES: &[&str] = &["constant", "cosine"];
+
+impl Config {
+    /// Checks values that parse but are not acceptable.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check::one_of("learner.mode", &self.mode, MODES)?;
+        check::one_of("learner.advantage", &self.advantage, ESTIMATORS)?;
+        check::one_of("learner.aggregation", &self.aggregation, AGGREGATIONS)?;
+        check::one_of("learner.kl_estimator", &self.kl_estimator, KL_ESTIMATORS)?;
+        check::one_of("learner.schedule", &self.schedule, SCHEDULES)?;
+        check::positive("learner.adv_eps", self.adv_eps)?;
+        check::in_range("learner.tp_threshold", self.tp_threshold, 0.0, 1.0)?;
+        non_negative("learner.tp_alpha", self.tp_alpha)?;
+        non_negative("learner.process_outcome_weight", self.process_outcome_weight)?;
+        if self.overlong_shaping {
+            check::positive("learner.overlong_buffer", self.overlong_buffer)?;
+            if self.overlong_buffer > self.overlong_max_len {
+                return Err(Invalid::new(
+                    "learner.overlong_buffer",
+                    self.overlong_buffer,
+                    format!("must be <= learner.overlong_max_len ({})", self.overlong_max_len),
+                ));
+            }
+            non_negative("learner.overlong_factor", self.overlong_factor)?;
+        }
+        check::in_range("learner.clip_low", self.clip_low, 0.0, 1.0)?;
+        non_negative("learner.clip_high", self.clip_high)?;
+        if self.dual_clip != 0.0 && self.dual_clip <= 1.0 || self.dual_clip < 0.0 {
+            return Err(Invalid::new("learner.dual_clip", self.dual_clip, "must be 0 (off) or > 1"));
+        }
+        if self.is_cap != 0.0 && self.is_cap < 1.0 || self.is_cap < 0.0 {
+            return Err(Invalid::new("learner.is_cap", self.is_cap, "must be 0 (off) or >= 1"));
+        }
+        check::positive("learner.loss_norm_len", self.loss_norm_len)?;
+        non_negative("learner.kl_coef", self.kl_coef)?;
+        non_negative("learner.entropy_coef", self.entropy_coef)?;
+        check::positive("learner.temperature", self.temperature)?;
+        check::positive("learner.lr", self.lr)?;
+        if self.schedule == "cosine" && self.total_steps <= self.warmup_steps {
+            return Err(Invalid::new(
+                "learner.total_steps",
+                self.total_steps,
+                format!("must be > learner.warmup_steps ({}) for the cosine schedule", self.warmup_steps),
+            ));
+        }
+        check::in_range("learner.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)?;
+        non_negative("learner.weight_decay", self.weight_decay)?;
+        for (key, beta) in [("learner.beta1", self.beta1), ("learner.beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(Invalid::new(key, beta, "must be in [0, 1)"));
+            }
+        }
+        check::positive("learner.eps", self.eps)?;
+        non_negative("learner.grad_clip", self.grad_clip)?;
+        check::positive("learner.micro_batch_size", self.micro_batch_size)?;
+        check::positive("learner.ppo_epochs", self.ppo_epochs)?;
+        check::positive("learner.mini_batches", self.mini_batches)?;
+        check::positive("learner.keep_checkpoints", self.keep_checkpoints)?;
+        Ok(())
+    }
+
+    /// The advantage estimator (call after [`Config::validate`]).
+    pub fn estimator(&self) -> Estimator {
+        match self.advantage.as_str() {
+            "dr_grpo" => Estimator::DrGrpo,
+            "rloo" => Estimator::Rloo,
+            "process" => Estimator::Process,
+            "tp_grpo" => Estimator::TpGrpo,
+            _ => Estimator::Grpo,
+        }
+    }
+
+    /// The loss aggregation (call after [`Config::validate`]).
+    pub fn aggregation(&self) -> Aggregation {
+        match self.aggregation.as_str() {
+            "seq_mean_token_mean" => Aggregation::SeqMeanTokenMean,
+            "seq_mean_token_sum_norm" => Aggregation::SeqMeanTokenSumNorm,
+            _ => Aggregation::TokenMean,
+        }
+    }
+
+    /// The KL estimator (call after [`Config::validate`]).
+    pub fn kl_estimator(&self) -> KlEstimator {
+        match self.kl_estimator.as_str() {
+            "k1" => KlEstimator::K1,
+            "k2" => KlEstimator::K2,
+            _ => KlEstimator::K3,
+        }
+    }
+
+    /// The learning-rate schedule (call after [`Config::validate`]).
+    pub fn schedule(&self) -> Schedule {
+        if self.schedule == "cosine" { Schedule::Cosine } else { Schedule::Constant }
+    }
+
+    /// Whether the step is supervised fine-tuning.
+    pub fn is_sft(&self) -> bool {
+        self.mode == "sft"
+    }
+}
+
+fn non_negative(key: &str, value: f64) -> Result<(), Invalid> {
+    if value >= 0.0 && value.is_finite() { Ok(()) } else { Err(Invalid::new(key, value, "must be >= 0")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: Vec<(fn(&mut Config), &str)> = vec![
+            (|c| c.advantage = "ppo".into(), "learner.advantage"),
+            (|c| c.dual_clip = 0.5, "learner.dual_clip"),
+            (|c| c.is_cap = 0.5, "learner.is_cap"),
+            (|c| c.beta2 = 1.0, "learner.beta2"),
+            (|c| c.micro_batch_size = 0, "learner.micro_batch_size"),
+            (|c| c.lr = 0.0, "learner.lr"),
+            (
+                |c| {
+                    c.schedule = "cosine".into();
+                    c.warmup_steps = 10;
+                    c.total_steps = 10;
+                },
+                "learner.total_steps",
+            ),
+            (
+                |c| {
+                    c.overlong_shaping = true;
+                    c.overlong_buffer = 600;
+                },
+                "learner.overlong_buffer",
+            ),
+        ];
+        for (edit, key) in cases {
+            let mut c = Config::default();
+            edit(&mut c);
+            assert_eq!(c.validate().unwrap_err().key, key);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! AdamW with its state in plain named tensors (so a checkpoint holds it
+//! exactly), global-norm gradient clipping, and learning-rate schedules.
+
+use crate::config::{Config, Schedule};
+use crate::policy::named_variables;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use tch::{Kind, Tensor, nn};
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl From<&Config> for AdamWConfig {
+    fn from(c: &Config) -> Self {
+        Self { beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay }
+    }
+}
+
+struct Param {
+    name: String,
+    value: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101), update order as
+/// `torch.optim.AdamW` (single-tensor path): decay, moments, bias-corrected step.
+pub struct AdamW {
+    config: AdamWConfig,
+    params: Vec<Param>,
+    steps: u64,
+}
+
+impl AdamW {
+    /// An optimizer over the trainable variables of `vs`, with zero state.
+    pub fn new(vs: &nn::VarStore, config: AdamWConfig) -> Self {
+        let params = named_variables(vs)
+            .into_iter()
+            .filter(|(_, v)| v.requires_grad())
+            .map(|(name, value)| {
+                let zeros = || Tensor::zeros_like(&value).to_kind(Kind::Float);
+                Param { exp_avg: zeros(), exp_avg_sq: zeros(), name, value }
+            })
+            .collect();
+        Self { config, params, steps: 0 }
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Clears the gradients.
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.value.zero_grad();
+        }
+    }
+
+    fn grads(&self) -> Vec<Tensor> {
+        self.params.iter().map(|p| p.value.grad()).filter(|g| g.defined()).collect()
+    }
+
+    /// The global L2 norm of the gradients.
+    pub fn grad_norm(&self) -> Result<f64> {
+        tch::no_grad(|| {
+            let norms: Vec<Tensor> = self.grads().iter().map(|g| g.to_kind(Kind::Float).norm()).collect();
+            if norms.is_empty() {
+                return Ok(0.0);
+            }
+            Ok(Tensor::stack(&norms, 0).norm().f_double_value(&[])?)
+        })
+    }
+
+    /// Scales the gradients so their global norm is at most `max_norm`, as
+    /// `torch.nn.utils.clip_grad_norm_` does (coefficient `max / (norm + 1e-6)`,
+    /// capped at 1). Returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.grad_norm()?;
+        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            tch::no_grad(|| {
+                for mut g in self.grads() {
+                    let _ = g.f_mul_scalar_(coef)?;
+                }
+                Ok::<_, Error>(())
+            })?;
+        }
+        Ok(norm)
+    }
+
+    /// One AdamW update at learning rate `lr`; parameters without a gradient are
+    /// left alone.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
+        self.steps += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
+        let t = self.steps as i32;
+        let bias1 = 1.0 - beta1.powi(t);
+        let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        let step_size = lr / bias1;
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                let grad = p.value.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let grad = grad.to_kind(Kind::Float);
+                if weight_decay != 0.0 {
+                    let _ = p.value.f_mul_scalar_(1.0 - lr * weight_decay)?;
+                }
+                let _ = p.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
+                let _ = p.exp_avg_sq.f_mul_scalar_(beta2)?;
+                let _ = p.exp_avg_sq.f_addcmul_(&(&grad * (1.0 - beta2)), &grad)?;
+                let denom = (p.exp_avg_sq.sqrt() / bias2_sqrt) + eps;
+                let update = (&p.exp_avg / denom) * (-step_size);
+                let _ = p.value.f_add_(&update.to_kind(p.value.kind()))?;
+            }
+            Ok::<_, Error>(())
+        })
+    }
+
+    /// The state as named tensors: `exp_avg.<param>` and `exp_avg_sq.<param>`.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .flat_map(|p| {
+                [
+                    (format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()),
+                    (format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Restores the state written by [`AdamW::state_tensors`] after `steps` steps.
+    pub fn load_state(
+        &mut self,
+        mut tensors: HashMap<String, Tensor>,
+        steps: u64,
+        origin: &std::path::Path,
+    ) -> Result<()> {
+        let bad = |reason: String| Error::Checkpoint { path: origin.to_path_buf(), reason };
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                for (prefix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+                    let name = format!("{prefix}.{}", p.name);
+                    let src =
+                        tensors.remove(&name).ok_or_else(|| bad(format!("optimizer tensor {name} is missing")))?;
+                    if src.size() != dst.size() {
+                        return Err(bad(format!(
+                            "optimizer tensor {name} has shape {:?}, expected {:?}",
+                            src.size(),
+                            dst.size()
+                        )));
+                    }
+                    dst.f_copy_(&src)?;
+                }
+            }
+            if let Some(extra) = tensors.keys().min() {
+                return Err(bad(format!("optimizer tensor {extra} matches no parameter")));
+            }
+            Ok(())
+        })?;
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+/// The learning rate of optimizer step `step` (0-based), as the `transformers`
+/// schedules `get_constant_schedule_with_warmup` and
+/// `get_cosine_schedule_with_warmup` (with a floor `min_lr_ratio`) compute it.
+pub fn lr_at(config: &Config, step: u64) -> f64 {
+    let warmup = config.warmup_steps;
+    if step < warmup {
+        return config.lr * step as f64 / warmup.max(1) as f64;
+    }
+    match config.schedule() {
+        Schedule::Constant => config.lr,
+        Schedule::Cosine => {
+            let span = config.total_steps.saturating_sub(warmup).max(1) as f64;
+            let progress = ((step - warmup) as f64 / span).min(1.0);
+            let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+            config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

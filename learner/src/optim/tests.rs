@@ -1,0 +1,61 @@
+//! Hand calculations; `tests/reference.rs` compares against torch.optim.AdamW.
+
+use super::*;
+use tch::{Device, nn::Init};
+
+#[test]
+fn schedules_follow_the_transformers_formulas() {
+    let cosine = Config { lr: 1.0, schedule: "cosine".into(), warmup_steps: 2, total_steps: 6, ..Config::default() };
+    // Warmup s / 2; then 0.5 (1 + cos(pi (s - 2) / 4)).
+    let want = [0.0, 0.5, 1.0, 0.8535534, 0.5, 0.1464466, 0.0, 0.0];
+    for (s, w) in want.iter().enumerate() {
+        assert!((lr_at(&cosine, s as u64) - w).abs() < 1e-6, "step {s}: {}", lr_at(&cosine, s as u64));
+    }
+    let floored = Config { min_lr_ratio: 0.1, ..cosine.clone() };
+    // 0.1 + 0.9 * 0.5.
+    assert!((lr_at(&floored, 4) - 0.55).abs() < 1e-12);
+    let constant = Config { lr: 1.0, warmup_steps: 2, ..Config::default() };
+    let got: Vec<f64> = (0..4).map(|s| lr_at(&constant, s)).collect();
+    assert_eq!(got, vec![0.0, 0.5, 1.0, 1.0]);
+}
+
+fn one_param(value: f32) -> (nn::VarStore, Tensor) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let p = vs.root().var("w", &[1], Init::Const(value as f64));
+    (vs, p)
+}
+
+#[test]
+fn first_adamw_step_by_hand() {
+    // p = 1, g = 0.5, lr 0.1, wd 0.01: decay p = 0.999; m = 0.05, v = 0.00025;
+    // bias corrections 0.1 and 0.001: m_hat = 0.5, sqrt(v_hat) = 0.5; step = -0.1.
+    let (vs, p) = one_param(1.0);
+    let mut opt = AdamW::new(&vs, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 });
+    (&p * 0.5).sum(Kind::Float).backward();
+    opt.step(0.1).unwrap();
+    assert!((p.double_value(&[0]) - 0.899).abs() < 1e-6, "{}", p.double_value(&[0]));
+    assert_eq!(opt.steps(), 1);
+    let state = opt.state_tensors();
+    assert_eq!(state[0].0, "exp_avg.w");
+    assert!((state[0].1.double_value(&[0]) - 0.05).abs() < 1e-7);
+    assert!((state[1].1.double_value(&[0]) - 0.00025).abs() < 1e-9);
+}
+
+#[test]
+fn clipping_scales_to_the_max_norm() {
+    // Gradients (3, 4) have norm 5; clipping to 1 scales by 1 / (5 + 1e-6).
+    let vs = nn::VarStore::new(Device::Cpu);
+    let a = vs.root().var("a", &[1], Init::Const(0.0));
+    let b = vs.root().var("b", &[1], Init::Const(0.0));
+    let mut opt = AdamW::new(&vs, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+    (&a * 3.0 + &b * 4.0).sum(Kind::Float).backward();
+    let norm = opt.clip_grad_norm(1.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-6);
+    assert!((a.grad().double_value(&[0]) - 0.6).abs() < 1e-6);
+    assert!((b.grad().double_value(&[0]) - 0.8).abs() < 1e-6);
+    // Under the limit nothing changes.
+    assert!((opt.clip_grad_norm(10.0).unwrap() - 1.0).abs() < 1e-6);
+    assert!((a.grad().double_value(&[0]) - 0.6).abs() < 1e-6);
+    opt.zero_grad();
+    assert_eq!(opt.grad_norm().unwrap(), 0.0);
+}

@@ -1,0 +1,167 @@
+//! What the learner needs from a model.
+
+use crate::{Error, Result};
+use safetensors::tensor::{Dtype, View};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Kind, Tensor, nn};
+
+/// A trainable causal language model.
+///
+/// Its parameters live in a `VarStore` whose variable names are the Hugging Face
+/// names, so the store written as safetensors (plus `config.json` and the
+/// tokenizer, which [`Policy::save_hf`] adds when the model knows them) is a
+/// Hugging Face checkpoint.
+pub trait Policy {
+    /// Logits `[B, T, V]` (float32) for `input_ids` `[B, T]` (int64),
+    /// differentiable. `attention_mask` `[B, T]` marks real tokens with 1; `None`
+    /// means plain causal attention over positions `0..T`.
+    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor>;
+
+    /// The parameters.
+    fn var_store(&self) -> &nn::VarStore;
+
+    /// Writes the model into `dir` as a Hugging Face folder. The default writes
+    /// `model.safetensors` only.
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        write_safetensors(&named_variables(self.var_store()), &dir.join("model.safetensors"))
+    }
+}
+
+/// The store's variables sorted by name.
+pub fn named_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// A tensor's bytes on the CPU, ready for safetensors.
+struct Bytes {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Bytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Half => Dtype::F16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => return Err(Error::Batch(format!("cannot write a {other:?} tensor as safetensors"))),
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Writes named tensors as a safetensors file with the `format: pt` metadata
+/// that transformers checks for.
+pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let mut bytes = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        bytes.push((name.clone(), Bytes { dtype: dtype_of(t.kind())?, shape, data }));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let views = bytes.iter().map(|(n, b)| (n.as_str(), b));
+    let encoded = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    std::fs::write(path, encoded).map_err(|e| Error::io(path, e))
+}
+
+/// Reads every tensor of a safetensors file (on the CPU), by name.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let buffer = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let st = safetensors::SafeTensors::deserialize(&buffer).map_err(|e| bad(e.to_string()))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind =
+            kind_of(view.dtype()).ok_or_else(|| bad(format!("tensor {name}: unsupported dtype {:?}", view.dtype())))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        out.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
+    }
+    Ok(out)
+}
+
+/// Copies `tensors` into the variables of `vs` with the same names. Every
+/// variable must be present with its shape; no tensor may be left over.
+pub fn load_into(vs: &nn::VarStore, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in named_variables(vs) {
+        let src = tensors.remove(&name).ok_or_else(|| bad(format!("tensor {name} is missing")))?;
+        if src.size() != var.size() {
+            return Err(bad(format!("tensor {name} has shape {:?}, expected {:?}", src.size(), var.size())));
+        }
+        var.f_copy_(&src)?;
+    }
+    if let Some(extra) = tensors.keys().min() {
+        return Err(bad(format!("tensor {extra} is not a parameter of the model")));
+    }
+    Ok(())
+}
+
+/// The real model. Its `save_hf` writes a complete Hugging Face folder
+/// (`config.json`, `generation_config.json`, safetensors and the tokenizer) when
+/// the model carries its tokenizer, else the weights and `config.json`.
+impl Policy for prism_model::Transformer {
+    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        Ok(prism_model::Transformer::forward(self, input_ids, attention_mask))
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        prism_model::Transformer::var_store(self)
+    }
+
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        match self.tokenizer() {
+            Some(tokenizer) => {
+                prism_model::Transformer::save_hf(self, dir, tokenizer).map_err(|e| Error::Model(e.to_string()))
+            }
+            None => {
+                write_safetensors(&named_variables(self.var_store()), &dir.join("model.safetensors"))?;
+                let path = dir.join("config.json");
+                let json = serde_json::to_vec_pretty(&self.config().to_hf_json())
+                    .map_err(|e| Error::Checkpoint { path: path.clone(), reason: e.to_string() })?;
+                std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+            }
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! The learner: advantages, micro-batched forward/backward with gradient
+//! accumulation, clipping, AdamW, PPO epochs and mini-batches, SFT, and
+//! checkpoints with exact resume.
+
+use crate::advantage::{DropReason, GroupAdvantages, estimate_group};
+use crate::autocast;
+use crate::batch::{Batch, Row};
+use crate::checkpoint::{self, CheckpointMeta, Restored};
+use crate::config::Config;
+use crate::loss::{LossConfig, Norm, Sums, TokenData, policy_loss, sft_loss, token_logprobs};
+use crate::optim::{AdamW, AdamWConfig, lr_at};
+use crate::policy::{Policy, load_into, read_safetensors, write_safetensors};
+use crate::sft::TokenPair;
+use crate::{Error, Result};
+use prism_core::LabeledTrajectory;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// What one optimizer update did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct UpdateStats {
+    /// Optimizer steps taken, this one included.
+    pub update: u64,
+    /// PPO epoch of this update within its batch (0-based).
+    pub epoch: u32,
+    /// Learning rate used.
+    pub lr: f64,
+    /// The aggregated loss.
+    pub loss: f64,
+    /// Fraction of tokens where the low clip was active (A < 0, r < 1 - clip_low).
+    pub clip_frac_low: f64,
+    /// Fraction of tokens where the high clip was active (A > 0, r > 1 + clip_high).
+    pub clip_frac_high: f64,
+    /// Fraction of tokens bounded by the dual clip.
+    pub dual_clip_frac: f64,
+    /// Token mean of `r - 1 - ln r` (k3 of the base policy vs the current one).
+    pub approx_kl: f64,
+    /// Token mean of the KL estimate to the reference (0 without one).
+    pub kl_ref: f64,
+    /// Token mean entropy of the current policy.
+    pub entropy: f64,
+    pub ratio_mean: f64,
+    pub ratio_max: f64,
+    /// Token mean truncated importance weight (0 when `is_cap` is off).
+    pub is_weight_mean: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub sequences: u64,
+    /// The gradient was not finite and the update was skipped.
+    pub skipped: bool,
+}
+
+impl UpdateStats {
+    fn from_sums(s: &Sums) -> Self {
+        let per_token = |x: f64| if s.tokens > 0.0 { x / s.tokens } else { 0.0 };
+        Self {
+            loss: s.loss,
+            clip_frac_low: per_token(s.clip_low),
+            clip_frac_high: per_token(s.clip_high),
+            dual_clip_frac: per_token(s.dual_clip),
+            approx_kl: per_token(s.approx_kl),
+            kl_ref: per_token(s.kl_ref),
+            entropy: per_token(s.entropy),
+            ratio_mean: per_token(s.ratio),
+            ratio_max: s.ratio_max,
+            is_weight_mean: per_token(s.is_weight),
+            tokens: s.tokens as u64,
+            sequences: s.sequences as u64,
+            ..Self::default()
+        }
+    }
+}
+
+impl UpdateStats {
+    /// The statistics by name, as metrics want them.
+    pub fn to_map(&self) -> BTreeMap<String, f64> {
+        let pairs = [
+            ("loss", self.loss),
+            ("lr", self.lr),
+            ("clip_frac_low", self.clip_frac_low),
+            ("clip_frac_high", self.clip_frac_high),
+            ("dual_clip_frac", self.dual_clip_frac),
+            ("approx_kl", self.approx_kl),
+            ("kl_ref", self.kl_ref),
+            ("entropy", self.entropy),
+            ("ratio_mean", self.ratio_mean),
+            ("ratio_max", self.ratio_max),
+            ("is_weight_mean", self.is_weight_mean),
+            ("grad_norm", self.grad_norm),
+            ("tokens", self.tokens as f64),
+            ("sequences", self.sequences as f64),
+            ("skipped", self.skipped as u8 as f64),
+        ];
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+}
+
+/// What one [`Learner::train_step`] did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TrainReport {
+    /// Groups handed in.
+    pub groups: usize,
+    /// Groups dropped by dynamic sampling because all outcomes were equal.
+    pub groups_dropped_uniform: usize,
+    /// Sequences trained on.
+    pub sequences: usize,
+    /// One entry per optimizer update (`ppo_epochs * mini_batches` when there
+    /// was anything to train on).
+    pub updates: Vec<UpdateStats>,
+}
+
+impl TrainReport {
+    /// One set of statistics for the whole step: token-weighted means over its
+    /// updates, the maximum ratio, summed tokens and skips, the last learning
+    /// rate, and the group counts.
+    pub fn summary(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        let tokens: f64 = self.updates.iter().map(|u| u.tokens as f64).sum();
+        if tokens > 0.0 {
+            let weighted =
+                |f: fn(&UpdateStats) -> f64| self.updates.iter().map(|u| f(u) * u.tokens as f64).sum::<f64>() / tokens;
+            let n = self.updates.len() as f64;
+            out.insert("loss".into(), self.updates.iter().map(|u| u.loss).sum::<f64>() / n);
+            out.insert("grad_norm".into(), self.updates.iter().map(|u| u.grad_norm).sum::<f64>() / n);
+            out.insert("clip_frac_low".into(), weighted(|u| u.clip_frac_low));
+            out.insert("clip_frac_high".into(), weighted(|u| u.clip_frac_high));
+            out.insert("dual_clip_frac".into(), weighted(|u| u.dual_clip_frac));
+            out.insert("approx_kl".into(), weighted(|u| u.approx_kl));
+            out.insert("kl_ref".into(), weighted(|u| u.kl_ref));
+            out.insert("entropy".into(), weighted(|u| u.entropy));
+            out.insert("ratio_mean".into(), weighted(|u| u.ratio_mean));
+            out.insert("is_weight_mean".into(), weighted(|u| u.is_weight_mean));
+            out.insert("ratio_max".into(), self.updates.iter().map(|u| u.ratio_max).fold(0.0, f64::max));
+            out.insert("lr".into(), self.updates.last().map_or(0.0, |u| u.lr));
+            out.insert("skipped_updates".into(), self.updates.iter().filter(|u| u.skipped).count() as f64);
+        }
+        out.insert("tokens".into(), tokens);
+        out.insert("updates".into(), self.updates.len() as f64);
+        out.insert("sequences".into(), self.sequences as f64);
+        out.insert("groups".into(), self.groups as f64);
+        out.insert("groups_dropped_uniform".into(), self.groups_dropped_uniform as f64);
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Objective {
+    Policy,
+    Sft,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RngState {
+    seed: String,
+    stream: u64,
+    word_pos: String,
+}
+
+/// `state.json` of a checkpoint.
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    format: u32,
+    meta: CheckpointMeta,
+    learner_config_hash: String,
+    optimizer_steps: u64,
+    rng: RngState,
+}
+
+const STATE_FORMAT: u32 = 1;
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+
+/// Holds the policy and everything needed to train it and to resume exactly.
+pub struct Learner<P: Policy> {
+    config: Config,
+    loss: LossConfig,
+    policy: P,
+    reference: Option<P>,
+    optimizer: AdamW,
+    /// All of the learner's randomness (mini-batch shuffling) comes from here;
+    /// its state is in every checkpoint.
+    rng: ChaCha8Rng,
+}
+
+impl<P: Policy> Learner<P> {
+    /// A learner for `policy` with fresh optimizer state. `reference` is the
+    /// frozen model of the KL penalty, required when `learner.kl_coef > 0`.
+    pub fn new(config: Config, policy: P, reference: Option<P>, seed: u64) -> Result<Self> {
+        config.validate().map_err(|e| Error::Batch(e.to_string()))?;
+        if config.kl_coef > 0.0 && reference.is_none() {
+            return Err(Error::Model("learner.kl_coef > 0 needs a reference model".into()));
+        }
+        let optimizer = AdamW::new(policy.var_store(), AdamWConfig::from(&config));
+        Ok(Self {
+            loss: LossConfig::from(&config),
+            config,
+            policy,
+            reference,
+            optimizer,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })
+    }
+
+    /// The policy being trained.
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The policy, mutably (e.g. to load weights into it).
+    pub fn policy_mut(&mut self) -> &mut P {
+        &mut self.policy
+    }
+
+    /// Whether `group` would be trained on: `Err` with the reason when dynamic
+    /// sampling (`learner.drop_uniform_groups`) would drop it.
+    pub fn admit(&self, group: &[LabeledTrajectory]) -> std::result::Result<(), DropReason> {
+        if self.config.drop_uniform_groups && group.windows(2).all(|w| w[0].label.outcome == w[1].label.outcome) {
+            Err(DropReason::UniformOutcome)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Optimizer updates taken so far (what the schedule counts).
+    pub fn updates(&self) -> u64 {
+        self.optimizer.steps()
+    }
+
+    /// Trains on labeled groups: advantages per group, then `ppo_epochs` passes,
+    /// each shuffled (when `mini_batches > 1`) and split into `mini_batches`
+    /// optimizer updates.
+    pub fn train_step(&mut self, groups: &[Vec<LabeledTrajectory>]) -> Result<TrainReport> {
+        let mut report = TrainReport { groups: groups.len(), ..TrainReport::default() };
+        let mut rows = Vec::new();
+        for group in groups {
+            match estimate_group(group, &self.config)? {
+                GroupAdvantages::Dropped(_) => report.groups_dropped_uniform += 1,
+                GroupAdvantages::Kept(advantages) => {
+                    for (lt, advantages) in group.iter().zip(advantages) {
+                        let t = &lt.trajectory;
+                        if t.tokens.is_empty() {
+                            continue;
+                        }
+                        if t.prompt_tokens.is_empty() {
+                            return Err(Error::Trajectory { trajectory: t.id.0, reason: "no prompt tokens".into() });
+                        }
+                        rows.push(Row {
+                            prompt: t.prompt_tokens.clone(),
+                            completion: t.tokens.clone(),
+                            old_logprobs: t.logprobs.clone(),
+                            advantages,
+                            prox_logprobs: None,
+                            ref_logprobs: None,
+                        });
+                    }
+                }
+            }
+        }
+        if report.groups_dropped_uniform > 0 {
+            tracing::info!(
+                dropped = report.groups_dropped_uniform,
+                groups = report.groups,
+                "dynamic sampling dropped uniform groups"
+            );
+        }
+        report.sequences = rows.len();
+        if rows.is_empty() {
+            return Ok(report);
+        }
+        if self.config.is_cap > 0.0 {
+            let prox = self.score(&self.policy, &rows)?;
+            for (row, lp) in rows.iter_mut().zip(prox) {
+                row.prox_logprobs = Some(lp);
+            }
+        }
+        if self.config.kl_coef > 0.0 {
+            let reference = self.reference.as_ref().ok_or_else(|| Error::Model("no reference model".into()))?;
+            let lps = self.score(reference, &rows)?;
+            for (row, lp) in rows.iter_mut().zip(lps) {
+                row.ref_logprobs = Some(lp);
+            }
+        }
+        let n = rows.len();
+        let parts = (self.config.mini_batches as usize).min(n);
+        for epoch in 0..self.config.ppo_epochs {
+            let mut order: Vec<usize> = (0..n).collect();
+            if parts > 1 {
+                order.shuffle(&mut self.rng);
+            }
+            for k in 0..parts {
+                let chunk = &order[k * n / parts..(k + 1) * n / parts];
+                let mut stats = self.update(&rows, chunk, Objective::Policy)?;
+                stats.epoch = epoch;
+                report.updates.push(stats);
+            }
+        }
+        Ok(report)
+    }
+
+    /// One SFT update on `pairs`: cross-entropy of the completion tokens,
+    /// averaged over all of them, micro-batched like RL.
+    pub fn sft_step(&mut self, pairs: &[TokenPair]) -> Result<UpdateStats> {
+        let rows: Vec<Row> = pairs
+            .iter()
+            .filter(|p| !p.completion.is_empty())
+            .map(|p| Row { prompt: p.prompt.clone(), completion: p.completion.clone(), ..Row::default() })
+            .collect();
+        if rows.is_empty() {
+            return Err(Error::Batch("no SFT pair has completion tokens".into()));
+        }
+        let order: Vec<usize> = (0..rows.len()).collect();
+        self.update(&rows, &order, Objective::Sft)
+    }
+
+    /// Log-probs of each row's completion under `model`, without gradients.
+    fn score(&self, model: &P, rows: &[Row]) -> Result<Vec<Vec<f32>>> {
+        let device = model.var_store().device();
+        let mut out = Vec::with_capacity(rows.len());
+        let _guard = tch::no_grad_guard();
+        for chunk in rows.chunks(self.config.micro_batch_size as usize) {
+            let refs: Vec<&Row> = chunk.iter().collect();
+            let batch = Batch::new(&refs, device)?;
+            let logp = autocast::bf16(self.config.bf16, device, || -> Result<Tensor> {
+                let logits = model.forward(&batch.input_ids, None)?;
+                let window = logits.f_narrow(1, batch.offset, batch.window())?;
+                Ok(token_logprobs(&window, &batch.targets, self.config.temperature).0)
+            })?;
+            out.extend(batch.unpad(&logp)?);
+        }
+        Ok(out)
+    }
+
+    /// One optimizer update on `rows[indices]`, accumulating gradients over
+    /// micro-batches; every micro-batch's loss is normalised by the totals of
+    /// the whole update so the sum of their gradients is the full gradient.
+    fn update(&mut self, rows: &[Row], indices: &[usize], objective: Objective) -> Result<UpdateStats> {
+        let device = self.policy.var_store().device();
+        let norm = Norm {
+            tokens: indices.iter().map(|&i| rows[i].completion.len() as f64).sum(),
+            sequences: indices.len() as f64,
+        };
+        self.optimizer.zero_grad();
+        let mut sums = Sums::default();
+        for micro in indices.chunks(self.config.micro_batch_size as usize) {
+            let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
+            let batch = Batch::new(&refs, device)?;
+            let (loss, s) = autocast::bf16(self.config.bf16, device, || -> Result<(Tensor, Sums)> {
+                let logits = self.policy.forward(&batch.input_ids, None)?;
+                let window = logits.f_narrow(1, batch.offset, batch.window())?;
+                match objective {
+                    Objective::Policy => {
+                        let data = TokenData {
+                            targets: &batch.targets,
+                            mask: &batch.mask,
+                            old_logprobs: &batch.old_logprobs,
+                            advantages: &batch.advantages,
+                            prox_logprobs: batch.prox_logprobs.as_ref(),
+                            ref_logprobs: batch.ref_logprobs.as_ref(),
+                        };
+                        policy_loss(&window, &data, &self.loss, norm)
+                    }
+                    Objective::Sft => sft_loss(&window, &batch.targets, &batch.mask, norm),
+                }
+            })?;
+            loss.f_backward()?;
+            sums.add(&s);
+        }
+        let grad_norm = if self.config.grad_clip > 0.0 {
+            self.optimizer.clip_grad_norm(self.config.grad_clip)?
+        } else {
+            self.optimizer.grad_norm()?
+        };
+        let lr = lr_at(&self.config, self.optimizer.steps());
+        let mut stats = UpdateStats::from_sums(&sums);
+        if grad_norm.is_finite() {
+            self.optimizer.step(lr)?;
+        } else {
+            tracing::warn!(grad_norm, update = self.optimizer.steps() + 1, "non-finite gradient: update skipped");
+            stats.skipped = true;
+        }
+        self.optimizer.zero_grad();
+        stats.update = self.optimizer.steps();
+        stats.lr = lr;
+        stats.grad_norm = grad_norm;
+        Ok(stats)
+    }
+
+    /// Writes a checkpoint of the policy, optimizer, schedule position and RNG,
+    /// with the caller's `meta`, into `dir/step-<meta.step>`; keeps the newest
+    /// `learner.keep_checkpoints`. Returns its folder.
+    pub fn save_checkpoint(&self, dir: &Path, meta: &CheckpointMeta) -> Result<PathBuf> {
+        let state = State {
+            format: STATE_FORMAT,
+            meta: meta.clone(),
+            learner_config_hash: checkpoint::config_hash(&self.config),
+            optimizer_steps: self.optimizer.steps(),
+            rng: RngState {
+                seed: self.rng.get_seed().iter().map(|b| format!("{b:02x}")).collect(),
+                stream: self.rng.get_stream(),
+                word_pos: self.rng.get_word_pos().to_string(),
+            },
+        };
+        let keep = self.config.keep_checkpoints as usize;
+        checkpoint::write_atomic(dir, meta.step, keep, |tmp| {
+            self.policy.save_hf(tmp)?;
+            if !tmp.join(MODEL_FILE).is_file() {
+                return Err(Error::Checkpoint {
+                    path: tmp.to_path_buf(),
+                    reason: format!("the model wrote no {MODEL_FILE}"),
+                });
+            }
+            write_safetensors(&self.optimizer.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
+            let json = serde_json::to_vec_pretty(&state)
+                .map_err(|e| Error::Checkpoint { path: tmp.join(STATE_FILE), reason: e.to_string() })?;
+            std::fs::write(tmp.join(STATE_FILE), json).map_err(|e| Error::io(tmp.join(STATE_FILE), e))
+        })
+    }
+
+    /// Restores the newest intact checkpoint in `dir`; damaged newer ones are
+    /// skipped and listed in [`Restored::rejected`]. `Ok(None)` when `dir` holds
+    /// no checkpoint at all; an error when it holds only damaged ones.
+    pub fn resume(&mut self, dir: &Path) -> Result<Option<Restored>> {
+        let (found, rejected) = checkpoint::latest_intact(dir)?;
+        let Some(found) = found else {
+            return if rejected.is_empty() {
+                Ok(None)
+            } else {
+                Err(Error::NoCheckpoint { dir: dir.to_path_buf(), rejected })
+            };
+        };
+        let path = found.path;
+        let bad = |reason: String| Error::Checkpoint { path: path.clone(), reason };
+        let text = std::fs::read(path.join(STATE_FILE)).map_err(|e| Error::io(path.join(STATE_FILE), e))?;
+        let state: State = serde_json::from_slice(&text).map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
+        if state.format != STATE_FORMAT {
+            return Err(bad(format!("{STATE_FILE}: format {} (this build reads {STATE_FORMAT})", state.format)));
+        }
+        let learner_hash = checkpoint::config_hash(&self.config);
+        if state.learner_config_hash != learner_hash {
+            tracing::warn!(checkpoint = %path.display(), "the [learner] configuration differs from the checkpoint's");
+        }
+        let model_path = path.join(MODEL_FILE);
+        load_into(self.policy.var_store(), read_safetensors(&model_path)?, &model_path)?;
+        let optimizer_path = path.join(OPTIMIZER_FILE);
+        self.optimizer.load_state(read_safetensors(&optimizer_path)?, state.optimizer_steps, &optimizer_path)?;
+        let seed = parse_seed(&state.rng.seed)
+            .ok_or_else(|| bad(format!("{STATE_FILE}: bad rng seed {:?}", state.rng.seed)))?;
+        let word_pos: u128 = state
+            .rng
+            .word_pos
+            .parse()
+            .map_err(|_| bad(format!("{STATE_FILE}: bad rng word_pos {:?}", state.rng.word_pos)))?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(state.rng.stream);
+        rng.set_word_pos(word_pos);
+        self.rng = rng;
+        tracing::info!(checkpoint = %path.display(), step = state.meta.step, "resumed");
+        Ok(Some(Restored { path, meta: state.meta, rejected }))
+    }
+}
+
+fn parse_seed(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut seed = [0u8; 32];
+    for (i, b) in seed.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(seed)
+}

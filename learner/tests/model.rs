@@ -1,0 +1,81 @@
+//! The learner on the real transformer (`builtin:tiny-arith`): gradient
+//! accumulation through attention and padding, and checkpoints that
+//! transformers loads.
+
+mod common;
+
+use common::*;
+use prism_learner::{CheckpointMeta, Config, Learner, Policy};
+use std::path::Path;
+use std::process::Command;
+use tch::Tensor;
+
+/// See `tests/train.rs`: eps = 1 makes the first AdamW step linear in the gradient.
+fn linear_adam(config: Config) -> Config {
+    Config { lr: 0.05, eps: 1.0, weight_decay: 0.0, grad_clip: 0.0, ..config }
+}
+
+fn trained(config: &Config) -> Vec<(String, Vec<f32>)> {
+    let mut learner = Learner::new(config.clone(), tiny_arith(3), Some(tiny_arith(3)), 0).unwrap();
+    for step in 0..2 {
+        learner.train_step(&groups(200 + step, 3, 4)).unwrap();
+    }
+    weights(learner.policy())
+}
+
+#[test]
+fn gradient_accumulation_matches_the_full_batch_on_the_transformer() {
+    // Rows of different prompt and completion lengths: micro-batches of 1 have no
+    // padding, the whole batch pads most rows on the right.
+    let base =
+        linear_adam(Config { advantage: "tp_grpo".into(), kl_coef: 0.05, entropy_coef: 0.01, ..Config::default() });
+    let whole = trained(&Config { micro_batch_size: 12, ..base.clone() });
+    let split = trained(&Config { micro_batch_size: 1, ..base.clone() });
+    let moved = max_diff(&whole, &weights(&tiny_arith(3)));
+    let diff = max_diff(&whole, &split);
+    eprintln!("moved {moved}, micro-batch 1 vs 12: {diff}");
+    assert!(moved > 1e-3);
+    assert!(diff <= 1e-5, "{diff}");
+}
+
+#[test]
+fn checkpoint_is_a_transformers_model_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut learner = Learner::new(Config { lr: 1e-2, ..Config::default() }, tiny_arith(5), None, 0).unwrap();
+    learner.train_step(&groups(1, 2, 4)).unwrap();
+    let meta =
+        CheckpointMeta { step: 1, policy_version: 1, data_cursor: serde_json::Value::Null, config_hash: "x".into() };
+    let path = learner.save_checkpoint(dir.path(), &meta).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "manifest.json", "optimizer.safetensors"] {
+        assert!(path.join(file).is_file(), "{file} missing from {}", path.display());
+    }
+
+    let text = "Q:7+3*4-2\n3*4=12\n";
+    let ids: Vec<i64> =
+        learner.policy().tokenizer().unwrap().encode(text, false).unwrap().iter().map(|&t| t as i64).collect();
+    let input = Tensor::from_slice(&ids).view([1, ids.len() as i64]);
+    let ours = tch::no_grad(|| Policy::forward(learner.policy(), &input, None).unwrap());
+    let ours: Vec<f32> = Vec::try_from(ours.view([-1])).unwrap();
+
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(d)
+ids = tok(sys.argv[2], add_special_tokens=False)["input_ids"]
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits
+print(json.dumps({"ids": ids, "logits": logits.flatten().tolist()}))
+"#;
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let out = Command::new(python).args(["-c", script]).arg(&path).arg(text).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let their_ids: Vec<i64> = serde_json::from_value(theirs["ids"].clone()).unwrap();
+    assert_eq!(their_ids, ids, "the checkpoint's tokenizer must tokenise as ours");
+    let their_logits: Vec<f32> = serde_json::from_value(theirs["logits"].clone()).unwrap();
+    let diff = ours.iter().zip(&their_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert_eq!(ours.len(), their_logits.len());
+    assert!(diff <= 1e-4, "trained checkpoint logits differ from transformers' by {diff}");
+}
