@@ -45,8 +45,11 @@ pub struct Config {
     pub dim: u32,
     /// Hidden layer width. Default 64.
     pub hidden: u32,
-    /// Adam learning rate. Default 0.003.
+    /// Adam learning rate of the MLP. Default 0.003.
     pub lr: f64,
+    /// Adagrad learning rate of the embedding rows (updated sparsely: only the
+    /// rows a batch touches). Default 0.1.
+    pub embed_lr: f64,
     /// Examples per optimizer step. Default 64.
     pub batch_size: u32,
     /// New training labels between training rounds. Default 16.
@@ -77,6 +80,7 @@ impl Default for Config {
             dim: 64,
             hidden: 64,
             lr: 3e-3,
+            embed_lr: 0.1,
             batch_size: 64,
             train_every: 16,
             updates: 4,
@@ -101,6 +105,7 @@ impl Config {
         check::positive("distill.dim", self.dim)?;
         check::positive("distill.hidden", self.hidden)?;
         check::positive("distill.lr", self.lr)?;
+        check::positive("distill.embed_lr", self.embed_lr)?;
         check::positive("distill.batch_size", self.batch_size)?;
         check::positive("distill.train_every", self.train_every)?;
         check::positive("distill.updates", self.updates)?;
@@ -138,7 +143,11 @@ struct Example {
 
 struct State {
     _vs: nn::VarStore,
+    /// Embedding rows, outside the VarStore: trained by sparse Adagrad with
+    /// `adagrad` holding the squared-gradient sums, because a dense optimizer
+    /// step over every row cost ~10 ms per batch on CPU.
     table: Tensor,
+    adagrad: Tensor,
     hidden: nn::Linear,
     out: nn::Linear,
     opt: nn::Optimizer,
@@ -182,7 +191,8 @@ impl Distiller {
             let v: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
             Tensor::from_slice(&v)
         };
-        let table = root.var_copy("embed", &normal(&mut rng, buckets * dim, 0.1).view([buckets, dim]));
+        let table = normal(&mut rng, buckets * dim, 0.1).view([buckets, dim]).to_device(device);
+        let adagrad = Tensor::zeros([buckets, dim], (Kind::Float, device));
         let linear = |name: &str, i: i64, o: i64, rng: &mut SplitMix| -> nn::Linear {
             let p = &root / name;
             let ws = p.var_copy("weight", &normal(rng, o * i, (2.0 / i as f64).sqrt()).view([o, i]));
@@ -198,6 +208,7 @@ impl Distiller {
             state: Mutex::new(State {
                 _vs: vs,
                 table,
+                adagrad,
                 hidden: hidden_layer,
                 out,
                 opt,
@@ -277,34 +288,42 @@ impl Distiller {
         let picks: Vec<usize> = (0..self.cfg.batch_size).map(|_| (s.rng.next() % n as u64) as usize).collect();
         let batch: Vec<&[i64]> = picks.iter().map(|&i| s.train[i].features.as_slice()).collect();
         let targets: Vec<f32> = picks.iter().map(|&i| s.train[i].target).collect();
-        let logits = self.forward(s, &batch)?;
+        let bag = Bag::new(&batch, self.device);
+        let rows = s.table.f_index_select(0, &bag.rows)?.set_requires_grad(true);
+        let logits = self.head(s, &bag, &rows)?;
         let target = Tensor::from_slice(&targets).to_device(self.device);
         let loss = logits.binary_cross_entropy_with_logits::<Tensor>(&target, None, None, Reduction::Mean);
-        s.opt.backward_step(&loss);
+        s.opt.zero_grad();
+        loss.backward();
+        s.opt.step();
+        {
+            let _guard = tch::no_grad_guard();
+            let grad = rows.grad();
+            let acc = s.adagrad.f_index_select(0, &bag.rows)? + grad.square();
+            s.adagrad.f_index_copy_(0, &bag.rows, &acc)?;
+            let step = grad / (acc.sqrt() + 1e-8) * (-self.cfg.embed_lr);
+            s.table.f_index_add_(0, &bag.rows, &step)?;
+        }
         let l = loss.double_value(&[]);
         s.loss_ema = Some(s.loss_ema.map_or(l, |e| 0.95 * e + 0.05 * l));
         s.updates += 1;
         Ok(())
     }
 
-    fn forward(&self, s: &State, batch: &[&[i64]]) -> Result<Tensor> {
-        let mut index = Vec::new();
-        let mut owner = Vec::new();
-        let mut scale = Vec::with_capacity(batch.len());
-        for (b, f) in batch.iter().enumerate() {
-            index.extend_from_slice(f);
-            owner.extend(std::iter::repeat_n(b as i64, f.len()));
-            scale.push(1.0 / (f.len().max(1) as f32).sqrt());
-        }
+    /// Logits of a batch given its gathered embedding rows.
+    fn head(&self, s: &State, bag: &Bag, rows: &Tensor) -> Result<Tensor> {
         let dim = self.cfg.dim as i64;
-        let index = Tensor::from_slice(&index).to_device(self.device);
-        let owner = Tensor::from_slice(&owner).to_device(self.device);
-        let scale = Tensor::from_slice(&scale).to_device(self.device).unsqueeze(1);
-        let rows = s.table.f_index_select(0, &index)?;
-        let bag =
-            Tensor::f_zeros([batch.len() as i64, dim], (Kind::Float, self.device))?.f_index_add(0, &owner, &rows)?;
-        let h = s.hidden.forward(&(bag * scale)).relu();
+        let per_feature = rows.f_index_select(0, &bag.slots)?;
+        let sum =
+            Tensor::f_zeros([bag.len, dim], (Kind::Float, self.device))?.f_index_add(0, &bag.owner, &per_feature)?;
+        let h = s.hidden.forward(&(sum * &bag.scale)).relu();
         Ok(s.out.forward(&h).squeeze_dim(-1))
+    }
+
+    fn forward(&self, s: &State, batch: &[&[i64]]) -> Result<Tensor> {
+        let bag = Bag::new(batch, self.device);
+        let rows = s.table.f_index_select(0, &bag.rows)?;
+        self.head(s, &bag, &rows)
     }
 
     fn predict(&self, s: &State, batch: &[&[i64]]) -> Result<Vec<f32>> {
@@ -354,6 +373,44 @@ impl Distiller {
             agreement,
             loss: s.loss_ema,
             scored: s.scored,
+        }
+    }
+}
+
+/// A batch of feature lists as index tensors: the distinct embedding `rows`
+/// it touches, each feature's slot among them, the example each feature
+/// belongs to, and each example's 1/sqrt(feature count).
+struct Bag {
+    len: i64,
+    rows: Tensor,
+    slots: Tensor,
+    owner: Tensor,
+    scale: Tensor,
+}
+
+impl Bag {
+    fn new(batch: &[&[i64]], device: Device) -> Self {
+        let mut slot_of = std::collections::HashMap::new();
+        let (mut rows, mut slots, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        let mut scale = Vec::with_capacity(batch.len());
+        for (b, features) in batch.iter().enumerate() {
+            for &f in *features {
+                let slot = *slot_of.entry(f).or_insert_with(|| {
+                    rows.push(f);
+                    rows.len() as i64 - 1
+                });
+                slots.push(slot);
+                owner.push(b as i64);
+            }
+            scale.push(1.0 / (features.len().max(1) as f32).sqrt());
+        }
+        let t = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        Bag {
+            len: batch.len() as i64,
+            rows: t(&rows),
+            slots: t(&slots),
+            owner: t(&owner),
+            scale: Tensor::from_slice(&scale).to_device(device).unsqueeze(1),
         }
     }
 }
