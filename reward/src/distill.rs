@@ -300,9 +300,9 @@ impl Distiller {
             let _guard = tch::no_grad_guard();
             let grad = rows.grad();
             let acc = s.adagrad.f_index_select(0, &bag.rows)? + grad.square();
-            s.adagrad.f_index_copy_(0, &bag.rows, &acc)?;
+            let _ = s.adagrad.f_index_copy_(0, &bag.rows, &acc)?;
             let step = grad / (acc.sqrt() + 1e-8) * (-self.cfg.embed_lr);
-            s.table.f_index_add_(0, &bag.rows, &step)?;
+            let _ = s.table.f_index_add_(0, &bag.rows, &step)?;
         }
         let l = loss.double_value(&[]);
         s.loss_ema = Some(s.loss_ema.map_or(l, |e| 0.95 * e + 0.05 * l));

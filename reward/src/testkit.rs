@@ -392,3 +392,31 @@ pub fn completion_logprobs(choices: &[Vec<TokenSpec>]) -> String {
         .collect();
     json!({"id": "test", "object": "text_completion", "model": "test", "choices": choices}).to_string()
 }
+
+/// A trajectory for tests and benchmarks: one token per character of
+/// `completion` (so token spans are character spans), prompt `Q:{problem}\n`.
+pub fn trajectory(id: u64, task: &str, problem: &str, reference: Option<&str>, completion: &str) -> prism_core::Trajectory {
+    use prism_core::*;
+    let token_ends: Vec<u32> = completion.char_indices().map(|(i, c)| (i + c.len_utf8()) as u32).collect();
+    Trajectory {
+        id: TrajectoryId(id),
+        group: GroupId(id),
+        sample: 0,
+        group_size: 1,
+        prompt: Prompt {
+            id: PromptId(id),
+            task: task.into(),
+            problem: problem.into(),
+            text: format!("Q:{problem}\n"),
+            reference: reference.map(str::to_string),
+        },
+        policy_version: PolicyVersion(0),
+        prompt_tokens: vec![],
+        tokens: vec![0; token_ends.len()],
+        logprobs: vec![0.0; token_ends.len()],
+        text: completion.into(),
+        token_ends,
+        finish: FinishReason::Eos,
+        generate_ms: 0,
+    }
+}
