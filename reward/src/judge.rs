@@ -628,15 +628,15 @@ impl Judge {
         let body = self.request_body(prompt, n);
         let mut last = Failure::BreakerOpen;
         for attempt in 0..=cfg.retries {
-            if attempt > 0 {
-                lock(&self.inner.stats).retries += 1;
-            }
             let Some(pass) = lock(&self.inner.breaker).try_pass(Instant::now()) else {
                 let mut s = lock(&self.inner.stats);
                 s.breaker_rejections += 1;
                 s.failed_calls += 1;
                 return Err(Failure::BreakerOpen);
             };
+            if attempt > 0 {
+                lock(&self.inner.stats).retries += 1;
+            }
             let guard = PassGuard { judge: self, pass: Some(pass) };
             let result = {
                 let _permit = self.inner.permits.acquire().await.map_err(|_| Failure::Connection)?;
