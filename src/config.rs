@@ -24,6 +24,12 @@ pub struct Config {
     pub run: RunConfig,
     pub log: LogConfig,
     pub redis: RedisConfig,
+    /// `[reward]`: segmentation, verifiers, guard, fallback, deadline.
+    pub reward: prism_reward::Config,
+    /// `[judge]`: the OpenAI-compatible judge server and how it is called.
+    pub judge: prism_reward::judge::Config,
+    /// `[distill]`: the online-distilled reward model and the annotation budget.
+    pub distill: prism_reward::distill::Config,
 }
 
 /// `[run]`: where a run writes and how it is seeded.
@@ -70,6 +76,9 @@ impl Config {
         if self.run.dir.as_os_str().is_empty() {
             return Err(Invalid::new("run.dir", &self.run.dir, "must not be empty"));
         }
+        self.reward.validate()?;
+        self.judge.validate()?;
+        self.distill.validate()?;
         Ok(())
     }
 

@@ -47,57 +47,57 @@ pub struct Config {
     pub deadline_ms: u64,
 }
 
-/// Outcome verifier choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutcomeKind {
-    Auto,
-    Arithmetic,
-    Numeric,
-    Boxed,
-    Regex,
+string_enum! {
+    /// Outcome verifier choice.
+    pub enum OutcomeKind {
+        Auto = "auto",
+        Arithmetic = "arithmetic",
+        Numeric = "numeric",
+        Boxed = "boxed",
+        Regex = "regex",
+    }
 }
 
-/// Step segmentation choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Segmentation {
-    Auto,
-    Line,
-    BlankLine,
-    StepMarker,
-    Regex,
+string_enum! {
+    /// Step segmentation choice.
+    pub enum Segmentation {
+        Auto = "auto",
+        Line = "line",
+        BlankLine = "blank_line",
+        StepMarker = "step_marker",
+        Regex = "regex",
+    }
 }
 
-/// Source of step scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Process {
-    /// Outcome only; `RewardLabel.steps` is empty.
-    None,
-    /// Deterministic step verifiers.
-    Verifier,
-    /// The judge, with `fallback` for what it does not score.
-    Judge,
+string_enum! {
+    /// Source of step scores.
+    pub enum Process {
+        /// Outcome only; `RewardLabel.steps` is empty.
+        None = "none",
+        /// Deterministic step verifiers.
+        Verifier = "verifier",
+        /// The judge, with `fallback` for what it does not score.
+        Judge = "judge",
+    }
 }
 
-/// Step verifier choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StepVerifierKind {
-    Auto,
-    Arithmetic,
-    Calculator,
-    None,
+string_enum! {
+    /// Step verifier choice.
+    pub enum StepVerifierKind {
+        Auto = "auto",
+        Arithmetic = "arithmetic",
+        Calculator = "calculator",
+        None = "none",
+    }
 }
 
-/// What scores steps the judge did not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fallback {
-    Distilled,
-    Verifier,
-    None,
+string_enum! {
+    /// What scores steps the judge did not.
+    pub enum Fallback {
+        Distilled = "distilled",
+        Verifier = "verifier",
+        None = "none",
+    }
 }
 
 impl Default for Config {

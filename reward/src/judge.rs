@@ -95,12 +95,12 @@ pub struct Config {
     pub canary_every: u64,
 }
 
-/// Which OpenAI endpoint the judge is called on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Api {
-    Chat,
-    Completions,
+string_enum! {
+    /// Which OpenAI endpoint the judge is called on.
+    pub enum Api {
+        Chat = "chat",
+        Completions = "completions",
+    }
 }
 
 impl Default for Config {

@@ -395,7 +395,13 @@ pub fn completion_logprobs(choices: &[Vec<TokenSpec>]) -> String {
 
 /// A trajectory for tests and benchmarks: one token per character of
 /// `completion` (so token spans are character spans), prompt `Q:{problem}\n`.
-pub fn trajectory(id: u64, task: &str, problem: &str, reference: Option<&str>, completion: &str) -> prism_core::Trajectory {
+pub fn trajectory(
+    id: u64,
+    task: &str,
+    problem: &str,
+    reference: Option<&str>,
+    completion: &str,
+) -> prism_core::Trajectory {
     use prism_core::*;
     let token_ends: Vec<u32> = completion.char_indices().map(|(i, c)| (i + c.len_utf8()) as u32).collect();
     Trajectory {

@@ -16,17 +16,16 @@
 
 use crate::{Error, Result};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, context};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// How a template's requests are made and its replies read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Style {
-    /// One request per step prefix, verdict `\boxed{Yes|No}`.
-    Genprm,
-    /// One request for all steps, verdicts `Step i: \boxed{correct|incorrect}`.
-    Thinkprm,
+string_enum! {
+    /// How a template's requests are made and its replies read.
+    pub enum Style {
+        /// One request per step prefix, verdict `\boxed{Yes|No}`.
+        Genprm = "genprm",
+        /// One request for all steps, verdicts `Step i: \boxed{correct|incorrect}`.
+        Thinkprm = "thinkprm",
+    }
 }
 
 const GENPRM: &str = r#"You are a meticulous math teacher grading a student's solution one step at a time.
@@ -71,7 +70,7 @@ impl Template {
                 Style::Genprm => GENPRM,
                 Style::Thinkprm => THINKPRM,
             };
-            (format!("builtin:{}", style_name(style)), source.to_string())
+            (format!("builtin:{}", style.as_str()), source.to_string())
         } else {
             let source =
                 std::fs::read_to_string(file).map_err(|e| Error::Io { path: file.into(), reason: e.to_string() })?;
@@ -86,7 +85,7 @@ impl Template {
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         let mut hasher = Sha256::new();
-        hasher.update(style_name(style).as_bytes());
+        hasher.update(style.as_str().as_bytes());
         hasher.update([0]);
         hasher.update(source.as_bytes());
         let id = hasher.finalize().into();
@@ -124,12 +123,5 @@ impl Template {
                 current => current,
             })
             .map_err(|e| Error::Template { name: self.name.clone(), reason: e.to_string() })
-    }
-}
-
-pub(crate) fn style_name(style: Style) -> &'static str {
-    match style {
-        Style::Genprm => "genprm",
-        Style::Thinkprm => "thinkprm",
     }
 }

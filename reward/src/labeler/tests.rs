@@ -7,7 +7,8 @@ use crate::testkit::{Reply, Request, TestServer, chat_text, trajectory};
 fn arithmetic_judge() -> TestServer {
     TestServer::start(|req: &Request| {
         let prompt = req.prompt();
-        let n: usize = prompt.split("Judge only Step ").nth(1).and_then(|r| r.split(';').next()).unwrap().parse().unwrap();
+        let n: usize =
+            prompt.split("Judge only Step ").nth(1).and_then(|r| r.split(';').next()).unwrap().parse().unwrap();
         let step = prompt.split(&format!("Step {n}:\n")).nth(1).unwrap().lines().next().unwrap();
         let right = step.starts_with("A:") || {
             let (lhs, c) = step.split_once('=').unwrap_or(("", "x"));
@@ -43,7 +44,10 @@ async fn verifier_labels_carry_outcome_steps_and_spans() {
     let labeler = Labeler::new(&Config::default(), &judge::Config::default(), &distill::Config::default()).unwrap();
     let t = trajectory(1, "arithmetic", "7+3*4-2", None, "3*4=12\n7+12=20\n20-2=18\nA:18\n");
     let label = labeler.label(&t).await;
-    assert_eq!((label.outcome, label.outcome_source, label.answer.as_deref()), (0.0, ScoreSource::Verifier, Some("18")));
+    assert_eq!(
+        (label.outcome, label.outcome_source, label.answer.as_deref()),
+        (0.0, ScoreSource::Verifier, Some("18"))
+    );
     assert_eq!(scores(&label), vec![Some(1.0), Some(0.0), Some(1.0), Some(0.0)]);
     assert_eq!(sources(&label), vec![ScoreSource::Verifier; 4]);
     // One token per character here, so token spans equal byte spans.
@@ -84,7 +88,8 @@ async fn guard_scores_zero_before_any_call() {
     let cfg = Config { process: Process::Judge, min_chars: 6, ..Config::default() };
     let labeler = Labeler::new(&cfg, &judge_config(&server), &distill::Config::default()).unwrap();
     // No final answer line.
-    let no_answer = labeler.label(&trajectory(1, "arithmetic", "2+2", None, "Let's solve this problem step by step.\n")).await;
+    let no_answer =
+        labeler.label(&trajectory(1, "arithmetic", "2+2", None, "Let's solve this problem step by step.\n")).await;
     assert_eq!((scores(&no_answer), sources(&no_answer)), (vec![Some(0.0)], vec![ScoreSource::Guard]));
     // Too short, even with an answer.
     let short = labeler.label(&trajectory(2, "arithmetic", "2+2", None, "A:4\n")).await;
