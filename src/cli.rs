@@ -25,7 +25,7 @@ pub enum Command {
     /// Evaluate a checkpoint on a task, or a judge on ProcessBench.
     Eval(ConfigArgs),
     /// Draw the plots and timeline of a run folder.
-    Report(ConfigArgs),
+    Report(ReportArgs),
     /// Export a checkpoint or GGUF file as a Hugging Face model folder.
     Export(ConfigArgs),
     /// Run a benchmark.
@@ -58,10 +58,23 @@ impl Command {
             Command::Reward(a) => ("reward", a),
             Command::Serve(a) => ("serve", a),
             Command::Eval(a) => ("eval", a),
-            Command::Report(a) => ("report", a),
+            Command::Report(a) => ("report", &a.common),
             Command::Export(a) => ("export", a),
             Command::Bench(a) => ("bench", a),
             Command::Doctor(a) => ("doctor", a),
         }
     }
+}
+
+/// `prism report RUN_DIR`.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// The run folder, e.g. `runs/20261126-091840-0ab1`.
+    #[arg(value_name = "RUN_DIR")]
+    pub run: PathBuf,
+    /// Where to write the plots and timeline (default `RUN_DIR/report`).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }

@@ -4,6 +4,9 @@
 mod cli;
 mod config;
 mod doctor;
+#[allow(dead_code)] // drawn by `prism train`
+mod progress;
+mod report;
 #[allow(dead_code)] // written by the training commands
 mod run_dir;
 mod telemetry;
@@ -32,6 +35,18 @@ fn main() -> ExitCode {
     let _console = telemetry::init_console(&config.log);
     match cli.command {
         cli::Command::Doctor(_) => doctor::run(&config),
+        cli::Command::Report(a) => match report::run(&a.run, a.out.as_deref()) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("prism report: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         _ => {
             eprintln!("prism: `prism {name}` is not implemented yet");
             ExitCode::from(EXIT_NOT_IMPLEMENTED)

@@ -1,7 +1,82 @@
 //! prism-rollout: where trajectories come from.
 //!
 //! Owns the tasks and datasets (the built-in arithmetic task, JSONL / GSM8K), the
-//! prompt source with its resumable cursor, and group sampling: G completions per
-//! prompt turned into [`prism_core::Trajectory`] values with behaviour log-probs.
+//! prompt stream addressed by a resumable cursor, and group sampling: G
+//! completions per prompt turned into [`prism_core::Trajectory`] values with
+//! behaviour log-probs.
 //!
 //! Must not know about rewards, the learner, actors or transports.
+
+pub mod arithmetic;
+pub mod dataset;
+mod rng;
+pub mod task;
+
+pub use rng::{hash64, SplitMix64};
+pub use task::Task;
+
+use prism_core::config::{check, Invalid};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}:{line}: {reason}", path.display())]
+    Dataset { path: PathBuf, line: usize, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `[rollout]`: how trajectories are sampled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Rollout workers (each holds a copy of the policy). Default 1.
+    pub workers: usize,
+    /// Samples per prompt (G). Default 8.
+    pub group_size: usize,
+    /// Prompts a worker takes and samples together in one batch. Default 16.
+    pub prompts_per_batch: usize,
+    /// Longest completion. Default 48.
+    pub max_new_tokens: usize,
+    /// Sampling temperature; the learner divides logits by the same value. Default 1.0.
+    pub temperature: f64,
+    /// Nucleus sampling mass; 1.0 = off. Default 1.0.
+    pub top_p: f64,
+    /// Keep only the k most likely tokens; 0 = off. Default 0.
+    pub top_k: usize,
+    /// Extra stop strings (the model's eos tokens always stop). Default none.
+    pub stop: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            group_size: 8,
+            prompts_per_batch: 16,
+            max_new_tokens: 48,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> std::result::Result<(), Invalid> {
+        check::positive("rollout.workers", self.workers)?;
+        check::positive("rollout.group_size", self.group_size)?;
+        check::positive("rollout.prompts_per_batch", self.prompts_per_batch)?;
+        check::positive("rollout.max_new_tokens", self.max_new_tokens)?;
+        check::positive("rollout.temperature", self.temperature)?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Invalid::new("rollout.top_p", self.top_p, "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,127 @@
+//! What the actors need from the libraries, as three narrow traits.
+//!
+//! The actors own concurrency, supervision and accounting; the work itself —
+//! sampling, labeling, training — is done by implementations of [`Generate`],
+//! [`Label`] and [`Train`]. The binary plugs in the real ones (model, reward,
+//! learner); tests plug in small fakes, including ones that fail on purpose.
+
+use prism_core::{GroupId, LabeledTrajectory, PolicyVersion, Prompt, RewardLabel, Trajectory};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+/// An error from a backend; the actor that got it fails, and its supervisor decides.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+impl BackendError {
+    pub fn new(e: impl std::fmt::Display) -> Self {
+        Self(e.to_string())
+    }
+}
+
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// The policy's weights at one version: named tensors, shared read-only between
+/// the learner (which made them) and every rollout worker (which copies them in).
+pub struct WeightSet {
+    pub version: PolicyVersion,
+    /// `(name, tensor)` pairs with Hugging Face parameter names. Behind a mutex
+    /// only because `tch::Tensor` is `Send` but not `Sync`; readers copy out.
+    pub tensors: Mutex<Vec<(String, tch::Tensor)>>,
+}
+
+impl WeightSet {
+    pub fn new(version: PolicyVersion, tensors: Vec<(String, tch::Tensor)>) -> Arc<Self> {
+        Arc::new(Self { version, tensors: Mutex::new(tensors) })
+    }
+}
+
+/// One prompt handed to a rollout worker, to be sampled G times as group `group`
+/// by weights no older than `min_version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub group: GroupId,
+    pub prompt: Prompt,
+    pub min_version: PolicyVersion,
+}
+
+/// Samples groups of completions. Runs on a blocking thread.
+pub trait Generate: Send + 'static {
+    /// Copies `weights` into the policy (between generations).
+    fn load_weights(&mut self, weights: &WeightSet) -> BackendResult<()>;
+    /// Samples each assignment's group (G trajectories each, ids derived from the
+    /// group id) with the currently loaded weights, tagged `version`.
+    fn generate(&mut self, work: &[Assignment], version: PolicyVersion) -> BackendResult<Vec<Vec<Trajectory>>>;
+}
+
+/// Boxed future returned by [`Label::label`].
+pub type LabelFuture<'a> = Pin<Box<dyn Future<Output = BackendResult<RewardLabel>> + Send + 'a>>;
+
+/// Labels one trajectory. Shared by all reward workers, so `&self`.
+pub trait Label: Send + Sync + 'static {
+    fn label<'a>(&'a self, trajectory: &'a Trajectory) -> LabelFuture<'a>;
+}
+
+/// What one optimizer step reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepReport {
+    /// Trajectories the step trained on.
+    pub trajectories: usize,
+    /// Scalar statistics (loss, kl, entropy, clip fractions, grad norm, ...).
+    pub stats: BTreeMap<String, f64>,
+}
+
+/// Held-out evaluation of the current policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EvalReport {
+    /// Share of problems answered correctly (greedy).
+    pub accuracy: f64,
+    /// Share of steps judged correct, when the task has steps.
+    pub step_accuracy: Option<f64>,
+    pub problems: usize,
+}
+
+/// Why a group was not trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// Sampled by weights more than `max_staleness` versions old.
+    Stale,
+    /// All samples scored the same (DAPO dynamic sampling): no learning signal.
+    ZeroVariance,
+    /// Labeling failed after every retry.
+    RewardFailed,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Stale => "stale",
+            DropReason::ZeroVariance => "zero_variance",
+            DropReason::RewardFailed => "reward_failed",
+        }
+    }
+}
+
+/// Trains the policy. Runs on a blocking thread.
+pub trait Train: Send + 'static {
+    /// The version of the current weights (number of steps taken).
+    fn version(&self) -> PolicyVersion;
+    /// The current weights, copied, for the rollout workers.
+    fn weights(&self) -> BackendResult<Arc<WeightSet>>;
+    /// Whether a complete group is used, or dropped and why (e.g. zero variance).
+    fn admit(&self, group: &[LabeledTrajectory]) -> Result<(), DropReason>;
+    /// One optimizer step on `groups`, with `lags[i]` = how many versions behind
+    /// the weights that sampled `groups[i]` were (for importance weighting).
+    fn train(&mut self, groups: Vec<Vec<LabeledTrajectory>>, lags: &[u64]) -> BackendResult<StepReport>;
+    /// Greedy evaluation on the task's held-out problems.
+    fn evaluate(&mut self) -> BackendResult<EvalReport>;
+    /// Writes a checkpoint holding everything needed to continue, including the
+    /// prompt cursor given here.
+    fn checkpoint(&mut self, prompt_cursor: u64) -> BackendResult<()>;
+}
+
+/// Makes a fresh backend: how a supervisor restarts a failed worker.
+pub type Factory<T> = Arc<dyn Fn() -> BackendResult<T> + Send + Sync>;

@@ -1,0 +1,271 @@
+//! Metrics: the run's ledger, `metrics.jsonl`, and the live progress snapshot.
+//!
+//! Every trajectory is counted when made, and again when it is trained on,
+//! dropped (with the reason), or found in flight at shutdown; the [`Ledger`]
+//! says whether those add up.
+
+use crate::backend::{DropReason, EvalReport, StepReport};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// Where each trajectory ended up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Ledger {
+    pub made: u64,
+    pub trained: u64,
+    pub dropped: BTreeMap<String, u64>,
+    pub in_flight: BTreeMap<String, u64>,
+}
+
+impl Ledger {
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+
+    pub fn in_flight_total(&self) -> u64 {
+        self.in_flight.values().sum()
+    }
+
+    /// made = trained + dropped + in flight.
+    pub fn balanced(&self) -> bool {
+        self.made == self.trained + self.dropped_total() + self.in_flight_total()
+    }
+}
+
+impl std::fmt::Display for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |m: &BTreeMap<String, u64>| {
+            if m.is_empty() { "none".to_string() } else { m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ") }
+        };
+        write!(
+            f,
+            "made {} = trained {} + dropped {} ({}) + in flight {} ({}){}",
+            self.made,
+            self.trained,
+            self.dropped_total(),
+            list(&self.dropped),
+            self.in_flight_total(),
+            list(&self.in_flight),
+            if self.balanced() { "" } else { "  — DOES NOT BALANCE" }
+        )
+    }
+}
+
+/// The live view the progress line draws.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub step: u64,
+    pub reward: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub step_accuracy: Option<f64>,
+    pub mean_lag: Option<f64>,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    pub ledger: Ledger,
+}
+
+/// One learner step, as the learner actor saw it.
+#[derive(Debug, Clone)]
+pub struct StepEvent {
+    pub version: u64,
+    pub report: StepReport,
+    /// Versions behind, one per trained group.
+    pub lags: Vec<u64>,
+    /// Mean outcome score of the trained samples.
+    pub reward: f64,
+    /// Share of the trained samples whose outcome was correct (score ≥ 0.5).
+    pub accuracy: f64,
+    /// Share of scored steps judged correct, when steps were scored.
+    pub step_accuracy: Option<f64>,
+    /// Seconds the learner spent training (not waiting).
+    pub train_s: f64,
+    /// Seconds the learner waited for labeled groups before this step.
+    pub wait_s: f64,
+}
+
+pub enum MetricsMsg {
+    /// A rollout worker produced trajectories.
+    TrajectoriesMade { count: u64, tokens: u64, generate_s: f64 },
+    /// The reward pool labeled trajectories.
+    Labeled { count: u64, label_s: f64 },
+    Dropped { reason: DropReason, trajectories: u64 },
+    StepCompleted(Box<StepEvent>),
+    Evaluated { version: u64, eval: EvalReport },
+    /// What a stage still held when the run stopped.
+    InFlightAtShutdown { stage: &'static str, trajectories: u64 },
+    ActorRestarted { actor: String, error: String },
+    GetLedger(RpcReplyPort<Ledger>),
+    /// Flush and reply (end of run).
+    Flush(RpcReplyPort<()>),
+}
+
+pub struct Metrics;
+
+pub struct MetricsArgs {
+    /// `metrics.jsonl` to append to; none for runs without a folder.
+    pub path: Option<PathBuf>,
+    pub progress: watch::Sender<Progress>,
+}
+
+pub struct MetricsState {
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    progress: watch::Sender<Progress>,
+    ledger: Ledger,
+    started: Instant,
+    tokens: u64,
+    generate_s: f64,
+    labeled: u64,
+    label_s: f64,
+    restarts: u64,
+    last: Progress,
+}
+
+impl MetricsState {
+    fn write(&mut self, value: serde_json::Value) {
+        if let Some(f) = &mut self.file {
+            if let Err(e) = writeln!(f, "{value}").and_then(|_| f.flush()) {
+                tracing::warn!(error = %e, "cannot write metrics.jsonl");
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.last.ledger = self.ledger.clone();
+        self.last.elapsed_s = self.started.elapsed().as_secs_f64();
+        self.last.tokens_per_s = self.tokens as f64 / self.last.elapsed_s.max(1e-9);
+        let _ = self.progress.send(self.last.clone());
+    }
+}
+
+impl Actor for Metrics {
+    type Msg = MetricsMsg;
+    type State = MetricsState;
+    type Arguments = MetricsArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<MetricsMsg>, args: MetricsArgs) -> Result<MetricsState, ActorProcessingErr> {
+        let file = match &args.path {
+            Some(p) => Some(std::io::BufWriter::new(
+                std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            )),
+            None => None,
+        };
+        Ok(MetricsState {
+            file,
+            progress: args.progress,
+            ledger: Ledger::default(),
+            started: Instant::now(),
+            tokens: 0,
+            generate_s: 0.0,
+            labeled: 0,
+            label_s: 0.0,
+            restarts: 0,
+            last: Progress::default(),
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<MetricsMsg>, msg: MetricsMsg, state: &mut MetricsState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MetricsMsg::TrajectoriesMade { count, tokens, generate_s } => {
+                state.ledger.made += count;
+                state.tokens += tokens;
+                state.generate_s += generate_s;
+                state.publish();
+            }
+            MetricsMsg::Labeled { count, label_s } => {
+                state.labeled += count;
+                state.label_s += label_s;
+            }
+            MetricsMsg::Dropped { reason, trajectories } => {
+                *state.ledger.dropped.entry(reason.as_str().to_string()).or_default() += trajectories;
+                tracing::debug!(reason = reason.as_str(), trajectories, "dropped");
+            }
+            MetricsMsg::StepCompleted(e) => {
+                state.ledger.trained += e.report.trajectories as u64;
+                let mean_lag = if e.lags.is_empty() { 0.0 } else { e.lags.iter().sum::<u64>() as f64 / e.lags.len() as f64 };
+                let mut lag_hist = BTreeMap::new();
+                for l in &e.lags {
+                    *lag_hist.entry(l.to_string()).or_insert(0u64) += 1;
+                }
+                state.last.step = e.version;
+                state.last.reward = Some(e.reward);
+                state.last.step_accuracy = e.step_accuracy;
+                state.last.mean_lag = Some(mean_lag);
+                let elapsed = state.started.elapsed().as_secs_f64();
+                let mut line = serde_json::json!({
+                    "kind": "step",
+                    "step": e.version,
+                    "time_s": elapsed,
+                    "reward": e.reward,
+                    "train_accuracy": e.accuracy,
+                    "step_accuracy": e.step_accuracy,
+                    "trajectories": e.report.trajectories,
+                    "lag_mean": mean_lag,
+                    "lag_max": e.lags.iter().copied().max().unwrap_or(0),
+                    "lag_hist": lag_hist,
+                    "train_s": e.train_s,
+                    "wait_s": e.wait_s,
+                    "made": state.ledger.made,
+                    "trained": state.ledger.trained,
+                    "dropped": state.ledger.dropped,
+                    "rollout_tokens_per_s": state.tokens as f64 / elapsed.max(1e-9),
+                    "rollout_busy_s": state.generate_s,
+                    "reward_busy_s": state.label_s,
+                    "trained_per_s": state.ledger.trained as f64 / elapsed.max(1e-9),
+                    "restarts": state.restarts,
+                });
+                for (k, v) in &e.report.stats {
+                    line[k.as_str()] = serde_json::json!(v);
+                }
+                tracing::info!(step = e.version, reward = e.reward, lag = mean_lag, "learner step");
+                state.write(line);
+                state.publish();
+            }
+            MetricsMsg::Evaluated { version, eval } => {
+                state.last.eval_accuracy = Some(eval.accuracy);
+                let elapsed = state.started.elapsed().as_secs_f64();
+                state.write(serde_json::json!({
+                    "kind": "eval",
+                    "step": version,
+                    "time_s": elapsed,
+                    "eval_accuracy": eval.accuracy,
+                    "eval_step_accuracy": eval.step_accuracy,
+                    "eval_problems": eval.problems,
+                }));
+                tracing::info!(step = version, accuracy = eval.accuracy, "evaluation");
+                state.publish();
+            }
+            MetricsMsg::InFlightAtShutdown { stage, trajectories } => {
+                *state.ledger.in_flight.entry(stage.to_string()).or_default() += trajectories;
+            }
+            MetricsMsg::ActorRestarted { actor, error } => {
+                state.restarts += 1;
+                state.write(serde_json::json!({
+                    "kind": "restart",
+                    "time_s": state.started.elapsed().as_secs_f64(),
+                    "actor": actor,
+                    "error": error,
+                }));
+            }
+            MetricsMsg::GetLedger(reply) => {
+                if !reply.is_closed() {
+                    let _ = reply.send(state.ledger.clone());
+                }
+            }
+            MetricsMsg::Flush(reply) => {
+                state.publish();
+                if let Some(f) = &mut state.file {
+                    let _ = f.flush();
+                }
+                if !reply.is_closed() {
+                    let _ = reply.send(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
