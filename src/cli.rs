@@ -23,13 +23,13 @@ pub enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API.
     Serve(ConfigArgs),
     /// Evaluate a checkpoint on a task, or a judge on ProcessBench.
-    Eval(ConfigArgs),
+    Eval(EvalArgs),
     /// Draw the plots and timeline of a run folder.
     Report(ReportArgs),
     /// Export a checkpoint or GGUF file as a Hugging Face model folder.
     Export(ConfigArgs),
     /// Run a benchmark.
-    Bench(ConfigArgs),
+    Bench(BenchArgs),
     /// Check the installation: libtorch, CUDA, NCCL, Redis, threads.
     Doctor(ConfigArgs),
 }
@@ -57,10 +57,10 @@ impl Command {
             Command::Rollout(a) => ("rollout", a),
             Command::Reward(a) => ("reward", a),
             Command::Serve(a) => ("serve", a),
-            Command::Eval(a) => ("eval", a),
+            Command::Eval(a) => ("eval", a.common()),
             Command::Report(a) => ("report", &a.common),
             Command::Export(a) => ("export", a),
-            Command::Bench(a) => ("bench", a),
+            Command::Bench(a) => ("bench", a.common()),
             Command::Doctor(a) => ("doctor", a),
         }
     }
@@ -77,4 +77,97 @@ pub struct ReportArgs {
     /// Where to write the plots and timeline (default `RUN_DIR/report`).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+}
+
+/// `prism eval ...`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub what: EvalCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum EvalCommand {
+    /// Score a judge on ProcessBench: can it find the first wrong step?
+    Processbench(ProcessBenchArgs),
+}
+
+impl EvalArgs {
+    pub fn common(&self) -> &ConfigArgs {
+        match &self.what {
+            EvalCommand::Processbench(a) => &a.common,
+        }
+    }
+}
+
+/// `prism eval processbench --judge URL --model NAME --data FILE`.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessBenchArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// The judge's OpenAI-compatible base URL, e.g. `http://127.0.0.1:8000/v1`
+    /// (default: `judge.url`).
+    #[arg(long, value_name = "URL")]
+    pub judge: Option<String>,
+    /// The judge's model name (default: `judge.model`).
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// ProcessBench items: a JSON array or JSON lines, e.g. `../shared/data/processbench/gsm8k.json`.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Only the first N items.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// `genprm`, `thinkprm`, or a Jinja template file read with the `judge.template`
+    /// style (default: `judge.template`, `judge.template_file`).
+    #[arg(long, value_name = "NAME|FILE")]
+    pub template: Option<String>,
+    /// Where to write one JSON line per item (default
+    /// `processbench-<data file stem>.jsonl` in the current folder).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Items judged at once (default: `judge.concurrency`); the judge's request
+    /// limit applies on top.
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+}
+
+/// `prism bench ...`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// Labeling throughput against a loopback judge that answers after a fixed delay.
+    Reward(BenchRewardArgs),
+}
+
+impl BenchArgs {
+    pub fn common(&self) -> &ConfigArgs {
+        match &self.what {
+            BenchCommand::Reward(a) => &a.common,
+        }
+    }
+}
+
+/// `prism bench reward`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchRewardArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Judge requests to time.
+    #[arg(long, default_value_t = 3200)]
+    pub requests: usize,
+    /// Judge requests in flight (`judge.concurrency`).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u32,
+    /// How long the loopback judge takes to answer, ms.
+    #[arg(long, default_value_t = 200)]
+    pub delay_ms: u64,
+    /// Steps per trajectory (one judge request each).
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
 }

@@ -1,9 +1,11 @@
 //! prism: the command-line entry point. Parses arguments, resolves the
 //! configuration, sets up tracing and hands over to one command.
 
+mod bench;
 mod cli;
 mod config;
 mod doctor;
+mod eval;
 #[allow(dead_code)] // drawn by `prism train`
 mod progress;
 mod report;
@@ -35,6 +37,12 @@ fn main() -> ExitCode {
     let _console = telemetry::init_console(&config.log);
     match cli.command {
         cli::Command::Doctor(_) => doctor::run(&config),
+        cli::Command::Eval(a) => match &a.what {
+            cli::EvalCommand::Processbench(args) => eval::processbench(&config, args),
+        },
+        cli::Command::Bench(a) => match &a.what {
+            cli::BenchCommand::Reward(args) => bench::reward(&config, args),
+        },
         cli::Command::Report(a) => match report::run(&a.run, a.out.as_deref()) {
             Ok(files) => {
                 for f in files {

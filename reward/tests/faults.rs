@@ -134,13 +134,17 @@ async fn garbage_text_is_unknown_and_a_client_error_is_not_retried() {
 async fn breaker_opens_after_k_failures_and_half_opens_after_cooldown() {
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
-    let server =
-        TestServer::start(move |_: &Request| if h.load(Ordering::SeqCst) { yes().into() } else { Reply::status(500).into() })
-            .unwrap();
+    let server = TestServer::start(
+        move |_: &Request| if h.load(Ordering::SeqCst) { yes().into() } else { Reply::status(500).into() },
+    )
+    .unwrap();
     let cfg = judge::Config { retries: 0, breaker_failures: 3, breaker_cooldown_ms: 200, ..config(&server) };
     let judge = Judge::new(&cfg).unwrap();
     for i in 0..3 {
-        assert_eq!(judge.judge("p", &[&format!("s{i}")]).await[0], StepJudgement::Failed { failure: Failure::Status(500) });
+        assert_eq!(
+            judge.judge("p", &[&format!("s{i}")]).await[0],
+            StepJudgement::Failed { failure: Failure::Status(500) }
+        );
     }
     assert_eq!(judge.breaker_state(), BreakerState::Open);
     // While open, calls fail fast without reaching the server.
@@ -176,7 +180,8 @@ async fn a_dead_judge_falls_back_and_opens_the_breaker() {
     let cfg = prism_reward::Config { process: Process::Judge, fallback: Fallback::Verifier, ..Default::default() };
     let labeler = Labeler::new(&cfg, &judge_cfg, &distill::Config::default()).unwrap();
     for id in 0..5 {
-        let label = labeler.label(&trajectory(id, "arithmetic", "7+3*4-2", None, "3*4=12\n7+12=19\n19-2=17\nA:17\n")).await;
+        let label =
+            labeler.label(&trajectory(id, "arithmetic", "7+3*4-2", None, "3*4=12\n7+12=19\n19-2=17\nA:17\n")).await;
         assert_eq!(label.outcome, 1.0);
         assert!(label.steps.iter().all(|s| s.source == ScoreSource::Verifier && s.score == Some(1.0)));
     }
@@ -196,7 +201,10 @@ async fn the_deadline_bounds_a_label_when_the_judge_hangs() {
     let start = Instant::now();
     let label = labeler.label(&trajectory(1, "arithmetic", "2+2", None, "2+2=4\nA:4\n")).await;
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
-    assert_eq!(label.steps.iter().map(|s| (s.score, s.source)).collect::<Vec<_>>(), vec![(Some(1.0), ScoreSource::Verifier); 2]);
+    assert_eq!(
+        label.steps.iter().map(|s| (s.score, s.source)).collect::<Vec<_>>(),
+        vec![(Some(1.0), ScoreSource::Verifier); 2]
+    );
     assert_eq!(labeler.metrics().deadline_hits, 1);
 }
 
