@@ -576,7 +576,7 @@ impl Judge {
             return;
         }
         let n = self.inner.canary_clock.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % every != 0 {
+        if !n.is_multiple_of(every) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };

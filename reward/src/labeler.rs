@@ -233,21 +233,21 @@ impl Labeler {
         texts: &[&str],
         missing: &[usize],
     ) -> Vec<(Option<f32>, ScoreSource)> {
-        if self.cfg.fallback == Fallback::Distilled {
-            if let Some(d) = self.distiller.as_ref().filter(|d| d.ready()) {
-                let d = d.clone();
-                let items: Vec<(String, String)> =
-                    missing.iter().map(|&i| (self.context(t, problem, &steps[i]), texts[i].to_string())).collect();
-                let scored = tokio::task::spawn_blocking(move || {
-                    let refs: Vec<(&str, &str)> = items.iter().map(|(c, s)| (c.as_str(), s.as_str())).collect();
-                    d.score(&refs)
-                })
-                .await;
-                if let Ok(Ok(scores)) = scored {
-                    if scores.iter().all(Option::is_some) {
-                        return scores.into_iter().map(|s| (s, ScoreSource::Distilled)).collect();
-                    }
-                }
+        if self.cfg.fallback == Fallback::Distilled
+            && let Some(d) = self.distiller.as_ref().filter(|d| d.ready())
+        {
+            let d = d.clone();
+            let items: Vec<(String, String)> =
+                missing.iter().map(|&i| (self.context(t, problem, &steps[i]), texts[i].to_string())).collect();
+            let scored = tokio::task::spawn_blocking(move || {
+                let refs: Vec<(&str, &str)> = items.iter().map(|(c, s)| (c.as_str(), s.as_str())).collect();
+                d.score(&refs)
+            })
+            .await;
+            if let Ok(Ok(scores)) = scored
+                && scores.iter().all(Option::is_some)
+            {
+                return scores.into_iter().map(|s| (s, ScoreSource::Distilled)).collect();
             }
         }
         if self.cfg.fallback == Fallback::None {

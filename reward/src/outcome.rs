@@ -135,18 +135,19 @@ fn numeric_answer(text: &str) -> Option<String> {
 /// The true value of an arithmetic prompt: its reference when given, else its
 /// expression (`problem`, or `text` after `Q:`) evaluated.
 fn arithmetic_value(prompt: &Prompt) -> Option<i64> {
-    if let Some(r) = &prompt.reference {
-        if let Ok(v) = r.trim().parse::<i64>() {
-            return Some(v);
-        }
+    if let Some(r) = &prompt.reference
+        && let Ok(v) = r.trim().parse::<i64>()
+    {
+        return Some(v);
     }
     for source in [&prompt.problem, &prompt.text] {
         let expr = source.trim();
         let expr = expr.strip_prefix("Q:").unwrap_or(expr).lines().next().unwrap_or("").trim();
-        if let Ok(v) = crate::expr::eval(expr) {
-            if v.fract() == 0.0 && v.abs() < 9.0e15 {
-                return Some(v as i64);
-            }
+        if let Ok(v) = crate::expr::eval(expr)
+            && v.fract() == 0.0
+            && v.abs() < 9.0e15
+        {
+            return Some(v as i64);
         }
     }
     None

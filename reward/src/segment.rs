@@ -54,7 +54,7 @@ impl Segmenter {
             }
             Segmentation::Regex => match &self.separator {
                 Some(re) => split_by(text, re.find_iter(text).map(|m| m.range())),
-                None => vec![0..text.len()],
+                None => split_by(text, std::iter::empty()),
             },
             Segmentation::Auto => unreachable!("resolved above"),
         };

@@ -134,10 +134,7 @@ pub fn check_arithmetic(expr: &str, steps: &[&str]) -> Vec<Option<f32>> {
                 available.push(result);
                 Some(if value == Some(result) && has_a && has_b { 1.0 } else { 0.0 })
             } else if let Some(c) = ARITH_ANSWER.captures(step) {
-                match truth {
-                    Some(t) => Some(if c[1].parse::<i64>().ok() == Some(t) { 1.0 } else { 0.0 }),
-                    None => None,
-                }
+                truth.map(|t| if c[1].parse::<i64>().ok() == Some(t) { 1.0 } else { 0.0 })
             } else {
                 Some(0.0)
             }

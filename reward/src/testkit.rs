@@ -222,9 +222,8 @@ async fn serve(
                     head.push_str(&format!("{k}: {v}\r\n"));
                 }
                 head.push_str("\r\n");
-                let sent =
-                    stream.write_all(head.as_bytes()).await.is_ok() && stream.write_all(body.as_bytes()).await.is_ok();
-                sent
+
+                stream.write_all(head.as_bytes()).await.is_ok() && stream.write_all(body.as_bytes()).await.is_ok()
             }
             Reply::Reset => {
                 let _ = stream.set_zero_linger();

@@ -11,12 +11,12 @@ fn synthetic_step(rng: &mut SplitMix) -> (String, String, f32) {
         1 => ('-', a - b),
         _ => ('*', a * b),
     };
-    let right = rng.next() % 2 == 0;
+    let right = rng.next().is_multiple_of(2);
     let c = if right {
         value
     } else {
         let off = 1 + (rng.next() % 3) as i64;
-        if rng.next() % 2 == 0 { value + off } else { value - off }
+        if rng.next().is_multiple_of(2) { value + off } else { value - off }
     };
     let context = format!("Q: compute {a}{op}{b} and more\n");
     (context, format!("{a}{op}{b}={c}"), if right { 1.0 } else { 0.0 })
