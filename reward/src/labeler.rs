@@ -48,6 +48,21 @@ struct Counts {
     sources: SourceCounts,
 }
 
+/// How one label was made.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LabelMeta {
+    /// Time spent labeling, ms.
+    pub elapsed_ms: f64,
+    /// The guard scored every step 0 before any judge call.
+    pub guarded: bool,
+    /// The annotation budget let the judge label this trajectory.
+    pub judge_admitted: bool,
+    /// The deadline passed while steps waited on the judge.
+    pub deadline_hit: bool,
+    /// The judge's judgement of each step, when it was asked (empty otherwise).
+    pub judgements: Vec<Option<StepJudgement>>,
+}
+
 /// A snapshot of the labeler's counters and its parts' metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
@@ -107,8 +122,16 @@ impl Labeler {
 
     /// The label of `t`. Never fails and never waits past `reward.deadline_ms`
     /// on the judge: every step gets a score or `None`, and a source.
-    #[tracing::instrument(skip_all, fields(trajectory_id = t.id.0, policy_version = t.policy_version.0))]
     pub async fn label(&self, t: &Trajectory) -> RewardLabel {
+        self.label_with_meta(t).await.0
+    }
+
+    /// The label of `t` and how it was made (the judge's per-step judgements,
+    /// guard, budget, deadline). Also logged as one debug event per trajectory.
+    #[tracing::instrument(skip_all, fields(trajectory_id = t.id.0, policy_version = t.policy_version.0))]
+    pub async fn label_with_meta(&self, t: &Trajectory) -> (RewardLabel, LabelMeta) {
+        let started = Instant::now();
+        let mut meta = LabelMeta::default();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.deadline_ms);
         let outcome = self.outcome.verify(&t.prompt, &t.text);
         let steps = if self.cfg.process == Process::None { Vec::new() } else { self.segmenter.steps(t) };
@@ -116,8 +139,9 @@ impl Labeler {
         let scores: Vec<(Option<f32>, ScoreSource)> = match self.cfg.process {
             Process::None => Vec::new(),
             Process::Verifier => self.verifier_scores(t, &texts),
-            Process::Judge => self.judge_scores(t, &steps, &texts, &outcome, deadline).await,
+            Process::Judge => self.judge_scores(t, &steps, &texts, &outcome, deadline, &mut meta).await,
         };
+        meta.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut c = self.counts();
         c.labels += 1;
         for (_, source) in &scores {
@@ -131,7 +155,18 @@ impl Labeler {
                 ScoreSource::Unknown => &mut s.unknown,
             } += 1;
         }
-        RewardLabel {
+        drop(c);
+        tracing::debug!(
+            outcome = outcome.score,
+            steps = scores.len(),
+            judged = scores.iter().filter(|(_, s)| matches!(s, ScoreSource::Judge | ScoreSource::JudgeCache)).count(),
+            guarded = meta.guarded,
+            judge_admitted = meta.judge_admitted,
+            deadline_hit = meta.deadline_hit,
+            elapsed_ms = meta.elapsed_ms,
+            "labeled"
+        );
+        let label = RewardLabel {
             outcome: outcome.score,
             outcome_source: outcome.source,
             answer: outcome.answer,
@@ -140,7 +175,8 @@ impl Labeler {
                 .zip(scores)
                 .map(|(step, (score, source))| StepScore { step, score, source })
                 .collect(),
-        }
+        };
+        (label, meta)
     }
 
     fn verifier_scores(&self, t: &Trajectory, texts: &[&str]) -> Vec<(Option<f32>, ScoreSource)> {
@@ -159,6 +195,7 @@ impl Labeler {
         texts: &[&str],
         outcome: &Outcome,
         deadline: tokio::time::Instant,
+        meta: &mut LabelMeta,
     ) -> Vec<(Option<f32>, ScoreSource)> {
         let Some(judge) = &self.judge else { return self.verifier_scores(t, texts) };
         if texts.is_empty() {
@@ -166,6 +203,7 @@ impl Labeler {
         }
         if self.cfg.guard && (outcome.answer.is_none() || t.text.trim().chars().count() < self.cfg.min_chars as usize) {
             self.counts().guarded += 1;
+            meta.guarded = true;
             return vec![(Some(0.0), ScoreSource::Guard); texts.len()];
         }
         let problem = if t.prompt.problem.is_empty() { t.prompt.text.as_str() } else { t.prompt.problem.as_str() };
@@ -177,8 +215,10 @@ impl Labeler {
         let admitted = self.budget.lock().unwrap_or_else(|e| e.into_inner()).admit(t.id.0, calls, Instant::now());
         let mut scores: Vec<Option<(Option<f32>, ScoreSource)>> = vec![None; texts.len()];
         let mut learn = Vec::new();
+        meta.judge_admitted = admitted;
         if admitted {
             let judgements = judge.judge_until(problem, texts, Some(deadline)).await;
+            meta.judgements = judgements.iter().cloned().map(Some).collect();
             let mut c = self.counts();
             let mut hit_deadline = false;
             for (i, j) in judgements.into_iter().enumerate() {
@@ -199,6 +239,7 @@ impl Labeler {
             if hit_deadline {
                 c.deadline_hits += 1;
             }
+            meta.deadline_hit = hit_deadline;
         }
         if let (Some(d), false) = (&self.distiller, learn.is_empty()) {
             let d = d.clone();

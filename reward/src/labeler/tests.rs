@@ -75,8 +75,10 @@ async fn judge_labels_then_cache() {
     // The judge here ignores operand availability: 20-2=18 is right arithmetic.
     assert_eq!(scores(&label), vec![Some(1.0), Some(0.0), Some(1.0), Some(1.0)]);
     assert_eq!(sources(&label), vec![ScoreSource::Judge; 4]);
-    let again = labeler.label(&t).await;
+    let (again, meta) = labeler.label_with_meta(&t).await;
     assert_eq!(sources(&again), vec![ScoreSource::JudgeCache; 4]);
+    assert!(meta.judge_admitted && !meta.guarded && !meta.deadline_hit);
+    assert!(meta.judgements.iter().all(|j| matches!(j, Some(StepJudgement::Scored { cached: true, samples: 1, .. }))));
     assert_eq!(server.requests(), 4);
     let m = labeler.metrics();
     assert_eq!((m.sources.judge, m.sources.judge_cache), (4, 4));
@@ -92,7 +94,8 @@ async fn guard_scores_zero_before_any_call() {
         labeler.label(&trajectory(1, "arithmetic", "2+2", None, "Let's solve this problem step by step.\n")).await;
     assert_eq!((scores(&no_answer), sources(&no_answer)), (vec![Some(0.0)], vec![ScoreSource::Guard]));
     // Too short, even with an answer.
-    let short = labeler.label(&trajectory(2, "arithmetic", "2+2", None, "A:4\n")).await;
+    let (short, meta) = labeler.label_with_meta(&trajectory(2, "arithmetic", "2+2", None, "A:4\n")).await;
+    assert!(meta.guarded && !meta.judge_admitted && meta.judgements.is_empty());
     assert_eq!(sources(&short), vec![ScoreSource::Guard]);
     assert_eq!(short.outcome, 1.0, "the outcome verifier still sees the right answer");
     assert_eq!(server.requests(), 0);
