@@ -1,144 +1,227 @@
-//! `prism bench reward`: labeling throughput against a loopback judge that
-//! answers every request after a fixed delay. With `c` requests in flight and a
-//! delay `d`, no client can exceed `c / d` requests per second; the benchmark
-//! reports how close the labeler gets to that bound, and the CPU it spends.
+//! `prism bench generate`: prefill and decode throughput of the engine, next to
+//! transformers' `generate` on the same workload with the same thread count
+//! (benches/reference/generate.py, run from `.venv`), and the memory-bandwidth
+//! bound of batch-1 decoding.
+//!
+//! Method, both sides: greedy decoding of `batch` prompts of `prompt_len`
+//! random token ids for exactly `new_tokens` tokens (no eos); best of `repeat`
+//! runs of a 1-token generation (≈ prefill) and of the full generation; decode
+//! tokens/s = batch × (new_tokens − 1) / (full − prefill).
 
-use crate::cli::BenchRewardArgs;
-use crate::config::Config;
-use prism_reward::config::{Fallback, Process};
-use prism_reward::testkit::{self, Reply, Scripted, TestServer, TokenSpec};
-use prism_reward::{Labeler, judge};
-use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+pub mod reward;
 
-pub fn reward(config: &Config, args: &BenchRewardArgs) -> ExitCode {
-    match run(config, args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("prism bench reward: {e:#}");
-            ExitCode::FAILURE
-        }
+use anyhow::{Context, bail};
+use clap::Args;
+use prism_model::engine::{self, SamplingParams};
+use rand::{RngExt, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Options of `prism bench generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Model to run (default: `model.source` of the config).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Torch intra-op threads for both sides (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed runs per measurement (the best counts).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Skip the transformers run.
+    #[arg(long)]
+    pub no_reference: bool,
+    #[command(flatten)]
+    pub common: crate::cli::ConfigArgs,
+}
+
+struct Timing {
+    prefill_s: f64,
+    total_s: f64,
+}
+
+impl Timing {
+    fn prefill_tps(&self, a: &GenerateArgs) -> f64 {
+        (a.batch * a.prompt_len) as f64 / self.prefill_s
+    }
+    fn decode_tps(&self, a: &GenerateArgs) -> f64 {
+        (a.batch * (a.new_tokens - 1)) as f64 / (self.total_s - self.prefill_s).max(1e-9)
     }
 }
 
-/// A GenPRM-style reply with logprobs at the verdict, as a real server sends.
-fn reply_body() -> String {
-    let tok = |t: &str, lp: f32, top: &[(&str, f32)]| TokenSpec {
-        token: t.into(),
-        logprob: lp,
-        top: top.iter().map(|(s, l)| (s.to_string(), *l)).collect(),
-    };
-    testkit::chat_logprobs(&[vec![
-        tok("The step restates the problem and computes correctly", -0.3, &[]),
-        tok(". \\boxed{", -0.01, &[]),
-        tok("Yes", -0.1, &[("Yes", -0.1), (" Yes", -2.5), ("No", -2.4)]),
-        tok("}", 0.0, &[]),
-    ]])
-}
-
-fn trajectory(id: u64, steps: usize) -> prism_core::Trajectory {
-    let mut completion = String::new();
-    for k in 1..=steps {
-        if k < steps {
-            completion.push_str(&format!("Step {k}: multiply {id} by {k} to get {}.\n", id * k as u64));
-        } else {
-            completion.push_str(&format!("Step {k}: so the answer is \\boxed{{{}}}.\n", id * k as u64));
-        }
+fn best(repeat: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..repeat.max(1) {
+        let start = Instant::now();
+        f()?;
+        best = best.min(start.elapsed().as_secs_f64());
     }
-    let answer = (id * steps as u64).to_string();
-    testkit::trajectory(id, "bench", &format!("Problem {id}: what is {id} times {steps}?"), Some(&answer), &completion)
+    Ok(best)
 }
 
-fn run(config: &Config, args: &BenchRewardArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.steps > 0 && args.requests > 0 && args.concurrency > 0,
-        "--steps, --requests and --concurrency must be > 0"
-    );
-    let body = reply_body();
-    let delay = Duration::from_millis(args.delay_ms);
-    let server = TestServer::start(move |_| Scripted { delay, reply: Reply::ok(body.clone()) })?;
-    let judge_cfg = judge::Config {
-        url: server.url(),
-        concurrency: args.concurrency,
-        canary_every: 0,
-        samples: 1,
-        template: judge::Style::Genprm,
-        timeout_ms: config.judge.timeout_ms.max(args.delay_ms * 10),
-        ..config.judge.clone()
-    };
-    let reward_cfg = prism_reward::Config {
-        process: Process::Judge,
-        fallback: Fallback::Verifier,
-        deadline_ms: config.reward.deadline_ms.max(3_600_000),
-        ..config.reward.clone()
-    };
-    let labeler = Arc::new(Labeler::new(&reward_cfg, &judge_cfg, &config.distill)?);
-    let runtime = tokio::runtime::Runtime::new()?;
-    let bound = args.concurrency as f64 / delay.as_secs_f64().max(1e-9);
-    let trajectories = args.requests.div_ceil(args.steps) as u64;
-    runtime.block_on(async {
-        // Warm-up: open the connections, untimed.
-        let warm = (args.concurrency as usize).div_ceil(args.steps) as u64;
-        label_all(&labeler, 1_000_000_000..1_000_000_000 + warm, args.steps).await?;
-        let requests_before = server.requests();
-        let judged_before = labeler.metrics().sources.judge;
-        let cpu_before = testkit::process_cpu_seconds();
-        let started = Instant::now();
-        label_all(&labeler, 0..trajectories, args.steps).await?;
-        let wall = started.elapsed().as_secs_f64();
-        let cpu_after = testkit::process_cpu_seconds();
-        let requests = server.requests() - requests_before;
-        let m = labeler.metrics();
-        let j = m.judge.clone().ok_or_else(|| anyhow::anyhow!("the labeler has no judge"))?;
-        let server_stats = server.stop();
-        let rate = requests as f64 / wall;
-        println!(
-            "reward bench: {requests} judge requests ({trajectories} trajectories x {} steps), {} in flight, judge answers after {} ms",
-            args.steps, args.concurrency, args.delay_ms
-        );
-        println!(
-            "throughput: {rate:.1} requests/s = {:.1}% of the {bound:.0} requests/s bound; {:.1} labels/s; wall {wall:.2} s",
-            100.0 * rate / bound,
-            trajectories as f64 / wall
-        );
-        match (cpu_before, cpu_after, server_stats.cpu_seconds) {
-            (Some(a), Some(b), Some(server_cpu)) => {
-                // The server's thread ran the whole time; its CPU during warm-up is
-                // small and counted here, so the client figure is a lower bound.
-                let client = (b - a - server_cpu).max(0.0);
-                println!(
-                    "cpu: client {client:.2} s ({:.1}% of one core, {:.0} us per request); loopback server {server_cpu:.2} s",
-                    100.0 * client / wall,
-                    1e6 * client / requests.max(1) as f64
-                );
+/// Bytes per second of a `threads`-way memcpy of a 256 MiB buffer, counting
+/// bytes read and written.
+fn copy_bandwidth(threads: usize) -> f64 {
+    let size = 256 << 20;
+    let src = vec![1u8; size];
+    let mut dst = vec![0u8; size];
+    let chunk = size.div_ceil(threads.max(1));
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for (d, c) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+                s.spawn(move || d.copy_from_slice(c));
             }
-            _ => println!("cpu: not measured (needs Linux /proc)"),
-        }
-        println!(
-            "judge: latency p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms; {} failed calls, {} retries; steps scored by the judge {}",
-            j.latency_ms_p50,
-            j.latency_ms_p95,
-            j.latency_ms_max,
-            j.failed_calls,
-            j.retries,
-            m.sources.judge - judged_before
-        );
-        anyhow::ensure!(j.failed_calls == 0, "{} judge calls failed", j.failed_calls);
-        Ok(())
-    })
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * size as f64 / best
 }
 
-async fn label_all(labeler: &Arc<Labeler>, ids: std::ops::Range<u64>, steps: usize) -> anyhow::Result<()> {
-    let tasks: Vec<_> = ids
-        .map(|id| {
-            let labeler = labeler.clone();
-            tokio::spawn(async move { labeler.label(&trajectory(id, steps)).await })
-        })
+pub fn generate(args: &GenerateArgs, model_cfg: &prism_model::Config, seed: u64) -> anyhow::Result<()> {
+    if args.new_tokens < 2 || args.batch == 0 || args.prompt_len == 0 {
+        bail!("--batch and --prompt-len must be >= 1 and --new-tokens >= 2");
+    }
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    tch::set_num_threads(threads as i32);
+    let source = args.model.clone().unwrap_or_else(|| model_cfg.source.clone());
+    let opts = model_cfg.load_options(seed)?;
+    let loaded = prism_model::load(&source, &opts).with_context(|| format!("loading {source}"))?;
+    let config = loaded.model.config().clone();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let prompts: Vec<Vec<u32>> = (0..args.batch)
+        .map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..config.vocab_size as u32)).collect())
         .collect();
-    for t in tasks {
-        let label = t.await?;
-        anyhow::ensure!(label.steps.len() == steps, "a trajectory got {} steps, expected {steps}", label.steps.len());
+    let run = |new: usize| -> anyhow::Result<()> {
+        let out = engine::generate(&loaded.model, &prompts, &SamplingParams::greedy(new, vec![]))?;
+        anyhow::ensure!(out.iter().all(|g| g[0].tokens.len() == new), "a sample ended early");
+        Ok(())
+    };
+    run(4)?;
+    let ours = Timing { prefill_s: best(args.repeat, || run(1))?, total_s: best(args.repeat, || run(args.new_tokens))? };
+
+    let reference = if args.no_reference { None } else { Some(reference(args, &source, &loaded, &prompts, threads, model_cfg)?) };
+
+    let device = &model_cfg.device;
+    println!(
+        "prism bench generate: {} ({} parameters, {}, {device}, {threads} threads), batch {}, prompt {}, new tokens {}",
+        crate::serve::default_name(&source),
+        config.num_parameters(),
+        model_cfg.dtype,
+        args.batch,
+        args.prompt_len,
+        args.new_tokens
+    );
+    println!("{:<22}{:>16}{:>16}", "", "prefill tok/s", "decode tok/s");
+    println!("{:<22}{:>16.1}{:>16.1}", "prism", ours.prefill_tps(args), ours.decode_tps(args));
+    if let Some((r, version)) = &reference {
+        println!("{:<22}{:>16.1}{:>16.1}", format!("transformers (torch {version})"), r.prefill_tps(args), r.decode_tps(args));
+        println!(
+            "{:<22}{:>15.2}x{:>15.2}x",
+            "prism / transformers",
+            ours.prefill_tps(args) / r.prefill_tps(args),
+            ours.decode_tps(args) / r.decode_tps(args)
+        );
+    }
+    if device == "cpu" {
+        let bandwidth = copy_bandwidth(threads);
+        let elt = match model_cfg.dtype.as_str() {
+            "f32" => 4,
+            _ => 2,
+        };
+        // A decode step reads every weight once; with tied embeddings the
+        // embedding matrix is read once, as the output projection.
+        let bytes = (config.num_parameters() * elt) as f64;
+        let bound = bandwidth / bytes;
+        let per_step = ours.decode_tps(args) / args.batch as f64;
+        println!(
+            "memory: copy bandwidth {:.1} GB/s ({threads} threads, read+write); {:.0} MB of weights per decode step \
+             -> bound {:.1} steps/s; prism makes {:.1} steps/s = {:.0}% of the bound",
+            bandwidth / 1e9,
+            bytes / 1e6,
+            bound,
+            per_step,
+            100.0 * per_step / bound
+        );
     }
     Ok(())
+}
+
+/// Runs the transformers side; returns its timing and torch version.
+fn reference(
+    args: &GenerateArgs,
+    source: &str,
+    loaded: &prism_model::Loaded,
+    prompts: &[Vec<u32>],
+    threads: usize,
+    model_cfg: &prism_model::Config,
+) -> anyhow::Result<(Timing, String)> {
+    let repo = repo_root();
+    let venv = repo.join(".venv/bin/python");
+    let python = match std::env::var_os("PRISM_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None if venv.exists() => venv,
+        None => PathBuf::from("python3"),
+    };
+    let script = repo.join("benches/reference/generate.py");
+    // transformers reads HF folders and GGUF files; anything else goes through an export.
+    let tmp;
+    let model_path = if Path::new(source).is_dir() || source.ends_with(".gguf") {
+        source.to_string()
+    } else {
+        tmp = std::env::temp_dir().join(format!("prism-bench-{}", std::process::id()));
+        loaded.model.save_hf_with(&tmp, &loaded.tokenizer, &loaded.generation)?;
+        tmp.to_string_lossy().into_owned()
+    };
+    let request = serde_json::json!({
+        "prompts": prompts, "new_tokens": args.new_tokens, "device": model_cfg.device, "dtype": model_cfg.dtype,
+    });
+    let mut child = std::process::Command::new(&python)
+        .arg(&script)
+        .args([&model_path, &threads.to_string(), &args.repeat.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {} {}", python.display(), script.display()))?;
+    use std::io::Write;
+    child.stdin.take().context("python stdin")?.write_all(request.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    if model_path != source {
+        let _ = std::fs::remove_dir_all(&model_path);
+    }
+    if !out.status.success() {
+        bail!("the transformers reference failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading the reference's JSON")?;
+    let get = |k: &str| v[k].as_f64().with_context(|| format!("reference output lacks {k}"));
+    Ok((Timing { prefill_s: get("prefill_s")?, total_s: get("total_s")? }, v["torch"].as_str().unwrap_or("?").to_string()))
+}
+
+/// The repository (for `.venv` and the reference script): `PRISM_REPO`, else
+/// the current folder or the one above the binary's `target/`.
+fn repo_root() -> PathBuf {
+    if let Some(r) = std::env::var_os("PRISM_REPO") {
+        return PathBuf::from(r);
+    }
+    let cwd = std::env::current_dir().unwrap_or_default();
+    if cwd.join("benches/reference/generate.py").exists() {
+        return cwd;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.ancestors().find(|a| a.join("benches/reference/generate.py").exists()).map(Path::to_path_buf))
+        .unwrap_or(cwd)
 }

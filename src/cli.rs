@@ -21,13 +21,13 @@ pub enum Command {
     /// Run a reward worker process of a distributed run.
     Reward(ConfigArgs),
     /// Serve a model over an OpenAI-compatible HTTP API.
-    Serve(ConfigArgs),
+    Serve(ServeArgs),
     /// Evaluate a checkpoint on a task, or a judge on ProcessBench.
     Eval(EvalArgs),
     /// Draw the plots and timeline of a run folder.
     Report(ReportArgs),
     /// Export a checkpoint or GGUF file as a Hugging Face model folder.
-    Export(ConfigArgs),
+    Export(ExportArgs),
     /// Run a benchmark.
     Bench(BenchArgs),
     /// Check the installation: libtorch, CUDA, NCCL, Redis, threads.
@@ -48,6 +48,47 @@ pub struct ConfigArgs {
     pub print_config: bool,
 }
 
+/// Options of `prism serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Model to serve: HF folder, .gguf file or builtin preset (overrides `model.source`).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Listen address (overrides `serve.addr`).
+    #[arg(long)]
+    pub addr: Option<String>,
+    #[command(flatten)]
+    pub common: ConfigArgs,
+}
+
+/// Options of `prism export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// A checkpoint or HF folder, a .gguf file, or a builtin preset.
+    #[arg(long)]
+    pub from: String,
+    /// The folder to write (created if needed).
+    #[arg(long)]
+    pub to: PathBuf,
+    #[command(flatten)]
+    pub common: ConfigArgs,
+}
+
+/// `prism bench <what>`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// Generation throughput against transformers on the same workload.
+    Generate(crate::bench::GenerateArgs),
+    /// Labeling throughput against a loopback judge that answers after a fixed delay.
+    Reward(crate::bench::reward::RewardArgs),
+}
+
 impl Command {
     /// The subcommand's name and its common options.
     pub fn parts(&self) -> (&'static str, &ConfigArgs) {
@@ -56,11 +97,14 @@ impl Command {
             Command::Learner(a) => ("learner", a),
             Command::Rollout(a) => ("rollout", a),
             Command::Reward(a) => ("reward", a),
-            Command::Serve(a) => ("serve", a),
+            Command::Serve(a) => ("serve", &a.common),
             Command::Eval(a) => ("eval", a.common()),
             Command::Report(a) => ("report", &a.common),
-            Command::Export(a) => ("export", a),
-            Command::Bench(a) => ("bench", a.common()),
+            Command::Export(a) => ("export", &a.common),
+            Command::Bench(a) => match &a.what {
+                BenchCommand::Generate(g) => ("bench", &g.common),
+                BenchCommand::Reward(r) => ("bench", &r.common),
+            },
             Command::Doctor(a) => ("doctor", a),
         }
     }
@@ -130,44 +174,4 @@ pub struct ProcessBenchArgs {
     /// limit applies on top.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
-}
-
-/// `prism bench ...`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub what: BenchCommand,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum BenchCommand {
-    /// Labeling throughput against a loopback judge that answers after a fixed delay.
-    Reward(BenchRewardArgs),
-}
-
-impl BenchArgs {
-    pub fn common(&self) -> &ConfigArgs {
-        match &self.what {
-            BenchCommand::Reward(a) => &a.common,
-        }
-    }
-}
-
-/// `prism bench reward`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchRewardArgs {
-    #[command(flatten)]
-    pub common: ConfigArgs,
-    /// Judge requests to time.
-    #[arg(long, default_value_t = 3200)]
-    pub requests: usize,
-    /// Judge requests in flight (`judge.concurrency`).
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: u32,
-    /// How long the loopback judge takes to answer, ms.
-    #[arg(long, default_value_t = 200)]
-    pub delay_ms: u64,
-    /// Steps per trajectory (one judge request each).
-    #[arg(long, default_value_t = 4)]
-    pub steps: usize,
 }

@@ -24,6 +24,8 @@ pub struct Config {
     pub run: RunConfig,
     pub log: LogConfig,
     pub redis: RedisConfig,
+    pub model: prism_model::Config,
+    pub serve: crate::serve::Config,
     /// `[reward]`: segmentation, verifiers, guard, fallback, deadline.
     pub reward: prism_reward::Config,
     /// `[judge]`: the OpenAI-compatible judge server and how it is called.
@@ -73,6 +75,8 @@ impl Config {
         if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
             return Err(Invalid::new("redis.url", &self.redis.url, "must start with redis://, rediss:// or unix://"));
         }
+        self.model.validate()?;
+        self.serve.validate()?;
         if self.run.dir.as_os_str().is_empty() {
             return Err(Invalid::new("run.dir", &self.run.dir, "must not be empty"));
         }

@@ -6,11 +6,13 @@ mod cli;
 mod config;
 mod doctor;
 mod eval;
+mod export;
 #[allow(dead_code)] // drawn by `prism train`
 mod progress;
 mod report;
 #[allow(dead_code)] // written by the training commands
 mod run_dir;
+mod serve;
 mod telemetry;
 
 use clap::Parser;
@@ -22,7 +24,14 @@ const EXIT_NOT_IMPLEMENTED: u8 = 2;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let (name, args) = cli.command.parts();
-    let layers = config::Layers::from_process(args.config.clone(), args.sets.clone());
+    let mut sets = args.sets.clone();
+    // Command-line flags that stand for config keys are applied as the first --set.
+    if let cli::Command::Serve(a) = &cli.command {
+        let flags = [("model.source", &a.model), ("serve.addr", &a.addr)];
+        let flags = flags.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", toml_string(v))));
+        sets.splice(0..0, flags.collect::<Vec<_>>());
+    }
+    let layers = config::Layers::from_process(args.config.clone(), sets);
     let config = match config::load(&layers) {
         Ok(config) => config,
         Err(e) => {
@@ -37,11 +46,14 @@ fn main() -> ExitCode {
     let _console = telemetry::init_console(&config.log);
     match cli.command {
         cli::Command::Doctor(_) => doctor::run(&config),
+        cli::Command::Serve(_) => exit_code(serve::main(&config.model, &config.serve, config.run.seed)),
+        cli::Command::Export(a) => exit_code(export::main(&a.from, &a.to, &config.model, config.run.seed)),
         cli::Command::Eval(a) => match &a.what {
             cli::EvalCommand::Processbench(args) => eval::processbench(&config, args),
         },
-        cli::Command::Bench(a) => match &a.what {
-            cli::BenchCommand::Reward(args) => bench::reward(&config, args),
+        cli::Command::Bench(b) => match &b.what {
+            cli::BenchCommand::Generate(g) => exit_code(bench::generate(g, &config.model, config.run.seed)),
+            cli::BenchCommand::Reward(r) => bench::reward::reward(&config, r),
         },
         cli::Command::Report(a) => match report::run(&a.run, a.out.as_deref()) {
             Ok(files) => {
@@ -60,4 +72,20 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_NOT_IMPLEMENTED)
         }
     }
+}
+
+/// A command's outcome as an exit code: errors print their chain on one line.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("prism: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `v` as a TOML string literal, so that `--set key=<v>` keeps it a string.
+fn toml_string(v: &str) -> String {
+    toml::Value::String(v.to_string()).to_string()
 }

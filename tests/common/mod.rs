@@ -80,3 +80,19 @@ impl Drop for TestRedis {
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// The SmolLM2-135M-Instruct GGUF scripts/setup fetches (`PRISM_SMOLLM_GGUF`
+/// overrides). Under CI its absence fails the test; elsewhere it is skipped
+/// with the reason printed.
+pub fn smollm_gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("PRISM_SMOLLM_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if path.exists() {
+        return Some(path);
+    }
+    let reason = format!("{} is missing: run scripts/setup", path.display());
+    assert!(std::env::var_os("CI").is_none(), "{reason}");
+    eprintln!("skipped: {reason}");
+    None
+}

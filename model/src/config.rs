@@ -1,0 +1,318 @@
+//! Model configuration: the Hugging Face `config.json` as written on disk
+//! ([`HfConfig`], optional fields) resolved into the runtime [`ModelConfig`]
+//! (no options), plus `generation_config.json` ([`GenerationConfig`]).
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Which family a checkpoint belongs to; decides the HF `architectures` and
+/// `model_type` written back on save and the defaults of absent fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Llama and SmolLM (SmolLM2 is a Llama architecture).
+    Llama,
+    /// Qwen2: q/k/v projections carry a bias.
+    Qwen2,
+}
+
+impl Family {
+    fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" | "smollm" | "smollm2" | "mistral" => Some(Family::Llama),
+            "qwen2" => Some(Family::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// The `model_type` of config.json.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The `architectures[0]` of config.json.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+/// RoPE position scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    /// Positions as they are.
+    None,
+    /// Positions divided by `factor` ("linear" / position interpolation).
+    Linear { factor: f64 },
+}
+
+/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HfRope {
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+}
+
+/// `config.json` of a Llama / Qwen2 / SmolLM checkpoint, as written by
+/// transformers. Unknown fields are ignored (checkpoints carry many).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HfConfig {
+    pub model_type: Option<String>,
+    pub architectures: Option<Vec<String>>,
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub max_position_embeddings: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<HfRope>,
+    pub rope_parameters: Option<HfRope>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub tie_word_embeddings: Option<bool>,
+    pub hidden_act: Option<String>,
+    pub bos_token_id: Option<serde_json::Value>,
+    pub eos_token_id: Option<serde_json::Value>,
+    pub pad_token_id: Option<serde_json::Value>,
+}
+
+/// The resolved architecture every layer is built from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// Bias on q, k and v projections (Qwen2).
+    pub qkv_bias: bool,
+    /// Bias on the output projection and the MLP (rare; Llama `attention_bias`/`mlp_bias`).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+/// Token ids from a config value that may be a number, a list or null.
+pub(crate) fn token_ids(value: &Option<serde_json::Value>) -> Vec<u32> {
+    match value {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl HfConfig {
+    /// Reads and parses `path` (a config.json).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Format { path: path.into(), reason: e.to_string() })
+    }
+
+    /// The runtime config; `origin` names the file in errors.
+    pub fn resolve(&self, origin: &Path) -> Result<ModelConfig> {
+        let missing = |field: &str| Error::Format { path: origin.into(), reason: format!("missing field `{field}`") };
+        let model_type = self.model_type.as_deref().unwrap_or("llama");
+        let family = Family::from_model_type(model_type).ok_or_else(|| Error::Format {
+            path: origin.into(),
+            reason: format!("model_type {model_type:?} is not supported (llama, qwen2, smollm)"),
+        })?;
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" && act != "swish" {
+                return Err(Error::Format { path: origin.into(), reason: format!("hidden_act {act:?} is not supported (silu)") });
+            }
+        }
+        let hidden_size = self.hidden_size.ok_or_else(|| missing("hidden_size"))?;
+        let num_heads = self.num_attention_heads.ok_or_else(|| missing("num_attention_heads"))?;
+        let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(Error::Format {
+                path: origin.into(),
+                reason: format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"),
+            });
+        }
+        let rope = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let rope_theta = self.rope_theta.or(rope.and_then(|r| r.rope_theta)).unwrap_or(10000.0);
+        let rope_scaling = match rope.and_then(|r| r.rope_type.as_deref()) {
+            None | Some("default") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: rope.and_then(|r| r.factor).ok_or_else(|| missing("rope_scaling.factor"))?,
+            },
+            Some(other) => {
+                return Err(Error::Format {
+                    path: origin.into(),
+                    reason: format!("rope scaling type {other:?} is not supported (default, linear)"),
+                });
+            }
+        };
+        let bias = self.attention_bias.unwrap_or(false);
+        Ok(ModelConfig {
+            family,
+            vocab_size: self.vocab_size.ok_or_else(|| missing("vocab_size"))?,
+            hidden_size,
+            intermediate_size: self.intermediate_size.ok_or_else(|| missing("intermediate_size"))?,
+            num_layers: self.num_hidden_layers.ok_or_else(|| missing("num_hidden_layers"))?,
+            num_heads,
+            num_kv_heads,
+            head_dim: self.head_dim.unwrap_or(hidden_size / num_heads),
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            qkv_bias: family == Family::Qwen2 || bias,
+            o_bias: family == Family::Llama && bias,
+            mlp_bias: self.mlp_bias.unwrap_or(false),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: token_ids(&self.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&self.eos_token_id),
+            pad_token_id: token_ids(&self.pad_token_id).first().copied(),
+        })
+    }
+}
+
+impl ModelConfig {
+    /// The config.json transformers reads back to the same architecture.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "architectures": [self.family.architecture()],
+            "model_type": self.family.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": "float32",
+        });
+        let obj = v.as_object_mut().expect("a JSON object");
+        match self.rope_scaling {
+            RopeScaling::None => {
+                obj.insert("rope_scaling".into(), serde_json::Value::Null);
+            }
+            RopeScaling::Linear { factor } => {
+                obj.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "type": "linear", "factor": factor}));
+            }
+        }
+        if self.family == Family::Llama {
+            obj.insert("attention_bias".into(), self.o_bias.into());
+            obj.insert("mlp_bias".into(), self.mlp_bias.into());
+        }
+        if let Some(b) = self.bos_token_id {
+            obj.insert("bos_token_id".into(), b.into());
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => {
+                obj.insert("eos_token_id".into(), (*one).into());
+            }
+            many => {
+                obj.insert("eos_token_id".into(), many.to_vec().into());
+            }
+        }
+        if let Some(p) = self.pad_token_id {
+            obj.insert("pad_token_id".into(), p.into());
+        }
+        v
+    }
+
+    /// Number of parameters (tied embeddings counted once).
+    pub fn num_parameters(&self) -> usize {
+        let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let attn = d * q + 2 * d * kv + q * d + if self.qkv_bias { q + 2 * kv } else { 0 };
+        let mlp = 3 * d * f;
+        let layer = attn + mlp + 2 * d;
+        v * d + self.num_layers * layer + d + if self.tie_word_embeddings { 0 } else { v * d }
+    }
+}
+
+/// `generation_config.json`: what ends a generation and the model's sampling defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    /// Token ids that end a sample.
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct HfGenerationConfig {
+    eos_token_id: Option<serde_json::Value>,
+    bos_token_id: Option<serde_json::Value>,
+    pad_token_id: Option<serde_json::Value>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<usize>,
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let hf: HfGenerationConfig =
+            serde_json::from_str(&text).map_err(|e| Error::Format { path: path.into(), reason: e.to_string() })?;
+        Ok(Self {
+            eos_token_ids: token_ids(&hf.eos_token_id),
+            bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
+            pad_token_id: token_ids(&hf.pad_token_id).first().copied(),
+            temperature: hf.temperature,
+            top_p: hf.top_p,
+            top_k: hf.top_k,
+        })
+    }
+
+    /// The JSON transformers reads.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({});
+        let obj = v.as_object_mut().expect("a JSON object");
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => {
+                obj.insert("eos_token_id".into(), (*one).into());
+            }
+            many => {
+                obj.insert("eos_token_id".into(), many.to_vec().into());
+            }
+        }
+        if let Some(b) = self.bos_token_id {
+            obj.insert("bos_token_id".into(), b.into());
+        }
+        if let Some(p) = self.pad_token_id {
+            obj.insert("pad_token_id".into(), p.into());
+        }
+        v
+    }
+}

@@ -1,0 +1,532 @@
+//! The decoder-only transformer of the Llama / Qwen2 / SmolLM family: RMSNorm,
+//! RoPE (with linear scaling), grouped-query attention, SwiGLU MLP, optional
+//! q/k/v bias, tied or untied embeddings.
+//!
+//! Parameters live in a [`VarStore`] under exactly the Hugging Face names, so the
+//! store saved as safetensors is an HF checkpoint and weight sync is a copy of
+//! named tensors. Two paths share the layers: [`Transformer::forward`] (full
+//! sequence, differentiable) and [`Transformer::forward_cached`] (incremental,
+//! with a pre-allocated [`KvCache`]) used by the engine.
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::{Dtype, Error, Result, Tokenizer};
+use tch::nn::{Init, VarStore};
+use tch::{Device, Kind, Tensor};
+
+struct Attention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    o_bias: Option<Tensor>,
+}
+
+struct Mlp {
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    biases: Option<[Tensor; 3]>,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// The model. Owns its [`VarStore`].
+pub struct Transformer {
+    vs: VarStore,
+    config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `lm_head.weight`, or the embedding when tied.
+    lm_head: Tensor,
+    /// cos/sin tables `[max_position_embeddings, head_dim]`, float32.
+    cos: Tensor,
+    sin: Tensor,
+    tokenizer: Option<Tokenizer>,
+}
+
+fn var(p: &tch::nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
+    p.var(name, dims, init)
+}
+
+impl Layer {
+    fn new(p: &tch::nn::Path, c: &ModelConfig) -> Self {
+        let (d, f) = (c.hidden_size as i64, c.intermediate_size as i64);
+        let q_dim = (c.num_heads * c.head_dim) as i64;
+        let kv_dim = (c.num_kv_heads * c.head_dim) as i64;
+        let w = Init::Const(0.0);
+        let zero = Init::Const(0.0);
+        let a = p / "self_attn";
+        let bias = |name: &str, n: i64, on: bool| on.then(|| var(&(&a / name), "bias", &[n], zero));
+        let attn = Attention {
+            q: var(&(&a / "q_proj"), "weight", &[q_dim, d], w),
+            k: var(&(&a / "k_proj"), "weight", &[kv_dim, d], w),
+            v: var(&(&a / "v_proj"), "weight", &[kv_dim, d], w),
+            o: var(&(&a / "o_proj"), "weight", &[d, q_dim], w),
+            q_bias: bias("q_proj", q_dim, c.qkv_bias),
+            k_bias: bias("k_proj", kv_dim, c.qkv_bias),
+            v_bias: bias("v_proj", kv_dim, c.qkv_bias),
+            o_bias: bias("o_proj", d, c.o_bias),
+        };
+        let m = p / "mlp";
+        let mlp = Mlp {
+            gate: var(&(&m / "gate_proj"), "weight", &[f, d], w),
+            up: var(&(&m / "up_proj"), "weight", &[f, d], w),
+            down: var(&(&m / "down_proj"), "weight", &[d, f], w),
+            biases: c.mlp_bias.then(|| {
+                [
+                    var(&(&m / "gate_proj"), "bias", &[f], zero),
+                    var(&(&m / "up_proj"), "bias", &[f], zero),
+                    var(&(&m / "down_proj"), "bias", &[d], zero),
+                ]
+            }),
+        };
+        Layer {
+            input_norm: var(&(p / "input_layernorm"), "weight", &[d], Init::Const(1.0)),
+            attn,
+            post_norm: var(&(p / "post_attention_layernorm"), "weight", &[d], Init::Const(1.0)),
+            mlp,
+        }
+    }
+}
+
+/// RMSNorm as transformers computes it: in float32, then cast back before the weight.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    if kind == Kind::Float {
+        let var = x.square().mean_dim(-1, true, Kind::Float);
+        return weight * (x * (var + eps).rsqrt());
+    }
+    let xf = x.to_kind(Kind::Float);
+    let var = xf.square().mean_dim(-1, true, Kind::Float);
+    weight * (xf * (var + eps).rsqrt()).to_kind(kind)
+}
+
+/// `x * cos + rotate_half(x) * sin`, the rotate-half RoPE convention of HF Llama.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    x.linear(w, b)
+}
+
+/// How the attention of one call is masked.
+enum Mask<'a> {
+    /// Plain causal attention over the call's own tokens (no cache, no padding).
+    Causal,
+    /// An explicit boolean mask `[B, 1, T, S]`, true = may attend.
+    Explicit(&'a Tensor),
+    /// No mask: every query sees every key (one decode step, no padding).
+    None,
+}
+
+impl Layer {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        c: &ModelConfig,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Mask,
+        cache: Option<(&mut Tensor, &mut Tensor, i64)>,
+    ) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (h, hkv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
+        let a = &self.attn;
+        let xn = rms_norm(x, &self.input_norm, c.rms_norm_eps);
+        let q = linear(&xn, &a.q, a.q_bias.as_ref()).view([b, t, h, hd]).transpose(1, 2);
+        let k = linear(&xn, &a.k, a.k_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
+        let v = linear(&xn, &a.v, a.v_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
+        let q = apply_rope(&q, cos, sin);
+        let k = apply_rope(&k, cos, sin);
+        let (k, v) = match cache {
+            Some((kc, vc, len)) => {
+                kc.narrow(2, len, t).copy_(&k);
+                vc.narrow(2, len, t).copy_(&v);
+                (kc.narrow(2, 0, len + t), vc.narrow(2, 0, len + t))
+            }
+            None => (k, v),
+        };
+        let gqa = hkv != h;
+        let y = match mask {
+            Mask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, true, None, gqa),
+            Mask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(*m), 0.0, false, None, gqa),
+            Mask::None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, gqa),
+        };
+        let y = y.transpose(1, 2).reshape([b, t, h * hd]);
+        let x = x + linear(&y, &a.o, a.o_bias.as_ref());
+        let xn = rms_norm(&x, &self.post_norm, c.rms_norm_eps);
+        let m = &self.mlp;
+        let bias = |i: usize| m.biases.as_ref().map(|bs| &bs[i]);
+        let gate = linear(&xn, &m.gate, bias(0)).silu();
+        let up = linear(&xn, &m.up, bias(1));
+        x + linear(&(gate * up), &m.down, bias(2))
+    }
+}
+
+/// Keys and values of every layer for a batch of sequences, pre-allocated to
+/// `capacity` positions so that a decode step writes in place.
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    /// `[B, capacity]` bool: which cached positions hold real tokens.
+    key_mask: Tensor,
+    /// `[B]` int64: the position id the next real token of each row gets.
+    next_pos: Tensor,
+    /// True while no row has padding, so decode steps need no mask.
+    dense: bool,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    /// Number of positions filled.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// True before the first call.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of positions it can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
+    /// Batch size.
+    pub fn batch(&self) -> usize {
+        self.key_mask.size()[0] as usize
+    }
+
+    /// Keeps (and repeats) the rows `index` (int64 on any device), e.g.
+    /// `[0,0,0,1,1,1]` to give each of two prefilled prompts three samples, or
+    /// the rows still generating to shrink the batch.
+    pub fn select_rows(&mut self, index: &[i64]) {
+        let device = self.key_mask.device();
+        let idx = Tensor::from_slice(index).to_device(device);
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *t = t.index_select(0, &idx);
+        }
+        self.key_mask = self.key_mask.index_select(0, &idx);
+        self.next_pos = self.next_pos.index_select(0, &idx);
+    }
+}
+
+impl Transformer {
+    /// A randomly initialised model (normal(0, 0.02) weights, unit norms) on
+    /// `device` in `dtype`, drawn from `seed` independently of the device.
+    pub fn new(config: ModelConfig, device: Device, dtype: Dtype, seed: u64) -> Result<Self> {
+        let t = Self::empty(config, device, dtype)?;
+        t.init_random(seed)?;
+        Ok(t)
+    }
+
+    fn build(vs: &VarStore, config: ModelConfig) -> Result<Self> {
+        let c = &config;
+        if c.head_dim % 2 != 0 {
+            return Err(Error::invalid("model config", format!("head_dim {} must be even for RoPE", c.head_dim)));
+        }
+        let root = vs.root();
+        let model = &root / "model";
+        let (v, d) = (c.vocab_size as i64, c.hidden_size as i64);
+        let embed = var(&(&model / "embed_tokens"), "weight", &[v, d], Init::Const(0.0));
+        let layers = (0..c.num_layers).map(|i| Layer::new(&(&model / "layers" / i), c)).collect();
+        let norm = var(&(&model / "norm"), "weight", &[d], Init::Const(1.0));
+        let lm_head = if c.tie_word_embeddings {
+            embed.shallow_clone()
+        } else {
+            var(&(&root / "lm_head"), "weight", &[v, d], Init::Const(0.0))
+        };
+        let (cos, sin) = rope_tables(c, vs.device());
+        Ok(Self {
+            vs: VarStore::new(vs.device()),
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            tokenizer: None,
+        })
+    }
+
+    /// Fills every parameter from `seed`: normal(0, 0.02) for matrices, ones for
+    /// norms, zeros for biases. Generated on the CPU with ChaCha so the same seed
+    /// gives the same model on every device.
+    fn init_random(&self, seed: u64) -> Result<()> {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut named: Vec<(String, Tensor)> = self.vs_variables();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (name, mut t) in named {
+                let n = t.numel();
+                let values: Vec<f32> = if name.ends_with("norm.weight") {
+                    vec![1.0; n]
+                } else if name.ends_with(".bias") {
+                    vec![0.0; n]
+                } else {
+                    (0..n)
+                        .map(|_| {
+                            // Box-Muller from two uniforms in (0, 1].
+                            let u1: f64 = 1.0 - rng.random::<f64>();
+                            let u2: f64 = rng.random::<f64>();
+                            (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                        })
+                        .collect()
+                };
+                let src = Tensor::from_slice(&values).view(t.size().as_slice());
+                t.f_copy_(&src)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn vs_variables(&self) -> Vec<(String, Tensor)> {
+        self.vs.variables().into_iter().collect()
+    }
+
+    /// A model with zero weights, to be filled by a loader through
+    /// [`Transformer::set_parameter`].
+    pub(crate) fn empty(config: ModelConfig, device: Device, dtype: Dtype) -> Result<Self> {
+        let mut vs = VarStore::new(device);
+        let mut t = tch::no_grad(|| Self::build(&vs, config))?;
+        if dtype != Dtype::F32 {
+            vs.set_kind(dtype.kind());
+        }
+        t.vs = vs;
+        Ok(t)
+    }
+
+    /// The HF names of every parameter, sorted.
+    pub fn parameter_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.vs.variables().into_keys().collect();
+        names.sort();
+        names
+    }
+
+    /// Copies `value` into parameter `name` (casting dtype, moving device).
+    /// `origin` names the file in errors.
+    pub(crate) fn set_parameter(&self, name: &str, value: &Tensor, origin: &std::path::Path) -> Result<()> {
+        let mut var = self.vs.variables().remove(name).ok_or_else(|| Error::invalid("parameter", name))?;
+        if var.size() != value.size() {
+            return Err(Error::WrongShape { path: origin.into(), name: name.into(), got: value.size(), want: var.size() });
+        }
+        tch::no_grad(|| var.f_copy_(value))?;
+        Ok(())
+    }
+
+    /// The runtime configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The parameters, under Hugging Face names.
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    /// The parameters, mutable (optimizers, device moves).
+    pub fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// The tokenizer loaded with the model, used by the engine to decode text.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// Attaches the tokenizer the engine decodes with.
+    pub fn set_tokenizer(&mut self, tokenizer: Tokenizer) {
+        self.tokenizer = Some(tokenizer);
+    }
+
+    /// Copies every parameter of `other` (same architecture) into this model,
+    /// casting dtype and moving device as needed.
+    pub fn copy_weights_from(&mut self, other: &Transformer) -> Result<()> {
+        let theirs = other.vs.variables();
+        let ours = self.vs.variables();
+        if theirs.len() != ours.len() {
+            return Err(Error::invalid(
+                "weights",
+                format!("source has {} parameters, this model {}", theirs.len(), ours.len()),
+            ));
+        }
+        tch::no_grad(|| {
+            for (name, mut dst) in ours {
+                let src = theirs.get(&name).ok_or_else(|| Error::invalid("weights", format!("source lacks `{name}`")))?;
+                if src.size() != dst.size() {
+                    return Err(Error::invalid(
+                        "weights",
+                        format!("`{name}` has shape {:?} in the source, {:?} here", src.size(), dst.size()),
+                    ));
+                }
+                dst.f_copy_(src)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn embed_and_rope(&self, input_ids: &Tensor, positions: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let x = Tensor::embedding(&self.embed, input_ids, -1, false, false);
+        let kind = x.kind();
+        // [B, 1, T, head_dim], broadcast over heads.
+        let cos = self.cos.index_select(0, &positions.flatten(0, -1)).view([positions.size()[0], 1, positions.size()[1], -1]);
+        let sin = self.sin.index_select(0, &positions.flatten(0, -1)).view([positions.size()[0], 1, positions.size()[1], -1]);
+        (x, cos.to_kind(kind), sin.to_kind(kind))
+    }
+
+    fn head(&self, x: &Tensor) -> Tensor {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps);
+        x.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+    }
+
+    /// Logits `[B, T, V]` (float32 whatever the weights' dtype) for `input_ids`
+    /// `[B, T]` (int64). `attention_mask` `[B, T]` marks real tokens with 1;
+    /// padding may be on either side. Differentiable.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
+        let device = self.device();
+        let input_ids = input_ids.to_device(device);
+        let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
+        let (positions, mask) = match attention_mask {
+            None => (Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false), None),
+            Some(m) => {
+                let m = m.to_device(device).to_kind(Kind::Bool);
+                let positions = (m.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
+                let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+                let eye = Tensor::eye(t, (Kind::Bool, device));
+                // A padded query sees itself, so no row of the softmax is empty (NaN).
+                let full = causal.unsqueeze(0).logical_and(&m.unsqueeze(1)).logical_or(&eye.unsqueeze(0));
+                (positions, Some(full.unsqueeze(1)))
+            }
+        };
+        let (mut x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
+        let mask = match &mask {
+            Some(m) => Mask::Explicit(m),
+            None => Mask::Causal,
+        };
+        for layer in &self.layers {
+            x = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
+        }
+        self.head(&x)
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` positions.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let c = &self.config;
+        let device = self.device();
+        let kind = self.embed.kind();
+        let shape = [batch as i64, c.num_kv_heads as i64, capacity as i64, c.head_dim as i64];
+        KvCache {
+            keys: (0..c.num_layers).map(|_| Tensor::zeros(shape, (kind, device))).collect(),
+            values: (0..c.num_layers).map(|_| Tensor::zeros(shape, (kind, device))).collect(),
+            key_mask: Tensor::zeros([batch as i64, capacity as i64], (Kind::Bool, device)),
+            next_pos: Tensor::zeros([batch as i64], (Kind::Int64, device)),
+            dense: true,
+            len: 0,
+            capacity: capacity as i64,
+        }
+    }
+
+    /// Runs `input_ids` `[B, T]` after what `cache` holds and appends their keys
+    /// and values. `attention_mask` `[B, T]` marks real tokens (left padding of
+    /// prompts); `None` means all real. Returns float32 logits `[B, T, V]`, or
+    /// `[B, 1, V]` for the last position only when `last_only`.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let device = self.device();
+        let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
+        if b != cache.batch() as i64 {
+            return Err(Error::invalid("cache", format!("batch {b} but the cache holds {}", cache.batch())));
+        }
+        if cache.len + t > cache.capacity {
+            return Err(Error::invalid(
+                "cache",
+                format!("{} + {t} positions exceed its capacity {}", cache.len, cache.capacity),
+            ));
+        }
+        let input_ids = input_ids.to_device(device);
+        let m = match attention_mask {
+            Some(m) => m.to_device(device).to_kind(Kind::Bool),
+            None => Tensor::ones([b, t], (Kind::Bool, device)),
+        };
+        if attention_mask.is_some() && !bool::try_from(m.all())? {
+            cache.dense = false;
+        }
+        let steps = m.to_kind(Kind::Int64).cumsum(1, Kind::Int64);
+        let positions = (cache.next_pos.unsqueeze(1) + &steps - 1).clamp_min(0);
+        cache.next_pos = &cache.next_pos + steps.select(1, t - 1);
+        let len = cache.len;
+        cache.key_mask.narrow(1, len, t).copy_(&m);
+        let total = len + t;
+        let explicit;
+        let mask = if t == 1 && cache.dense {
+            Mask::None
+        } else if len == 0 && cache.dense {
+            Mask::Causal
+        } else {
+            let keys = cache.key_mask.narrow(1, 0, total); // [B, S]
+            let q_idx = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1) + len; // [T, 1]
+            let k_idx = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0); // [1, S]
+            let causal = k_idx.le_tensor(&q_idx); // [T, S]
+            let diag = k_idx.eq_tensor(&q_idx);
+            explicit = causal.unsqueeze(0).logical_and(&keys.unsqueeze(1)).logical_or(&diag.unsqueeze(0)).unsqueeze(1);
+            Mask::Explicit(&explicit)
+        };
+        let (mut x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (kc, vc) = (&mut cache.keys[i], &mut cache.values[i]);
+            // Split borrows: keys and values are separate vectors.
+            x = layer.forward(&x, &self.config, &cos, &sin, &mask, Some((kc, vc, len)));
+        }
+        cache.len = total;
+        if last_only {
+            x = x.narrow(1, t - 1, 1);
+        }
+        Ok(self.head(&x))
+    }
+}
+
+/// RoPE tables as transformers builds them: `inv_freq = 1 / theta^(2i/d)` in
+/// float32, angles `position * inv_freq` (positions divided by the linear
+/// factor), duplicated to the full head dimension.
+fn rope_tables(c: &ModelConfig, device: Device) -> (Tensor, Tensor) {
+    let d = c.head_dim as i64;
+    let exponents = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / d as f64;
+    let inv_freq = Tensor::from(c.rope_theta as f32).pow(&exponents).reciprocal();
+    let inv_freq = match c.rope_scaling {
+        RopeScaling::None => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq / factor,
+    };
+    let positions = Tensor::arange(c.max_position_embeddings as i64, (Kind::Float, Device::Cpu));
+    let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+    let emb = Tensor::cat(&[&freqs, &freqs], 1);
+    (emb.cos().to_device(device), emb.sin().to_device(device))
+}

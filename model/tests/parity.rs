@@ -1,0 +1,124 @@
+//! The transformer against Hugging Face transformers (the reference, run from
+//! `.venv` by model/tests/reference/*.py): tiny random Llama (GQA, linear RoPE
+//! scaling, untied) and Qwen2 (q/k/v bias, tied, sharded safetensors) logits in
+//! float32, and prism's HF export reloaded by transformers.
+
+mod common;
+use common::*;
+use prism_model::{LoadOptions, load};
+use std::sync::OnceLock;
+use tch::{Kind, Tensor};
+
+/// The folder tiny_hf.py wrote (once per test binary).
+fn tiny_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        python("tiny_hf.py", &[dir.path().to_str().unwrap()], "");
+        // Our loader wants a tokenizer; any valid one serves for logits.
+        let tok = prism_model::builtin::tiny_arith_tokenizer().unwrap();
+        for m in ["llama", "qwen2"] {
+            tok.save(&dir.path().join(m)).unwrap();
+        }
+        dir
+    })
+    .path()
+}
+
+#[test]
+fn tiny_llama_and_qwen2_logits_match_transformers() {
+    let dir = tiny_dir();
+    let reference = read_safetensors(&dir.join("reference.safetensors"));
+    let ids = &reference["ids"];
+    let mask = &reference["mask"];
+    for name in ["llama", "qwen2"] {
+        let loaded = load(dir.join(name).to_str().unwrap(), &load_options()).unwrap();
+        let model = &loaded.model;
+        if name == "qwen2" {
+            assert!(model.config().qkv_bias && model.config().tie_word_embeddings);
+        } else {
+            assert!(!model.config().tie_word_embeddings);
+            assert!(matches!(model.config().rope_scaling, prism_model::RopeScaling::Linear { factor } if factor == 2.0));
+        }
+        let ours = tch::no_grad(|| model.forward(ids, None)).to_device(tch::Device::Cpu);
+        let diff = max_abs_diff(&ours, &reference[&format!("{name}.logits")]);
+        assert!(diff <= 1e-4, "{name}: max |logits - transformers| = {diff}");
+
+        // Left padding: compare the real positions only.
+        let ours = tch::no_grad(|| model.forward(ids, Some(mask))).to_device(tch::Device::Cpu);
+        let theirs = &reference[&format!("{name}.logits_masked")];
+        let real = mask.to_kind(Kind::Bool).unsqueeze(-1);
+        let diff = max_abs_diff(&ours.masked_select(&real), &theirs.masked_select(&real));
+        assert!(diff <= 1e-4, "{name} (left-padded): max |logits - transformers| = {diff}");
+        assert!(ours.isfinite().all().int64_value(&[]) == 1, "{name}: padded positions must stay finite");
+    }
+}
+
+/// Prefill then one token at a time through the KV cache gives the logits of a
+/// full forward pass, with left padding in the batch.
+#[test]
+fn kv_cached_decode_equals_full_forward() {
+    let dir = tiny_dir();
+    let reference = read_safetensors(&dir.join("reference.safetensors"));
+    let (ids, mask) = (&reference["ids"], &reference["mask"]);
+    for name in ["llama", "qwen2"] {
+        let loaded = load(dir.join(name).to_str().unwrap(), &load_options()).unwrap();
+        let model = &loaded.model;
+        let full = tch::no_grad(|| model.forward(ids, Some(mask))).to_device(tch::Device::Cpu);
+        let t = ids.size()[1];
+        let prefill = 6;
+        let mut cache = model.new_cache(2, t as usize);
+        let mut parts = vec![tch::no_grad(|| {
+            model.forward_cached(&ids.narrow(1, 0, prefill), Some(&mask.narrow(1, 0, prefill)), &mut cache, false)
+        })
+        .unwrap()];
+        for i in prefill..t {
+            parts.push(tch::no_grad(|| model.forward_cached(&ids.narrow(1, i, 1), None, &mut cache, false)).unwrap());
+        }
+        let cached = Tensor::cat(&parts, 1).to_device(tch::Device::Cpu);
+        let real = mask.to_kind(Kind::Bool).unsqueeze(-1);
+        let diff = max_abs_diff(&cached.masked_select(&real), &full.masked_select(&real));
+        assert!(diff <= 1e-5, "{name}: cached vs full max diff {diff}");
+    }
+}
+
+/// A model written by `save_hf` loads in transformers with the same logits and
+/// the same tokenizer: prism's tiny-arith preset (Llama) and the Qwen2 above.
+#[test]
+fn export_reloads_in_transformers() {
+    let out = tempfile::tempdir().unwrap();
+    let arith = load("builtin:tiny-arith", &LoadOptions { seed: 7, ..load_options() }).unwrap();
+    let arith_dir = out.path().join("arith");
+    arith.model.save_hf_with(&arith_dir, &arith.tokenizer, &arith.generation).unwrap();
+    let qwen = load(tiny_dir().join("qwen2").to_str().unwrap(), &load_options()).unwrap();
+    let qwen_dir = out.path().join("qwen2");
+    qwen.model.save_hf(&qwen_dir, &qwen.tokenizer).unwrap();
+
+    let texts = ["Q:7+3*4-2\n", "3*4=12\n7+12=19\n19-2=17\nA:17\n<eos>", "Q:-5+2\nA:-3"];
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| arith.tokenizer.encode(t, true).unwrap()).collect();
+    let batch: Vec<i64> = ids[0].iter().map(|&t| t as i64).collect();
+    let request = serde_json::json!({"ids": [batch.clone()], "texts": texts});
+    let got: serde_json::Value =
+        serde_json::from_str(&python("check_export.py", &[arith_dir.to_str().unwrap(), qwen_dir.to_str().unwrap()], &request.to_string()))
+            .unwrap();
+    let input = Tensor::from_slice(&batch).unsqueeze(0);
+    for (i, (loaded, class)) in [(&arith, "LlamaForCausalLM"), (&qwen, "Qwen2ForCausalLM")].into_iter().enumerate() {
+        let r = &got[i];
+        assert_eq!(r["class"], class);
+        let theirs: Vec<f32> = r["logits"][0].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
+        let ours = tch::no_grad(|| loaded.model.forward(&input, None)).to_device(tch::Device::Cpu);
+        let theirs = Tensor::from_slice(&theirs).view(ours.size().as_slice());
+        let diff = max_abs_diff(&ours, &theirs);
+        assert!(diff <= 1e-4, "{class}: reloaded logits differ by {diff}");
+        if i == 1 {
+            // transformers rebuilds a Qwen2 folder's tokenizer as byte-level BPE
+            // whatever tokenizer.json says; the character vocabulary is not one.
+            continue;
+        }
+        for (j, text) in texts.iter().enumerate() {
+            let theirs: Vec<u32> = serde_json::from_value(r["texts"][j].clone()).unwrap();
+            assert_eq!(theirs, ids[j], "{class}: token ids of {text:?}");
+            assert_eq!(r["decoded"][j], *text, "{class}: decoding {text:?}");
+        }
+    }
+}

@@ -1,0 +1,44 @@
+"""Reference for prism's transformer: tiny random Llama and Qwen2 checkpoints
+saved by transformers, and their float32 logits.
+
+usage: tiny_hf.py OUT_DIR
+writes OUT_DIR/{llama,qwen2}/ (HF folders; qwen2 sharded) and
+OUT_DIR/reference.safetensors with `ids`, `mask`, `positions` and, per model,
+`<name>.logits` (no mask) and `<name>.logits_masked` (left-padded second row).
+"""
+import sys, os
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+out = sys.argv[1]
+torch.manual_seed(0)
+common = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
+models = {
+    "llama": LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False,
+                                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    "qwen2": Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+}
+ids = torch.randint(0, 64, (2, 12))
+mask = torch.ones(2, 12, dtype=torch.long)
+mask[1, :4] = 0
+positions = (mask.cumsum(-1) - 1).clamp(min=0)
+tensors = {"ids": ids, "mask": mask, "positions": positions}
+for name, model in models.items():
+    # Random norms and biases too, so that a weight read from the wrong place shows.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif pname.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    shard = "20KB" if name == "qwen2" else "50GB"
+    model.save_pretrained(os.path.join(out, name), max_shard_size=shard)
+    with torch.no_grad():
+        tensors[f"{name}.logits"] = model(ids).logits.float().contiguous()
+        tensors[f"{name}.logits_masked"] = model(ids, attention_mask=mask, position_ids=positions).logits.float().contiguous()
+save_file(tensors, os.path.join(out, "reference.safetensors"))
+print("ok")
