@@ -103,7 +103,7 @@ pub fn processbench(config: &Config, args: &ProcessBenchArgs) -> ExitCode {
     println!("F1: {:.1}", r.f1);
     println!("unknown steps: {}, failed steps: {}", r.unknown_steps, r.failed_steps);
     println!(
-        "judge: {} calls, {} attempts, {} retries, {} timeouts, {} cache hits, {} verdicts ({} from logprobs), {} unknown verdicts, breaker opened {} times, latency p50 {:.0} ms p95 {:.0} ms",
+        "judge: {} calls, {} attempts, {} retries, {} timeouts, {} cache hits, {} verdicts ({} from logprobs), {} unknown verdicts, {} replies with logprobs ({} not spelling their text), breaker opened {} times, latency p50 {:.0} ms p95 {:.0} ms",
         m.calls,
         m.attempts,
         m.retries,
@@ -112,6 +112,8 @@ pub fn processbench(config: &Config, args: &ProcessBenchArgs) -> ExitCode {
         m.verdicts,
         m.logprob_verdicts,
         m.unknown_verdicts,
+        m.logprob_replies,
+        m.logprob_mismatches,
         m.breaker_opens,
         m.latency_ms_p50,
         m.latency_ms_p95

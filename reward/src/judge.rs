@@ -252,6 +252,11 @@ pub struct JudgeMetrics {
     pub logprob_verdicts: u64,
     /// Replies whose verdict could not be read.
     pub unknown_verdicts: u64,
+    /// Replies (canaries included) that carried token logprobs, and of those,
+    /// how many had tokens that do not spell the reply's text (so P(yes) cannot
+    /// be read from them).
+    pub logprob_replies: u64,
+    pub logprob_mismatches: u64,
     /// Canaries with a readable verdict, and how many the judge accepted.
     pub canaries: u64,
     pub canary_false_positives: u64,
@@ -282,6 +287,8 @@ struct Stats {
     verdicts: u64,
     logprob_verdicts: u64,
     unknown_verdicts: u64,
+    logprob_replies: u64,
+    logprob_mismatches: u64,
     canaries: u64,
     canary_false_positives: u64,
     latency_sum_ms: f64,
@@ -444,6 +451,8 @@ impl Judge {
             verdicts: s.verdicts,
             logprob_verdicts: s.logprob_verdicts,
             unknown_verdicts: s.unknown_verdicts,
+            logprob_replies: s.logprob_replies,
+            logprob_mismatches: s.logprob_mismatches,
             canaries: s.canaries,
             canary_false_positives: s.canary_false_positives,
             canary_fpr: (s.canaries > 0).then(|| s.canary_false_positives as f64 / s.canaries as f64),
@@ -500,7 +509,7 @@ impl Judge {
         lock(&self.inner.stats).calls += 1;
         self.maybe_canary(problem);
         let judgement = match self.sample(&prompt).await {
-            Ok(choices) => self.aggregate(choices.iter().map(|c| (c, parse::last_boxed_verdict(&c.text))), false),
+            Ok(choices) => self.aggregate(&choices, parse::last_boxed_verdict, false),
             Err(failure) => StepJudgement::Failed { failure },
         };
         if matches!(judgement, StepJudgement::Scored { .. }) {
@@ -521,13 +530,9 @@ impl Judge {
         lock(&self.inner.stats).calls += 1;
         self.maybe_canary(problem);
         let judgements: Vec<StepJudgement> = match self.sample(&prompt).await {
-            Ok(choices) => {
-                let per_choice: Vec<Vec<Option<parse::Verdict>>> =
-                    choices.iter().map(|c| parse::step_verdicts(&c.text, steps.len())).collect();
-                (0..steps.len())
-                    .map(|i| self.aggregate(choices.iter().zip(&per_choice).map(|(c, v)| (c, v[i])), false))
-                    .collect()
-            }
+            Ok(choices) => (0..steps.len())
+                .map(|i| self.aggregate(&choices, |text| parse::step_verdicts(text, steps.len())[i], false))
+                .collect(),
             Err(failure) => vec![StepJudgement::Failed { failure }; steps.len()],
         };
         if judgements.iter().any(|j| matches!(j, StepJudgement::Scored { .. })) {
@@ -537,16 +542,26 @@ impl Judge {
     }
 
     /// Averages the per-reply scores of one step; counts verdicts.
-    fn aggregate<'c>(
+    /// Averages the per-reply scores of one step, whose verdict `find` reads
+    /// from a reply's text; counts verdicts. The soft score comes from the
+    /// verdict as found in the text the tokens spell, when it agrees with the
+    /// one in the reply's text.
+    fn aggregate(
         &self,
-        replies: impl Iterator<Item = (&'c Choice, Option<parse::Verdict>)>,
+        choices: &[Choice],
+        find: impl Fn(&str) -> Option<parse::Verdict>,
         canary: bool,
     ) -> StepJudgement {
         let (mut sum, mut known, mut unknown, mut from_logprobs) = (0f64, 0u32, 0u32, 0u64);
-        for (c, verdict) in replies {
-            match verdict {
+        for c in choices {
+            match find(&c.text) {
                 Some(v) => {
-                    let soft = c.tokens.as_deref().and_then(|t| parse::p_yes(t, &c.text, &v));
+                    let soft = c.tokens.as_deref().and_then(|tokens| {
+                        let spelled = parse::spelled(tokens);
+                        let at = if spelled == c.text { Some(v) } else { find(&spelled) };
+                        at.filter(|w| w.positive == v.positive && w.words == v.words)
+                            .and_then(|w| parse::p_yes(tokens, &w))
+                    });
                     if soft.is_some() {
                         from_logprobs += 1;
                     }
@@ -591,8 +606,8 @@ impl Judge {
         let prompt = self.inner.template.render(problem, &[answer], 1).ok()?;
         let choices = self.sample(&prompt).await.ok()?;
         let judgement = match self.inner.template.style() {
-            Style::Genprm => self.aggregate(choices.iter().map(|c| (c, parse::last_boxed_verdict(&c.text))), true),
-            Style::Thinkprm => self.aggregate(choices.iter().map(|c| (c, parse::step_verdicts(&c.text, 1)[0])), true),
+            Style::Genprm => self.aggregate(&choices, parse::last_boxed_verdict, true),
+            Style::Thinkprm => self.aggregate(&choices, |text| parse::step_verdicts(text, 1)[0], true),
         };
         let accepted = judgement.score()? as f64 >= self.inner.cfg.threshold;
         let mut s = lock(&self.inner.stats);
@@ -619,6 +634,17 @@ impl Judge {
             }
         }
         choices.truncate(want);
+        {
+            let mut s = lock(&self.inner.stats);
+            for c in &choices {
+                if let Some(tokens) = &c.tokens {
+                    s.logprob_replies += 1;
+                    if parse::spelled(tokens) != c.text {
+                        s.logprob_mismatches += 1;
+                    }
+                }
+            }
+        }
         if choices.is_empty() { Err(Failure::Malformed) } else { Ok(choices) }
     }
 

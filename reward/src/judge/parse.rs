@@ -147,28 +147,31 @@ pub fn step_verdicts(text: &str, n: usize) -> Vec<Option<Verdict>> {
     out
 }
 
-/// P(yes) for the verdict at byte `at` of the text the `tokens` spell, from the
-/// alternatives at the verdict token's position: the probability mass of
-/// alternatives reading as the positive word against that of the negative one
-/// (a token may carry a leading space, ` Yes` and `Yes` both count, and may be
-/// a prefix, `in` for `incorrect`). When one side has no listed alternative,
-/// its mass is taken as that of the smallest listed logprob, an upper bound.
-/// `None` when the tokens do not spell the text or nothing at that position
-/// reads as either word.
-pub fn p_yes(tokens: &[Token], text: &str, verdict: &Verdict) -> Option<f32> {
+/// The text the tokens spell (for most servers, the reply itself; a token that
+/// holds part of a multi-byte character may be reported lossily, and then it
+/// is not).
+pub fn spelled(tokens: &[Token]) -> String {
+    tokens.iter().map(|t| t.text.as_str()).collect()
+}
+
+/// P(yes) for a verdict found at byte `verdict.at` of the text the `tokens`
+/// spell ([`spelled`]), from the alternatives at the verdict token's
+/// position: the probability mass of alternatives reading as the positive word
+/// against that of the negative one (a token may carry a leading space, ` Yes`
+/// and `Yes` both count, and may be a prefix, `in` for `incorrect`). When one
+/// side has no listed alternative, its mass is taken as that of the smallest
+/// listed logprob, an upper bound. `None` when there are no alternatives or
+/// nothing at that position reads as either word.
+pub fn p_yes(tokens: &[Token], verdict: &Verdict) -> Option<f32> {
     let mut start = 0usize;
-    let mut spelled = String::with_capacity(text.len());
     let mut found = None;
     for (i, t) in tokens.iter().enumerate() {
         let end = start + t.text.len();
-        if found.is_none() && verdict.at >= start && verdict.at < end {
+        if verdict.at >= start && verdict.at < end {
             found = Some((i, verdict.at - start));
+            break;
         }
-        spelled.push_str(&t.text);
         start = end;
-    }
-    if spelled != text {
-        return None;
     }
     let (i, offset) = found?;
     let token = &tokens[i];
