@@ -8,6 +8,8 @@
 //! runs of a 1-token generation (≈ prefill) and of the full generation; decode
 //! tokens/s = batch × (new_tokens − 1) / (full − prefill).
 
+pub mod reward;
+
 use anyhow::{Context, bail};
 use clap::Args;
 use prism_model::engine::{self, SamplingParams};

@@ -23,7 +23,7 @@ pub enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
     /// Evaluate a checkpoint on a task, or a judge on ProcessBench.
-    Eval(ConfigArgs),
+    Eval(EvalArgs),
     /// Draw the plots and timeline of a run folder.
     Report(ReportArgs),
     /// Export a checkpoint or GGUF file as a Hugging Face model folder.
@@ -85,6 +85,8 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Generation throughput against transformers on the same workload.
     Generate(crate::bench::GenerateArgs),
+    /// Labeling throughput against a loopback judge that answers after a fixed delay.
+    Reward(crate::bench::reward::RewardArgs),
 }
 
 impl Command {
@@ -96,11 +98,12 @@ impl Command {
             Command::Rollout(a) => ("rollout", a),
             Command::Reward(a) => ("reward", a),
             Command::Serve(a) => ("serve", &a.common),
-            Command::Eval(a) => ("eval", a),
+            Command::Eval(a) => ("eval", a.common()),
             Command::Report(a) => ("report", &a.common),
             Command::Export(a) => ("export", &a.common),
             Command::Bench(a) => match &a.what {
                 BenchCommand::Generate(g) => ("bench", &g.common),
+                BenchCommand::Reward(r) => ("bench", &r.common),
             },
             Command::Doctor(a) => ("doctor", a),
         }
@@ -118,4 +121,57 @@ pub struct ReportArgs {
     /// Where to write the plots and timeline (default `RUN_DIR/report`).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+}
+
+/// `prism eval ...`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub what: EvalCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum EvalCommand {
+    /// Score a judge on ProcessBench: can it find the first wrong step?
+    Processbench(ProcessBenchArgs),
+}
+
+impl EvalArgs {
+    pub fn common(&self) -> &ConfigArgs {
+        match &self.what {
+            EvalCommand::Processbench(a) => &a.common,
+        }
+    }
+}
+
+/// `prism eval processbench --judge URL --model NAME --data FILE`.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessBenchArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// The judge's OpenAI-compatible base URL, e.g. `http://127.0.0.1:8000/v1`
+    /// (default: `judge.url`).
+    #[arg(long, value_name = "URL")]
+    pub judge: Option<String>,
+    /// The judge's model name (default: `judge.model`).
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// ProcessBench items: a JSON array or JSON lines, e.g. `../shared/data/processbench/gsm8k.json`.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Only the first N items.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// `genprm`, `thinkprm`, or a Jinja template file read with the `judge.template`
+    /// style (default: `judge.template`, `judge.template_file`).
+    #[arg(long, value_name = "NAME|FILE")]
+    pub template: Option<String>,
+    /// Where to write one JSON line per item (default
+    /// `processbench-<data file stem>.jsonl` in the current folder).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Items judged at once (default: `judge.concurrency`); the judge's request
+    /// limit applies on top.
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
 }

@@ -27,6 +27,12 @@ pub struct Config {
     pub model: prism_model::Config,
     pub serve: crate::serve::Config,
     pub learner: prism_learner::Config,
+    /// `[reward]`: segmentation, verifiers, guard, fallback, deadline.
+    pub reward: prism_reward::Config,
+    /// `[judge]`: the OpenAI-compatible judge server and how it is called.
+    pub judge: prism_reward::judge::Config,
+    /// `[distill]`: the online-distilled reward model and the annotation budget.
+    pub distill: prism_reward::distill::Config,
 }
 
 /// `[run]`: where a run writes and how it is seeded.
@@ -76,6 +82,9 @@ impl Config {
             return Err(Invalid::new("run.dir", &self.run.dir, "must not be empty"));
         }
         self.learner.validate()?;
+        self.reward.validate()?;
+        self.judge.validate()?;
+        self.distill.validate()?;
         Ok(())
     }
 

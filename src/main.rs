@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod config;
 mod doctor;
+mod eval;
 mod export;
 #[allow(dead_code)] // drawn by `prism train`
 mod progress;
@@ -47,8 +48,12 @@ fn main() -> ExitCode {
         cli::Command::Doctor(_) => doctor::run(&config),
         cli::Command::Serve(_) => exit_code(serve::main(&config.model, &config.serve, config.run.seed)),
         cli::Command::Export(a) => exit_code(export::main(&a.from, &a.to, &config.model, config.run.seed)),
+        cli::Command::Eval(a) => match &a.what {
+            cli::EvalCommand::Processbench(args) => eval::processbench(&config, args),
+        },
         cli::Command::Bench(b) => match &b.what {
             cli::BenchCommand::Generate(g) => exit_code(bench::generate(g, &config.model, config.run.seed)),
+            cli::BenchCommand::Reward(r) => bench::reward::reward(&config, r),
         },
         cli::Command::Report(a) => match report::run(&a.run, a.out.as_deref()) {
             Ok(files) => {

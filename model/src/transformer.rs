@@ -366,7 +366,14 @@ impl Transformer {
     /// Copies every parameter of `other` (same architecture) into this model,
     /// casting dtype and moving device as needed.
     pub fn copy_weights_from(&mut self, other: &Transformer) -> Result<()> {
-        let theirs = other.vs.variables();
+        self.load_named(other.vs.variables())
+    }
+
+    /// Copies named parameters (Hugging Face names, e.g. published by a learner)
+    /// into this model, casting dtype and moving device as needed. Every
+    /// parameter of this model must be given, with its shape.
+    pub fn load_named(&mut self, theirs: impl IntoIterator<Item = (String, Tensor)>) -> Result<()> {
+        let theirs: std::collections::HashMap<String, Tensor> = theirs.into_iter().collect();
         let ours = self.vs.variables();
         if theirs.len() != ours.len() {
             return Err(Error::invalid(

@@ -136,3 +136,28 @@ fn learner_section_defaults_match_the_documented_ones() {
     let e = load(&layers(None, &[], &["learner.advantage=ppo"])).unwrap_err().to_string();
     assert!(e.contains("`learner.advantage`") && e.contains("tp_grpo"), "{e}");
 }
+
+#[test]
+fn reward_sections_default_to_their_documented_defaults() {
+    let c = load(&Layers::default()).unwrap();
+    assert_eq!(c.reward, prism_reward::Config::default());
+    assert_eq!(c.judge, prism_reward::judge::Config::default());
+    assert_eq!(c.distill, prism_reward::distill::Config::default());
+}
+
+#[test]
+fn reward_sections_are_validated_and_typed() {
+    let e = load(&layers(None, &[], &["judge.url=ftp://x"])).unwrap_err().to_string();
+    assert_eq!(e, "--set judge.url=ftp://x: invalid value \"ftp://x\" for `judge.url`: must start with http:// or https://");
+    let e = load(&layers(None, &[], &["reward.segmentation=\"regex\""])).unwrap_err().to_string();
+    assert!(e.contains("`reward.step_regex`") && e.contains("must be set"), "{e}");
+    let e = load(&layers(None, &[], &["judge.template=\"genprn\""])).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "--set judge.template=\"genprn\": `judge.template`: unknown value \"genprn\", expected one of: genprm, thinkprm"
+    );
+    let e = load(&layers(None, &[("PRISM__DISTILL__JUDGE_FRACTION", "1.5")], &[])).unwrap_err().to_string();
+    assert!(e.contains("`distill.judge_fraction`") && e.contains("1.5"), "{e}");
+    let c = load(&layers(None, &[], &["reward.process=\"judge\"", "judge.samples=4"])).unwrap();
+    assert_eq!((c.reward.process, c.judge.samples), (prism_reward::config::Process::Judge, 4));
+}

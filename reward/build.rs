@@ -1,0 +1,4 @@
+include!("../build-support/torch.rs");
+fn main() {
+    link_torch();
+}

@@ -1,0 +1,501 @@
+//! ONI-style online distillation of the judge into a small reward model
+//! (after "Online Intrinsic Rewards" — Zheng et al. 2025 — which labels a
+//! budgeted share of the data with an LLM and distils it online into a cheap
+//! model that labels the rest).
+//!
+//! The model is a hashed n-gram MLP over the step text in context: the byte
+//! n-grams (`1..=ngram_max`) of the step, and those of the last
+//! `context_bytes` of the text before it in their own namespace, are hashed
+//! into `buckets` embedding rows; their mean (scaled by 1/sqrt(count)) goes
+//! through one ReLU layer to a logit. It is trained with binary cross-entropy
+//! against the judge's P(yes) on every judged step, except a `holdout` share
+//! kept aside to measure how often it agrees with the judge.
+//!
+//! The annotation budget ([`Budget`]) decides which trajectories the judge sees:
+//! a fraction of them, and at most so many judge calls per second.
+
+use crate::{Error, Result};
+use prism_core::config::{Invalid, check};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Instant;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// `[distill]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Train the distilled model on the judge's labels. Default false.
+    pub enabled: bool,
+    /// Share of trajectories sent to the judge (chosen by a hash of the
+    /// trajectory id); the rest get the fallback. Default 1.0.
+    pub judge_fraction: f64,
+    /// Most judge calls per second (token bucket, one second of burst); 0 =
+    /// unlimited. Default 0.
+    pub judge_calls_per_sec: f64,
+    /// Hashed n-gram embedding rows. Default 65536.
+    pub buckets: u32,
+    /// Longest byte n-gram. Default 5.
+    pub ngram_max: u32,
+    /// Bytes of preceding text used as context. Default 64.
+    pub context_bytes: u32,
+    /// Embedding width. Default 64.
+    pub dim: u32,
+    /// Hidden layer width. Default 64.
+    pub hidden: u32,
+    /// Adam learning rate of the MLP. Default 0.003.
+    pub lr: f64,
+    /// Adagrad learning rate of the embedding rows (updated sparsely: only the
+    /// rows a batch touches). Default 0.1.
+    pub embed_lr: f64,
+    /// Examples per optimizer step. Default 64.
+    pub batch_size: u32,
+    /// New training labels between training rounds. Default 16.
+    pub train_every: u32,
+    /// Optimizer steps per training round. Default 4.
+    pub updates: u32,
+    /// Most recent training labels kept for replay. Default 20000.
+    pub buffer: u32,
+    /// Share of judged steps held out to measure agreement. Default 0.1.
+    pub holdout: f64,
+    /// Training labels needed before distilled scores are used. Default 256.
+    pub min_labels: u32,
+    /// `cpu` or `cuda`. Default `cpu`.
+    pub device: String,
+    /// Seed of the initial weights and the replay sampling. Default 0.
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            judge_fraction: 1.0,
+            judge_calls_per_sec: 0.0,
+            buckets: 65_536,
+            ngram_max: 5,
+            context_bytes: 64,
+            dim: 64,
+            hidden: 64,
+            lr: 3e-3,
+            embed_lr: 0.1,
+            batch_size: 64,
+            train_every: 16,
+            updates: 4,
+            buffer: 20_000,
+            holdout: 0.1,
+            min_labels: 256,
+            device: "cpu".into(),
+            seed: 0,
+        }
+    }
+}
+
+impl Config {
+    /// Checks values that parse but are not acceptable.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check::in_range("distill.judge_fraction", self.judge_fraction, 0.0, 1.0)?;
+        if !(self.judge_calls_per_sec >= 0.0 && self.judge_calls_per_sec.is_finite()) {
+            return Err(Invalid::new("distill.judge_calls_per_sec", self.judge_calls_per_sec, "must be >= 0"));
+        }
+        check::positive("distill.buckets", self.buckets)?;
+        check::in_range("distill.ngram_max", self.ngram_max, 1, 16)?;
+        check::positive("distill.dim", self.dim)?;
+        check::positive("distill.hidden", self.hidden)?;
+        check::positive("distill.lr", self.lr)?;
+        check::positive("distill.embed_lr", self.embed_lr)?;
+        check::positive("distill.batch_size", self.batch_size)?;
+        check::positive("distill.train_every", self.train_every)?;
+        check::positive("distill.updates", self.updates)?;
+        check::positive("distill.buffer", self.buffer)?;
+        check::in_range("distill.holdout", self.holdout, 0.0, 0.9)?;
+        check::one_of("distill.device", &self.device, &["cpu", "cuda"])?;
+        Ok(())
+    }
+}
+
+/// A snapshot of the distilled model's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillMetrics {
+    /// Judge labels received (training + held out).
+    pub labels: u64,
+    /// Of those, held out.
+    pub held_out: u64,
+    /// Optimizer steps taken.
+    pub updates: u64,
+    /// Distilled scores are being used (at least `min_labels` training labels).
+    pub ready: bool,
+    /// Share of held-out judged steps where the model and the judge agree on
+    /// correct vs wrong (both thresholded at 0.5); `None` before any.
+    pub agreement: Option<f64>,
+    /// Moving average of the training loss (BCE).
+    pub loss: Option<f64>,
+    /// Distilled scores handed out.
+    pub scored: u64,
+}
+
+struct Example {
+    features: Vec<i64>,
+    target: f32,
+}
+
+struct State {
+    _vs: nn::VarStore,
+    /// Embedding rows, outside the VarStore: trained by sparse Adagrad with
+    /// `adagrad` holding the squared-gradient sums, because a dense optimizer
+    /// step over every row cost ~10 ms per batch on CPU.
+    table: Tensor,
+    adagrad: Tensor,
+    hidden: nn::Linear,
+    out: nn::Linear,
+    opt: nn::Optimizer,
+    train: VecDeque<Example>,
+    holdout: VecDeque<Example>,
+    labels: u64,
+    held_out: u64,
+    trained_labels: u64,
+    new_since_round: u32,
+    updates: u64,
+    loss_ema: Option<f64>,
+    scored: u64,
+    rng: SplitMix,
+}
+
+/// Held-out examples kept for the agreement metric (the most recent).
+const HOLDOUT_KEEP: usize = 4096;
+
+/// The distilled reward model. All methods block (tch); call them from
+/// `spawn_blocking` in async code.
+pub struct Distiller {
+    cfg: Config,
+    device: Device,
+    state: Mutex<State>,
+}
+
+impl Distiller {
+    /// A freshly initialised model for `[distill]`.
+    pub fn new(cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
+        let device = match cfg.device.as_str() {
+            "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
+            "cuda" => return Err(Error::Config(Invalid::new("distill.device", "cuda", "CUDA is not available"))),
+            _ => Device::Cpu,
+        };
+        let mut rng = SplitMix(cfg.seed ^ 0x6a09_e667_f3bc_c908);
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let (buckets, dim, hidden) = (cfg.buckets as i64, cfg.dim as i64, cfg.hidden as i64);
+        let normal = |rng: &mut SplitMix, n: i64, std: f64| -> Tensor {
+            let v: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+            Tensor::from_slice(&v)
+        };
+        let table = normal(&mut rng, buckets * dim, 0.1).view([buckets, dim]).to_device(device);
+        let adagrad = Tensor::zeros([buckets, dim], (Kind::Float, device));
+        let linear = |name: &str, i: i64, o: i64, rng: &mut SplitMix| -> nn::Linear {
+            let p = &root / name;
+            let ws = p.var_copy("weight", &normal(rng, o * i, (2.0 / i as f64).sqrt()).view([o, i]));
+            let bs = p.var_copy("bias", &Tensor::zeros([o], (Kind::Float, Device::Cpu)));
+            nn::Linear { ws, bs: Some(bs) }
+        };
+        let hidden_layer = linear("hidden", dim, hidden, &mut rng);
+        let out = linear("out", hidden, 1, &mut rng);
+        let opt = nn::Adam::default().build(&vs, cfg.lr)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            device,
+            state: Mutex::new(State {
+                _vs: vs,
+                table,
+                adagrad,
+                hidden: hidden_layer,
+                out,
+                opt,
+                train: VecDeque::new(),
+                holdout: VecDeque::new(),
+                labels: 0,
+                held_out: 0,
+                trained_labels: 0,
+                new_since_round: 0,
+                updates: 0,
+                loss_ema: None,
+                scored: 0,
+                rng,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The hashed features of `step` after `context` (the text before it).
+    pub fn features(&self, context: &str, step: &str) -> Vec<i64> {
+        let mut out = Vec::new();
+        let context = context.as_bytes();
+        let tail = &context[context.len().saturating_sub(self.cfg.context_bytes as usize)..];
+        for (namespace, bytes) in [(0u8, step.as_bytes()), (1u8, tail)] {
+            for n in 1..=self.cfg.ngram_max as usize {
+                for gram in bytes.windows(n) {
+                    out.push((fnv(namespace, gram) % self.cfg.buckets as u64) as i64);
+                }
+            }
+        }
+        out
+    }
+
+    /// Learns from the judge's P(yes) = `p_judge` for `step` after `context`;
+    /// trains a round every `train_every` new training labels.
+    pub fn observe(&self, context: &str, step: &str, p_judge: f32) -> Result<()> {
+        let features = self.features(context, step);
+        let mut s = self.state();
+        let before = (s.labels as f64 * self.cfg.holdout).floor();
+        s.labels += 1;
+        let example = Example { features, target: p_judge.clamp(0.0, 1.0) };
+        if (s.labels as f64 * self.cfg.holdout).floor() > before {
+            s.held_out += 1;
+            if s.holdout.len() == HOLDOUT_KEEP {
+                s.holdout.pop_front();
+            }
+            s.holdout.push_back(example);
+            return Ok(());
+        }
+        if s.train.len() == self.cfg.buffer as usize {
+            s.train.pop_front();
+        }
+        s.train.push_back(example);
+        s.trained_labels += 1;
+        s.new_since_round += 1;
+        if s.new_since_round >= self.cfg.train_every {
+            s.new_since_round = 0;
+            for _ in 0..self.cfg.updates {
+                self.train_step(&mut s)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn train_step(&self, s: &mut State) -> Result<()> {
+        let n = s.train.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let picks: Vec<usize> = (0..self.cfg.batch_size).map(|_| (s.rng.next() % n as u64) as usize).collect();
+        let batch: Vec<&[i64]> = picks.iter().map(|&i| s.train[i].features.as_slice()).collect();
+        let targets: Vec<f32> = picks.iter().map(|&i| s.train[i].target).collect();
+        let bag = Bag::new(&batch, self.device);
+        let rows = s.table.f_index_select(0, &bag.rows)?.set_requires_grad(true);
+        let logits = self.head(s, &bag, &rows)?;
+        let target = Tensor::from_slice(&targets).to_device(self.device);
+        let loss = logits.binary_cross_entropy_with_logits::<Tensor>(&target, None, None, Reduction::Mean);
+        s.opt.zero_grad();
+        loss.backward();
+        s.opt.step();
+        {
+            let _guard = tch::no_grad_guard();
+            let grad = rows.grad();
+            let acc = s.adagrad.f_index_select(0, &bag.rows)? + grad.square();
+            let _ = s.adagrad.f_index_copy_(0, &bag.rows, &acc)?;
+            let step = grad / (acc.sqrt() + 1e-8) * (-self.cfg.embed_lr);
+            let _ = s.table.f_index_add_(0, &bag.rows, &step)?;
+        }
+        let l = loss.double_value(&[]);
+        s.loss_ema = Some(s.loss_ema.map_or(l, |e| 0.95 * e + 0.05 * l));
+        s.updates += 1;
+        Ok(())
+    }
+
+    /// Logits of a batch given its gathered embedding rows.
+    fn head(&self, s: &State, bag: &Bag, rows: &Tensor) -> Result<Tensor> {
+        let dim = self.cfg.dim as i64;
+        let per_feature = rows.f_index_select(0, &bag.slots)?;
+        let sum =
+            Tensor::f_zeros([bag.len, dim], (Kind::Float, self.device))?.f_index_add(0, &bag.owner, &per_feature)?;
+        let h = s.hidden.forward(&(sum * &bag.scale)).relu();
+        Ok(s.out.forward(&h).squeeze_dim(-1))
+    }
+
+    fn forward(&self, s: &State, batch: &[&[i64]]) -> Result<Tensor> {
+        let bag = Bag::new(batch, self.device);
+        let rows = s.table.f_index_select(0, &bag.rows)?;
+        self.head(s, &bag, &rows)
+    }
+
+    fn predict(&self, s: &State, batch: &[&[i64]]) -> Result<Vec<f32>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _guard = tch::no_grad_guard();
+        let p = self.forward(s, batch)?.sigmoid().to_device(Device::Cpu);
+        Ok(Vec::<f32>::try_from(&p)?)
+    }
+
+    /// Whether enough labels have been learned from for scores to be used.
+    pub fn ready(&self) -> bool {
+        self.state().trained_labels >= self.cfg.min_labels as u64
+    }
+
+    /// Distilled P(yes) for each `(context, step)`; `None` for all until ready.
+    pub fn score(&self, items: &[(&str, &str)]) -> Result<Vec<Option<f32>>> {
+        let features: Vec<Vec<i64>> = items.iter().map(|(c, s)| self.features(c, s)).collect();
+        let mut s = self.state();
+        if s.trained_labels < self.cfg.min_labels as u64 {
+            return Ok(vec![None; items.len()]);
+        }
+        let batch: Vec<&[i64]> = features.iter().map(Vec::as_slice).collect();
+        let p = self.predict(&s, &batch)?;
+        s.scored += p.len() as u64;
+        Ok(p.into_iter().map(Some).collect())
+    }
+
+    /// A snapshot, with the agreement on held-out judged steps computed now.
+    pub fn metrics(&self) -> DistillMetrics {
+        let s = self.state();
+        let agreement = if s.holdout.is_empty() {
+            None
+        } else {
+            let batch: Vec<&[i64]> = s.holdout.iter().map(|e| e.features.as_slice()).collect();
+            self.predict(&s, &batch).ok().map(|p| {
+                let agree = p.iter().zip(&s.holdout).filter(|(p, e)| (**p >= 0.5) == (e.target >= 0.5)).count();
+                agree as f64 / p.len() as f64
+            })
+        };
+        DistillMetrics {
+            labels: s.labels,
+            held_out: s.held_out,
+            updates: s.updates,
+            ready: s.trained_labels >= self.cfg.min_labels as u64,
+            agreement,
+            loss: s.loss_ema,
+            scored: s.scored,
+        }
+    }
+}
+
+/// A batch of feature lists as index tensors: the distinct embedding `rows`
+/// it touches, each feature's slot among them, the example each feature
+/// belongs to, and each example's 1/sqrt(feature count).
+struct Bag {
+    len: i64,
+    rows: Tensor,
+    slots: Tensor,
+    owner: Tensor,
+    scale: Tensor,
+}
+
+impl Bag {
+    fn new(batch: &[&[i64]], device: Device) -> Self {
+        let mut slot_of = std::collections::HashMap::new();
+        let (mut rows, mut slots, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        let mut scale = Vec::with_capacity(batch.len());
+        for (b, features) in batch.iter().enumerate() {
+            for &f in *features {
+                let slot = *slot_of.entry(f).or_insert_with(|| {
+                    rows.push(f);
+                    rows.len() as i64 - 1
+                });
+                slots.push(slot);
+                owner.push(b as i64);
+            }
+            scale.push(1.0 / (features.len().max(1) as f32).sqrt());
+        }
+        let t = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        Bag {
+            len: batch.len() as i64,
+            rows: t(&rows),
+            slots: t(&slots),
+            owner: t(&owner),
+            scale: Tensor::from_slice(&scale).to_device(device).unsqueeze(1),
+        }
+    }
+}
+
+/// The annotation budget: which trajectories the judge labels.
+#[derive(Debug)]
+pub struct Budget {
+    fraction: f64,
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+    /// Trajectories refused by the fraction or the rate.
+    pub refused: u64,
+}
+
+impl Budget {
+    pub fn new(cfg: &Config) -> Self {
+        let burst = cfg.judge_calls_per_sec.max(1.0);
+        Self {
+            fraction: cfg.judge_fraction,
+            rate: cfg.judge_calls_per_sec,
+            tokens: burst,
+            refilled: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    /// May the judge label trajectory `id`, costing `calls` judge calls?
+    pub fn admit(&mut self, id: u64, calls: u64, now: Instant) -> bool {
+        let selected = self.fraction >= 1.0 || (fnv(2, &id.to_le_bytes()) as f64 / u64::MAX as f64) < self.fraction;
+        if !selected {
+            self.refused += 1;
+            return false;
+        }
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let burst = self.rate.max(1.0);
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * self.rate).min(burst);
+        self.refilled = now;
+        // A trajectory costing more than the burst is admitted when the bucket is full.
+        let cost = (calls as f64).min(burst);
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            true
+        } else {
+            self.refused += 1;
+            false
+        }
+    }
+}
+
+/// FNV-1a over a namespace byte, the length and the bytes.
+fn fnv(namespace: u8, bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in [namespace, bytes.len() as u8].into_iter().chain(bytes.iter().copied()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): small, seedable, good enough for
+/// initial weights and replay sampling.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Box–Muller.
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,81 @@
+use super::*;
+
+/// The synthetic judge: a step `a op b = c` of single-digit arithmetic is
+/// right iff `c` is the true value. Wrong steps are off by 1 to 3, so the model
+/// has to learn the arithmetic facts rather than spot implausible numbers.
+fn synthetic_step(rng: &mut SplitMix) -> (String, String, f32) {
+    let a = (rng.next() % 10) as i64;
+    let b = (rng.next() % 10) as i64;
+    let (op, value) = match rng.next() % 3 {
+        0 => ('+', a + b),
+        1 => ('-', a - b),
+        _ => ('*', a * b),
+    };
+    let right = rng.next().is_multiple_of(2);
+    let c = if right {
+        value
+    } else {
+        let off = 1 + (rng.next() % 3) as i64;
+        if rng.next().is_multiple_of(2) { value + off } else { value - off }
+    };
+    let context = format!("Q: compute {a}{op}{b} and more\n");
+    (context, format!("{a}{op}{b}={c}"), if right { 1.0 } else { 0.0 })
+}
+
+fn small() -> Config {
+    Config { enabled: true, min_labels: 64, ..Config::default() }
+}
+
+#[test]
+fn learns_a_synthetic_rule_to_90_percent_agreement() {
+    // Tiny batches run far faster on one intra-op thread than on a pool that
+    // competes with the other tests for two cores (measured: 4 s vs 26+ s).
+    tch::set_num_threads(1);
+    let d = Distiller::new(&small()).unwrap();
+    let mut rng = SplitMix(7);
+    assert_eq!(d.score(&[("", "1+1=2")]).unwrap(), vec![None], "no scores before min_labels");
+    for _ in 0..8_000 {
+        let (context, step, label) = synthetic_step(&mut rng);
+        d.observe(&context, &step, label).unwrap();
+    }
+    let m = d.metrics();
+    println!("distill metrics after 8000 labels: {m:?}");
+    assert_eq!((m.labels, m.held_out), (8_000, 800));
+    assert!(m.ready);
+    let agreement = m.agreement.unwrap();
+    assert!(agreement >= 0.9, "held-out agreement {agreement}");
+    // And on steps it has never been shown.
+    let mut fresh = SplitMix(12345);
+    let tests: Vec<(String, String, f32)> = (0..2000).map(|_| synthetic_step(&mut fresh)).collect();
+    let items: Vec<(&str, &str)> = tests.iter().map(|(c, s, _)| (c.as_str(), s.as_str())).collect();
+    let scores = d.score(&items).unwrap();
+    let agree = scores.iter().zip(&tests).filter(|(p, t)| (p.unwrap() >= 0.5) == (t.2 >= 0.5)).count();
+    assert!(agree as f64 / 2000.0 >= 0.9, "fresh agreement {}", agree as f64 / 2000.0);
+}
+
+#[test]
+fn features_are_deterministic_and_namespaced() {
+    let d = Distiller::new(&small()).unwrap();
+    assert_eq!(d.features("ctx", "1+1=2"), d.features("ctx", "1+1=2"));
+    // n-grams 1..=5 of a 5-byte step: 5+4+3+2+1 = 15; of a 3-byte context: 3+2+1 = 6.
+    assert_eq!(d.features("ctx", "1+1=2").len(), 21);
+    // The same bytes as context and as step hash differently.
+    assert_ne!(d.features("", "ab"), d.features("ab", ""));
+}
+
+#[test]
+fn budget_admits_a_fraction_and_a_rate() {
+    let t0 = Instant::now();
+    let mut all = Budget::new(&Config::default());
+    assert!((0..100).all(|i| all.admit(i, 5, t0)));
+    let mut half = Budget::new(&Config { judge_fraction: 0.5, ..Config::default() });
+    let admitted = (0..10_000).filter(|&i| half.admit(i, 1, t0)).count();
+    assert!((4_500..5_500).contains(&admitted), "{admitted}");
+    assert_eq!(half.refused, 10_000 - admitted as u64);
+    // Two calls a second: a full bucket of 2, then one call per half second.
+    let mut rate = Budget::new(&Config { judge_calls_per_sec: 2.0, ..Config::default() });
+    assert!(rate.admit(0, 1, t0) && rate.admit(1, 1, t0));
+    assert!(!rate.admit(2, 1, t0));
+    assert!(rate.admit(3, 1, t0 + std::time::Duration::from_millis(500)));
+    assert!(!rate.admit(4, 1, t0 + std::time::Duration::from_millis(600)));
+}

@@ -1,0 +1,841 @@
+//! The generative PRM judge: a client for any OpenAI-compatible server (vLLM,
+//! SGLang, llama.cpp, `prism serve`) that asks it whether each step of a
+//! solution is correct and turns its replies into P(step correct).
+//!
+//! A step's score is P(yes) read from the verdict token's `top_logprobs` when
+//! the server sends them, else the verdict read from the text (1 or 0), averaged
+//! over `samples` sampled replies. A verdict that cannot be read is counted as
+//! unknown and never scored. Calls go through a concurrency limit, a per-attempt
+//! timeout, retries with jittered exponential backoff (429, 5xx, timeouts,
+//! resets, malformed bodies), a circuit breaker, and an LRU cache keyed by a hash
+//! of (model, template, problem, step prefix). Every `canary_every` calls a
+//! canary with a content-free solution is sent, and the share the judge accepts
+//! is reported as its false-positive rate ("One Token to Fool", Zhao et al. 2025).
+
+mod breaker;
+mod cache;
+pub mod parse;
+pub mod template;
+
+pub use breaker::BreakerState;
+pub use template::{Style, Template};
+
+use crate::{Error, Result};
+use breaker::{Breaker, Pass};
+use cache::Lru;
+use futures::future::join_all;
+use parse::Choice;
+use prism_core::config::{Invalid, check};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// `[judge]`: the judge server and how it is called.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Base URL of the OpenAI-compatible API; requests go to
+    /// `{url}/chat/completions` or `{url}/completions`. Default
+    /// `http://127.0.0.1:8000/v1`.
+    pub url: String,
+    /// Model name sent with every request. Default `judge`.
+    pub model: String,
+    /// `chat` (`/chat/completions`) or `completions`. Default `chat`.
+    pub api: Api,
+    /// Name of an environment variable holding a bearer token (the token itself
+    /// never appears in a config). Empty = no authorisation header. Default empty.
+    pub api_key_env: String,
+    /// Prompt style and reply format: `genprm` (one request per step prefix,
+    /// `\boxed{Yes|No}`) or `thinkprm` (one request for all steps,
+    /// `Step i: \boxed{correct|incorrect}`). Default `genprm`.
+    pub template: Style,
+    /// A Jinja template file replacing the built-in prompt of `template` (it gets
+    /// `problem`, `steps`, `current`). Empty = built-in. Default empty.
+    pub template_file: String,
+    /// Sampled replies per step; the score is their average. Default 1.
+    pub samples: u32,
+    /// Sampling temperature. Default 0.0 (greedy; use > 0 with samples > 1).
+    pub temperature: f64,
+    /// Most tokens per reply. Default 1024.
+    pub max_tokens: u32,
+    /// Alternatives asked per token for P(yes); 0 = do not ask for logprobs
+    /// (scores are shares of verdicts). Default 5.
+    pub top_logprobs: u32,
+    /// A step counts as judged wrong when its score is below this (ProcessBench
+    /// predictions, canary false positives, agreement). Default 0.5.
+    pub threshold: f64,
+    /// Most requests in flight at once. Default 64.
+    pub concurrency: u32,
+    /// Per-attempt timeout (connect, send, whole reply), ms. Default 60000.
+    pub timeout_ms: u64,
+    /// Retries after a failed attempt (429, 5xx, 408, timeout, reset,
+    /// malformed body). Default 3.
+    pub retries: u32,
+    /// First backoff, ms; attempt k waits a uniform random time in
+    /// [0, min(backoff_max_ms, backoff_ms * 2^k)] (or the server's Retry-After
+    /// when longer, capped at backoff_max_ms). Default 250.
+    pub backoff_ms: u64,
+    /// Longest backoff, ms. Default 10000.
+    pub backoff_max_ms: u64,
+    /// Consecutive failed attempts that open the circuit breaker. Default 5.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before half-open probes, ms. Default 10000.
+    pub breaker_cooldown_ms: u64,
+    /// Probes let through at once while half-open. Default 1.
+    pub breaker_probes: u32,
+    /// Entries of the verdict cache; 0 = no cache. Default 65536.
+    pub cache_entries: u64,
+    /// Send a canary (content-free solution) every this many judge calls; 0 =
+    /// never. Default 200.
+    pub canary_every: u64,
+}
+
+string_enum! {
+    /// Which OpenAI endpoint the judge is called on.
+    pub enum Api {
+        Chat = "chat",
+        Completions = "completions",
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8000/v1".into(),
+            model: "judge".into(),
+            api: Api::Chat,
+            api_key_env: String::new(),
+            template: Style::Genprm,
+            template_file: String::new(),
+            samples: 1,
+            temperature: 0.0,
+            max_tokens: 1024,
+            top_logprobs: 5,
+            threshold: 0.5,
+            concurrency: 64,
+            timeout_ms: 60_000,
+            retries: 3,
+            backoff_ms: 250,
+            backoff_max_ms: 10_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
+            breaker_probes: 1,
+            cache_entries: 65_536,
+            canary_every: 200,
+        }
+    }
+}
+
+impl Config {
+    /// Checks values that parse but are not acceptable.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(Invalid::new("judge.url", &self.url, "must start with http:// or https://"));
+        }
+        if self.model.is_empty() {
+            return Err(Invalid::new("judge.model", &self.model, "must not be empty"));
+        }
+        check::positive("judge.samples", self.samples)?;
+        check::in_range("judge.temperature", self.temperature, 0.0, 10.0)?;
+        check::positive("judge.max_tokens", self.max_tokens)?;
+        check::in_range("judge.top_logprobs", self.top_logprobs, 0, 20)?;
+        check::in_range("judge.threshold", self.threshold, 0.0, 1.0)?;
+        check::positive("judge.concurrency", self.concurrency)?;
+        check::positive("judge.timeout_ms", self.timeout_ms)?;
+        if self.backoff_ms > self.backoff_max_ms {
+            return Err(Invalid::new("judge.backoff_ms", self.backoff_ms, "must be <= judge.backoff_max_ms"));
+        }
+        check::positive("judge.breaker_failures", self.breaker_failures)?;
+        check::positive("judge.breaker_probes", self.breaker_probes)?;
+        Ok(())
+    }
+}
+
+/// Why the judge gave no verdict for a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    /// The circuit breaker was open.
+    BreakerOpen,
+    /// The last attempt timed out.
+    Timeout,
+    /// The last attempt got this HTTP status.
+    Status(u16),
+    /// The last attempt's connection failed (refused, reset, cut short).
+    Connection,
+    /// The last attempt's body was not an OpenAI response.
+    Malformed,
+    /// The template could not be rendered.
+    Template,
+    /// The caller's deadline passed first.
+    Deadline,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::BreakerOpen => write!(f, "breaker open"),
+            Failure::Timeout => write!(f, "timeout"),
+            Failure::Status(s) => write!(f, "HTTP {s}"),
+            Failure::Connection => write!(f, "connection failed"),
+            Failure::Malformed => write!(f, "malformed response"),
+            Failure::Template => write!(f, "template error"),
+            Failure::Deadline => write!(f, "deadline passed"),
+        }
+    }
+}
+
+/// What the judge said about one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum StepJudgement {
+    /// P(step correct): the mean over the replies whose verdict could be read.
+    Scored {
+        p: f32,
+        /// Served from the cache.
+        cached: bool,
+        /// Replies with a verdict.
+        samples: u32,
+        /// Replies without one.
+        unknown: u32,
+    },
+    /// No reply had a readable verdict.
+    Unknown { samples: u32 },
+    /// No reply at all.
+    Failed { failure: Failure },
+}
+
+impl StepJudgement {
+    /// The score, when there is one.
+    pub fn score(&self) -> Option<f32> {
+        match self {
+            StepJudgement::Scored { p, .. } => Some(*p),
+            _ => None,
+        }
+    }
+}
+
+/// A snapshot of the judge's counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeMetrics {
+    /// Judge calls for steps (one per step prefix, or per solution with
+    /// `thinkprm`), cache hits excluded, canaries excluded.
+    pub calls: u64,
+    /// HTTP attempts, retries and canaries included.
+    pub attempts: u64,
+    pub retries: u64,
+    pub timeouts: u64,
+    /// Attempts answered with a non-2xx status (429 included).
+    pub http_errors: u64,
+    /// Attempts answered with 429.
+    pub rate_limited: u64,
+    /// Attempts whose connection failed (refused, reset, body cut short).
+    pub connection_errors: u64,
+    /// Attempts whose body was not an OpenAI response.
+    pub malformed: u64,
+    /// Calls that got no reply after all retries (breaker refusals included).
+    pub failed_calls: u64,
+    /// Attempts the open breaker refused.
+    pub breaker_rejections: u64,
+    pub breaker_state: BreakerState,
+    pub breaker_opens: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Replies whose verdict was read.
+    pub verdicts: u64,
+    /// Of those, scored from logprobs (the rest from the verdict text).
+    pub logprob_verdicts: u64,
+    /// Replies whose verdict could not be read.
+    pub unknown_verdicts: u64,
+    /// Replies (canaries included) that carried token logprobs, and of those,
+    /// how many had tokens that do not spell the reply's text (so P(yes) cannot
+    /// be read from them).
+    pub logprob_replies: u64,
+    pub logprob_mismatches: u64,
+    /// Canaries with a readable verdict, and how many the judge accepted.
+    pub canaries: u64,
+    pub canary_false_positives: u64,
+    /// `canary_false_positives / canaries`; `None` before the first canary.
+    pub canary_fpr: Option<f64>,
+    /// Successful attempts' latency: mean and max over all, p50 and p95 over the
+    /// latest 4096.
+    pub latency_ms_mean: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_max: f64,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    calls: u64,
+    attempts: u64,
+    retries: u64,
+    timeouts: u64,
+    http_errors: u64,
+    rate_limited: u64,
+    connection_errors: u64,
+    malformed: u64,
+    failed_calls: u64,
+    breaker_rejections: u64,
+    cache_hits: u64,
+    cache_misses: u64,
+    verdicts: u64,
+    logprob_verdicts: u64,
+    unknown_verdicts: u64,
+    logprob_replies: u64,
+    logprob_mismatches: u64,
+    canaries: u64,
+    canary_false_positives: u64,
+    latency_sum_ms: f64,
+    latency_n: u64,
+    latency_max_ms: f64,
+    recent_ms: VecDeque<f64>,
+}
+
+const RECENT_LATENCIES: usize = 4096;
+
+/// Content-free "solutions" sent as canaries: a judge that accepts them can be
+/// fooled by a single token.
+pub const CANARIES: [&str; 3] = [":", "Thought process:", "Let's solve this problem step by step."];
+
+/// The judge client. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Judge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: Config,
+    endpoint: String,
+    api_key: Option<String>,
+    client: reqwest::Client,
+    template: Template,
+    permits: Semaphore,
+    breaker: Mutex<Breaker>,
+    cache: Mutex<Lru<[u8; 32], Vec<StepJudgement>>>,
+    stats: Mutex<Stats>,
+    canary_clock: AtomicU64,
+}
+
+/// The outcome of one HTTP attempt that did not give choices.
+struct AttemptError {
+    failure: Failure,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain counters behind,
+    // which stay usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Judge {
+    /// A client for `[judge]` (reads the template file and the API key variable).
+    pub fn new(cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
+        let template = Template::load(cfg.template, &cfg.template_file)?;
+        let api_key = if cfg.api_key_env.is_empty() {
+            None
+        } else {
+            Some(std::env::var(&cfg.api_key_env).map_err(|_| {
+                Error::Client(format!("judge.api_key_env names {:?}, which is not set", cfg.api_key_env))
+            })?)
+        };
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(cfg.concurrency as usize)
+            .tcp_nodelay(true);
+        if is_loopback(&cfg.url) {
+            builder = builder.no_proxy();
+        }
+        let client = builder.build().map_err(|e| Error::Client(e.to_string()))?;
+        let base = cfg.url.trim_end_matches('/');
+        let endpoint = match cfg.api {
+            Api::Chat => format!("{base}/chat/completions"),
+            Api::Completions => format!("{base}/completions"),
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                api_key,
+                client,
+                template,
+                permits: Semaphore::new(cfg.concurrency as usize),
+                breaker: Mutex::new(Breaker::new(
+                    cfg.breaker_failures,
+                    Duration::from_millis(cfg.breaker_cooldown_ms),
+                    cfg.breaker_probes,
+                )),
+                cache: Mutex::new(Lru::new(cfg.cache_entries as usize)),
+                stats: Mutex::new(Stats::default()),
+                canary_clock: AtomicU64::new(0),
+                cfg: cfg.clone(),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    pub fn template(&self) -> &Template {
+        &self.inner.template
+    }
+
+    /// Judges every step of a solution to `problem`; one judgement per step.
+    pub async fn judge(&self, problem: &str, steps: &[&str]) -> Vec<StepJudgement> {
+        self.judge_until(problem, steps, None).await
+    }
+
+    /// Like [`Judge::judge`], but steps still unjudged at `deadline` are
+    /// `Failed { Deadline }` (those already judged keep their verdicts).
+    pub async fn judge_until(
+        &self,
+        problem: &str,
+        steps: &[&str],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Vec<StepJudgement> {
+        if steps.is_empty() {
+            return Vec::new();
+        }
+        let deadline_failed = StepJudgement::Failed { failure: Failure::Deadline };
+        match self.inner.template.style() {
+            Style::Genprm => {
+                let calls = (1..=steps.len()).map(|i| within(deadline, self.judge_prefix(problem, &steps[..i])));
+                join_all(calls).await.into_iter().map(|r| r.unwrap_or_else(|| deadline_failed.clone())).collect()
+            }
+            Style::Thinkprm => within(deadline, self.judge_all(problem, steps))
+                .await
+                .unwrap_or_else(|| vec![deadline_failed; steps.len()]),
+        }
+    }
+
+    /// The current state of the circuit breaker.
+    pub fn breaker_state(&self) -> BreakerState {
+        lock(&self.inner.breaker).state(Instant::now())
+    }
+
+    /// A snapshot of the counters.
+    pub fn metrics(&self) -> JudgeMetrics {
+        let state = self.breaker_state();
+        let opens = lock(&self.inner.breaker).opens;
+        let s = lock(&self.inner.stats);
+        let mut recent: Vec<f64> = s.recent_ms.iter().copied().collect();
+        recent.sort_by(f64::total_cmp);
+        let quantile = |q: f64| {
+            if recent.is_empty() { 0.0 } else { recent[((recent.len() - 1) as f64 * q).round() as usize] }
+        };
+        JudgeMetrics {
+            calls: s.calls,
+            attempts: s.attempts,
+            retries: s.retries,
+            timeouts: s.timeouts,
+            http_errors: s.http_errors,
+            rate_limited: s.rate_limited,
+            connection_errors: s.connection_errors,
+            malformed: s.malformed,
+            failed_calls: s.failed_calls,
+            breaker_rejections: s.breaker_rejections,
+            breaker_state: state,
+            breaker_opens: opens,
+            cache_hits: s.cache_hits,
+            cache_misses: s.cache_misses,
+            verdicts: s.verdicts,
+            logprob_verdicts: s.logprob_verdicts,
+            unknown_verdicts: s.unknown_verdicts,
+            logprob_replies: s.logprob_replies,
+            logprob_mismatches: s.logprob_mismatches,
+            canaries: s.canaries,
+            canary_false_positives: s.canary_false_positives,
+            canary_fpr: (s.canaries > 0).then(|| s.canary_false_positives as f64 / s.canaries as f64),
+            latency_ms_mean: if s.latency_n > 0 { s.latency_sum_ms / s.latency_n as f64 } else { 0.0 },
+            latency_ms_p50: quantile(0.5),
+            latency_ms_p95: quantile(0.95),
+            latency_ms_max: s.latency_max_ms,
+        }
+    }
+
+    /// The cache key of a step prefix (or, with `thinkprm`, the whole solution).
+    fn key(&self, problem: &str, steps: &[&str]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in [self.inner.cfg.model.as_bytes(), self.inner.template.id(), problem.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        for s in steps {
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+        h.finalize().into()
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<Vec<StepJudgement>> {
+        let hit = lock(&self.inner.cache).get(key);
+        let mut s = lock(&self.inner.stats);
+        if hit.is_some() {
+            s.cache_hits += 1;
+        } else {
+            s.cache_misses += 1;
+        }
+        hit.map(|v| {
+            v.into_iter()
+                .map(|j| match j {
+                    StepJudgement::Scored { p, samples, unknown, .. } => {
+                        StepJudgement::Scored { p, cached: true, samples, unknown }
+                    }
+                    other => other,
+                })
+                .collect()
+        })
+    }
+
+    /// GenPRM style: the verdict on the last step of `prefix`.
+    async fn judge_prefix(&self, problem: &str, prefix: &[&str]) -> StepJudgement {
+        let key = self.key(problem, prefix);
+        if let Some(mut hit) = self.cached(&key) {
+            return hit.pop().unwrap_or(StepJudgement::Unknown { samples: 0 });
+        }
+        let Ok(prompt) = self.inner.template.render(problem, prefix, prefix.len()) else {
+            return StepJudgement::Failed { failure: Failure::Template };
+        };
+        lock(&self.inner.stats).calls += 1;
+        self.maybe_canary(problem);
+        let judgement = match self.sample(&prompt).await {
+            Ok(choices) => self.aggregate(&choices, parse::last_boxed_verdict, false),
+            Err(failure) => StepJudgement::Failed { failure },
+        };
+        if matches!(judgement, StepJudgement::Scored { .. }) {
+            lock(&self.inner.cache).insert(key, vec![judgement.clone()]);
+        }
+        judgement
+    }
+
+    /// ThinkPRM style: verdicts on all steps from one reply per sample.
+    async fn judge_all(&self, problem: &str, steps: &[&str]) -> Vec<StepJudgement> {
+        let key = self.key(problem, steps);
+        if let Some(hit) = self.cached(&key) {
+            return hit;
+        }
+        let Ok(prompt) = self.inner.template.render(problem, steps, steps.len()) else {
+            return vec![StepJudgement::Failed { failure: Failure::Template }; steps.len()];
+        };
+        lock(&self.inner.stats).calls += 1;
+        self.maybe_canary(problem);
+        let judgements: Vec<StepJudgement> = match self.sample(&prompt).await {
+            Ok(choices) => (0..steps.len())
+                .map(|i| self.aggregate(&choices, |text| parse::step_verdicts(text, steps.len())[i], false))
+                .collect(),
+            Err(failure) => vec![StepJudgement::Failed { failure }; steps.len()],
+        };
+        if judgements.iter().any(|j| matches!(j, StepJudgement::Scored { .. })) {
+            lock(&self.inner.cache).insert(key, judgements.clone());
+        }
+        judgements
+    }
+
+    /// Averages the per-reply scores of one step; counts verdicts.
+    /// Averages the per-reply scores of one step, whose verdict `find` reads
+    /// from a reply's text; counts verdicts. The soft score comes from the
+    /// verdict as found in the text the tokens spell, when it agrees with the
+    /// one in the reply's text.
+    fn aggregate(
+        &self,
+        choices: &[Choice],
+        find: impl Fn(&str) -> Option<parse::Verdict>,
+        canary: bool,
+    ) -> StepJudgement {
+        let (mut sum, mut known, mut unknown, mut from_logprobs) = (0f64, 0u32, 0u32, 0u64);
+        for c in choices {
+            match find(&c.text) {
+                Some(v) => {
+                    let soft = c.tokens.as_deref().and_then(|tokens| {
+                        let spelled = parse::spelled(tokens);
+                        let at = if spelled == c.text { Some(v) } else { find(&spelled) };
+                        at.filter(|w| w.positive == v.positive && w.words == v.words)
+                            .and_then(|w| parse::p_yes(tokens, &w))
+                    });
+                    if soft.is_some() {
+                        from_logprobs += 1;
+                    }
+                    sum += soft.unwrap_or(if v.positive { 1.0 } else { 0.0 }) as f64;
+                    known += 1;
+                }
+                None => unknown += 1,
+            }
+        }
+        if !canary {
+            let mut s = lock(&self.inner.stats);
+            s.verdicts += known as u64;
+            s.logprob_verdicts += from_logprobs;
+            s.unknown_verdicts += unknown as u64;
+        }
+        if known == 0 {
+            StepJudgement::Unknown { samples: unknown }
+        } else {
+            StepJudgement::Scored { p: (sum / known as f64) as f32, cached: false, samples: known, unknown }
+        }
+    }
+
+    /// Every `canary_every` calls, a canary in the background.
+    fn maybe_canary(&self, problem: &str) {
+        let every = self.inner.cfg.canary_every;
+        if every == 0 {
+            return;
+        }
+        let n = self.inner.canary_clock.fetch_add(1, Ordering::Relaxed) + 1;
+        if !n.is_multiple_of(every) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let judge = self.clone();
+        let problem = problem.to_string();
+        let answer = CANARIES[((n / every - 1) % CANARIES.len() as u64) as usize];
+        runtime.spawn(async move { judge.canary(&problem, answer).await });
+    }
+
+    /// Sends one canary and records whether the judge accepted it.
+    pub async fn canary(&self, problem: &str, answer: &str) -> Option<bool> {
+        let prompt = self.inner.template.render(problem, &[answer], 1).ok()?;
+        let choices = self.sample(&prompt).await.ok()?;
+        let judgement = match self.inner.template.style() {
+            Style::Genprm => self.aggregate(&choices, parse::last_boxed_verdict, true),
+            Style::Thinkprm => self.aggregate(&choices, |text| parse::step_verdicts(text, 1)[0], true),
+        };
+        let accepted = judgement.score()? as f64 >= self.inner.cfg.threshold;
+        let mut s = lock(&self.inner.stats);
+        s.canaries += 1;
+        if accepted {
+            s.canary_false_positives += 1;
+        }
+        Some(accepted)
+    }
+
+    /// `samples` replies to `prompt` (asking with `n`, and again for the rest
+    /// when a server returns fewer).
+    async fn sample(&self, prompt: &str) -> Result<Vec<Choice>, Failure> {
+        let want = self.inner.cfg.samples as usize;
+        let mut choices = Vec::with_capacity(want);
+        for _ in 0..want {
+            let got = self.call(prompt, want - choices.len()).await?;
+            if got.is_empty() {
+                break;
+            }
+            choices.extend(got);
+            if choices.len() >= want {
+                break;
+            }
+        }
+        choices.truncate(want);
+        {
+            let mut s = lock(&self.inner.stats);
+            for c in &choices {
+                if let Some(tokens) = &c.tokens {
+                    s.logprob_replies += 1;
+                    if parse::spelled(tokens) != c.text {
+                        s.logprob_mismatches += 1;
+                    }
+                }
+            }
+        }
+        if choices.is_empty() { Err(Failure::Malformed) } else { Ok(choices) }
+    }
+
+    /// One request with retries, through the breaker and the concurrency limit.
+    async fn call(&self, prompt: &str, n: usize) -> Result<Vec<Choice>, Failure> {
+        let cfg = &self.inner.cfg;
+        let body = self.request_body(prompt, n);
+        let mut last = Failure::BreakerOpen;
+        for attempt in 0..=cfg.retries {
+            let Some(pass) = lock(&self.inner.breaker).try_pass(Instant::now()) else {
+                let mut s = lock(&self.inner.stats);
+                s.breaker_rejections += 1;
+                s.failed_calls += 1;
+                return Err(Failure::BreakerOpen);
+            };
+            if attempt > 0 {
+                lock(&self.inner.stats).retries += 1;
+            }
+            let guard = PassGuard { judge: self, pass: Some(pass) };
+            let result = {
+                let _permit = self.inner.permits.acquire().await.map_err(|_| Failure::Connection)?;
+                let started = Instant::now();
+                let r = self.attempt(&body).await;
+                if r.is_ok() {
+                    self.record_latency(started.elapsed());
+                }
+                r
+            };
+            match result {
+                Ok(choices) => {
+                    guard.succeeded();
+                    return Ok(choices);
+                }
+                Err(e) => {
+                    guard.failed();
+                    last = e.failure;
+                    if !e.retryable || attempt == cfg.retries {
+                        break;
+                    }
+                    let cap = cfg.backoff_max_ms as f64;
+                    let ceiling = (cfg.backoff_ms as f64 * 2f64.powi(attempt as i32)).min(cap);
+                    let jittered = rand::random::<f64>() * ceiling;
+                    let wait = e.retry_after.map_or(jittered, |r| (r.as_millis() as f64).min(cap).max(jittered));
+                    tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+                }
+            }
+        }
+        lock(&self.inner.stats).failed_calls += 1;
+        Err(last)
+    }
+
+    fn request_body(&self, prompt: &str, n: usize) -> Vec<u8> {
+        let cfg = &self.inner.cfg;
+        let mut body = serde_json::json!({
+            "model": cfg.model,
+            "max_tokens": cfg.max_tokens,
+            "temperature": cfg.temperature,
+            "n": n,
+        });
+        match cfg.api {
+            Api::Chat => {
+                body["messages"] = serde_json::json!([{"role": "user", "content": prompt}]);
+                if cfg.top_logprobs > 0 {
+                    body["logprobs"] = true.into();
+                    body["top_logprobs"] = cfg.top_logprobs.into();
+                }
+            }
+            Api::Completions => {
+                body["prompt"] = prompt.into();
+                if cfg.top_logprobs > 0 {
+                    body["logprobs"] = cfg.top_logprobs.into();
+                }
+            }
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// One HTTP attempt, bounded by `timeout_ms` from connect to the last byte.
+    async fn attempt(&self, body: &[u8]) -> Result<Vec<Choice>, AttemptError> {
+        let inner = &self.inner;
+        lock(&inner.stats).attempts += 1;
+        let timeout = Duration::from_millis(inner.cfg.timeout_ms);
+        let fail = |failure, retryable| AttemptError { failure, retryable, retry_after: None };
+        let send = async {
+            let mut req =
+                inner.client.post(&inner.endpoint).header("content-type", "application/json").body(body.to_vec());
+            if let Some(key) = &inner.api_key {
+                req = req.bearer_auth(key);
+            }
+            let resp = req.send().await?;
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(|secs| Duration::from_secs_f64(secs.clamp(0.0, 3600.0)));
+            let bytes = resp.bytes().await?;
+            Ok::<_, reqwest::Error>((status, retry_after, bytes))
+        };
+        let outcome = tokio::time::timeout(timeout, send).await;
+        let mut s = lock(&inner.stats);
+        match outcome {
+            Err(_) => {
+                s.timeouts += 1;
+                Err(fail(Failure::Timeout, true))
+            }
+            Ok(Err(e)) if e.is_timeout() => {
+                s.timeouts += 1;
+                Err(fail(Failure::Timeout, true))
+            }
+            Ok(Err(_)) => {
+                s.connection_errors += 1;
+                Err(fail(Failure::Connection, true))
+            }
+            Ok(Ok((status, retry_after, _))) if !(200..300).contains(&status) => {
+                s.http_errors += 1;
+                if status == 429 {
+                    s.rate_limited += 1;
+                }
+                let retryable = status == 429 || status == 408 || status >= 500;
+                Err(AttemptError { failure: Failure::Status(status), retryable, retry_after })
+            }
+            Ok(Ok((_, _, bytes))) => match parse::choices(inner.cfg.api, &bytes) {
+                Ok(choices) => Ok(choices),
+                Err(reason) => {
+                    s.malformed += 1;
+                    tracing::debug!(%reason, "malformed judge response");
+                    Err(fail(Failure::Malformed, true))
+                }
+            },
+        }
+    }
+
+    fn record_latency(&self, d: Duration) {
+        let ms = d.as_secs_f64() * 1e3;
+        let mut s = lock(&self.inner.stats);
+        s.latency_sum_ms += ms;
+        s.latency_n += 1;
+        s.latency_max_ms = s.latency_max_ms.max(ms);
+        if s.recent_ms.len() == RECENT_LATENCIES {
+            s.recent_ms.pop_front();
+        }
+        s.recent_ms.push_back(ms);
+    }
+}
+
+/// Reports an attempt's result to the breaker exactly once, also when the
+/// attempt is cancelled (then as abandoned).
+struct PassGuard<'a> {
+    judge: &'a Judge,
+    pass: Option<Pass>,
+}
+
+impl PassGuard<'_> {
+    fn succeeded(mut self) {
+        if let Some(p) = self.pass.take() {
+            lock(&self.judge.inner.breaker).succeeded(p);
+        }
+    }
+
+    fn failed(mut self) {
+        if let Some(p) = self.pass.take() {
+            lock(&self.judge.inner.breaker).failed(p, Instant::now());
+        }
+    }
+}
+
+impl Drop for PassGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pass.take() {
+            lock(&self.judge.inner.breaker).abandoned(p);
+        }
+    }
+}
+
+async fn within<T>(deadline: Option<tokio::time::Instant>, f: impl Future<Output = T>) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
+fn is_loopback(url: &str) -> bool {
+    let authority = url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    host == "localhost" || host == "::1" || host.starts_with("127.")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,339 @@
+use super::parse::{self, Token, Words};
+use super::*;
+use crate::testkit::{Reply, Scripted, TestServer, TokenSpec, chat_logprobs, chat_text, completion_logprobs, tokens};
+
+fn config(server: &TestServer) -> Config {
+    Config {
+        url: server.url(),
+        model: "test-judge".into(),
+        timeout_ms: 5_000,
+        retries: 1,
+        backoff_ms: 1,
+        backoff_max_ms: 5,
+        canary_every: 0,
+        ..Config::default()
+    }
+}
+
+/// The step the GenPRM prompt asks about (1-based) and its text.
+fn current_step(prompt: &str) -> (usize, String) {
+    let n: usize = prompt
+        .split("Judge only Step ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a GenPRM prompt");
+    let text = prompt.split(&format!("Step {n}:\n")).nth(1).unwrap().lines().next().unwrap().to_string();
+    (n, text)
+}
+
+fn tok(token: &str, logprob: f32, top: &[(&str, f32)]) -> TokenSpec {
+    TokenSpec { token: token.into(), logprob, top: top.iter().map(|(t, l)| (t.to_string(), *l)).collect() }
+}
+
+/// "Checked. \boxed{" + verdict + "}".
+fn boxed_reply(verdict: TokenSpec) -> Vec<TokenSpec> {
+    vec![tok("Checked", -0.5, &[]), tok(". \\boxed{", -0.1, &[]), verdict, tok("}", -0.01, &[])]
+}
+
+fn close(a: f32, b: f64) -> bool {
+    (a as f64 - b).abs() < 1e-5
+}
+
+#[test]
+fn verdicts_in_text() {
+    let v = parse::last_boxed_verdict("maybe \\boxed{No} ... on reflection \\boxed{ \\text{Yes} }").unwrap();
+    assert!(v.positive);
+    assert_eq!(v.words, Words::YesNo);
+    assert!(parse::last_boxed_verdict("\\boxed{No}").is_some_and(|v| !v.positive));
+    assert_eq!(parse::last_boxed_verdict("The step is correct."), None);
+    assert_eq!(parse::last_boxed_verdict("\\boxed{42}"), None);
+    assert_eq!(parse::last_boxed_verdict("\\boxed{Yes} but then \\boxed{unsure}"), None, "the last box decides");
+    let vs = parse::step_verdicts(
+        "Step 1: \\boxed{correct}\nStep 3: \\boxed{INCORRECT}\nStep 1: \\boxed{incorrect}\nStep 9: \\boxed{correct}",
+        3,
+    );
+    assert_eq!(vs.iter().map(|v| v.map(|v| v.positive)).collect::<Vec<_>>(), vec![Some(false), None, Some(false)]);
+}
+
+#[test]
+fn p_yes_from_top_logprobs() {
+    let spell = |toks: &[TokenSpec]| -> (Vec<Token>, String) {
+        let t: Vec<Token> =
+            toks.iter().map(|t| Token { text: t.token.clone(), logprob: t.logprob, top: t.top.clone() }).collect();
+        let text = t.iter().map(|t| t.text.as_str()).collect();
+        (t, text)
+    };
+    // ` Yes` and `Yes` both count for yes. Python: y=e^-0.1+e^-2.0, n=e^-1.5, y/(y+n) = 0.8233755602.
+    let (t, text) = spell(&boxed_reply(tok("Yes", -0.1, &[("Yes", -0.1), (" Yes", -2.0), ("No", -1.5)])));
+    let v = parse::last_boxed_verdict(&text).unwrap();
+    assert!(close(parse::p_yes(&t, &v).unwrap(), 0.8233755602));
+    // No `No` listed: its mass is that of the smallest listed logprob (-4.0); `yes` counts.
+    // Python: y=e^-0.05+e^-4, n=e^-4 → 0.9814592899.
+    let (t, text) = spell(&boxed_reply(tok("Yes", -0.05, &[("Yes", -0.05), ("Sure", -3.0), ("yes", -4.0)])));
+    let v = parse::last_boxed_verdict(&text).unwrap();
+    assert!(close(parse::p_yes(&t, &v).unwrap(), 0.9814592899));
+    // A verdict token that carries the brace: `{No` sampled, `{Yes` the alternative.
+    // Python: e^-1.8/(e^-1.8+e^-0.2) = 0.1679816149.
+    let (t, text) = spell(&[
+        tok("Checked. \\boxed", -0.1, &[]),
+        tok("{No", -0.2, &[("{No", -0.2), ("{Yes", -1.8), ("No", -3.0)]),
+        tok("}", 0.0, &[]),
+    ]);
+    let v = parse::last_boxed_verdict(&text).unwrap();
+    assert!(close(parse::p_yes(&t, &v).unwrap(), 0.1679816149));
+    // `incorrect` split as `in` + `correct`: `in` reads as incorrect.
+    // Python: y=e^-1.4, n=e^-0.3+e^-2.5 → 0.2305721568.
+    let (t, text) = spell(&[
+        tok("Step 1: \\boxed{", 0.0, &[]),
+        tok("in", -0.3, &[("in", -0.3), ("correct", -1.4), ("inc", -2.5)]),
+        tok("correct}", 0.0, &[]),
+    ]);
+    let v = parse::step_verdicts(&text, 1)[0].unwrap();
+    assert!(!v.positive);
+    assert!(close(parse::p_yes(&t, &v).unwrap(), 0.2305721568));
+    // Without alternatives: no soft score.
+    let (t, text) = spell(&boxed_reply(tok("Yes", -0.1, &[])));
+    assert_eq!(parse::p_yes(&t, &parse::last_boxed_verdict(&text).unwrap()), None);
+}
+
+#[test]
+fn response_shapes() {
+    let chat = chat_logprobs(&[boxed_reply(tok("Yes", -0.1, &[("No", -2.0)]))]);
+    let c = parse::choices(Api::Chat, chat.as_bytes()).unwrap();
+    assert_eq!(c[0].text, "Checked. \\boxed{Yes}");
+    assert_eq!(c[0].tokens.as_ref().unwrap()[2].top, vec![("No".to_string(), -2.0)]);
+    let plain = parse::choices(Api::Chat, chat_text(&["a", "b"]).as_bytes()).unwrap();
+    assert_eq!((plain.len(), plain[1].text.as_str(), plain[1].tokens.is_none()), (2, "b", true));
+    let comp = completion_logprobs(&[boxed_reply(tok("No", -0.3, &[("No", -0.3), ("Yes", -1.0)]))]);
+    let c = parse::choices(Api::Completions, comp.as_bytes()).unwrap();
+    assert_eq!(c[0].tokens.as_ref().unwrap()[2].logprob, -0.3);
+    assert!(parse::choices(Api::Chat, b"{\"choices\": [{\"message\": {\"content\": \"tru").is_err());
+    assert!(parse::choices(Api::Chat, b"<html>bad gateway</html>").is_err());
+    assert!(parse::choices(Api::Chat, b"{\"error\": \"x\"}").is_err());
+}
+
+/// Good steps get a confident Yes, steps containing "bad" a confident No.
+fn genprm_server() -> TestServer {
+    TestServer::start(|req: &crate::testkit::Request| {
+        let (_, text) = current_step(req.prompt());
+        let verdict = if text.contains("bad") {
+            tok("No", -0.2, &[("No", -0.2), ("Yes", -1.8)])
+        } else {
+            tok("Yes", -0.1, &[("Yes", -0.1), (" Yes", -2.0), ("No", -1.5)])
+        };
+        Reply::ok(chat_logprobs(&vec![boxed_reply(verdict); req.n()])).into()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn genprm_judges_each_prefix_and_caches_it() {
+    let server = genprm_server();
+    let judge = Judge::new(&config(&server)).unwrap();
+    let got = judge.judge("What is 2+2?", &["ok 1", "bad 2", "ok 3"]).await;
+    let scores: Vec<f32> = got.iter().map(|j| j.score().unwrap()).collect();
+    assert!(
+        close(scores[0], 0.8233755602) && close(scores[1], 0.1679816149) && close(scores[2], 0.8233755602),
+        "{scores:?}"
+    );
+    assert_eq!(server.requests(), 3);
+    let m = judge.metrics();
+    assert_eq!((m.calls, m.verdicts, m.logprob_verdicts, m.cache_hits, m.unknown_verdicts), (3, 3, 3, 0, 0));
+    assert_eq!((m.logprob_replies, m.logprob_mismatches), (3, 0));
+    // The same prefixes again come from the cache, marked as such.
+    let again = judge.judge("What is 2+2?", &["ok 1", "bad 2", "ok 3"]).await;
+    assert!(again.iter().all(|j| matches!(j, StepJudgement::Scored { cached: true, .. })));
+    assert_eq!(server.requests(), 3);
+    // Changing step 2 changes the prefixes of steps 2 and 3, not step 1.
+    judge.judge("What is 2+2?", &["ok 1", "ok 2", "ok 3"]).await;
+    assert_eq!(server.requests(), 5);
+    // Another problem shares nothing.
+    judge.judge("What is 3+3?", &["ok 1"]).await;
+    assert_eq!(server.requests(), 6);
+    assert_eq!(judge.metrics().cache_hits, 4);
+}
+
+#[tokio::test]
+async fn without_logprobs_the_score_is_the_share_of_verdicts() {
+    // The server returns one choice per request whatever `n` says: the client
+    // asks again for the rest. Verdicts alternate Yes, Yes, No, Yes → 0.75.
+    let server = TestServer::start(|req: &crate::testkit::Request| {
+        let v = if req.seq % 4 == 2 { "No" } else { "Yes" };
+        Reply::ok(chat_text(&[&format!("Fine. \\boxed{{{v}}}")])).into()
+    })
+    .unwrap();
+    let cfg = Config { samples: 4, temperature: 0.7, top_logprobs: 0, ..config(&server) };
+    let judge = Judge::new(&cfg).unwrap();
+    let got = judge.judge("p", &["step"]).await;
+    assert_eq!(got, vec![StepJudgement::Scored { p: 0.75, cached: false, samples: 4, unknown: 0 }]);
+    assert_eq!(server.requests(), 4);
+    assert_eq!(judge.metrics().logprob_verdicts, 0);
+}
+
+#[tokio::test]
+async fn unreadable_verdicts_are_unknown_and_counted() {
+    let server = TestServer::start(|req: &crate::testkit::Request| {
+        let (n, _) = current_step(req.prompt());
+        let texts: &[&str] =
+            if n == 1 { &["\\boxed{Yes}", "I think so.", "\\boxed{maybe}"] } else { &["", "yes", "\\boxed{}"] };
+        Reply::ok(chat_text(texts)).into()
+    })
+    .unwrap();
+    let judge = Judge::new(&Config { samples: 3, ..config(&server) }).unwrap();
+    let got = judge.judge("p", &["a", "b"]).await;
+    assert_eq!(got[0], StepJudgement::Scored { p: 1.0, cached: false, samples: 1, unknown: 2 });
+    assert_eq!(got[1], StepJudgement::Unknown { samples: 3 });
+    assert_eq!(judge.metrics().unknown_verdicts, 5);
+    // Unknown judgements are not cached: asking again asks the server again.
+    judge.judge("p", &["a", "b"]).await;
+    assert_eq!(server.requests(), 3);
+}
+
+#[tokio::test]
+async fn thinkprm_reads_every_step_from_one_reply() {
+    let server = TestServer::start(|req: &crate::testkit::Request| {
+        assert!(req.prompt().contains("Give a verdict for every one of the 3 steps"));
+        let mut toks = tokens("Step 1 adds. Step 1: \\boxed{correct}\nStep 2: \\boxed{", &[]);
+        toks.push(tok("in", -0.3, &[("in", -0.3), ("correct", -1.4), ("inc", -2.5)]));
+        toks.push(tok("correct}\nStep 3 is unclear.", 0.0, &[]));
+        Reply::ok(chat_logprobs(&[toks])).into()
+    })
+    .unwrap();
+    let judge = Judge::new(&Config { template: Style::Thinkprm, ..config(&server) }).unwrap();
+    let got = judge.judge("p", &["a", "b", "c"]).await;
+    assert_eq!(got[0], StepJudgement::Scored { p: 1.0, cached: false, samples: 1, unknown: 0 });
+    assert!(close(got[1].score().unwrap(), 0.2305721568));
+    assert_eq!(got[2], StepJudgement::Unknown { samples: 1 });
+    assert_eq!(server.requests(), 1);
+}
+
+/// A server may report a token holding part of a multi-byte character lossily
+/// (`\u{fffd}`), so the tokens do not spell the reply; the verdict is then found
+/// again in the text they do spell, and P(yes) is still read.
+#[tokio::test]
+async fn p_yes_survives_lossy_token_texts() {
+    let server = TestServer::start(|_: &crate::testkit::Request| {
+        let token = |t: &str, lp: f32, top: serde_json::Value| serde_json::json!({"token": t, "logprob": lp, "top_logprobs": top});
+        let content = vec![
+            token("Caf", -0.1, serde_json::json!([])),
+            token("\u{fffd}", -0.1, serde_json::json!([])),
+            token("\u{fffd}", -0.1, serde_json::json!([])),
+            token(" ok. \\boxed{", -0.1, serde_json::json!([])),
+            token("No", -0.2, serde_json::json!([{"token": "No", "logprob": -0.2}, {"token": "Yes", "logprob": -1.8}])),
+            token("}", 0.0, serde_json::json!([])),
+        ];
+        let body = serde_json::json!({"choices": [{"index": 0, "message": {"content": "Café ok. \\boxed{No}"}, "logprobs": {"content": content}}]});
+        Reply::ok(body.to_string()).into()
+    })
+    .unwrap();
+    let judge = Judge::new(&config(&server)).unwrap();
+    assert!(close(judge.judge("p", &["a"]).await[0].score().unwrap(), 0.1679816149));
+    let m = judge.metrics();
+    assert_eq!((m.logprob_replies, m.logprob_mismatches, m.logprob_verdicts), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn completions_api() {
+    let server = TestServer::start(|req: &crate::testkit::Request| {
+        assert_eq!(req.path, "/v1/completions");
+        assert_eq!(req.body["logprobs"], 5);
+        Reply::ok(completion_logprobs(&[boxed_reply(tok("No", -0.2, &[("No", -0.2), ("Yes", -1.8)]))])).into()
+    })
+    .unwrap();
+    let judge = Judge::new(&Config { api: Api::Completions, ..config(&server) }).unwrap();
+    assert!(close(judge.judge("p", &["a"]).await[0].score().unwrap(), 0.1679816149));
+}
+
+#[tokio::test]
+async fn user_template_file() {
+    let dir = std::env::temp_dir().join(format!("prism-judge-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("t.jinja");
+    std::fs::write(&file, "PROBLEM={{ problem }} N={{ steps|length }} LAST={{ steps[current-1] }}").unwrap();
+    let server = TestServer::start(|req: &crate::testkit::Request| {
+        let ok = req.prompt().starts_with("PROBLEM=p N=");
+        Reply::ok(chat_text(&[if ok && req.prompt().ends_with("LAST=b") { "\\boxed{No}" } else { "\\boxed{Yes}" }]))
+            .into()
+    })
+    .unwrap();
+    let cfg = Config { template_file: file.to_str().unwrap().into(), top_logprobs: 0, ..config(&server) };
+    let judge = Judge::new(&cfg).unwrap();
+    let scores: Vec<Option<f32>> = judge.judge("p", &["a", "b"]).await.iter().map(StepJudgement::score).collect();
+    assert_eq!(scores, vec![Some(1.0), Some(0.0)]);
+    // A template using an unknown variable is refused when the judge is built.
+    std::fs::write(&file, "{{ problme }}").unwrap();
+    let err = Judge::new(&cfg).err().unwrap().to_string();
+    assert!(err.contains("t.jinja") && err.contains("undefined"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn concurrency_limit_holds() {
+    let server = TestServer::start(|req: &crate::testkit::Request| Scripted {
+        delay: Duration::from_millis(50),
+        reply: Reply::ok(chat_text(&vec!["\\boxed{Yes}"; req.n()])),
+    })
+    .unwrap();
+    let judge = Judge::new(&Config { concurrency: 3, ..config(&server) }).unwrap();
+    let steps: Vec<String> = (0..12).map(|i| format!("step {i}")).collect();
+    let refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let got = judge.judge("p", &refs).await;
+    assert!(got.iter().all(|j| j.score() == Some(1.0)));
+    assert_eq!(server.requests(), 12);
+    assert_eq!(server.max_in_flight(), 3);
+}
+
+/// Waits until `cond` holds, polling (tests never sleep a fixed time).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn canaries_measure_the_false_positive_rate() {
+    // A judge fooled by "Thought process:" but not by the other two canaries.
+    let server = TestServer::start(|req: &crate::testkit::Request| {
+        let (_, text) = current_step(req.prompt());
+        let fooled = text == "Thought process:" || !CANARIES.contains(&text.as_str());
+        Reply::ok(chat_text(&[if fooled { "\\boxed{Yes}" } else { "\\boxed{No}" }])).into()
+    })
+    .unwrap();
+    let judge = Judge::new(&Config { canary_every: 2, ..config(&server) }).unwrap();
+    for i in 0..6 {
+        judge.judge("p", &[&format!("real step {i}")]).await;
+    }
+    // Six calls → canaries after calls 2, 4, 6: ":", "Thought process:", "Let's solve…".
+    eventually("3 canaries", || judge.metrics().canaries == 3).await;
+    let m = judge.metrics();
+    assert_eq!((m.calls, m.canary_false_positives), (6, 1));
+    assert!((m.canary_fpr.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+    assert_eq!(server.requests(), 9);
+    // Canary verdicts are not counted among the steps' verdicts.
+    assert_eq!(m.verdicts, 6);
+}
+
+#[test]
+fn config_is_validated() {
+    let bad = [
+        Config { url: "ftp://x".into(), ..Config::default() },
+        Config { samples: 0, ..Config::default() },
+        Config { top_logprobs: 21, ..Config::default() },
+        Config { backoff_ms: 20_000, ..Config::default() },
+        Config { breaker_failures: 0, ..Config::default() },
+    ];
+    let keys: Vec<String> = bad.iter().map(|c| c.validate().unwrap_err().key).collect();
+    assert_eq!(
+        keys,
+        ["judge.url", "judge.samples", "judge.top_logprobs", "judge.backoff_ms", "judge.breaker_failures"]
+    );
+    assert!(Config::default().validate().is_ok());
+    assert!(
+        is_loopback("http://127.0.0.1:8000/v1")
+            && is_loopback("http://[::1]:80")
+            && !is_loopback("https://api.example.com/v1")
+    );
+}
