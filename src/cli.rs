@@ -13,7 +13,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train a policy in one process (the embedded default when no config is given).
-    Train(ConfigArgs),
+    Train(TrainArgs),
     /// Run the learner role of a distributed run.
     Learner(ConfigArgs),
     /// Run a rollout worker process of a distributed run.
@@ -93,7 +93,7 @@ impl Command {
     /// The subcommand's name and its common options.
     pub fn parts(&self) -> (&'static str, &ConfigArgs) {
         match self {
-            Command::Train(a) => ("train", a),
+            Command::Train(a) => ("train", &a.common),
             Command::Learner(a) => ("learner", a),
             Command::Rollout(a) => ("rollout", a),
             Command::Reward(a) => ("reward", a),
@@ -174,4 +174,16 @@ pub struct ProcessBenchArgs {
     /// limit applies on top.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+}
+
+/// `prism train [--resume RUN_DIR]`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Continue a run from its newest intact checkpoint, with the configuration it
+    /// recorded (unless `--config` is given; `--set` still applies, e.g.
+    /// `--set train.steps=2000`).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
 }

@@ -33,6 +33,16 @@ pub struct Config {
     pub judge: prism_reward::judge::Config,
     /// `[distill]`: the online-distilled reward model and the annotation budget.
     pub distill: prism_reward::distill::Config,
+    /// `[task]`: the problems trained and evaluated on.
+    pub task: prism_rollout::task::Config,
+    /// `[rollout]`: how trajectories are sampled.
+    pub rollout: prism_rollout::Config,
+    /// `[pipeline]`: how the actors run.
+    pub pipeline: prism_actors::Config,
+    /// `[train]`: what `prism train` does.
+    pub train: crate::train::TrainConfig,
+    /// `[warmstart]`: supervised imitation of the task's teacher before RL.
+    pub warmstart: crate::train::WarmStartConfig,
 }
 
 /// `[run]`: where a run writes and how it is seeded.
@@ -85,6 +95,18 @@ impl Config {
         self.reward.validate()?;
         self.judge.validate()?;
         self.distill.validate()?;
+        self.task.validate()?;
+        self.rollout.validate()?;
+        self.pipeline.validate()?;
+        self.train.validate()?;
+        self.warmstart.validate()?;
+        if self.learner.temperature != self.rollout.temperature {
+            return Err(Invalid::new(
+                "learner.temperature",
+                self.learner.temperature,
+                format!("must equal rollout.temperature ({}): the learner's log-probs must match the sampler's", self.rollout.temperature),
+            ));
+        }
         Ok(())
     }
 

@@ -7,13 +7,12 @@ mod config;
 mod doctor;
 mod eval;
 mod export;
-#[allow(dead_code)] // drawn by `prism train`
 mod progress;
 mod report;
-#[allow(dead_code)] // written by the training commands
 mod run_dir;
 mod serve;
 mod telemetry;
+mod train;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -31,7 +30,14 @@ fn main() -> ExitCode {
         let flags = flags.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", toml_string(v))));
         sets.splice(0..0, flags.collect::<Vec<_>>());
     }
-    let layers = config::Layers::from_process(args.config.clone(), sets);
+    let mut file = args.config.clone();
+    if let cli::Command::Train(t) = &cli.command {
+        // A resumed run keeps the configuration it recorded.
+        if let (Some(run), None) = (&t.resume, &file) {
+            file = Some(run.join("config.toml"));
+        }
+    }
+    let layers = config::Layers::from_process(file, sets);
     let config = match config::load(&layers) {
         Ok(config) => config,
         Err(e) => {
@@ -42,6 +48,10 @@ fn main() -> ExitCode {
     if args.print_config {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
+    }
+    if let cli::Command::Train(t) = &cli.command {
+        // Training writes its own trace into the run folder.
+        return exit_code(train::main(&config, t.resume.as_deref()));
     }
     let _console = telemetry::init_console(&config.log);
     match cli.command {

@@ -32,6 +32,17 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// An existing run folder (to resume it).
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        if !path.join("config.toml").is_file() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no config.toml in it"));
+        }
+        let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Self { id, path: path.to_path_buf() })
+    }
+}
+
 /// `YYYYMMDD-HHMMSS-xxxx`: UTC time of creation and 4 random hex digits, so ids
 /// sort by start time and two runs started in the same second do not collide.
 pub fn new_run_id(now: SystemTime, suffix: u16) -> String {

@@ -23,6 +23,7 @@
 
 pub mod backend;
 pub mod learner;
+pub mod local;
 pub mod metrics;
 pub mod restart;
 pub mod reward_pool;

@@ -101,6 +101,13 @@ pub struct Config {
     pub bf16: bool,
     /// Checkpoints kept in a run's `checkpoints/` folder. Default 3.
     pub keep_checkpoints: u32,
+
+    /// Most policy versions a group's samples may lag behind the learner when it
+    /// trains on them; 0 = synchronous (on-policy). Default 0.
+    pub max_staleness: u64,
+    /// A group older than `max_staleness`: `drop` it (counted), or train on it
+    /// with `importance_weight` (truncated at `is_cap`, which must be >= 1). Default `drop`.
+    pub stale_groups: String,
 }
 
 impl Default for Config {
@@ -143,6 +150,8 @@ impl Default for Config {
             mini_batches: 1,
             bf16: true,
             keep_checkpoints: 3,
+            max_staleness: 0,
+            stale_groups: "drop".into(),
         }
     }
 }
@@ -242,6 +251,14 @@ impl Config {
         check::positive("learner.ppo_epochs", self.ppo_epochs)?;
         check::positive("learner.mini_batches", self.mini_batches)?;
         check::positive("learner.keep_checkpoints", self.keep_checkpoints)?;
+        check::one_of("learner.stale_groups", &self.stale_groups, &["drop", "importance_weight"])?;
+        if self.stale_groups == "importance_weight" && self.is_cap < 1.0 {
+            return Err(Invalid::new(
+                "learner.stale_groups",
+                &self.stale_groups,
+                "needs truncated importance weights: set learner.is_cap >= 1",
+            ));
+        }
         Ok(())
     }
 

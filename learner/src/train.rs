@@ -218,6 +218,11 @@ impl<P: Policy> Learner<P> {
         &self.config
     }
 
+    /// Gives the policy back (e.g. after a supervised warm start).
+    pub fn into_policy(self) -> P {
+        self.policy
+    }
+
     /// The policy, mutably (e.g. to load weights into it).
     pub fn policy_mut(&mut self) -> &mut P {
         &mut self.policy

@@ -1,0 +1,397 @@
+//! `prism train`: composes a local run — model, task, warm start, learner,
+//! reward labeler, rollout workers — and runs the actor pipeline until the step
+//! or time budget is spent or Ctrl-C, then prints the summary.
+
+use crate::config::Config;
+use crate::progress;
+use crate::run_dir::RunDir;
+use crate::telemetry;
+use anyhow::{bail, Context, Result};
+use prism_actors::backend::{Factory, Generate};
+use prism_actors::local::{CheckpointPlan, Evaluator, ModelGenerator, PolicyTrainer, RewardLabeler};
+use prism_actors::{Finish, LearnerPlan, PipelineSpec, StalePolicy};
+use prism_learner::{Learner, TokenPair};
+use prism_model::{chat::ChatMessage, Loaded, Tokenizer, Transformer};
+use prism_rollout::arithmetic::FlawedTeacher;
+use prism_rollout::{sampler, Task};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// `[train]`: what a `prism train` run does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// RL learner steps in total (a resumed run counts from its checkpoint). Default 1000.
+    pub steps: u64,
+    /// Stop RL after this many seconds of this process; 0 = no limit. Default 300.
+    pub time_limit_s: f64,
+    /// Prompts (groups of `rollout.group_size` samples) per learner step. Default 16.
+    pub batch_groups: usize,
+    /// Evaluate on the held-out problems every this many steps; 0 = at the start and end only. Default 10.
+    pub eval_every: u64,
+    /// Held-out problems per evaluation. Default 200.
+    pub eval_problems: usize,
+    /// Checkpoint every this many steps; 0 = at the end only. Default 25.
+    pub checkpoint_every: u64,
+    /// torch intra-op threads; 0 = torch's default (the core count). Default 0.
+    pub threads: usize,
+    /// `learner.mode = "sft"`: JSONL of `{"prompt", "completion"}` pairs to train on. Default "".
+    pub sft_data: PathBuf,
+    /// `learner.mode = "sft"`: pairs per step. Default 32.
+    pub sft_batch: usize,
+}
+
+/// `[warmstart]`: supervised imitation of the task's (flawed) teacher before RL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmStartConfig {
+    /// Warm start before RL (arithmetic task only). Default true.
+    pub enabled: bool,
+    /// SFT steps. Default 600.
+    pub steps: u64,
+    /// Demonstrations per step. Default 64.
+    pub batch: usize,
+    /// Learning rate (constant, AdamW with the learner's other settings). Default 2e-3.
+    pub lr: f64,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> std::result::Result<(), prism_core::config::Invalid> {
+        use prism_core::config::{check, Invalid};
+        check::positive("train.batch_groups", self.batch_groups)?;
+        check::positive("train.eval_problems", self.eval_problems)?;
+        check::positive("train.sft_batch", self.sft_batch)?;
+        if self.time_limit_s < 0.0 {
+            return Err(Invalid::new("train.time_limit_s", self.time_limit_s, "must be >= 0"));
+        }
+        Ok(())
+    }
+}
+
+impl WarmStartConfig {
+    pub fn validate(&self) -> std::result::Result<(), prism_core::config::Invalid> {
+        prism_core::config::check::positive("warmstart.batch", self.batch)?;
+        prism_core::config::check::positive("warmstart.lr", self.lr)
+    }
+}
+
+/// Runs `prism train` (RL, or SFT with `learner.mode = "sft"`).
+pub fn main(config: &Config, resume: Option<&Path>) -> Result<()> {
+    let run = match resume {
+        Some(dir) => RunDir::open(dir).with_context(|| format!("{}: not a run folder", dir.display()))?,
+        None => RunDir::create(&config.run.dir, &config.to_toml()).context("creating the run folder")?,
+    };
+    let _telemetry = telemetry::init(&config.log, Some(&run.path)).context("opening trace.jsonl")?;
+    if config.train.threads > 0 {
+        tch::set_num_threads(config.train.threads as i32);
+    }
+    tracing::info!(run_id = %run.id, run = %run.path.display(), "run folder");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(async {
+        if config.learner.is_sft() { sft(config, &run).await } else { rl(config, &run, resume.is_some()).await }
+    });
+    if let Err(e) = &result {
+        tracing::error!(error = %format!("{e:#}"), "run failed");
+    }
+    result
+}
+
+fn load_model(config: &Config) -> Result<Loaded> {
+    let opts = config.model.load_options(config.run.seed)?;
+    prism_model::load(&config.model.source, &opts).with_context(|| format!("loading model {}", config.model.source))
+}
+
+fn task(config: &Config, tokenizer: &Tokenizer) -> Result<Task> {
+    let tok = tokenizer.clone();
+    let render = move |question: &str| {
+        tok.apply_chat_template(&[ChatMessage::new("user", question)], true).unwrap_or_else(|_| question.to_string())
+    };
+    Ok(Task::new(&config.task, config.run.seed, Box::new(render))?)
+}
+
+/// The held-out evaluator, labeling with verifiers only.
+fn evaluator(config: &Config, task: &Task, eos: Vec<u32>) -> Result<Evaluator> {
+    let mut reward = config.reward.clone();
+    reward.process = prism_reward::config::Process::Verifier;
+    let labeler = prism_reward::Labeler::new(&reward, &config.judge, &prism_reward::distill::Config::default())?;
+    Ok(Evaluator {
+        prompts: task.eval_prompts(config.train.eval_problems),
+        labeler: Arc::new(labeler),
+        max_new_tokens: config.rollout.max_new_tokens,
+        eos,
+        batch: 64,
+        runtime: tokio::runtime::Handle::current(),
+    })
+}
+
+async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
+    let started = Instant::now();
+    let Loaded { mut model, tokenizer, generation } = load_model(config)?;
+    let eos = generation.eos_token_ids.clone();
+    let task = Arc::new(task(config, &tokenizer)?);
+    let checkpoints = run.path.join("checkpoints");
+    let has_checkpoint = resuming && checkpoints.is_dir();
+
+    if config.warmstart.enabled && config.task.kind == "arithmetic" && !has_checkpoint {
+        let cache = warm_start(config, &mut model, &tokenizer, &eos).await?;
+        println!("warm start: {}", cache.display());
+    }
+
+    let reference = if config.learner.kl_coef > 0.0 {
+        let mut r = load_model(config)?.model;
+        r.copy_weights_from(&model)?;
+        Some(r)
+    } else {
+        None
+    };
+    let mut learner = Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
+    let (version, cursor) = match has_checkpoint {
+        true => match learner.resume(&checkpoints)? {
+            Some(restored) => {
+                for r in &restored.rejected {
+                    eprintln!("prism: skipped damaged checkpoint {r}");
+                }
+                let cursor = restored.meta.data_cursor["prompt_cursor"].as_u64().unwrap_or(0);
+                println!("resumed from {} (step {}, prompt cursor {cursor})", restored.path.display(), restored.meta.step);
+                (restored.meta.step, cursor)
+            }
+            None => (0, 0),
+        },
+        false => (0, 0),
+    };
+    if version >= config.train.steps {
+        bail!("the run is already at step {version} and train.steps = {}: raise train.steps to continue", config.train.steps);
+    }
+
+    let labeler = Arc::new(prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?);
+    let trainer = PolicyTrainer::new(
+        learner,
+        tokenizer.clone(),
+        version,
+        evaluator(config, &task, eos.clone())?,
+        CheckpointPlan { dir: checkpoints, config_hash: prism_learner::checkpoint::config_hash(config) },
+    );
+    let generator: Factory<Box<dyn Generate>> = {
+        let config = config.clone();
+        let eos = eos.clone();
+        Arc::new(move || {
+            let Loaded { model, tokenizer, .. } = load_model(&config).map_err(prism_actors::BackendError::new)?;
+            Ok(Box::new(ModelGenerator::new(model, tokenizer, eos.clone(), config.rollout.clone(), config.run.seed)) as Box<dyn Generate>)
+        })
+    };
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(Default::default());
+    let time_limit = (config.train.time_limit_s > 0.0).then(|| Duration::from_secs_f64(config.train.time_limit_s));
+    let drawer = progress::spawn(progress_rx, progress::Goal { first_step: version, max_steps: config.train.steps, time_limit });
+    let spec = PipelineSpec {
+        task,
+        cursor,
+        generator,
+        labeler: Arc::new(RewardLabeler(labeler)),
+        trainer: Box::new(trainer),
+        plan: LearnerPlan {
+            batch_groups: config.train.batch_groups,
+            max_staleness: config.learner.max_staleness,
+            stale: if config.learner.stale_groups == "importance_weight" { StalePolicy::ImportanceWeight } else { StalePolicy::Drop },
+            max_steps: config.train.steps,
+            time_limit,
+            eval_every: config.train.eval_every,
+            checkpoint_every: config.train.checkpoint_every,
+        },
+        rollout_workers: config.rollout.workers,
+        prompts_per_batch: config.rollout.prompts_per_batch,
+        config: config.pipeline.clone(),
+        metrics_path: Some(run.path.join("metrics.jsonl")),
+        progress: progress_tx,
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("prism: interrupted; stopping after a final checkpoint");
+    };
+    let summary = prism_actors::run(spec, shutdown).await.map_err(anyhow::Error::msg)?;
+    let _ = drawer.await;
+
+    let evals = read_evals(&run.path.join("metrics.jsonl"))?;
+    let first = evals.iter().find(|e| e.step == version);
+    let last = evals.last();
+    let pct = |e: Option<&Eval>| e.map_or("—".to_string(), |e| format!("{:.1}%", e.accuracy * 100.0));
+    let start_label = if version == 0 { "warm start".to_string() } else { format!("resumed at step {version}") };
+    println!("held-out accuracy ({} problems, greedy):", config.train.eval_problems);
+    println!("  {start_label:<22} {}", pct(first));
+    println!("  {:<22} {}", format!("final (step {})", last.map_or(version, |e| e.step)), pct(last));
+    println!("stopped: {}", match summary.finish {
+        Finish::MaxSteps => "reached train.steps",
+        Finish::TimeLimit => "reached train.time_limit_s",
+        Finish::Interrupted => "interrupted",
+    });
+    println!("trajectories: {}", summary.ledger);
+    println!("wall time: {:.1} s (RL {:.1} s)", started.elapsed().as_secs_f64(), summary.wall.as_secs_f64());
+    println!("run folder: {}", run.path.display());
+    let json = serde_json::json!({
+        "finish": format!("{:?}", summary.finish),
+        "start_step": version,
+        "start_accuracy": first.map(|e| e.accuracy),
+        "final_step": last.map(|e| e.step),
+        "final_accuracy": last.map(|e| e.accuracy),
+        "ledger": summary.ledger,
+        "balanced": summary.ledger.balanced(),
+        "wall_s": started.elapsed().as_secs_f64(),
+        "rl_wall_s": summary.wall.as_secs_f64(),
+    });
+    std::fs::write(run.path.join("summary.json"), serde_json::to_vec_pretty(&json)?)?;
+    tracing::info!(ledger = %summary.ledger, balanced = summary.ledger.balanced(), "run finished");
+    if !summary.ledger.balanced() {
+        bail!("trajectory accounting does not balance: {}", summary.ledger);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Eval {
+    step: u64,
+    #[serde(rename = "eval_accuracy")]
+    accuracy: f64,
+}
+
+fn read_evals(path: &Path) -> Result<Vec<Eval>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "eval")
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect())
+}
+
+/// Demonstration `index` of the flawed teacher, tokenised: prompt, then the
+/// teacher's steps and answer followed by eos.
+fn demonstration(task: &Task, teacher: &FlawedTeacher, tokenizer: &Tokenizer, eos: &[u32], index: u64) -> Result<TokenPair> {
+    let Task::Arithmetic { generator, seed } = task else { bail!("warm start needs the arithmetic task") };
+    // A stream of its own, so demonstrations are not the RL prompts.
+    let expr = generator.train(prism_rollout::hash64(&[*seed, 0xde70]), index);
+    let prompt = prism_core::Prompt {
+        id: prism_core::PromptId(index),
+        task: "arithmetic".into(),
+        problem: expr.to_string(),
+        text: expr.prompt(),
+        reference: None,
+    };
+    let mut completion = tokenizer.encode(&expr.completion(teacher), false)?;
+    completion.extend(eos.first());
+    Ok(TokenPair { prompt: sampler::encode_prompt(tokenizer, &prompt)?, completion })
+}
+
+/// Imitates the flawed teacher, or loads the result from `runs/cache/` when a
+/// warm start with the same settings was made before.
+async fn warm_start(config: &Config, model: &mut Transformer, tokenizer: &Tokenizer, eos: &[u32]) -> Result<PathBuf> {
+    let key = prism_learner::checkpoint::config_hash(&serde_json::json!({
+        "model": config.model, "seed": config.run.seed, "task": config.task.arithmetic, "warmstart": config.warmstart,
+        "learner": { "weight_decay": config.learner.weight_decay, "beta1": config.learner.beta1, "beta2": config.learner.beta2,
+                     "eps": config.learner.eps, "grad_clip": config.learner.grad_clip },
+        "format": 1,
+    }));
+    let cache = config.run.dir.join("cache").join(format!("warmstart-{}", &key[..16]));
+    if cache.join("model.safetensors").is_file() {
+        let cached = prism_model::load(cache.to_str().context("cache path is not UTF-8")?, &config.model.load_options(config.run.seed)?)
+            .with_context(|| format!("{}: damaged warm-start cache (delete it to rebuild)", cache.display()))?;
+        model.copy_weights_from(&cached.model)?;
+        tracing::info!(cache = %cache.display(), "warm start loaded from cache");
+        return Ok(cache);
+    }
+    let task = task(config, tokenizer)?;
+    let teacher = FlawedTeacher { rate: config.task.arithmetic.flaw_rate, seed: config.task.arithmetic.flaw_seed };
+    let mut sft = config.learner.clone();
+    sft.mode = "sft".into();
+    sft.lr = config.warmstart.lr;
+    sft.schedule = "constant".into();
+    sft.warmup_steps = 0;
+    sft.kl_coef = 0.0;
+    sft.micro_batch_size = config.warmstart.batch as u32;
+    let placeholder = load_model(config)?.model;
+    let policy = std::mem::replace(model, placeholder);
+    let ws = config.warmstart.clone();
+    let (tok, eos) = (tokenizer.clone(), eos.to_vec());
+    let seed = config.run.seed;
+    let started = Instant::now();
+    let trained = tokio::task::spawn_blocking(move || -> Result<Transformer> {
+        let _span = tracing::info_span!("warmstart", actor = "learner").entered();
+        let mut learner = Learner::new(sft, policy, None, seed)?;
+        for step in 0..ws.steps {
+            let pairs = (0..ws.batch as u64)
+                .map(|i| demonstration(&task, &teacher, &tok, &eos, step * ws.batch as u64 + i))
+                .collect::<Result<Vec<_>>>()?;
+            let stats = learner.sft_step(&pairs)?;
+            if step % 100 == 0 || step + 1 == ws.steps {
+                tracing::info!(step, loss = stats.loss, "warm start");
+            }
+        }
+        Ok(learner.into_policy())
+    })
+    .await??;
+    *model = trained;
+    let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+    model.save_hf(&tmp, tokenizer)?;
+    std::fs::create_dir_all(cache.parent().expect("cache has a parent"))?;
+    match std::fs::rename(&tmp, &cache) {
+        Ok(()) => {}
+        // Another run made the same warm start meanwhile; theirs is as good.
+        Err(_) if cache.join("model.safetensors").is_file() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot store the warm start", cache.display())),
+    }
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), cache = %cache.display(), "warm start trained");
+    Ok(cache)
+}
+
+/// `learner.mode = "sft"`: supervised training on a JSONL of pairs, with checkpoints.
+async fn sft(config: &Config, run: &RunDir) -> Result<()> {
+    if config.train.sft_data.as_os_str().is_empty() {
+        bail!("learner.mode = \"sft\" needs train.sft_data (a JSONL file of {{\"prompt\", \"completion\"}} pairs)");
+    }
+    let Loaded { model, tokenizer, generation } = load_model(config)?;
+    let eos = generation.eos_token_ids.first().copied();
+    let pairs: Vec<TokenPair> = prism_learner::sft::read_jsonl(&config.train.sft_data)?
+        .into_iter()
+        .map(|p| -> Result<TokenPair> {
+            let mut completion = tokenizer.encode(&p.completion, false)?;
+            completion.extend(eos);
+            Ok(TokenPair { prompt: tokenizer.encode(&p.prompt, true)?, completion })
+        })
+        .collect::<Result<_>>()?;
+    let checkpoints = run.path.join("checkpoints");
+    let mut learner = Learner::new(config.learner.clone(), model, None, config.run.seed)?;
+    let start = match learner.resume(&checkpoints)? {
+        Some(r) => r.meta.step,
+        None => 0,
+    };
+    let hash = prism_learner::checkpoint::config_hash(config);
+    let save = |learner: &Learner<Transformer>, step: u64| -> Result<()> {
+        let meta = prism_learner::CheckpointMeta {
+            step,
+            policy_version: step,
+            data_cursor: serde_json::json!({ "pair_cursor": step * config.train.sft_batch as u64 }),
+            config_hash: hash.clone(),
+        };
+        learner.save_checkpoint(&checkpoints, &meta)?;
+        Ok(())
+    };
+    let metrics = run.path.join("metrics.jsonl");
+    let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&metrics)?;
+    let started = Instant::now();
+    for step in start..config.train.steps {
+        let b = config.train.sft_batch;
+        let batch: Vec<TokenPair> = (0..b).map(|i| pairs[(step as usize * b + i) % pairs.len()].clone()).collect();
+        let stats = learner.sft_step(&batch)?;
+        use std::io::Write;
+        writeln!(out, "{}", serde_json::json!({"kind": "step", "step": step + 1, "time_s": started.elapsed().as_secs_f64(), "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens}))?;
+        if config.train.checkpoint_every > 0 && (step + 1) % config.train.checkpoint_every == 0 {
+            save(&learner, step + 1)?;
+        }
+    }
+    save(&learner, config.train.steps)?;
+    println!("sft: {} steps on {} pairs in {:.1} s", config.train.steps - start, pairs.len(), started.elapsed().as_secs_f64());
+    println!("run folder: {}", run.path.display());
+    Ok(())
+}
