@@ -123,11 +123,14 @@ pub struct ReportArgs {
     pub out: Option<PathBuf>,
 }
 
-/// `prism eval ...`.
+/// `prism eval --checkpoint DIR` or `prism eval processbench ...`.
 #[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct EvalArgs {
     #[command(subcommand)]
-    pub what: EvalCommand,
+    pub what: Option<EvalCommand>,
+    #[command(flatten)]
+    pub checkpoint: CheckpointEvalArgs,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -139,9 +142,37 @@ pub enum EvalCommand {
 impl EvalArgs {
     pub fn common(&self) -> &ConfigArgs {
         match &self.what {
-            EvalCommand::Processbench(a) => &a.common,
+            Some(EvalCommand::Processbench(a)) => &a.common,
+            None => &self.checkpoint.common,
         }
     }
+}
+
+/// `prism eval --checkpoint DIR [--task ...]`: held-out accuracy and pass@k of a policy.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointEvalArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// A checkpoint folder, a run folder (its newest intact checkpoint), an HF
+    /// folder, a `.gguf` file or a builtin preset (default: `model.source`).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+    /// `arithmetic` (the held-out problems), `gsm8k` (GSM8K test from the data
+    /// folder) or `jsonl` (`task.jsonl`). Default: `task.kind`.
+    #[arg(long, value_name = "TASK")]
+    pub task: Option<String>,
+    /// Problems evaluated (default: `train.eval_problems`; all of GSM8K test with `--problems 0`).
+    #[arg(long, value_name = "N")]
+    pub problems: Option<usize>,
+    /// Also sample K completions per problem (at `--temperature`) for pass@K.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub k: usize,
+    /// Sampling temperature for pass@K.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Write one JSON line per problem (completions and labels) here.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// `prism eval processbench --judge URL --model NAME --data FILE`.

@@ -183,3 +183,108 @@ impl Progress {
         }
     }
 }
+
+/// `prism eval --checkpoint DIR`: greedy held-out accuracy (and step accuracy),
+/// plus pass@k from `k` sampled completions per problem when `k > 1`.
+pub fn checkpoint(config: &Config, args: &crate::cli::CheckpointEvalArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use prism_actors::local::{summarize, Evaluator};
+    let source = match &args.checkpoint {
+        None => config.model.source.clone(),
+        Some(path) => resolve_checkpoint(path)?.to_string_lossy().into_owned(),
+    };
+    let mut config = config.clone();
+    match args.task.as_deref() {
+        None => {}
+        Some("arithmetic") => config.task.kind = "arithmetic".into(),
+        Some("jsonl") => config.task.kind = "jsonl".into(),
+        Some("gsm8k") => {
+            config.task.kind = "jsonl".into();
+            config.task.jsonl.train = prism_rollout::task::data_dir().join("gsm8k/test.jsonl");
+            config.task.jsonl.eval = None;
+        }
+        Some(other) => anyhow::bail!("--task {other:?}: expected arithmetic, gsm8k or jsonl"),
+    }
+    config.task.validate().map_err(anyhow::Error::msg)?;
+    let problems = match args.problems {
+        Some(0) => usize::MAX,
+        Some(n) => n,
+        None => config.train.eval_problems,
+    };
+    let loaded = prism_model::load(&source, &config.model.load_options(config.run.seed)?).with_context(|| format!("loading {source}"))?;
+    let tok = loaded.tokenizer.clone();
+    let render = move |q: &str| {
+        tok.apply_chat_template(&[prism_model::chat::ChatMessage::new("user", q)], true).unwrap_or_else(|_| q.to_string())
+    };
+    let task = prism_rollout::Task::new(&config.task, config.run.seed, Box::new(render))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut reward = config.reward.clone();
+    reward.process = prism_reward::config::Process::Verifier;
+    let labeler = prism_reward::Labeler::new(&reward, &config.judge, &prism_reward::distill::Config::default())?;
+    let eos = loaded.generation.eos_token_ids.clone();
+    let evaluator = Evaluator {
+        prompts: task.eval_prompts(problems),
+        labeler: std::sync::Arc::new(labeler),
+        max_new_tokens: config.rollout.max_new_tokens,
+        eos: eos.clone(),
+        batch: 64,
+        runtime: runtime.handle().clone(),
+    };
+    let started = Instant::now();
+    let greedy = prism_model::SamplingParams::greedy(config.rollout.max_new_tokens, eos.clone());
+    let graded = evaluator.grade(&loaded.model, &loaded.tokenizer, &greedy).map_err(anyhow::Error::msg)?;
+    let (report, _) = summarize(&graded, 1);
+    println!("model: {source}");
+    println!("task: {} ({} problems)", task.name(), report.problems);
+    println!("accuracy (greedy): {:.1}%", report.accuracy * 100.0);
+    if let Some(s) = report.step_accuracy {
+        println!("step accuracy (greedy): {:.1}%", s * 100.0);
+    }
+    let mut sampled = None;
+    if args.k > 1 {
+        let params = prism_model::SamplingParams {
+            n: args.k,
+            temperature: args.temperature,
+            max_new_tokens: config.rollout.max_new_tokens,
+            eos,
+            seed: config.run.seed,
+            ..Default::default()
+        };
+        let graded = evaluator.grade(&loaded.model, &loaded.tokenizer, &params).map_err(anyhow::Error::msg)?;
+        let (_, pass) = summarize(&graded, args.k);
+        println!("pass@{} (temperature {}): {:.1}%", args.k, args.temperature, pass * 100.0);
+        sampled = Some(graded);
+    }
+    println!("time: {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(out) = &args.out {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(out).with_context(|| format!("{}: cannot create", out.display()))?);
+        for (i, g) in graded.iter().enumerate() {
+            let samples = sampled.as_ref().map(|s| &s[i].samples);
+            writeln!(
+                f,
+                "{}",
+                serde_json::json!({
+                    "problem": g.prompt.problem,
+                    "reference": g.prompt.reference,
+                    "greedy": g.samples.first().map(|(text, label)| serde_json::json!({"text": text, "label": label})),
+                    "samples": samples.map(|s| s.iter().map(|(text, label)| serde_json::json!({"text": text, "outcome": label.outcome})).collect::<Vec<_>>()),
+                })
+            )?;
+        }
+        println!("predictions: {}", out.display());
+    }
+    Ok(())
+}
+
+/// A run folder means its newest intact checkpoint; anything else is a model source.
+fn resolve_checkpoint(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let checkpoints = path.join("checkpoints");
+    if checkpoints.is_dir() {
+        let (found, rejected) = prism_learner::checkpoint::latest_intact(&checkpoints)?;
+        for r in rejected {
+            eprintln!("prism eval: skipped damaged checkpoint {r}");
+        }
+        return found.map(|c| c.path).ok_or_else(|| anyhow::anyhow!("{}: no intact checkpoint", checkpoints.display()));
+    }
+    Ok(path.to_path_buf())
+}

@@ -59,7 +59,8 @@ fn main() -> ExitCode {
         cli::Command::Serve(_) => exit_code(serve::main(&config.model, &config.serve, config.run.seed)),
         cli::Command::Export(a) => exit_code(export::main(&a.from, &a.to, &config.model, config.run.seed)),
         cli::Command::Eval(a) => match &a.what {
-            cli::EvalCommand::Processbench(args) => eval::processbench(&config, args),
+            Some(cli::EvalCommand::Processbench(args)) => eval::processbench(&config, args),
+            None => exit_code(eval::checkpoint(&config, &a.checkpoint)),
         },
         cli::Command::Bench(b) => match &b.what {
             cli::BenchCommand::Generate(g) => exit_code(bench::generate(g, &config.model, config.run.seed)),
