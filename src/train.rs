@@ -207,7 +207,12 @@ async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
-        eprintln!("prism: interrupted; stopping after a final checkpoint");
+        eprintln!("prism: interrupted; stopping after a final checkpoint (Ctrl-C again to quit now)");
+        tokio::spawn(async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("prism: interrupted twice; quitting without a final checkpoint");
+            std::process::exit(130);
+        });
     };
     let summary = prism_actors::run(spec, shutdown).await.map_err(anyhow::Error::msg)?;
     let _ = drawer.await;
