@@ -129,7 +129,15 @@ fn malformed_set_is_an_error() {
 #[test]
 fn learner_section_defaults_match_the_documented_ones() {
     let c = load(&Layers::default()).unwrap();
-    assert_eq!(c.learner, prism_learner::Config::default());
+    // The embedded default trains the tiny arithmetic model; everything else is the library's default.
+    let embedded = prism_learner::Config {
+        advantage: "tp_grpo".into(),
+        drop_uniform_groups: true,
+        lr: 5e-5,
+        micro_batch_size: 128,
+        ..prism_learner::Config::default()
+    };
+    assert_eq!(c.learner, embedded);
     let c = load(&layers(None, &[], &["learner.mode=sft", "learner.clip_high=0.3"])).unwrap();
     assert!(c.learner.is_sft());
     assert_eq!(c.learner.clip_high, 0.3);
