@@ -32,8 +32,8 @@ fn train(dir: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 fn run_folders(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("runs"))
-        .unwrap()
+    let Ok(entries) = std::fs::read_dir(dir.join("runs")) else { return Vec::new() };
+    let mut v: Vec<PathBuf> = entries
         .map(|e| e.unwrap().path())
         .filter(|p| p.file_name().unwrap() != "cache")
         .collect();
@@ -58,8 +58,8 @@ fn steps(metrics: &[Value]) -> Vec<u64> {
 fn a_tiny_run_writes_its_folder_balances_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let out = train(dir.path(), &["--set", "train.steps=3"]);
-    let stdout = stdout(&out);
-    assert!(out.status.success(), "{}\n{}", stdout, stderr(&out));
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}\n{}", text, stderr(&out));
     let runs = run_folders(dir.path());
     assert_eq!(runs.len(), 1);
     let run = &runs[0];
@@ -81,10 +81,10 @@ fn a_tiny_run_writes_its_folder_balances_and_resumes() {
     assert_eq!(summary["finish"], "MaxSteps");
     assert_eq!(summary["ledger"]["trained"], 3 * 2 * 4);
     // What the user reads.
-    assert!(stdout.contains("held-out accuracy (8 problems, greedy):"), "{stdout}");
-    assert!(stdout.contains("warm start"), "{stdout}");
-    assert!(stdout.contains("trajectories: made "), "{stdout}");
-    assert!(stdout.contains(&format!("run folder: {}", run.display())) || stdout.contains("run folder: "), "{stdout}");
+    assert!(text.contains("held-out accuracy (8 problems, greedy):"), "{text}");
+    assert!(text.contains("warm start"), "{text}");
+    assert!(text.contains("trajectories: made "), "{text}");
+    assert!(text.contains(&format!("run folder: {}", run.display())), "{text}");
 
     // Resume: continues from step 3 to 5 in the same folder.
     let out = prism()
