@@ -85,6 +85,7 @@ def run(args):
         "device_name": name,
         "threads": torch.get_num_threads(),
         "params": sum(q.numel() for q in params),
+        "torch": torch.__version__,
     }))
 
 

@@ -9,6 +9,7 @@
 //! tokens/s = batch × (new_tokens − 1) / (full − prefill).
 
 pub mod reward;
+pub mod train;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -169,12 +170,7 @@ fn reference(
     model_cfg: &prism_model::Config,
 ) -> anyhow::Result<(Timing, String)> {
     let repo = repo_root();
-    let venv = repo.join(".venv/bin/python");
-    let python = match std::env::var_os("PRISM_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None if venv.exists() => venv,
-        None => PathBuf::from("python3"),
-    };
+    let python = python(&repo);
     let script = repo.join("benches/reference/generate.py");
     // transformers reads HF folders and GGUF files; anything else goes through an export.
     let tmp;
@@ -208,6 +204,17 @@ fn reference(
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading the reference's JSON")?;
     let get = |k: &str| v[k].as_f64().with_context(|| format!("reference output lacks {k}"));
     Ok((Timing { prefill_s: get("prefill_s")?, total_s: get("total_s")? }, v["torch"].as_str().unwrap_or("?").to_string()))
+}
+
+/// Where the reference runs: `PRISM_PYTHON`, else the repository's
+/// `.venv/bin/python`, else `python3`.
+fn python(repo: &Path) -> PathBuf {
+    let venv = repo.join(".venv/bin/python");
+    match std::env::var_os("PRISM_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None if venv.exists() => venv,
+        None => PathBuf::from("python3"),
+    }
 }
 
 /// The repository (for `.venv` and the reference script): `PRISM_REPO`, else

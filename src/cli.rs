@@ -15,7 +15,7 @@ pub enum Command {
     /// Train a policy in one process (the embedded default when no config is given).
     Train(TrainArgs),
     /// Run the learner role of a distributed run.
-    Learner(ConfigArgs),
+    Learner(TrainArgs),
     /// Run a rollout worker process of a distributed run.
     Rollout(ConfigArgs),
     /// Run a reward worker process of a distributed run.
@@ -32,6 +32,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Check the installation: libtorch, CUDA, NCCL, Redis, threads.
     Doctor(ConfigArgs),
+    /// Show a distributed run: workers by role, policy versions, queues, lag, throughput.
+    Status(StatusArgs),
 }
 
 /// Options every subcommand takes.
@@ -85,6 +87,8 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Generation throughput against transformers on the same workload.
     Generate(crate::bench::GenerateArgs),
+    /// Training throughput against the same step in PyTorch eager.
+    Train(crate::bench::train::TrainArgs),
     /// Labeling throughput against a loopback judge that answers after a fixed delay.
     Reward(crate::bench::reward::RewardArgs),
 }
@@ -94,7 +98,7 @@ impl Command {
     pub fn parts(&self) -> (&'static str, &ConfigArgs) {
         match self {
             Command::Train(a) => ("train", &a.common),
-            Command::Learner(a) => ("learner", a),
+            Command::Learner(a) => ("learner", &a.common),
             Command::Rollout(a) => ("rollout", a),
             Command::Reward(a) => ("reward", a),
             Command::Serve(a) => ("serve", &a.common),
@@ -103,9 +107,11 @@ impl Command {
             Command::Export(a) => ("export", &a.common),
             Command::Bench(a) => match &a.what {
                 BenchCommand::Generate(g) => ("bench", &g.common),
+                BenchCommand::Train(t) => ("bench", &t.common),
                 BenchCommand::Reward(r) => ("bench", &r.common),
             },
             Command::Doctor(a) => ("doctor", a),
+            Command::Status(a) => ("status", &a.common),
         }
     }
 }
@@ -121,6 +127,16 @@ pub struct ReportArgs {
     /// Where to write the plots and timeline (default `RUN_DIR/report`).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+}
+
+/// `prism status [--learner ADDR]`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// The learner's gRPC address, e.g. `http://127.0.0.1:50051` (default `grpc.learner`).
+    #[arg(long, value_name = "ADDR")]
+    pub learner: Option<String>,
 }
 
 /// `prism eval --checkpoint DIR` or `prism eval processbench ...`.

@@ -23,7 +23,9 @@ pub const EXIT_CONFIG: i32 = 64;
 pub struct Config {
     pub run: RunConfig,
     pub log: LogConfig,
-    pub redis: RedisConfig,
+    pub redis: prism_actors::dist::redis::Config,
+    pub grpc: prism_actors::dist::grpc::Config,
+    pub dist: prism_actors::dist::Config,
     pub model: prism_model::Config,
     pub serve: crate::serve::Config,
     pub learner: prism_learner::Config,
@@ -65,15 +67,6 @@ pub struct LogConfig {
     pub trace: String,
 }
 
-/// `[redis]`: the Redis server of the distributed transport.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`, `rediss://` (TLS) or `unix:///path`.
-    /// Default `redis://127.0.0.1:6379`.
-    pub url: String,
-}
-
 impl Config {
     /// Checks values that parse but are not acceptable.
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -82,10 +75,9 @@ impl Config {
                 .parse(filter)
                 .map_err(|e| Invalid::new(key, filter, format!("not a tracing filter ({e})")))?;
         }
-        let scheme = self.redis.url.split_once("://").map(|(s, _)| s);
-        if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
-            return Err(Invalid::new("redis.url", &self.redis.url, "must start with redis://, rediss:// or unix://"));
-        }
+        self.redis.validate()?;
+        self.grpc.validate()?;
+        self.dist.validate()?;
         self.model.validate()?;
         self.serve.validate()?;
         if self.run.dir.as_os_str().is_empty() {
@@ -112,9 +104,12 @@ impl Config {
 
     /// The configuration as TOML, as `--print-config` shows it and the run folder
     /// records it. Secrets never appear here: sections hold references to them
-    /// (an env var or file name), not the secrets themselves.
+    /// (an env var or file name), not the secrets themselves; a password
+    /// written into `redis.url` is shown as `***`.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a Config always serialises to TOML")
+        let mut shown = self.clone();
+        shown.redis.url = prism_actors::dist::redis::redact_url(&self.redis.url);
+        toml::to_string(&shown).expect("a Config always serialises to TOML")
     }
 }
 

@@ -9,7 +9,9 @@ mod eval;
 mod export;
 mod progress;
 mod report;
+mod roles;
 mod run_dir;
+mod status;
 mod serve;
 mod telemetry;
 mod train;
@@ -31,7 +33,7 @@ fn main() -> ExitCode {
         sets.splice(0..0, flags.collect::<Vec<_>>());
     }
     let mut file = args.config.clone();
-    if let cli::Command::Train(t) = &cli.command {
+    if let cli::Command::Train(t) | cli::Command::Learner(t) = &cli.command {
         // A resumed run keeps the configuration it recorded.
         if let (Some(run), None) = (&t.resume, &file) {
             file = Some(run.join("config.toml"));
@@ -49,13 +51,18 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    if let cli::Command::Train(t) = &cli.command {
-        // Training writes its own trace into the run folder.
-        return exit_code(train::main(&config, t.resume.as_deref()));
+    // Training writes its own trace into the run folder.
+    match &cli.command {
+        cli::Command::Train(t) => return exit_code(train::main(&config, t.resume.as_deref())),
+        cli::Command::Learner(t) => return exit_code(roles::learner(&config, t.resume.as_deref())),
+        _ => {}
     }
     let _console = telemetry::init_console(&config.log);
     match cli.command {
         cli::Command::Doctor(_) => doctor::run(&config),
+        cli::Command::Rollout(_) => exit_code(roles::rollout(&config)),
+        cli::Command::Reward(_) => exit_code(roles::reward(&config)),
+        cli::Command::Status(a) => status::run(&config, a.learner.as_deref()),
         cli::Command::Serve(_) => exit_code(serve::main(&config.model, &config.serve, config.run.seed)),
         cli::Command::Export(a) => exit_code(export::main(&a.from, &a.to, &config.model, config.run.seed)),
         cli::Command::Eval(a) => match &a.what {
@@ -64,6 +71,7 @@ fn main() -> ExitCode {
         },
         cli::Command::Bench(b) => match &b.what {
             cli::BenchCommand::Generate(g) => exit_code(bench::generate(g, &config.model, config.run.seed)),
+            cli::BenchCommand::Train(t) => exit_code(bench::train::train(t, &config.model, config.run.seed)),
             cli::BenchCommand::Reward(r) => bench::reward::reward(&config, r),
         },
         cli::Command::Report(a) => match report::run(&a.run, a.out.as_deref()) {

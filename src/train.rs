@@ -9,7 +9,7 @@ use crate::telemetry;
 use anyhow::{bail, Context, Result};
 use prism_actors::backend::{Factory, Generate};
 use prism_actors::local::{CheckpointPlan, Evaluator, ModelGenerator, PolicyTrainer, RewardLabeler};
-use prism_actors::{Finish, LearnerPlan, PipelineSpec, StalePolicy};
+use prism_actors::{Finish, LearnerPlan, PipelineSpec, StalePolicy, Summary};
 use prism_learner::{Learner, TokenPair};
 use prism_model::{chat::ChatMessage, Loaded, Tokenizer, Transformer};
 use prism_rollout::arithmetic::FlawedTeacher;
@@ -98,7 +98,7 @@ pub fn main(config: &Config, resume: Option<&Path>) -> Result<()> {
     result
 }
 
-fn load_model(config: &Config) -> Result<Loaded> {
+pub(crate) fn load_model(config: &Config) -> Result<Loaded> {
     let opts = config.model.load_options(config.run.seed)?;
     prism_model::load(&config.model.source, &opts).with_context(|| format!("loading model {}", config.model.source))
 }
@@ -126,8 +126,19 @@ fn evaluator(config: &Config, task: &Task, eos: Vec<u32>) -> Result<Evaluator> {
     })
 }
 
-async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
-    let started = Instant::now();
+/// The learner's half of an RL run, shared by `prism train` and `prism learner`:
+/// the policy after the warm start (or the checkpoint it resumes from), the
+/// trainer around it, and where the prompts continue.
+pub(crate) struct Prepared {
+    pub trainer: PolicyTrainer,
+    /// Policy version of the trainer's weights (the checkpoint's step on resume).
+    pub version: u64,
+    pub cursor: u64,
+    pub task: Arc<Task>,
+    pub eos: Vec<u32>,
+}
+
+pub(crate) async fn prepare(config: &Config, run: &RunDir, resuming: bool) -> Result<Prepared> {
     let Loaded { mut model, tokenizer, generation } = load_model(config)?;
     let eos = generation.eos_token_ids.clone();
     let task = Arc::new(task(config, &tokenizer)?);
@@ -164,8 +175,6 @@ async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
     if version >= config.train.steps {
         bail!("the run is already at step {version} and train.steps = {}: raise train.steps to continue", config.train.steps);
     }
-
-    let labeler = Arc::new(prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?);
     let trainer = PolicyTrainer::new(
         learner,
         tokenizer.clone(),
@@ -173,6 +182,41 @@ async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
         evaluator(config, &task, eos.clone())?,
         CheckpointPlan { dir: checkpoints, config_hash: prism_learner::checkpoint::config_hash(config) },
     );
+    Ok(Prepared { trainer, version, cursor, task, eos })
+}
+
+/// When the learner stops, evaluates and checkpoints.
+pub(crate) fn plan(config: &Config) -> LearnerPlan {
+    LearnerPlan {
+        batch_groups: config.train.batch_groups,
+        max_staleness: config.learner.max_staleness,
+        stale: if config.learner.stale_groups == "importance_weight" { StalePolicy::ImportanceWeight } else { StalePolicy::Drop },
+        max_steps: config.train.steps,
+        time_limit: time_limit(config),
+        eval_every: config.train.eval_every,
+        checkpoint_every: config.train.checkpoint_every,
+    }
+}
+
+fn time_limit(config: &Config) -> Option<Duration> {
+    (config.train.time_limit_s > 0.0).then(|| Duration::from_secs_f64(config.train.time_limit_s))
+}
+
+/// Resolves on the first Ctrl-C (and quits the process on the second).
+pub(crate) async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("prism: interrupted; stopping after a final checkpoint (Ctrl-C again to quit now)");
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("prism: interrupted twice; quitting without a final checkpoint");
+        std::process::exit(130);
+    });
+}
+
+async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
+    let started = Instant::now();
+    let Prepared { trainer, version, cursor, task, eos } = prepare(config, run, resuming).await?;
+    let labeler = Arc::new(prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?);
     let generator: Factory<Box<dyn Generate>> = {
         let config = config.clone();
         let eos = eos.clone();
@@ -182,41 +226,28 @@ async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
         })
     };
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(Default::default());
-    let time_limit = (config.train.time_limit_s > 0.0).then(|| Duration::from_secs_f64(config.train.time_limit_s));
-    let drawer = progress::spawn(progress_rx, progress::Goal { first_step: version, max_steps: config.train.steps, time_limit });
+    let drawer = progress::spawn(progress_rx, progress::Goal { first_step: version, max_steps: config.train.steps, time_limit: time_limit(config) });
     let spec = PipelineSpec {
         task,
         cursor,
         generator,
         labeler: Arc::new(RewardLabeler(labeler)),
         trainer: Box::new(trainer),
-        plan: LearnerPlan {
-            batch_groups: config.train.batch_groups,
-            max_staleness: config.learner.max_staleness,
-            stale: if config.learner.stale_groups == "importance_weight" { StalePolicy::ImportanceWeight } else { StalePolicy::Drop },
-            max_steps: config.train.steps,
-            time_limit,
-            eval_every: config.train.eval_every,
-            checkpoint_every: config.train.checkpoint_every,
-        },
+        plan: plan(config),
         rollout_workers: config.rollout.workers,
         prompts_per_batch: config.rollout.prompts_per_batch,
         config: config.pipeline.clone(),
         metrics_path: Some(run.path.join("metrics.jsonl")),
         progress: progress_tx,
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-        eprintln!("prism: interrupted; stopping after a final checkpoint (Ctrl-C again to quit now)");
-        tokio::spawn(async {
-            let _ = tokio::signal::ctrl_c().await;
-            eprintln!("prism: interrupted twice; quitting without a final checkpoint");
-            std::process::exit(130);
-        });
-    };
-    let summary = prism_actors::run(spec, shutdown).await.map_err(anyhow::Error::msg)?;
+    let summary = prism_actors::run(spec, ctrl_c()).await.map_err(anyhow::Error::msg)?;
     let _ = drawer.await;
+    finish(config, run, version, &summary, started)
+}
 
+/// Prints how the run went, writes `summary.json`, and fails when the
+/// trajectory accounting does not balance.
+pub(crate) fn finish(config: &Config, run: &RunDir, version: u64, summary: &Summary, started: Instant) -> Result<()> {
     let evals = read_evals(&run.path.join("metrics.jsonl"))?;
     let first = evals.iter().find(|e| e.step == version);
     let last = evals.last();

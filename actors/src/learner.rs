@@ -7,7 +7,7 @@ use crate::reward_pool::{CompleteGroup, PoolMsg};
 use crate::source::SourceMsg;
 use crate::supervisor::SupMsg;
 use crate::weight_sync::SyncMsg;
-use prism_core::PolicyVersion;
+use prism_core::{LabeledTrajectory, PolicyVersion};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::VecDeque;
@@ -151,12 +151,7 @@ impl LearnerState {
         let n = self.plan.batch_groups;
         let batch: Vec<(CompleteGroup, u64)> = self.buffer.drain(..n).collect();
         let lags: Vec<u64> = batch.iter().map(|(_, l)| *l).collect();
-        let samples: Vec<_> = batch.iter().flat_map(|(g, _)| g.trajectories.iter()).collect();
-        let reward = mean(samples.iter().map(|l| l.label.outcome as f64));
-        let accuracy = mean(samples.iter().map(|l| if l.label.outcome >= 0.5 { 1.0 } else { 0.0 }));
-        let step_scores: Vec<f64> =
-            samples.iter().flat_map(|l| l.label.steps.iter().filter_map(|s| s.score)).map(|s| if s >= 0.5 { 1.0 } else { 0.0 }).collect();
-        let step_accuracy = (!step_scores.is_empty()).then(|| mean(step_scores.into_iter()));
+        let (reward, accuracy, step_accuracy) = batch_outcomes(batch.iter().flat_map(|(g, _)| g.trajectories.iter()));
         let groups: Vec<_> = batch.into_iter().map(|(g, _)| g.trajectories).collect();
 
         let started = Instant::now();
@@ -195,6 +190,18 @@ impl LearnerState {
         }
         Ok(())
     }
+}
+
+/// Of the samples of one step: mean outcome score, share correct (score ≥ 0.5),
+/// and share of scored steps judged correct (when steps were scored).
+pub(crate) fn batch_outcomes<'a>(samples: impl Iterator<Item = &'a LabeledTrajectory>) -> (f64, f64, Option<f64>) {
+    let samples: Vec<&LabeledTrajectory> = samples.collect();
+    let reward = mean(samples.iter().map(|l| l.label.outcome as f64));
+    let accuracy = mean(samples.iter().map(|l| if l.label.outcome >= 0.5 { 1.0 } else { 0.0 }));
+    let step_scores: Vec<f64> =
+        samples.iter().flat_map(|l| l.label.steps.iter().filter_map(|s| s.score)).map(|s| if s >= 0.5 { 1.0 } else { 0.0 }).collect();
+    let step_accuracy = (!step_scores.is_empty()).then(|| mean(step_scores.into_iter()));
+    (reward, accuracy, step_accuracy)
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> f64 {

@@ -22,6 +22,7 @@
 //! libraries know nothing of this crate.
 
 pub mod backend;
+pub mod dist;
 pub mod learner;
 pub mod local;
 pub mod metrics;

@@ -94,9 +94,14 @@ impl SourceState {
                 self.waiting.push_front((worker, max, reply));
                 return;
             }
-            if let Err(e) = reply.send(work) {
-                // The worker is gone; its leases come back when its failure is reported.
-                tracing::debug!(%worker, error = %e, "work reply not delivered");
+            if let Err(ractor::MessagingErr::SendErr(work)) = reply.send(work) {
+                // The asker gave up waiting (a remote worker's request timed
+                // out): what it never received is handed out again.
+                tracing::debug!(%worker, groups = work.len(), "work reply not delivered; re-issuing it");
+                if let Some(leases) = self.leases.get_mut(&worker) {
+                    leases.retain(|a| !work.iter().any(|w| w.group == a.group));
+                }
+                self.reissue.extend(work);
             }
         }
     }

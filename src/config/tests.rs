@@ -127,6 +127,24 @@ fn malformed_set_is_an_error() {
 }
 
 #[test]
+fn printed_config_never_shows_a_redis_password() {
+    let c = load(&layers(None, &[("PRISM__REDIS__URL", "redis://:hunter2@h:6379/0")], &[])).unwrap();
+    assert_eq!(c.redis.url, "redis://:hunter2@h:6379/0", "the password is still used");
+    let shown = c.to_toml();
+    assert!(!shown.contains("hunter2") && shown.contains("redis://:***@h:6379/0"), "{shown}");
+}
+
+#[test]
+fn distributed_sections_are_validated_with_their_keys() {
+    let e = load(&layers(None, &[], &["dist.dead_after_ms=100", "dist.heartbeat_ms=100"])).unwrap_err().to_string();
+    assert!(e.contains("`dist.dead_after_ms`: must be at least twice dist.heartbeat_ms (100)"), "{e}");
+    let e = load(&layers(None, &[], &["grpc.learner=127.0.0.1:50051"])).unwrap_err().to_string();
+    assert!(e.contains("`grpc.learner`: must start with http:// or https://"), "{e}");
+    let e = load(&layers(None, &[], &["redis.max_len=0"])).unwrap_err().to_string();
+    assert!(e.contains("`redis.max_len`: must be > 0"), "{e}");
+}
+
+#[test]
 fn learner_section_defaults_match_the_documented_ones() {
     let c = load(&Layers::default()).unwrap();
     // The embedded default trains the tiny arithmetic model; everything else is the library's default.

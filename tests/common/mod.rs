@@ -96,3 +96,20 @@ pub fn smollm_gguf() -> Option<PathBuf> {
     eprintln!("skipped: {reason}");
     None
 }
+
+/// A redis-server on `port` with its files in `dir` and `args` (e.g. AOF),
+/// once it accepts connections. The caller kills it.
+pub fn redis_server(dir: &Path, port: u16, args: &[&str]) -> Child {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir", &dir.to_string_lossy()])
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (scripts/setup installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}

@@ -1,0 +1,585 @@
+//! The Control service: workers register and heartbeat with the learner, which
+//! marks a worker that stays silent for `dist.dead_after_ms` dead (survivors
+//! then reclaim its stream entries), answers `prism status`, hands out the NCCL
+//! unique id and tells workers when to stop.
+
+use super::grpc::{self, ClientAuth, Token};
+use super::{Error, Result};
+use prism_proto::v1;
+use prism_proto::v1::control_server::ControlServer;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, watch};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Where the learner's prompts come from, for the `GetWork` and `Delivered`
+/// RPCs (the learner process backs it with its PromptSource), and who hears
+/// that a rollout worker died (its leased prompts are handed out again).
+#[tonic::async_trait]
+pub trait WorkSource: Send + Sync + 'static {
+    /// Up to `max` assignments for `worker`, waiting up to `wait` for one to be
+    /// issuable: `Some(empty)` = none yet, `None` = the run stopped.
+    async fn get_work(&self, worker: &str, max: usize, wait: Duration) -> Option<Vec<v1::Assignment>>;
+    /// `worker` put `groups` (`trajectories` trajectories, `tokens` tokens,
+    /// generated in `generate_s` seconds) on the sampled stream.
+    fn delivered(&self, worker: &str, groups: &[u64], trajectories: u64, tokens: u64, generate_s: f64);
+    /// `worker` was declared dead or left.
+    fn worker_failed(&self, worker: &str);
+}
+
+/// One registered worker, as the learner sees it.
+#[derive(Debug, Clone)]
+struct Worker {
+    role: v1::Role,
+    name: String,
+    device: String,
+    state: v1::WorkerState,
+    policy_version: u64,
+    last_seen: Instant,
+    counters: v1::WorkerCounters,
+    /// Items per second, smoothed over heartbeats.
+    throughput: f64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    run_id: String,
+    heartbeat: Duration,
+    dead_after: Duration,
+    next_id: u64,
+    workers: BTreeMap<String, Worker>,
+    /// Every worker ever declared dead, in order.
+    dead: Vec<String>,
+    policy_version: u64,
+    step: u64,
+    total_steps: u64,
+    trained: u64,
+    dropped: BTreeMap<String, u64>,
+    queues: Vec<v1::QueueDepth>,
+    nccl_ids: HashMap<String, v1::NcclId>,
+    work: Option<Arc<dyn WorkSource>>,
+}
+
+impl std::fmt::Debug for dyn WorkSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkSource")
+    }
+}
+
+impl Inner {
+    /// Marks workers silent for longer than `dead_after` dead (and tells the
+    /// work source, so a dead rollout worker's prompts are issued again).
+    fn sweep(&mut self, now: Instant) {
+        for (id, w) in &mut self.workers {
+            if w.state == v1::WorkerState::Alive && now.duration_since(w.last_seen) > self.dead_after {
+                w.state = v1::WorkerState::Dead;
+                self.dead.push(id.clone());
+                tracing::warn!(
+                    worker_id = %id,
+                    role = w.role.as_str_name(),
+                    name = %w.name,
+                    silent_ms = now.duration_since(w.last_seen).as_millis() as u64,
+                    "worker missed its heartbeats: marked dead, its entries will be reclaimed"
+                );
+                if let Some(work) = &self.work {
+                    work.worker_failed(id);
+                }
+            }
+        }
+    }
+}
+
+/// The learner's side of Control: the cluster's state, shared by the gRPC
+/// service and the learner that updates it. Cloning shares it.
+#[derive(Clone, Debug)]
+pub struct Control {
+    inner: Arc<Mutex<Inner>>,
+    shutdown: Arc<watch::Sender<Option<String>>>,
+    nccl_published: Arc<Notify>,
+}
+
+impl Control {
+    /// State for run `run_id` with the heartbeat settings of `config`.
+    pub fn new(run_id: &str, config: &super::Config) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                run_id: run_id.to_string(),
+                heartbeat: Duration::from_millis(config.heartbeat_ms),
+                dead_after: Duration::from_millis(config.dead_after_ms),
+                next_id: 0,
+                workers: BTreeMap::new(),
+                dead: Vec::new(),
+                policy_version: 0,
+                step: 0,
+                total_steps: 0,
+                trained: 0,
+                dropped: BTreeMap::new(),
+                queues: Vec::new(),
+                nccl_ids: HashMap::new(),
+                work: None,
+            })),
+            shutdown: Arc::new(watch::channel(None).0),
+            nccl_published: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data; keep serving it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The tonic service, refusing requests without `token` when one is set.
+    pub fn service(&self, token: Option<Token>) -> InterceptedService<ControlServer<Self>, grpc::Auth> {
+        InterceptedService::new(ControlServer::new(self.clone()), grpc::Auth::new(token))
+    }
+
+    /// Hands out prompts from `work` (until then `GetWork` answers UNAVAILABLE).
+    pub fn set_work_source(&self, work: Arc<dyn WorkSource>) {
+        self.lock().work = Some(work);
+    }
+
+    /// Records the newest published policy version.
+    pub fn set_policy_version(&self, version: u64) {
+        self.lock().policy_version = version;
+    }
+
+    /// Records training progress.
+    pub fn set_progress(&self, step: u64, total_steps: u64, trained: u64) {
+        let mut s = self.lock();
+        (s.step, s.total_steps, s.trained) = (step, total_steps, trained);
+    }
+
+    /// Counts `n` trajectories dropped for `reason`.
+    pub fn record_dropped(&self, reason: &str, n: u64) {
+        *self.lock().dropped.entry(reason.to_string()).or_default() += n;
+    }
+
+    /// Records the streams' depths (shown by `prism status`).
+    pub fn set_queues(&self, queues: Vec<super::redis::QueueDepth>) {
+        self.lock().queues = queues
+            .into_iter()
+            .map(|q| v1::QueueDepth { stream: q.stream, waiting: q.waiting, pending: q.pending })
+            .collect();
+    }
+
+    /// Asks every worker to stop (they learn it from their next heartbeat).
+    pub fn request_shutdown(&self, reason: &str) {
+        self.shutdown.send_replace(Some(reason.to_string()));
+    }
+
+    /// Resolves with the reason once a shutdown was requested (by the learner
+    /// or by a `Shutdown` call).
+    pub fn shutdown_requested(&self) -> watch::Receiver<Option<String>> {
+        self.shutdown.subscribe()
+    }
+
+    /// Marks silent workers dead now and returns every worker declared dead so far.
+    pub fn sweep(&self) -> Vec<String> {
+        let mut s = self.lock();
+        s.sweep(Instant::now());
+        s.dead.clone()
+    }
+
+    /// Sweeps every heartbeat interval in a background task, so a dead worker
+    /// is noticed (and its prompts re-issued) even while no RPC arrives.
+    pub fn spawn_sweeper(&self) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let every = self.lock().heartbeat;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                me.sweep();
+            }
+        })
+    }
+
+    /// The cluster as `prism status` shows it.
+    pub fn status(&self) -> v1::ClusterStatus {
+        let mut s = self.lock();
+        let now = Instant::now();
+        s.sweep(now);
+        v1::ClusterStatus {
+            run_id: s.run_id.clone(),
+            policy_version: s.policy_version,
+            step: s.step,
+            total_steps: s.total_steps,
+            workers: s
+                .workers
+                .iter()
+                .map(|(id, w)| v1::WorkerStatus {
+                    worker_id: id.clone(),
+                    role: w.role as i32,
+                    name: w.name.clone(),
+                    device: w.device.clone(),
+                    state: w.state as i32,
+                    policy_version: w.policy_version,
+                    lag: s.policy_version.saturating_sub(w.policy_version),
+                    last_seen_ms: now.duration_since(w.last_seen).as_millis() as u64,
+                    counters: Some(w.counters),
+                    throughput: w.throughput,
+                })
+                .collect(),
+            queues: s.queues.clone(),
+            trajectories_trained: s.trained,
+            dropped: s.dropped.clone().into_iter().collect(),
+            shutting_down: self.shutdown.borrow().is_some(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::control_server::Control for Control {
+    async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        let r = request.into_inner();
+        let role = v1::Role::try_from(r.role).unwrap_or(v1::Role::Unspecified);
+        if matches!(role, v1::Role::Unspecified | v1::Role::Learner) {
+            return Err(Status::invalid_argument(format!("register: role {} cannot join as a worker", r.role)));
+        }
+        if self.shutdown.borrow().is_some() {
+            return Err(Status::unavailable("register: the run is shutting down"));
+        }
+        let mut s = self.lock();
+        s.next_id += 1;
+        let role_name = match role {
+            v1::Role::Rollout => "rollout",
+            _ => "reward",
+        };
+        let worker_id = format!("{role_name}-{}", s.next_id);
+        tracing::info!(worker_id = %worker_id, name = %r.name, device = %r.device, pid = r.pid, "worker registered");
+        s.workers.insert(
+            worker_id.clone(),
+            Worker {
+                role,
+                name: r.name,
+                device: r.device,
+                state: v1::WorkerState::Alive,
+                policy_version: 0,
+                last_seen: Instant::now(),
+                counters: v1::WorkerCounters::default(),
+                throughput: 0.0,
+            },
+        );
+        Ok(Response::new(v1::RegisterResponse {
+            worker_id,
+            run_id: s.run_id.clone(),
+            heartbeat_interval_ms: s.heartbeat.as_millis() as u64,
+            policy_version: s.policy_version,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let now = Instant::now();
+        let mut s = self.lock();
+        s.sweep(now);
+        let Some(w) = s.workers.get_mut(&r.worker_id) else {
+            return Err(Status::not_found(format!("heartbeat: unknown worker {}: register first", r.worker_id)));
+        };
+        match w.state {
+            v1::WorkerState::Alive => {}
+            state => {
+                return Err(Status::failed_precondition(format!(
+                    "heartbeat: worker {} is {}: its entries were handed to others; register again",
+                    r.worker_id,
+                    state.as_str_name()
+                )));
+            }
+        }
+        let counters = r.counters.unwrap_or_default();
+        let dt = now.duration_since(w.last_seen).as_secs_f64();
+        if dt > 0.0 {
+            let rate = counters.processed.saturating_sub(w.counters.processed) as f64 / dt;
+            w.throughput = if w.throughput == 0.0 { rate } else { 0.7 * w.throughput + 0.3 * rate };
+        }
+        w.last_seen = now;
+        w.policy_version = r.policy_version;
+        w.counters = counters;
+        Ok(Response::new(v1::HeartbeatResponse {
+            latest_version: s.policy_version,
+            shutdown: self.shutdown.borrow().is_some(),
+            dead_workers: s.dead.clone(),
+        }))
+    }
+
+    async fn get_status(&self, _: Request<v1::GetStatusRequest>) -> Result<Response<v1::ClusterStatus>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    async fn shutdown(&self, request: Request<v1::ShutdownRequest>) -> Result<Response<v1::ShutdownResponse>, Status> {
+        let r = request.into_inner();
+        if r.worker_id.is_empty() {
+            tracing::info!(reason = %r.reason, "shutdown requested over gRPC");
+            self.request_shutdown(&r.reason);
+        } else {
+            let mut s = self.lock();
+            if let Some(w) = s.workers.get_mut(&r.worker_id) {
+                tracing::info!(worker_id = %r.worker_id, reason = %r.reason, "worker left");
+                w.state = v1::WorkerState::Left;
+                // Survivors take over whatever it read and did not acknowledge.
+                s.dead.push(r.worker_id.clone());
+                if let Some(work) = &s.work {
+                    work.worker_failed(&r.worker_id);
+                }
+            }
+        }
+        Ok(Response::new(v1::ShutdownResponse {}))
+    }
+
+    async fn publish_nccl_id(&self, request: Request<v1::NcclId>) -> Result<Response<v1::PublishNcclIdResponse>, Status> {
+        let id = request.into_inner();
+        if id.id.len() != super::nccl::UNIQUE_ID_BYTES || id.world_size == 0 {
+            return Err(Status::invalid_argument(format!(
+                "publish NCCL id for {}: want {} bytes and world_size > 0, got {} bytes and world_size {}",
+                id.group,
+                super::nccl::UNIQUE_ID_BYTES,
+                id.id.len(),
+                id.world_size
+            )));
+        }
+        self.lock().nccl_ids.insert(id.group.clone(), id);
+        self.nccl_published.notify_waiters();
+        Ok(Response::new(v1::PublishNcclIdResponse {}))
+    }
+
+    async fn get_work(&self, request: Request<v1::GetWorkRequest>) -> Result<Response<v1::GetWorkResponse>, Status> {
+        let r = request.into_inner();
+        let work = {
+            let s = self.lock();
+            match s.workers.get(&r.worker_id).map(|w| w.state) {
+                Some(v1::WorkerState::Alive) => {}
+                Some(state) => {
+                    return Err(Status::failed_precondition(format!(
+                        "get work: worker {} is {}; register again",
+                        r.worker_id,
+                        state.as_str_name()
+                    )));
+                }
+                None => return Err(Status::not_found(format!("get work: unknown worker {}: register first", r.worker_id))),
+            }
+            s.work.clone().ok_or_else(|| Status::unavailable("get work: the learner is not handing out prompts yet"))?
+        };
+        if self.shutdown.borrow().is_some() {
+            return Ok(Response::new(v1::GetWorkResponse { assignments: vec![], stopped: true }));
+        }
+        let wait = Duration::from_millis(r.wait_ms.min(60_000));
+        Ok(Response::new(match work.get_work(&r.worker_id, r.max.max(1) as usize, wait).await {
+            Some(assignments) => v1::GetWorkResponse { assignments, stopped: false },
+            None => v1::GetWorkResponse { assignments: vec![], stopped: true },
+        }))
+    }
+
+    async fn delivered(&self, request: Request<v1::DeliveredRequest>) -> Result<Response<v1::DeliveredResponse>, Status> {
+        let r = request.into_inner();
+        let work = self.lock().work.clone().ok_or_else(|| Status::unavailable("delivered: the learner has no work source"))?;
+        work.delivered(&r.worker_id, &r.groups, r.trajectories, r.tokens, r.generate_s);
+        Ok(Response::new(v1::DeliveredResponse {}))
+    }
+
+    async fn get_nccl_id(&self, request: Request<v1::GetNcclIdRequest>) -> Result<Response<v1::NcclId>, Status> {
+        let r = request.into_inner();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(r.wait_ms);
+        loop {
+            let notified = self.nccl_published.notified();
+            if let Some(id) = self.lock().nccl_ids.get(&r.group) {
+                return Ok(Response::new(id.clone()));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "NCCL id of group {} not published within {} ms",
+                    r.group, r.wait_ms
+                )));
+            }
+        }
+    }
+}
+
+/// A worker's (or `prism status`'s) connection to the learner's Control service.
+#[derive(Clone, Debug)]
+pub struct ControlClient {
+    inner: v1::control_client::ControlClient<InterceptedService<Channel, ClientAuth>>,
+    addr: String,
+}
+
+impl ControlClient {
+    /// Connects to the learner at `grpc.learner`, or `addr` when given.
+    pub async fn connect(config: &grpc::Config, addr: Option<&str>, token: Option<&Token>) -> Result<Self> {
+        let addr = addr.unwrap_or(&config.learner).to_string();
+        let channel = grpc::connect(config, &addr).await?;
+        Ok(Self { inner: v1::control_client::ControlClient::with_interceptor(channel, ClientAuth::new(token)), addr })
+    }
+
+    fn err(&self, rpc: &'static str) -> impl Fn(Status) -> Error + '_ {
+        move |status| Error::Rpc { addr: self.addr.clone(), rpc, status: Box::new(status) }
+    }
+
+    /// Joins the run as `role`.
+    pub async fn register(&mut self, role: v1::Role, name: &str, device: &str) -> Result<v1::RegisterResponse> {
+        let req = v1::RegisterRequest { role: role as i32, name: name.into(), pid: std::process::id(), device: device.into() };
+        let r = self.inner.register(req).await;
+        r.map(Response::into_inner).map_err(self.err("Register"))
+    }
+
+    /// Reports liveness, the held policy version and counters.
+    pub async fn heartbeat(
+        &mut self,
+        worker_id: &str,
+        policy_version: u64,
+        counters: v1::WorkerCounters,
+    ) -> Result<v1::HeartbeatResponse> {
+        let req = v1::HeartbeatRequest { worker_id: worker_id.into(), policy_version, counters: Some(counters) };
+        let r = self.inner.heartbeat(req).await;
+        r.map(Response::into_inner).map_err(self.err("Heartbeat"))
+    }
+
+    /// The cluster's status.
+    pub async fn status(&mut self) -> Result<v1::ClusterStatus> {
+        let r = self.inner.get_status(v1::GetStatusRequest {}).await;
+        r.map(Response::into_inner).map_err(self.err("GetStatus"))
+    }
+
+    /// Stops the run (`worker_id` empty) or leaves it.
+    pub async fn shutdown(&mut self, worker_id: &str, reason: &str) -> Result<()> {
+        let r = self.inner.shutdown(v1::ShutdownRequest { worker_id: worker_id.into(), reason: reason.into() }).await;
+        r.map(|_| ()).map_err(self.err("Shutdown"))
+    }
+
+    /// Rank 0: publishes the NCCL unique id of `group`.
+    pub async fn publish_nccl_id(&mut self, group: &str, id: Vec<u8>, world_size: u32) -> Result<()> {
+        let r = self.inner.publish_nccl_id(v1::NcclId { group: group.into(), id, world_size }).await;
+        r.map(|_| ()).map_err(self.err("PublishNcclId"))
+    }
+
+    /// Other ranks: waits up to `wait` for rank 0's id of `group`.
+    pub async fn get_nccl_id(&mut self, group: &str, wait: Duration) -> Result<v1::NcclId> {
+        let req = v1::GetNcclIdRequest { group: group.into(), wait_ms: wait.as_millis() as u64 };
+        let r = self.inner.get_nccl_id(req).await;
+        r.map(Response::into_inner).map_err(self.err("GetNcclId"))
+    }
+}
+
+impl ControlClient {
+    /// Up to `max` prompts for `worker_id`, the learner waiting up to `wait`;
+    /// `None` once the run is over.
+    pub async fn get_work(&mut self, worker_id: &str, max: usize, wait: Duration) -> Result<Option<Vec<v1::Assignment>>> {
+        let req = v1::GetWorkRequest { worker_id: worker_id.into(), max: max as u32, wait_ms: wait.as_millis() as u64 };
+        let mut request = Request::new(req);
+        // The long poll may take `wait`; leave room beyond the usual deadline.
+        request.set_timeout(wait + Duration::from_secs(30));
+        let r = self.inner.get_work(request).await.map_err(self.err("GetWork"))?.into_inner();
+        Ok(if r.stopped { None } else { Some(r.assignments) })
+    }
+
+    /// Reports groups put on the sampled stream.
+    pub async fn delivered(&mut self, worker_id: &str, groups: Vec<u64>, trajectories: u64, tokens: u64, generate_s: f64) -> Result<()> {
+        let req = v1::DeliveredRequest { worker_id: worker_id.into(), groups, trajectories, tokens, generate_s };
+        let r = self.inner.delivered(req).await;
+        r.map(|_| ()).map_err(self.err("Delivered"))
+    }
+}
+
+/// What a worker learns from its heartbeats.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Membership {
+    /// This worker's id (changes if it had to register again).
+    pub worker_id: String,
+    /// The newest published policy version.
+    pub latest_version: u64,
+    /// The learner asked workers to stop.
+    pub shutdown: bool,
+    /// Workers declared dead: their stream entries are to be reclaimed.
+    pub dead_workers: Vec<String>,
+    /// The last heartbeat error, if the latest one failed.
+    pub error: Option<String>,
+}
+
+/// The counters a worker reports; shared between the worker's loop and its
+/// heartbeat task.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub processed: std::sync::atomic::AtomicU64,
+    pub in_flight: std::sync::atomic::AtomicU64,
+    pub dropped: std::sync::atomic::AtomicU64,
+    pub policy_version: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> (u64, v1::WorkerCounters) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.policy_version.load(Relaxed),
+            v1::WorkerCounters {
+                processed: self.processed.load(Relaxed),
+                in_flight: self.in_flight.load(Relaxed),
+                dropped: self.dropped.load(Relaxed),
+            },
+        )
+    }
+}
+
+/// Registers as `role` and heartbeats every interval the learner asks for, in a
+/// background task, publishing what it learns. A worker declared dead (or
+/// forgotten by a restarted learner) registers again.
+pub async fn join(
+    mut client: ControlClient,
+    role: v1::Role,
+    name: &str,
+    device: &str,
+    counters: Arc<Counters>,
+) -> Result<(watch::Receiver<Membership>, tokio::task::JoinHandle<()>)> {
+    let reg = client.register(role, name, device).await?;
+    let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(1));
+    let (tx, rx) = watch::channel(Membership {
+        worker_id: reg.worker_id.clone(),
+        latest_version: reg.policy_version,
+        ..Default::default()
+    });
+    let (name, device) = (name.to_string(), device.to_string());
+    let task = tokio::spawn(async move {
+        let mut worker_id = reg.worker_id;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let (version, c) = counters.snapshot();
+            match client.heartbeat(&worker_id, version, c).await {
+                Ok(r) => {
+                    let stop = r.shutdown;
+                    tx.send_replace(Membership {
+                        worker_id: worker_id.clone(),
+                        latest_version: r.latest_version,
+                        shutdown: r.shutdown,
+                        dead_workers: r.dead_workers,
+                        error: None,
+                    });
+                    if stop {
+                        return;
+                    }
+                }
+                Err(Error::Rpc { status, .. })
+                    if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) =>
+                {
+                    tracing::warn!(worker_id = %worker_id, reason = %status.message(), "registering again");
+                    if let Ok(reg) = client.register(role, &name, &device).await {
+                        worker_id = reg.worker_id;
+                        tx.send_modify(|m| m.worker_id = worker_id.clone());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(worker_id = %worker_id, error = %e, "heartbeat failed");
+                    tx.send_modify(|m| m.error = Some(e.to_string()));
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    Ok((rx, task))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,201 @@
+use super::*;
+use crate::dist::testing::{TestLearner, eventually};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
+
+fn dist(heartbeat_ms: u64, dead_after_ms: u64) -> crate::dist::Config {
+    crate::dist::Config { heartbeat_ms, dead_after_ms, ..Default::default() }
+}
+
+async fn client(l: &TestLearner, token: Option<&str>) -> Result<ControlClient> {
+    let token = token.map(|t| Token::new(t).unwrap());
+    ControlClient::connect(&l.grpc, Some(&l.addr), token.as_ref()).await
+}
+
+#[tokio::test]
+async fn workers_register_heartbeat_and_show_in_status() {
+    let l = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    l.control.set_policy_version(5);
+    let mut c = client(&l, None).await.unwrap();
+    let r = c.register(v1::Role::Rollout, "pod-a", "cpu").await.unwrap();
+    assert_eq!((r.worker_id.as_str(), r.run_id.as_str(), r.policy_version), ("rollout-1", "test-run", 5));
+    let r2 = c.register(v1::Role::Reward, "pod-b", "cpu").await.unwrap();
+    assert_eq!(r2.worker_id, "reward-2");
+    let hb = c.heartbeat("rollout-1", 3, v1::WorkerCounters { processed: 40, in_flight: 2, dropped: 0 }).await.unwrap();
+    assert_eq!((hb.latest_version, hb.shutdown), (5, false));
+    l.control.set_progress(7, 20, 112);
+    l.control.record_dropped("stale", 3);
+    let s = c.status().await.unwrap();
+    assert_eq!((s.policy_version, s.step, s.total_steps, s.trajectories_trained), (5, 7, 20, 112));
+    assert_eq!(s.dropped.get("stale"), Some(&3));
+    let w = s.workers.iter().find(|w| w.worker_id == "rollout-1").unwrap();
+    assert_eq!((w.role(), w.state(), w.policy_version, w.lag), (v1::Role::Rollout, v1::WorkerState::Alive, 3, 2));
+    assert_eq!(w.counters.unwrap().processed, 40);
+    assert!(c.register(v1::Role::Learner, "x", "cpu").await.unwrap_err().to_string().contains("cannot join as a worker"));
+}
+
+#[tokio::test]
+async fn a_silent_worker_is_marked_dead_and_survivors_hear_of_it() {
+    let l = TestLearner::start(&dist(50, 300), grpc::Config::default(), None).await;
+    let mut c = client(&l, None).await.unwrap();
+    let silent = c.register(v1::Role::Reward, "silent", "cpu").await.unwrap().worker_id;
+    let counters = Arc::new(Counters::default());
+    counters.processed.store(9, Relaxed);
+    let (membership, task) = join(c.clone(), v1::Role::Reward, "alive", "cpu", counters).await.unwrap();
+    let mut m = membership.clone();
+    let seen = eventually("the silent worker declared dead", Duration::from_secs(10), async || {
+        let cur = m.borrow_and_update().clone();
+        cur.dead_workers.contains(&silent).then_some(cur)
+    })
+    .await;
+    assert_ne!(seen.worker_id, silent);
+    let s = c.status().await.unwrap();
+    let state = |id: &str| s.workers.iter().find(|w| w.worker_id == id).unwrap().state();
+    assert_eq!(state(&silent), v1::WorkerState::Dead);
+    assert_eq!(state(&seen.worker_id), v1::WorkerState::Alive);
+    // a dead worker that comes back is told to register again
+    let err = c.heartbeat(&silent, 0, Default::default()).await.unwrap_err();
+    assert!(err.to_string().contains("register again"), "{err}");
+    task.abort();
+}
+
+#[tokio::test]
+async fn shutdown_reaches_workers_through_heartbeats() {
+    let l = TestLearner::start(&dist(50, 1000), grpc::Config::default(), None).await;
+    let c = client(&l, None).await.unwrap();
+    let (mut membership, task) = join(c.clone(), v1::Role::Rollout, "w", "cpu", Arc::new(Counters::default())).await.unwrap();
+    let mut requested = l.control.shutdown_requested();
+    c.clone().shutdown("", "done").await.unwrap();
+    requested.changed().await.unwrap();
+    assert_eq!(requested.borrow().as_deref(), Some("done"));
+    eventually("workers told to stop", Duration::from_secs(10), async || membership.borrow_and_update().shutdown.then_some(())).await;
+    task.await.unwrap(); // the heartbeat task ends by itself
+    assert!(c.clone().register(v1::Role::Rollout, "late", "cpu").await.unwrap_err().to_string().contains("shutting down"));
+}
+
+#[tokio::test]
+async fn requests_without_the_right_token_are_refused_clearly() {
+    let l = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), Some("s3cret-token")).await;
+    let err = client(&l, None).await.unwrap().register(v1::Role::Rollout, "w", "cpu").await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("Register refused") && text.contains("no bearer token"), "{text}");
+    let Error::Rpc { status, .. } = &err else { panic!("{err:?}") };
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let err = client(&l, Some("guess")).await.unwrap().status().await.unwrap_err().to_string();
+    assert!(err.contains("wrong bearer token") && !err.contains("s3cret"), "{err}");
+    client(&l, Some("s3cret-token")).await.unwrap().register(v1::Role::Rollout, "w", "cpu").await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_learner_is_a_clear_error_within_the_connect_timeout() {
+    let cfg = grpc::Config { connect_timeout_ms: 300, request_timeout_ms: 1000, ..Default::default() };
+    // nothing listens
+    let port = crate::dist::testing::free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let err = ControlClient::connect(&cfg, Some(&addr), None).await.unwrap_err().to_string();
+    assert!(err.starts_with(&format!("learner at {addr} did not answer within 300 ms")), "{err}");
+    // something accepts connections but never speaks
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", silent.local_addr().unwrap());
+    let err = ControlClient::connect(&cfg, Some(&addr), None).await.and_then(|_| Ok(())).err();
+    if let Some(err) = err {
+        assert!(err.to_string().contains(&addr), "{err}");
+    } else {
+        let mut c = ControlClient::connect(&cfg, Some(&addr), None).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(60), c.status()).await.expect("a deadline, not a hang").unwrap_err();
+        assert!(err.to_string().contains(&addr), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn the_nccl_id_goes_from_rank_0_to_the_others() {
+    let l = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    let mut rank1 = client(&l, None).await.unwrap();
+    let waiting = tokio::spawn(async move { rank1.get_nccl_id("weights", Duration::from_secs(20)).await });
+    let mut rank0 = client(&l, None).await.unwrap();
+    let id: Vec<u8> = (0..128).map(|i| i as u8).collect();
+    rank0.publish_nccl_id("weights", id.clone(), 3).await.unwrap();
+    let got = waiting.await.unwrap().unwrap();
+    assert_eq!((got.id, got.world_size), (id, 3));
+    let err = rank0.get_nccl_id("other", Duration::from_millis(100)).await.unwrap_err().to_string();
+    assert!(err.contains("not published within 100 ms"), "{err}");
+    assert!(rank0.publish_nccl_id("bad", vec![1, 2], 2).await.is_err());
+}
+
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let server = grpc::Config {
+        tls_cert: cert_path.display().to_string(),
+        tls_key: key_path.display().to_string(),
+        ..Default::default()
+    };
+    let l = TestLearner::start(&dist(1000, 10_000), server, None).await;
+    let cfg = grpc::Config { tls_ca: cert_path.display().to_string(), ..Default::default() };
+    let mut c = ControlClient::connect(&cfg, Some(&l.addr), None).await.unwrap();
+    assert_eq!(c.status().await.unwrap().run_id, "test-run");
+    // plaintext to a TLS server does not get through
+    let plain = l.addr.replace("https://", "http://");
+    let r = match ControlClient::connect(&grpc::Config { connect_timeout_ms: 2000, ..cfg }, Some(&plain), None).await {
+        Ok(mut c) => c.status().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(r.is_err());
+}
+
+/// Hands out prompt ids 0, 1, 2, ... and records what it hears.
+#[derive(Default)]
+struct FakeWork {
+    next: Mutex<u64>,
+    delivered: Mutex<Vec<(String, Vec<u64>, u64)>>,
+    failed: Mutex<Vec<String>>,
+}
+
+#[tonic::async_trait]
+impl WorkSource for FakeWork {
+    async fn get_work(&self, _worker: &str, max: usize, _wait: Duration) -> Option<Vec<v1::Assignment>> {
+        let mut next = self.next.lock().unwrap();
+        let out = (0..max as u64).map(|i| v1::Assignment { group: *next + i, prompt: None, min_version: 0 }).collect();
+        *next += max as u64;
+        Some(out)
+    }
+    fn delivered(&self, worker: &str, groups: &[u64], trajectories: u64, _tokens: u64, _generate_s: f64) {
+        self.delivered.lock().unwrap().push((worker.into(), groups.to_vec(), trajectories));
+    }
+    fn worker_failed(&self, worker: &str) {
+        self.failed.lock().unwrap().push(worker.into());
+    }
+}
+
+#[tokio::test]
+async fn rollout_workers_get_prompts_report_deliveries_and_their_death_reissues_them() {
+    let l = TestLearner::start(&dist(50, 300), grpc::Config::default(), None).await;
+    let mut c = client(&l, None).await.unwrap();
+    let r = c.register(v1::Role::Rollout, "w", "cpu").await.unwrap();
+    let err = c.get_work(&r.worker_id, 2, Duration::from_millis(10)).await.unwrap_err().to_string();
+    assert!(err.contains("not handing out prompts yet"), "{err}");
+    let work = Arc::new(FakeWork::default());
+    l.control.set_work_source(work.clone());
+    let got = c.get_work(&r.worker_id, 2, Duration::from_millis(10)).await.unwrap().unwrap();
+    assert_eq!(got.iter().map(|a| a.group).collect::<Vec<_>>(), vec![0, 1]);
+    c.delivered(&r.worker_id, vec![0, 1], 8, 64, 0.5).await.unwrap();
+    assert_eq!(work.delivered.lock().unwrap()[0], (r.worker_id.clone(), vec![0, 1], 8));
+    // it stops heartbeating: declared dead by the sweeper, the work source hears of it
+    let sweeper = l.control.spawn_sweeper();
+    eventually("the worker declared dead", Duration::from_secs(10), async || {
+        (!work.failed.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    sweeper.abort();
+    assert_eq!(*work.failed.lock().unwrap(), vec![r.worker_id.clone()]);
+    let err = c.get_work(&r.worker_id, 1, Duration::from_millis(10)).await.unwrap_err().to_string();
+    assert!(err.contains("register again"), "{err}");
+    // once the run stops, workers are told so
+    let r2 = c.register(v1::Role::Rollout, "w2", "cpu").await.unwrap();
+    l.control.request_shutdown("done");
+    assert_eq!(c.get_work(&r2.worker_id, 1, Duration::from_millis(10)).await.unwrap(), None);
+}

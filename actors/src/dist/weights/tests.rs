@@ -1,0 +1,150 @@
+use super::*;
+use crate::dist::testing::TestLearner;
+use tch::nn::VarStore;
+use tch::{Device, Kind};
+
+/// Adds variable `name` (dotted, as Hugging Face names it) to `vs`.
+fn add(vs: &VarStore, name: &str, shape: &[i64], init: tch::nn::Init) -> Tensor {
+    let (dir, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+    let p = dir.split('.').filter(|s| !s.is_empty()).fold(vs.root(), |p, part| p / part);
+    p.var(leaf, shape, init)
+}
+
+fn randn(vs: &VarStore, name: &str, shape: &[i64]) {
+    let _ = add(vs, name, shape, tch::nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+}
+
+fn zeros(vs: &VarStore, name: &str, shape: &[i64]) {
+    let _ = add(vs, name, shape, tch::nn::Init::Const(0.0));
+}
+
+fn store(seed: i64) -> VarStore {
+    tch::manual_seed(seed);
+    let vs = VarStore::new(Device::Cpu);
+    randn(&vs, "model.embed_tokens.weight", &[64, 16]);
+    randn(&vs, "model.layers.0.self_attn.q_proj.weight", &[16, 16]);
+    randn(&vs, "model.layers.0.self_attn.q_proj.bias", &[16]);
+    let _ = add(&vs, "model.norm.weight", &[16], tch::nn::Init::Const(1.0));
+    vs
+}
+
+fn equal(a: &VarStore, b: &VarStore) -> bool {
+    let (a, b) = (a.variables(), b.variables());
+    a.len() == b.len() && a.iter().all(|(k, t)| b.get(k).is_some_and(|u| t.equal(u)))
+}
+
+async fn learner() -> TestLearner {
+    TestLearner::start(&Default::default(), crate::dist::grpc::Config { chunk_bytes: 1024, ..Default::default() }, None).await
+}
+
+#[tokio::test]
+async fn a_published_version_arrives_whole_and_applies_by_name() {
+    let l = learner().await;
+    let src = store(1);
+    let set = WeightSet::from_var_store(7, &src).unwrap();
+    // 64*16*4 = 4096 bytes: the embedding alone spans four 1 KiB chunks
+    assert_eq!(set.total_bytes(), (64 * 16 + 16 * 16 + 16 + 16) * 4);
+    l.weights.publish(set.clone());
+    let mut c = WeightsClient::connect(&l.grpc, Some(&l.addr), None).await.unwrap();
+    assert_eq!(c.latest_version().await.unwrap(), 7);
+    let got = c.fetch(0).await.unwrap();
+    assert_eq!(got, set);
+    let dst = store(2);
+    assert!(!equal(&src, &dst));
+    assert_eq!(c.pull_newer(0, &dst).await.unwrap(), Some(7));
+    assert!(equal(&src, &dst));
+    assert_eq!(c.pull_newer(7, &dst).await.unwrap(), None, "nothing newer");
+}
+
+#[tokio::test]
+async fn dtypes_convert_when_applied() {
+    let src = VarStore::new(Device::Cpu);
+    let t = src.root().randn("w", &[3, 5], 0.0, 1.0);
+    let set = WeightSet::from_tensors(1, [("w", &t.to_kind(Kind::BFloat16))]).unwrap();
+    assert_eq!((set.tensors[0].dtype, set.tensors[0].len()), (v1::DType::Bf16, 30));
+    let dst = VarStore::new(Device::Cpu);
+    let w = dst.root().zeros("w", &[3, 5]);
+    set.apply_to(&dst).unwrap();
+    // bf16 keeps 8 mantissa bits: relative error below 2^-8
+    let err = (&w - &t).abs().max().double_value(&[]);
+    assert!(err < t.abs().max().double_value(&[]) / 256.0 + 1e-6, "max error {err}");
+}
+
+#[test]
+fn mismatched_names_or_shapes_are_refused_before_anything_is_copied() {
+    let src = store(1);
+    let set = WeightSet::from_var_store(3, &src).unwrap();
+    let other = VarStore::new(Device::Cpu);
+    zeros(&other, "model.embed_tokens.weight", &[64, 8]);
+    let err = set.apply_to(&other).unwrap_err().to_string();
+    assert_eq!(err, "weights v3: tensor model.embed_tokens.weight: has shape [64, 16], the model's is [64, 8]");
+    let bigger = store(2);
+    zeros(&bigger, "lm_head.weight", &[64, 16]);
+    let before = bigger.variables()["model.norm.weight"].copy();
+    let err = set.apply_to(&bigger).unwrap_err().to_string();
+    assert!(err.contains("lacks 1 of the model's variables") && err.contains("lm_head.weight"), "{err}");
+    assert!(bigger.variables()["model.norm.weight"].equal(&before));
+}
+
+#[tokio::test]
+async fn asking_for_a_version_not_held_or_before_any_is_an_error() {
+    let l = learner().await;
+    let mut c = WeightsClient::connect(&l.grpc, Some(&l.addr), None).await.unwrap();
+    assert_eq!(c.latest_version().await.unwrap(), 0);
+    assert!(c.fetch(0).await.unwrap_err().to_string().contains("no weights published yet"));
+    l.weights.publish(WeightSet::from_var_store(4, &store(1)).unwrap());
+    let err = c.fetch(3).await.unwrap_err().to_string();
+    assert!(err.contains("version 3 is not held; the newest is 4"), "{err}");
+}
+
+/// A Weights server that flips one byte of one chunk on the way.
+struct Corrupting(Weights);
+
+#[tonic::async_trait]
+impl v1::weights_server::Weights for Corrupting {
+    async fn get_latest_version(&self, r: Request<v1::GetLatestVersionRequest>) -> Result<Response<v1::VersionInfo>, Status> {
+        self.0.get_latest_version(r).await
+    }
+    type FetchStream = ChunkStream;
+    async fn fetch(&self, r: Request<v1::FetchWeightsRequest>) -> Result<Response<ChunkStream>, Status> {
+        let inner = self.0.fetch(r).await?.into_inner();
+        let mut i = 0;
+        let stream = inner.map(move |c| {
+            i += 1;
+            c.map(|mut c| {
+                if i == 3 {
+                    let mut data = c.data.to_vec();
+                    data[10] ^= 1;
+                    c.data = data.into();
+                }
+                c
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tokio::test]
+async fn a_corrupted_chunk_is_detected_by_its_checksum() {
+    let weights = Weights::new(1024);
+    weights.publish(WeightSet::from_var_store(9, &store(1)).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WeightsServer::new(Corrupting(weights)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut c = WeightsClient::connect(&Default::default(), Some(&addr), None).await.unwrap();
+    let err = c.fetch(0).await.unwrap_err().to_string();
+    // sorted names: the embedding comes first; chunk 2 starts at byte 2048
+    assert!(err.starts_with("weights v9: tensor model.embed_tokens.weight: chunk at byte 2048 has CRC-32"), "{err}");
+}
+
+#[tokio::test]
+async fn the_weights_service_wants_the_token_too() {
+    let l = TestLearner::start(&Default::default(), Default::default(), Some("tok")).await;
+    let mut c = WeightsClient::connect(&l.grpc, Some(&l.addr), None).await.unwrap();
+    let err = c.latest_version().await.unwrap_err().to_string();
+    assert!(err.contains("GetLatestVersion refused") && err.contains("no bearer token"), "{err}");
+}

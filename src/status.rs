@@ -1,0 +1,94 @@
+//! `prism status`: asks a learner's Control service for the cluster's state and
+//! prints it, one worker per line, grouped by role.
+
+use crate::config::Config;
+use prism_actors::dist::control::ControlClient;
+use prism_actors::dist::grpc::Token;
+use prism_proto::v1;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+/// Exit code when the learner cannot be reached or refuses (`EX_UNAVAILABLE`).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+pub fn run(config: &Config, learner: Option<&str>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("prism status: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let token = Token::from_config(&config.grpc)?;
+        let mut client = ControlClient::connect(&config.grpc, learner, token.as_ref()).await?;
+        client.status().await
+    });
+    match result {
+        Ok(status) => {
+            print!("{}", render(&status));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("prism status: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// The status as `prism status` prints it.
+pub fn render(s: &v1::ClusterStatus) -> String {
+    let mut out = String::new();
+    let dropped = if s.dropped.is_empty() {
+        "none".to_string()
+    } else {
+        let mut d: Vec<_> = s.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        d.sort();
+        d.join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "run {}: policy version {}, step {}/{}, trained {} trajectories, dropped {}{}",
+        s.run_id,
+        s.policy_version,
+        s.step,
+        s.total_steps,
+        s.trajectories_trained,
+        dropped,
+        if s.shutting_down { " (shutting down)" } else { "" }
+    );
+    for q in &s.queues {
+        let _ = writeln!(out, "queue {}: {} waiting, {} in flight", q.stream, q.waiting, q.pending);
+    }
+    for role in [v1::Role::Rollout, v1::Role::Reward] {
+        let workers: Vec<&v1::WorkerStatus> = s.workers.iter().filter(|w| w.role() == role).collect();
+        let name = if role == v1::Role::Rollout { "rollout" } else { "reward" };
+        let alive = workers.iter().filter(|w| w.state() == v1::WorkerState::Alive).count();
+        let _ = writeln!(out, "{name} workers: {alive} alive of {}", workers.len());
+        for w in workers {
+            let c = w.counters.unwrap_or_default();
+            let state = match w.state() {
+                v1::WorkerState::Alive => "alive",
+                v1::WorkerState::Dead => "dead",
+                v1::WorkerState::Left => "left",
+                v1::WorkerState::Unspecified => "unknown",
+            };
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<5} policy v{} (lag {}), {} done ({:.1}/s), {} in flight, {} dropped, seen {:.1} s ago  [{} {}]",
+                w.worker_id,
+                state,
+                w.policy_version,
+                w.lag,
+                c.processed,
+                w.throughput,
+                c.in_flight,
+                c.dropped,
+                w.last_seen_ms as f64 / 1000.0,
+                w.name,
+                w.device
+            );
+        }
+    }
+    out
+}

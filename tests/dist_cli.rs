@@ -1,0 +1,131 @@
+//! The distributed-mode commands of the `prism` binary against a learner's
+//! Control service started in this test on a loopback port.
+
+mod common;
+
+use common::{free_port, prism, stderr, stdout};
+use prism_actors::dist::control::{Control, ControlClient};
+use prism_actors::dist::grpc::{self, Token};
+use prism_actors::dist::weights::Weights;
+use prism_proto::v1;
+use std::process::Output;
+
+struct Learner {
+    addr: String,
+    control: Control,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn learner(token: Option<&str>) -> Learner {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let control = Control::new("status-test", &Default::default());
+    let weights = Weights::new(1 << 20);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let token = token.map(|t| Token::new(t).unwrap());
+    let c = control.clone();
+    tokio::spawn(async move {
+        grpc::serve(listener, &grpc::Config::default(), token, &c, &weights, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Learner { addr, control, _stop: stop }
+}
+
+async fn run(args: Vec<String>, env: Vec<(&'static str, String)>) -> Output {
+    tokio::task::spawn_blocking(move || prism().args(&args).envs(env).output().unwrap()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_workers_by_role_with_versions_lag_and_queues() {
+    let l = learner(None).await;
+    l.control.set_policy_version(4);
+    l.control.set_progress(4, 10, 96);
+    l.control.record_dropped("zero_variance", 8);
+    l.control.set_queues(vec![prism_actors::dist::redis::QueueDepth { stream: "prism:r:sampled".into(), waiting: 3, pending: 8 }]);
+    let mut c = ControlClient::connect(&grpc::Config::default(), Some(&l.addr), None).await.unwrap();
+    let r = c.register(v1::Role::Rollout, "host-a", "cuda:0").await.unwrap();
+    c.heartbeat(&r.worker_id, 3, v1::WorkerCounters { processed: 64, in_flight: 8, dropped: 0 }).await.unwrap();
+    c.register(v1::Role::Reward, "host-b", "cpu").await.unwrap();
+
+    let out = run(vec!["status".into(), "--learner".into(), l.addr.clone()], vec![]).await;
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "run status-test: policy version 4, step 4/10, trained 96 trajectories, dropped zero_variance 8");
+    assert_eq!(lines[1], "queue prism:r:sampled: 3 waiting, 8 in flight");
+    assert_eq!(lines[2], "rollout workers: 1 alive of 1");
+    assert!(lines[3].trim_start().starts_with("rollout-1    alive policy v3 (lag 1), 64 done ("), "{text}");
+    assert!(lines[3].ends_with("[host-a cuda:0]"), "{text}");
+    assert_eq!(lines[4], "reward workers: 1 alive of 1");
+    assert!(lines[5].contains("reward-2") && lines[5].contains("policy v0 (lag 4)"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_without_the_token_is_refused_with_a_clear_error() {
+    let l = learner(Some("tok-123")).await;
+    let out = run(vec!["status".into(), "--learner".into(), l.addr.clone()], vec![]).await;
+    assert_eq!(out.status.code(), Some(69));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}: GetStatus refused", l.addr)) && err.contains("no bearer token"), "{err}");
+    // with the token from the environment it works, and the token is never printed
+    let out = run(vec!["status".into(), "--learner".into(), l.addr.clone()], vec![("PRISM_TOKEN", "tok-123".into())]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("tok-123"));
+    let out = run(vec!["status".into(), "--learner".into(), l.addr.clone(), "--print-config".into()], vec![("PRISM_TOKEN", "tok-123".into())]).await;
+    assert!(!stdout(&out).contains("tok-123") && stdout(&out).contains("token_env = \"PRISM_TOKEN\""));
+    // a token file wins over the variable
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "wrong\n").unwrap();
+    let set = format!("grpc.token_file={}", file.display());
+    let out = run(vec!["status".into(), "--learner".into(), l.addr.clone(), "--set".into(), set], vec![("PRISM_TOKEN", "tok-123".into())]).await;
+    assert!(stderr(&out).contains("wrong bearer token"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_learner_is_named_in_the_error() {
+    let addr = format!("http://127.0.0.1:{}", free_port());
+    let out = run(vec!["status".into(), "--learner".into(), addr.clone(), "--set".into(), "grpc.connect_timeout_ms=500".into()], vec![]).await;
+    assert_eq!(out.status.code(), Some(69));
+    assert!(stderr(&out).starts_with(&format!("prism status: learner at {addr} did not answer within 500 ms")), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_wrong_token_is_refused_with_a_clear_error() {
+    let l = learner(Some("tok-123")).await;
+    for role in ["rollout", "reward"] {
+        let args = vec![role.to_string(), "--set".into(), format!("grpc.learner={}", l.addr), "--set".into(), "dist.health_listen=".into()];
+        let out = run(args, vec![("PRISM_TOKEN", "not-the-token".into())]).await;
+        assert!(!out.status.success(), "{role} joined with a wrong token");
+        let err = stderr(&out);
+        assert!(err.contains(&format!("{}: Register refused", l.addr)) && err.contains("wrong bearer token"), "{role}: {err}");
+        assert!(!err.contains("not-the-token") && !err.contains("tok-123"), "{role} printed a secret: {err}");
+    }
+    assert!(l.control.status().workers.is_empty(), "nobody joined");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_learner_does_not_answer_fails_within_the_connect_timeout() {
+    let addr = format!("http://127.0.0.1:{}", free_port());
+    for role in ["rollout", "reward"] {
+        let args = vec![
+            role.to_string(),
+            "--set".into(),
+            format!("grpc.learner={addr}"),
+            "--set".into(),
+            "grpc.connect_timeout_ms=500".into(),
+            "--set".into(),
+            "dist.health_listen=".into(),
+        ];
+        let started = std::time::Instant::now();
+        let out = run(args, vec![]).await;
+        let took = started.elapsed();
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(&format!("learner at {addr} did not answer within 500 ms")), "{role}: {}", stderr(&out));
+        // Model loading included; the connect itself gives up after 500 ms.
+        assert!(took < std::time::Duration::from_secs(20), "{role} took {took:?}");
+    }
+}

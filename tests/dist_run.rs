@@ -1,0 +1,242 @@
+//! Distributed runs as real processes on loopback: one `prism learner`, two
+//! `prism rollout` and two `prism reward` processes train the arithmetic task
+//! through a real redis-server; one reward process is killed with SIGKILL mid
+//! run; Redis itself is killed and restarted from its append-only file. Each
+//! run must finish with its trajectory accounting balanced.
+
+mod common;
+
+use common::{free_port, prism, TestRedis};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process, killed when dropped; its output goes to `<dir>/<name>.log`.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(dir: &Path, name: &str, role: &str, sets: &[String]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = prism();
+        cmd.arg(role);
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        let child = cmd
+            .current_dir(dir)
+            .env("RUST_LOG", "warn,prism=info,prism_actors=info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("prism starts");
+        Self { name: name.to_string(), child, log }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit by itself; its exit status, or a panic
+    /// with its output after `limit`.
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} did not exit within {limit:?}:\n{}", self.name, self.output());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Settings every process of one test run shares: a tiny task, fast heartbeats,
+/// and names of its own in Redis.
+fn settings(dir: &Path, redis_url: &str, port: u16, steps: u64) -> Vec<String> {
+    let run = format!("t{}", free_port());
+    [
+        format!("run.dir={}", dir.join("runs").display()),
+        format!("redis.url={redis_url}"),
+        format!("redis.prefix=prism-test-{run}"),
+        format!("dist.run_id={run}"),
+        format!("grpc.listen=127.0.0.1:{port}"),
+        format!("grpc.learner=http://127.0.0.1:{port}"),
+        "dist.health_listen=".into(),
+        "dist.heartbeat_ms=200".into(),
+        "dist.dead_after_ms=2000".into(),
+        "redis.block_ms=200".into(),
+        "redis.claim_idle_ms=3000".into(),
+        "redis.retry_for_ms=30000".into(),
+        "train.threads=1".into(),
+        format!("train.steps={steps}"),
+        "train.time_limit_s=0".into(),
+        "train.batch_groups=2".into(),
+        "train.eval_problems=8".into(),
+        "train.eval_every=2".into(),
+        "train.checkpoint_every=2".into(),
+        "warmstart.steps=15".into(),
+        "warmstart.batch=16".into(),
+        "rollout.group_size=4".into(),
+        "rollout.prompts_per_batch=2".into(),
+        "rollout.max_new_tokens=24".into(),
+        "learner.micro_batch_size=8".into(),
+    ]
+    .into()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    learner: Proc,
+    rollouts: Vec<Proc>,
+    rewards: Vec<Proc>,
+}
+
+fn start(redis_url: &str, steps: u64) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = settings(dir.path(), redis_url, free_port(), steps);
+    let learner = Proc::spawn(dir.path(), "learner", "learner", &sets);
+    let rollouts = (0..2).map(|i| Proc::spawn(dir.path(), &format!("rollout{i}"), "rollout", &sets)).collect();
+    let rewards = (0..2).map(|i| Proc::spawn(dir.path(), &format!("reward{i}"), "reward", &sets)).collect();
+    Cluster { dir, learner, rollouts, rewards }
+}
+
+impl Cluster {
+    fn run_folder(&self) -> Option<PathBuf> {
+        let entries = std::fs::read_dir(self.dir.path().join("runs")).ok()?;
+        entries.map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap() != "cache")
+    }
+
+    /// The learner steps written to metrics.jsonl so far.
+    fn steps(&self) -> u64 {
+        let Some(run) = self.run_folder() else { return 0 };
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == "step")
+            .filter_map(|v| v["step"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn wait_for_step(&mut self, step: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.steps() < step {
+            for p in std::iter::once(&mut self.learner).chain(self.rollouts.iter_mut()).chain(self.rewards.iter_mut()) {
+                if let Some(status) = p.child.try_wait().unwrap() {
+                    panic!("{} exited ({status}) before step {step}:\n{}", p.name, p.output());
+                }
+            }
+            assert!(Instant::now() < deadline, "no step {step} within {limit:?}:\n{}", self.learner.output());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for every process to finish by itself and returns summary.json.
+    fn finish(&mut self) -> Value {
+        let status = self.learner.wait(Duration::from_secs(240));
+        let out = self.learner.output();
+        assert!(status.success(), "learner failed ({status}):\n{out}");
+        for p in self.rollouts.iter_mut().chain(self.rewards.iter_mut()) {
+            if p.child.try_wait().unwrap().is_some_and(|s| !s.success()) {
+                continue; // a process the test killed
+            }
+            let status = p.wait(Duration::from_secs(30));
+            assert!(status.success(), "{} failed ({status}):\n{}", p.name, p.output());
+        }
+        let run = self.run_folder().expect("the learner made a run folder");
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap()
+    }
+}
+
+fn assert_balanced(summary: &Value, steps: u64, learner: &str) {
+    assert_eq!(summary["balanced"], true, "{summary}\n{learner}");
+    assert_eq!(summary["final_step"], steps, "{summary}");
+    let ledger = &summary["ledger"];
+    let trained = ledger["trained"].as_u64().unwrap();
+    // Every step trains 2 groups of 4.
+    assert_eq!(trained, steps * 8, "{summary}");
+    let made = ledger["made"].as_u64().unwrap();
+    let dropped: u64 = ledger["dropped"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    let in_flight: u64 = ledger["in_flight"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(made, trained + dropped + in_flight, "{summary}");
+    assert!(learner.contains("trajectories: made"), "{learner}");
+}
+
+#[test]
+fn learner_two_rollouts_and_two_rewards_train_and_balance() {
+    let redis = TestRedis::start();
+    let mut c = start(&redis.url, 4);
+    let summary = c.finish();
+    let learner = c.learner.output();
+    assert_balanced(&summary, 4, &learner);
+    // Both rollout processes sampled and pulled weights; both reward processes labeled.
+    for p in &c.rollouts {
+        let out = p.output();
+        let line = out.lines().find(|l| l.starts_with("rollout: ")).unwrap_or_else(|| panic!("{}:\n{out}", p.name));
+        let pulls: u64 = line.split(", ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+        assert!(pulls >= 1, "{line}");
+    }
+    let labeled: u64 = c
+        .rewards
+        .iter()
+        .map(|p| {
+            let out = p.output();
+            let line = out.lines().find(|l| l.starts_with("reward: ")).unwrap_or_else(|| panic!("{}:\n{out}", p.name));
+            line["reward: ".len()..].split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert!(labeled >= summary["ledger"]["trained"].as_u64().unwrap(), "{labeled} labeled: {summary}");
+}
+
+#[test]
+fn a_reward_process_killed_mid_run_is_survived_without_loss() {
+    let redis = TestRedis::start();
+    let mut c = start(&redis.url, 6);
+    c.wait_for_step(2, Duration::from_secs(180));
+    let victim = &mut c.rewards[0];
+    victim.child.kill().unwrap(); // SIGKILL
+    victim.child.wait().unwrap();
+    let summary = c.finish();
+    let learner = c.learner.output();
+    assert_balanced(&summary, 6, &learner);
+    assert!(learner.contains("marked dead"), "the killed worker is noticed:\n{learner}");
+}
+
+#[test]
+fn a_redis_restart_mid_run_is_survived() {
+    // A private server with an append-only file, killed and restarted on the
+    // same port and folder.
+    let port = free_port();
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""];
+    let mut server = common::redis_server(data.path(), port, &args);
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut c = start(&url, 6);
+    c.wait_for_step(2, Duration::from_secs(180));
+    let _ = server.kill();
+    let _ = server.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    server = common::redis_server(data.path(), port, &args);
+    let summary = c.finish();
+    let _ = server.kill();
+    let _ = server.wait();
+    let learner = c.learner.output();
+    assert_balanced(&summary, 6, &learner);
+}
