@@ -19,9 +19,6 @@ mod train;
 use clap::Parser;
 use std::process::ExitCode;
 
-/// Exit code of a subcommand that does not exist yet.
-const EXIT_NOT_IMPLEMENTED: u8 = 2;
-
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let (name, args) = cli.command.parts();
@@ -86,10 +83,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        _ => {
-            eprintln!("prism: `prism {name}` is not implemented yet");
-            ExitCode::from(EXIT_NOT_IMPLEMENTED)
-        }
+        cli::Command::Train(_) | cli::Command::Learner(_) => unreachable!("prism {name} returned above"),
     }
 }
 

@@ -105,10 +105,15 @@ fn doctor_says_when_redis_does_not_answer() {
 }
 
 #[test]
-fn unbuilt_subcommands_refuse_with_exit_2() {
-    for name in ["learner", "rollout", "reward"] {
-        let out = prism().arg(name).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{name}");
-        assert_eq!(stderr(&out).trim(), format!("prism: `prism {name}` is not implemented yet"));
-    }
+fn a_learner_whose_redis_does_not_answer_fails_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let out = prism()
+        .args(["learner", "--set", &format!("redis.url={url}"), "--set", "redis.connect_timeout_ms=300"])
+        .args(["--set", "grpc.listen=127.0.0.1:0", "--set", "dist.health_listen="])
+        .args(["--set", &format!("run.dir={}", dir.path().display())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&format!("redis {url}: unreachable")), "{}", stderr(&out));
 }

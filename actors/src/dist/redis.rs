@@ -665,8 +665,10 @@ impl<T: Entry> Consumer<T> {
     /// without persistence).
     async fn with_group<R: redis::FromRedisValue>(&mut self, op: &'static str, cmd: &redis::Cmd) -> Result<R> {
         match self.conn.query(op, &self.stream, cmd).await {
-            Err(Error::Redis { source, .. }) if source.code() == Some("NOGROUP") => {
-                tracing::warn!(stream = %self.stream, group = %self.group, "consumer group missing (redis restarted without persistence?): recreating it");
+            // NOGROUP: the group is gone; UNBLOCKED: the stream was deleted
+            // while this read waited on it (a fresh learner clears its run).
+            Err(Error::Redis { source, .. }) if matches!(source.code(), Some("NOGROUP" | "UNBLOCKED")) => {
+                tracing::warn!(stream = %self.stream, group = %self.group, error = %source, "consumer group or stream missing (redis restarted without persistence, or the run was reset): recreating it");
                 self.ensure_group().await?;
                 self.own_pending_checked = true;
                 self.conn.query(op, &self.stream, cmd).await
