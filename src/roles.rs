@@ -25,6 +25,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// The roles move weights over the gRPC Weights stream only, so far.
+fn check_weights_transport(config: &Config) -> Result<()> {
+    if config.dist.weights == "nccl" {
+        bail!(
+            "dist.weights = \"nccl\": the NCCL communicator is built and GPU-checked (scripts/gpu-check) but the \
+             learner and rollout roles do not broadcast through it yet; use dist.weights = \"grpc\""
+        );
+    }
+    Ok(())
+}
+
 fn threads(config: &Config) {
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
@@ -77,6 +88,7 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool) -> Result<(
     if config.learner.is_sft() {
         bail!("prism learner trains RL only; run learner.mode = \"sft\" with prism train");
     }
+    check_weights_transport(config)?;
     let started = Instant::now();
     let token = Token::from_config(&config.grpc)?;
     let health = health(config).await?;
@@ -158,6 +170,7 @@ async fn join(
 pub fn rollout(config: &Config) -> Result<()> {
     let _telemetry = telemetry::init_console(&config.log);
     threads(config);
+    check_weights_transport(config)?;
     runtime()?.block_on(async {
         let health = health(config).await?;
         let Loaded { model, tokenizer, generation } = train::load_model(config)?;
