@@ -12,7 +12,9 @@ main job), run on this machine with the release binary:
 
     python3 benches/pipeline.py [--seeds 0,1,2] [--rl-seconds 300] [--out DIR]
 
-Prints one table per part and writes everything to DIR/results.json.
+Prints one table per part and writes everything to DIR/results.json. A run
+whose log in DIR shows it finished is reused, so an interrupted benchmark
+continues where it stopped.
 """
 
 import argparse
@@ -27,6 +29,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRISM = os.path.join(ROOT, "target", "release", "prism")
 
 
+def finished_folder(log):
+    """The run folder of a finished run logged in `log`, if any."""
+    if not os.path.exists(log):
+        return None
+    m = re.search(r"run folder: (.*)", open(log).read())
+    folder = m and m.group(1).strip()
+    return folder if folder and os.path.exists(os.path.join(folder, "summary.json")) else None
+
+
 def run(out, name, sets):
     runs = os.path.join(out, "runs")
     args = [PRISM, "train", "--set", f"run.dir={runs}"]
@@ -34,12 +45,16 @@ def run(out, name, sets):
         args += ["--set", s]
     log = os.path.join(out, f"{name}.log")
     started = time.time()
-    with open(log, "w") as f:
-        code = subprocess.call(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    text = open(log).read()
-    if code != 0:
-        sys.exit(f"{name}: prism train failed ({code}); see {log}:\n{text[-2000:]}")
-    folder = re.search(r"run folder: (.*)", text).group(1).strip()
+    folder = finished_folder(log)
+    if folder:
+        print(f"{name}: reusing {folder}", flush=True)
+    else:
+        with open(log, "w") as f:
+            code = subprocess.call(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        text = open(log).read()
+        if code != 0:
+            sys.exit(f"{name}: prism train failed ({code}); see {log}:\n{text[-2000:]}")
+        folder = re.search(r"run folder: (.*)", text).group(1).strip()
     summary = json.load(open(os.path.join(folder, "summary.json")))
     metrics = [json.loads(l) for l in open(os.path.join(folder, "metrics.jsonl")) if l.strip()]
     trace = os.path.join(folder, "trace.jsonl")

@@ -70,6 +70,10 @@ fn host_name() -> String {
 /// `prism learner [--resume RUN]`: prompts, training, checkpoints, and the
 /// Control and Weights services on `grpc.listen`.
 pub fn learner(config: &Config, resume: Option<&Path>) -> Result<()> {
+    if config.learner.is_sft() {
+        bail!("prism learner trains RL only; run learner.mode = \"sft\" with prism train");
+    }
+    check_weights_transport(config)?;
     let run = match resume {
         Some(dir) => RunDir::open(dir).with_context(|| format!("{}: not a run folder", dir.display()))?,
         None => RunDir::create(&config.run.dir, &config.to_toml()).context("creating the run folder")?,
@@ -85,10 +89,6 @@ pub fn learner(config: &Config, resume: Option<&Path>) -> Result<()> {
 }
 
 async fn learner_main(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
-    if config.learner.is_sft() {
-        bail!("prism learner trains RL only; run learner.mode = \"sft\" with prism train");
-    }
-    check_weights_transport(config)?;
     let started = Instant::now();
     let token = Token::from_config(&config.grpc)?;
     let health = health(config).await?;

@@ -129,3 +129,13 @@ async fn a_worker_whose_learner_does_not_answer_fails_within_the_connect_timeout
         assert!(took < std::time::Duration::from_secs(20), "{role} took {took:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_roles_refuse_nccl_weights_until_they_broadcast_through_it() {
+    for role in ["learner", "rollout"] {
+        let args = vec![role.to_string(), "--set".into(), "dist.weights=nccl".into(), "--set".into(), "dist.health_listen=".into()];
+        let out = run(args, vec![]).await;
+        assert_eq!(out.status.code(), Some(1), "{role}");
+        assert!(stderr(&out).contains("dist.weights = \"nccl\"") && stderr(&out).contains("use dist.weights = \"grpc\""), "{role}: {}", stderr(&out));
+    }
+}

@@ -1,7 +1,7 @@
 //! Learner: takes complete labeled groups when it has room, enforces the
 //! staleness bound, trains on a blocking thread, and publishes each new version.
 
-use crate::backend::{DropReason, Train};
+use crate::backend::{DropReason, Train, WeightSet};
 use crate::metrics::{MetricsMsg, StepEvent};
 use crate::reward_pool::{CompleteGroup, PoolMsg};
 use crate::source::SourceMsg;
@@ -11,6 +11,7 @@ use prism_core::{LabeledTrajectory, PolicyVersion};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to do with a group sampled more than `max_staleness` versions ago.
@@ -71,21 +72,43 @@ pub struct Peers {
 }
 
 pub struct LearnerState {
-    plan: LearnerPlan,
+    core: Core,
     peers: Peers,
-    backend: Option<Box<dyn Train>>,
     buffer: VecDeque<(CompleteGroup, u64)>,
-    started: Instant,
-    last_eval: Option<PolicyVersion>,
     finished: bool,
 }
 
-impl LearnerState {
-    fn version(&self) -> PolicyVersion {
+/// What the learner actor and the distributed learner loop
+/// ([`crate::dist::learner`]) share: the backend on its blocking thread, when
+/// to stop, which groups are trained on, one optimizer step with its report,
+/// and evaluations and checkpoints on the plan's cadence.
+pub(crate) struct Core {
+    pub plan: LearnerPlan,
+    backend: Option<Box<dyn Train>>,
+    source: ActorRef<SourceMsg>,
+    metrics: ActorRef<MetricsMsg>,
+    started: Instant,
+    last_eval: Option<PolicyVersion>,
+}
+
+/// A step trained but not yet announced: its caller publishes the weights
+/// first, then hands this to [`Core::commit`].
+pub(crate) struct StepDone {
+    groups: usize,
+    event: StepEvent,
+}
+
+impl Core {
+    pub fn new(backend: Box<dyn Train>, plan: LearnerPlan, source: ActorRef<SourceMsg>, metrics: ActorRef<MetricsMsg>) -> Self {
+        Self { plan, backend: Some(backend), source, metrics, started: Instant::now(), last_eval: None }
+    }
+
+    pub fn version(&self) -> PolicyVersion {
         self.backend.as_ref().map(|b| b.version()).unwrap_or_default()
     }
 
-    fn due(&self) -> Option<Finish> {
+    /// Whether the run is over, and why.
+    pub fn due(&self) -> Option<Finish> {
         if self.version().0 >= self.plan.max_steps {
             Some(Finish::MaxSteps)
         } else if self.plan.time_limit.is_some_and(|t| self.started.elapsed() >= t) {
@@ -95,65 +118,80 @@ impl LearnerState {
         }
     }
 
+    /// Whether any evaluation happened yet (the first one starts every curve).
+    pub fn evaluated_once(&self) -> bool {
+        self.last_eval.is_some()
+    }
+
+    /// Whether a complete group is trained on, with how many versions it lags,
+    /// or dropped and why (too stale under `StalePolicy::Drop`, or not admitted
+    /// by the backend).
+    pub fn admit(&self, group: &[LabeledTrajectory]) -> Result<u64, DropReason> {
+        let current = self.version();
+        let sampled = group.iter().map(|l| l.trajectory.policy_version).min().unwrap_or(current);
+        let lag = sampled.lag_behind(current);
+        if lag > self.plan.max_staleness && self.plan.stale == StalePolicy::Drop {
+            return Err(DropReason::Stale);
+        }
+        match &self.backend {
+            Some(b) => b.admit(group).map(|()| lag),
+            None => Ok(lag),
+        }
+    }
+
+    /// Counts a dropped group and returns its credit to the prompt source.
+    pub fn dropped(&self, reason: DropReason, trajectories: u64) -> Result<(), String> {
+        self.metrics.cast(MetricsMsg::Dropped { reason, trajectories }).map_err(|e| e.to_string())?;
+        self.source.cast(SourceMsg::GroupsRetired { count: 1 }).map_err(|e| e.to_string())
+    }
+
     /// Runs `f` on the backend on a blocking thread.
-    async fn blocking<R: Send + 'static>(
-        &mut self,
-        f: impl FnOnce(&mut dyn Train) -> R + Send + 'static,
-    ) -> Result<R, ActorProcessingErr> {
+    pub async fn blocking<R: Send + 'static>(&mut self, f: impl FnOnce(&mut dyn Train) -> R + Send + 'static) -> Result<R, String> {
         let mut backend = self.backend.take().ok_or("learner backend lost by an earlier failure")?;
         let (backend, out) = tokio::task::spawn_blocking(move || {
             let out = f(backend.as_mut());
             (backend, out)
         })
-        .await?;
+        .await
+        .map_err(|e| format!("the learner thread failed: {e}"))?;
         self.backend = Some(backend);
         Ok(out)
     }
 
-    async fn cursor(&mut self) -> Result<u64, ActorProcessingErr> {
-        match self.peers.source.call(SourceMsg::GetCursor, Some(Duration::from_secs(30))).await? {
-            CallResult::Success(c) => Ok(c),
-            _ => Err("prompt source did not answer with its cursor".into()),
-        }
-    }
-
-    async fn evaluate(&mut self) -> Result<(), ActorProcessingErr> {
+    pub async fn evaluate(&mut self) -> Result<(), String> {
         let version = self.version();
         let span = tracing::info_span!("evaluate", actor = "learner", policy_version = version.0);
-        let eval = self.blocking(move |b| span.in_scope(|| b.evaluate())).await??;
+        let eval = self.blocking(move |b| span.in_scope(|| b.evaluate())).await?.map_err(|e| e.to_string())?;
         self.last_eval = Some(version);
-        self.peers.metrics.cast(MetricsMsg::Evaluated { version: version.0, eval })?;
-        Ok(())
+        self.metrics.cast(MetricsMsg::Evaluated { version: version.0, eval }).map_err(|e| e.to_string())
     }
 
-    async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
-        let cursor = self.cursor().await?;
+    pub async fn checkpoint(&mut self) -> Result<(), String> {
+        let cursor = match self.source.call(SourceMsg::GetCursor, Some(Duration::from_secs(30))).await {
+            Ok(CallResult::Success(c)) => c,
+            _ => return Err("prompt source did not answer with its cursor".into()),
+        };
         let span = tracing::info_span!("checkpoint", actor = "learner", prompt_cursor = cursor);
-        self.blocking(move |b| span.in_scope(|| b.checkpoint(cursor))).await??;
-        Ok(())
+        self.blocking(move |b| span.in_scope(|| b.checkpoint(cursor))).await?.map_err(|e| e.to_string())
     }
 
-    async fn finish(&mut self, why: Finish) -> Result<(), ActorProcessingErr> {
-        self.finished = true;
+    /// The end of a run: an evaluation of the final weights (unless they were
+    /// just evaluated) and a checkpoint.
+    pub async fn wrap_up(&mut self, why: &Finish) -> Result<(), String> {
         tracing::info!(reason = ?why, policy_version = self.version().0, "learner finishing");
         if self.last_eval != Some(self.version()) {
             self.evaluate().await?;
         }
-        self.checkpoint().await?;
-        let held: usize = self.buffer.iter().map(|(g, _)| g.trajectories.len()).sum();
-        self.peers.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "learner", trajectories: held as u64 })?;
-        self.buffer.clear();
-        self.peers.supervisor.cast(SupMsg::LearnerFinished(why))?;
-        Ok(())
+        self.checkpoint().await
     }
 
-    async fn step(&mut self, wait_s: f64) -> Result<(), ActorProcessingErr> {
-        let n = self.plan.batch_groups;
-        let batch: Vec<(CompleteGroup, u64)> = self.buffer.drain(..n).collect();
+    /// One optimizer step on `batch` (complete groups with their lags); the
+    /// new weights, and the step to [`Core::commit`] once they are published.
+    pub async fn train(&mut self, batch: Vec<(Vec<LabeledTrajectory>, u64)>, wait_s: f64) -> Result<(Arc<WeightSet>, StepDone), String> {
+        let n = batch.len();
         let lags: Vec<u64> = batch.iter().map(|(_, l)| *l).collect();
-        let (reward, accuracy, step_accuracy) = batch_outcomes(batch.iter().flat_map(|(g, _)| g.trajectories.iter()));
-        let groups: Vec<_> = batch.into_iter().map(|(g, _)| g.trajectories).collect();
-
+        let (reward, accuracy, step_accuracy) = batch_outcomes(batch.iter().flat_map(|(g, _)| g.iter()));
+        let groups: Vec<Vec<LabeledTrajectory>> = batch.into_iter().map(|(g, _)| g).collect();
         let started = Instant::now();
         let version = self.version();
         let span = tracing::info_span!("train", actor = "learner", policy_version = version.0, groups = n);
@@ -167,27 +205,45 @@ impl LearnerState {
             .await?
             .map_err(|e| format!("learner step {} failed: {e}", version.0 + 1))?;
         let train_s = started.elapsed().as_secs_f64();
-        let new_version = weights.version;
-        self.peers.sync.cast(SyncMsg::WeightsPublished(weights))?;
-        self.peers.source.cast(SourceMsg::VersionPublished(new_version))?;
-        self.peers.source.cast(SourceMsg::GroupsRetired { count: n })?;
-        self.peers.metrics.cast(MetricsMsg::StepCompleted(Box::new(StepEvent {
-            version: new_version.0,
-            report,
-            lags,
-            reward,
-            accuracy,
-            step_accuracy,
-            train_s,
-            wait_s,
-        })))?;
-        let (eval_every, checkpoint_every) = (self.plan.eval_every, self.plan.checkpoint_every);
-        if eval_every > 0 && new_version.0 % eval_every == 0 {
+        let event = StepEvent { version: weights.version.0, report, lags, reward, accuracy, step_accuracy, train_s, wait_s };
+        Ok((weights, StepDone { groups: n, event }))
+    }
+
+    /// Announces a step whose weights are published: the new version and the
+    /// groups' credits to the prompt source, the step to the metrics; then
+    /// evaluates and checkpoints when the plan says.
+    pub async fn commit(&mut self, done: StepDone) -> Result<(), String> {
+        let version = done.event.version;
+        self.source.cast(SourceMsg::VersionPublished(PolicyVersion(version))).map_err(|e| e.to_string())?;
+        self.source.cast(SourceMsg::GroupsRetired { count: done.groups }).map_err(|e| e.to_string())?;
+        self.metrics.cast(MetricsMsg::StepCompleted(Box::new(done.event))).map_err(|e| e.to_string())?;
+        if self.plan.eval_every > 0 && version % self.plan.eval_every == 0 {
             self.evaluate().await?;
         }
-        if checkpoint_every > 0 && new_version.0 % checkpoint_every == 0 {
+        if self.plan.checkpoint_every > 0 && version % self.plan.checkpoint_every == 0 {
             self.checkpoint().await?;
         }
+        Ok(())
+    }
+}
+
+impl LearnerState {
+    async fn finish(&mut self, why: Finish) -> Result<(), ActorProcessingErr> {
+        self.finished = true;
+        self.core.wrap_up(&why).await?;
+        let held: usize = self.buffer.iter().map(|(g, _)| g.trajectories.len()).sum();
+        self.peers.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "learner", trajectories: held as u64 })?;
+        self.buffer.clear();
+        self.peers.supervisor.cast(SupMsg::LearnerFinished(why))?;
+        Ok(())
+    }
+
+    async fn step(&mut self, wait_s: f64) -> Result<(), ActorProcessingErr> {
+        let n = self.core.plan.batch_groups;
+        let batch: Vec<(Vec<LabeledTrajectory>, u64)> = self.buffer.drain(..n).map(|(g, lag)| (g.trajectories, lag)).collect();
+        let (weights, done) = self.core.train(batch, wait_s).await?;
+        self.peers.sync.cast(SyncMsg::WeightsPublished(weights))?;
+        self.core.commit(done).await?;
         Ok(())
     }
 }
@@ -215,16 +271,9 @@ impl Actor for Learner {
     type Arguments = LearnerArgs;
 
     async fn pre_start(&self, myself: ActorRef<LearnerMsg>, args: LearnerArgs) -> Result<LearnerState, ActorProcessingErr> {
-        let mut state = LearnerState {
-            plan: args.plan,
-            peers: args.peers,
-            backend: Some(args.backend),
-            buffer: VecDeque::new(),
-            started: Instant::now(),
-            last_eval: None,
-            finished: false,
-        };
-        let weights = state.blocking(|b| b.weights()).await??;
+        let core = Core::new(args.backend, args.plan, args.peers.source.clone(), args.peers.metrics.clone());
+        let mut state = LearnerState { core, peers: args.peers, buffer: VecDeque::new(), finished: false };
+        let weights = state.core.blocking(|b| b.weights()).await??;
         state.peers.sync.cast(SyncMsg::WeightsPublished(weights))?;
         myself.cast(LearnerMsg::Pull)?;
         Ok(state)
@@ -235,39 +284,27 @@ impl Actor for Learner {
         if state.finished {
             return Ok(());
         }
-        if state.last_eval.is_none() {
+        if !state.core.evaluated_once() {
             // The starting point of every curve.
-            state.evaluate().await?;
+            state.core.evaluate().await?;
         }
-        if let Some(why) = state.due() {
+        if let Some(why) = state.core.due() {
             return state.finish(why).await;
         }
-        let need = state.plan.batch_groups.saturating_sub(state.buffer.len()).max(1);
+        let need = state.core.plan.batch_groups.saturating_sub(state.buffer.len()).max(1);
         let waited = Instant::now();
         let groups = match state.peers.pool.call(|reply| PoolMsg::TakeGroups { max: need, reply }, None).await? {
             CallResult::Success(g) if !g.is_empty() => g,
             _ => return state.finish(Finish::Interrupted).await,
         };
         let wait_s = waited.elapsed().as_secs_f64();
-        let current = state.version();
         for group in groups {
-            let sampled = group.trajectories.iter().map(|l| l.trajectory.policy_version).min().unwrap_or(current);
-            let lag = sampled.lag_behind(current);
-            let n = group.trajectories.len() as u64;
-            let verdict = if lag > state.plan.max_staleness && state.plan.stale == StalePolicy::Drop {
-                Err(DropReason::Stale)
-            } else {
-                state.backend.as_ref().ok_or("learner backend lost")?.admit(&group.trajectories)
-            };
-            match verdict {
-                Ok(()) => state.buffer.push_back((group, lag)),
-                Err(reason) => {
-                    state.peers.metrics.cast(MetricsMsg::Dropped { reason, trajectories: n })?;
-                    state.peers.source.cast(SourceMsg::GroupsRetired { count: 1 })?;
-                }
+            match state.core.admit(&group.trajectories) {
+                Ok(lag) => state.buffer.push_back((group, lag)),
+                Err(reason) => state.core.dropped(reason, group.trajectories.len() as u64)?,
             }
         }
-        if state.buffer.len() >= state.plan.batch_groups {
+        if state.buffer.len() >= state.core.plan.batch_groups {
             state.step(wait_s).await?;
         }
         myself.cast(LearnerMsg::Pull)?;

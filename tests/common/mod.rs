@@ -52,17 +52,7 @@ impl TestRedis {
         }
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/setup installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = redis_server(dir.path(), port, &["--save", "", "--appendonly", "no"]);
         Self { url: format!("redis://127.0.0.1:{port}"), child: Some(child), _dir: Some(dir) }
     }
 }

@@ -17,12 +17,13 @@ use super::assembly::{Assembled, Assembler};
 use super::control::{Control, WorkSource};
 use super::redis::{self, Redis, RunKeys, LEARNER_GROUP, REWARD_GROUP};
 use super::weights::Weights;
-use crate::backend::{DropReason, Train};
-use crate::learner::{batch_outcomes, Finish, LearnerPlan, StalePolicy};
-use crate::metrics::{Metrics, MetricsArgs, MetricsMsg, Progress, StepEvent};
+use super::weights::WeightSet;
+use crate::backend::{DropReason, Train, WeightSet as BackendWeights};
+use crate::learner::{Core, Finish, LearnerPlan};
+use crate::metrics::{Metrics, MetricsArgs, MetricsMsg, Progress};
 use crate::source::{PromptSource, SourceArgs, SourceMsg};
 use crate::supervisor::Summary;
-use prism_core::{GroupId, LabeledTrajectory, PolicyVersion};
+use prism_core::{GroupId, LabeledTrajectory};
 use prism_proto::v1;
 use prism_rollout::Task;
 use ractor::rpc::CallResult;
@@ -107,18 +108,14 @@ struct Held {
 }
 
 struct Loop {
-    trainer: Option<Box<dyn Train>>,
-    plan: LearnerPlan,
+    core: Core,
     control: Control,
     weights: Weights,
-    source: ActorRef<SourceMsg>,
     metrics: ActorRef<MetricsMsg>,
     assembler: Assembler,
     redis: Redis,
     keys: RunKeys,
     buffer: Vec<Held>,
-    started: Instant,
-    last_eval: Option<u64>,
     duplicates: u64,
     trained: u64,
 }
@@ -128,71 +125,23 @@ fn err(what: impl std::fmt::Display) -> String {
 }
 
 impl Loop {
-    fn version(&self) -> u64 {
-        self.trainer.as_ref().map_or(0, |t| t.version().0)
-    }
-
-    fn due(&self) -> Option<Finish> {
-        if self.version() >= self.plan.max_steps {
-            Some(Finish::MaxSteps)
-        } else if self.plan.time_limit.is_some_and(|t| self.started.elapsed() >= t) {
-            Some(Finish::TimeLimit)
-        } else {
-            None
-        }
-    }
-
-    /// Runs `f` on the trainer on a blocking thread.
-    async fn blocking<R: Send + 'static>(&mut self, f: impl FnOnce(&mut dyn Train) -> R + Send + 'static) -> Result<R, String> {
-        let mut trainer = self.trainer.take().ok_or("learner backend lost by an earlier failure")?;
-        let (trainer, out) = tokio::task::spawn_blocking(move || {
-            let out = f(trainer.as_mut());
-            (trainer, out)
+    /// Puts `weights` on the Weights service (converted on a blocking thread).
+    async fn publish(&mut self, weights: Arc<BackendWeights>) -> Result<(), String> {
+        let set = tokio::task::spawn_blocking(move || {
+            let tensors = weights.tensors.lock().map_err(|_| "weight set poisoned".to_string())?;
+            WeightSet::from_tensors(weights.version.0, tensors.iter().map(|(n, t)| (n.as_str(), t))).map_err(err)
         })
         .await
-        .map_err(|e| format!("learner thread failed: {e}"))?;
-        self.trainer = Some(trainer);
-        Ok(out)
-    }
-
-    /// Publishes the trainer's current weights on the Weights service.
-    async fn publish(&mut self) -> Result<(), String> {
-        let set = self
-            .blocking(|t| {
-                let w = t.weights().map_err(err)?;
-                let tensors = w.tensors.lock().map_err(|_| "weight set poisoned".to_string())?;
-                super::weights::WeightSet::from_tensors(w.version.0, tensors.iter().map(|(n, t)| (n.as_str(), t))).map_err(err)
-            })
-            .await??;
+        .map_err(err)??;
         let version = set.version;
         self.weights.publish(set);
         self.control.set_policy_version(version);
-        let _ = self.source.cast(SourceMsg::VersionPublished(PolicyVersion(version)));
         Ok(())
-    }
-
-    async fn evaluate(&mut self) -> Result<(), String> {
-        let version = self.version();
-        let span = tracing::info_span!("evaluate", actor = "learner", policy_version = version);
-        let eval = self.blocking(move |b| span.in_scope(|| b.evaluate())).await?.map_err(err)?;
-        self.last_eval = Some(version);
-        self.metrics.cast(MetricsMsg::Evaluated { version, eval }).map_err(err)?;
-        Ok(())
-    }
-
-    async fn checkpoint(&mut self) -> Result<(), String> {
-        let cursor = match self.source.call(SourceMsg::GetCursor, Some(Duration::from_secs(30))).await {
-            Ok(CallResult::Success(c)) => c,
-            _ => return Err("prompt source did not answer with its cursor".into()),
-        };
-        let span = tracing::info_span!("checkpoint", actor = "learner", prompt_cursor = cursor);
-        self.blocking(move |b| span.in_scope(|| b.checkpoint(cursor))).await?.map_err(err)
     }
 
     async fn drop_group(&mut self, reason: DropReason, size: u64, entries: &[String]) -> Result<(), String> {
-        self.metrics.cast(MetricsMsg::Dropped { reason, trajectories: size }).map_err(err)?;
+        self.core.dropped(reason, size)?;
         self.control.record_dropped(reason.as_str(), size);
-        let _ = self.source.cast(SourceMsg::GroupsRetired { count: 1 });
         self.assembler.ack(entries).await.map_err(err)
     }
 
@@ -206,69 +155,29 @@ impl Loop {
             tracing::info!(skipped = duplicates - self.duplicates, "trajectories already ingested skipped");
             self.duplicates = duplicates;
         }
-        let current = PolicyVersion(self.version());
         for group in arrived {
             match group {
                 Assembled::Failed { size, entries, .. } => self.drop_group(DropReason::RewardFailed, size, &entries).await?,
-                Assembled::Complete { trajectories, entries, .. } => {
-                    let sampled = trajectories.iter().map(|l| l.trajectory.policy_version).min().unwrap_or(current);
-                    let lag = sampled.lag_behind(current);
-                    let verdict = if lag > self.plan.max_staleness && self.plan.stale == StalePolicy::Drop {
-                        Err(DropReason::Stale)
-                    } else {
-                        self.trainer.as_ref().ok_or("learner backend lost")?.admit(&trajectories)
-                    };
-                    match verdict {
-                        Ok(()) => self.buffer.push(Held { trajectories, lag, entries }),
-                        Err(reason) => self.drop_group(reason, trajectories.len() as u64, &entries).await?,
-                    }
-                }
+                Assembled::Complete { trajectories, entries, .. } => match self.core.admit(&trajectories) {
+                    Ok(lag) => self.buffer.push(Held { trajectories, lag, entries }),
+                    Err(reason) => self.drop_group(reason, trajectories.len() as u64, &entries).await?,
+                },
             }
         }
         Ok(())
     }
 
     async fn step(&mut self, wait_s: f64) -> Result<(), String> {
-        let n = self.plan.batch_groups;
+        let n = self.core.plan.batch_groups;
         let batch: Vec<Held> = self.buffer.drain(..n).collect();
-        let lags: Vec<u64> = batch.iter().map(|h| h.lag).collect();
         let entries: Vec<String> = batch.iter().flat_map(|h| h.entries.iter().cloned()).collect();
-        let groups: Vec<Vec<LabeledTrajectory>> = batch.into_iter().map(|h| h.trajectories).collect();
-        let (reward, accuracy, step_accuracy) = batch_outcomes(groups.iter().flatten());
-        let version = self.version();
-        let started = Instant::now();
-        let span = tracing::info_span!("train", actor = "learner", policy_version = version, groups = n);
-        let lags_for_step = lags.clone();
-        let report = self
-            .blocking(move |b| span.in_scope(|| b.train(groups, &lags_for_step)))
-            .await?
-            .map_err(|e| format!("learner step {} failed: {e}", version + 1))?;
-        let train_s = started.elapsed().as_secs_f64();
-        self.publish().await?;
+        let trajectories: u64 = batch.iter().map(|h| h.trajectories.len() as u64).sum();
+        let (weights, done) = self.core.train(batch.into_iter().map(|h| (h.trajectories, h.lag)).collect(), wait_s).await?;
+        self.publish(weights).await?;
         self.assembler.ack(&entries).await.map_err(err)?;
-        let _ = self.source.cast(SourceMsg::GroupsRetired { count: n });
-        let new_version = self.version();
-        self.trained += report.trajectories as u64;
-        self.control.set_progress(new_version, self.plan.max_steps, self.trained);
-        self.metrics
-            .cast(MetricsMsg::StepCompleted(Box::new(StepEvent {
-                version: new_version,
-                report,
-                lags,
-                reward,
-                accuracy,
-                step_accuracy,
-                train_s,
-                wait_s,
-            })))
-            .map_err(err)?;
-        if self.plan.eval_every > 0 && new_version % self.plan.eval_every == 0 {
-            self.evaluate().await?;
-        }
-        if self.plan.checkpoint_every > 0 && new_version % self.plan.checkpoint_every == 0 {
-            self.checkpoint().await?;
-        }
-        Ok(())
+        self.trained += trajectories;
+        self.control.set_progress(self.core.version().0, self.core.plan.max_steps, self.trained);
+        self.core.commit(done).await
     }
 
     async fn update_queues(&self) {
@@ -283,36 +192,24 @@ impl Loop {
     }
 
     /// Stops the workers and counts what is left where.
-    async fn finish(&mut self, why: &Finish, drain: Duration) -> Result<(), String> {
-        tracing::info!(reason = ?why, policy_version = self.version(), "learner finishing");
-        let _ = self.source.cast(SourceMsg::Stop);
-        if self.last_eval != Some(self.version()) {
-            self.evaluate().await?;
-        }
-        self.checkpoint().await?;
+    async fn finish(&mut self, why: &Finish, source: &ActorRef<SourceMsg>, drain: Duration) -> Result<(), String> {
+        let _ = source.cast(SourceMsg::Stop);
+        self.core.wrap_up(why).await?;
         self.control.request_shutdown(&format!("{why:?}"));
         // Workers finish what they are doing, deliver it and leave.
+        let alive = |c: &Control| -> Vec<String> {
+            c.status().workers.into_iter().filter(|w| w.state() == v1::WorkerState::Alive).map(|w| w.worker_id).collect()
+        };
         let deadline = Instant::now() + drain;
-        while Instant::now() < deadline {
-            let alive = self.control.status().workers.iter().filter(|w| w.state() == v1::WorkerState::Alive).count();
-            if alive == 0 {
-                break;
-            }
+        while Instant::now() < deadline && !alive(&self.control).is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let alive: Vec<String> = self
-            .control
-            .status()
-            .workers
-            .into_iter()
-            .filter(|w| w.state() == v1::WorkerState::Alive)
-            .map(|w| w.worker_id)
-            .collect();
-        if !alive.is_empty() {
-            tracing::warn!(?alive, "workers still alive at the end of the run; counting the streams anyway");
+        let left = alive(&self.control);
+        if !left.is_empty() {
+            tracing::warn!(alive = ?left, "workers still alive at the end of the run; counting the streams anyway");
         }
-        let held: usize = self.buffer.iter().map(|h| h.trajectories.len()).sum();
-        self.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "learner", trajectories: held as u64 }).map_err(err)?;
+        let held: u64 = self.buffer.iter().map(|h| h.trajectories.len() as u64).sum();
+        self.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "learner", trajectories: held }).map_err(err)?;
         for (stage, stream, group) in
             [("sampled stream", &self.keys.sampled, REWARD_GROUP), ("labeled stream", &self.keys.labeled, LEARNER_GROUP)]
         {
@@ -320,7 +217,7 @@ impl Loop {
             let mut n = d.waiting + d.pending;
             if stage == "labeled stream" {
                 // The buffer's entries are still in the stream, counted above.
-                n = n.saturating_sub(held as u64);
+                n = n.saturating_sub(held);
             }
             self.metrics.cast(MetricsMsg::InFlightAtShutdown { stage, trajectories: n }).map_err(err)?;
         }
@@ -341,31 +238,28 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         .map_err(|e| format!("starting the prompt source: {e}"))?;
     let assembler = Assembler::new(&redis, &keys, "learner").await.map_err(err)?;
     let mut l = Loop {
-        trainer: Some(trainer),
-        plan,
+        core: Core::new(trainer, plan, source.clone(), metrics.clone()),
         control: control.clone(),
         weights,
-        source: source.clone(),
         metrics: metrics.clone(),
         assembler,
         redis,
         keys,
         buffer: Vec::new(),
-        started,
-        last_eval: None,
         duplicates: 0,
         trained: 0,
     };
     let result = async {
-        l.publish().await?;
-        control.set_progress(l.version(), l.plan.max_steps, 0);
+        let first = l.core.blocking(|t| t.weights()).await?.map_err(err)?;
+        l.publish(first).await?;
+        control.set_progress(l.core.version().0, l.core.plan.max_steps, 0);
         control.set_work_source(Arc::new(SourceBridge { source: source.clone(), metrics: metrics.clone(), delivered: Default::default() }));
-        l.evaluate().await?;
+        l.core.evaluate().await?;
         tokio::pin!(shutdown);
         let mut waited = Instant::now();
         let mut queues_at = Instant::now();
         let why = loop {
-            if let Some(why) = l.due() {
+            if let Some(why) = l.core.due() {
                 break why;
             }
             tokio::select! {
@@ -376,12 +270,12 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
                 l.update_queues().await;
                 queues_at = Instant::now();
             }
-            if l.buffer.len() >= l.plan.batch_groups {
+            if l.buffer.len() >= l.core.plan.batch_groups {
                 l.step(waited.elapsed().as_secs_f64()).await?;
                 waited = Instant::now();
             }
         };
-        l.finish(&why, drain).await?;
+        l.finish(&why, &source, drain).await?;
         Ok::<_, String>(why)
     }
     .await;
