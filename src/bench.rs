@@ -91,15 +91,27 @@ fn copy_bandwidth(threads: usize) -> f64 {
     2.0 * size as f64 / best
 }
 
+/// What both benchmarks start with: torch's thread count (`threads`, else all
+/// cores), and the model `model` (else `model.source`) loaded as configured.
+fn load_model(
+    model: Option<&str>,
+    threads: Option<usize>,
+    model_cfg: &prism_model::Config,
+    seed: u64,
+) -> anyhow::Result<(usize, String, prism_model::Loaded)> {
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    tch::set_num_threads(threads as i32);
+    let source = model.map_or_else(|| model_cfg.source.clone(), str::to_string);
+    let opts = model_cfg.load_options(seed)?;
+    let loaded = prism_model::load(&source, &opts).with_context(|| format!("loading {source}"))?;
+    Ok((threads, source, loaded))
+}
+
 pub fn generate(args: &GenerateArgs, model_cfg: &prism_model::Config, seed: u64) -> anyhow::Result<()> {
     if args.new_tokens < 2 || args.batch == 0 || args.prompt_len == 0 {
         bail!("--batch and --prompt-len must be >= 1 and --new-tokens >= 2");
     }
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    tch::set_num_threads(threads as i32);
-    let source = args.model.clone().unwrap_or_else(|| model_cfg.source.clone());
-    let opts = model_cfg.load_options(seed)?;
-    let loaded = prism_model::load(&source, &opts).with_context(|| format!("loading {source}"))?;
+    let (threads, source, loaded) = load_model(args.model.as_deref(), args.threads, model_cfg, seed)?;
     let config = loaded.model.config().clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let prompts: Vec<Vec<u32>> = (0..args.batch)

@@ -79,11 +79,7 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
     if args.batch == 0 || args.micro_batch == 0 || args.steps == 0 || args.prompt_len == 0 || args.prompt_len >= args.seq_len {
         bail!("--batch, --micro-batch and --steps must be >= 1 and --prompt-len in 1..--seq-len");
     }
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    tch::set_num_threads(threads as i32);
-    let source = args.model.clone().unwrap_or_else(|| model_cfg.source.clone());
-    let opts = model_cfg.load_options(seed)?;
-    let loaded = prism_model::load(&source, &opts).with_context(|| format!("loading {source}"))?;
+    let (threads, source, loaded) = super::load_model(args.model.as_deref(), args.threads, model_cfg, seed)?;
     let config = loaded.model.config().clone();
     let cuda = model_cfg.device.starts_with("cuda");
     let spec = bench::Spec {
