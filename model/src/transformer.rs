@@ -13,22 +13,32 @@ use crate::{Dtype, Error, Result, Tokenizer};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
+/// q, k and v (and gate and up) are rows of one fused matrix: the HF-named
+/// parameters are views of it, so training and weight loads, which write the
+/// views in place, keep it current, while decoding runs one matrix product
+/// where it would run three (or two).
 struct Attention {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// `[q_dim + 2 kv_dim, d]`, the storage of `q`, `k` and `v`.
+    qkv: Tensor,
     o: Tensor,
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
+    qkv_bias: Option<Tensor>,
     o_bias: Option<Tensor>,
 }
 
 struct Mlp {
     gate: Tensor,
     up: Tensor,
+    /// `[2 f, d]`, the storage of `gate` and `up`.
+    gate_up: Tensor,
     down: Tensor,
     biases: Option<[Tensor; 3]>,
+    gate_up_bias: Option<Tensor>,
 }
 
 struct Layer {
@@ -57,38 +67,68 @@ fn var(p: &tch::nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
     p.var(name, dims, init)
 }
 
+/// A zero tensor of `rows.sum()` rows (times `cols`, when given) in the store's
+/// dtype and device, whose consecutive row blocks become the trainable
+/// parameters `paths[i]/name`. Returns the whole tensor and the views.
+fn fused(paths: &[&tch::nn::Path], name: &str, rows: &[i64], cols: Option<i64>) -> (Tensor, Vec<Tensor>) {
+    let p = paths[0];
+    let total: i64 = rows.iter().sum();
+    let dims: Vec<i64> = std::iter::once(total).chain(cols).collect();
+    let whole = Tensor::zeros(dims.as_slice(), (p.kind(), p.device()));
+    let mut start = 0;
+    let views = paths
+        .iter()
+        .zip(rows)
+        .map(|(path, &n)| {
+            let view = path.add(name, whole.narrow(0, start, n), true);
+            start += n;
+            view
+        })
+        .collect();
+    (whole, views)
+}
+
 impl Layer {
     fn new(p: &tch::nn::Path, c: &ModelConfig) -> Self {
         let (d, f) = (c.hidden_size as i64, c.intermediate_size as i64);
         let q_dim = (c.num_heads * c.head_dim) as i64;
         let kv_dim = (c.num_kv_heads * c.head_dim) as i64;
-        let w = Init::Const(0.0);
         let zero = Init::Const(0.0);
         let a = p / "self_attn";
-        let bias = |name: &str, n: i64, on: bool| on.then(|| var(&(&a / name), "bias", &[n], zero));
+        let (qp, kp, vp) = (&a / "q_proj", &a / "k_proj", &a / "v_proj");
+        let qkv_rows = [q_dim, kv_dim, kv_dim];
+        let (qkv, w) = fused(&[&qp, &kp, &vp], "weight", &qkv_rows, Some(d));
+        let [q, k, v] = <[Tensor; 3]>::try_from(w).expect("three views");
+        let (qkv_bias, [q_bias, k_bias, v_bias]) = if c.qkv_bias {
+            let (whole, b) = fused(&[&qp, &kp, &vp], "bias", &qkv_rows, None);
+            (Some(whole), b.into_iter().map(Some).collect::<Vec<_>>().try_into().expect("three views"))
+        } else {
+            (None, [None, None, None])
+        };
         let attn = Attention {
-            q: var(&(&a / "q_proj"), "weight", &[q_dim, d], w),
-            k: var(&(&a / "k_proj"), "weight", &[kv_dim, d], w),
-            v: var(&(&a / "v_proj"), "weight", &[kv_dim, d], w),
-            o: var(&(&a / "o_proj"), "weight", &[d, q_dim], w),
-            q_bias: bias("q_proj", q_dim, c.qkv_bias),
-            k_bias: bias("k_proj", kv_dim, c.qkv_bias),
-            v_bias: bias("v_proj", kv_dim, c.qkv_bias),
-            o_bias: bias("o_proj", d, c.o_bias),
+            q,
+            k,
+            v,
+            qkv,
+            o: var(&(&a / "o_proj"), "weight", &[d, q_dim], zero),
+            q_bias,
+            k_bias,
+            v_bias,
+            qkv_bias,
+            o_bias: c.o_bias.then(|| var(&(&a / "o_proj"), "bias", &[d], zero)),
         };
         let m = p / "mlp";
-        let mlp = Mlp {
-            gate: var(&(&m / "gate_proj"), "weight", &[f, d], w),
-            up: var(&(&m / "up_proj"), "weight", &[f, d], w),
-            down: var(&(&m / "down_proj"), "weight", &[d, f], w),
-            biases: c.mlp_bias.then(|| {
-                [
-                    var(&(&m / "gate_proj"), "bias", &[f], zero),
-                    var(&(&m / "up_proj"), "bias", &[f], zero),
-                    var(&(&m / "down_proj"), "bias", &[d], zero),
-                ]
-            }),
+        let (gp, upp) = (&m / "gate_proj", &m / "up_proj");
+        let (gate_up, w) = fused(&[&gp, &upp], "weight", &[f, f], Some(d));
+        let [gate, up] = <[Tensor; 2]>::try_from(w).expect("two views");
+        let (gate_up_bias, biases) = if c.mlp_bias {
+            let (whole, b) = fused(&[&gp, &upp], "bias", &[f, f], None);
+            let [gb, ub] = <[Tensor; 2]>::try_from(b).expect("two views");
+            (Some(whole), Some([gb, ub, var(&(&m / "down_proj"), "bias", &[d], zero)]))
+        } else {
+            (None, None)
         };
+        let mlp = Mlp { gate, up, gate_up, down: var(&(&m / "down_proj"), "weight", &[d, f], zero), biases, gate_up_bias };
         Layer {
             input_norm: var(&(p / "input_layernorm"), "weight", &[d], Init::Const(1.0)),
             attn,
@@ -134,6 +174,12 @@ enum Mask<'a> {
 }
 
 impl Layer {
+    /// One layer over `x` `[B, T, d]`. `cache` (keys, values, filled length)
+    /// makes it incremental and selects the decoding path: the fused q/k/v and
+    /// gate/up matrices (not differentiable into the HF-named parameters, which
+    /// is why the full-sequence training path keeps them apart), and for a
+    /// single new token attention with the query heads grouped by the key/value
+    /// head they share, so no key or value is repeated.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -148,11 +194,20 @@ impl Layer {
         let (h, hkv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
         let a = &self.attn;
         let xn = rms_norm(x, &self.input_norm, c.rms_norm_eps);
-        let q = linear(&xn, &a.q, a.q_bias.as_ref()).view([b, t, h, hd]).transpose(1, 2);
-        let k = linear(&xn, &a.k, a.k_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
-        let v = linear(&xn, &a.v, a.v_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
-        let q = apply_rope(&q, cos, sin);
-        let k = apply_rope(&k, cos, sin);
+        let (q, k, v) = if cache.is_some() {
+            let qkv = linear(&xn, &a.qkv, a.qkv_bias.as_ref()); // [B, T, (h + 2 hkv) hd]
+            // q and k rotate together: one RoPE call over h + hkv heads.
+            let qk = qkv.narrow(2, 0, (h + hkv) * hd).reshape([b, t, h + hkv, hd]).transpose(1, 2);
+            let qk = apply_rope(&qk, cos, sin);
+            let v = qkv.narrow(2, (h + hkv) * hd, hkv * hd).reshape([b, t, hkv, hd]).transpose(1, 2);
+            (qk.narrow(1, 0, h), qk.narrow(1, h, hkv), v)
+        } else {
+            let q = linear(&xn, &a.q, a.q_bias.as_ref()).view([b, t, h, hd]).transpose(1, 2);
+            let k = linear(&xn, &a.k, a.k_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
+            let v = linear(&xn, &a.v, a.v_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
+            (apply_rope(&q, cos, sin), apply_rope(&k, cos, sin), v)
+        };
+        let decoding = cache.is_some();
         let (k, v) = match cache {
             Some((kc, vc, len)) => {
                 kc.narrow(2, len, t).copy_(&k);
@@ -162,19 +217,35 @@ impl Layer {
             None => (k, v),
         };
         let gqa = hkv != h;
-        let y = match mask {
-            Mask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, true, None, gqa),
-            Mask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(*m), 0.0, false, None, gqa),
-            Mask::None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, gqa),
+        let y = if decoding && t == 1 && !matches!(mask, Mask::Causal) {
+            // [B, hkv, h / hkv, hd]: query head i reads key/value head i / (h / hkv),
+            // as transformers' repeat_kv pairs them; the mask [B, 1, 1, S] broadcasts.
+            let q = q.reshape([b, hkv, h / hkv, hd]);
+            let m = match mask {
+                Mask::Explicit(m) => Some(*m),
+                _ => None,
+            };
+            Tensor::scaled_dot_product_attention(&q, &k, &v, m, 0.0, false, None, false).reshape([b, 1, h * hd])
+        } else {
+            let y = match mask {
+                Mask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, true, None, gqa),
+                Mask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(*m), 0.0, false, None, gqa),
+                Mask::None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, gqa),
+            };
+            y.transpose(1, 2).reshape([b, t, h * hd])
         };
-        let y = y.transpose(1, 2).reshape([b, t, h * hd]);
         let x = x + linear(&y, &a.o, a.o_bias.as_ref());
         let xn = rms_norm(&x, &self.post_norm, c.rms_norm_eps);
         let m = &self.mlp;
+        let f = m.down.size()[1];
         let bias = |i: usize| m.biases.as_ref().map(|bs| &bs[i]);
-        let gate = linear(&xn, &m.gate, bias(0)).silu();
-        let up = linear(&xn, &m.up, bias(1));
-        x + linear(&(gate * up), &m.down, bias(2))
+        let hidden = if decoding {
+            let gu = linear(&xn, &m.gate_up, m.gate_up_bias.as_ref());
+            gu.narrow(2, 0, f).silu() * gu.narrow(2, f, f)
+        } else {
+            linear(&xn, &m.gate, bias(0)).silu() * linear(&xn, &m.up, bias(1))
+        };
+        x + linear(&hidden, &m.down, bias(2))
     }
 }
 
@@ -307,10 +378,11 @@ impl Transformer {
     /// [`Transformer::set_parameter`].
     pub(crate) fn empty(config: ModelConfig, device: Device, dtype: Dtype) -> Result<Self> {
         let mut vs = VarStore::new(device);
+        // Before any variable exists: the fused q/k/v and gate/up storages are
+        // made in this dtype, and must never be converted afterwards (a
+        // conversion would give each view storage of its own).
+        vs.set_kind(dtype.kind());
         let mut t = tch::no_grad(|| Self::build(&vs, config))?;
-        if dtype != Dtype::F32 {
-            vs.set_kind(dtype.kind());
-        }
         t.vs = vs;
         Ok(t)
     }
@@ -341,11 +413,6 @@ impl Transformer {
     /// The parameters, under Hugging Face names.
     pub fn var_store(&self) -> &VarStore {
         &self.vs
-    }
-
-    /// The parameters, mutable (optimizers, device moves).
-    pub fn var_store_mut(&mut self) -> &mut VarStore {
-        &mut self.vs
     }
 
     /// The device the parameters live on.

@@ -55,15 +55,15 @@ fn tiny_llama_and_qwen2_logits_match_transformers() {
 }
 
 /// Prefill then one token at a time through the KV cache gives the logits of a
-/// full forward pass, with left padding in the batch.
+/// full forward pass, with left padding in the batch; and still does after the
+/// HF-named parameters are updated in place (as the optimizer and weight sync
+/// do), which the decoding path's fused q/k/v and gate/up matrices must see.
 #[test]
 fn kv_cached_decode_equals_full_forward() {
     let dir = tiny_dir();
     let reference = read_safetensors(&dir.join("reference.safetensors"));
     let (ids, mask) = (&reference["ids"], &reference["mask"]);
-    for name in ["llama", "qwen2"] {
-        let loaded = load(dir.join(name).to_str().unwrap(), &load_options()).unwrap();
-        let model = &loaded.model;
+    let compare = |model: &prism_model::Transformer, what: &str| {
         let full = tch::no_grad(|| model.forward(ids, Some(mask))).to_device(tch::Device::Cpu);
         let t = ids.size()[1];
         let prefill = 6;
@@ -78,7 +78,21 @@ fn kv_cached_decode_equals_full_forward() {
         let cached = Tensor::cat(&parts, 1).to_device(tch::Device::Cpu);
         let real = mask.to_kind(Kind::Bool).unsqueeze(-1);
         let diff = max_abs_diff(&cached.masked_select(&real), &full.masked_select(&real));
-        assert!(diff <= 1e-5, "{name}: cached vs full max diff {diff}");
+        assert!(diff <= 1e-5, "{what}: cached vs full max diff {diff}");
+        full
+    };
+    for name in ["llama", "qwen2"] {
+        let loaded = load(dir.join(name).to_str().unwrap(), &load_options()).unwrap();
+        let model = &loaded.model;
+        let before = compare(model, name);
+        tch::manual_seed(3);
+        tch::no_grad(|| {
+            for (_, mut p) in model.var_store().variables() {
+                let _ = p.f_add_(&(p.randn_like() * 0.05)).unwrap();
+            }
+        });
+        let after = compare(model, &format!("{name} after an in-place update"));
+        assert!(max_abs_diff(&before, &after) > 1e-3, "{name}: the update must change the logits");
     }
 }
 
