@@ -58,12 +58,20 @@ def run(out, name, sets):
     summary = json.load(open(os.path.join(folder, "summary.json")))
     metrics = [json.loads(l) for l in open(os.path.join(folder, "metrics.jsonl")) if l.strip()]
     trace = os.path.join(folder, "trace.jsonl")
-    warm_s = None
+    warm_s = warm_steps = None
     for line in open(trace):
         if "warm start trained" in line:
-            warm_s = json.loads(line)["fields"].get("seconds")
-    return {"name": name, "folder": folder, "summary": summary, "metrics": metrics, "warm_s": warm_s,
+            fields = json.loads(line)["fields"]
+            warm_s, warm_steps = fields.get("seconds"), fields.get("steps")
+    return {"name": name, "folder": folder, "summary": summary, "metrics": metrics, "warm_s": warm_s, "warm_steps": warm_steps,
             "wall_s": time.time() - started}
+
+
+def default_setting(section, key):
+    """`section.key` of the embedded default (an integer), from `prism train --print-config`."""
+    text = subprocess.run([PRISM, "train", "--print-config"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+    return int(re.search(rf"^{key}\s*=\s*(\d+)", body, re.M).group(1))
 
 
 def evals(r):
@@ -93,18 +101,24 @@ def main():
         tp = run(args.out, f"tp_grpo-seed{seed}", [f"run.seed={seed}", limit])
         gr = run(args.out, f"grpo-seed{seed}", [f"run.seed={seed}", limit, "learner.advantage=grpo"])
         # More imitation for the same wall time: the warm start's own pace
-        # (seconds per SFT step, measured in the first run) sets the extra steps.
-        base_steps = 600
-        per_step = tp["warm_s"] / base_steps if tp["warm_s"] else None
-        extra = int(args.rl_seconds / per_step) if per_step else 3000
+        # (seconds per SFT step, measured where it was trained) sets the extra
+        # steps; the longer warm start continues from the cached one.
+        base_steps = default_setting("warmstart", "steps")
+        per_step = tp["warm_s"] / tp["warm_steps"] if tp["warm_s"] and tp["warm_steps"] else None
+        extra = int(args.rl_seconds / per_step) if per_step else 1500
         sft = run(args.out, f"sft-seed{seed}", [f"run.seed={seed}", f"warmstart.steps={base_steps + extra}", "train.steps=1"])
         results["tp_grpo"][seed] = tp
         results["grpo"][seed] = gr
         results["sft"][seed] = dict(sft, extra_steps=extra, seconds_per_step=per_step)
 
-    sync = results["tp_grpo"][seeds[0]]
-    asyn = run(args.out, f"async-seed{seeds[0]}", [f"run.seed={seeds[0]}", limit, "learner.max_staleness=2"])
+    # The default run of the first seed is one side of the comparison.
+    default = results["tp_grpo"][seeds[0]]
+    if default_setting("learner", "max_staleness") == 2:
+        sync, asyn = run(args.out, f"sync-seed{seeds[0]}", [f"run.seed={seeds[0]}", limit, "learner.max_staleness=0"]), default
+    else:
+        sync, asyn = default, run(args.out, f"async-seed{seeds[0]}", [f"run.seed={seeds[0]}", limit, "learner.max_staleness=2"])
     results["async"] = asyn
+    results["sync"] = sync
 
     print(f"\n1-2. held-out accuracy (200 problems, greedy), {args.rl_seconds:.0f} s of RL vs the same time of more SFT")
     print(f"{'seed':>4} {'warm start':>11} {'RL final':>9} {'gain':>7} {'RL min eval':>12} {'more SFT':>9} {'SFT extra steps':>16}")
@@ -137,7 +151,8 @@ def main():
     for group in ("tp_grpo", "grpo", "sft"):
         for r in results[group].values():
             r.pop("metrics", None)
-    results["async"].pop("metrics", None)
+    for r in (results["async"], results["sync"]):
+        r.pop("metrics", None)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(f"\nwrote {os.path.join(args.out, 'results.json')}")

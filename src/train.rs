@@ -49,12 +49,16 @@ pub struct TrainConfig {
 pub struct WarmStartConfig {
     /// Warm start before RL (arithmetic task only). Default true.
     pub enabled: bool,
-    /// SFT steps. Default 600.
+    /// SFT steps. Default 1200.
     pub steps: u64,
     /// Demonstrations per step. Default 64.
     pub batch: usize,
     /// Learning rate (constant, AdamW with the learner's other settings). Default 2e-3.
     pub lr: f64,
+    /// Held-out accuracy (greedy, `train.eval_problems` problems) every this many
+    /// SFT steps and at the end, logged (console and trace); 0 = none. Not part of the
+    /// cache key. Default 200.
+    pub eval_every: u64,
 }
 
 impl TrainConfig {
@@ -319,22 +323,51 @@ fn demonstration(task: &Task, teacher: &FlawedTeacher, tokenizer: &Tokenizer, eo
 }
 
 /// Imitates the flawed teacher, or loads the result from `runs/cache/` when a
-/// warm start with the same settings was made before.
+/// warm start with the same settings was made before. A warm start longer than
+/// a cached one with otherwise equal settings continues from it (the same
+/// demonstrations in the same order; the optimizer's moments start afresh, as
+/// they are not cached).
 async fn warm_start(config: &Config, model: &mut Transformer, tokenizer: &Tokenizer, eos: &[u32]) -> Result<PathBuf> {
+    // Everything that shapes the weights but the number of steps.
     let key = prism_learner::checkpoint::config_hash(&serde_json::json!({
-        "model": config.model, "seed": config.run.seed, "task": config.task.arithmetic, "warmstart": config.warmstart,
+        "model": config.model, "seed": config.run.seed, "task": config.task.arithmetic,
+        "warmstart": { "batch": config.warmstart.batch, "lr": config.warmstart.lr },
         "learner": { "weight_decay": config.learner.weight_decay, "beta1": config.learner.beta1, "beta2": config.learner.beta2,
                      "eps": config.learner.eps, "grad_clip": config.learner.grad_clip },
-        "format": 1,
+        "format": 2,
     }));
-    let cache = config.run.dir.join("cache").join(format!("warmstart-{}", &key[..16]));
-    if cache.join("model.safetensors").is_file() {
-        let cached = prism_model::load(cache.to_str().context("cache path is not UTF-8")?, &config.model.load_options(config.run.seed)?)
-            .with_context(|| format!("{}: damaged warm-start cache (delete it to rebuild)", cache.display()))?;
+    let root = config.run.dir.join("cache");
+    let stem = format!("warmstart-{}-", &key[..16]);
+    let cache = root.join(format!("{stem}{}", config.warmstart.steps));
+    let load_cached = |dir: &Path, model: &mut Transformer| -> Result<()> {
+        let cached = prism_model::load(dir.to_str().context("cache path is not UTF-8")?, &config.model.load_options(config.run.seed)?)
+            .with_context(|| format!("{}: damaged warm-start cache (delete it to rebuild)", dir.display()))?;
         model.copy_weights_from(&cached.model)?;
+        Ok(())
+    };
+    if cache.join("model.safetensors").is_file() {
+        load_cached(&cache, model)?;
         tracing::info!(cache = %cache.display(), "warm start loaded from cache");
         return Ok(cache);
     }
+    // The longest shorter warm start of the same settings, if any.
+    let shorter = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let steps: u64 = e.file_name().to_str()?.strip_prefix(&stem)?.parse().ok()?;
+            (steps < config.warmstart.steps && e.path().join("model.safetensors").is_file()).then(|| (steps, e.path()))
+        })
+        .max_by_key(|(steps, _)| *steps);
+    let first_step = match &shorter {
+        Some((steps, dir)) => {
+            load_cached(dir, model)?;
+            println!("warm start: continuing {} from step {steps}", dir.display());
+            *steps
+        }
+        None => 0,
+    };
     let task = task(config, tokenizer)?;
     let teacher = FlawedTeacher { rate: config.task.arithmetic.flaw_rate, seed: config.task.arithmetic.flaw_seed };
     let mut sft = config.learner.clone();
@@ -349,17 +382,25 @@ async fn warm_start(config: &Config, model: &mut Transformer, tokenizer: &Tokeni
     let ws = config.warmstart.clone();
     let (tok, eos) = (tokenizer.clone(), eos.to_vec());
     let seed = config.run.seed;
+    let evaluator = (ws.eval_every > 0).then(|| evaluator(config, &task, eos.clone())).transpose()?;
     let started = Instant::now();
     let trained = tokio::task::spawn_blocking(move || -> Result<Transformer> {
         let _span = tracing::info_span!("warmstart", actor = "learner").entered();
         let mut learner = Learner::new(sft, policy, None, seed)?;
-        for step in 0..ws.steps {
+        for step in first_step..ws.steps {
             let pairs = (0..ws.batch as u64)
                 .map(|i| demonstration(&task, &teacher, &tok, &eos, step * ws.batch as u64 + i))
                 .collect::<Result<Vec<_>>>()?;
             let stats = learner.sft_step(&pairs)?;
-            if step % 100 == 0 || step + 1 == ws.steps {
+            let loss = stats.loss;
+            let done = step + 1;
+            if step % 100 == 0 || done == ws.steps {
                 tracing::info!(step, loss = stats.loss, "warm start");
+            }
+            if let Some(e) = evaluator.as_ref().filter(|_| done % ws.eval_every == 0 || done == ws.steps) {
+                let report = e.evaluate(learner.policy(), &tok).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let seconds = started.elapsed().as_secs_f64();
+                tracing::info!(step = done, of = ws.steps, loss, accuracy = report.accuracy, seconds, "warm start evaluated");
             }
         }
         Ok(learner.into_policy())
@@ -377,7 +418,12 @@ async fn warm_start(config: &Config, model: &mut Transformer, tokenizer: &Tokeni
         }
         Err(e) => return Err(e).with_context(|| format!("{}: cannot store the warm start", cache.display())),
     }
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), cache = %cache.display(), "warm start trained");
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        steps = config.warmstart.steps - first_step,
+        cache = %cache.display(),
+        "warm start trained"
+    );
     Ok(cache)
 }
 

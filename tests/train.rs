@@ -108,6 +108,19 @@ fn a_tiny_run_writes_its_folder_balances_and_resumes() {
     let second = run_folders(dir.path()).pop().unwrap();
     let trace = std::fs::read_to_string(second.join("trace.jsonl")).unwrap();
     assert!(trace.contains("warm start loaded from cache"), "the second run skips the warm start");
+    let first = std::fs::read_to_string(run.join("trace.jsonl")).unwrap();
+    assert!(first.contains("warm start evaluated"), "the warm start's held-out accuracy is logged");
+
+    // A longer warm start continues the cached one: 5 more steps, not 20.
+    let out = train(dir.path(), &["--set", "train.steps=1", "--set", "warmstart.steps=20"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("from step 15"), "{}", stdout(&out));
+    let third = run_folders(dir.path()).pop().unwrap();
+    let trained = json_lines(&third.join("trace.jsonl"))
+        .into_iter()
+        .find(|e| e["fields"]["message"] == "warm start trained")
+        .expect("the third run trains its warm start");
+    assert_eq!(trained["fields"]["steps"], 5, "{trained}");
 
     // And the report draws it.
     let out = prism().args(["report", run.to_str().unwrap()]).output().unwrap();

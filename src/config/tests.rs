@@ -151,8 +151,9 @@ fn learner_section_defaults_match_the_documented_ones() {
     let embedded = prism_learner::Config {
         advantage: "tp_grpo".into(),
         drop_uniform_groups: true,
-        lr: 5e-5,
+        lr: 1.5e-4,
         micro_batch_size: 128,
+        max_staleness: 2,
         ..prism_learner::Config::default()
     };
     assert_eq!(c.learner, embedded);
