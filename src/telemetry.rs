@@ -46,7 +46,8 @@ pub fn trace_layer<S>(path: &Path, filter: &str) -> std::io::Result<(Box<dyn Lay
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    let file = std::fs::File::create(path)?;
+    // Appended to: a resumed run keeps the trace of the sessions before it.
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     let (writer, guard) = tracing_appender::non_blocking(file);
     let layer = tracing_subscriber::fmt::layer()
         .json()

@@ -108,8 +108,10 @@ fn a_tiny_run_writes_its_folder_balances_and_resumes() {
     let second = run_folders(dir.path()).pop().unwrap();
     let trace = std::fs::read_to_string(second.join("trace.jsonl")).unwrap();
     assert!(trace.contains("warm start loaded from cache"), "the second run skips the warm start");
+    // The first run's trace, kept (appended to, not replaced) by its resumption.
     let first = std::fs::read_to_string(run.join("trace.jsonl")).unwrap();
     assert!(first.contains("warm start evaluated"), "the warm start's held-out accuracy is logged");
+    assert_eq!(first.matches("\"message\":\"run folder\"").count(), 2, "both sessions traced");
 
     // A longer warm start continues the cached one: 5 more steps, not 20.
     let out = train(dir.path(), &["--set", "train.steps=1", "--set", "warmstart.steps=20"]);
