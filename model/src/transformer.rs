@@ -194,7 +194,8 @@ impl Layer {
         let (h, hkv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
         let a = &self.attn;
         let xn = rms_norm(x, &self.input_norm, c.rms_norm_eps);
-        let (q, k, v) = if cache.is_some() {
+        let decoding = cache.is_some();
+        let (q, k, v) = if decoding {
             let qkv = linear(&xn, &a.qkv, a.qkv_bias.as_ref()); // [B, T, (h + 2 hkv) hd]
             // q and k rotate together: one RoPE call over h + hkv heads.
             let qk = qkv.narrow(2, 0, (h + hkv) * hd).reshape([b, t, h + hkv, hd]).transpose(1, 2);
@@ -207,7 +208,6 @@ impl Layer {
             let v = linear(&xn, &a.v, a.v_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
             (apply_rope(&q, cos, sin), apply_rope(&k, cos, sin), v)
         };
-        let decoding = cache.is_some();
         let (k, v) = match cache {
             Some((kc, vc, len)) => {
                 kc.narrow(2, len, t).copy_(&k);
