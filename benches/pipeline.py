@@ -97,13 +97,13 @@ def main():
     limit = f"train.time_limit_s={args.rl_seconds}"
     results = {"seeds": seeds, "rl_seconds": args.rl_seconds, "tp_grpo": {}, "grpo": {}, "sft": {}, "async": None}
 
+    base_steps = default_setting("warmstart", "steps")
     for seed in seeds:
         tp = run(args.out, f"tp_grpo-seed{seed}", [f"run.seed={seed}", limit])
         gr = run(args.out, f"grpo-seed{seed}", [f"run.seed={seed}", limit, "learner.advantage=grpo"])
         # More imitation for the same wall time: the warm start's own pace
         # (seconds per SFT step, measured where it was trained) sets the extra
         # steps; the longer warm start continues from the cached one.
-        base_steps = default_setting("warmstart", "steps")
         per_step = tp["warm_s"] / tp["warm_steps"] if tp["warm_s"] and tp["warm_steps"] else None
         extra = int(args.rl_seconds / per_step) if per_step else 1500
         sft = run(args.out, f"sft-seed{seed}", [f"run.seed={seed}", f"warmstart.steps={base_steps + extra}", "train.steps=1"])

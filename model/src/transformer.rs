@@ -101,7 +101,8 @@ impl Layer {
         let [q, k, v] = <[Tensor; 3]>::try_from(w).expect("three views");
         let (qkv_bias, [q_bias, k_bias, v_bias]) = if c.qkv_bias {
             let (whole, b) = fused(&[&qp, &kp, &vp], "bias", &qkv_rows, None);
-            (Some(whole), b.into_iter().map(Some).collect::<Vec<_>>().try_into().expect("three views"))
+            let [qb, kb, vb] = <[Tensor; 3]>::try_from(b).expect("three views");
+            (Some(whole), [Some(qb), Some(kb), Some(vb)])
         } else {
             (None, [None, None, None])
         };
