@@ -48,6 +48,9 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Size of one weight chunk on the Weights stream, in bytes. Default 4194304.
     pub chunk_bytes: usize,
+    /// Connections a rollout process fetches each version over, in parallel
+    /// (the version is split between them), 1 to 64. Default 2.
+    pub weight_streams: u32,
 }
 
 impl Default for Config {
@@ -64,6 +67,7 @@ impl Default for Config {
             connect_timeout_ms: 5000,
             request_timeout_ms: 30_000,
             chunk_bytes: 4 << 20,
+            weight_streams: 2,
         }
     }
 }
@@ -86,6 +90,7 @@ impl Config {
         check::positive("grpc.connect_timeout_ms", self.connect_timeout_ms)?;
         check::positive("grpc.request_timeout_ms", self.request_timeout_ms)?;
         check::in_range("grpc.chunk_bytes", self.chunk_bytes, 1024, MAX_CHUNK_BYTES)?;
+        check::in_range("grpc.weight_streams", self.weight_streams, 1, super::weights::MAX_STREAMS)?;
         Ok(())
     }
 

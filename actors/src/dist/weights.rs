@@ -203,12 +203,87 @@ impl WeightSet {
     }
 }
 
+/// Where one chunk of a published version lies, and its CRC-32.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    tensor: usize,
+    piece: usize,
+    start: usize,
+    end: usize,
+    /// Byte offset within the tensor.
+    offset: u64,
+    crc: u32,
+}
+
+/// A version as served: the set and every chunk's place and checksum, worked
+/// out once when it is published, so that serving a fetch (one per rollout
+/// process per version) only slices and sends.
+#[derive(Debug)]
+struct Published {
+    set: Arc<WeightSet>,
+    spans: Vec<Span>,
+}
+
+impl Published {
+    fn new(set: WeightSet, chunk_bytes: usize) -> Self {
+        let mut spans = Vec::new();
+        for (tensor, t) in set.tensors.iter().enumerate() {
+            let mut offset = 0u64;
+            let first = spans.len();
+            for (piece, bytes) in t.pieces.iter().enumerate() {
+                let mut start = 0;
+                while start < bytes.len() {
+                    let end = (start + chunk_bytes).min(bytes.len());
+                    spans.push(Span { tensor, piece, start, end, offset, crc: crc32fast::hash(&bytes[start..end]) });
+                    offset += (end - start) as u64;
+                    start = end;
+                }
+            }
+            // An empty tensor still sends one (empty) chunk carrying its header.
+            if spans.len() == first {
+                spans.push(Span { tensor, piece: 0, start: 0, end: 0, offset: 0, crc: crc32fast::hash(&[]) });
+            }
+        }
+        Self { set: Arc::new(set), spans }
+    }
+
+    /// The chunks of run `shard` of `shards` (see `FetchWeightsRequest`),
+    /// lazily, slicing (not copying) the set's bytes.
+    fn chunks(self: Arc<Self>, shard: usize, shards: usize) -> impl Iterator<Item = v1::WeightChunk> {
+        let n = self.spans.len();
+        let (lo, hi) = (shard * n / shards, (shard + 1) * n / shards);
+        let count = self.set.tensors.len() as u32;
+        (lo..hi).map(move |i| {
+            let s = self.spans[i];
+            let t = &self.set.tensors[s.tensor];
+            let data = t.pieces.get(s.piece).map_or_else(Bytes::new, |p| p.slice(s.start..s.end));
+            v1::WeightChunk {
+                version: self.set.version,
+                tensor_index: s.tensor as u32,
+                tensor_count: count,
+                header: (s.offset == 0 || i == lo).then(|| v1::TensorHeader {
+                    name: t.name.clone(),
+                    dtype: t.dtype as i32,
+                    shape: t.shape.clone(),
+                    byte_len: t.len() as u64,
+                }),
+                offset: s.offset,
+                crc32: s.crc,
+                data,
+            }
+        })
+    }
+}
+
 /// The learner's side: holds the newest version. Cloning shares it.
 #[derive(Clone, Debug)]
 pub struct Weights {
-    latest: Arc<watch::Sender<Option<Arc<WeightSet>>>>,
+    latest: Arc<watch::Sender<Option<Arc<Published>>>>,
     chunk_bytes: usize,
 }
+
+/// Most streams one fetch may be split into.
+pub const MAX_STREAMS: u32 = 64;
 
 impl Weights {
     /// Serves chunks of `chunk_bytes`.
@@ -216,16 +291,17 @@ impl Weights {
         Self { latest: Arc::new(watch::channel(None).0), chunk_bytes: chunk_bytes.max(1) }
     }
 
-    /// Makes `set` the version every new fetch gets. Fetches in progress finish
-    /// with the version they started.
+    /// Makes `set` the version every new fetch gets (computing its chunks'
+    /// checksums here, once). Fetches in progress finish with the version they
+    /// started.
     pub fn publish(&self, set: WeightSet) {
         tracing::info!(policy_version = set.version, tensors = set.tensors.len(), bytes = set.total_bytes(), "weights published");
-        self.latest.send_replace(Some(Arc::new(set)));
+        self.latest.send_replace(Some(Arc::new(Published::new(set, self.chunk_bytes))));
     }
 
     /// The newest published version number (0 = none).
     pub fn latest_version(&self) -> u64 {
-        self.latest.borrow().as_ref().map_or(0, |s| s.version)
+        self.latest.borrow().as_ref().map_or(0, |p| p.set.version)
     }
 
     /// The tonic service, refusing requests without `token` when one is set.
@@ -239,55 +315,11 @@ impl Weights {
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::WeightChunk, Status>> + Send>>;
 
-/// The chunks of `set`, lazily, slicing (not copying) its bytes.
-fn chunks(set: Arc<WeightSet>, chunk_bytes: usize) -> impl Iterator<Item = v1::WeightChunk> {
-    let count = set.tensors.len() as u32;
-    (0..set.tensors.len()).flat_map(move |i| {
-        let t = &set.tensors[i];
-        let len = t.len();
-        // (piece, start, end) of every chunk; an empty tensor still sends one
-        // (empty) chunk carrying its header.
-        let mut spans = Vec::new();
-        for (p, piece) in t.pieces.iter().enumerate() {
-            let mut start = 0;
-            while start < piece.len() {
-                spans.push((p, start, (start + chunk_bytes).min(piece.len())));
-                start += chunk_bytes;
-            }
-        }
-        if spans.is_empty() {
-            spans.push((0, 0, 0));
-        }
-        let set = set.clone();
-        let mut offset = 0usize;
-        spans.into_iter().enumerate().map(move |(c, (p, start, end))| {
-            let t = &set.tensors[i];
-            let data = t.pieces.get(p).map_or_else(Bytes::new, |piece| piece.slice(start..end));
-            let at = offset;
-            offset += data.len();
-            v1::WeightChunk {
-                version: set.version,
-                tensor_index: i as u32,
-                tensor_count: count,
-                header: (c == 0).then(|| v1::TensorHeader {
-                    name: t.name.clone(),
-                    dtype: t.dtype as i32,
-                    shape: t.shape.clone(),
-                    byte_len: len as u64,
-                }),
-                offset: at as u64,
-                crc32: crc32fast::hash(&data),
-                data,
-            }
-        })
-    })
-}
-
 #[tonic::async_trait]
 impl v1::weights_server::Weights for Weights {
     async fn get_latest_version(&self, _: Request<v1::GetLatestVersionRequest>) -> Result<Response<v1::VersionInfo>, Status> {
         let info = match self.latest.borrow().as_ref() {
-            Some(s) => v1::VersionInfo { version: s.version, tensor_count: s.tensors.len() as u32, total_bytes: s.total_bytes() },
+            Some(p) => v1::VersionInfo { version: p.set.version, tensor_count: p.set.tensors.len() as u32, total_bytes: p.set.total_bytes() },
             None => v1::VersionInfo::default(),
         };
         Ok(Response::new(info))
@@ -296,119 +328,129 @@ impl v1::weights_server::Weights for Weights {
     type FetchStream = ChunkStream;
 
     async fn fetch(&self, request: Request<v1::FetchWeightsRequest>) -> Result<Response<ChunkStream>, Status> {
-        let want = request.into_inner().version;
-        let Some(set) = self.latest.borrow().clone() else {
-            return Err(Status::not_found("fetch: no weights published yet"));
-        };
-        if want != 0 && want != set.version {
-            return Err(Status::not_found(format!(
-                "fetch: version {want} is not held; the newest is {}",
-                set.version
+        let r = request.into_inner();
+        let shards = r.shards.max(1);
+        if shards > MAX_STREAMS || r.shard >= shards {
+            return Err(Status::invalid_argument(format!(
+                "fetch: shard {} of {} is not a shard (shards must be 1..={MAX_STREAMS}, shard below it)",
+                r.shard, r.shards
             )));
         }
-        let stream = tokio_stream::iter(chunks(set, self.chunk_bytes).map(Ok));
+        let Some(published) = self.latest.borrow().clone() else {
+            return Err(Status::not_found("fetch: no weights published yet"));
+        };
+        if r.version != 0 && r.version != published.set.version {
+            return Err(Status::not_found(format!(
+                "fetch: version {} is not held; the newest is {}",
+                r.version, published.set.version
+            )));
+        }
+        let stream = tokio_stream::iter(published.chunks(r.shard as usize, shards as usize).map(Ok));
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
-/// A rollout process's connection to the learner's Weights service.
+type Inner = v1::weights_client::WeightsClient<InterceptedService<Channel, ClientAuth>>;
+
+/// A rollout process's connection to the learner's Weights service: one or
+/// more HTTP/2 connections (`grpc.weight_streams`), over which each fetch is
+/// split, so that receiving and checking the bytes runs on several cores.
 #[derive(Clone, Debug)]
 pub struct WeightsClient {
-    inner: v1::weights_client::WeightsClient<InterceptedService<Channel, ClientAuth>>,
+    inners: Vec<Inner>,
     addr: String,
 }
 
+/// One stream's chunks, checksummed, in the order they came.
+struct Received {
+    /// (version, tensor_count) of the first chunk; None = the stream was empty.
+    tag: Option<(u64, u32)>,
+    chunks: Vec<v1::WeightChunk>,
+}
+
 impl WeightsClient {
-    /// Connects to the learner at `grpc.learner`, or `addr` when given.
+    /// Connects to the learner at `grpc.learner`, or `addr` when given, with
+    /// `grpc.weight_streams` connections.
     pub async fn connect(config: &grpc::Config, addr: Option<&str>, token: Option<&Token>) -> Result<Self> {
         let addr = addr.unwrap_or(&config.learner).to_string();
-        let channel = grpc::connect(config, &addr).await?;
-        let inner = v1::weights_client::WeightsClient::with_interceptor(channel, ClientAuth::new(token))
-            .max_decoding_message_size(config.max_message_bytes())
-            .max_encoding_message_size(config.max_message_bytes());
-        Ok(Self { inner, addr })
+        let mut inners = Vec::new();
+        for _ in 0..config.weight_streams.clamp(1, MAX_STREAMS) {
+            // Each connect opens its own connection (a Channel multiplexes
+            // streams over one, which one task on each side serves).
+            let channel = grpc::connect(config, &addr).await?;
+            inners.push(
+                v1::weights_client::WeightsClient::with_interceptor(channel, ClientAuth::new(token))
+                    .max_decoding_message_size(config.max_message_bytes())
+                    .max_encoding_message_size(config.max_message_bytes()),
+            );
+        }
+        Ok(Self { inners, addr })
     }
 
-    fn err(&self, rpc: &'static str) -> impl Fn(Status) -> Error + '_ {
-        move |status| Error::Rpc { addr: self.addr.clone(), rpc, status: Box::new(status) }
+    fn err<'a>(addr: &'a str, rpc: &'static str) -> impl Fn(Status) -> Error + 'a {
+        move |status| Error::Rpc { addr: addr.to_string(), rpc, status: Box::new(status) }
     }
 
     /// The newest published version (0 = none yet).
     pub async fn latest_version(&mut self) -> Result<u64> {
-        let r = self.inner.get_latest_version(v1::GetLatestVersionRequest {}).await;
-        r.map(|r| r.into_inner().version).map_err(self.err("GetLatestVersion"))
+        let r = self.inners[0].get_latest_version(v1::GetLatestVersionRequest {}).await;
+        r.map(|r| r.into_inner().version).map_err(Self::err(&self.addr, "GetLatestVersion"))
     }
 
     /// Downloads `version` (0 = the newest), checking every chunk's CRC-32,
-    /// version tag and position, and that every tensor arrived whole.
+    /// version tag and position, and that every tensor arrived whole. Split
+    /// over the client's connections; when the newest version is replaced
+    /// while it is being fetched, fetches the new one (up to three times).
     pub async fn fetch(&mut self, version: u64) -> Result<WeightSet> {
-        let r = self.inner.fetch(v1::FetchWeightsRequest { version }).await;
-        let mut stream = r.map_err(self.err("Fetch"))?.into_inner();
-        let mut tensors: Vec<TensorData> = Vec::new();
-        let mut buf: Vec<Bytes> = Vec::new();
-        let mut got_bytes = 0u64;
-        let mut current: Option<(u32, v1::TensorHeader)> = None;
-        let mut got_version = None;
-        let mut count = None;
-        let finish = |current: &mut Option<(u32, v1::TensorHeader)>, buf: &mut Vec<Bytes>, got: &mut u64, tensors: &mut Vec<TensorData>, v: u64| {
-            if let Some((_, h)) = current.take() {
-                if *got != h.byte_len {
-                    return Err(Error::Tensor {
-                        version: v,
-                        name: h.name,
-                        reason: format!("stream ended after {got} of {} bytes", h.byte_len),
-                    });
-                }
-                let dtype = v1::DType::try_from(h.dtype).unwrap_or(v1::DType::Unspecified);
-                tensors.push(TensorData { name: h.name, dtype, shape: h.shape, pieces: std::mem::take(buf) });
-                *got = 0;
-            }
-            Ok(())
-        };
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(self.err("Fetch"))?;
-            let v = *got_version.get_or_insert(chunk.version);
-            if chunk.version != v {
-                return Err(Error::Weights { version: v, reason: format!("a chunk of version {} arrived mid-stream", chunk.version) });
-            }
-            count.get_or_insert(chunk.tensor_count);
-            if let Some(header) = chunk.header {
-                finish(&mut current, &mut buf, &mut got_bytes, &mut tensors, v)?;
-                if chunk.tensor_index as usize != tensors.len() || chunk.offset != 0 {
-                    return Err(Error::Weights {
-                        version: v,
-                        reason: format!("tensor {} arrived out of order (expected index {})", header.name, tensors.len()),
-                    });
-                }
-                current = Some((chunk.tensor_index, header));
-            }
-            let Some((index, header)) = &current else {
-                return Err(Error::Weights { version: v, reason: "stream began without a tensor header".into() });
+        let mut tries = 0;
+        loop {
+            // One stream needs no pinning: the server sends whatever is newest.
+            let want = if version == 0 && self.inners.len() > 1 { self.latest_version().await? } else { version };
+            let result = self.fetch_split(want).await;
+            let replaced = match &result {
+                Err(Error::Rpc { status, .. }) => status.code() == tonic::Code::NotFound && want != 0,
+                Err(Error::Weights { reason, .. }) => reason.starts_with(MIXED),
+                _ => false,
             };
-            if chunk.tensor_index != *index || chunk.offset != got_bytes {
-                return Err(Error::Tensor {
-                    version: v,
-                    name: header.name.clone(),
-                    reason: format!("chunk at byte {} arrived where byte {got_bytes} was expected", chunk.offset),
-                });
+            if version == 0 && replaced && tries < 3 {
+                tries += 1;
+                tracing::debug!(addr = %self.addr, version = want, "weights replaced while fetched; fetching the newest again");
+                continue;
             }
-            let crc = crc32fast::hash(&chunk.data);
-            if crc != chunk.crc32 {
-                return Err(Error::Checksum { version: v, name: header.name.clone(), offset: chunk.offset, got: crc, want: chunk.crc32 });
-            }
-            got_bytes += chunk.data.len() as u64;
-            if got_bytes > header.byte_len {
-                return Err(Error::Tensor { version: v, name: header.name.clone(), reason: format!("more than its {} bytes arrived", header.byte_len) });
-            }
-            buf.push(chunk.data);
+            return result;
         }
-        let v = got_version.ok_or(Error::Weights { version, reason: "the stream was empty".into() })?;
-        finish(&mut current, &mut buf, &mut got_bytes, &mut tensors, v)?;
-        let want = count.unwrap_or(0) as usize;
-        if tensors.len() != want {
-            return Err(Error::Weights { version: v, reason: format!("stream ended after {} of {want} tensors", tensors.len()) });
+    }
+
+    async fn fetch_split(&self, version: u64) -> Result<WeightSet> {
+        let shards = self.inners.len() as u32;
+        let tasks: Vec<_> = self
+            .inners
+            .iter()
+            .enumerate()
+            .map(|(shard, inner)| {
+                let (inner, addr) = (inner.clone(), self.addr.clone());
+                tokio::spawn(receive(inner, addr, v1::FetchWeightsRequest { version, shard: shard as u32, shards }))
+            })
+            .collect();
+        let mut streams = Vec::with_capacity(tasks.len());
+        let mut first_err = None;
+        // Every stream is awaited, and the lowest shard's error reported, so
+        // the error does not depend on which stream failed first.
+        for task in tasks {
+            match task.await {
+                Ok(Ok(r)) => streams.push(r),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(Error::Weights { version, reason: format!("a fetch stream's task failed: {e}") });
+                }
+            }
         }
-        Ok(WeightSet { version: v, tensors })
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        assemble(version, streams)
     }
 
     /// If the learner holds a version newer than `held`, downloads it, applies
@@ -422,6 +464,99 @@ impl WeightsClient {
         set.apply_to(vs)?;
         Ok(Some(set.version))
     }
+}
+
+/// Start of the error for streams of one fetch that carried different versions.
+const MIXED: &str = "the streams of one fetch carried versions";
+
+/// Receives one stream whole, checking each chunk's CRC-32 and that the
+/// stream carries one version.
+async fn receive(mut inner: Inner, addr: String, request: v1::FetchWeightsRequest) -> Result<Received> {
+    let r = inner.fetch(request).await;
+    let mut stream = r.map_err(WeightsClient::err(&addr, "Fetch"))?.into_inner();
+    let mut got = Received { tag: None, chunks: Vec::new() };
+    let mut name = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(WeightsClient::err(&addr, "Fetch"))?;
+        let (v, _) = *got.tag.get_or_insert((chunk.version, chunk.tensor_count));
+        if chunk.version != v {
+            return Err(Error::Weights { version: v, reason: format!("a chunk of version {} arrived mid-stream", chunk.version) });
+        }
+        if let Some(h) = &chunk.header {
+            name.clone_from(&h.name);
+        }
+        let crc = crc32fast::hash(&chunk.data);
+        if crc != chunk.crc32 {
+            return Err(Error::Checksum { version: v, name, offset: chunk.offset, got: crc, want: chunk.crc32 });
+        }
+        got.chunks.push(chunk);
+    }
+    Ok(got)
+}
+
+/// Puts the streams of one fetch (in shard order) back together as a set,
+/// checking that they make every tensor whole, in order, exactly once.
+fn assemble(version: u64, streams: Vec<Received>) -> Result<WeightSet> {
+    let tags: Vec<(u64, u32)> = streams.iter().filter_map(|s| s.tag).collect();
+    let Some(&(v, count)) = tags.first() else {
+        return Err(Error::Weights { version, reason: "the stream was empty".into() });
+    };
+    if let Some((other, _)) = tags.iter().find(|(w, _)| *w != v) {
+        return Err(Error::Weights { version: v, reason: format!("{MIXED} {v} and {other}") });
+    }
+    let mut tensors: Vec<TensorData> = Vec::new();
+    // The tensor being received: its index, header and pieces so far.
+    let mut current: Option<(u32, v1::TensorHeader, Vec<Bytes>)> = None;
+    let mut got_bytes = 0u64;
+    let finish = |current: &mut Option<(u32, v1::TensorHeader, Vec<Bytes>)>, got: u64, tensors: &mut Vec<TensorData>| {
+        if let Some((_, h, pieces)) = current.take() {
+            if got != h.byte_len {
+                return Err(Error::Tensor { version: v, name: h.name, reason: format!("only {got} of its {} bytes arrived", h.byte_len) });
+            }
+            let dtype = v1::DType::try_from(h.dtype).unwrap_or(v1::DType::Unspecified);
+            tensors.push(TensorData { name: h.name, dtype, shape: h.shape, pieces });
+        }
+        Ok(())
+    };
+    for chunk in streams.into_iter().flat_map(|s| s.chunks) {
+        if chunk.tensor_count != count {
+            return Err(Error::Weights { version: v, reason: format!("chunks disagree on the tensor count ({count} and {})", chunk.tensor_count) });
+        }
+        // A header either begins the next tensor, or (at the start of a
+        // shard's stream) repeats the current one's where it continues.
+        let continues = matches!(&current, Some((i, _, _)) if *i == chunk.tensor_index && chunk.offset != 0);
+        if let Some(header) = chunk.header.clone().filter(|_| !continues) {
+            finish(&mut current, got_bytes, &mut tensors)?;
+            got_bytes = 0;
+            if chunk.tensor_index as usize != tensors.len() || chunk.offset != 0 {
+                return Err(Error::Weights {
+                    version: v,
+                    reason: format!("tensor {} arrived out of order (expected index {})", header.name, tensors.len()),
+                });
+            }
+            current = Some((chunk.tensor_index, header, Vec::new()));
+        }
+        let Some((index, header, pieces)) = &mut current else {
+            return Err(Error::Weights { version: v, reason: "stream began without a tensor header".into() });
+        };
+        if chunk.tensor_index != *index || chunk.offset != got_bytes {
+            return Err(Error::Tensor {
+                version: v,
+                name: header.name.clone(),
+                reason: format!("chunk at byte {} arrived where byte {got_bytes} was expected", chunk.offset),
+            });
+        }
+        got_bytes += chunk.data.len() as u64;
+        if got_bytes > header.byte_len {
+            return Err(Error::Tensor { version: v, name: header.name.clone(), reason: format!("more than its {} bytes arrived", header.byte_len) });
+        }
+        pieces.push(chunk.data);
+    }
+    finish(&mut current, got_bytes, &mut tensors)?;
+    if tensors.len() != count as usize {
+        return Err(Error::Weights { version: v, reason: format!("stream ended after {} of {count} tensors", tensors.len()) });
+    }
+    Ok(WeightSet { version: v, tensors })
 }
 
 #[cfg(test)]

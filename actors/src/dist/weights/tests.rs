@@ -148,3 +148,89 @@ async fn the_weights_service_wants_the_token_too() {
     let err = c.latest_version().await.unwrap_err().to_string();
     assert!(err.contains("GetLatestVersion refused") && err.contains("no bearer token"), "{err}");
 }
+
+#[tokio::test]
+async fn a_fetch_split_over_any_number_of_connections_reassembles_the_same_set() {
+    let l = learner().await;
+    let set = WeightSet::from_var_store(5, &store(3)).unwrap();
+    l.weights.publish(set.clone());
+    // 7 chunks of 1 KiB: 4 of the embedding, then one per small tensor. 3
+    // streams cut inside the embedding; 20 leave some streams empty.
+    for streams in [1, 2, 3, 7, 20] {
+        let grpc = crate::dist::grpc::Config { weight_streams: streams, ..l.grpc.clone() };
+        let mut c = WeightsClient::connect(&grpc, Some(&l.addr), None).await.unwrap();
+        assert_eq!(c.inners.len(), streams as usize);
+        assert_eq!(c.fetch(0).await.unwrap(), set, "{streams} streams");
+        assert_eq!(c.fetch(5).await.unwrap(), set, "{streams} streams, pinned");
+    }
+}
+
+#[tokio::test]
+async fn a_shard_that_is_not_one_is_refused() {
+    let l = learner().await;
+    l.weights.publish(WeightSet::from_var_store(2, &store(1)).unwrap());
+    let mut c = WeightsClient::connect(&l.grpc, Some(&l.addr), None).await.unwrap();
+    let err = c.inners[0].fetch(v1::FetchWeightsRequest { version: 0, shard: 2, shards: 2 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("shard 2 of 2 is not a shard"), "{}", err.message());
+}
+
+/// A Weights server that publishes a newer version the first time a second
+/// shard is asked for, as a learner finishing a step mid-fetch would.
+struct Republishing(Weights, std::sync::atomic::AtomicBool);
+
+#[tonic::async_trait]
+impl v1::weights_server::Weights for Republishing {
+    async fn get_latest_version(&self, r: Request<v1::GetLatestVersionRequest>) -> Result<Response<v1::VersionInfo>, Status> {
+        self.0.get_latest_version(r).await
+    }
+    type FetchStream = ChunkStream;
+    async fn fetch(&self, r: Request<v1::FetchWeightsRequest>) -> Result<Response<ChunkStream>, Status> {
+        if r.get_ref().shard == 1 && !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.0.publish(WeightSet::from_var_store(12, &store(4)).unwrap());
+        }
+        self.0.fetch(r).await
+    }
+}
+
+#[tokio::test]
+async fn a_version_replaced_mid_fetch_is_fetched_again_as_the_newest() {
+    let weights = Weights::new(1024);
+    weights.publish(WeightSet::from_var_store(11, &store(1)).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WeightsServer::new(Republishing(weights, Default::default())))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let grpc = crate::dist::grpc::Config { weight_streams: 2, ..Default::default() };
+    let mut c = WeightsClient::connect(&grpc, Some(&addr), None).await.unwrap();
+    let got = c.fetch(0).await.unwrap();
+    assert_eq!(got, WeightSet::from_var_store(12, &store(4)).unwrap());
+    // Asked for by number, a version no longer held is an error, not another.
+    let err = c.fetch(11).await.unwrap_err().to_string();
+    assert!(err.contains("version 11 is not held; the newest is 12"), "{err}");
+}
+
+#[test]
+fn streams_that_do_not_make_each_tensor_whole_are_refused() {
+    let set = WeightSet::from_var_store(6, &store(1)).unwrap();
+    let published = Arc::new(Published::new(set.clone(), 1024));
+    let stream = |shard: usize, shards: usize| Received { tag: Some((6, 4)), chunks: published.clone().chunks(shard, shards).collect() };
+    assert_eq!(assemble(6, vec![stream(0, 3), stream(1, 3), stream(2, 3)]).unwrap(), set);
+    // out of shard order: the second run's continuation of the embedding comes first
+    let err = assemble(6, vec![stream(1, 3), stream(0, 3), stream(2, 3)]).unwrap_err().to_string();
+    assert!(err.contains("chunk at byte 2048 arrived where byte 0 was expected") || err.contains("out of order"), "{err}");
+    // a run missing
+    let err = assemble(6, vec![stream(0, 3), stream(2, 3)]).unwrap_err().to_string();
+    assert_eq!(err, "weights v6: tensor model.embed_tokens.weight: only 2048 of its 4096 bytes arrived");
+    // a run twice
+    let err = assemble(6, vec![stream(0, 2), stream(0, 2), stream(1, 2)]).unwrap_err().to_string();
+    assert!(err.contains("model.embed_tokens.weight"), "{err}");
+    // versions mixed across streams
+    let mut other = stream(1, 2);
+    other.tag = Some((7, 4));
+    let err = assemble(6, vec![stream(0, 2), other]).unwrap_err().to_string();
+    assert!(err.contains("the streams of one fetch carried versions 6 and 7"), "{err}");
+}
