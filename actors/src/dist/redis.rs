@@ -211,6 +211,9 @@ pub struct Redis {
     client: redis::Client,
     config: Config,
     url: String,
+    /// The connection `connect` checked the server with, kept for short
+    /// requests (queue depths, clearing a run); clones share it.
+    shared: ConnectionManager,
 }
 
 impl std::fmt::Debug for Redis {
@@ -242,17 +245,12 @@ impl Redis {
             redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: Some(ca) })
         }
         .map_err(|e| setup(e.to_string()))?;
-        let redis = Self { client, config: config.clone(), url };
-        let mut conn = redis.connection(Duration::from_millis(config.connect_timeout_ms)).await?;
         let timeout = Duration::from_millis(config.connect_timeout_ms);
+        let mut conn = manager(&client, config, &url, timeout).await?;
         match tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn)).await {
-            Ok(Ok(_)) => Ok(redis),
-            Ok(Err(e)) => Err(Error::RedisUnreachable { url: redis.url.clone(), waited_ms: 0, last: e.to_string() }),
-            Err(_) => Err(Error::RedisUnreachable {
-                url: redis.url.clone(),
-                waited_ms: config.connect_timeout_ms,
-                last: "no answer to PING".into(),
-            }),
+            Ok(Ok(_)) => Ok(Self { client, config: config.clone(), url, shared: conn }),
+            Ok(Err(e)) => Err(Error::RedisUnreachable { url, waited_ms: 0, last: e.to_string() }),
+            Err(_) => Err(Error::RedisUnreachable { url, waited_ms: config.connect_timeout_ms, last: "no answer to PING".into() }),
         }
     }
 
@@ -269,27 +267,7 @@ impl Redis {
     /// A new connection that reconnects by itself, with responses allowed to
     /// take `response_timeout` (longer than a blocking read).
     async fn connection(&self, response_timeout: Duration) -> Result<ConnectionManager> {
-        let c = &self.config;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(c.connect_timeout_ms)))
-            .set_response_timeout(Some(response_timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(c.reconnect_max_delay_ms))
-            .set_number_of_retries(2);
-        match tokio::time::timeout(
-            Duration::from_millis(c.connect_timeout_ms * 2),
-            self.client.get_connection_manager_with_config(cfg),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(Error::RedisUnreachable { url: self.url.clone(), waited_ms: c.connect_timeout_ms, last: e.to_string() }),
-            Err(_) => Err(Error::RedisUnreachable {
-                url: self.url.clone(),
-                waited_ms: c.connect_timeout_ms * 2,
-                last: "connection attempt timed out".into(),
-            }),
-        }
+        manager(&self.client, &self.config, &self.url, response_timeout).await
     }
 
     /// A producer adding to `stream`.
@@ -333,8 +311,7 @@ impl Redis {
     /// Deletes run `keys`' streams (with their consumer groups) and the set of
     /// ingested ids: a fresh run starts from nothing.
     pub async fn reset_run(&self, keys: &RunKeys) -> Result<()> {
-        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let mut conn = Retrying::new(self, self.connection(timeout).await?);
+        let mut conn = Retrying::new(self, self.shared.clone());
         let large = format!("{}:large", keys.ingested);
         let cmd = redis::cmd("DEL").arg(&keys.sampled).arg(&keys.labeled).arg(&keys.ingested).arg(&large).clone();
         let deleted: u64 = conn.query("DEL", &keys.sampled, &cmd).await?;
@@ -346,9 +323,27 @@ impl Redis {
 
     /// Waiting and in-flight entries of `group` on `stream`.
     pub async fn depth(&self, stream: &str, group: &str) -> Result<QueueDepth> {
-        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let mut conn = Retrying::new(self, self.connection(timeout).await?);
-        depth(&mut conn, stream, group).await
+        depth(&mut Retrying::new(self, self.shared.clone()), stream, group).await
+    }
+}
+
+/// A new connection to `client` that reconnects by itself, with responses
+/// allowed to take `response_timeout`; `url` (redacted) names it in errors.
+async fn manager(client: &redis::Client, c: &Config, url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(c.connect_timeout_ms)))
+        .set_response_timeout(Some(response_timeout))
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(c.reconnect_max_delay_ms))
+        .set_number_of_retries(2);
+    match tokio::time::timeout(Duration::from_millis(c.connect_timeout_ms * 2), client.get_connection_manager_with_config(cfg)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(Error::RedisUnreachable { url: url.to_string(), waited_ms: c.connect_timeout_ms, last: e.to_string() }),
+        Err(_) => Err(Error::RedisUnreachable {
+            url: url.to_string(),
+            waited_ms: c.connect_timeout_ms * 2,
+            last: "connection attempt timed out".into(),
+        }),
     }
 }
 
@@ -414,40 +409,33 @@ impl Retrying {
         }
     }
 
-    async fn query<R: redis::FromRedisValue>(&mut self, op: &'static str, key: &str, cmd: &redis::Cmd) -> Result<R> {
+    /// Runs `attempt` on the connection until it succeeds, fails for good, or
+    /// Redis has been unreachable for `retry_for`.
+    async fn retry<R, F>(&mut self, op: &'static str, key: &str, attempt: impl Fn(ConnectionManager) -> F) -> Result<R>
+    where
+        F: std::future::Future<Output = redis::RedisResult<R>>,
+    {
         let start = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
-            match cmd.query_async::<R>(&mut self.conn).await {
+            match attempt(self.conn.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(e) if transient(&e) => self.backoff(start, &mut delay, op, key, &e).await?,
                 Err(source) => return Err(Error::Redis { url: self.url.clone(), op, key: key.to_string(), source }),
             }
         }
+    }
+
+    async fn query<R: redis::FromRedisValue>(&mut self, op: &'static str, key: &str, cmd: &redis::Cmd) -> Result<R> {
+        self.retry(op, key, |mut conn| async move { cmd.query_async::<R>(&mut conn).await }).await
     }
 
     async fn pipe<R: redis::FromRedisValue>(&mut self, op: &'static str, key: &str, pipe: &redis::Pipeline) -> Result<R> {
-        let start = Instant::now();
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match pipe.query_async::<R>(&mut self.conn).await {
-                Ok(v) => return Ok(v),
-                Err(e) if transient(&e) => self.backoff(start, &mut delay, op, key, &e).await?,
-                Err(source) => return Err(Error::Redis { url: self.url.clone(), op, key: key.to_string(), source }),
-            }
-        }
+        self.retry(op, key, |mut conn| async move { pipe.query_async::<R>(&mut conn).await }).await
     }
 
     async fn script<R: redis::FromRedisValue>(&mut self, key: &str, inv: &redis::ScriptInvocation<'_>) -> Result<R> {
-        let start = Instant::now();
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match inv.invoke_async::<R>(&mut self.conn).await {
-                Ok(v) => return Ok(v),
-                Err(e) if transient(&e) => self.backoff(start, &mut delay, "XADD", key, &e).await?,
-                Err(source) => return Err(Error::Redis { url: self.url.clone(), op: "XADD", key: key.to_string(), source }),
-            }
-        }
+        self.retry("XADD", key, |mut conn| async move { inv.invoke_async::<R>(&mut conn).await }).await
     }
 
     async fn backoff(&self, start: Instant, delay: &mut Duration, op: &str, key: &str, e: &RedisError) -> Result<()> {
