@@ -16,6 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod gguf;
 pub mod hf;
+mod small_gemm;
 pub mod tokenizer;
 pub mod transformer;
 

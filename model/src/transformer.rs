@@ -57,7 +57,8 @@ pub struct Transformer {
     norm: Tensor,
     /// `lm_head.weight`, or the embedding when tied.
     lm_head: Tensor,
-    /// cos/sin tables `[max_position_embeddings, head_dim]`, float32.
+    /// cos/sin tables `[max_position_embeddings, head_dim]`, float32; the
+    /// first half of `sin` negated (see [`apply_rope`]).
     cos: Tensor,
     sin: Tensor,
     tokenizer: Option<Tokenizer>,
@@ -151,17 +152,54 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     weight * (xf * (var + eps).rsqrt()).to_kind(kind)
 }
 
-/// `x * cos + rotate_half(x) * sin`, the rotate-half RoPE convention of HF Llama.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// `x * cos + rotate_half(x) * sin`, the rotate-half RoPE convention of HF Llama,
+/// where `rotate_half(x) = cat(-x2, x1)` for the halves x1, x2 of the head
+/// dimension. With the sign folded into the table (`signed_sin = cat(-sin1,
+/// sin2)`) it is `x * cos + roll(x, half) * signed_sin`: the same products
+/// (negation is exact), in three operations instead of six.
+fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[x2.neg(), x1], 3);
-    x * cos + rotated * sin
+    (x * cos).addcmul(&x.roll([half], [3]), signed_sin)
 }
 
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     x.linear(w, b)
+}
+
+/// `linear` of a decode step, `x` `[B, T, in]`: the small-batch kernel where
+/// it applies (see `small_gemm`), torch's product otherwise.
+fn decode_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    let size = x.size();
+    let rows = x.reshape([-1, size[size.len() - 1]]);
+    match crate::small_gemm::linear(&rows, w, None) {
+        Some(y) => {
+            let y = match b {
+                Some(b) => y + b,
+                None => y,
+            };
+            let mut out = size;
+            *out.last_mut().expect("x has dimensions") = w.size()[0];
+            y.view(out.as_slice())
+        }
+        None => x.linear(w, b),
+    }
+}
+
+/// `x + linear(y, w, b)`. Decoding, the sum is the matrix product's
+/// accumulator (one `addmm` on `[B T, d]`), saving a pass and an operation.
+fn residual(x: &Tensor, y: &Tensor, w: &Tensor, b: Option<&Tensor>, decoding: bool) -> Tensor {
+    if !decoding {
+        return x + linear(y, w, b);
+    }
+    let size = x.size();
+    let d = size[size.len() - 1];
+    let (x, y) = (x.reshape([-1, d]), y.reshape([-1, y.size()[y.dim() - 1]]));
+    let out = crate::small_gemm::linear(&y, w, Some(&x)).unwrap_or_else(|| x.addmm(&y, &w.tr()));
+    let out = match b {
+        Some(b) => out + b,
+        None => out,
+    };
+    out.view(size.as_slice())
 }
 
 /// How the attention of one call is masked.
@@ -197,7 +235,7 @@ impl Layer {
         let xn = rms_norm(x, &self.input_norm, c.rms_norm_eps);
         let decoding = cache.is_some();
         let (q, k, v) = if decoding {
-            let qkv = linear(&xn, &a.qkv, a.qkv_bias.as_ref()); // [B, T, (h + 2 hkv) hd]
+            let qkv = decode_linear(&xn, &a.qkv, a.qkv_bias.as_ref()); // [B, T, (h + 2 hkv) hd]
             // q and k rotate together: one RoPE call over h + hkv heads.
             let qk = qkv.narrow(2, 0, (h + hkv) * hd).reshape([b, t, h + hkv, hd]).transpose(1, 2);
             let qk = apply_rope(&qk, cos, sin);
@@ -235,18 +273,18 @@ impl Layer {
             };
             y.transpose(1, 2).reshape([b, t, h * hd])
         };
-        let x = x + linear(&y, &a.o, a.o_bias.as_ref());
+        let x = residual(x, &y, &a.o, a.o_bias.as_ref(), decoding);
         let xn = rms_norm(&x, &self.post_norm, c.rms_norm_eps);
         let m = &self.mlp;
         let f = m.down.size()[1];
         let bias = |i: usize| m.biases.as_ref().map(|bs| &bs[i]);
         let hidden = if decoding {
-            let gu = linear(&xn, &m.gate_up, m.gate_up_bias.as_ref());
+            let gu = decode_linear(&xn, &m.gate_up, m.gate_up_bias.as_ref());
             gu.narrow(2, 0, f).silu() * gu.narrow(2, f, f)
         } else {
             linear(&xn, &m.gate, bias(0)).silu() * linear(&xn, &m.up, bias(1))
         };
-        x + linear(&hidden, &m.down, bias(2))
+        residual(&x, &hidden, &m.down, bias(2), decoding)
     }
 }
 
@@ -473,9 +511,10 @@ impl Transformer {
         (x, cos.to_kind(kind), sin.to_kind(kind))
     }
 
-    fn head(&self, x: &Tensor) -> Tensor {
+    fn head(&self, x: &Tensor, decoding: bool) -> Tensor {
         let x = rms_norm(x, &self.norm, self.config.rms_norm_eps);
-        x.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+        let logits = if decoding { decode_linear(&x, &self.lm_head, None) } else { x.linear(&self.lm_head, None::<&Tensor>) };
+        logits.to_kind(Kind::Float)
     }
 
     /// Logits `[B, T, V]` (float32 whatever the weights' dtype) for `input_ids`
@@ -505,7 +544,7 @@ impl Transformer {
         for layer in &self.layers {
             x = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
         }
-        self.head(&x)
+        self.head(&x, false)
     }
 
     /// An empty cache for `batch` sequences of up to `capacity` positions.
@@ -585,13 +624,14 @@ impl Transformer {
         if last_only {
             x = x.narrow(1, t - 1, 1);
         }
-        Ok(self.head(&x))
+        Ok(self.head(&x, true))
     }
 }
 
 /// RoPE tables as transformers builds them: `inv_freq = 1 / theta^(2i/d)` in
 /// float32, angles `position * inv_freq` (positions divided by the linear
-/// factor), duplicated to the full head dimension.
+/// factor), duplicated to the full head dimension; sin with its first half
+/// negated, as [`apply_rope`] takes it.
 fn rope_tables(c: &ModelConfig, device: Device) -> (Tensor, Tensor) {
     let d = c.head_dim as i64;
     let exponents = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / d as f64;
@@ -603,5 +643,7 @@ fn rope_tables(c: &ModelConfig, device: Device) -> (Tensor, Tensor) {
     let positions = Tensor::arange(c.max_position_embeddings as i64, (Kind::Float, Device::Cpu));
     let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
     let emb = Tensor::cat(&[&freqs, &freqs], 1);
-    (emb.cos().to_device(device), emb.sin().to_device(device))
+    let sin = emb.sin();
+    let signed_sin = Tensor::cat(&[sin.narrow(1, 0, d / 2).neg(), sin.narrow(1, d / 2, d / 2)], 1);
+    (emb.cos().to_device(device), signed_sin.to_device(device))
 }
