@@ -243,3 +243,89 @@ fn a_redis_restart_mid_run_is_survived() {
     let learner = c.learner.output();
     assert_balanced(&summary, 6, &learner);
 }
+
+/// The value of `key=` among `sets`.
+fn setting<'a>(sets: &'a [String], key: &str) -> &'a str {
+    sets.iter().find_map(|s| s.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("no {key} in {sets:?}"))
+}
+
+#[test]
+fn trajectories_whose_delivery_report_is_lost_are_still_counted_as_made() {
+    use prism_actors::dist::{control::ControlClient, grpc, redis as rs};
+    use prism_core::{FinishReason, GroupId, PolicyVersion, Trajectory, TrajectoryId};
+    use prism_proto::v1;
+    let redis = TestRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut sets = settings(dir.path(), &redis.url, port, 4);
+    // How long the learner waits at the end for workers to leave.
+    sets.push("grpc.request_timeout_ms=3000".into());
+    let learner = Proc::spawn(dir.path(), "learner", "learner", &sets);
+    // A worker the test plays: it takes a prompt and adds its group to the
+    // sampled stream, but its Delivered report never reaches the learner (it
+    // sends none). It keeps heartbeating, so its prompt is not issued again,
+    // and does not leave when the run ends.
+    // Once the warm start is done, the learner hands out prompts.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !learner.output().contains("weights published") {
+        assert!(Instant::now() < deadline, "the learner did not publish weights:\n{}", learner.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let group = rt.block_on(async {
+        let cfg = grpc::Config { learner: format!("http://127.0.0.1:{port}"), connect_timeout_ms: 120_000, ..Default::default() };
+        let mut control = ControlClient::connect(&cfg, None, None).await.unwrap();
+        let worker = control.register(v1::Role::Rollout, "cut-off", "cpu").await.unwrap().worker_id;
+        let work = loop {
+            match control.get_work(&worker, 1, Duration::from_secs(1)).await {
+                Ok(Some(w)) if !w.is_empty() => break w,
+                Ok(_) => {}
+                // not handing out prompts for a moment more
+                Err(e) if e.to_string().contains("not handing out prompts yet") => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let a = &work[0];
+        let prompt: prism_core::Prompt = a.prompt.clone().unwrap().into();
+        let sampled: Vec<Trajectory> = (0..4u32)
+            .map(|s| Trajectory {
+                id: TrajectoryId(a.group * 4 + s as u64),
+                group: GroupId(a.group),
+                sample: s,
+                group_size: 4,
+                prompt: prompt.clone(),
+                policy_version: PolicyVersion(a.min_version),
+                prompt_tokens: vec![1, 2, 3],
+                tokens: vec![4, 5, 6],
+                logprobs: vec![-1.0; 3],
+                token_ends: vec![1, 2, 3],
+                text: "A:0\n".into(),
+                finish: FinishReason::Eos,
+                generate_ms: 1,
+            })
+            .collect();
+        let rcfg = rs::Config { url: redis.url.clone(), ..Default::default() };
+        let keys = rs::RunKeys::new(setting(&sets, "redis.prefix"), setting(&sets, "dist.run_id"));
+        let conn = rs::Redis::connect(&rcfg).await.unwrap();
+        conn.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&sampled, &rcfg).await.unwrap();
+        tokio::spawn(async move {
+            loop {
+                let _ = control.heartbeat(&worker, 0, Default::default()).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        a.group
+    });
+    let mut c = Cluster {
+        rollouts: vec![Proc::spawn(dir.path(), "rollout0", "rollout", &sets)],
+        rewards: vec![Proc::spawn(dir.path(), "reward0", "reward", &sets)],
+        learner,
+        dir,
+    };
+    let summary = c.finish();
+    drop(rt);
+    let out = c.learner.output();
+    assert_balanced(&summary, 4, &out);
+    assert!(out.contains("workers still alive at the end"), "the worker that stayed is noticed:\n{out}");
+    assert!(out.contains("Delivered report never reached the learner"), "group {group} is reconciled:\n{out}");
+}

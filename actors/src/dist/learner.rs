@@ -56,9 +56,13 @@ pub struct LearnerRole {
 struct SourceBridge {
     source: ActorRef<SourceMsg>,
     metrics: ActorRef<MetricsMsg>,
-    /// Groups delivered so far.
-    delivered: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Groups counted as made so far.
+    delivered: Reported,
 }
+
+/// The groups counted as made, shared by the Delivered reports and the end of
+/// the run's reconciliation.
+type Reported = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
 
 #[tonic::async_trait]
 impl WorkSource for SourceBridge {
@@ -108,6 +112,11 @@ struct Held {
 }
 
 struct Loop {
+    /// Groups counted as made (see `SourceBridge`).
+    reported: Reported,
+    /// Every group the learner took off the labeled stream (trained on or
+    /// dropped), with its size.
+    ingested: std::collections::HashMap<u64, u64>,
     core: Core,
     control: Control,
     weights: Weights,
@@ -156,6 +165,11 @@ impl Loop {
             self.duplicates = duplicates;
         }
         for group in arrived {
+            let (id, size) = match &group {
+                Assembled::Failed { group, size, .. } => (group.0, *size),
+                Assembled::Complete { group, trajectories, .. } => (group.0, trajectories.len() as u64),
+            };
+            self.ingested.insert(id, size);
             match group {
                 Assembled::Failed { size, entries, .. } => self.drop_group(DropReason::RewardFailed, size, &entries).await?,
                 Assembled::Complete { trajectories, entries, .. } => match self.core.admit(&trajectories) {
@@ -191,6 +205,44 @@ impl Loop {
         self.control.set_queues(queues);
     }
 
+    /// Counts as made the trajectories whose worker added them to the sampled
+    /// stream but whose Delivered report never reached the learner (the worker
+    /// died or was cut off between the two): they are trained on, dropped or
+    /// still in a stream, and would otherwise be missing from the ledger.
+    async fn count_unreported(&mut self) -> Result<(), String> {
+        let (sampled, bad_sampled) = self.redis.groups_in::<prism_core::Trajectory>(&self.keys.sampled).await.map_err(err)?;
+        let (labeled, bad_labeled) = self.redis.groups_in::<prism_proto::LabelResult>(&self.keys.labeled).await.map_err(err)?;
+        if bad_sampled + bad_labeled > 0 {
+            tracing::warn!(entries = bad_sampled + bad_labeled, "stream entries that do not decode; they are not in the accounting");
+        }
+        // A group the learner took is counted whole; one still in the streams
+        // by its distinct trajectories (a labeled one may also linger,
+        // unacknowledged, in the sampled stream).
+        let mut in_streams = sampled;
+        for (g, ids) in labeled {
+            in_streams.entry(g).or_default().extend(ids);
+        }
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut groups, mut trajectories) = (0u64, 0u64);
+        let sizes = self.ingested.iter().map(|(g, n)| (*g, *n));
+        for (g, n) in sizes.chain(in_streams.iter().map(|(g, ids)| (*g, ids.len() as u64))) {
+            if reported.insert(g) {
+                groups += 1;
+                trajectories += n;
+            }
+        }
+        drop(reported);
+        if trajectories > 0 {
+            tracing::warn!(
+                groups,
+                trajectories,
+                "trajectories in the streams or ingested whose Delivered report never reached the learner; counted as made"
+            );
+            self.metrics.cast(MetricsMsg::TrajectoriesMade { count: trajectories, tokens: 0, generate_s: 0.0 }).map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Stops the workers and counts what is left where.
     async fn finish(&mut self, why: &Finish, source: &ActorRef<SourceMsg>, drain: Duration) -> Result<(), String> {
         let _ = source.cast(SourceMsg::Stop);
@@ -208,6 +260,7 @@ impl Loop {
         if !left.is_empty() {
             tracing::warn!(alive = ?left, "workers still alive at the end of the run; counting the streams anyway");
         }
+        self.count_unreported().await?;
         let held: u64 = self.buffer.iter().map(|h| h.trajectories.len() as u64).sum();
         self.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "learner", trajectories: held }).map_err(err)?;
         for (stage, stream, group) in
@@ -237,7 +290,10 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         .await
         .map_err(|e| format!("starting the prompt source: {e}"))?;
     let assembler = Assembler::new(&redis, &keys, "learner").await.map_err(err)?;
+    let reported: Reported = Default::default();
     let mut l = Loop {
+        reported: reported.clone(),
+        ingested: Default::default(),
         core: Core::new(trainer, plan, source.clone(), metrics.clone()),
         control: control.clone(),
         weights,
@@ -253,7 +309,7 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         let first = l.core.blocking(|t| t.weights()).await?.map_err(err)?;
         l.publish(first).await?;
         control.set_progress(l.core.version().0, l.core.plan.max_steps, 0);
-        control.set_work_source(Arc::new(SourceBridge { source: source.clone(), metrics: metrics.clone(), delivered: Default::default() }));
+        control.set_work_source(Arc::new(SourceBridge { source: source.clone(), metrics: metrics.clone(), delivered: reported.clone() }));
         l.core.evaluate().await?;
         tokio::pin!(shutdown);
         let mut waited = Instant::now();

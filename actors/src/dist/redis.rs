@@ -160,6 +160,8 @@ pub const LEARNER_GROUP: &str = "learner";
 pub trait Entry: Sized + Send + Sync + 'static {
     /// The trajectory id, the key of idempotent ingestion.
     fn id(&self) -> u64;
+    /// The id of the trajectory's group.
+    fn group(&self) -> u64;
     /// The protobuf encoding, stamped with the send time.
     fn encode(&self) -> Vec<u8>;
     /// Decodes what [`Entry::encode`] produced.
@@ -169,6 +171,9 @@ pub trait Entry: Sized + Send + Sync + 'static {
 impl Entry for Trajectory {
     fn id(&self) -> u64 {
         self.id.0
+    }
+    fn group(&self) -> u64 {
+        self.group.0
     }
     fn encode(&self) -> Vec<u8> {
         convert::trajectory_to_wire(self, v1::Timings { sampled_at_ms: unix_ms(), ..Default::default() }).encode_to_vec()
@@ -181,6 +186,9 @@ impl Entry for Trajectory {
 impl Entry for LabeledTrajectory {
     fn id(&self) -> u64 {
         self.trajectory.id.0
+    }
+    fn group(&self) -> u64 {
+        self.trajectory.group.0
     }
     fn encode(&self) -> Vec<u8> {
         convert::labeled_to_wire(self, v1::Timings { labeled_at_ms: unix_ms(), ..Default::default() }).encode_to_vec()
@@ -195,6 +203,12 @@ impl Entry for prism_proto::LabelResult {
         match self {
             Ok(l) => l.trajectory.id.0,
             Err(f) => f.trajectory.id.0,
+        }
+    }
+    fn group(&self) -> u64 {
+        match self {
+            Ok(l) => l.trajectory.group.0,
+            Err(f) => f.trajectory.group.0,
         }
     }
     fn encode(&self) -> Vec<u8> {
@@ -321,6 +335,34 @@ impl Redis {
         Ok(())
     }
 
+    /// The trajectory ids `stream` holds, by group (acknowledged entries are
+    /// deleted, so this is what is still in flight there), and how many
+    /// entries do not decode as `T`.
+    pub async fn groups_in<T: Entry>(&self, stream: &str) -> Result<(GroupIds, u64)> {
+        let mut conn = Retrying::new(self, self.shared.clone());
+        let mut groups = std::collections::HashMap::new();
+        let mut undecodable = 0;
+        let mut after = "-".to_string();
+        loop {
+            let cmd = redis::cmd("XRANGE").arg(stream).arg(&after).arg("+").arg("COUNT").arg(512).clone();
+            let page: redis::streams::StreamRangeReply = conn.query("XRANGE", stream, &cmd).await?;
+            let Some(last) = page.ids.last() else { break };
+            after = format!("({}", last.id);
+            for entry in &page.ids {
+                match entry.map.get("p") {
+                    Some(Value::BulkString(bytes)) => match T::decode(bytes) {
+                        Ok(item) => {
+                            groups.entry(item.group()).or_insert_with(std::collections::HashSet::new).insert(item.id());
+                        }
+                        Err(_) => undecodable += 1,
+                    },
+                    _ => undecodable += 1,
+                }
+            }
+        }
+        Ok((groups, undecodable))
+    }
+
     /// Waiting and in-flight entries of `group` on `stream`.
     pub async fn depth(&self, stream: &str, group: &str) -> Result<QueueDepth> {
         depth(&mut Retrying::new(self, self.shared.clone()), stream, group).await
@@ -363,6 +405,9 @@ async fn depth(conn: &mut Retrying, stream: &str, group: &str) -> Result<QueueDe
     };
     Ok(QueueDepth { stream: stream.to_string(), waiting: len.saturating_sub(pending), pending })
 }
+
+/// Trajectory ids by group id.
+pub type GroupIds = std::collections::HashMap<u64, std::collections::HashSet<u64>>;
 
 /// How full a stream is.
 #[derive(Debug, Clone, PartialEq, Eq)]

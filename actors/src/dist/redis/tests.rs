@@ -258,3 +258,28 @@ async fn rediss_urls_use_tls_with_a_private_ca() {
     let err = Redis::connect(&Config { url: format!("redis://localhost:{port}"), connect_timeout_ms: 1000, ..cfg }).await;
     assert!(err.is_err());
 }
+
+#[tokio::test]
+async fn groups_in_lists_what_a_stream_still_holds_by_group() {
+    let server = TestRedis::shared();
+    let cfg = config(&server.url);
+    let keys = RunKeys::new("prism", &unique("groups"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut c = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "c", None).await.unwrap();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    // 1100 entries: more than one XRANGE page of 512
+    let sent: Vec<Trajectory> = (0..1100).map(|i| trajectory(i, 4)).collect();
+    p.send(&sent, &cfg).await.unwrap();
+    let (groups, bad) = redis.groups_in::<Trajectory>(&keys.sampled).await.unwrap();
+    assert_eq!(bad, 0);
+    let count: usize = groups.values().map(|ids| ids.len()).sum();
+    assert_eq!(count, 1100);
+    let g = sent[17].group.0;
+    let want: BTreeSet<u64> = sent.iter().filter(|t| t.group.0 == g).map(|t| t.id.0).collect();
+    assert_eq!(groups[&g].iter().copied().collect::<BTreeSet<u64>>(), want);
+    // acknowledged (and so deleted) entries are no longer listed
+    let got = drain(&mut c, &cfg, 1100).await;
+    assert_eq!(got.len(), 1100);
+    let (groups, _) = redis.groups_in::<Trajectory>(&keys.sampled).await.unwrap();
+    assert!(groups.is_empty(), "{} groups left", groups.len());
+}
