@@ -166,40 +166,31 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     x.linear(w, b)
 }
 
-/// `linear` of a decode step, `x` `[B, T, in]`: the small-batch kernel where
-/// it applies (see `small_gemm`), torch's product otherwise.
-fn decode_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
-    let size = x.size();
-    let rows = x.reshape([-1, size[size.len() - 1]]);
-    match crate::small_gemm::linear(&rows, w, None) {
-        Some(y) => {
-            let y = match b {
-                Some(b) => y + b,
-                None => y,
-            };
-            let mut out = size;
-            *out.last_mut().expect("x has dimensions") = w.size()[0];
-            y.view(out.as_slice())
-        }
-        None => x.linear(w, b),
-    }
+/// `res + y · wᵀ + b` over the last dimension of `y` (`res`, when given,
+/// shaped like the result) in a decode step: the small-batch kernel where it
+/// applies (see `small_gemm`), torch's product otherwise; with `res`, the sum
+/// is the product's accumulator, saving a pass and an operation.
+fn decode_product(y: &Tensor, w: &Tensor, b: Option<&Tensor>, res: Option<&Tensor>) -> Tensor {
+    let mut size = y.size();
+    let (k, n) = (size[size.len() - 1], w.size()[0]);
+    let rows = y.reshape([-1, k]);
+    let res = res.map(|r| r.reshape([-1, n]));
+    let with_bias = |t: Tensor| match b {
+        Some(b) => t + b,
+        None => t,
+    };
+    let out = match (crate::small_gemm::linear(&rows, w, res.as_ref()), &res) {
+        (Some(out), _) => with_bias(out),
+        (None, Some(r)) => with_bias(r.addmm(&rows, &w.tr())),
+        (None, None) => rows.linear(w, b),
+    };
+    *size.last_mut().expect("y has dimensions") = n;
+    out.view(size.as_slice())
 }
 
-/// `x + linear(y, w, b)`. Decoding, the sum is the matrix product's
-/// accumulator (one `addmm` on `[B T, d]`), saving a pass and an operation.
+/// `x + linear(y, w, b)`; decoding, by [`decode_product`].
 fn residual(x: &Tensor, y: &Tensor, w: &Tensor, b: Option<&Tensor>, decoding: bool) -> Tensor {
-    if !decoding {
-        return x + linear(y, w, b);
-    }
-    let size = x.size();
-    let d = size[size.len() - 1];
-    let (x, y) = (x.reshape([-1, d]), y.reshape([-1, y.size()[y.dim() - 1]]));
-    let out = crate::small_gemm::linear(&y, w, Some(&x)).unwrap_or_else(|| x.addmm(&y, &w.tr()));
-    let out = match b {
-        Some(b) => out + b,
-        None => out,
-    };
-    out.view(size.as_slice())
+    if decoding { decode_product(y, w, b, Some(x)) } else { x + linear(y, w, b) }
 }
 
 /// How the attention of one call is masked.
@@ -235,7 +226,7 @@ impl Layer {
         let xn = rms_norm(x, &self.input_norm, c.rms_norm_eps);
         let decoding = cache.is_some();
         let (q, k, v) = if decoding {
-            let qkv = decode_linear(&xn, &a.qkv, a.qkv_bias.as_ref()); // [B, T, (h + 2 hkv) hd]
+            let qkv = decode_product(&xn, &a.qkv, a.qkv_bias.as_ref(), None); // [B, T, (h + 2 hkv) hd]
             // q and k rotate together: one RoPE call over h + hkv heads.
             let qk = qkv.narrow(2, 0, (h + hkv) * hd).reshape([b, t, h + hkv, hd]).transpose(1, 2);
             let qk = apply_rope(&qk, cos, sin);
@@ -279,7 +270,7 @@ impl Layer {
         let f = m.down.size()[1];
         let bias = |i: usize| m.biases.as_ref().map(|bs| &bs[i]);
         let hidden = if decoding {
-            let gu = decode_linear(&xn, &m.gate_up, m.gate_up_bias.as_ref());
+            let gu = decode_product(&xn, &m.gate_up, m.gate_up_bias.as_ref(), None);
             gu.narrow(2, 0, f).silu() * gu.narrow(2, f, f)
         } else {
             linear(&xn, &m.gate, bias(0)).silu() * linear(&xn, &m.up, bias(1))
@@ -513,7 +504,7 @@ impl Transformer {
 
     fn head(&self, x: &Tensor, decoding: bool) -> Tensor {
         let x = rms_norm(x, &self.norm, self.config.rms_norm_eps);
-        let logits = if decoding { decode_linear(&x, &self.lm_head, None) } else { x.linear(&self.lm_head, None::<&Tensor>) };
+        let logits = if decoding { decode_product(&x, &self.lm_head, None, None) } else { x.linear(&self.lm_head, None::<&Tensor>) };
         logits.to_kind(Kind::Float)
     }
 
