@@ -57,7 +57,7 @@ struct SourceBridge {
     source: ActorRef<SourceMsg>,
     metrics: ActorRef<MetricsMsg>,
     /// Groups counted as made so far.
-    delivered: Reported,
+    reported: Reported,
 }
 
 /// The groups counted as made, shared by the Delivered reports and the end of
@@ -87,7 +87,7 @@ impl WorkSource for SourceBridge {
         // trajectory id once, so only the first delivery counts as made.
         let per_group = trajectories / groups.len().max(1) as u64;
         let fresh = {
-            let mut seen = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = self.reported.lock().unwrap_or_else(|e| e.into_inner());
             groups.iter().filter(|g| seen.insert(**g)).count() as u64
         };
         if fresh < groups.len() as u64 {
@@ -114,8 +114,9 @@ struct Held {
 struct Loop {
     /// Groups counted as made (see `SourceBridge`).
     reported: Reported,
-    /// Every group the learner took off the labeled stream (trained on or
-    /// dropped), with its size.
+    /// The groups the learner took off the labeled stream (trained on or
+    /// dropped) before their Delivered report arrived, with their sizes
+    /// (rare: the others are counted already and need no remembering).
     ingested: std::collections::HashMap<u64, u64>,
     core: Core,
     control: Control,
@@ -169,7 +170,9 @@ impl Loop {
                 Assembled::Failed { group, size, .. } => (group.0, *size),
                 Assembled::Complete { group, trajectories, .. } => (group.0, trajectories.len() as u64),
             };
-            self.ingested.insert(id, size);
+            if !self.reported.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
+                self.ingested.insert(id, size);
+            }
             match group {
                 Assembled::Failed { size, entries, .. } => self.drop_group(DropReason::RewardFailed, size, &entries).await?,
                 Assembled::Complete { trajectories, entries, .. } => match self.core.admit(&trajectories) {
@@ -309,7 +312,7 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         let first = l.core.blocking(|t| t.weights()).await?.map_err(err)?;
         l.publish(first).await?;
         control.set_progress(l.core.version().0, l.core.plan.max_steps, 0);
-        control.set_work_source(Arc::new(SourceBridge { source: source.clone(), metrics: metrics.clone(), delivered: reported.clone() }));
+        control.set_work_source(Arc::new(SourceBridge { source: source.clone(), metrics: metrics.clone(), reported: reported.clone() }));
         l.core.evaluate().await?;
         tokio::pin!(shutdown);
         let mut waited = Instant::now();

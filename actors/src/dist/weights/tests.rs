@@ -97,6 +97,18 @@ async fn asking_for_a_version_not_held_or_before_any_is_an_error() {
     assert!(err.contains("version 3 is not held; the newest is 4"), "{err}");
 }
 
+/// Serves `service` on a free loopback port; its address.
+async fn serve(service: impl v1::weights_server::Weights) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WeightsServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
 /// A Weights server that flips one byte of one chunk on the way.
 struct Corrupting(Weights);
 
@@ -128,13 +140,7 @@ impl v1::weights_server::Weights for Corrupting {
 async fn a_corrupted_chunk_is_detected_by_its_checksum() {
     let weights = Weights::new(1024);
     weights.publish(WeightSet::from_var_store(9, &store(1)).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(WeightsServer::new(Corrupting(weights)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let addr = serve(Corrupting(weights)).await;
     let mut c = WeightsClient::connect(&Default::default(), Some(&addr), None).await.unwrap();
     let err = c.fetch(0).await.unwrap_err().to_string();
     // sorted names: the embedding comes first; chunk 2 starts at byte 2048
@@ -197,13 +203,7 @@ impl v1::weights_server::Weights for Republishing {
 async fn a_version_replaced_mid_fetch_is_fetched_again_as_the_newest() {
     let weights = Weights::new(1024);
     weights.publish(WeightSet::from_var_store(11, &store(1)).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(WeightsServer::new(Republishing(weights, Default::default())))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let addr = serve(Republishing(weights, Default::default())).await;
     let grpc = crate::dist::grpc::Config { weight_streams: 2, ..Default::default() };
     let mut c = WeightsClient::connect(&grpc, Some(&addr), None).await.unwrap();
     let got = c.fetch(0).await.unwrap();
