@@ -16,7 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod gguf;
 pub mod hf;
-mod small_gemm;
+mod cpu_kernels;
 pub mod tokenizer;
 pub mod transformer;
 

@@ -168,7 +168,7 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
 
 /// `res + y · wᵀ + b` over the last dimension of `y` (`res`, when given,
 /// shaped like the result) in a decode step: the small-batch kernel where it
-/// applies (see `small_gemm`), torch's product otherwise; with `res`, the sum
+/// applies (see `cpu_kernels`), torch's product otherwise; with `res`, the sum
 /// is the product's accumulator, saving a pass and an operation.
 fn decode_product(y: &Tensor, w: &Tensor, b: Option<&Tensor>, res: Option<&Tensor>) -> Tensor {
     let mut size = y.size();
@@ -179,7 +179,7 @@ fn decode_product(y: &Tensor, w: &Tensor, b: Option<&Tensor>, res: Option<&Tenso
         Some(b) => t + b,
         None => t,
     };
-    let out = match (crate::small_gemm::linear(&rows, w, res.as_ref()), &res) {
+    let out = match (crate::cpu_kernels::linear(&rows, w, res.as_ref()), &res) {
         (Some(out), _) => with_bias(out),
         (None, Some(r)) => with_bias(r.addmm(&rows, &w.tr())),
         (None, None) => rows.linear(w, b),
@@ -566,6 +566,19 @@ impl Transformer {
         cache: &mut KvCache,
         last_only: bool,
     ) -> Result<Tensor> {
+        Ok(self.cached_step(input_ids, attention_mask, cache, last_only, true)?.0)
+    }
+
+    /// [`Self::forward_cached`], with the fused decode kernel allowed or not;
+    /// also says whether it ran.
+    fn cached_step(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        last_only: bool,
+        allow_fused: bool,
+    ) -> Result<(Tensor, bool)> {
         let device = self.device();
         let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
         if b != cache.batch() as i64 {
@@ -591,6 +604,14 @@ impl Transformer {
         let len = cache.len;
         cache.key_mask.narrow(1, len, t).copy_(&m);
         let total = len + t;
+        let (mut x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
+        if t == 1
+            && allow_fused
+            && let Some(y) = self.decode_fused(&x, &cos, &sin, cache)
+        {
+            cache.len = total;
+            return Ok((self.head(&y, true), true));
+        }
         let explicit;
         let mask = if t == 1 && cache.dense {
             Mask::None
@@ -605,7 +626,6 @@ impl Transformer {
             explicit = causal.unsqueeze(0).logical_and(&keys.unsqueeze(1)).logical_or(&diag.unsqueeze(0)).unsqueeze(1);
             Mask::Explicit(&explicit)
         };
-        let (mut x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
         for (i, layer) in self.layers.iter().enumerate() {
             let (kc, vc) = (&mut cache.keys[i], &mut cache.values[i]);
             // Split borrows: keys and values are separate vectors.
@@ -615,7 +635,48 @@ impl Transformer {
         if last_only {
             x = x.narrow(1, t - 1, 1);
         }
-        Ok(self.head(&x, true))
+        Ok((self.head(&x, true), false))
+    }
+
+    /// Every layer of a decode step (one new token per row) by the fused CPU
+    /// kernel (see `cpu_kernels`), writing the new keys and values at
+    /// `cache.len` (which the caller advances); `None` where it does not apply.
+    fn decode_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &KvCache) -> Option<Tensor> {
+        let c = &self.config;
+        let key_mask = (!cache.dense).then_some(&cache.key_mask);
+        let mut x = x.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (a, m) = (&layer.attn, &layer.mlp);
+            let weights = crate::cpu_kernels::LayerWeights {
+                input_norm: &layer.input_norm,
+                qkv: &a.qkv,
+                qkv_bias: a.qkv_bias.as_ref(),
+                o: &a.o,
+                o_bias: a.o_bias.as_ref(),
+                post_norm: &layer.post_norm,
+                gate_up: &m.gate_up,
+                gate_up_bias: m.gate_up_bias.as_ref(),
+                down: &m.down,
+                down_bias: m.biases.as_ref().map(|b| &b[2]),
+            };
+            let step = crate::cpu_kernels::DecodeStep {
+                heads: c.num_heads as i64,
+                kv_heads: c.num_kv_heads as i64,
+                head_dim: c.head_dim as i64,
+                eps: c.rms_norm_eps,
+                x: &x,
+                cos,
+                sin,
+                keys: &cache.keys[i],
+                values: &cache.values[i],
+                len: cache.len,
+                key_mask,
+            };
+            // A layer that declines leaves the torch path to redo the step; the
+            // keys and values written so far at `len` are the ones it writes.
+            x = crate::cpu_kernels::decode_layer(&weights, &step)?;
+        }
+        Some(x)
     }
 }
 
@@ -637,4 +698,71 @@ fn rope_tables(c: &ModelConfig, device: Device) -> (Tensor, Tensor) {
     let sin = emb.sin();
     let signed_sin = Tensor::cat(&[sin.narrow(1, 0, d / 2).neg(), sin.narrow(1, d / 2, d / 2)], 1);
     (emb.cos().to_device(device), signed_sin.to_device(device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+    }
+
+    /// The fused decode kernel against the torch path on the same model: GQA,
+    /// every optional bias, a batch of three with and without left padding,
+    /// several steps (the keys and values it writes are those later steps read).
+    #[test]
+    fn fused_decode_step_equals_the_torch_path() {
+        if !crate::cpu_kernels::decode_layer_enabled() {
+            eprintln!("skipped: the fused decode kernel is not available on this machine");
+            return;
+        }
+        let config = ModelConfig {
+            hidden_size: 48,
+            intermediate_size: 80,
+            num_layers: 3,
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 10,
+            qkv_bias: true,
+            o_bias: true,
+            mlp_bias: true,
+            tie_word_embeddings: false,
+            rope_scaling: RopeScaling::Linear { factor: 2.0 },
+            ..crate::builtin::tiny_arith_config()
+        };
+        let model = Transformer::new(config, Device::Cpu, Dtype::F32, 11).unwrap();
+        let _guard = tch::no_grad_guard();
+        // Random biases (they start at zero), and weights large enough for
+        // peaked attention, so that a wrong mask or scale shows.
+        tch::manual_seed(5);
+        for (name, mut p) in model.var_store().variables() {
+            if name.ends_with("bias") {
+                let _ = p.f_add_(&(p.randn_like() * 0.1)).unwrap();
+            } else if !name.contains("norm") {
+                let _ = p.f_mul_scalar_(10.0).unwrap();
+            }
+        }
+        let vocab = model.config().vocab_size as i64;
+        let ids = Tensor::randint(vocab, [3, 7], (Kind::Int64, Device::Cpu));
+        let padding = Tensor::from_slice2(&[[1i64, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]]);
+        for mask in [Some(&padding), None] {
+            let (mut fused, mut plain) = (model.new_cache(3, 16), model.new_cache(3, 16));
+            let _prefill = model.cached_step(&ids, mask, &mut fused, true, true).unwrap();
+            let _prefill = model.cached_step(&ids, mask, &mut plain, true, false).unwrap();
+            assert_eq!(fused.dense, mask.is_none());
+            for step in 0..6 {
+                let next = Tensor::randint(vocab, [3, 1], (Kind::Int64, Device::Cpu));
+                let (a, took) = model.cached_step(&next, None, &mut fused, true, true).unwrap();
+                let (b, _) = model.cached_step(&next, None, &mut plain, true, false).unwrap();
+                assert!(took, "step {step}: the fused kernel declined");
+                let diff = relative_diff(&a, &b);
+                assert!(diff < 1e-5, "padded {}, step {step}: fused vs torch logits differ by {diff} (relative)", mask.is_some());
+            }
+            for i in 0..3 {
+                let diff = relative_diff(&fused.keys[i], &plain.keys[i]) + relative_diff(&fused.values[i], &plain.values[i]);
+                assert!(diff < 1e-5, "layer {i}: cached keys/values differ by {diff} (relative)");
+            }
+        }
+    }
 }
