@@ -13,7 +13,7 @@ use prism_actors::dist::grpc::{self, Token};
 use prism_actors::dist::health::Health;
 use prism_actors::dist::redis::{Redis, RunKeys};
 use prism_actors::dist::weights::{Weights, WeightsClient};
-use prism_actors::dist::{learner, reward, rollout};
+use prism_actors::dist::{learner, nccl, nccl_weights, reward, rollout};
 use prism_actors::local::{ModelGenerator, RewardLabeler};
 use prism_model::Loaded;
 use prism_proto::v1;
@@ -25,15 +25,37 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-/// The roles move weights over the gRPC Weights stream only, so far.
-fn check_weights_transport(config: &Config) -> Result<()> {
-    if config.dist.weights == "nccl" {
-        bail!(
-            "dist.weights = \"nccl\": the NCCL communicator is built and GPU-checked (scripts/gpu-check) but the \
-             learner and rollout roles do not broadcast through it yet; use dist.weights = \"grpc\""
-        );
+/// With `dist.weights = "nccl"`: the CUDA device index of `model.device`,
+/// after checking that NCCL runs here. Fails before anything starts on a
+/// machine without it.
+fn nccl_device(config: &Config) -> Result<Option<usize>> {
+    if config.dist.weights != "nccl" {
+        return Ok(None);
     }
-    Ok(())
+    let device = prism_model::parse_device(&config.model.device).context("model.device")?;
+    let tch::Device::Cuda(index) = device else {
+        bail!(
+            "dist.weights = \"nccl\" broadcasts weights between GPUs, but model.device = {:?}: set model.device = \"cuda\" \
+             (or cuda:N), or use dist.weights = \"grpc\"",
+            config.model.device
+        );
+    };
+    let probe = nccl::probe().context("dist.weights = \"nccl\"")?;
+    tracing::info!(nccl_version = probe.nccl_version, devices = probe.devices, device = index, "NCCL available");
+    Ok(Some(index))
+}
+
+/// The NCCL group the learner broadcasts weights in.
+const WEIGHTS_GROUP: &str = "weights";
+
+/// How to join the weight-broadcast communicator as `rank` of `world`.
+fn join_nccl(config: &Config, id: Vec<u8>, rank: usize, world: usize, device: usize) -> nccl_weights::Join {
+    let timeout = Duration::from_millis(config.dist.nccl_timeout_ms);
+    let bucket = (config.dist.nccl_bucket_mb as usize) << 20;
+    Box::new(move || {
+        let comm = nccl::Communicator::new(&id, rank, world, device, timeout, bucket)?;
+        Ok(Box::new(comm) as Box<dyn nccl_weights::Collective>)
+    })
 }
 
 fn threads(config: &Config) {
@@ -73,7 +95,7 @@ pub fn learner(config: &Config, resume: Option<&Path>) -> Result<()> {
     if config.learner.is_sft() {
         bail!("prism learner trains RL only; run learner.mode = \"sft\" with prism train");
     }
-    check_weights_transport(config)?;
+    let nccl_device = nccl_device(config)?;
     let run = match resume {
         Some(dir) => RunDir::open(dir).with_context(|| format!("{}: not a run folder", dir.display()))?,
         None => RunDir::create(&config.run.dir, &config.to_toml()).context("creating the run folder")?,
@@ -81,14 +103,14 @@ pub fn learner(config: &Config, resume: Option<&Path>) -> Result<()> {
     let _telemetry = telemetry::init(&config.log, Some(&run.path)).context("opening trace.jsonl")?;
     threads(config);
     tracing::info!(run_id = %run.id, run = %run.path.display(), dist_run = %config.dist.run_id, "run folder");
-    let result = runtime()?.block_on(learner_main(config, &run, resume.is_some()));
+    let result = runtime()?.block_on(learner_main(config, &run, resume.is_some(), nccl_device));
     if let Err(e) = &result {
         tracing::error!(error = %format!("{e:#}"), "run failed");
     }
     result
 }
 
-async fn learner_main(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
+async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device: Option<usize>) -> Result<()> {
     let started = Instant::now();
     let token = Token::from_config(&config.grpc)?;
     let health = health(config).await?;
@@ -116,6 +138,17 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool) -> Result<(
         redis.reset_run(&keys).await?;
     }
     let Prepared { trainer, version, cursor, task, .. } = train::prepare(config, run, resuming).await?;
+    let broadcast = match nccl_device {
+        None => None,
+        Some(device) => {
+            // Rank 0; the rollouts that registered for ranks 1..=n join with this id.
+            let world = 1 + config.dist.nccl_rollouts as usize;
+            let id = nccl::unique_id()?;
+            control.set_nccl_id(WEIGHTS_GROUP, id.clone(), world as u32);
+            tracing::info!(world, device, "NCCL weight broadcast: waiting for the rollout ranks");
+            Some(nccl_weights::Sender::spawn(join_nccl(config, id, 0, world, device))?)
+        }
+    };
     tracing::info!(listen = %config.grpc.listen, redis = %redis.url(), policy_version = version, "learner ready");
     health.set_ready(true);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(Default::default());
@@ -139,6 +172,7 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool) -> Result<(
         metrics_path: Some(run.path.join("metrics.jsonl")),
         progress: progress_tx,
         drain: Duration::from_millis(config.dist.dead_after_ms.max(config.grpc.request_timeout_ms)),
+        broadcast,
     };
     let summary = learner::run(role, &config.redis, train::ctrl_c()).await.map_err(anyhow::Error::msg);
     let _ = drawer.await;
@@ -150,6 +184,20 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool) -> Result<(
         _ => {}
     }
     train::finish(config, run, version, &summary?, started)
+}
+
+/// The weight group's NCCL id, which the learner publishes once its warm start
+/// is done (asked again until then).
+async fn nccl_id(control: &ControlClient) -> Result<v1::NcclId> {
+    let started = Instant::now();
+    let mut control = control.clone();
+    loop {
+        match control.wait_nccl_id(WEIGHTS_GROUP, Duration::from_secs(10)).await {
+            Ok(Some(id)) => return Ok(id),
+            Ok(None) => tracing::info!(waited_s = started.elapsed().as_secs(), "the learner has not published the NCCL id yet (warm start?)"),
+            Err(e) => return Err(e).context("asking the learner for the NCCL weight group's id"),
+        }
+    }
 }
 
 /// Connects to the learner and joins the run as `role`.
@@ -170,13 +218,33 @@ async fn join(
 pub fn rollout(config: &Config) -> Result<()> {
     let _telemetry = telemetry::init_console(&config.log);
     threads(config);
-    check_weights_transport(config)?;
+    let nccl_device = nccl_device(config)?;
     runtime()?.block_on(async {
         let health = health(config).await?;
         let Loaded { model, tokenizer, generation } = train::load_model(config)?;
+        let layout = nccl_weights::layout(model.var_store().variables().iter().map(|(n, t)| (n.as_str(), t)));
         let generator = ModelGenerator::new(model, tokenizer, generation.eos_token_ids.clone(), config.rollout.clone(), config.run.seed);
         let (control, token, counters, membership) = join(config, v1::Role::Rollout, &config.model.device).await?;
         let weights = WeightsClient::connect(&config.grpc, None, token.as_ref()).await?;
+        let rank = membership.borrow().nccl_rank as usize;
+        let broadcast = match nccl_device {
+            Some(device) if rank > 0 => {
+                let id = nccl_id(&control).await?;
+                tracing::info!(rank, world = id.world_size, device, "joining the learner's NCCL weight broadcast");
+                let join = join_nccl(config, id.id, rank, id.world_size as usize, device);
+                let receiver = nccl_weights::Receiver::spawn(join, layout, tch::Device::Cuda(device))?;
+                Some((Arc::new(receiver), Duration::from_millis(config.dist.nccl_timeout_ms)))
+            }
+            Some(_) => {
+                tracing::warn!(
+                    nccl_rollouts = config.dist.nccl_rollouts,
+                    "the learner gave this rollout no NCCL rank (every rank of its weight broadcast is taken, or it \
+                     runs dist.weights = \"grpc\"): pulling weights over the Weights stream"
+                );
+                None
+            }
+            None => None,
+        };
         let redis = Redis::connect(&config.redis).await?;
         health.set_ready(true);
         let args = rollout::RolloutArgs {
@@ -189,11 +257,12 @@ pub fn rollout(config: &Config) -> Result<()> {
             counters,
             membership,
             give_up_after: Duration::from_millis(config.redis.retry_for_ms),
+            broadcast,
         };
         let summary = rollout::run(args, &config.redis, train::ctrl_c()).await?;
         println!(
-            "rollout: {} groups ({} trajectories) sampled, {} weight versions pulled",
-            summary.groups, summary.trajectories, summary.weight_pulls
+            "rollout: {} groups ({} trajectories) sampled, {} weight versions pulled, {} received by broadcast",
+            summary.groups, summary.trajectories, summary.weight_pulls, summary.weight_broadcasts
         );
         Ok(())
     })

@@ -24,6 +24,7 @@ pub mod grpc;
 pub mod health;
 pub mod learner;
 pub mod nccl;
+pub mod nccl_weights;
 pub mod redis;
 pub mod reward;
 pub mod rollout;
@@ -93,6 +94,10 @@ pub struct Config {
     pub nccl_timeout_ms: u64,
     /// NCCL broadcast / all-reduce bucket size in MiB. Default 64.
     pub nccl_bucket_mb: u64,
+    /// With `weights = "nccl"`: how many rollout processes join the learner's
+    /// broadcast (ranks 1..=n, to the first n that register; later ones pull
+    /// over the Weights stream). The learner waits for all of them. Default 1.
+    pub nccl_rollouts: u64,
 }
 
 impl Default for Config {
@@ -105,6 +110,7 @@ impl Default for Config {
             weights: "grpc".into(),
             nccl_timeout_ms: 120_000,
             nccl_bucket_mb: 64,
+            nccl_rollouts: 1,
         }
     }
 }
@@ -129,6 +135,9 @@ impl Config {
         check::one_of("dist.weights", &self.weights, &["grpc", "nccl"])?;
         check::positive("dist.nccl_timeout_ms", self.nccl_timeout_ms)?;
         check::positive("dist.nccl_bucket_mb", self.nccl_bucket_mb)?;
+        if self.weights == "nccl" {
+            check::positive("dist.nccl_rollouts", self.nccl_rollouts)?;
+        }
         Ok(())
     }
 }

@@ -124,10 +124,8 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, res: Option<&Tensor>) -> Option<Ten
         return None;
     }
     let n = w.size()[0];
-    if let Some(r) = res {
-        if !applies(r) || r.size() != [m, n] {
-            return None;
-        }
+    if res.is_some_and(|r| !applies(r) || r.size() != [m, n]) {
+        return None;
     }
     let y = Tensor::empty([m, n], (Kind::Float, Device::Cpu));
     #[cfg(cpu_kernels)]

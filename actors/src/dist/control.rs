@@ -60,6 +60,9 @@ struct Inner {
     dropped: BTreeMap<String, u64>,
     queues: Vec<v1::QueueDepth>,
     nccl_ids: HashMap<String, v1::NcclId>,
+    /// Ranks of the weight broadcast still to hand to rollouts (`dist.weights
+    /// = "nccl"`), lowest first; empty otherwise.
+    nccl_ranks: std::collections::VecDeque<u32>,
     work: Option<Arc<dyn WorkSource>>,
 }
 
@@ -119,6 +122,7 @@ impl Control {
                 dropped: BTreeMap::new(),
                 queues: Vec::new(),
                 nccl_ids: HashMap::new(),
+                nccl_ranks: if config.weights == "nccl" { (1..=config.nccl_rollouts as u32).collect() } else { Default::default() },
                 work: None,
             })),
             shutdown: Arc::new(watch::channel(None).0),
@@ -134,6 +138,12 @@ impl Control {
     /// The tonic service, refusing requests without `token` when one is set.
     pub fn service(&self, token: Option<Token>) -> InterceptedService<ControlServer<Self>, grpc::Auth> {
         InterceptedService::new(ControlServer::new(self.clone()), grpc::Auth::new(token))
+    }
+
+    /// Publishes the NCCL unique id of `group` (the learner's own groups).
+    pub fn set_nccl_id(&self, group: &str, id: Vec<u8>, world_size: u32) {
+        self.lock().nccl_ids.insert(group.to_string(), v1::NcclId { group: group.to_string(), id, world_size });
+        self.nccl_published.notify_waiters();
     }
 
     /// Hands out prompts from `work` (until then `GetWork` answers UNAVAILABLE).
@@ -249,7 +259,9 @@ impl v1::control_server::Control for Control {
             _ => "reward",
         };
         let worker_id = format!("{role_name}-{}", s.next_id);
-        tracing::info!(worker_id = %worker_id, name = %r.name, device = %r.device, pid = r.pid, "worker registered");
+        // A rollout that registers again (it keeps its first rank) asks for none.
+        let nccl_rank = if role == v1::Role::Rollout && !r.has_nccl_rank { s.nccl_ranks.pop_front().unwrap_or(0) } else { 0 };
+        tracing::info!(worker_id = %worker_id, name = %r.name, device = %r.device, pid = r.pid, nccl_rank, "worker registered");
         s.workers.insert(
             worker_id.clone(),
             Worker {
@@ -268,6 +280,7 @@ impl v1::control_server::Control for Control {
             run_id: s.run_id.clone(),
             heartbeat_interval_ms: s.heartbeat.as_millis() as u64,
             policy_version: s.policy_version,
+            nccl_rank,
         }))
     }
 
@@ -418,7 +431,13 @@ impl ControlClient {
 
     /// Joins the run as `role`.
     pub async fn register(&mut self, role: v1::Role, name: &str, device: &str) -> Result<v1::RegisterResponse> {
-        let req = v1::RegisterRequest { role: role as i32, name: name.into(), pid: std::process::id(), device: device.into() };
+        self.register_again(role, name, device, false).await
+    }
+
+    /// Registers again after the learner forgot this worker; `has_nccl_rank`:
+    /// it holds a weight-broadcast rank already (and wants no other).
+    pub async fn register_again(&mut self, role: v1::Role, name: &str, device: &str, has_nccl_rank: bool) -> Result<v1::RegisterResponse> {
+        let req = v1::RegisterRequest { role: role as i32, name: name.into(), pid: std::process::id(), device: device.into(), has_nccl_rank };
         let r = self.inner.register(req).await;
         r.map(Response::into_inner).map_err(self.err("Register"))
     }
@@ -459,6 +478,16 @@ impl ControlClient {
         let r = self.inner.get_nccl_id(req).await;
         r.map(Response::into_inner).map_err(self.err("GetNcclId"))
     }
+
+    /// [`Self::get_nccl_id`], answering `None` when it is not published
+    /// within `wait`.
+    pub async fn wait_nccl_id(&mut self, group: &str, wait: Duration) -> Result<Option<v1::NcclId>> {
+        match self.get_nccl_id(group, wait).await {
+            Ok(id) => Ok(Some(id)),
+            Err(Error::Rpc { status, .. }) if status.code() == tonic::Code::DeadlineExceeded => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl ControlClient {
@@ -494,6 +523,9 @@ pub struct Membership {
     pub dead_workers: Vec<String>,
     /// The last heartbeat error, if the latest one failed.
     pub error: Option<String>,
+    /// This rollout's rank in the learner's weight broadcast (0: none), from
+    /// its first registration.
+    pub nccl_rank: u32,
 }
 
 /// The counters a worker reports; shared between the worker's loop and its
@@ -535,8 +567,10 @@ pub async fn join(
     let (tx, rx) = watch::channel(Membership {
         worker_id: reg.worker_id.clone(),
         latest_version: reg.policy_version,
+        nccl_rank: reg.nccl_rank,
         ..Default::default()
     });
+    let nccl_rank = reg.nccl_rank;
     let (name, device) = (name.to_string(), device.to_string());
     let task = tokio::spawn(async move {
         let mut worker_id = reg.worker_id;
@@ -554,6 +588,7 @@ pub async fn join(
                         shutdown: r.shutdown,
                         dead_workers: r.dead_workers,
                         error: None,
+                        nccl_rank,
                     });
                     if stop {
                         return;
@@ -563,7 +598,7 @@ pub async fn join(
                     if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) =>
                 {
                     tracing::warn!(worker_id = %worker_id, reason = %status.message(), "registering again");
-                    if let Ok(reg) = client.register(role, &name, &device).await {
+                    if let Ok(reg) = client.register_again(role, &name, &device, nccl_rank > 0).await {
                         worker_id = reg.worker_id;
                         tx.send_modify(|m| m.worker_id = worker_id.clone());
                     }

@@ -50,6 +50,9 @@ pub struct LearnerRole {
     pub progress: watch::Sender<Progress>,
     /// How long the end of the run waits for workers to leave.
     pub drain: Duration,
+    /// With `dist.weights = "nccl"`: broadcasts each published version to
+    /// the rollout GPUs (which also keep the Weights stream to fall back on).
+    pub broadcast: Option<super::nccl_weights::Sender>,
 }
 
 /// Hands the PromptSource's prompts to remote rollout workers.
@@ -121,6 +124,7 @@ struct Loop {
     core: Core,
     control: Control,
     weights: Weights,
+    broadcast: Option<super::nccl_weights::Sender>,
     metrics: ActorRef<MetricsMsg>,
     assembler: Assembler,
     redis: Redis,
@@ -135,8 +139,13 @@ fn err(what: impl std::fmt::Display) -> String {
 }
 
 impl Loop {
-    /// Puts `weights` on the Weights service (converted on a blocking thread).
+    /// Puts `weights` on the Weights service (converted on a blocking thread),
+    /// and queues it for the NCCL broadcast.
     async fn publish(&mut self, weights: Arc<BackendWeights>) -> Result<(), String> {
+        if let Some(b) = &self.broadcast {
+            // Fails the run if an earlier broadcast failed (a rank is gone).
+            b.publish(weights.clone()).map_err(err)?;
+        }
         let set = tokio::task::spawn_blocking(move || {
             let tensors = weights.tensors.lock().map_err(|_| "weight set poisoned".to_string())?;
             WeightSet::from_tensors(weights.version.0, tensors.iter().map(|(n, t)| (n.as_str(), t))).map_err(err)
@@ -284,7 +293,7 @@ impl Loop {
 /// Runs the learner until `plan.max_steps`, its time limit, a failure, or
 /// `shutdown`; then stops the workers and returns the accounting.
 pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Future<Output = ()>) -> Result<Summary, String> {
-    let LearnerRole { trainer, plan, task, cursor, control, weights, redis, keys, metrics_path, progress, drain } = role;
+    let LearnerRole { trainer, plan, task, cursor, control, weights, redis, keys, metrics_path, progress, drain, broadcast } = role;
     let started = Instant::now();
     let (metrics, metrics_task) =
         Actor::spawn(None, Metrics, MetricsArgs { path: metrics_path, progress }).await.map_err(|e| format!("starting metrics: {e}"))?;
@@ -300,6 +309,7 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         core: Core::new(trainer, plan, source.clone(), metrics.clone()),
         control: control.clone(),
         weights,
+        broadcast,
         metrics: metrics.clone(),
         assembler,
         redis,

@@ -10,6 +10,7 @@
 
 use super::control::{ControlClient, Counters, Membership};
 use super::redis::{self, Redis, RunKeys};
+use super::nccl_weights::Receiver;
 use super::weights::WeightsClient;
 use super::{Error, Result};
 use crate::backend::{Assignment, Generate, WeightSet};
@@ -34,6 +35,9 @@ pub struct RolloutArgs {
     pub membership: watch::Receiver<Membership>,
     /// How long the learner may stay unreachable before the worker gives up.
     pub give_up_after: Duration,
+    /// With `dist.weights = "nccl"` and a rank: the broadcast receiver, and
+    /// how long to wait for an announced version before pulling it instead.
+    pub broadcast: Option<(Arc<Receiver>, Duration)>,
 }
 
 /// Counts at the end of a rollout process.
@@ -41,8 +45,10 @@ pub struct RolloutArgs {
 pub struct RolloutSummary {
     pub groups: u64,
     pub trajectories: u64,
-    /// Weight versions pulled from the learner.
+    /// Weight versions pulled from the learner (over the Weights stream).
     pub weight_pulls: u64,
+    /// Weight versions received by NCCL broadcast.
+    pub weight_broadcasts: u64,
 }
 
 struct Worker {
@@ -53,6 +59,7 @@ struct Worker {
     counters: Arc<Counters>,
     membership: watch::Receiver<Membership>,
     give_up_after: Duration,
+    broadcast: Option<(Arc<Receiver>, Duration)>,
     generator: Option<Box<dyn Generate>>,
     /// The version loaded into the generator.
     held: Option<u64>,
@@ -104,6 +111,32 @@ impl Worker {
             return Ok(());
         }
         let started = Instant::now();
+        if let Some((receiver, wait)) = &self.broadcast {
+            // The learner broadcasts every version it announces (or a newer one).
+            receiver.announce(want);
+            let (receiver, wait) = (receiver.clone(), *wait);
+            let staged = tokio::task::spawn_blocking(move || receiver.wait_for(want, wait))
+                .await
+                .map_err(|e| Error::Weights { version: want, reason: format!("the broadcast wait failed: {e}") })??;
+            match staged {
+                Some(set) => {
+                    let version = set.version.0;
+                    self.blocking(move |g| g.load_weights(&set))
+                        .await?
+                        .map_err(|e| Error::Weights { version, reason: format!("loading into the policy failed: {e}") })?;
+                    tracing::info!(policy_version = version, wait_ms = started.elapsed().as_millis() as u64, "broadcast weights loaded");
+                    self.held = Some(version);
+                    self.summary.weight_broadcasts += 1;
+                    self.counters.policy_version.store(version, Relaxed);
+                    return Ok(());
+                }
+                None => tracing::warn!(
+                    policy_version = want,
+                    waited_ms = wait.as_millis() as u64,
+                    "the NCCL broadcast of this version did not arrive in time; pulling it over the Weights stream"
+                ),
+            }
+        }
         let set = loop {
             let set = self.weights.fetch(0).await?;
             if set.version >= min_version {
@@ -171,7 +204,21 @@ impl Worker {
 /// Samples until the learner says the run is over, `shutdown` resolves, or a
 /// generation fails.
 pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Future<Output = ()>) -> Result<RolloutSummary> {
-    let RolloutArgs { control, weights, redis, keys, generator, prompts_per_batch, counters, membership, give_up_after } = args;
+    let RolloutArgs { control, weights, redis, keys, generator, prompts_per_batch, counters, membership, give_up_after, broadcast } = args;
+    // Announcements reach the receiver while this worker generates, so that
+    // it joins the learner's broadcasts without delaying them.
+    let announcer = broadcast.as_ref().map(|(receiver, _)| {
+        let (receiver, mut news) = (receiver.clone(), membership.clone());
+        tokio::spawn(async move {
+            loop {
+                let latest = news.borrow_and_update().latest_version;
+                receiver.announce(latest);
+                if news.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
     let producer = redis.producer::<Trajectory>(&keys.sampled).await?;
     let mut w = Worker {
         control,
@@ -181,6 +228,7 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
         counters,
         membership,
         give_up_after,
+        broadcast,
         generator: Some(generator),
         held: None,
         summary: RolloutSummary::default(),
@@ -242,6 +290,9 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
     let worker_id = w.worker_id();
     if let Err(e) = w.control.shutdown(&worker_id, &reason).await {
         tracing::warn!(error = %e, "telling the learner this worker leaves failed");
+    }
+    if let Some(a) = announcer {
+        a.abort();
     }
     result.map(|()| w.summary)
 }

@@ -122,6 +122,25 @@ async fn the_nccl_id_goes_from_rank_0_to_the_others() {
     assert!(rank0.publish_nccl_id("bad", vec![1, 2], 2).await.is_err());
 }
 
+/// With NCCL weights, the first `nccl_rollouts` rollouts get ranks 1..=n of
+/// the broadcast; later ones, reward workers, and a rollout registering again
+/// with its rank get none, and the ranks are not handed out twice.
+#[tokio::test]
+async fn nccl_ranks_go_to_the_first_rollouts_once() {
+    let config = crate::dist::Config { weights: "nccl".into(), nccl_rollouts: 2, ..dist(1000, 10_000) };
+    let l = TestLearner::start(&config, grpc::Config::default(), None).await;
+    let mut c = client(&l, None).await.unwrap();
+    let rank = async |c: &mut ControlClient, role, again| c.register_again(role, "w", "cuda:0", again).await.unwrap().nccl_rank;
+    assert_eq!(rank(&mut c, v1::Role::Reward, false).await, 0);
+    assert_eq!(rank(&mut c, v1::Role::Rollout, false).await, 1);
+    assert_eq!(rank(&mut c, v1::Role::Rollout, true).await, 0, "registering again keeps the rank it has");
+    assert_eq!(rank(&mut c, v1::Role::Rollout, false).await, 2);
+    assert_eq!(rank(&mut c, v1::Role::Rollout, false).await, 0, "both ranks are taken");
+    let grpc_only = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    let mut c = client(&grpc_only, None).await.unwrap();
+    assert_eq!(rank(&mut c, v1::Role::Rollout, false).await, 0, "no ranks without dist.weights = nccl");
+}
+
 #[tokio::test]
 async fn tls_with_a_private_ca() {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
