@@ -25,6 +25,7 @@ extern "C" {
 // Everything one call reads and writes; every matrix row-major and contiguous.
 struct PrismDecodeLayer {
   int64_t batch, dim, heads, kv_heads, head_dim, ffn;
+  int64_t threads;            // OpenMP threads to use (torch's intra-op count)
   float eps;
   const float* input_norm;    // [dim]
   const float* qkv;           // [(heads + 2 kv_heads) head_dim, dim]
@@ -92,7 +93,7 @@ PRISM_AVX512 int prism_decode_layer(const PrismDecodeLayer* p) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   // Scratch, grown once per calling thread.
   thread_local std::vector<float> scratch;
-  const int64_t threads = omp_get_max_threads();
+  const int threads = p->threads < 1 ? 1 : static_cast<int>(p->threads);
   const int64_t need = B * d * 2 + B * nq + B * h * hd * 2 + B * 2 * f + B * f + threads * S;
   if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(need);
   float* xn = scratch.data();    // [B, d], normed input of either half
@@ -103,7 +104,7 @@ PRISM_AVX512 int prism_decode_layer(const PrismDecodeLayer* p) {
   float* gu = att + B * h * hd;  // [B, 2f]
   float* hid = gu + B * 2 * f;   // [B, f]
   float* scores = hid + B * f;   // [threads, S]
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     rms_norm_for(p->x, p->input_norm, xn, B, d, p->eps);
     prism::gemm_for(xn, d, p->qkv, d, qkv, nq, nullptr, 0, p->qkv_bias, B, nq);

@@ -23,12 +23,14 @@ int prism_small_gemm_supported() {
 int64_t prism_small_gemm_max_rows() { return prism::kMaxRows; }
 
 // y[m][j] = (res ? res[m][j] : 0) + sum_k x[m][k] w[j][k] for m < M <= 64,
-// j < N; leading dimensions in elements, w contiguous (ldw = K). Returns 0,
-// or -1 when M is out of range or w is strided (nothing is written).
+// j < N; leading dimensions in elements, w contiguous (ldw = K), on
+// `threads` OpenMP threads (torch's intra-op count: a thread's own OpenMP
+// default is all cores). Returns 0, or -1 when M is out of range or w is
+// strided (nothing is written).
 PRISM_AVX512 int prism_small_gemm(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
-                                  const float* res, int64_t ldr, int64_t M, int64_t N, int64_t K) {
+                                  const float* res, int64_t ldr, int64_t M, int64_t N, int64_t K, int threads) {
   if (M < 1 || M > prism::kMaxRows || ldw != K) return -1;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
   prism::gemm_for(x, ldx, w, K, y, ldy, res, ldr, nullptr, M, N);
   return 0;
 }

@@ -32,6 +32,7 @@ mod ffi {
         pub kv_heads: i64,
         pub head_dim: i64,
         pub ffn: i64,
+        pub threads: i64,
         pub eps: f32,
         pub input_norm: *const f32,
         pub qkv: *const f32,
@@ -71,6 +72,7 @@ mod ffi {
             m: i64,
             n: i64,
             k: i64,
+            threads: c_int,
         ) -> c_int;
     }
 }
@@ -148,6 +150,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, res: Option<&Tensor>) -> Option<Ten
                 m,
                 n,
                 k,
+                tch::get_num_threads(),
             )
         };
         if rc == 0 {
@@ -256,6 +259,7 @@ pub(crate) fn decode_layer(w: &LayerWeights, s: &DecodeStep) -> Option<Tensor> {
             kv_heads: hkv,
             head_dim: hd,
             ffn: f,
+            threads: tch::get_num_threads() as i64,
             eps: s.eps as f32,
             input_norm: ptr(Some(w.input_norm)),
             qkv: ptr(Some(w.qkv)),
