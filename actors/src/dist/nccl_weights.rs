@@ -194,12 +194,9 @@ impl Sender {
         Ok(())
     }
 
-    /// The last version every rank received.
-    pub fn broadcast_version(&self) -> u64 {
-        self.shared.lock().done
-    }
-
-    /// Waits up to `timeout` until `version` (or a newer one) has been broadcast.
+    /// Waits up to `timeout` until `version` (or a newer one) has been
+    /// broadcast; fails if a broadcast failed.
+    #[cfg(test)]
     pub fn wait_broadcast(&self, version: u64, timeout: Duration) -> Result<bool> {
         let deadline = std::time::Instant::now() + timeout;
         let mut s = self.shared.lock();
@@ -279,16 +276,6 @@ impl Receiver {
             drop(s);
             self.shared.changed.notify_all();
         }
-    }
-
-    /// The staged set if it is newer than `held`; fails if receiving failed.
-    pub fn take_newer(&self, held: Option<u64>) -> Result<Option<Arc<WeightSet>>> {
-        self.shared.check()?;
-        let mut s = self.shared.lock();
-        if s.pending.as_ref().is_some_and(|p| held.is_none_or(|h| p.version.0 > h)) {
-            return Ok(s.pending.take());
-        }
-        Ok(None)
     }
 
     /// Waits up to `timeout` for a staged set of at least `version`.

@@ -103,7 +103,8 @@ impl Worker {
     }
 
     /// Makes the generator hold at least `min_version` and the newest version
-    /// the heartbeats announced.
+    /// the heartbeats announced: the broadcast one when this worker has a
+    /// broadcast rank and it arrives in time, else pulled over the Weights stream.
     async fn refresh_weights(&mut self, min_version: u64) -> Result<()> {
         let announced = self.membership.borrow().latest_version;
         let want = announced.max(min_version);
@@ -111,54 +112,60 @@ impl Worker {
             return Ok(());
         }
         let started = Instant::now();
-        if let Some((receiver, wait)) = &self.broadcast {
-            // The learner broadcasts every version it announces (or a newer one).
-            receiver.announce(want);
-            let (receiver, wait) = (receiver.clone(), *wait);
-            let staged = tokio::task::spawn_blocking(move || receiver.wait_for(want, wait))
-                .await
-                .map_err(|e| Error::Weights { version: want, reason: format!("the broadcast wait failed: {e}") })??;
-            match staged {
-                Some(set) => {
-                    let version = set.version.0;
-                    self.blocking(move |g| g.load_weights(&set))
-                        .await?
-                        .map_err(|e| Error::Weights { version, reason: format!("loading into the policy failed: {e}") })?;
-                    tracing::info!(policy_version = version, wait_ms = started.elapsed().as_millis() as u64, "broadcast weights loaded");
-                    self.held = Some(version);
-                    self.summary.weight_broadcasts += 1;
-                    self.counters.policy_version.store(version, Relaxed);
-                    return Ok(());
-                }
-                None => tracing::warn!(
-                    policy_version = want,
-                    waited_ms = wait.as_millis() as u64,
-                    "the NCCL broadcast of this version did not arrive in time; pulling it over the Weights stream"
-                ),
-            }
+        let (set, broadcast) = match self.broadcast_of(want).await? {
+            Some(set) => (set, true),
+            None => (self.pull(min_version, started).await?, false),
+        };
+        let version = set.version.0;
+        self.blocking(move |g| g.load_weights(&set))
+            .await?
+            .map_err(|e| Error::Weights { version, reason: format!("loading into the policy failed: {e}") })?;
+        let via = if broadcast { "nccl broadcast" } else { "weights stream" };
+        tracing::info!(policy_version = version, via, ms = started.elapsed().as_millis() as u64, "weights loaded");
+        self.held = Some(version);
+        if broadcast {
+            self.summary.weight_broadcasts += 1;
+        } else {
+            self.summary.weight_pulls += 1;
         }
-        let set = loop {
+        self.counters.policy_version.store(version, Relaxed);
+        Ok(())
+    }
+
+    /// With a broadcast rank: the staged broadcast of `want` or newer, waited
+    /// for up to the NCCL timeout (the learner broadcasts every version it
+    /// announces, or a newer one); `None` when it does not come or there is no rank.
+    async fn broadcast_of(&self, want: u64) -> Result<Option<Arc<WeightSet>>> {
+        let Some((receiver, wait)) = &self.broadcast else { return Ok(None) };
+        receiver.announce(want);
+        let (receiver, wait) = (receiver.clone(), *wait);
+        let staged = tokio::task::spawn_blocking(move || receiver.wait_for(want, wait))
+            .await
+            .map_err(|e| Error::Weights { version: want, reason: format!("the broadcast wait failed: {e}") })??;
+        if staged.is_none() {
+            tracing::warn!(
+                policy_version = want,
+                waited_ms = wait.as_millis() as u64,
+                "the NCCL broadcast of this version did not arrive in time; pulling it over the Weights stream"
+            );
+        }
+        Ok(staged)
+    }
+
+    /// The newest version on the Weights stream, once it is at least `min_version`.
+    async fn pull(&mut self, min_version: u64, started: Instant) -> Result<Arc<WeightSet>> {
+        loop {
             let set = self.weights.fetch(0).await?;
             if set.version >= min_version {
-                break set;
+                tracing::debug!(policy_version = set.version, bytes = set.total_bytes(), "weights fetched");
+                return Ok(WeightSet::new(PolicyVersion(set.version), set.to_tensors()?));
             }
             // The learner announced a version it has not published yet.
             if started.elapsed() > self.give_up_after {
                 return Err(Error::Weights { version: min_version, reason: format!("the learner still serves v{}", set.version) });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let version = set.version;
-        let bytes = set.total_bytes();
-        let weights = WeightSet::new(PolicyVersion(version), set.to_tensors()?);
-        self.blocking(move |g| g.load_weights(&weights))
-            .await?
-            .map_err(|e| Error::Weights { version, reason: format!("loading into the policy failed: {e}") })?;
-        tracing::info!(policy_version = version, bytes, fetch_ms = started.elapsed().as_millis() as u64, "weights loaded");
-        self.held = Some(version);
-        self.summary.weight_pulls += 1;
-        self.counters.policy_version.store(version, Relaxed);
-        Ok(())
+        }
     }
 
     /// Samples `work` and hands it on; returns how many trajectories it made.
