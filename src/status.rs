@@ -86,7 +86,7 @@ pub fn render(s: &v1::ClusterStatus) -> String {
                 c.dropped,
                 w.last_seen_ms as f64 / 1000.0,
                 w.name,
-                w.device
+                if w.nccl_rank > 0 { format!("{}, nccl rank {}", w.device, w.nccl_rank) } else { w.device.clone() }
             );
         }
     }

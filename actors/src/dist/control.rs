@@ -42,6 +42,8 @@ struct Worker {
     counters: v1::WorkerCounters,
     /// Items per second, smoothed over heartbeats.
     throughput: f64,
+    /// Rank in the learner's NCCL weight broadcast (0: none).
+    nccl_rank: u32,
 }
 
 #[derive(Debug)]
@@ -231,6 +233,7 @@ impl Control {
                     last_seen_ms: now.duration_since(w.last_seen).as_millis() as u64,
                     counters: Some(w.counters),
                     throughput: w.throughput,
+                    nccl_rank: w.nccl_rank,
                 })
                 .collect(),
             queues: s.queues.clone(),
@@ -259,8 +262,12 @@ impl v1::control_server::Control for Control {
             _ => "reward",
         };
         let worker_id = format!("{role_name}-{}", s.next_id);
-        // A rollout that registers again (it keeps its first rank) asks for none.
-        let nccl_rank = if role == v1::Role::Rollout && !r.has_nccl_rank { s.nccl_ranks.pop_front().unwrap_or(0) } else { 0 };
+        // A rollout that registers again keeps the rank it holds.
+        let nccl_rank = match role {
+            v1::Role::Rollout if r.nccl_rank == 0 => s.nccl_ranks.pop_front().unwrap_or(0),
+            v1::Role::Rollout => r.nccl_rank,
+            _ => 0,
+        };
         tracing::info!(worker_id = %worker_id, name = %r.name, device = %r.device, pid = r.pid, nccl_rank, "worker registered");
         s.workers.insert(
             worker_id.clone(),
@@ -273,6 +280,7 @@ impl v1::control_server::Control for Control {
                 last_seen: Instant::now(),
                 counters: v1::WorkerCounters::default(),
                 throughput: 0.0,
+                nccl_rank,
             },
         );
         Ok(Response::new(v1::RegisterResponse {
@@ -431,13 +439,13 @@ impl ControlClient {
 
     /// Joins the run as `role`.
     pub async fn register(&mut self, role: v1::Role, name: &str, device: &str) -> Result<v1::RegisterResponse> {
-        self.register_again(role, name, device, false).await
+        self.register_again(role, name, device, 0).await
     }
 
-    /// Registers again after the learner forgot this worker; `has_nccl_rank`:
-    /// it holds a weight-broadcast rank already (and wants no other).
-    pub async fn register_again(&mut self, role: v1::Role, name: &str, device: &str, has_nccl_rank: bool) -> Result<v1::RegisterResponse> {
-        let req = v1::RegisterRequest { role: role as i32, name: name.into(), pid: std::process::id(), device: device.into(), has_nccl_rank };
+    /// Registers again after the learner forgot this worker, keeping
+    /// `nccl_rank`, the weight-broadcast rank it holds (0: none).
+    pub async fn register_again(&mut self, role: v1::Role, name: &str, device: &str, nccl_rank: u32) -> Result<v1::RegisterResponse> {
+        let req = v1::RegisterRequest { role: role as i32, name: name.into(), pid: std::process::id(), device: device.into(), nccl_rank };
         let r = self.inner.register(req).await;
         r.map(Response::into_inner).map_err(self.err("Register"))
     }
@@ -598,7 +606,7 @@ pub async fn join(
                     if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) =>
                 {
                     tracing::warn!(worker_id = %worker_id, reason = %status.message(), "registering again");
-                    if let Ok(reg) = client.register_again(role, &name, &device, nccl_rank > 0).await {
+                    if let Ok(reg) = client.register_again(role, &name, &device, nccl_rank).await {
                         worker_id = reg.worker_id;
                         tx.send_modify(|m| m.worker_id = worker_id.clone());
                     }

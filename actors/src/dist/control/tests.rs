@@ -130,15 +130,17 @@ async fn nccl_ranks_go_to_the_first_rollouts_once() {
     let config = crate::dist::Config { weights: "nccl".into(), nccl_rollouts: 2, ..dist(1000, 10_000) };
     let l = TestLearner::start(&config, grpc::Config::default(), None).await;
     let mut c = client(&l, None).await.unwrap();
-    let rank = async |c: &mut ControlClient, role, again| c.register_again(role, "w", "cuda:0", again).await.unwrap().nccl_rank;
-    assert_eq!(rank(&mut c, v1::Role::Reward, false).await, 0);
-    assert_eq!(rank(&mut c, v1::Role::Rollout, false).await, 1);
-    assert_eq!(rank(&mut c, v1::Role::Rollout, true).await, 0, "registering again keeps the rank it has");
-    assert_eq!(rank(&mut c, v1::Role::Rollout, false).await, 2);
-    assert_eq!(rank(&mut c, v1::Role::Rollout, false).await, 0, "both ranks are taken");
+    let rank = async |c: &mut ControlClient, role, held| c.register_again(role, "w", "cuda:0", held).await.unwrap().nccl_rank;
+    assert_eq!(rank(&mut c, v1::Role::Reward, 0).await, 0);
+    assert_eq!(rank(&mut c, v1::Role::Rollout, 0).await, 1);
+    assert_eq!(rank(&mut c, v1::Role::Rollout, 1).await, 1, "registering again keeps the rank it has");
+    assert_eq!(rank(&mut c, v1::Role::Rollout, 0).await, 2);
+    assert_eq!(rank(&mut c, v1::Role::Rollout, 0).await, 0, "both ranks are taken");
+    let ranks: Vec<u32> = c.status().await.unwrap().workers.iter().map(|w| w.nccl_rank).collect();
+    assert_eq!(ranks, vec![0, 1, 1, 2, 0], "status shows each worker's rank");
     let grpc_only = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
     let mut c = client(&grpc_only, None).await.unwrap();
-    assert_eq!(rank(&mut c, v1::Role::Rollout, false).await, 0, "no ranks without dist.weights = nccl");
+    assert_eq!(rank(&mut c, v1::Role::Rollout, 0).await, 0, "no ranks without dist.weights = nccl");
 }
 
 #[tokio::test]
