@@ -361,8 +361,7 @@ impl v1::control_server::Control for Control {
                 id.world_size
             )));
         }
-        self.lock().nccl_ids.insert(id.group.clone(), id);
-        self.nccl_published.notify_waiters();
+        self.set_nccl_id(&id.group, id.id, id.world_size);
         Ok(Response::new(v1::PublishNcclIdResponse {}))
     }
 

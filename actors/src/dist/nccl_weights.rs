@@ -31,16 +31,12 @@ use tch::{Device, Kind, Tensor};
 /// The collective the weights travel by: an NCCL [`Communicator`] on GPUs;
 /// tests use an in-process one.
 pub trait Collective: Send {
-    fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// Broadcasts `tensors` from `root` to every rank, in place.
     fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()>;
 }
 
 impl Collective for Communicator {
-    fn rank(&self) -> usize {
-        Communicator::rank(self)
-    }
     fn world(&self) -> usize {
         Communicator::world(self)
     }

@@ -61,9 +61,6 @@ impl Hub {
 }
 
 impl Collective for Rank {
-    fn rank(&self) -> usize {
-        self.rank
-    }
     fn world(&self) -> usize {
         self.hub.world
     }
