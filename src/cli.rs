@@ -16,6 +16,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Run the learner role of a distributed run.
     Learner(TrainArgs),
+    /// Run a data-parallel learner rank of a distributed run (dist.learner_ranks > 1, GPUs).
+    LearnerRank(ConfigArgs),
     /// Run a rollout worker process of a distributed run.
     Rollout(ConfigArgs),
     /// Run a reward worker process of a distributed run.
@@ -99,6 +101,7 @@ impl Command {
         match self {
             Command::Train(a) => ("train", &a.common),
             Command::Learner(a) => ("learner", &a.common),
+            Command::LearnerRank(a) => ("learner-rank", a),
             Command::Rollout(a) => ("rollout", a),
             Command::Reward(a) => ("reward", a),
             Command::Serve(a) => ("serve", &a.common),

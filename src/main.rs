@@ -58,6 +58,7 @@ fn main() -> ExitCode {
     match cli.command {
         cli::Command::Doctor(_) => doctor::run(&config),
         cli::Command::Rollout(_) => exit_code(roles::rollout(&config)),
+        cli::Command::LearnerRank(_) => exit_code(roles::learner_rank(&config)),
         cli::Command::Reward(_) => exit_code(roles::reward(&config)),
         cli::Command::Status(a) => status::run(&config, a.learner.as_deref()),
         cli::Command::Serve(_) => exit_code(serve::main(&config.model, &config.serve, config.run.seed)),

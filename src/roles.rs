@@ -1,5 +1,5 @@
-//! `prism learner`, `prism rollout`, `prism reward`: the roles of a distributed
-//! run, each its own process, composed from the same backends as `prism train`
+//! `prism learner`, `prism learner-rank`, `prism rollout`, `prism reward`: the
+//! roles of a distributed run, each its own process, composed from the same backends as `prism train`
 //! and connected by Redis Streams (trajectories) and the learner's gRPC
 //! services (control, weights).
 
@@ -13,9 +13,11 @@ use prism_actors::dist::grpc::{self, Token};
 use prism_actors::dist::health::Health;
 use prism_actors::dist::redis::{Redis, RunKeys};
 use prism_actors::dist::weights::{Weights, WeightsClient};
-use prism_actors::dist::{learner, nccl, nccl_weights, reward, rollout};
+use prism_actors::dist::{learner, learner_rank, nccl, nccl_weights, reward, rollout};
 use prism_actors::local::{ModelGenerator, RewardLabeler};
-use prism_model::Loaded;
+use prism_actors::BackendError;
+use prism_actors::backend::BackendResult;
+use prism_model::{Loaded, Transformer};
 use prism_proto::v1;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,24 +27,38 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-/// With `dist.weights = "nccl"`: the CUDA device index of `model.device`,
-/// after checking that NCCL runs here. Fails before anything starts on a
-/// machine without it.
+/// The CUDA device index of `model.device` for the NCCL collectives that
+/// `setting` asks for (`instead`: what to do without a GPU), after checking
+/// that NCCL runs here. Fails before anything starts on a machine without it.
+fn nccl_cuda(config: &Config, setting: &str, instead: &str) -> Result<usize> {
+    let device = prism_model::parse_device(&config.model.device).context("model.device")?;
+    let tch::Device::Cuda(index) = device else {
+        bail!(
+            "{setting} runs NCCL collectives between GPUs, but model.device = {:?}: set model.device = \"cuda\" (or cuda:N), \
+             or {instead}",
+            config.model.device
+        );
+    };
+    let probe = nccl::probe().with_context(|| setting.to_string())?;
+    tracing::info!(nccl_version = probe.nccl_version, devices = probe.devices, device = index, "NCCL available");
+    Ok(index)
+}
+
+/// With `dist.weights = "nccl"`: the CUDA device of the weight broadcast.
 fn nccl_device(config: &Config) -> Result<Option<usize>> {
     if config.dist.weights != "nccl" {
         return Ok(None);
     }
-    let device = prism_model::parse_device(&config.model.device).context("model.device")?;
-    let tch::Device::Cuda(index) = device else {
-        bail!(
-            "dist.weights = \"nccl\" broadcasts weights between GPUs, but model.device = {:?}: set model.device = \"cuda\" \
-             (or cuda:N), or use dist.weights = \"grpc\"",
-            config.model.device
-        );
-    };
-    let probe = nccl::probe().context("dist.weights = \"nccl\"")?;
-    tracing::info!(nccl_version = probe.nccl_version, devices = probe.devices, device = index, "NCCL available");
-    Ok(Some(index))
+    nccl_cuda(config, "dist.weights = \"nccl\"", "use dist.weights = \"grpc\"").map(Some)
+}
+
+/// With `dist.learner_ranks > 1`: the CUDA device of the gradient all-reduce.
+fn data_parallel_device(config: &Config) -> Result<Option<usize>> {
+    if config.dist.learner_ranks <= 1 {
+        return Ok(None);
+    }
+    let setting = format!("dist.learner_ranks = {}", config.dist.learner_ranks);
+    nccl_cuda(config, &setting, "train on one learner (dist.learner_ranks = 1)").map(Some)
 }
 
 /// The NCCL group the learner broadcasts weights in.
@@ -56,6 +72,26 @@ fn join_nccl(config: &Config, id: Vec<u8>, rank: usize, world: usize, device: us
         let comm = nccl::Communicator::new(&id, rank, world, device, timeout, bucket)?;
         Ok(Box::new(comm) as Box<dyn nccl_weights::Collective>)
     })
+}
+
+/// A data-parallel learner rank's learner, joined to the others by NCCL.
+struct RankLearner {
+    learner: prism_learner::Learner<Transformer>,
+    device: usize,
+    timeout: Duration,
+    bucket: usize,
+}
+
+impl learner_rank::RankTrainer for RankLearner {
+    fn join(&mut self, id: &v1::NcclId, rank: usize) -> BackendResult<()> {
+        let comm = nccl::Communicator::new(&id.id, rank, id.world_size as usize, self.device, self.timeout, self.bucket)
+            .map_err(BackendError::new)?;
+        self.learner.join_data_parallel(Box::new(comm)).map_err(BackendError::new)
+    }
+
+    fn train(&mut self, groups: Vec<Vec<prism_core::LabeledTrajectory>>) -> BackendResult<()> {
+        self.learner.train_step(&groups).map(|_| ()).map_err(BackendError::new)
+    }
 }
 
 fn threads(config: &Config) {
@@ -96,6 +132,7 @@ pub fn learner(config: &Config, resume: Option<&Path>) -> Result<()> {
         bail!("prism learner trains RL only; run learner.mode = \"sft\" with prism train");
     }
     let nccl_device = nccl_device(config)?;
+    let dp_device = data_parallel_device(config)?;
     let run = match resume {
         Some(dir) => RunDir::open(dir).with_context(|| format!("{}: not a run folder", dir.display()))?,
         None => RunDir::create(&config.run.dir, &config.to_toml()).context("creating the run folder")?,
@@ -103,14 +140,14 @@ pub fn learner(config: &Config, resume: Option<&Path>) -> Result<()> {
     let _telemetry = telemetry::init(&config.log, Some(&run.path)).context("opening trace.jsonl")?;
     threads(config);
     tracing::info!(run_id = %run.id, run = %run.path.display(), dist_run = %config.dist.run_id, "run folder");
-    let result = runtime()?.block_on(learner_main(config, &run, resume.is_some(), nccl_device));
+    let result = runtime()?.block_on(learner_main(config, &run, resume.is_some(), nccl_device, dp_device));
     if let Err(e) = &result {
         tracing::error!(error = %format!("{e:#}"), "run failed");
     }
     result
 }
 
-async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device: Option<usize>) -> Result<()> {
+async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device: Option<usize>, dp_device: Option<usize>) -> Result<()> {
     let started = Instant::now();
     let token = Token::from_config(&config.grpc)?;
     let health = health(config).await?;
@@ -137,7 +174,23 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         // earlier run of the same `dist.run_id` left behind.
         redis.reset_run(&keys).await?;
     }
-    let Prepared { trainer, version, cursor, task, .. } = train::prepare(config, run, resuming).await?;
+    let Prepared { mut trainer, version, cursor, task, .. } = train::prepare(config, run, resuming).await?;
+    if let Some(device) = dp_device {
+        // Rank 0 of the data-parallel learners; `prism learner-rank` processes
+        // register for ranks 1.. and join with this id. Blocks until they have.
+        let world = config.dist.learner_ranks as usize;
+        let id = nccl::unique_id()?;
+        control.set_nccl_id(learner_rank::GROUP, id.clone(), world as u32);
+        tracing::info!(world, device, "data-parallel learner: waiting for the other ranks");
+        let (timeout, bucket) = (Duration::from_millis(config.dist.nccl_timeout_ms), (config.dist.nccl_bucket_mb as usize) << 20);
+        trainer = tokio::task::spawn_blocking(move || -> Result<_> {
+            let comm = nccl::Communicator::new(&id, 0, world, device, timeout, bucket).context("forming the data-parallel learner group")?;
+            trainer.join_data_parallel(Box::new(comm)).map_err(anyhow::Error::msg)?;
+            Ok(trainer)
+        })
+        .await??;
+        tracing::info!(world, "data-parallel learner ranks joined");
+    }
     let broadcast = match nccl_device {
         None => None,
         Some(device) => {
@@ -173,6 +226,7 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         progress: progress_tx,
         drain: Duration::from_millis(config.dist.dead_after_ms.max(config.grpc.request_timeout_ms)),
         broadcast,
+        learner_ranks: config.dist.learner_ranks as usize,
     };
     let summary = learner::run(role, &config.redis, train::ctrl_c()).await.map_err(anyhow::Error::msg);
     let _ = drawer.await;
@@ -212,6 +266,38 @@ async fn join(
     let (membership, _heartbeats) = control::join(client.clone(), role, &host_name(), device, counters.clone()).await?;
     tracing::info!(worker_id = %membership.borrow().worker_id, learner = %config.grpc.learner, "joined the run");
     Ok((client, token, counters, membership))
+}
+
+/// `prism learner-rank`: one of the data-parallel learner ranks of a run
+/// whose `prism learner` is rank 0 (`dist.learner_ranks > 1`, GPUs).
+pub fn learner_rank(config: &Config) -> Result<()> {
+    let _telemetry = telemetry::init_console(&config.log);
+    threads(config);
+    if config.learner.is_sft() {
+        bail!("prism learner-rank trains RL only (learner.mode = \"sft\" runs with prism train)");
+    }
+    let Some(device) = data_parallel_device(config)? else {
+        bail!("dist.learner_ranks = 1: this run trains on one learner, and there is no rank for this process to join");
+    };
+    runtime()?.block_on(async {
+        let health = health(config).await?;
+        let model = train::load_model(config)?.model;
+        // The weights are rank 0's once joined; only the shapes must agree.
+        let reference = if config.learner.kl_coef > 0.0 { Some(train::load_model(config)?.model) } else { None };
+        let learner = prism_learner::Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
+        let (control, _token, counters, membership) = join(config, v1::Role::Learner, &config.model.device).await?;
+        health.set_ready(true);
+        let trainer = RankLearner {
+            learner,
+            device,
+            timeout: Duration::from_millis(config.dist.nccl_timeout_ms),
+            bucket: (config.dist.nccl_bucket_mb as usize) << 20,
+        };
+        let args = learner_rank::RankArgs { control, membership, counters, trainer: Box::new(trainer), poll: Duration::from_secs(10) };
+        let s = learner_rank::run(args, train::ctrl_c()).await?;
+        println!("learner rank {}/{}: {} steps on {} trajectories, policy version {}", s.rank, s.world, s.steps, s.trajectories, s.version);
+        Ok(())
+    })
 }
 
 /// `prism rollout`: samples the learner's prompts with the newest weights.

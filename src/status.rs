@@ -60,9 +60,15 @@ pub fn render(s: &v1::ClusterStatus) -> String {
     for q in &s.queues {
         let _ = writeln!(out, "queue {}: {} waiting, {} in flight", q.stream, q.waiting, q.pending);
     }
-    for role in [v1::Role::Rollout, v1::Role::Reward] {
+    for role in [v1::Role::Learner, v1::Role::Rollout, v1::Role::Reward] {
         let workers: Vec<&v1::WorkerStatus> = s.workers.iter().filter(|w| w.role() == role).collect();
-        let name = if role == v1::Role::Rollout { "rollout" } else { "reward" };
+        let name = match role {
+            // Data-parallel ranks beside rank 0 (shown only when there are some).
+            v1::Role::Learner if workers.is_empty() => continue,
+            v1::Role::Learner => "learner rank",
+            v1::Role::Rollout => "rollout",
+            _ => "reward",
+        };
         let alive = workers.iter().filter(|w| w.state() == v1::WorkerState::Alive).count();
         let _ = writeln!(out, "{name} workers: {alive} alive of {}", workers.len());
         for w in workers {

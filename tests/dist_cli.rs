@@ -152,3 +152,32 @@ async fn the_roles_refuse_nccl_weights_without_a_gpu_saying_why() {
         assert!(err.contains("dist.weights = \"nccl\"") && (err.contains("NCCL unavailable") || err.contains("CUDA")), "{role}: {err}");
     }
 }
+
+/// Data-parallel learner ranks all-reduce gradients by NCCL: without a GPU
+/// rank 0 and a learner rank stop before they start anything, saying why; a
+/// learner rank of a run with one learner says there is no rank to join. (The
+/// ranks' arithmetic is checked in-process by the learner's data_parallel
+/// tests, the protocol by the learner_rank tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_roles_refuse_data_parallel_learners_without_a_gpu_saying_why() {
+    for role in ["learner", "learner-rank"] {
+        let args = vec![role.to_string(), "--set".into(), "dist.learner_ranks=2".into(), "--set".into(), "dist.health_listen=".into()];
+        let out = run(args.clone(), vec![]).await;
+        assert_eq!(out.status.code(), Some(1), "{role}");
+        let err = stderr(&out);
+        assert!(err.contains("dist.learner_ranks = 2 runs NCCL collectives between GPUs, but model.device = \"cpu\""), "{role}: {err}");
+        assert!(err.contains("dist.learner_ranks = 1"), "{role}: {err}");
+        if tch::Cuda::is_available() {
+            continue;
+        }
+        let mut args = args;
+        args.extend(["--set".into(), "model.device=cuda".into()]);
+        let out = run(args, vec![]).await;
+        assert_eq!(out.status.code(), Some(1), "{role}");
+        let err = stderr(&out);
+        assert!(err.contains("dist.learner_ranks = 2") && (err.contains("NCCL unavailable") || err.contains("CUDA")), "{role}: {err}");
+    }
+    let out = run(vec!["learner-rank".into(), "--set".into(), "dist.health_listen=".into()], vec![]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("dist.learner_ranks = 1: this run trains on one learner"), "{}", stderr(&out));
+}

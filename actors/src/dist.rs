@@ -23,6 +23,7 @@ pub mod control;
 pub mod grpc;
 pub mod health;
 pub mod learner;
+pub mod learner_rank;
 pub mod nccl;
 pub mod nccl_weights;
 pub mod redis;
@@ -67,6 +68,11 @@ pub enum Error {
     Serve { what: &'static str, addr: String, reason: String },
     #[error(transparent)]
     Convert(#[from] prism_proto::ConvertError),
+    #[error("data-parallel learner rank {rank}: {reason}")]
+    LearnerRank { rank: usize, reason: String },
+    /// A collective between ranks (or a learner rank's training) failed.
+    #[error(transparent)]
+    Learner(#[from] prism_learner::Error),
 }
 
 /// Result alias of the distributed transports.
@@ -98,6 +104,11 @@ pub struct Config {
     /// broadcast (ranks 1..=n, to the first n that register; later ones pull
     /// over the Weights stream). The learner waits for all of them. Default 1.
     pub nccl_rollouts: u64,
+    /// Data-parallel learner ranks (GPUs, NCCL): `prism learner` is rank 0,
+    /// and `learner_ranks - 1` processes of `prism learner-rank` join it;
+    /// each step's rows are shared out among them and their gradients
+    /// all-reduced. Default 1 (one learner).
+    pub learner_ranks: u64,
 }
 
 impl Default for Config {
@@ -111,6 +122,7 @@ impl Default for Config {
             nccl_timeout_ms: 120_000,
             nccl_bucket_mb: 64,
             nccl_rollouts: 1,
+            learner_ranks: 1,
         }
     }
 }
@@ -138,6 +150,7 @@ impl Config {
         if self.weights == "nccl" {
             check::positive("dist.nccl_rollouts", self.nccl_rollouts)?;
         }
+        check::positive("dist.learner_ranks", self.learner_ranks)?;
         Ok(())
     }
 }

@@ -173,6 +173,12 @@ impl PolicyTrainer {
     pub fn new(learner: Learner<Transformer>, tokenizer: Tokenizer, version: u64, evaluator: Evaluator, checkpoints: CheckpointPlan) -> Self {
         Self { learner, tokenizer, version, evaluator, checkpoints }
     }
+
+    /// Trains as rank 0 of data-parallel learner ranks from now on (blocks
+    /// until every rank has joined; see [`Learner::join_data_parallel`]).
+    pub fn join_data_parallel(&mut self, collective: Box<dyn prism_learner::Collective>) -> BackendResult<()> {
+        self.learner.join_data_parallel(collective).map_err(BackendError::new)
+    }
 }
 
 impl Train for PolicyTrainer {

@@ -15,6 +15,7 @@ pub mod autocast;
 pub mod batch;
 pub mod bench;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod loss;
 pub mod optim;
@@ -24,6 +25,7 @@ pub mod train;
 
 pub use advantage::{GroupAdvantages, estimate_group};
 pub use checkpoint::{Checkpoint, CheckpointMeta, Rejected, Restored};
+pub use collective::Collective;
 pub use config::Config;
 pub use policy::Policy;
 pub use sft::TokenPair;
@@ -48,6 +50,9 @@ pub enum Error {
     Batch(String),
     #[error("model: {0}")]
     Model(String),
+    /// A collective between ranks failed; the message names the rank and the operation.
+    #[error("{0}")]
+    Collective(String),
 }
 
 fn rejected_list(rejected: &[Rejected]) -> String {

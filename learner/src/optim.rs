@@ -56,6 +56,16 @@ impl AdamW {
         self.steps
     }
 
+    /// The trainable parameters, in name order.
+    pub fn parameters(&self) -> Vec<&Tensor> {
+        self.params.iter().map(|p| &p.value).collect()
+    }
+
+    /// Sets the number of steps taken (a data-parallel rank taking rank 0's).
+    pub(crate) fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
     /// Clears the gradients.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

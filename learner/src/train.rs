@@ -6,10 +6,11 @@ use crate::advantage::{DropReason, GroupAdvantages, estimate_group};
 use crate::autocast;
 use crate::batch::{Batch, Row};
 use crate::checkpoint::{self, CheckpointMeta, Restored};
+use crate::collective::{Collective, shard};
 use crate::config::Config;
 use crate::loss::{LossConfig, Norm, Sums, TokenData, policy_loss, sft_loss, token_logprobs};
 use crate::optim::{AdamW, AdamWConfig, lr_at};
-use crate::policy::{Policy, load_into, read_safetensors, write_safetensors};
+use crate::policy::{Policy, load_into, named_variables, read_safetensors, write_safetensors};
 use crate::sft::TokenPair;
 use crate::{Error, Result};
 use prism_core::LabeledTrajectory;
@@ -19,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// What one optimizer update did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -187,6 +188,8 @@ pub struct Learner<P: Policy> {
     /// All of the learner's randomness (mini-batch shuffling) comes from here;
     /// its state is in every checkpoint.
     rng: ChaCha8Rng,
+    /// The other data-parallel ranks, once joined (see [`Learner::join_data_parallel`]).
+    dp: Option<Box<dyn Collective>>,
 }
 
 impl<P: Policy> Learner<P> {
@@ -205,7 +208,145 @@ impl<P: Policy> Learner<P> {
             reference,
             optimizer,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            dp: None,
         })
+    }
+
+    /// Trains from now on as one of `collective`'s data-parallel ranks, which
+    /// must all call this at the same point. Rank 0's policy, reference model,
+    /// optimizer state and randomness are copied to every rank first (so rank 0
+    /// alone may have resumed or warm-started), after checking that every rank
+    /// holds the same model. Then each rank takes the same `train_step` calls
+    /// with the same groups: every update's rows are shared out among the
+    /// ranks, each computes the gradient of its share normalised by the whole
+    /// update's totals, and the gradients are summed, so every rank takes the
+    /// update one learner would take on all the rows, and the weights stay
+    /// equal. Statistics are those of the whole update on every rank.
+    pub fn join_data_parallel(&mut self, collective: Box<dyn Collective>) -> Result<()> {
+        let (rank, world) = (collective.rank(), collective.world());
+        if world == 0 || rank >= world {
+            return Err(Error::Collective(format!("data-parallel learner: rank {rank} of {world} ranks")));
+        }
+        self.dp = Some(collective);
+        self.receive_rank0_state()?;
+        tracing::info!(rank, world, "learner joined data-parallel training");
+        Ok(())
+    }
+
+    /// This learner's data-parallel rank and the number of ranks (0 of 1 alone).
+    pub fn rank(&self) -> (usize, usize) {
+        self.dp.as_ref().map_or((0, 1), |c| (c.rank(), c.world()))
+    }
+
+    /// Every rank's policy, reference, optimizer state, step count and RNG
+    /// become rank 0's.
+    fn receive_rank0_state(&mut self) -> Result<()> {
+        let dp = self.dp.as_ref().expect("joined");
+        let device = self.policy.var_store().device();
+        let mut tensors: Vec<(String, Tensor)> = named_variables(self.policy.var_store());
+        if let Some(r) = &self.reference {
+            tensors.extend(named_variables(r.var_store()).into_iter().map(|(n, t)| (format!("reference.{n}"), t)));
+        }
+        tensors.extend(self.optimizer.state_tensors());
+        let (count, bytes, signature) = describe(&tensors);
+        let seed = self.rng.get_seed();
+        let word = |i: usize| i64::from_le_bytes(seed[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        let pos = self.rng.get_word_pos();
+        // The ranks must also train alike: the same [learner] settings.
+        let settings = checkpoint::config_hash(&self.config);
+        let settings = u64::from_str_radix(&settings[..16], 16).unwrap_or_default() as i64;
+        let mine = [
+            count,
+            bytes,
+            signature,
+            settings,
+            self.optimizer.steps() as i64,
+            word(0),
+            word(1),
+            word(2),
+            word(3),
+            self.rng.get_stream() as i64,
+            (pos >> 64) as i64,
+            pos as i64,
+        ];
+        let header = Tensor::from_slice(&mine).to_device(device);
+        dp.broadcast(std::slice::from_ref(&header), 0)?;
+        let h = Vec::<i64>::try_from(header.to_device(tch::Device::Cpu))?;
+        if h[..3] != mine[..3] {
+            return Err(Error::Collective(format!(
+                "data-parallel learner rank {} holds {count} tensors ({bytes} bytes) of policy, reference and optimizer state; rank 0 holds {} ({} bytes){}: \
+                 every learner rank must load the same model with the same [learner] settings",
+                dp.rank(),
+                h[0],
+                h[1],
+                if h[..2] == mine[..2] { " with other names, shapes or dtypes" } else { "" }
+            )));
+        }
+        if h[3] != mine[3] {
+            return Err(Error::Collective(format!(
+                "data-parallel learner rank {}: its [learner] settings differ from rank 0's: every rank must run the same config",
+                dp.rank()
+            )));
+        }
+        let values: Vec<Tensor> = tensors.into_iter().map(|(_, t)| t).collect();
+        {
+            let _guard = tch::no_grad_guard();
+            dp.broadcast(&values, 0)?;
+        }
+        self.optimizer.set_steps(h[4] as u64);
+        let mut seed = [0u8; 32];
+        for i in 0..4 {
+            seed[8 * i..8 * i + 8].copy_from_slice(&h[5 + i].to_le_bytes());
+        }
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(h[9] as u64);
+        rng.set_word_pos(((h[10] as u64 as u128) << 64) | h[11] as u64 as u128);
+        self.rng = rng;
+        Ok(())
+    }
+
+    /// Sums the gradients (and the update's statistics) over the ranks.
+    fn all_reduce_gradients(&self, sums: &mut Sums) -> Result<()> {
+        let Some(dp) = &self.dp else { return Ok(()) };
+        let params = self.optimizer.parameters();
+        let missing: Vec<&Tensor> = params.iter().copied().filter(|p| !p.grad().defined()).collect();
+        if !missing.is_empty() {
+            // A rank whose share of the update was empty has no gradients yet:
+            // it contributes zeros.
+            let zero = missing.iter().map(|p| p.sum(Kind::Float) * 0.0).reduce(|a, b| a + b).expect("not empty");
+            zero.f_backward()?;
+        }
+        let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+        dp.all_reduce_sum(&grads)?;
+        // The sums add up; ratio_max is gathered (one slot per rank) and maxed.
+        let (rank, world) = (dp.rank(), dp.world());
+        let s = &*sums;
+        let mut slots = vec![
+            s.loss, s.tokens, s.sequences, s.clip_low, s.clip_high, s.dual_clip, s.approx_kl, s.kl_ref, s.entropy, s.ratio,
+            s.is_weight,
+        ];
+        let fields = slots.len();
+        slots.resize(fields + world, 0.0);
+        slots[fields + rank] = s.ratio_max;
+        let device = self.policy.var_store().device();
+        let t = Tensor::from_slice(&slots).to_device(device);
+        dp.all_reduce_sum(std::slice::from_ref(&t))?;
+        let v = Vec::<f64>::try_from(t.to_device(tch::Device::Cpu))?;
+        *sums = Sums {
+            loss: v[0],
+            tokens: v[1],
+            sequences: v[2],
+            clip_low: v[3],
+            clip_high: v[4],
+            dual_clip: v[5],
+            approx_kl: v[6],
+            kl_ref: v[7],
+            entropy: v[8],
+            ratio: v[9],
+            is_weight: v[10],
+            ratio_max: v[fields..].iter().copied().fold(0.0, f64::max),
+        };
+        Ok(())
     }
 
     /// The policy being trained.
@@ -332,9 +473,11 @@ impl<P: Policy> Learner<P> {
     /// Log-probs of each row's completion under `model`, without gradients.
     fn score(&self, model: &P, rows: &[Row]) -> Result<Vec<Vec<f32>>> {
         let device = model.var_store().device();
+        let (rank, world) = self.rank();
+        let mine = shard(rows.len(), rank, world);
         let mut out = Vec::with_capacity(rows.len());
         let _guard = tch::no_grad_guard();
-        for chunk in rows.chunks(self.config.micro_batch_size as usize) {
+        for chunk in rows[mine.clone()].chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = chunk.iter().collect();
             let batch = Batch::new(&refs, device)?;
             let logp = autocast::bf16(self.config.bf16, device, || -> Result<Tensor> {
@@ -344,7 +487,28 @@ impl<P: Policy> Learner<P> {
             })?;
             out.extend(batch.unpad(&logp)?);
         }
-        Ok(out)
+        let Some(dp) = &self.dp else { return Ok(out) };
+        // Every rank needs every row's: each fills its share of one flat
+        // buffer, zeros elsewhere, and the sum over ranks is all of them.
+        let lengths: Vec<usize> = rows.iter().map(|r| r.completion.len()).collect();
+        let start: usize = lengths[..mine.start].iter().sum();
+        let mut flat = vec![0f32; lengths.iter().sum()];
+        let mut at = start;
+        for lp in &out {
+            flat[at..at + lp.len()].copy_from_slice(lp);
+            at += lp.len();
+        }
+        let t = Tensor::from_slice(&flat).to_device(device);
+        dp.all_reduce_sum(std::slice::from_ref(&t))?;
+        let flat = Vec::<f32>::try_from(t.to_device(tch::Device::Cpu))?;
+        let mut at = 0;
+        Ok(lengths
+            .iter()
+            .map(|&n| {
+                at += n;
+                flat[at - n..at].to_vec()
+            })
+            .collect())
     }
 
     /// One optimizer update on `rows[indices]`, accumulating gradients over
@@ -358,7 +522,9 @@ impl<P: Policy> Learner<P> {
         };
         self.optimizer.zero_grad();
         let mut sums = Sums::default();
-        for micro in indices.chunks(self.config.micro_batch_size as usize) {
+        let (rank, world) = self.rank();
+        let mine = &indices[shard(indices.len(), rank, world)];
+        for micro in mine.chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
             let batch = Batch::new(&refs, device)?;
             let (loss, s) = autocast::bf16(self.config.bf16, device, || -> Result<(Tensor, Sums)> {
@@ -382,6 +548,7 @@ impl<P: Policy> Learner<P> {
             loss.f_backward()?;
             sums.add(&s);
         }
+        self.all_reduce_gradients(&mut sums)?;
         let grad_norm = if self.config.grad_clip > 0.0 {
             self.optimizer.clip_grad_norm(self.config.grad_clip)?
         } else {
@@ -485,4 +652,17 @@ fn parse_seed(hex: &str) -> Option<[u8; 32]> {
         *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(seed)
+}
+
+/// Tensor count, bytes and an FNV-1a hash of every name, shape and dtype.
+fn describe(tensors: &[(String, Tensor)]) -> (i64, i64, i64) {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut bytes = 0i64;
+    for (name, t) in tensors {
+        bytes += (t.numel() * t.kind().elt_size_in_bytes()) as i64;
+        for b in format!("{name}:{:?}:{:?};", t.size(), t.kind()).bytes() {
+            hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    (tensors.len() as i64, bytes, hash as i64)
 }

@@ -1,7 +1,8 @@
 //! The Control service: workers register and heartbeat with the learner, which
 //! marks a worker that stays silent for `dist.dead_after_ms` dead (survivors
 //! then reclaim its stream entries), answers `prism status`, hands out the NCCL
-//! unique id and tells workers when to stop.
+//! unique ids and ranks, hands data-parallel learner ranks the groups of each
+//! step, and tells workers when to stop.
 
 use super::grpc::{self, ClientAuth, Token};
 use super::{Error, Result};
@@ -42,8 +43,20 @@ struct Worker {
     counters: v1::WorkerCounters,
     /// Items per second, smoothed over heartbeats.
     throughput: f64,
-    /// Rank in the learner's NCCL weight broadcast (0: none).
+    /// Rank in the learner's NCCL weight broadcast, or a learner rank's in
+    /// the data-parallel group (0: none).
     nccl_rank: u32,
+}
+
+/// The step the data-parallel learner ranks are to train.
+#[derive(Debug, Default)]
+struct Steps {
+    /// Index of the next step published.
+    next: u64,
+    /// The newest published step.
+    current: Option<Arc<v1::StepBatch>>,
+    /// Rank 0 trains no more steps.
+    stopped: bool,
 }
 
 #[derive(Debug)]
@@ -65,6 +78,10 @@ struct Inner {
     /// Ranks of the weight broadcast still to hand to rollouts (`dist.weights
     /// = "nccl"`), lowest first; empty otherwise.
     nccl_ranks: std::collections::VecDeque<u32>,
+    /// Data-parallel learner ranks still to hand out (`dist.learner_ranks > 1`).
+    learner_ranks: std::collections::VecDeque<u32>,
+    learner_world: u64,
+    steps: Steps,
     work: Option<Arc<dyn WorkSource>>,
 }
 
@@ -104,6 +121,7 @@ pub struct Control {
     inner: Arc<Mutex<Inner>>,
     shutdown: Arc<watch::Sender<Option<String>>>,
     nccl_published: Arc<Notify>,
+    step_published: Arc<Notify>,
 }
 
 impl Control {
@@ -125,10 +143,14 @@ impl Control {
                 queues: Vec::new(),
                 nccl_ids: HashMap::new(),
                 nccl_ranks: if config.weights == "nccl" { (1..=config.nccl_rollouts as u32).collect() } else { Default::default() },
+                learner_ranks: (1..config.learner_ranks as u32).collect(),
+                learner_world: config.learner_ranks,
+                steps: Steps::default(),
                 work: None,
             })),
             shutdown: Arc::new(watch::channel(None).0),
             nccl_published: Arc::new(Notify::new()),
+            step_published: Arc::new(Notify::new()),
         }
     }
 
@@ -146,6 +168,40 @@ impl Control {
     pub fn set_nccl_id(&self, group: &str, id: Vec<u8>, world_size: u32) {
         self.lock().nccl_ids.insert(group.to_string(), v1::NcclId { group: group.to_string(), id, world_size });
         self.nccl_published.notify_waiters();
+    }
+
+    /// Hands the data-parallel learner ranks the groups rank 0 trains its next
+    /// step on (making policy version `version`), in its order.
+    pub fn publish_step(&self, version: u64, groups: &[Vec<prism_core::LabeledTrajectory>]) {
+        let mut s = self.lock();
+        let batch = v1::StepBatch {
+            index: s.steps.next,
+            version,
+            groups: groups.iter().map(|g| v1::StepGroup { trajectories: g.iter().map(Into::into).collect() }).collect(),
+            stopped: false,
+        };
+        s.steps.next += 1;
+        s.steps.current = Some(Arc::new(batch));
+        drop(s);
+        self.step_published.notify_waiters();
+    }
+
+    /// Data-parallel learner ranks that stopped heartbeating or left, as
+    /// `(worker id, rank)`: rank 0 cannot train another step without them.
+    pub fn lost_learner_ranks(&self) -> Vec<(String, u32)> {
+        let mut s = self.lock();
+        s.sweep(Instant::now());
+        s.workers
+            .iter()
+            .filter(|(_, w)| w.role == v1::Role::Learner && w.state != v1::WorkerState::Alive)
+            .map(|(id, w)| (id.clone(), w.nccl_rank))
+            .collect()
+    }
+
+    /// Rank 0 trains no more steps: the learner ranks leave.
+    pub fn stop_steps(&self) {
+        self.lock().steps.stopped = true;
+        self.step_published.notify_waiters();
     }
 
     /// Hands out prompts from `work` (until then `GetWork` answers UNAVAILABLE).
@@ -249,25 +305,41 @@ impl v1::control_server::Control for Control {
     async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         let r = request.into_inner();
         let role = v1::Role::try_from(r.role).unwrap_or(v1::Role::Unspecified);
-        if matches!(role, v1::Role::Unspecified | v1::Role::Learner) {
+        if role == v1::Role::Unspecified {
             return Err(Status::invalid_argument(format!("register: role {} cannot join as a worker", r.role)));
         }
         if self.shutdown.borrow().is_some() {
             return Err(Status::unavailable("register: the run is shutting down"));
         }
         let mut s = self.lock();
-        s.next_id += 1;
-        let role_name = match role {
-            v1::Role::Rollout => "rollout",
-            _ => "reward",
-        };
-        let worker_id = format!("{role_name}-{}", s.next_id);
-        // A rollout that registers again keeps the rank it holds.
+        // A worker that registers again keeps the rank it holds.
         let nccl_rank = match role {
             v1::Role::Rollout if r.nccl_rank == 0 => s.nccl_ranks.pop_front().unwrap_or(0),
             v1::Role::Rollout => r.nccl_rank,
+            v1::Role::Learner if r.nccl_rank > 0 => r.nccl_rank,
+            v1::Role::Learner => match s.learner_ranks.pop_front() {
+                Some(rank) => rank,
+                None if s.learner_world <= 1 => {
+                    return Err(Status::invalid_argument(
+                        "register: this run trains on one learner (dist.learner_ranks = 1): a learner rank cannot join",
+                    ));
+                }
+                None => {
+                    return Err(Status::resource_exhausted(format!(
+                        "register: every data-parallel learner rank (1..{} of dist.learner_ranks = {}) is taken",
+                        s.learner_world, s.learner_world
+                    )));
+                }
+            },
             _ => 0,
         };
+        s.next_id += 1;
+        let role_name = match role {
+            v1::Role::Rollout => "rollout",
+            v1::Role::Learner => "learner",
+            _ => "reward",
+        };
+        let worker_id = format!("{role_name}-{}", s.next_id);
         tracing::info!(worker_id = %worker_id, name = %r.name, device = %r.device, pid = r.pid, nccl_rank, "worker registered");
         s.workers.insert(
             worker_id.clone(),
@@ -399,6 +471,39 @@ impl v1::control_server::Control for Control {
         Ok(Response::new(v1::DeliveredResponse {}))
     }
 
+    async fn get_step(&self, request: Request<v1::GetStepRequest>) -> Result<Response<v1::StepBatch>, Status> {
+        let r = request.into_inner();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(r.wait_ms.min(60_000));
+        loop {
+            let notified = self.step_published.notified();
+            {
+                let s = self.lock();
+                match s.workers.get(&r.worker_id).map(|w| (w.role, w.state)) {
+                    Some((v1::Role::Learner, _)) => {}
+                    Some(_) => return Err(Status::permission_denied(format!("get step: worker {} is not a learner rank", r.worker_id))),
+                    None => return Err(Status::not_found(format!("get step: unknown worker {}: register first", r.worker_id))),
+                }
+                match &s.steps.current {
+                    Some(b) if b.index == r.index => return Ok(Response::new((**b).clone())),
+                    Some(b) if b.index > r.index => {
+                        return Err(Status::failed_precondition(format!(
+                            "get step: step {} is gone (rank 0 is at step {}): this learner rank fell behind, and \
+                             the ranks' weights have parted",
+                            r.index, b.index
+                        )));
+                    }
+                    _ if s.steps.stopped || self.shutdown.borrow().is_some() => {
+                        return Ok(Response::new(v1::StepBatch { index: r.index, stopped: true, ..Default::default() }));
+                    }
+                    _ => {}
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Response::new(v1::StepBatch { index: r.index, ..Default::default() }));
+            }
+        }
+    }
+
     async fn get_nccl_id(&self, request: Request<v1::GetNcclIdRequest>) -> Result<Response<v1::NcclId>, Status> {
         let r = request.into_inner();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(r.wait_ms);
@@ -507,6 +612,16 @@ impl ControlClient {
         request.set_timeout(wait + Duration::from_secs(30));
         let r = self.inner.get_work(request).await.map_err(self.err("GetWork"))?.into_inner();
         Ok(if r.stopped { None } else { Some(r.assignments) })
+    }
+
+    /// A learner rank: the groups of step `index`, the learner waiting up to
+    /// `wait`; `Ok(None)` while not ready.
+    pub async fn get_step(&mut self, worker_id: &str, index: u64, wait: Duration) -> Result<Option<v1::StepBatch>> {
+        let req = v1::GetStepRequest { worker_id: worker_id.into(), index, wait_ms: wait.as_millis() as u64 };
+        let mut request = Request::new(req);
+        request.set_timeout(wait + Duration::from_secs(30));
+        let r = self.inner.get_step(request).await.map_err(self.err("GetStep"))?.into_inner();
+        Ok((r.stopped || !r.groups.is_empty()).then_some(r))
     }
 
     /// Reports groups put on the sampled stream.

@@ -53,6 +53,10 @@ pub struct LearnerRole {
     /// With `dist.weights = "nccl"`: broadcasts each published version to
     /// the rollout GPUs (which also keep the Weights stream to fall back on).
     pub broadcast: Option<super::nccl_weights::Sender>,
+    /// `dist.learner_ranks`: with more than one, `trainer` has joined the
+    /// data-parallel ranks, and each step's groups are published on Control
+    /// for the others before it trains on them.
+    pub learner_ranks: usize,
 }
 
 /// Hands the PromptSource's prompts to remote rollout workers.
@@ -125,6 +129,7 @@ struct Loop {
     control: Control,
     weights: Weights,
     broadcast: Option<super::nccl_weights::Sender>,
+    learner_ranks: usize,
     metrics: ActorRef<MetricsMsg>,
     assembler: Assembler,
     redis: Redis,
@@ -198,6 +203,18 @@ impl Loop {
         let batch: Vec<Held> = self.buffer.drain(..n).collect();
         let entries: Vec<String> = batch.iter().flat_map(|h| h.entries.iter().cloned()).collect();
         let trajectories: u64 = batch.iter().map(|h| h.trajectories.len() as u64).sum();
+        if self.learner_ranks > 1 {
+            let lost = self.control.lost_learner_ranks();
+            if let Some((worker, rank)) = lost.first() {
+                return Err(format!(
+                    "data-parallel learner rank {rank} ({worker}) stopped heartbeating or left: the {} ranks cannot train \
+                     another step without it",
+                    self.learner_ranks
+                ));
+            }
+            let groups: Vec<Vec<LabeledTrajectory>> = batch.iter().map(|h| h.trajectories.clone()).collect();
+            self.control.publish_step(self.core.version().0 + 1, &groups);
+        }
         let (weights, done) = self.core.train(batch.into_iter().map(|h| (h.trajectories, h.lag)).collect(), wait_s).await?;
         self.publish(weights).await?;
         self.assembler.ack(&entries).await.map_err(err)?;
@@ -293,7 +310,8 @@ impl Loop {
 /// Runs the learner until `plan.max_steps`, its time limit, a failure, or
 /// `shutdown`; then stops the workers and returns the accounting.
 pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Future<Output = ()>) -> Result<Summary, String> {
-    let LearnerRole { trainer, plan, task, cursor, control, weights, redis, keys, metrics_path, progress, drain, broadcast } = role;
+    let LearnerRole { trainer, plan, task, cursor, control, weights, redis, keys, metrics_path, progress, drain, broadcast, learner_ranks } =
+        role;
     let started = Instant::now();
     let (metrics, metrics_task) =
         Actor::spawn(None, Metrics, MetricsArgs { path: metrics_path, progress }).await.map_err(|e| format!("starting metrics: {e}"))?;
@@ -310,6 +328,7 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         control: control.clone(),
         weights,
         broadcast,
+        learner_ranks,
         metrics: metrics.clone(),
         assembler,
         redis,
@@ -344,10 +363,13 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
                 waited = Instant::now();
             }
         };
+        // The learner ranks train no step after the last one (nor after a failure).
+        control.stop_steps();
         l.finish(&why, &source, drain).await?;
         Ok::<_, String>(why)
     }
     .await;
+    control.stop_steps();
     if result.is_err() {
         control.request_shutdown("the learner failed");
     }

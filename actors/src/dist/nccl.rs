@@ -231,6 +231,21 @@ impl Communicator {
     }
 }
 
+impl prism_learner::Collective for Communicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> prism_learner::Result<()> {
+        Communicator::all_reduce_sum(self, tensors).map_err(|e| prism_learner::Error::Collective(e.to_string()))
+    }
+    fn broadcast(&self, tensors: &[Tensor], root: usize) -> prism_learner::Result<()> {
+        Communicator::broadcast(self, tensors, root).map_err(|e| prism_learner::Error::Collective(e.to_string()))
+    }
+}
+
 impl Drop for Communicator {
     fn drop(&mut self) {
         drop(self.jobs.take());

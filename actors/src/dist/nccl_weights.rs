@@ -20,7 +20,7 @@
 //! (see [`super::nccl`]): a rank that is gone fails the run with its rank and
 //! operation named, instead of hanging it.
 
-use super::nccl::Communicator;
+pub use prism_learner::Collective;
 use super::{Error, Result};
 use crate::backend::WeightSet;
 use prism_core::PolicyVersion;
@@ -28,25 +28,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
-/// The collective the weights travel by: an NCCL [`Communicator`] on GPUs;
-/// tests use an in-process one.
-pub trait Collective: Send {
-    fn world(&self) -> usize;
-    /// Broadcasts `tensors` from `root` to every rank, in place.
-    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()>;
-}
-
-impl Collective for Communicator {
-    fn world(&self) -> usize {
-        Communicator::world(self)
-    }
-    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
-        Communicator::broadcast(self, tensors, root)
-    }
-}
-
-/// Joins the communicator; runs on the side's own thread, as it blocks until
-/// every rank has joined.
+/// Joins the communicator (an NCCL [`super::nccl::Communicator`] on GPUs;
+/// tests use an in-process one); runs on the side's own thread, as it blocks
+/// until every rank has joined.
 pub type Join = Box<dyn FnOnce() -> Result<Box<dyn Collective>> + Send>;
 
 /// What a weight set looks like: `(name, shape, dtype)` in name order.

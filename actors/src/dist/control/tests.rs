@@ -31,7 +31,8 @@ async fn workers_register_heartbeat_and_show_in_status() {
     let w = s.workers.iter().find(|w| w.worker_id == "rollout-1").unwrap();
     assert_eq!((w.role(), w.state(), w.policy_version, w.lag), (v1::Role::Rollout, v1::WorkerState::Alive, 3, 2));
     assert_eq!(w.counters.unwrap().processed, 40);
-    assert!(c.register(v1::Role::Learner, "x", "cpu").await.unwrap_err().to_string().contains("cannot join as a worker"));
+    let e = c.register(v1::Role::Learner, "x", "cpu").await.unwrap_err().to_string();
+    assert!(e.contains("dist.learner_ranks = 1") && e.contains("a learner rank cannot join"), "{e}");
 }
 
 #[tokio::test]

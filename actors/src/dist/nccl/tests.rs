@@ -80,3 +80,54 @@ fn a_missing_peer_is_a_timeout_naming_rank_and_operation() {
     let err = Communicator::new(&id, 0, 2, 0, Duration::from_secs(3), 1 << 20).unwrap_err().to_string();
     assert_eq!(err, "NCCL rank 0/2: init (waiting for the other ranks) did not complete within 3000 ms");
 }
+
+/// GPU only: a learner joined to a one-rank NCCL communicator goes through
+/// every collective of data-parallel training (the i64 header and the state
+/// broadcast, the f32 log-prob gather, the gradient and f64 statistics
+/// all-reduces) and must train exactly as the same learner alone.
+#[test]
+fn a_one_rank_data_parallel_learner_on_the_gpu_trains_as_one_alone() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let dev = tch::Device::Cuda(0);
+    let model = || {
+        let opts = prism_model::LoadOptions { seed: 3, device: dev, ..Default::default() };
+        prism_model::load("builtin:tiny-arith", &opts).unwrap().model
+    };
+    let config = prism_learner::Config { kl_coef: 0.05, is_cap: 2.0, ppo_epochs: 2, mini_batches: 2, micro_batch_size: 3, lr: 1e-2, ..Default::default() };
+    let groups: Vec<Vec<prism_core::LabeledTrajectory>> = (0..2u64)
+        .map(|g| {
+            (0..4u64)
+                .map(|i| {
+                    let mut t = crate::dist::testing::labeled(g * 4 + i, 4 + i as usize);
+                    t.trajectory.prompt_tokens = vec![3, 4, 5];
+                    t.trajectory.tokens = (0..t.trajectory.tokens.len() as u32).map(|k| 6 + (k + i as u32) % 8).collect();
+                    t
+                })
+                .collect()
+        })
+        .collect();
+    let weights = |l: &prism_learner::Learner<prism_model::Transformer>| -> Vec<Tensor> {
+        prism_learner::policy::named_variables(prism_learner::Policy::var_store(l.policy())).into_iter().map(|(_, t)| t.to_device(tch::Device::Cpu)).collect()
+    };
+    let mut alone = prism_learner::Learner::new(config.clone(), model(), Some(model()), 1).unwrap();
+    let mut joined = prism_learner::Learner::new(config, model(), Some(model()), 1).unwrap();
+    let comm = Communicator::new(&unique_id().unwrap(), 0, 1, 0, Duration::from_secs(60), 1 << 20).unwrap();
+    joined.join_data_parallel(Box::new(comm)).unwrap();
+    let before = weights(&alone);
+    for _ in 0..2 {
+        let a = alone.train_step(&groups).unwrap();
+        let b = joined.train_step(&groups).unwrap();
+        assert_eq!(a.updates.len(), b.updates.len());
+        for (x, y) in a.updates.iter().zip(&b.updates) {
+            assert!((x.loss - y.loss).abs() <= 1e-6 * x.loss.abs().max(1.0) && x.tokens == y.tokens, "{x:?} vs {y:?}");
+        }
+    }
+    let (a, b) = (weights(&alone), weights(&joined));
+    let moved = a.iter().zip(&before).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
+    eprintln!("one-rank data-parallel learner on cuda:0: weights moved {moved:.3e}, differ from alone by {diff:.3e}");
+    assert!(moved > 1e-4, "training must move the weights ({moved})");
+    assert!(diff <= 1e-6, "the one-rank learner departs from the learner alone by {diff}");
+}

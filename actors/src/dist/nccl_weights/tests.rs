@@ -1,87 +1,20 @@
 //! The broadcast protocol between the learner's Sender and rollout Receivers,
-//! over an in-process collective (threads meeting at a barrier with a
+//! over the in-process collective (ranks as threads, every call bounded by a
 //! timeout): NCCL itself needs one GPU per rank and is checked by
 //! scripts/gpu-check.
 
 use super::*;
+use prism_learner::collective::Local;
 use std::time::Instant;
 
-/// Ranks of one process meeting for each broadcast.
-struct Hub {
-    world: usize,
-    timeout: Duration,
-    state: Mutex<HubState>,
-    cv: Condvar,
+/// Joins as `rank` of an in-process collective.
+fn join(rank: Local) -> Join {
+    Box::new(move || Ok(Box::new(rank) as Box<dyn Collective>))
 }
 
-#[derive(Default)]
-struct HubState {
-    generation: u64,
-    arrived: usize,
-    payload: Vec<Tensor>,
-}
-
-struct Rank {
-    hub: Arc<Hub>,
-    rank: usize,
-}
-
-impl Hub {
-    fn new(world: usize, timeout: Duration) -> Arc<Self> {
-        Arc::new(Self { world, timeout, state: Mutex::new(HubState::default()), cv: Condvar::new() })
-    }
-
-    fn join(hub: &Arc<Self>, rank: usize) -> Join {
-        let hub = hub.clone();
-        Box::new(move || Ok(Box::new(Rank { hub, rank }) as Box<dyn Collective>))
-    }
-
-    /// Every rank arrives (or the caller times out, like NCCL under our deadline).
-    fn barrier(&self, rank: usize, op: &str) -> Result<()> {
-        let deadline = Instant::now() + self.timeout;
-        let mut s = self.state.lock().unwrap();
-        let generation = s.generation;
-        s.arrived += 1;
-        if s.arrived == self.world {
-            s.arrived = 0;
-            s.generation += 1;
-            self.cv.notify_all();
-            return Ok(());
-        }
-        while s.generation == generation {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                s.arrived -= 1;
-                return Err(Error::NcclTimeout { rank, world: self.world, op: op.into(), timeout_ms: self.timeout.as_millis() as u64 });
-            }
-            s = self.cv.wait_timeout(s, left).unwrap().0;
-        }
-        Ok(())
-    }
-}
-
-impl Collective for Rank {
-    fn world(&self) -> usize {
-        self.hub.world
-    }
-    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
-        let op = format!("broadcast from rank {root}");
-        if self.rank == root {
-            self.hub.state.lock().unwrap().payload = tensors.iter().map(Tensor::copy).collect();
-        }
-        self.hub.barrier(self.rank, &op)?; // the payload is in place
-        if self.rank != root {
-            let s = self.hub.state.lock().unwrap();
-            if s.payload.len() != tensors.len() {
-                return Err(Error::Nccl { rank: self.rank, world: self.hub.world, op, reason: "tensor count differs".into() });
-            }
-            for (dst, src) in tensors.iter().zip(&s.payload) {
-                let mut dst = dst.shallow_clone();
-                dst.f_copy_(src).map_err(|e| Error::Nccl { rank: self.rank, world: self.hub.world, op: op.clone(), reason: e.to_string() })?;
-            }
-        }
-        self.hub.barrier(self.rank, &op) // every rank has copied
-    }
+/// `world` ranks of one process, failing a call after `timeout`.
+fn hub(world: usize, timeout: Duration) -> std::vec::IntoIter<Local> {
+    Local::group(world, timeout).into_iter()
 }
 
 fn weights(version: u64) -> Arc<WeightSet> {
@@ -106,10 +39,9 @@ fn value(set: &WeightSet, name: &str) -> Tensor {
 
 #[test]
 fn every_rank_receives_the_newest_published_version() {
-    let hub = Hub::new(3, Duration::from_secs(10));
-    let sender = Sender::spawn(Hub::join(&hub, 0)).unwrap();
-    let receivers: Vec<Receiver> =
-        (1..3).map(|r| Receiver::spawn(Hub::join(&hub, r), layout_of(&weights(0)), Device::Cpu).unwrap()).collect();
+    let mut hub = hub(3, Duration::from_secs(10));
+    let sender = Sender::spawn(join(hub.next().unwrap())).unwrap();
+    let receivers: Vec<Receiver> = hub.map(|r| Receiver::spawn(join(r), layout_of(&weights(0)), Device::Cpu).unwrap()).collect();
     // The first version goes out as soon as every rank is there.
     sender.publish(weights(1)).unwrap();
     for r in &receivers {
@@ -136,11 +68,11 @@ fn every_rank_receives_the_newest_published_version() {
 
 #[test]
 fn a_rollout_with_another_model_fails_naming_the_difference_and_the_learner_times_out() {
-    let hub = Hub::new(2, Duration::from_millis(300));
-    let sender = Sender::spawn(Hub::join(&hub, 0)).unwrap();
+    let mut hub = hub(2, Duration::from_millis(300));
+    let sender = Sender::spawn(join(hub.next().unwrap())).unwrap();
     let mut other = layout_of(&weights(0));
     other[0].1 = vec![6]; // model.a: 6 elements, not 5
-    let receiver = Receiver::spawn(Hub::join(&hub, 1), other, Device::Cpu).unwrap();
+    let receiver = Receiver::spawn(join(hub.next().unwrap()), other, Device::Cpu).unwrap();
     sender.publish(weights(1)).unwrap();
     let err = receiver.wait_for(1, Duration::from_secs(10)).err().expect("the header does not match").to_string();
     assert!(err.contains("the learner broadcasts 2 tensors of 88 bytes, this rollout's model has 2 of 96"), "{err}");
@@ -152,13 +84,13 @@ fn a_rollout_with_another_model_fails_naming_the_difference_and_the_learner_time
         std::thread::sleep(Duration::from_millis(20));
     }
     let err = sender.publish(weights(3)).err().unwrap().to_string();
-    assert!(err.contains("NCCL rank 0/2: broadcast from rank 0 did not complete within 300 ms"), "{err}");
+    assert!(err.contains("rank 0/2: broadcast from rank 0 failed: not every rank joined within 300 ms"), "{err}");
 }
 
 #[test]
 fn a_rollout_that_never_joins_fails_the_learner_within_the_timeout() {
-    let hub = Hub::new(2, Duration::from_millis(200));
-    let sender = Sender::spawn(Hub::join(&hub, 0)).unwrap();
+    let mut hub = hub(2, Duration::from_millis(200));
+    let sender = Sender::spawn(join(hub.next().unwrap())).unwrap();
     sender.publish(weights(1)).unwrap();
     let start = Instant::now();
     let err = loop {
@@ -167,7 +99,7 @@ fn a_rollout_that_never_joins_fails_the_learner_within_the_timeout() {
             Ok(done) => assert!(!done && start.elapsed() < Duration::from_secs(10), "no rank joined, yet v1 counted as sent"),
         }
     };
-    assert!(err.contains("rank 0/2") && err.contains("did not complete within 200 ms"), "{err}");
+    assert!(err.contains("rank 0/2") && err.contains("within 200 ms (ranks that did not join: [1])"), "{err}");
 }
 
 #[test]
@@ -242,8 +174,8 @@ async fn a_rollout_with_a_rank_loads_broadcast_weights_between_generations() {
     use crate::dist::{control, redis, rollout, testing};
     let config = crate::dist::Config { weights: "nccl".into(), nccl_rollouts: 1, heartbeat_ms: 100, dead_after_ms: 5000, ..Default::default() };
     let learner = testing::TestLearner::start(&config, crate::dist::grpc::Config::default(), None).await;
-    let hub = Hub::new(2, Duration::from_secs(10));
-    let sender = Sender::spawn(Hub::join(&hub, 0)).unwrap();
+    let mut hub = hub(2, Duration::from_secs(10));
+    let sender = Sender::spawn(join(hub.next().unwrap())).unwrap();
     sender.publish(weights(1)).unwrap();
     learner.control.set_policy_version(1);
     learner.control.set_work_source(Arc::new(TwoSteps { sender, control: learner.control.clone(), issued: Mutex::new(0) }));
@@ -252,7 +184,7 @@ async fn a_rollout_with_a_rank_loads_broadcast_weights_between_generations() {
     let counters = Arc::new(control::Counters::default());
     let (membership, heartbeats) = control::join(client.clone(), prism_proto::v1::Role::Rollout, "gpu-box", "cuda:1", counters.clone()).await.unwrap();
     assert_eq!(membership.borrow().nccl_rank, 1);
-    let receiver = Receiver::spawn(Hub::join(&hub, 1), layout_of(&weights(0)), Device::Cpu).unwrap();
+    let receiver = Receiver::spawn(join(hub.next().unwrap()), layout_of(&weights(0)), Device::Cpu).unwrap();
     let redis_server = testing::TestRedis::shared();
     let redis_cfg = redis::Config { url: redis_server.url.clone(), ..Default::default() };
     let loaded = Arc::new(Mutex::new(Vec::new()));

@@ -1,0 +1,278 @@
+//! Data-parallel learner ranks: what a [`crate::Learner`] needs from the
+//! collective that connects it to the other ranks.
+//!
+//! On GPUs that is an NCCL communicator (prism-actors' `dist::nccl`, one rank
+//! per learner process); [`Local`] connects ranks that are threads of one
+//! process (tests, and anything that wants several learners without NCCL).
+//!
+//! Every rank makes the same calls in the same order with tensors of the same
+//! shapes; a collective that cannot complete (a rank is gone, or called
+//! something else) fails with an error naming the rank and the operation.
+
+use crate::{Error, Result};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+/// The ranks a learner trains with. Rank 0 owns the run (it checkpoints,
+/// evaluates and publishes weights); every rank holds the same weights.
+pub trait Collective: Send {
+    /// This rank, `0..world`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// Sums `tensors` (contiguous) over every rank, in place; every rank ends
+    /// with the same values.
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()>;
+    /// Copies rank `root`'s `tensors` (contiguous) into every rank's, in place.
+    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()>;
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Op {
+    Sum,
+    Broadcast(usize),
+}
+
+impl Op {
+    fn name(self) -> String {
+        match self {
+            Op::Sum => "all-reduce (sum)".into(),
+            Op::Broadcast(root) => format!("broadcast from rank {root}"),
+        }
+    }
+}
+
+/// One collective call in progress: the ranks' contributions, then the result
+/// every rank copies out.
+#[derive(Default)]
+struct Round {
+    op: Option<Op>,
+    arrived: Vec<Option<Vec<Tensor>>>,
+    count: usize,
+    result: Option<Vec<Tensor>>,
+    taken: usize,
+    /// Once a call failed (a timeout, a mismatch), every later one fails.
+    failed: Option<String>,
+}
+
+struct Hub {
+    world: usize,
+    timeout: Duration,
+    round: Mutex<Round>,
+    changed: Condvar,
+}
+
+impl Hub {
+    fn lock(&self) -> MutexGuard<'_, Round> {
+        self.round.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An in-process collective: rank `r` of [`Local::group`] is meant for the
+/// thread that trains as rank `r`. Sums are taken in rank order, so every
+/// rank gets bit-identical results.
+pub struct Local {
+    hub: Arc<Hub>,
+    rank: usize,
+}
+
+impl Local {
+    /// `world` connected ranks; a call that not every rank joins within
+    /// `timeout` fails on every rank.
+    pub fn group(world: usize, timeout: Duration) -> Vec<Local> {
+        let hub = Arc::new(Hub { world, timeout, round: Mutex::new(Round::default()), changed: Condvar::new() });
+        (0..world).map(|rank| Local { hub: hub.clone(), rank }).collect()
+    }
+
+    fn fail(&self, op: Op, reason: String) -> Error {
+        Error::Collective(format!("rank {}/{}: {} failed: {reason}", self.rank, self.hub.world, op.name()))
+    }
+
+    /// Waits on the hub until `ready`, a failure, or the deadline.
+    fn wait<'a>(&self, mut r: MutexGuard<'a, Round>, op: Op, deadline: Instant, what: &str, ready: impl Fn(&Round) -> bool) -> Result<MutexGuard<'a, Round>> {
+        loop {
+            if let Some(reason) = &r.failed {
+                return Err(self.fail(op, reason.clone()));
+            }
+            if ready(&r) {
+                return Ok(r);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let missing: Vec<usize> = (0..self.hub.world).filter(|&i| r.arrived.get(i).is_none_or(Option::is_none)).collect();
+                let reason = format!("{what} within {} ms (ranks that did not join: {missing:?})", self.hub.timeout.as_millis());
+                r.failed = Some(format!("rank {} timed out: {reason}", self.rank));
+                self.hub.changed.notify_all();
+                return Err(self.fail(op, reason));
+            }
+            r = self.hub.changed.wait_timeout(r, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn run(&self, op: Op, tensors: &[Tensor]) -> Result<()> {
+        let hub = &*self.hub;
+        let deadline = Instant::now() + hub.timeout;
+        let _guard = tch::no_grad_guard();
+        // The previous round must be collected by every rank first.
+        let mut r = self.wait(hub.lock(), op, deadline, "the previous call did not finish", |r| r.result.is_none())?;
+        match r.op {
+            None => {
+                r.op = Some(op);
+                r.arrived = (0..hub.world).map(|_| None).collect();
+            }
+            Some(other) if other != op => {
+                let reason = format!("rank {} called {} while another rank called {}", self.rank, op.name(), other.name());
+                r.failed = Some(reason.clone());
+                hub.changed.notify_all();
+                return Err(self.fail(op, reason));
+            }
+            Some(_) => {}
+        }
+        let copies = tensors.iter().map(|t| t.detach().copy()).collect();
+        r.arrived[self.rank] = Some(copies);
+        r.count += 1;
+        if r.count == hub.world {
+            let result = match combine(op, &mut r.arrived) {
+                Ok(result) => result,
+                Err(reason) => {
+                    r.failed = Some(reason.clone());
+                    hub.changed.notify_all();
+                    return Err(self.fail(op, reason));
+                }
+            };
+            r.result = Some(result);
+            hub.changed.notify_all();
+        }
+        let r = &mut *self.wait(r, op, deadline, "not every rank joined", |r| r.result.is_some())?;
+        let result = r.result.as_ref().expect("checked by wait");
+        for (dst, src) in tensors.iter().zip(result) {
+            dst.shallow_clone().f_copy_(src)?;
+        }
+        r.taken += 1;
+        if r.taken == hub.world {
+            *r = Round { failed: r.failed.take(), ..Round::default() };
+            hub.changed.notify_all();
+        }
+        Ok(())
+    }
+}
+
+/// The result of a round every rank has joined.
+fn combine(op: Op, arrived: &mut [Option<Vec<Tensor>>]) -> std::result::Result<Vec<Tensor>, String> {
+    let mut ranks = arrived.iter_mut().map(|a| a.take().unwrap_or_default());
+    let first = ranks.next().unwrap_or_default();
+    let shapes = |ts: &[Tensor]| ts.iter().map(|t| (t.size(), t.kind())).collect::<Vec<_>>();
+    let want = shapes(&first);
+    let mut all = vec![first];
+    for (i, ts) in ranks.enumerate() {
+        if shapes(&ts) != want {
+            return Err(format!("rank {} passed tensors of other shapes or dtypes than rank 0", i + 1));
+        }
+        all.push(ts);
+    }
+    Ok(match op {
+        Op::Broadcast(root) => all.swap_remove(root.min(all.len() - 1)),
+        Op::Sum => {
+            let mut sum = all.remove(0);
+            for ts in &all {
+                for (s, t) in sum.iter_mut().zip(ts) {
+                    *s += t;
+                }
+            }
+            sum
+        }
+    })
+}
+
+impl Collective for Local {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.hub.world
+    }
+
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
+        self.run(Op::Sum, tensors)
+    }
+
+    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        if root >= self.hub.world {
+            return Err(self.fail(Op::Broadcast(root), "no such root".into()));
+        }
+        self.run(Op::Broadcast(root), tensors)
+    }
+}
+
+/// The contiguous share of `0..n` that `rank` of `world` takes: the first
+/// `n % world` ranks take one more than the others.
+pub fn shard(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    rank * n / world..(rank + 1) * n / world
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_ranks_sum_and_broadcast_alike() {
+        let ranks = Local::group(3, Duration::from_secs(10));
+        let out: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let r = c.rank() as f32;
+                        let a = Tensor::from_slice(&[r, 10.0 * r]);
+                        let b = Tensor::from_slice(&[r + 100.0]);
+                        // Two rounds in a row: the second must not see the first's data.
+                        c.all_reduce_sum(std::slice::from_ref(&a)).unwrap();
+                        c.broadcast(std::slice::from_ref(&b), 2).unwrap();
+                        (Vec::<f32>::try_from(&a).unwrap(), Vec::<f32>::try_from(&b).unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (a, b) in out {
+            assert_eq!(a, vec![3.0, 30.0]);
+            assert_eq!(b, vec![102.0]);
+        }
+    }
+
+    #[test]
+    fn a_rank_that_never_joins_fails_the_others_with_its_rank_named() {
+        let ranks = Local::group(2, Duration::from_millis(200));
+        let t = Tensor::from_slice(&[1.0f32]);
+        let e = ranks[0].all_reduce_sum(&[t]).unwrap_err().to_string();
+        assert!(e.contains("rank 0/2") && e.contains("all-reduce") && e.contains("did not join: [1]"), "{e}");
+        // The group stays failed: a late rank does not hang either.
+        let e = ranks[1].all_reduce_sum(&[Tensor::from_slice(&[1.0f32])]).unwrap_err().to_string();
+        assert!(e.contains("timed out"), "{e}");
+    }
+
+    #[test]
+    fn ranks_that_call_different_collectives_fail() {
+        let ranks = Local::group(2, Duration::from_secs(5));
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let a = s.spawn(|| ranks[0].all_reduce_sum(&[Tensor::from_slice(&[1.0f32])]).unwrap_err().to_string());
+            let b = s.spawn(|| ranks[1].broadcast(&[Tensor::from_slice(&[1.0f32])], 0).unwrap_err().to_string());
+            vec![a.join().unwrap(), b.join().unwrap()]
+        });
+        for e in errors {
+            assert!(e.contains("while another rank called"), "{e}");
+        }
+    }
+
+    #[test]
+    fn shards_cover_every_index_once() {
+        for n in 0..9 {
+            for world in 1..5 {
+                let all: Vec<usize> = (0..world).flat_map(|r| shard(n, r, world)).collect();
+                assert_eq!(all, (0..n).collect::<Vec<_>>());
+            }
+        }
+    }
+}
