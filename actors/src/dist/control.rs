@@ -186,16 +186,19 @@ impl Control {
         self.step_published.notify_waiters();
     }
 
-    /// Data-parallel learner ranks that stopped heartbeating or left, as
-    /// `(worker id, rank)`: rank 0 cannot train another step without them.
-    pub fn lost_learner_ranks(&self) -> Vec<(String, u32)> {
+    /// Data-parallel learner ranks held by no live worker any more (their
+    /// worker stopped heartbeating or left, and did not register again), as
+    /// `(rank, its last worker id)`: rank 0 cannot train another step without them.
+    pub fn lost_learner_ranks(&self) -> Vec<(u32, String)> {
         let mut s = self.lock();
         s.sweep(Instant::now());
-        s.workers
-            .iter()
-            .filter(|(_, w)| w.role == v1::Role::Learner && w.state != v1::WorkerState::Alive)
-            .map(|(id, w)| (id.clone(), w.nccl_rank))
-            .collect()
+        let mut ranks: BTreeMap<u32, (bool, String)> = BTreeMap::new();
+        for (id, w) in s.workers.iter().filter(|(_, w)| w.role == v1::Role::Learner) {
+            let held = ranks.entry(w.nccl_rank).or_insert((false, id.clone()));
+            held.0 |= w.state == v1::WorkerState::Alive;
+            held.1 = id.clone();
+        }
+        ranks.into_iter().filter(|(_, (alive, _))| !alive).map(|(rank, (_, id))| (rank, id)).collect()
     }
 
     /// Rank 0 trains no more steps: the learner ranks leave.

@@ -205,7 +205,7 @@ impl Loop {
         let trajectories: u64 = batch.iter().map(|h| h.trajectories.len() as u64).sum();
         if self.learner_ranks > 1 {
             let lost = self.control.lost_learner_ranks();
-            if let Some((worker, rank)) = lost.first() {
+            if let Some((rank, worker)) = lost.first() {
                 return Err(format!(
                     "data-parallel learner rank {rank} ({worker}) stopped heartbeating or left: the {} ranks cannot train \
                      another step without it",

@@ -138,15 +138,25 @@ async fn learner_ranks_are_handed_out_once_and_a_missing_one_is_reported() {
     assert!(e.contains("step 0 is gone (rank 0 is at step 1)"), "{e}");
     let step = c.get_step(&b.worker_id, 1, Duration::ZERO).await.unwrap().unwrap();
     assert_eq!((step.index, step.version, step.groups.len()), (1, 2, 1));
-    // The ranks go silent: rank 0 hears which one it would wait for.
+    // Rank 1's first worker goes silent, but its registration again keeps
+    // heartbeating: rank 1 is still held.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(800) {
+        for id in [&again.worker_id, &b.worker_id] {
+            c.heartbeat(id, 0, Default::default()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = l.control.status();
+    assert_eq!(status.workers.iter().find(|w| w.worker_id == a.worker_id).unwrap().state(), v1::WorkerState::Dead);
+    assert!(l.control.lost_learner_ranks().is_empty(), "{:?}", l.control.lost_learner_ranks());
+    // Then every rank goes silent: rank 0 hears which it would wait for.
     let lost = eventually("silent learner ranks reported", Duration::from_secs(10), async || {
         let lost = l.control.lost_learner_ranks();
-        (lost.len() == 3).then_some(lost)
+        (lost.len() == 2).then_some(lost)
     })
     .await;
-    let mut ranks: Vec<u32> = lost.iter().map(|(_, r)| *r).collect();
-    ranks.sort();
-    assert_eq!(ranks, vec![1, 1, 2]);
+    assert_eq!(lost, vec![(1, again.worker_id.clone()), (2, b.worker_id.clone())]);
 }
 
 /// Rank 0's trainer: meets the learner rank in each step's all-reduce.
