@@ -12,7 +12,7 @@
 use crate::{Error, Result};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// The ranks a learner trains with. Rank 0 owns the run (it checkpoints,
 /// evaluates and publishes weights); every rank holds the same weights.
@@ -204,6 +204,21 @@ impl Collective for Local {
         }
         self.run(Op::Broadcast(root), tensors)
     }
+}
+
+/// Tensor count, bytes and an FNV-1a hash of every `(name, shape, dtype)`:
+/// what ranks compare before a collective over a whole model, so that ranks
+/// holding different models fail with a message instead of exchanging garbage.
+pub fn describe<'a>(tensors: impl IntoIterator<Item = (&'a str, Vec<i64>, Kind)>) -> (i64, i64, i64) {
+    let (mut count, mut bytes, mut hash) = (0i64, 0i64, 0xcbf2_9ce4_8422_2325u64);
+    for (name, shape, kind) in tensors {
+        count += 1;
+        bytes += shape.iter().product::<i64>() * kind.elt_size_in_bytes() as i64;
+        for b in format!("{name}:{shape:?}:{kind:?};").bytes() {
+            hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    (count, bytes, hash as i64)
 }
 
 /// The contiguous share of `0..n` that `rank` of `world` takes: the first

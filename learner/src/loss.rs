@@ -93,6 +93,45 @@ pub struct Sums {
 }
 
 impl Sums {
+    /// How many of [`Sums::additive`]'s values there are.
+    pub const ADDITIVE: usize = 11;
+
+    /// The statistics that add up over micro-batches and ranks (all but
+    /// `ratio_max`), in the order [`Sums::from_additive`] reads them.
+    pub fn additive(&self) -> [f64; Self::ADDITIVE] {
+        [
+            self.loss,
+            self.tokens,
+            self.sequences,
+            self.clip_low,
+            self.clip_high,
+            self.dual_clip,
+            self.approx_kl,
+            self.kl_ref,
+            self.entropy,
+            self.ratio,
+            self.is_weight,
+        ]
+    }
+
+    /// The sums from [`Sums::additive`]'s values and a `ratio_max`.
+    pub fn from_additive(v: &[f64], ratio_max: f64) -> Self {
+        Self {
+            loss: v[0],
+            tokens: v[1],
+            sequences: v[2],
+            clip_low: v[3],
+            clip_high: v[4],
+            dual_clip: v[5],
+            approx_kl: v[6],
+            kl_ref: v[7],
+            entropy: v[8],
+            ratio: v[9],
+            is_weight: v[10],
+            ratio_max,
+        }
+    }
+
     /// Adds another micro-batch's sums.
     pub fn add(&mut self, o: &Sums) {
         self.loss += o.loss;
@@ -218,27 +257,14 @@ pub fn policy_loss(logits: &Tensor, data: &TokenData, c: &LossConfig, norm: Norm
                 kl_ref.as_ref().map_or_else(zero, |k| sum(&k.detach())),
                 sum(&ent.detach()),
                 sum(&ratio_d),
+                is_weight.as_ref().map_or_else(zero, sum),
                 // Ratios are positive, so the masked max is the max of ratio * mask.
                 (&ratio_d * mask).max().to_kind(Kind::Double),
-                is_weight.as_ref().map_or_else(zero, sum),
             ],
             0,
         );
         let v = Vec::<f64>::try_from(values.to_device(tch::Device::Cpu))?;
-        Ok(Sums {
-            loss: v[0],
-            tokens: v[1],
-            sequences: v[2],
-            clip_low: v[3],
-            clip_high: v[4],
-            dual_clip: v[5],
-            approx_kl: v[6],
-            kl_ref: v[7],
-            entropy: v[8],
-            ratio: v[9],
-            ratio_max: v[10],
-            is_weight: v[11],
-        })
+        Ok(Sums::from_additive(&v, v[Sums::ADDITIVE]))
     })?;
     Ok((loss, sums))
 }

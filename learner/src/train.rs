@@ -6,7 +6,7 @@ use crate::advantage::{DropReason, GroupAdvantages, estimate_group};
 use crate::autocast;
 use crate::batch::{Batch, Row};
 use crate::checkpoint::{self, CheckpointMeta, Restored};
-use crate::collective::{Collective, shard};
+use crate::collective::{Collective, describe, shard};
 use crate::config::Config;
 use crate::loss::{LossConfig, Norm, Sums, TokenData, policy_loss, sft_loss, token_logprobs};
 use crate::optim::{AdamW, AdamWConfig, lr_at};
@@ -248,7 +248,7 @@ impl<P: Policy> Learner<P> {
             tensors.extend(named_variables(r.var_store()).into_iter().map(|(n, t)| (format!("reference.{n}"), t)));
         }
         tensors.extend(self.optimizer.state_tensors());
-        let (count, bytes, signature) = describe(&tensors);
+        let (count, bytes, signature) = describe(tensors.iter().map(|(n, t)| (n.as_str(), t.size(), t.kind())));
         let seed = self.rng.get_seed();
         let word = |i: usize| i64::from_le_bytes(seed[8 * i..8 * i + 8].try_into().expect("8 bytes"));
         let pos = self.rng.get_word_pos();
@@ -320,32 +320,15 @@ impl<P: Policy> Learner<P> {
         dp.all_reduce_sum(&grads)?;
         // The sums add up; ratio_max is gathered (one slot per rank) and maxed.
         let (rank, world) = (dp.rank(), dp.world());
-        let s = &*sums;
-        let mut slots = vec![
-            s.loss, s.tokens, s.sequences, s.clip_low, s.clip_high, s.dual_clip, s.approx_kl, s.kl_ref, s.entropy, s.ratio,
-            s.is_weight,
-        ];
-        let fields = slots.len();
+        let fields = Sums::ADDITIVE;
+        let mut slots = sums.additive().to_vec();
         slots.resize(fields + world, 0.0);
-        slots[fields + rank] = s.ratio_max;
+        slots[fields + rank] = sums.ratio_max;
         let device = self.policy.var_store().device();
         let t = Tensor::from_slice(&slots).to_device(device);
         dp.all_reduce_sum(std::slice::from_ref(&t))?;
         let v = Vec::<f64>::try_from(t.to_device(tch::Device::Cpu))?;
-        *sums = Sums {
-            loss: v[0],
-            tokens: v[1],
-            sequences: v[2],
-            clip_low: v[3],
-            clip_high: v[4],
-            dual_clip: v[5],
-            approx_kl: v[6],
-            kl_ref: v[7],
-            entropy: v[8],
-            ratio: v[9],
-            is_weight: v[10],
-            ratio_max: v[fields..].iter().copied().fold(0.0, f64::max),
-        };
+        *sums = Sums::from_additive(&v, v[fields..].iter().copied().fold(0.0, f64::max));
         Ok(())
     }
 
@@ -652,17 +635,4 @@ fn parse_seed(hex: &str) -> Option<[u8; 32]> {
         *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(seed)
-}
-
-/// Tensor count, bytes and an FNV-1a hash of every name, shape and dtype.
-fn describe(tensors: &[(String, Tensor)]) -> (i64, i64, i64) {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut bytes = 0i64;
-    for (name, t) in tensors {
-        bytes += (t.numel() * t.kind().elt_size_in_bytes()) as i64;
-        for b in format!("{name}:{:?}:{:?};", t.size(), t.kind()).bytes() {
-            hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    (tensors.len() as i64, bytes, hash as i64)
 }

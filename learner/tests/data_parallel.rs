@@ -37,26 +37,25 @@ fn alone(config: &Config, steps: &[Vec<Vec<prism_core::LabeledTrajectory>>]) -> 
     (learner.policy().weights(), reports)
 }
 
+/// `f(rank, collective)` on a thread per rank of a `Local` group; the results in rank order.
+fn on_ranks<T: Send>(world: usize, timeout: Duration, f: impl Fn(usize, Local) -> T + Sync) -> Vec<T> {
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = Local::group(world, timeout).into_iter().enumerate().map(|(rank, c)| s.spawn(move || f(rank, c))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// The same steps on `world` ranks. Only rank 0 starts from the right model,
 /// reference and seed: joining must hand them to the others.
 fn ranks(config: &Config, world: usize, steps: &[Vec<Vec<prism_core::LabeledTrajectory>>]) -> Vec<(Vec<(String, Vec<f32>)>, Vec<TrainReport>)> {
-    let group = Local::group(world, Duration::from_secs(60));
-    std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(rank, collective)| {
-                s.spawn(move || {
-                    let (model, reference, seed) = if rank == 0 { (7, 7, 11) } else { (100 + rank as u64, 50, 99) };
-                    let mut learner = Learner::new(config.clone(), TinyLm::new(model), Some(TinyLm::new(reference)), seed).unwrap();
-                    learner.join_data_parallel(Box::new(collective)).unwrap();
-                    assert_eq!(learner.rank(), (rank, world));
-                    let reports = steps.iter().map(|g| learner.train_step(g).unwrap()).collect();
-                    (learner.policy().weights(), reports)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    on_ranks(world, Duration::from_secs(60), |rank, collective| {
+        let (model, reference, seed) = if rank == 0 { (7, 7, 11) } else { (100 + rank as u64, 50, 99) };
+        let mut learner = Learner::new(config.clone(), TinyLm::new(model), Some(TinyLm::new(reference)), seed).unwrap();
+        learner.join_data_parallel(Box::new(collective)).unwrap();
+        assert_eq!(learner.rank(), (rank, world));
+        let reports = steps.iter().map(|g| learner.train_step(g).unwrap()).collect();
+        (learner.policy().weights(), reports)
     })
 }
 
@@ -109,22 +108,12 @@ fn data_parallel_ranks_take_the_single_learners_updates() {
 
 #[test]
 fn ranks_with_different_models_are_refused_by_name() {
-    let group = Local::group(2, Duration::from_secs(2));
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(rank, collective)| {
-                s.spawn(move || {
-                    // Rank 1 has no reference model: fewer tensors.
-                    let reference = (rank == 0).then(|| TinyLm::new(7));
-                    let config = Config { kl_coef: if rank == 0 { 0.05 } else { 0.0 }, ..config() };
-                    let mut learner = Learner::new(config, TinyLm::new(7), reference, 0).unwrap();
-                    learner.join_data_parallel(Box::new(collective)).unwrap_err().to_string()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let errors = on_ranks(2, Duration::from_secs(2), |rank, collective| {
+        // Rank 1 has no reference model: fewer tensors.
+        let reference = (rank == 0).then(|| TinyLm::new(7));
+        let config = Config { kl_coef: if rank == 0 { 0.05 } else { 0.0 }, ..config() };
+        let mut learner = Learner::new(config, TinyLm::new(7), reference, 0).unwrap();
+        learner.join_data_parallel(Box::new(collective)).unwrap_err().to_string()
     });
     // Rank 1 says why; rank 0, left alone in the next collective, times out
     // with the missing rank named instead of hanging.
@@ -134,20 +123,10 @@ fn ranks_with_different_models_are_refused_by_name() {
 
 #[test]
 fn ranks_with_different_learner_settings_are_refused() {
-    let group = Local::group(2, Duration::from_secs(2));
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(rank, collective)| {
-                s.spawn(move || {
-                    let config = Config { lr: if rank == 0 { 0.05 } else { 0.01 }, ..config() };
-                    let mut learner = Learner::new(config, TinyLm::new(7), Some(TinyLm::new(7)), 0).unwrap();
-                    learner.join_data_parallel(Box::new(collective)).unwrap_err().to_string()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let errors = on_ranks(2, Duration::from_secs(2), |rank, collective| {
+        let config = Config { lr: if rank == 0 { 0.05 } else { 0.01 }, ..config() };
+        let mut learner = Learner::new(config, TinyLm::new(7), Some(TinyLm::new(7)), 0).unwrap();
+        learner.join_data_parallel(Box::new(collective)).unwrap_err().to_string()
     });
     assert!(errors[1].contains("rank 1: its [learner] settings differ from rank 0's"), "{}", errors[1]);
 }

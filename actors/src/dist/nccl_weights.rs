@@ -46,17 +46,9 @@ pub fn layout<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> L
 /// `[version, tensors, bytes, signature]` of a broadcast.
 const HEADER: usize = 4;
 
-/// Tensor count, bytes and an FNV-1a hash of every name, shape and dtype.
+/// Tensor count, bytes and a hash of every name, shape and dtype.
 fn describe(layout: &Layout) -> (i64, i64, i64) {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut bytes = 0i64;
-    for (name, shape, kind) in layout {
-        bytes += shape.iter().product::<i64>() * kind.elt_size_in_bytes() as i64;
-        for b in format!("{name}:{shape:?}:{kind:?};").bytes() {
-            hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    (layout.len() as i64, bytes, hash as i64)
+    prism_learner::collective::describe(layout.iter().map(|(n, s, k)| (n.as_str(), s.clone(), *k)))
 }
 
 #[derive(Default)]
