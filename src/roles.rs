@@ -64,10 +64,14 @@ fn data_parallel_device(config: &Config) -> Result<Option<usize>> {
 /// The NCCL group the learner broadcasts weights in.
 const WEIGHTS_GROUP: &str = "weights";
 
+/// Every NCCL communicator's timeout and bucket size in bytes, from `[dist]`.
+fn nccl_limits(config: &Config) -> (Duration, usize) {
+    (Duration::from_millis(config.dist.nccl_timeout_ms), (config.dist.nccl_bucket_mb as usize) << 20)
+}
+
 /// How to join the weight-broadcast communicator as `rank` of `world`.
 fn join_nccl(config: &Config, id: Vec<u8>, rank: usize, world: usize, device: usize) -> nccl_weights::Join {
-    let timeout = Duration::from_millis(config.dist.nccl_timeout_ms);
-    let bucket = (config.dist.nccl_bucket_mb as usize) << 20;
+    let (timeout, bucket) = nccl_limits(config);
     Box::new(move || {
         let comm = nccl::Communicator::new(&id, rank, world, device, timeout, bucket)?;
         Ok(Box::new(comm) as Box<dyn nccl_weights::Collective>)
@@ -182,7 +186,7 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         let id = nccl::unique_id()?;
         control.set_nccl_id(learner_rank::GROUP, id.clone(), world as u32);
         tracing::info!(world, device, "data-parallel learner: waiting for the other ranks");
-        let (timeout, bucket) = (Duration::from_millis(config.dist.nccl_timeout_ms), (config.dist.nccl_bucket_mb as usize) << 20);
+        let (timeout, bucket) = nccl_limits(config);
         trainer = tokio::task::spawn_blocking(move || -> Result<_> {
             let comm = nccl::Communicator::new(&id, 0, world, device, timeout, bucket).context("forming the data-parallel learner group")?;
             trainer.join_data_parallel(Box::new(comm)).map_err(anyhow::Error::msg)?;
@@ -287,12 +291,8 @@ pub fn learner_rank(config: &Config) -> Result<()> {
         let learner = prism_learner::Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
         let (control, _token, counters, membership) = join(config, v1::Role::Learner, &config.model.device).await?;
         health.set_ready(true);
-        let trainer = RankLearner {
-            learner,
-            device,
-            timeout: Duration::from_millis(config.dist.nccl_timeout_ms),
-            bucket: (config.dist.nccl_bucket_mb as usize) << 20,
-        };
+        let (timeout, bucket) = nccl_limits(config);
+        let trainer = RankLearner { learner, device, timeout, bucket };
         let args = learner_rank::RankArgs { control, membership, counters, trainer: Box::new(trainer), poll: Duration::from_secs(10) };
         let s = learner_rank::run(args, train::ctrl_c()).await?;
         println!("learner rank {}/{}: {} steps on {} trajectories, policy version {}", s.rank, s.world, s.steps, s.trajectories, s.version);

@@ -130,6 +130,28 @@ async fn a_worker_whose_learner_does_not_answer_fails_within_the_connect_timeout
     }
 }
 
+/// Runs `role` with `setting` on the CPU model: it must exit 1 with every
+/// `on_cpu` text in its stderr. Where CUDA is absent it runs again with
+/// `model.device = cuda`: exit 1, naming `on_cuda` and NCCL or CUDA missing.
+async fn refused_without_a_gpu(role: &str, setting: &str, on_cpu: &[&str], on_cuda: &str) {
+    let args = vec![role.to_string(), "--set".into(), setting.into(), "--set".into(), "dist.health_listen=".into()];
+    let out = run(args.clone(), vec![]).await;
+    assert_eq!(out.status.code(), Some(1), "{role}");
+    let err = stderr(&out);
+    for want in on_cpu {
+        assert!(err.contains(want), "{role}: want {want:?} in {err}");
+    }
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let mut args = args;
+    args.extend(["--set".into(), "model.device=cuda".into()]);
+    let out = run(args, vec![]).await;
+    assert_eq!(out.status.code(), Some(1), "{role}");
+    let err = stderr(&out);
+    assert!(err.contains(on_cuda) && (err.contains("NCCL unavailable") || err.contains("CUDA")), "{role}: {err}");
+}
+
 /// NCCL weights need a CUDA model and a machine with NCCL: elsewhere both
 /// roles stop before they start anything, saying which (the broadcast itself
 /// is checked on GPUs by scripts/gpu-check and, in-process, by the
@@ -137,19 +159,7 @@ async fn a_worker_whose_learner_does_not_answer_fails_within_the_connect_timeout
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_roles_refuse_nccl_weights_without_a_gpu_saying_why() {
     for role in ["learner", "rollout"] {
-        let args = vec![role.to_string(), "--set".into(), "dist.weights=nccl".into(), "--set".into(), "dist.health_listen=".into()];
-        let out = run(args.clone(), vec![]).await;
-        assert_eq!(out.status.code(), Some(1), "{role}");
-        assert!(stderr(&out).contains("but model.device = \"cpu\"") && stderr(&out).contains("dist.weights = \"grpc\""), "{role}: {}", stderr(&out));
-        if tch::Cuda::is_available() {
-            continue;
-        }
-        let mut args = args;
-        args.extend(["--set".into(), "model.device=cuda".into()]);
-        let out = run(args, vec![]).await;
-        assert_eq!(out.status.code(), Some(1), "{role}");
-        let err = stderr(&out);
-        assert!(err.contains("dist.weights = \"nccl\"") && (err.contains("NCCL unavailable") || err.contains("CUDA")), "{role}: {err}");
+        refused_without_a_gpu(role, "dist.weights=nccl", &["but model.device = \"cpu\"", "dist.weights = \"grpc\""], "dist.weights = \"nccl\"").await;
     }
 }
 
@@ -161,21 +171,8 @@ async fn the_roles_refuse_nccl_weights_without_a_gpu_saying_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_roles_refuse_data_parallel_learners_without_a_gpu_saying_why() {
     for role in ["learner", "learner-rank"] {
-        let args = vec![role.to_string(), "--set".into(), "dist.learner_ranks=2".into(), "--set".into(), "dist.health_listen=".into()];
-        let out = run(args.clone(), vec![]).await;
-        assert_eq!(out.status.code(), Some(1), "{role}");
-        let err = stderr(&out);
-        assert!(err.contains("dist.learner_ranks = 2 runs NCCL collectives between GPUs, but model.device = \"cpu\""), "{role}: {err}");
-        assert!(err.contains("dist.learner_ranks = 1"), "{role}: {err}");
-        if tch::Cuda::is_available() {
-            continue;
-        }
-        let mut args = args;
-        args.extend(["--set".into(), "model.device=cuda".into()]);
-        let out = run(args, vec![]).await;
-        assert_eq!(out.status.code(), Some(1), "{role}");
-        let err = stderr(&out);
-        assert!(err.contains("dist.learner_ranks = 2") && (err.contains("NCCL unavailable") || err.contains("CUDA")), "{role}: {err}");
+        let on_cpu = ["dist.learner_ranks = 2 runs NCCL collectives between GPUs, but model.device = \"cpu\"", "dist.learner_ranks = 1"];
+        refused_without_a_gpu(role, "dist.learner_ranks=2", &on_cpu, "dist.learner_ranks = 2").await;
     }
     let out = run(vec!["learner-rank".into(), "--set".into(), "dist.health_listen=".into()], vec![]).await;
     assert_eq!(out.status.code(), Some(1));
