@@ -104,7 +104,7 @@ impl Train for FakeTrain {
     }
     fn admit(&self, group: &[prism_core::LabeledTrajectory]) -> Result<(), DropReason> {
         let first = group[0].label.outcome;
-        if group.iter().all(|l| l.label.outcome == first) { Err(DropReason::ZeroVariance) } else { Ok(()) }
+        if group.iter().all(|l| l.label.outcome == first) { Err(DropReason::ZeroAdvantage) } else { Ok(()) }
     }
     fn train(&mut self, groups: Vec<Vec<prism_core::LabeledTrajectory>>, lags: &[u64]) -> BackendResult<StepReport> {
         assert_eq!(groups.len(), lags.len());
@@ -272,7 +272,7 @@ async fn async_run_bounds_lag_and_in_flight_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zero_variance_groups_are_dropped_and_counted() {
+async fn zero_advantage_groups_are_dropped_and_counted() {
     let setup = Setup {
         label: FakeLabel { delay: Duration::ZERO, uniform_every: 3, panic_once_on: None, panicked: AtomicUsize::new(0) },
         ..Setup::default()
@@ -280,8 +280,8 @@ async fn zero_variance_groups_are_dropped_and_counted() {
     let out = run(setup, std::future::pending()).await;
     let l = out.result.unwrap().ledger;
     assert!(l.balanced(), "{l}");
-    assert!(l.dropped["zero_variance"] > 0, "{l}");
-    assert_eq!(l.dropped["zero_variance"] % G as u64, 0, "whole groups are dropped");
+    assert!(l.dropped["zero_advantage"] > 0, "{l}");
+    assert_eq!(l.dropped["zero_advantage"] % G as u64, 0, "whole groups are dropped");
     assert_eq!(l.trained, 5 * 4 * G as u64, "dropped groups are replaced, batches stay full");
 }
 

@@ -22,9 +22,15 @@ pub enum GroupAdvantages {
 /// Why a group was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// DAPO dynamic sampling: every sample has the same outcome.
-    UniformOutcome,
+    /// Dynamic sampling: every advantage in the group is zero under the
+    /// configured estimator, so training on it would change nothing but the
+    /// KL and entropy terms.
+    ZeroAdvantage,
 }
+
+/// Advantages this close to zero count as zero (the group means of equal
+/// scores can differ from them by a rounding error).
+const ZERO_ADVANTAGE: f32 = 1e-6;
 
 /// Token advantages for one group under `config`'s estimator.
 pub fn estimate_group(group: &[LabeledTrajectory], config: &Config) -> Result<GroupAdvantages> {
@@ -32,9 +38,6 @@ pub fn estimate_group(group: &[LabeledTrajectory], config: &Config) -> Result<Gr
         check_trajectory(lt)?;
     }
     let raw: Vec<f64> = group.iter().map(|lt| lt.label.outcome as f64).collect();
-    if config.drop_uniform_groups && raw.windows(2).all(|w| w[0] == w[1]) {
-        return Ok(GroupAdvantages::Dropped(DropReason::UniformOutcome));
-    }
     let scores: Vec<f64> = group
         .iter()
         .zip(&raw)
@@ -72,6 +75,13 @@ pub fn estimate_group(group: &[LabeledTrajectory], config: &Config) -> Result<Gr
                 .collect()
         }
     };
+    // Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476, eq. 11) drops
+    // groups whose outcomes are all equal; with process rewards an all-correct
+    // group still carries signal in its step scores, so the test is on the
+    // advantages the estimator gave, not on the outcomes.
+    if config.drop_uniform_groups && advantages.iter().flatten().all(|a| a.abs() <= ZERO_ADVANTAGE) {
+        return Ok(GroupAdvantages::Dropped(DropReason::ZeroAdvantage));
+    }
     Ok(GroupAdvantages::Kept(advantages))
 }
 

@@ -26,8 +26,11 @@ pub struct Config {
     /// `tp_grpo`: `r_c = tp_alpha * acc_G`, the penalty on incorrect thoughts of a
     /// correct solution. Default 1.0.
     pub tp_alpha: f64,
-    /// DAPO dynamic sampling: drop groups whose outcomes are all equal (they carry
-    /// no signal), counted in the step report. Default false.
+    /// Dynamic sampling (after DAPO): drop groups in which every advantage is
+    /// zero under the configured estimator (they carry no signal), counted in
+    /// the step report. With an outcome-only estimator that is a group whose
+    /// outcomes are all equal; with `process` or `tp_grpo` an all-correct group
+    /// with a step judged wrong is kept. Default false.
     pub drop_uniform_groups: bool,
     /// DAPO overlong shaping: add `min(-(len - (overlong_max_len - overlong_buffer))
     /// / overlong_buffer * overlong_factor, 0)` to the outcome. Default false.

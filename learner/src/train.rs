@@ -353,12 +353,16 @@ impl<P: Policy> Learner<P> {
     }
 
     /// Whether `group` would be trained on: `Err` with the reason when dynamic
-    /// sampling (`learner.drop_uniform_groups`) would drop it.
+    /// sampling (`learner.drop_uniform_groups`) would drop it (every advantage
+    /// zero). A group the estimator cannot take (a malformed label) is
+    /// admitted here and reported by [`Learner::train_step`].
     pub fn admit(&self, group: &[LabeledTrajectory]) -> std::result::Result<(), DropReason> {
-        if self.config.drop_uniform_groups && group.windows(2).all(|w| w[0].label.outcome == w[1].label.outcome) {
-            Err(DropReason::UniformOutcome)
-        } else {
-            Ok(())
+        if !self.config.drop_uniform_groups {
+            return Ok(());
+        }
+        match estimate_group(group, &self.config) {
+            Ok(GroupAdvantages::Dropped(reason)) => Err(reason),
+            _ => Ok(()),
         }
     }
 
@@ -398,10 +402,10 @@ impl<P: Policy> Learner<P> {
             }
         }
         if report.groups_dropped_uniform > 0 {
-            tracing::info!(
+            tracing::debug!(
                 dropped = report.groups_dropped_uniform,
                 groups = report.groups,
-                "dynamic sampling dropped uniform groups"
+                "dynamic sampling dropped groups whose advantages are all zero"
             );
         }
         report.sequences = rows.len();

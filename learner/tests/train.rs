@@ -80,7 +80,7 @@ fn uniform_groups_are_dropped_and_counted() {
     let config = Config { drop_uniform_groups: true, ..Config::default() };
     let mut learner = Learner::new(config, TinyLm::new(1), None, 0).unwrap();
     assert!(learner.admit(&all[0]).is_ok());
-    assert_eq!(learner.admit(&all[1]), Err(prism_learner::advantage::DropReason::UniformOutcome));
+    assert_eq!(learner.admit(&all[1]), Err(prism_learner::advantage::DropReason::ZeroAdvantage));
     let report = learner.train_step(&all).unwrap();
     assert_eq!((report.groups, report.groups_dropped_uniform, report.sequences), (3, 1, 8));
     let summary = report.summary();

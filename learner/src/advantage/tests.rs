@@ -135,10 +135,39 @@ fn dynamic_sampling_drops_uniform_groups() {
     let uniform = vec![sample(0, 2, 1.0, &[]), sample(1, 2, 1.0, &[])];
     let mixed = vec![sample(0, 2, 1.0, &[]), sample(1, 2, 0.0, &[])];
     let on = Config { drop_uniform_groups: true, ..Config::default() };
-    assert_eq!(estimate_group(&uniform, &on).unwrap(), GroupAdvantages::Dropped(DropReason::UniformOutcome));
+    assert_eq!(estimate_group(&uniform, &on).unwrap(), GroupAdvantages::Dropped(DropReason::ZeroAdvantage));
     assert!(matches!(estimate_group(&mixed, &on).unwrap(), GroupAdvantages::Kept(_)));
     // Off: kept, with zero advantages.
     close(&kept(estimate_group(&uniform, &Config::default()).unwrap())[0], &[0.0, 0.0]);
+}
+
+#[test]
+fn dynamic_sampling_keeps_all_correct_groups_with_a_flawed_step_under_process_estimators() {
+    // Two samples, both correct (outcome 1), 4 tokens, steps [0,2) and [2,4).
+    // In the first, the second step is judged wrong: the outcomes are uniform
+    // but the step scores are not, so the process estimators give it a
+    // negative advantage there and the group must be kept.
+    let flawed = vec![
+        sample(0, 4, 1.0, &[(0..2, Some(1.0)), (2..4, Some(0.0))]),
+        sample(1, 4, 1.0, &[(0..2, Some(1.0)), (2..4, Some(1.0))]),
+    ];
+    let clean = vec![
+        sample(0, 4, 1.0, &[(0..2, Some(1.0)), (2..4, Some(1.0))]),
+        sample(1, 4, 1.0, &[(0..2, Some(1.0)), (2..4, Some(1.0))]),
+    ];
+    for estimator in ["process", "tp_grpo"] {
+        let on = Config { advantage: estimator.into(), drop_uniform_groups: true, ..Config::default() };
+        let a = kept(estimate_group(&flawed, &on).unwrap());
+        assert!(a[0][2] < 0.0, "{estimator}: the wrong step is penalised: {a:?}");
+        assert_eq!(
+            estimate_group(&clean, &on).unwrap(),
+            GroupAdvantages::Dropped(DropReason::ZeroAdvantage),
+            "{estimator}: equal outcomes and equal step scores carry no signal"
+        );
+    }
+    // An outcome-only estimator sees no difference between the two.
+    let grpo = Config { drop_uniform_groups: true, ..Config::default() };
+    assert_eq!(estimate_group(&flawed, &grpo).unwrap(), GroupAdvantages::Dropped(DropReason::ZeroAdvantage));
 }
 
 #[test]
