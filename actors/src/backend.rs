@@ -63,6 +63,13 @@ pub type LabelFuture<'a> = Pin<Box<dyn Future<Output = BackendResult<RewardLabel
 /// Labels one trajectory. Shared by all reward workers, so `&self`.
 pub trait Label: Send + Sync + 'static {
     fn label<'a>(&'a self, trajectory: &'a Trajectory) -> LabelFuture<'a>;
+
+    /// Reward health now (judge latency, annotation queue, canary rate,
+    /// distiller agreement …) as JSON fields for each learner step's metrics
+    /// row; `None` when there is nothing to report.
+    fn health(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        None
+    }
 }
 
 /// What one optimizer step reports.
@@ -89,8 +96,9 @@ pub struct EvalReport {
 pub enum DropReason {
     /// Sampled by weights more than `max_staleness` versions old.
     Stale,
-    /// All samples scored the same (DAPO dynamic sampling): no learning signal.
-    ZeroVariance,
+    /// Every advantage in the group is zero under the configured estimator
+    /// (dynamic sampling): no learning signal.
+    ZeroAdvantage,
     /// Labeling failed after every retry.
     RewardFailed,
 }
@@ -99,7 +107,7 @@ impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Stale => "stale",
-            DropReason::ZeroVariance => "zero_variance",
+            DropReason::ZeroAdvantage => "zero_advantage",
             DropReason::RewardFailed => "reward_failed",
         }
     }

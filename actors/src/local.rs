@@ -49,6 +49,14 @@ impl Label for RewardLabeler {
     fn label<'a>(&'a self, trajectory: &'a Trajectory) -> LabelFuture<'a> {
         Box::pin(async move { Ok(self.0.label(trajectory).await) })
     }
+
+    fn health(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        self.0.judge()?;
+        match serde_json::to_value(self.0.health()) {
+            Ok(serde_json::Value::Object(m)) => Some(m),
+            _ => None,
+        }
+    }
 }
 
 /// Greedy accuracy on a fixed set of problems, labeled by verifiers only (the
@@ -196,7 +204,7 @@ impl Train for PolicyTrainer {
     }
 
     fn admit(&self, group: &[LabeledTrajectory]) -> Result<(), DropReason> {
-        self.learner.admit(group).map_err(|_| DropReason::ZeroVariance)
+        self.learner.admit(group).map_err(|_| DropReason::ZeroAdvantage)
     }
 
     fn train(&mut self, groups: Vec<Vec<LabeledTrajectory>>, _lags: &[u64]) -> BackendResult<StepReport> {

@@ -8,9 +8,19 @@
 //! unknown and never scored. Calls go through a concurrency limit, a per-attempt
 //! timeout, retries with jittered exponential backoff (429, 5xx, timeouts,
 //! resets, malformed bodies), a circuit breaker, and an LRU cache keyed by a hash
-//! of (model, template, problem, step prefix). Every `canary_every` calls a
-//! canary with a content-free solution is sent, and the share the judge accepts
-//! is reported as its false-positive rate ("One Token to Fool", Zhao et al. 2025).
+//! of (model, template, problem, reference and outcome when the template reads
+//! them, step prefix). Every `canary_every` calls a canary with a content-free
+//! solution is sent, and the share the judge accepts is reported as its
+//! false-positive rate ("One Token to Fool", Zhao et al. 2025); while that rate
+//! over the last `canary_window` canaries is above `canary_max_rate`, the judge
+//! is not [trusted](Judge::trusted) and its scores should not be used.
+//!
+//! The server's output is not trusted either: a body over `max_reply_bytes` is
+//! malformed (and is not read past the cap), a reply cut off at `max_tokens`
+//! gives no verdict, a logprob that is not a log-probability or a P(yes) that
+//! is not a finite number in [0, 1] makes that reply's verdict unknown, and
+//! only finite scores are cached. The policy's text goes into prompts escaped
+//! and between nonce tags ([`template::escape_policy_text`]).
 
 mod breaker;
 mod cache;
@@ -55,14 +65,24 @@ pub struct Config {
     /// `Step i: \boxed{correct|incorrect}`). Default `genprm`.
     pub template: Style,
     /// A Jinja template file replacing the built-in prompt of `template` (it gets
-    /// `problem`, `steps`, `current`). Empty = built-in. Default empty.
+    /// `problem`, `reference`, `outcome`, `steps`, `current`, `nonce`; see
+    /// [`template`]). Empty = built-in. Default empty.
     pub template_file: String,
+    /// Built-in templates that tell the judge the task's reference answer and
+    /// whether the trajectory reached it, when known, and ask it to grade the
+    /// steps against that instead of solving the problem again (TP-GRPO's
+    /// evaluator). Default false.
+    pub reference_aware: bool,
     /// Sampled replies per step; the score is their average. Default 1.
     pub samples: u32,
     /// Sampling temperature. Default 0.0 (greedy; use > 0 with samples > 1).
     pub temperature: f64,
-    /// Most tokens per reply. Default 1024.
+    /// Most tokens per reply; a reply cut off there (`finish_reason =
+    /// "length"`) gives no verdict. Default 1024.
     pub max_tokens: u32,
+    /// Largest reply body read, bytes; a larger one is malformed (read no
+    /// further than this). Default 1048576 (1 MiB).
+    pub max_reply_bytes: u64,
     /// Alternatives asked per token for P(yes); 0 = do not ask for logprobs
     /// (scores are shares of verdicts). Default 5.
     pub top_logprobs: u32,
@@ -93,6 +113,14 @@ pub struct Config {
     /// Send a canary (content-free solution) every this many judge calls; 0 =
     /// never. Default 200.
     pub canary_every: u64,
+    /// Canaries over which the recent false-positive rate is measured (the
+    /// latest this many with a readable verdict). Default 20.
+    pub canary_window: u32,
+    /// When the false-positive rate over the window is above this (with at
+    /// least min(5, canary_window) canaries in it), the judge is not trusted
+    /// and its scores are not used until the rate falls to this or below. In
+    /// [0, 1]. Default 0.2.
+    pub canary_max_rate: f64,
 }
 
 string_enum! {
@@ -112,9 +140,11 @@ impl Default for Config {
             api_key_env: String::new(),
             template: Style::Genprm,
             template_file: String::new(),
+            reference_aware: false,
             samples: 1,
             temperature: 0.0,
             max_tokens: 1024,
+            max_reply_bytes: 1 << 20,
             top_logprobs: 5,
             threshold: 0.5,
             concurrency: 64,
@@ -127,6 +157,8 @@ impl Default for Config {
             breaker_probes: 1,
             cache_entries: 65_536,
             canary_every: 200,
+            canary_window: 20,
+            canary_max_rate: 0.2,
         }
     }
 }
@@ -143,6 +175,7 @@ impl Config {
         check::positive("judge.samples", self.samples)?;
         check::in_range("judge.temperature", self.temperature, 0.0, 10.0)?;
         check::positive("judge.max_tokens", self.max_tokens)?;
+        check::positive("judge.max_reply_bytes", self.max_reply_bytes)?;
         check::in_range("judge.top_logprobs", self.top_logprobs, 0, 20)?;
         check::in_range("judge.threshold", self.threshold, 0.0, 1.0)?;
         check::positive("judge.concurrency", self.concurrency)?;
@@ -152,6 +185,8 @@ impl Config {
         }
         check::positive("judge.breaker_failures", self.breaker_failures)?;
         check::positive("judge.breaker_probes", self.breaker_probes)?;
+        check::positive("judge.canary_window", self.canary_window)?;
+        check::in_range("judge.canary_max_rate", self.canary_max_rate, 0.0, 1.0)?;
         Ok(())
     }
 }
@@ -168,7 +203,8 @@ pub enum Failure {
     Status(u16),
     /// The last attempt's connection failed (refused, reset, cut short).
     Connection,
-    /// The last attempt's body was not an OpenAI response.
+    /// The last attempt's body was not an OpenAI response, or was larger than
+    /// `max_reply_bytes`.
     Malformed,
     /// The template could not be rendered.
     Template,
@@ -250,8 +286,16 @@ pub struct JudgeMetrics {
     pub verdicts: u64,
     /// Of those, scored from logprobs (the rest from the verdict text).
     pub logprob_verdicts: u64,
-    /// Replies whose verdict could not be read.
+    /// Replies whose verdict could not be read (truncated replies, and those
+    /// with `non_finite` scores, included).
     pub unknown_verdicts: u64,
+    /// Verdicts made unknown because their logprobs were not log-probabilities
+    /// (above 0, NaN, +inf) or gave a P(yes) that is not a finite number in
+    /// [0, 1], or because a step's mean score was not one.
+    pub non_finite: u64,
+    /// Replies (canaries included) cut off at `max_tokens` (`finish_reason =
+    /// "length"`); they give no verdict.
+    pub truncated: u64,
     /// Replies (canaries included) that carried token logprobs, and of those,
     /// how many had tokens that do not spell the reply's text (so P(yes) cannot
     /// be read from them).
@@ -262,6 +306,13 @@ pub struct JudgeMetrics {
     pub canary_false_positives: u64,
     /// `canary_false_positives / canaries`; `None` before the first canary.
     pub canary_fpr: Option<f64>,
+    /// The false-positive rate over the latest `canary_window` canaries; `None`
+    /// before the first.
+    pub canary_fp_rate_window: Option<f64>,
+    /// Whether the judge's scores may be used ([`Judge::trusted`]).
+    pub trusted: bool,
+    /// Times the judge went from trusted to not trusted.
+    pub distrusted_transitions: u64,
     /// Successful attempts' latency: mean and max over all, p50 and p95 over the
     /// latest 4096.
     pub latency_ms_mean: f64,
@@ -287,10 +338,16 @@ struct Stats {
     verdicts: u64,
     logprob_verdicts: u64,
     unknown_verdicts: u64,
+    non_finite: u64,
+    truncated: u64,
     logprob_replies: u64,
     logprob_mismatches: u64,
     canaries: u64,
     canary_false_positives: u64,
+    /// The latest `canary_window` canaries: accepted or not.
+    canary_window: VecDeque<bool>,
+    distrusted: bool,
+    distrusted_transitions: u64,
     latency_sum_ms: f64,
     latency_n: u64,
     latency_max_ms: f64,
@@ -299,9 +356,39 @@ struct Stats {
 
 const RECENT_LATENCIES: usize = 4096;
 
-/// Content-free "solutions" sent as canaries: a judge that accepts them can be
-/// fooled by a single token.
-pub const CANARIES: [&str; 3] = [":", "Thought process:", "Let's solve this problem step by step."];
+/// Content-free "solutions" sent as canaries, in turn: a judge that accepts
+/// them can be fooled by a single token ("One Token to Fool", Zhao et al.
+/// 2025, lists punctuation, reasoning openers and their translations).
+pub const CANARIES: [&str; 8] = [
+    ":",
+    "Thought process:",
+    "Let's solve this problem step by step.",
+    ".",
+    "Solution",
+    "Lösung:",
+    "解答：",
+    "Solución paso a paso:",
+];
+
+/// What a solution is judged against: the problem, and what the task knows
+/// about its answer (templates receive them as `problem`, `reference`,
+/// `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject<'a> {
+    pub problem: &'a str,
+    /// The task's reference answer, when it has one.
+    pub reference: Option<&'a str>,
+    /// Whether the trajectory's final answer was verified right; `None` when
+    /// it was not checked.
+    pub outcome: Option<bool>,
+}
+
+impl<'a> Subject<'a> {
+    /// A problem with nothing known about its answer.
+    pub fn problem(problem: &'a str) -> Self {
+        Self { problem, reference: None, outcome: None }
+    }
+}
 
 /// The judge client. Cheap to clone (shared state).
 #[derive(Clone)]
@@ -320,6 +407,15 @@ struct Inner {
     cache: Mutex<Lru<[u8; 32], Vec<StepJudgement>>>,
     stats: Mutex<Stats>,
     canary_clock: AtomicU64,
+    /// Canaries sent so far, to take them from [`CANARIES`] in turn.
+    canary_turn: AtomicU64,
+}
+
+/// A reply body: read whole, or found larger than `max_reply_bytes` (at
+/// least this many bytes) and not read further.
+enum Body {
+    Read(Vec<u8>),
+    TooLarge(u64),
 }
 
 /// The outcome of one HTTP attempt that did not give choices.
@@ -339,7 +435,7 @@ impl Judge {
     /// A client for `[judge]` (reads the template file and the API key variable).
     pub fn new(cfg: &Config) -> Result<Self> {
         cfg.validate()?;
-        let template = Template::load(cfg.template, &cfg.template_file)?;
+        let template = Template::load(cfg.template, &cfg.template_file, cfg.reference_aware)?;
         let api_key = if cfg.api_key_env.is_empty() {
             None
         } else {
@@ -377,6 +473,7 @@ impl Judge {
                 cache: Mutex::new(Lru::new(cfg.cache_entries as usize)),
                 stats: Mutex::new(Stats::default()),
                 canary_clock: AtomicU64::new(0),
+                canary_turn: AtomicU64::new(0),
                 cfg: cfg.clone(),
             }),
         })
@@ -392,7 +489,7 @@ impl Judge {
 
     /// Judges every step of a solution to `problem`; one judgement per step.
     pub async fn judge(&self, problem: &str, steps: &[&str]) -> Vec<StepJudgement> {
-        self.judge_until(problem, steps, None).await
+        self.judge_subject(&Subject::problem(problem), steps, None).await
     }
 
     /// Like [`Judge::judge`], but steps still unjudged at `deadline` are
@@ -403,19 +500,38 @@ impl Judge {
         steps: &[&str],
         deadline: Option<tokio::time::Instant>,
     ) -> Vec<StepJudgement> {
+        self.judge_subject(&Subject::problem(problem), steps, deadline).await
+    }
+
+    /// Judges every step of a solution to `subject` (its reference answer and
+    /// verified outcome go to the template, and into the cache key when the
+    /// template reads them); steps still unjudged at `deadline` are `Failed {
+    /// Deadline }`.
+    pub async fn judge_subject(
+        &self,
+        subject: &Subject<'_>,
+        steps: &[&str],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Vec<StepJudgement> {
         if steps.is_empty() {
             return Vec::new();
         }
         let deadline_failed = StepJudgement::Failed { failure: Failure::Deadline };
         match self.inner.template.style() {
             Style::Genprm => {
-                let calls = (1..=steps.len()).map(|i| within(deadline, self.judge_prefix(problem, &steps[..i])));
+                let calls = (1..=steps.len()).map(|i| within(deadline, self.judge_prefix(subject, &steps[..i])));
                 join_all(calls).await.into_iter().map(|r| r.unwrap_or_else(|| deadline_failed.clone())).collect()
             }
-            Style::Thinkprm => within(deadline, self.judge_all(problem, steps))
+            Style::Thinkprm => within(deadline, self.judge_all(subject, steps))
                 .await
                 .unwrap_or_else(|| vec![deadline_failed; steps.len()]),
         }
+    }
+
+    /// Whether the judge's scores may be used: false while the judge accepts
+    /// more than `canary_max_rate` of the latest `canary_window` canaries.
+    pub fn trusted(&self) -> bool {
+        !lock(&self.inner.stats).distrusted
     }
 
     /// The current state of the circuit breaker.
@@ -451,11 +567,16 @@ impl Judge {
             verdicts: s.verdicts,
             logprob_verdicts: s.logprob_verdicts,
             unknown_verdicts: s.unknown_verdicts,
+            non_finite: s.non_finite,
+            truncated: s.truncated,
             logprob_replies: s.logprob_replies,
             logprob_mismatches: s.logprob_mismatches,
             canaries: s.canaries,
             canary_false_positives: s.canary_false_positives,
             canary_fpr: (s.canaries > 0).then(|| s.canary_false_positives as f64 / s.canaries as f64),
+            canary_fp_rate_window: window_rate(&s.canary_window),
+            trusted: !s.distrusted,
+            distrusted_transitions: s.distrusted_transitions,
             latency_ms_mean: if s.latency_n > 0 { s.latency_sum_ms / s.latency_n as f64 } else { 0.0 },
             latency_ms_p50: quantile(0.5),
             latency_ms_p95: quantile(0.95),
@@ -463,12 +584,34 @@ impl Judge {
         }
     }
 
-    /// The cache key of a step prefix (or, with `thinkprm`, the whole solution).
-    fn key(&self, problem: &str, steps: &[&str]) -> [u8; 32] {
+    /// The cache key of a step prefix (or, with `thinkprm`, the whole
+    /// solution), from the raw inputs (never the rendered prompt, whose nonce
+    /// changes at every render). The reference and the outcome are part of it
+    /// when the template reads them; a template that does not gives the same
+    /// verdict whatever they are, and shares it.
+    fn key(&self, subject: &Subject<'_>, steps: &[&str]) -> [u8; 32] {
+        let template = &self.inner.template;
         let mut h = Sha256::new();
-        for part in [self.inner.cfg.model.as_bytes(), self.inner.template.id(), problem.as_bytes()] {
+        for part in [self.inner.cfg.model.as_bytes(), template.id(), subject.problem.as_bytes()] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
+        }
+        if template.reads_reference() {
+            match subject.reference {
+                None => h.update([0]),
+                Some(r) => {
+                    h.update([1]);
+                    h.update((r.len() as u64).to_le_bytes());
+                    h.update(r.as_bytes());
+                }
+            }
+        }
+        if template.reads_outcome() {
+            h.update([match subject.outcome {
+                None => 0,
+                Some(false) => 1,
+                Some(true) => 2,
+            }]);
         }
         for s in steps {
             h.update((s.len() as u64).to_le_bytes());
@@ -497,95 +640,130 @@ impl Judge {
         })
     }
 
+    /// Keeps `judgements` in the cache when there is a score among them and
+    /// every score is a finite number in [0, 1].
+    fn remember(&self, key: [u8; 32], judgements: &[StepJudgement]) {
+        let scores = || judgements.iter().filter_map(StepJudgement::score);
+        if scores().next().is_some() && scores().all(|p| p.is_finite() && (0.0..=1.0).contains(&p)) {
+            lock(&self.inner.cache).insert(key, judgements.to_vec());
+        }
+    }
+
     /// GenPRM style: the verdict on the last step of `prefix`.
-    async fn judge_prefix(&self, problem: &str, prefix: &[&str]) -> StepJudgement {
-        let key = self.key(problem, prefix);
+    async fn judge_prefix(&self, subject: &Subject<'_>, prefix: &[&str]) -> StepJudgement {
+        let key = self.key(subject, prefix);
         if let Some(mut hit) = self.cached(&key) {
             return hit.pop().unwrap_or(StepJudgement::Unknown { samples: 0 });
         }
-        let Ok(prompt) = self.inner.template.render(problem, prefix, prefix.len()) else {
+        let Ok(prompt) = self.inner.template.render(subject, prefix, prefix.len()) else {
             return StepJudgement::Failed { failure: Failure::Template };
         };
         lock(&self.inner.stats).calls += 1;
-        self.maybe_canary(problem);
+        self.maybe_canary(subject);
         let judgement = match self.sample(&prompt).await {
             Ok(choices) => self.aggregate(&choices, parse::last_boxed_verdict, false),
             Err(failure) => StepJudgement::Failed { failure },
         };
-        if matches!(judgement, StepJudgement::Scored { .. }) {
-            lock(&self.inner.cache).insert(key, vec![judgement.clone()]);
-        }
+        self.remember(key, std::slice::from_ref(&judgement));
         judgement
     }
 
     /// ThinkPRM style: verdicts on all steps from one reply per sample.
-    async fn judge_all(&self, problem: &str, steps: &[&str]) -> Vec<StepJudgement> {
-        let key = self.key(problem, steps);
+    async fn judge_all(&self, subject: &Subject<'_>, steps: &[&str]) -> Vec<StepJudgement> {
+        let key = self.key(subject, steps);
         if let Some(hit) = self.cached(&key) {
             return hit;
         }
-        let Ok(prompt) = self.inner.template.render(problem, steps, steps.len()) else {
+        let Ok(prompt) = self.inner.template.render(subject, steps, steps.len()) else {
             return vec![StepJudgement::Failed { failure: Failure::Template }; steps.len()];
         };
         lock(&self.inner.stats).calls += 1;
-        self.maybe_canary(problem);
+        self.maybe_canary(subject);
         let judgements: Vec<StepJudgement> = match self.sample(&prompt).await {
             Ok(choices) => (0..steps.len())
                 .map(|i| self.aggregate(&choices, |text| parse::step_verdicts(text, steps.len())[i], false))
                 .collect(),
             Err(failure) => vec![StepJudgement::Failed { failure }; steps.len()],
         };
-        if judgements.iter().any(|j| matches!(j, StepJudgement::Scored { .. })) {
-            lock(&self.inner.cache).insert(key, judgements.clone());
-        }
+        self.remember(key, &judgements);
         judgements
     }
 
-    /// Averages the per-reply scores of one step; counts verdicts.
     /// Averages the per-reply scores of one step, whose verdict `find` reads
     /// from a reply's text; counts verdicts. The soft score comes from the
     /// verdict as found in the text the tokens spell, when it agrees with the
-    /// one in the reply's text.
+    /// one in the reply's text. A reply cut off at `max_tokens` gives no
+    /// verdict; one whose logprobs are not log-probabilities gives an unknown
+    /// one (counted as `non_finite`), as does a mean that is not a finite
+    /// number in [0, 1].
     fn aggregate(
         &self,
         choices: &[Choice],
         find: impl Fn(&str) -> Option<parse::Verdict>,
         canary: bool,
     ) -> StepJudgement {
-        let (mut sum, mut known, mut unknown, mut from_logprobs) = (0f64, 0u32, 0u32, 0u64);
+        let (mut sum, mut known, mut unknown, mut from_logprobs, mut non_finite) = (0f64, 0u32, 0u32, 0u64, 0u64);
         for c in choices {
-            match find(&c.text) {
-                Some(v) => {
-                    let soft = c.tokens.as_deref().and_then(|tokens| {
-                        let spelled = parse::spelled(tokens);
-                        let at = if spelled == c.text { Some(v) } else { find(&spelled) };
-                        at.filter(|w| w.positive == v.positive && w.words == v.words)
-                            .and_then(|w| parse::p_yes(tokens, &w))
-                    });
-                    if soft.is_some() {
-                        from_logprobs += 1;
+            let verdict = if c.truncated() { None } else { find(&c.text) };
+            let Some(v) = verdict else {
+                unknown += 1;
+                continue;
+            };
+            let soft = match c.tokens.as_deref() {
+                None => Ok(None),
+                Some(tokens) => {
+                    let spelled = parse::spelled(tokens);
+                    let at = if spelled == c.text { Some(v) } else { find(&spelled) };
+                    match at.filter(|w| w.positive == v.positive && w.words == v.words) {
+                        Some(w) => parse::p_yes(tokens, &w),
+                        None => Ok(None),
                     }
-                    sum += soft.unwrap_or(if v.positive { 1.0 } else { 0.0 }) as f64;
-                    known += 1;
                 }
-                None => unknown += 1,
-            }
+            };
+            let p = match soft {
+                Ok(Some(p)) => {
+                    from_logprobs += 1;
+                    p as f64
+                }
+                Ok(None) => f64::from(u8::from(v.positive)),
+                Err(parse::NotAProbability(value)) => {
+                    if !canary {
+                        tracing::debug!(value, "judge logprobs are not log-probabilities; verdict unknown");
+                    }
+                    non_finite += 1;
+                    unknown += 1;
+                    continue;
+                }
+            };
+            sum += p;
+            known += 1;
         }
+        let mean = sum / known.max(1) as f64;
+        let judgement = if known == 0 {
+            StepJudgement::Unknown { samples: unknown }
+        } else if !(mean.is_finite() && (0.0..=1.0).contains(&mean)) {
+            non_finite += 1;
+            StepJudgement::Unknown { samples: known + unknown }
+        } else {
+            StepJudgement::Scored { p: mean as f32, cached: false, samples: known, unknown }
+        };
         if !canary {
             let mut s = lock(&self.inner.stats);
-            s.verdicts += known as u64;
-            s.logprob_verdicts += from_logprobs;
-            s.unknown_verdicts += unknown as u64;
+            match judgement {
+                StepJudgement::Scored { .. } => {
+                    s.verdicts += known as u64;
+                    s.logprob_verdicts += from_logprobs;
+                    s.unknown_verdicts += unknown as u64;
+                }
+                _ => s.unknown_verdicts += (known + unknown) as u64,
+            }
+            s.non_finite += non_finite;
         }
-        if known == 0 {
-            StepJudgement::Unknown { samples: unknown }
-        } else {
-            StepJudgement::Scored { p: (sum / known as f64) as f32, cached: false, samples: known, unknown }
-        }
+        judgement
     }
 
     /// Every `canary_every` calls, a canary in the background.
-    fn maybe_canary(&self, problem: &str) {
+    fn maybe_canary(&self, subject: &Subject<'_>) {
         let every = self.inner.cfg.canary_every;
         if every == 0 {
             return;
@@ -596,26 +774,76 @@ impl Judge {
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let judge = self.clone();
-        let problem = problem.to_string();
-        let answer = CANARIES[((n / every - 1) % CANARIES.len() as u64) as usize];
-        runtime.spawn(async move { judge.canary(&problem, answer).await });
+        let (problem, reference) = (subject.problem.to_string(), subject.reference.map(str::to_string));
+        let answer = self.next_canary();
+        runtime.spawn(async move {
+            let subject = Subject { problem: &problem, reference: reference.as_deref(), outcome: None };
+            judge.canary_for(&subject, answer).await
+        });
+    }
+
+    fn next_canary(&self) -> &'static str {
+        let turn = self.inner.canary_turn.fetch_add(1, Ordering::Relaxed);
+        CANARIES[(turn % CANARIES.len() as u64) as usize]
+    }
+
+    /// Sends the next canary of [`CANARIES`] now, for `problem`, and records
+    /// whether the judge accepted it (`None` when it gave no readable verdict).
+    pub async fn send_canary_now(&self, problem: &str) -> Option<bool> {
+        let answer = self.next_canary();
+        self.canary_for(&Subject::problem(problem), answer).await
     }
 
     /// Sends one canary and records whether the judge accepted it.
     pub async fn canary(&self, problem: &str, answer: &str) -> Option<bool> {
-        let prompt = self.inner.template.render(problem, &[answer], 1).ok()?;
+        self.canary_for(&Subject::problem(problem), answer).await
+    }
+
+    /// Sends `answer` as the whole solution to `subject` (with the outcome
+    /// unknown, as a content-free solution has none); records the verdict.
+    async fn canary_for(&self, subject: &Subject<'_>, answer: &str) -> Option<bool> {
+        let prompt = self.inner.template.render(subject, &[answer], 1).ok()?;
         let choices = self.sample(&prompt).await.ok()?;
         let judgement = match self.inner.template.style() {
             Style::Genprm => self.aggregate(&choices, parse::last_boxed_verdict, true),
             Style::Thinkprm => self.aggregate(&choices, |text| parse::step_verdicts(text, 1)[0], true),
         };
         let accepted = judgement.score()? as f64 >= self.inner.cfg.threshold;
+        self.record_canary(accepted);
+        Some(accepted)
+    }
+
+    /// Counts a canary's verdict and updates whether the judge is trusted.
+    fn record_canary(&self, accepted: bool) {
+        let cfg = &self.inner.cfg;
+        let window = cfg.canary_window.max(1) as usize;
+        let limit = cfg.canary_max_rate;
         let mut s = lock(&self.inner.stats);
         s.canaries += 1;
         if accepted {
             s.canary_false_positives += 1;
         }
-        Some(accepted)
+        s.canary_window.push_back(accepted);
+        while s.canary_window.len() > window {
+            s.canary_window.pop_front();
+        }
+        let Some(rate) = window_rate(&s.canary_window) else { return };
+        let enough = s.canary_window.len() >= window.min(5);
+        if !s.distrusted && enough && rate > limit {
+            s.distrusted = true;
+            s.distrusted_transitions += 1;
+            drop(s);
+            tracing::warn!(
+                rate,
+                window,
+                limit,
+                "judge accepts content-free canaries: judge scores are off until the rate falls"
+            );
+        } else if s.distrusted && rate <= limit {
+            s.distrusted = false;
+            drop(s);
+            tracing::info!(rate, window, limit, "judge canary rate back under the limit: judge scores on again");
+        }
     }
 
     /// `samples` replies to `prompt` (asking with `n`, and again for the rest
@@ -637,6 +865,9 @@ impl Judge {
         {
             let mut s = lock(&self.inner.stats);
             for c in &choices {
+                if c.truncated() {
+                    s.truncated += 1;
+                }
                 if let Some(tokens) = &c.tokens {
                     s.logprob_replies += 1;
                     if parse::spelled(tokens) != c.text {
@@ -727,6 +958,7 @@ impl Judge {
         let inner = &self.inner;
         lock(&inner.stats).attempts += 1;
         let timeout = Duration::from_millis(inner.cfg.timeout_ms);
+        let cap = inner.cfg.max_reply_bytes;
         let fail = |failure, retryable| AttemptError { failure, retryable, retry_after: None };
         let send = async {
             let mut req =
@@ -734,7 +966,7 @@ impl Judge {
             if let Some(key) = &inner.api_key {
                 req = req.bearer_auth(key);
             }
-            let resp = req.send().await?;
+            let mut resp = req.send().await?;
             let status = resp.status().as_u16();
             let retry_after = resp
                 .headers()
@@ -742,8 +974,21 @@ impl Judge {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .map(|secs| Duration::from_secs_f64(secs.clamp(0.0, 3600.0)));
-            let bytes = resp.bytes().await?;
-            Ok::<_, reqwest::Error>((status, retry_after, bytes))
+            // Read no more than the cap: a larger announced body fails at
+            // once, a longer stream as soon as it passes the cap (dropping the
+            // response closes the connection).
+            if let Some(announced) = resp.content_length().filter(|n| *n > cap) {
+                return Ok((status, retry_after, Body::TooLarge(announced)));
+            }
+            let mut bytes = Vec::new();
+            while let Some(chunk) = resp.chunk().await? {
+                let read = (bytes.len() + chunk.len()) as u64;
+                if read > cap {
+                    return Ok((status, retry_after, Body::TooLarge(read)));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>((status, retry_after, Body::Read(bytes)))
         };
         let outcome = tokio::time::timeout(timeout, send).await;
         let mut s = lock(&inner.stats);
@@ -768,7 +1013,12 @@ impl Judge {
                 let retryable = status == 429 || status == 408 || status >= 500;
                 Err(AttemptError { failure: Failure::Status(status), retryable, retry_after })
             }
-            Ok(Ok((_, _, bytes))) => match parse::choices(inner.cfg.api, &bytes) {
+            Ok(Ok((_, _, Body::TooLarge(bytes)))) => {
+                s.malformed += 1;
+                tracing::debug!(bytes, cap, "judge response larger than judge.max_reply_bytes");
+                Err(fail(Failure::Malformed, true))
+            }
+            Ok(Ok((_, _, Body::Read(bytes)))) => match parse::choices(inner.cfg.api, &bytes) {
                 Ok(choices) => Ok(choices),
                 Err(reason) => {
                     s.malformed += 1;
@@ -826,6 +1076,11 @@ async fn within<T>(deadline: Option<tokio::time::Instant>, f: impl Future<Output
         Some(d) => tokio::time::timeout_at(d, f).await.ok(),
         None => Some(f.await),
     }
+}
+
+/// The share of accepted canaries in `window`; `None` when it is empty.
+fn window_rate(window: &VecDeque<bool>) -> Option<f64> {
+    (!window.is_empty()).then(|| window.iter().filter(|a| **a).count() as f64 / window.len() as f64)
 }
 
 fn is_loopback(url: &str) -> bool {
