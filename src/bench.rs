@@ -9,6 +9,7 @@
 //! `rounds` alternations of prism and transformers; decode tokens/s =
 //! batch × (new_tokens − 1) / (full − prefill).
 
+pub mod judge_server;
 pub mod reward;
 pub mod train;
 

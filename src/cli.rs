@@ -93,6 +93,9 @@ pub enum BenchCommand {
     Train(crate::bench::train::TrainArgs),
     /// Labeling throughput against a loopback judge that answers after a fixed delay.
     Reward(crate::bench::reward::RewardArgs),
+    /// A realistic OpenAI-compatible judge for benchmarks: grades arithmetic steps, flips
+    /// verdicts, answers slowly through a few slots and fails some calls.
+    JudgeServer(crate::bench::judge_server::JudgeServerArgs),
 }
 
 impl Command {
@@ -112,6 +115,7 @@ impl Command {
                 BenchCommand::Generate(g) => ("bench", &g.common),
                 BenchCommand::Train(t) => ("bench", &t.common),
                 BenchCommand::Reward(r) => ("bench", &r.common),
+                BenchCommand::JudgeServer(j) => ("bench", &j.common),
             },
             Command::Doctor(a) => ("doctor", a),
             Command::Status(a) => ("status", &a.common),

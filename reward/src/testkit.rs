@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub mod realistic;
+
 /// The shared data folder: `$PRISM_DATA_DIR`, else `../shared/data` next to the
 /// repository (as seen from this crate's sources).
 pub fn data_dir() -> PathBuf {
