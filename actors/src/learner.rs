@@ -7,10 +7,10 @@ use crate::reward_pool::{CompleteGroup, PoolMsg};
 use crate::source::SourceMsg;
 use crate::supervisor::SupMsg;
 use crate::weight_sync::SyncMsg;
-use prism_core::{LabeledTrajectory, PolicyVersion};
+use prism_core::{LabeledTrajectory, PolicyVersion, ScoreSource};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -191,6 +191,7 @@ impl Core {
         let n = batch.len();
         let lags: Vec<u64> = batch.iter().map(|(_, l)| *l).collect();
         let (reward, accuracy, step_accuracy) = batch_outcomes(batch.iter().flat_map(|(g, _)| g.iter()));
+        let sources = score_sources(batch.iter().flat_map(|(g, _)| g.iter()));
         let groups: Vec<Vec<LabeledTrajectory>> = batch.into_iter().map(|(g, _)| g).collect();
         let started = Instant::now();
         let version = self.version();
@@ -205,7 +206,7 @@ impl Core {
             .await?
             .map_err(|e| format!("learner step {} failed: {e}", version.0 + 1))?;
         let train_s = started.elapsed().as_secs_f64();
-        let event = StepEvent { version: weights.version.0, report, lags, reward, accuracy, step_accuracy, train_s, wait_s };
+        let event = StepEvent { version: weights.version.0, report, lags, reward, accuracy, step_accuracy, sources, train_s, wait_s };
         Ok((weights, StepDone { groups: n, event }))
     }
 
@@ -258,6 +259,23 @@ pub(crate) fn batch_outcomes<'a>(samples: impl Iterator<Item = &'a LabeledTrajec
         samples.iter().flat_map(|l| l.label.steps.iter().filter_map(|s| s.score)).map(|s| if s >= 0.5 { 1.0 } else { 0.0 }).collect();
     let step_accuracy = (!step_scores.is_empty()).then(|| mean(step_scores.into_iter()));
     (reward, accuracy, step_accuracy)
+}
+
+/// Step scores of the samples by source.
+pub(crate) fn score_sources<'a>(samples: impl Iterator<Item = &'a LabeledTrajectory>) -> BTreeMap<&'static str, u64> {
+    let mut out = BTreeMap::new();
+    for s in samples.flat_map(|l| l.label.steps.iter()) {
+        let name = match s.source {
+            ScoreSource::Judge => "judge",
+            ScoreSource::JudgeCache => "cache",
+            ScoreSource::Distilled => "distilled",
+            ScoreSource::Verifier => "verifier",
+            ScoreSource::Guard => "guard",
+            ScoreSource::Unknown => "unknown",
+        };
+        *out.entry(name).or_insert(0) += 1;
+    }
+    out
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> f64 {

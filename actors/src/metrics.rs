@@ -4,12 +4,13 @@
 //! dropped (with the reason), or found in flight at shutdown; the [`Ledger`]
 //! says whether those add up.
 
-use crate::backend::{DropReason, EvalReport, StepReport};
+use crate::backend::{DropReason, EvalReport, Label, StepReport};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
 
@@ -64,6 +65,13 @@ pub struct Progress {
     pub eval_accuracy: Option<f64>,
     pub step_accuracy: Option<f64>,
     pub mean_lag: Option<f64>,
+    /// Share of the last step's step scores that came from the judge (live or
+    /// cached), when a judge is configured.
+    pub judge_share: Option<f64>,
+    /// The distilled model's agreement with the judge on held-out steps.
+    pub distill_agreement: Option<f64>,
+    /// False while the canary gate has turned judge scores off.
+    pub judge_trusted: Option<bool>,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
     pub ledger: Ledger,
@@ -82,6 +90,9 @@ pub struct StepEvent {
     pub accuracy: f64,
     /// Share of scored steps judged correct, when steps were scored.
     pub step_accuracy: Option<f64>,
+    /// Step scores of the trained samples by source (`judge`, `cache`,
+    /// `distilled`, `verifier`, `guard`, `unknown`).
+    pub sources: BTreeMap<&'static str, u64>,
     /// Seconds the learner spent training (not waiting).
     pub train_s: f64,
     /// Seconds the learner waited for labeled groups before this step.
@@ -110,6 +121,9 @@ pub struct MetricsArgs {
     /// `metrics.jsonl` to append to; none for runs without a folder.
     pub path: Option<PathBuf>,
     pub progress: watch::Sender<Progress>,
+    /// The labeler whose reward health each step row carries (a local run's;
+    /// none where labeling happens in other processes).
+    pub labeler: Option<Arc<dyn Label>>,
 }
 
 pub struct MetricsState {
@@ -122,6 +136,7 @@ pub struct MetricsState {
     labeled: u64,
     label_s: f64,
     restarts: u64,
+    labeler: Option<Arc<dyn Label>>,
     last: Progress,
 }
 
@@ -164,6 +179,7 @@ impl Actor for Metrics {
             labeled: 0,
             label_s: 0.0,
             restarts: 0,
+            labeler: args.labeler,
             last: Progress::default(),
         })
     }
@@ -220,6 +236,19 @@ impl Actor for Metrics {
                 });
                 for (k, v) in &e.report.stats {
                     line[k.as_str()] = serde_json::json!(v);
+                }
+                if !e.sources.is_empty() {
+                    line["reward_sources"] = serde_json::json!(e.sources);
+                }
+                if let Some(health) = state.labeler.as_ref().and_then(|l| l.health()) {
+                    let judged = e.sources.get("judge").copied().unwrap_or(0) + e.sources.get("cache").copied().unwrap_or(0);
+                    let scored: u64 = e.sources.values().sum();
+                    state.last.judge_share = (scored > 0).then(|| judged as f64 / scored as f64);
+                    state.last.distill_agreement = health.get("distill_agreement").and_then(|v| v.as_f64());
+                    state.last.judge_trusted = health.get("judge_trusted").and_then(|v| v.as_bool());
+                    for (k, v) in health {
+                        line[k.as_str()] = v;
+                    }
                 }
                 tracing::info!(step = e.version, reward = e.reward, lag = mean_lag, "learner step");
                 state.write(line);

@@ -158,7 +158,7 @@ impl Actor for Supervisor {
         let me = myself.get_cell();
         let config = spec.config.clone();
         let (metrics, _) =
-            Actor::spawn_linked(None, Metrics, MetricsArgs { path: spec.metrics_path.clone(), progress: spec.progress }, me.clone()).await?;
+            Actor::spawn_linked(None, Metrics, MetricsArgs { path: spec.metrics_path.clone(), progress: spec.progress, labeler: Some(spec.labeler.clone()) }, me.clone()).await?;
         let (sync, _) = Actor::spawn_linked(None, WeightSync, None, me.clone()).await?;
         let max_outstanding = spec.plan.batch_groups * (1 + spec.plan.max_staleness as usize);
         let (source, _) = Actor::spawn_linked(

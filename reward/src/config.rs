@@ -45,6 +45,21 @@ pub struct Config {
     /// Overall deadline for labeling one trajectory, in ms; steps still waiting
     /// on the judge then take the fallback. Default 120000.
     pub deadline_ms: u64,
+    /// With `process = "judge"`: how long a label may wait for the judge's
+    /// verdicts, in ms (capped by `deadline_ms`). At 0 a label never waits: it
+    /// is made at once by the fallback (the distilled model once it agrees
+    /// with the judge well enough, else the verifiers), and the judge request
+    /// goes to the background annotation queue, whose verdicts train the
+    /// distilled model and fill the cache whenever they arrive (ONI). A large
+    /// value blocks on the judge as a gate. Default: 0 when `distill.enabled`,
+    /// else `deadline_ms`.
+    pub judge_wait_ms: Option<u64>,
+    /// Background annotation queue: most trajectories waiting for the judge.
+    /// When full, the oldest waiting one is shed (and counted). Default 1024.
+    pub annotation_queue: u32,
+    /// Background annotation: trajectories being judged at once (each may make
+    /// several judge calls, all bounded by `judge.concurrency`). Default 16.
+    pub annotators: u32,
 }
 
 string_enum! {
@@ -114,6 +129,9 @@ impl Default for Config {
             guard: true,
             min_chars: 4,
             deadline_ms: 120_000,
+            judge_wait_ms: None,
+            annotation_queue: 1024,
+            annotators: 16,
         }
     }
 }
@@ -140,6 +158,15 @@ impl Config {
             return Err(Invalid::new("reward.step_regex", "", "must be set when reward.segmentation = \"regex\""));
         }
         check::positive("reward.deadline_ms", self.deadline_ms)?;
+        check::positive("reward.annotation_queue", self.annotation_queue)?;
+        check::positive("reward.annotators", self.annotators)?;
         Ok(())
+    }
+
+    /// `judge_wait_ms` resolved: its value, else 0 with a distilled model to
+    /// train and `deadline_ms` without one; never more than `deadline_ms`.
+    pub fn judge_wait(&self, distill_enabled: bool) -> std::time::Duration {
+        let ms = self.judge_wait_ms.unwrap_or(if distill_enabled { 0 } else { self.deadline_ms });
+        std::time::Duration::from_millis(ms.min(self.deadline_ms))
     }
 }

@@ -11,8 +11,14 @@
 //! against the judge's P(yes) on every judged step, except a `holdout` share
 //! kept aside to measure how often it agrees with the judge.
 //!
-//! The annotation budget ([`Budget`]) decides which trajectories the judge sees:
-//! a fraction of them, and at most so many judge calls per second.
+//! Distilled scores are used only once the model has learned from `min_labels`
+//! judged steps *and* agrees with the judge on at least `min_agreement` of the
+//! held-out ones ([`Distiller::usable`]): a label count alone says nothing about
+//! whether the model imitates the judge.
+//!
+//! The annotation budget ([`Budget`]) decides which groups the judge sees: a
+//! fraction of them (by group id, so a group's trajectories are judged all or
+//! none), and at most so many judge calls per second.
 
 use crate::{Error, Result};
 use prism_core::config::{Invalid, check};
@@ -29,8 +35,9 @@ use tch::{Device, Kind, Reduction, Tensor};
 pub struct Config {
     /// Train the distilled model on the judge's labels. Default false.
     pub enabled: bool,
-    /// Share of trajectories sent to the judge (chosen by a hash of the
-    /// trajectory id); the rest get the fallback. Default 1.0.
+    /// Share of groups sent to the judge (chosen by a hash of the group id, so
+    /// that every trajectory of a group gets its step scores from the same
+    /// source); the rest get the fallback. Default 1.0.
     pub judge_fraction: f64,
     /// Most judge calls per second (token bucket, one second of burst); 0 =
     /// unlimited. Default 0.
@@ -62,6 +69,11 @@ pub struct Config {
     pub holdout: f64,
     /// Training labels needed before distilled scores are used. Default 256.
     pub min_labels: u32,
+    /// Agreement with the judge on held-out judged steps (correct vs wrong)
+    /// needed before distilled scores are used. Default 0.75.
+    pub min_agreement: f64,
+    /// Held-out judged steps needed before the agreement counts. Default 32.
+    pub min_held_out: u32,
     /// `cpu` or `cuda`. Default `cpu`.
     pub device: String,
     /// Seed of the initial weights and the replay sampling. Default 0.
@@ -87,6 +99,8 @@ impl Default for Config {
             buffer: 20_000,
             holdout: 0.1,
             min_labels: 256,
+            min_agreement: 0.75,
+            min_held_out: 32,
             device: "cpu".into(),
             seed: 0,
         }
@@ -111,6 +125,14 @@ impl Config {
         check::positive("distill.updates", self.updates)?;
         check::positive("distill.buffer", self.buffer)?;
         check::in_range("distill.holdout", self.holdout, 0.0, 0.9)?;
+        check::in_range("distill.min_agreement", self.min_agreement, 0.0, 1.0)?;
+        if self.holdout == 0.0 && self.min_agreement > 0.0 {
+            return Err(Invalid::new(
+                "distill.holdout",
+                self.holdout,
+                "must be > 0 when distill.min_agreement > 0 (agreement is measured on held-out judged steps)",
+            ));
+        }
         check::one_of("distill.device", &self.device, &["cpu", "cuda"])?;
         Ok(())
     }
@@ -125,11 +147,18 @@ pub struct DistillMetrics {
     pub held_out: u64,
     /// Optimizer steps taken.
     pub updates: u64,
-    /// Distilled scores are being used (at least `min_labels` training labels).
+    /// Distilled scores may be used: at least `min_labels` training labels and
+    /// agreement at least `min_agreement` on at least `min_held_out` held-out
+    /// steps.
     pub ready: bool,
-    /// Share of held-out judged steps where the model and the judge agree on
-    /// correct vs wrong (both thresholded at 0.5); `None` before any.
+    /// Share of the held-out judged steps (the latest, up to 1024) where the
+    /// model and the judge agree on correct vs wrong (both thresholded at
+    /// 0.5), as of the last training round; `None` before any.
     pub agreement: Option<f64>,
+    /// The `min_agreement` gate, for plots.
+    pub min_agreement: f64,
+    /// Judge targets refused because they were not finite numbers.
+    pub rejected: u64,
     /// Moving average of the training loss (BCE).
     pub loss: Option<f64>,
     /// Distilled scores handed out.
@@ -160,11 +189,14 @@ struct State {
     updates: u64,
     loss_ema: Option<f64>,
     scored: u64,
+    rejected: u64,
+    /// Agreement on the held-out examples, measured after each training round.
+    agreement: Option<f64>,
     rng: SplitMix,
 }
 
 /// Held-out examples kept for the agreement metric (the most recent).
-const HOLDOUT_KEEP: usize = 4096;
+const HOLDOUT_KEEP: usize = 1024;
 
 /// The distilled reward model. All methods block (tch); call them from
 /// `spawn_blocking` in async code.
@@ -221,6 +253,8 @@ impl Distiller {
                 updates: 0,
                 loss_ema: None,
                 scored: 0,
+                rejected: 0,
+                agreement: None,
                 rng,
             }),
         })
@@ -250,8 +284,14 @@ impl Distiller {
     }
 
     /// Learns from the judge's P(yes) = `p_judge` for `step` after `context`;
-    /// trains a round every `train_every` new training labels.
+    /// trains a round every `train_every` new training labels (and measures
+    /// the agreement after it). A target that is not a finite number in [0, 1]
+    /// is refused (counted) and never learned from.
     pub fn observe(&self, context: &str, step: &str, p_judge: f32) -> Result<()> {
+        if !(p_judge.is_finite() && (0.0..=1.0).contains(&p_judge)) {
+            self.state().rejected += 1;
+            return Err(Error::Client(format!("distilled model: judge target {p_judge} is not a probability")));
+        }
         let features = self.features(context, step);
         let mut s = self.state();
         let before = (s.labels as f64 * self.cfg.holdout).floor();
@@ -276,8 +316,27 @@ impl Distiller {
             for _ in 0..self.cfg.updates {
                 self.train_step(&mut s)?;
             }
+            s.agreement = self.agreement(&s);
         }
         Ok(())
+    }
+
+    /// Agreement of the model with the judge on the held-out examples.
+    fn agreement(&self, s: &State) -> Option<f64> {
+        if s.holdout.is_empty() {
+            return None;
+        }
+        let batch: Vec<&[i64]> = s.holdout.iter().map(|e| e.features.as_slice()).collect();
+        let p = self.predict(s, &batch).ok()?;
+        let agree = p.iter().zip(&s.holdout).filter(|(p, e)| (**p >= 0.5) == (e.target >= 0.5)).count();
+        Some(agree as f64 / p.len() as f64)
+    }
+
+    fn gate(&self, s: &State) -> bool {
+        s.trained_labels >= self.cfg.min_labels as u64
+            && (self.cfg.min_agreement <= 0.0
+                || (s.holdout.len() >= self.cfg.min_held_out as usize
+                    && s.agreement.is_some_and(|a| a >= self.cfg.min_agreement)))
     }
 
     fn train_step(&self, s: &mut State) -> Result<()> {
@@ -335,42 +394,41 @@ impl Distiller {
         Ok(Vec::<f32>::try_from(&p)?)
     }
 
-    /// Whether enough labels have been learned from for scores to be used.
+    /// Whether distilled scores may be used: enough labels learned from, and
+    /// enough agreement with the judge on held-out judged steps.
     pub fn ready(&self) -> bool {
-        self.state().trained_labels >= self.cfg.min_labels as u64
+        self.gate(&self.state())
     }
 
     /// Distilled P(yes) for each `(context, step)`; `None` for all until ready.
     pub fn score(&self, items: &[(&str, &str)]) -> Result<Vec<Option<f32>>> {
         let features: Vec<Vec<i64>> = items.iter().map(|(c, s)| self.features(c, s)).collect();
         let mut s = self.state();
-        if s.trained_labels < self.cfg.min_labels as u64 {
+        if !self.gate(&s) {
             return Ok(vec![None; items.len()]);
         }
         let batch: Vec<&[i64]> = features.iter().map(Vec::as_slice).collect();
         let p = self.predict(&s, &batch)?;
         s.scored += p.len() as u64;
-        Ok(p.into_iter().map(Some).collect())
+        Ok(p.into_iter().map(|p| p.is_finite().then_some(p)).collect())
     }
 
-    /// A snapshot, with the agreement on held-out judged steps computed now.
+    /// A snapshot. The agreement is the one measured after the last training
+    /// round, or now when held-out steps arrived since (cheap: at most 1024
+    /// examples).
     pub fn metrics(&self) -> DistillMetrics {
-        let s = self.state();
-        let agreement = if s.holdout.is_empty() {
-            None
-        } else {
-            let batch: Vec<&[i64]> = s.holdout.iter().map(|e| e.features.as_slice()).collect();
-            self.predict(&s, &batch).ok().map(|p| {
-                let agree = p.iter().zip(&s.holdout).filter(|(p, e)| (**p >= 0.5) == (e.target >= 0.5)).count();
-                agree as f64 / p.len() as f64
-            })
-        };
+        let mut s = self.state();
+        if s.agreement.is_none() && !s.holdout.is_empty() {
+            s.agreement = self.agreement(&s);
+        }
         DistillMetrics {
             labels: s.labels,
             held_out: s.held_out,
             updates: s.updates,
-            ready: s.trained_labels >= self.cfg.min_labels as u64,
-            agreement,
+            ready: self.gate(&s),
+            agreement: s.agreement,
+            min_agreement: self.cfg.min_agreement,
+            rejected: s.rejected,
             loss: s.loss_ema,
             scored: s.scored,
         }
@@ -422,7 +480,7 @@ pub struct Budget {
     rate: f64,
     tokens: f64,
     refilled: Instant,
-    /// Trajectories refused by the fraction or the rate.
+    /// Groups refused by the fraction or the rate.
     pub refused: u64,
 }
 
@@ -438,7 +496,8 @@ impl Budget {
         }
     }
 
-    /// May the judge label trajectory `id`, costing `calls` judge calls?
+    /// May the judge label group `id` (all its trajectories), costing `calls`
+    /// judge calls?
     pub fn admit(&mut self, id: u64, calls: u64, now: Instant) -> bool {
         let selected = self.fraction >= 1.0 || (fnv(2, &id.to_le_bytes()) as f64 / u64::MAX as f64) < self.fraction;
         if !selected {

@@ -66,7 +66,7 @@ pub mod steps;
 pub mod testkit;
 
 pub use config::Config;
-pub use labeler::{LabelMeta, Labeler, Metrics};
+pub use labeler::{Health, JudgedStep, LabelMeta, Labeler, LatencyMs, Metrics, QueueHealth};
 
 /// Errors of the reward library. Labeling itself never fails (a trajectory
 /// always gets a label); these come from construction and from I/O.

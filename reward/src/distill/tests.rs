@@ -79,3 +79,42 @@ fn budget_admits_a_fraction_and_a_rate() {
     assert!(rate.admit(3, 1, t0 + std::time::Duration::from_millis(500)));
     assert!(!rate.admit(4, 1, t0 + std::time::Duration::from_millis(600)));
 }
+
+#[test]
+fn scores_wait_for_agreement_with_the_judge_not_a_label_count() {
+    tch::set_num_threads(1);
+    // A judge whose verdicts are coin flips unrelated to the step: nothing to
+    // learn, so the held-out agreement stays near one half and distilled
+    // scores are never used, however many labels arrive.
+    let d = Distiller::new(&small()).unwrap();
+    let (mut rng, mut coins) = (SplitMix(11), SplitMix(0x5eed));
+    for _ in 0..2000 {
+        let (context, step, _) = synthetic_step(&mut rng);
+        let coin = if coins.next() >> 63 == 0 { 1.0 } else { 0.0 };
+        d.observe(&context, &step, coin).unwrap();
+    }
+    let m = d.metrics();
+    assert!(m.labels == 2000 && m.held_out >= 32, "{m:?}");
+    assert!(m.agreement.unwrap() < m.min_agreement, "{m:?}");
+    assert!(!m.ready && !d.ready(), "{m:?}");
+    assert_eq!(d.score(&[("", "1+1=2")]).unwrap(), vec![None]);
+    // The same number of labels from a consistent judge opens the gate.
+    let d = Distiller::new(&small()).unwrap();
+    for _ in 0..2000 {
+        let (context, step, p) = synthetic_step(&mut rng);
+        d.observe(&context, &step, p).unwrap();
+    }
+    assert!(d.ready(), "{:?}", d.metrics());
+    assert!(d.score(&[("", "1+1=2")]).unwrap()[0].is_some());
+}
+
+#[test]
+fn a_non_finite_judge_target_is_refused_and_counted() {
+    let d = Distiller::new(&small()).unwrap();
+    for bad in [f32::NAN, f32::INFINITY, -0.5, 1.5] {
+        assert!(d.observe("ctx", "1+1=2", bad).is_err(), "{bad}");
+    }
+    d.observe("ctx", "1+1=2", 1.0).unwrap();
+    let m = d.metrics();
+    assert_eq!((m.rejected, m.labels), (4, 1), "{m:?}");
+}
