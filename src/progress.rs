@@ -20,7 +20,7 @@ pub fn line(p: &Progress, goal: &Goal) -> String {
     let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{:.1}%", v * 100.0));
     let eta = eta(p, goal).map_or("—".to_string(), |d| format!("{}s", d.as_secs()));
     format!(
-        "step {}/{} | reward {} | held-out {} | step acc {} | lag {} | {:.0} tok/s | ETA {}",
+        "step {}/{} | reward {} | held-out {} | step acc {} | lag {} | {:.0} tok/s{} | ETA {}",
         p.step,
         goal.max_steps,
         p.reward.map_or("—".to_string(), |r| format!("{r:.3}")),
@@ -28,8 +28,22 @@ pub fn line(p: &Progress, goal: &Goal) -> String {
         pct(p.step_accuracy),
         p.mean_lag.map_or("—".to_string(), |l| format!("{l:.2}")),
         p.tokens_per_s,
+        judge(p),
         eta
     )
+}
+
+/// ` | judge 37% agree 91%` when a judge is configured (it reports a share),
+/// ` | judge OFF (canaries)` while the canary gate has turned its scores off;
+/// nothing otherwise. The distiller's agreement is left out until measured.
+fn judge(p: &Progress) -> String {
+    let state = match (p.judge_trusted, p.judge_share) {
+        (Some(false), _) => "OFF (canaries)".to_string(),
+        (_, Some(share)) => format!("{:.0}%", share * 100.0),
+        (_, None) => return String::new(),
+    };
+    let agree = p.distill_agreement.map_or(String::new(), |a| format!(" agree {:.0}%", a * 100.0));
+    format!(" | judge {state}{agree}")
 }
 
 fn eta(p: &Progress, goal: &Goal) -> Option<Duration> {
@@ -101,5 +115,22 @@ mod tests {
         assert_eq!(line(&p, &goal), "step 10/100 | reward 0.500 | held-out 42.0% | step acc 90.0% | lag 1.00 | 1234 tok/s | ETA 40s");
         let empty = line(&Progress::default(), &Goal { first_step: 0, max_steps: 5, time_limit: None });
         assert_eq!(empty, "step 0/5 | reward — | held-out — | step acc — | lag — | 0 tok/s | ETA —");
+    }
+
+    #[test]
+    fn line_shows_the_judge_share_and_agreement_when_a_judge_is_configured() {
+        let goal = Goal { first_step: 0, max_steps: 100, time_limit: None };
+        let judged =
+            Progress { step: 1, judge_share: Some(0.374), distill_agreement: Some(0.912), judge_trusted: Some(true), ..Default::default() };
+        assert!(line(&judged, &goal).contains("| 0 tok/s | judge 37% agree 91% | ETA "), "{}", line(&judged, &goal));
+        // The distiller has not been measured yet (or distillation is off).
+        let early = Progress { judge_share: Some(1.0), ..Default::default() };
+        assert!(line(&early, &goal).contains("| 0 tok/s | judge 100% | ETA"), "{}", line(&early, &goal));
+        // The canary gate turned judge scores off: the share (zero) says less than that.
+        let off = Progress { judge_share: Some(0.0), distill_agreement: Some(0.8), judge_trusted: Some(false), ..Default::default() };
+        assert!(line(&off, &goal).contains("| judge OFF (canaries) agree 80% |"), "{}", line(&off, &goal));
+        // No judge configured: no judge field at all.
+        let none = Progress { judge_trusted: Some(true), ..Default::default() };
+        assert!(!line(&none, &goal).contains("judge"), "{}", line(&none, &goal));
     }
 }

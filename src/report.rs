@@ -1,47 +1,34 @@
 //! `prism report runs/<id>`: plots of a run's metrics (PNG and SVG) over
-//! learner steps and over wall time, and a Chrome-trace / Perfetto timeline of
-//! which actor was busy when, rebuilt from `trace.jsonl`.
+//! learner steps and over wall time, one unit of measure per panel, and a
+//! Chrome-trace / Perfetto timeline of which actor was busy when, rebuilt from
+//! `trace.jsonl`.
+//!
+//! Noisy per-step series are drawn as a centered moving average (about a
+//! fifteenth of the run wide) with the per-step values faint behind it.
+//! The reward-health figures (`reward_sources`, `judge`, `annotation_queue`,
+//! `judge_quality`) are drawn when the run's step rows carry those fields;
+//! runs from before they existed simply have none.
+
+mod plot;
+#[cfg(test)]
+mod tests;
 
 use anyhow::{bail, Context, Result};
-use plotters::coord::Shift;
+use plot::{Figure, Layer, Panel, Point, Style, YAxis};
 use plotters::prelude::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// One plotted quantity: a label and the metric keys it is drawn from.
-struct Figure {
-    file: &'static str,
-    title: &'static str,
-    series: &'static [(&'static str, &'static str)],
-}
-
-/// Series are `(legend, metrics key)`; a key missing from a run is skipped.
-const FIGURES: &[Figure] = &[
-    Figure { file: "reward", title: "reward (train samples)", series: &[("reward", "reward"), ("outcome accuracy", "train_accuracy")] },
-    Figure {
-        file: "accuracy",
-        title: "held-out accuracy (greedy)",
-        series: &[("accuracy", "eval_accuracy"), ("step accuracy", "eval_step_accuracy"), ("train step accuracy", "step_accuracy")],
-    },
-    Figure { file: "kl", title: "KL", series: &[("approx KL", "approx_kl"), ("KL to reference", "kl")] },
-    Figure { file: "entropy", title: "entropy", series: &[("entropy", "entropy")] },
-    Figure { file: "clip", title: "clip fraction", series: &[("clip low", "clip_frac_low"), ("clip high", "clip_frac_high"), ("clip", "clip_frac")] },
-    Figure { file: "lag", title: "policy lag (versions)", series: &[("mean lag", "lag_mean"), ("max lag", "lag_max")] },
-    Figure {
-        file: "throughput",
-        title: "throughput per stage",
-        series: &[
-            ("rollout tokens/s", "rollout_tokens_per_s"),
-            ("trained samples/s", "trained_per_s"),
-            ("learner train s/step", "train_s"),
-            ("learner wait s/step", "wait_s"),
-        ],
-    },
-];
-
-/// A point: (step, wall seconds, value).
-type Point = (f64, f64, f64);
+const BLUE: RGBColor = RGBColor(31, 119, 180);
+const ORANGE: RGBColor = RGBColor(255, 127, 14);
+const GREEN: RGBColor = RGBColor(44, 160, 44);
+const RED: RGBColor = RGBColor(214, 39, 40);
+const PURPLE: RGBColor = RGBColor(148, 103, 189);
+const BROWN: RGBColor = RGBColor(140, 86, 75);
+const GRAY: RGBColor = RGBColor(127, 127, 127);
+const LIGHT_BLUE: RGBColor = RGBColor(158, 202, 225);
+const DARK: RGBColor = RGBColor(60, 60, 60);
 
 /// Writes the plots and the timeline into `out` (default `<run>/report`) and
 /// returns the files written.
@@ -64,22 +51,13 @@ pub fn run(run_dir: &Path, out: Option<&Path>) -> Result<Vec<PathBuf>> {
     register_font()?;
 
     let mut written = Vec::new();
-    for fig in FIGURES {
-        let series: Vec<(&str, Vec<Point>)> = fig
-            .series
-            .iter()
-            .map(|(name, key)| (*name, points(&rows, key)))
-            .filter(|(_, p)| !p.is_empty())
-            .collect();
-        if series.is_empty() {
-            continue;
-        }
+    for fig in figures(&rows) {
         let png = out.join(format!("{}.png", fig.file));
         let svg = out.join(format!("{}.svg", fig.file));
-        draw(BitMapBackend::new(&png, (1200, 450)).into_drawing_area(), fig.title, &series)
+        let size = fig.size();
+        plot::draw(BitMapBackend::new(&png, size).into_drawing_area(), &fig)
             .with_context(|| format!("{}: drawing failed", png.display()))?;
-        draw(SVGBackend::new(&svg, (1200, 450)).into_drawing_area(), fig.title, &series)
-            .with_context(|| format!("{}: drawing failed", svg.display()))?;
+        plot::draw(SVGBackend::new(&svg, size).into_drawing_area(), &fig).with_context(|| format!("{}: drawing failed", svg.display()))?;
         written.push(png);
         written.push(svg);
     }
@@ -94,59 +72,250 @@ pub fn run(run_dir: &Path, out: Option<&Path>) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-fn points(rows: &[Value], key: &str) -> Vec<Point> {
-    rows.iter()
-        .filter_map(|r| Some((r["step"].as_f64()?, r["time_s"].as_f64()?, r.get(key)?.as_f64()?)))
-        .filter(|(_, _, v)| v.is_finite())
+/// The figures `rows` have data for, in the order they are written.
+fn figures(rows: &[Value]) -> Vec<Figure> {
+    let steps: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "step").collect();
+    let evals: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "eval").collect();
+    let p = |key: &str| points(&steps, key);
+    let judge_off = judge_off_spans(&steps);
+    let candidates = vec![
+        Figure {
+            file: "reward",
+            title: "reward of the trained samples",
+            panels: vec![Panel::new("mean outcome reward", "reward", YAxis::Auto).with("reward", BLUE, Style::Smoothed, p("reward"))],
+        },
+        Figure {
+            file: "accuracy",
+            title: "accuracy: held-out (greedy) and on the trained samples",
+            panels: vec![Panel::new("accuracy", "accuracy (%)", YAxis::Share)
+                .with("train outcome accuracy", LIGHT_BLUE, Style::Faint, p("train_accuracy"))
+                .with("train step accuracy", RGBColor(255, 187, 120), Style::Faint, p("step_accuracy"))
+                .with("held-out accuracy", BLUE, Style::Prominent, points(&evals, "eval_accuracy"))
+                .with("held-out step accuracy", ORANGE, Style::Prominent, points(&evals, "eval_step_accuracy"))],
+        },
+        Figure {
+            file: "kl",
+            title: "KL divergence",
+            panels: vec![Panel::new("KL", "KL (nats)", YAxis::FromZero)
+                .with("approx KL to the sampling policy", BLUE, Style::Smoothed, p("approx_kl"))
+                .with("KL to the reference", ORANGE, Style::Smoothed, p("kl"))],
+        },
+        Figure {
+            file: "entropy",
+            title: "policy entropy",
+            panels: vec![Panel::new("entropy", "entropy (nats/token)", YAxis::Auto).with("entropy", BLUE, Style::Smoothed, p("entropy"))],
+        },
+        Figure {
+            file: "clip",
+            title: "clipped tokens",
+            panels: vec![Panel::new("clip fraction", "tokens clipped (%)", YAxis::ShareFromZero)
+                .with("clip low", BLUE, Style::Smoothed, p("clip_frac_low"))
+                .with("clip high", ORANGE, Style::Smoothed, p("clip_frac_high"))
+                .with("clip", GREEN, Style::Smoothed, p("clip_frac"))],
+        },
+        Figure {
+            file: "lag",
+            title: "policy lag of the trained groups",
+            panels: vec![Panel::new("policy lag", "versions behind", YAxis::FromZero)
+                .with("mean lag", BLUE, Style::Smoothed, p("lag_mean"))
+                .with("max lag", ORANGE, Style::Smoothed, p("lag_max"))],
+        },
+        Figure {
+            file: "throughput",
+            title: "throughput per stage",
+            panels: vec![
+                Panel::new("rollout throughput", "tokens/s", YAxis::FromZero).with(
+                    "rollout tokens/s (run average)",
+                    BLUE,
+                    Style::Line,
+                    p("rollout_tokens_per_s"),
+                ),
+                Panel::new("learner throughput", "samples/s", YAxis::FromZero).with(
+                    "trained samples/s (run average)",
+                    GREEN,
+                    Style::Line,
+                    p("trained_per_s"),
+                ),
+                Panel::new("learner time per step", "seconds", YAxis::FromZero)
+                    .with("training", PURPLE, Style::Smoothed, p("train_s"))
+                    .with("waiting for labeled groups", ORANGE, Style::Smoothed, p("wait_s")),
+            ],
+        },
+        Figure {
+            file: "reward_sources",
+            title: "where the step scores of the trained groups came from",
+            panels: vec![sources_panel(&steps, &judge_off)],
+        },
+        Figure {
+            file: "judge",
+            title: "judge calls",
+            panels: vec![
+                Panel::new("judge latency", "latency (ms)", YAxis::FromZero)
+                    .with("p50", BLUE, Style::Smoothed, p("judge_latency_ms.p50"))
+                    .with("p95", RED, Style::Smoothed, p("judge_latency_ms.p95")),
+                Panel::new("judge calls refused by the annotation budget", "refusals (cumulative)", YAxis::FromZero).with(
+                    "refused",
+                    BROWN,
+                    Style::Line,
+                    p("judge_budget_refused"),
+                ),
+            ],
+        },
+        Figure {
+            file: "annotation_queue",
+            title: "background annotation queue",
+            panels: vec![
+                Panel::new("queue depth", "requests queued", YAxis::FromZero)
+                    .with("depth", BLUE, Style::Line, p("annotation_queue.depth"))
+                    .with("capacity", DARK, Style::Limit, p("annotation_queue.capacity")),
+                Panel::new("requests shed (queue full, oldest first)", "requests (cumulative)", YAxis::FromZero).with(
+                    "shed",
+                    RED,
+                    Style::Line,
+                    p("annotation_queue.shed"),
+                ),
+            ],
+        },
+        Figure {
+            file: "judge_quality",
+            title: "judge and distiller quality",
+            panels: vec![
+                shade(
+                    Panel::new("canary false-positive rate (windowed)", "false positives (%)", YAxis::ShareFromZero)
+                        .with("canary false-positive rate", RED, Style::Line, p("canary_fp_rate"))
+                        .with("limit (judge.canary_max_rate)", DARK, Style::Limit, p("canary_max_rate")),
+                    &judge_off,
+                ),
+                Panel::new("distiller agreement with the judge (held-out judged steps)", "agreement (%)", YAxis::Share)
+                    .with("agreement", GREEN, Style::Line, p("distill_agreement"))
+                    .with("minimum (distill.min_agreement)", DARK, Style::Limit, p("distill_min_agreement")),
+            ],
+        },
+    ];
+    candidates
+        .into_iter()
+        .filter_map(|mut fig| {
+            fig.panels.retain(Panel::has_data);
+            (!fig.panels.is_empty()).then_some(fig)
+        })
         .collect()
 }
 
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, series: &[(&str, Vec<Point>)]) -> Result<()>
-where
-    DB::ErrorType: 'static,
-{
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let panels = root.split_evenly((1, 2));
-    for (panel, (x_label, pick)) in panels.iter().zip([("learner step", 0usize), ("wall time (s)", 1usize)]) {
-        let xs = series.iter().flat_map(|(_, p)| p.iter().map(move |pt| if pick == 0 { pt.0 } else { pt.1 }));
-        let ys = series.iter().flat_map(|(_, p)| p.iter().map(|pt| pt.2));
-        let (x0, x1) = bounds(xs);
-        let (y0, y1) = bounds(ys);
-        let mut chart = ChartBuilder::on(panel)
-            .caption(format!("{title} vs {x_label}"), ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        chart.configure_mesh().x_desc(x_label).draw().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        for (i, (name, pts)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let line = pts.iter().map(|pt| (if pick == 0 { pt.0 } else { pt.1 }, pt.2));
-            chart
-                .draw_series(LineSeries::new(line, color.stroke_width(2)))
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?
-                .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+/// Rows without a value for this many rows in a row break the line there.
+const GAP_ROWS: usize = 3;
+
+/// `rows`' values of `path` (dots go into objects: `judge_latency_ms.p50`).
+/// Rows without a finite number there are left out; where `GAP_ROWS` or
+/// more in a row lack one (the judge was off, say), a gap marker (a NaN
+/// value) breaks the line instead of bridging it.
+fn points(rows: &[&Value], path: &str) -> Vec<Point> {
+    let mut out = Vec::new();
+    let mut missing = 0;
+    for r in rows {
+        let (Some(step), Some(time)) = (r["step"].as_f64(), r["time_s"].as_f64()) else { continue };
+        match path.split('.').try_fold(*r, |v, k| v.get(k)).and_then(Value::as_f64).filter(|v| v.is_finite()) {
+            Some(v) => {
+                if missing >= GAP_ROWS && !out.is_empty() {
+                    out.push((step, time, f64::NAN));
+                }
+                missing = 0;
+                out.push((step, time, v));
+            }
+            None => missing += 1,
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(())
+    out
 }
 
-fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    if !lo.is_finite() {
-        return (0.0, 1.0);
+/// Sources of step scores in stacking order (bottom first), named and coloured.
+const SOURCES: [(&str, &str, RGBColor); 6] = [
+    ("judge", "judge", BLUE),
+    ("cache", "judge (cached)", LIGHT_BLUE),
+    ("distilled", "distilled model", GREEN),
+    ("verifier", "verifiers", ORANGE),
+    ("guard", "guard", PURPLE),
+    ("unknown", "unknown", GRAY),
+];
+
+/// Per step, the share of step scores from each source (`reward_sources`
+/// counts), smoothed like the other per-step series; steps that scored
+/// nothing are left out. Sources never seen are left out; keys not in
+/// [`SOURCES`] are counted as `other`.
+fn source_shares(steps: &[&Value]) -> Vec<(String, RGBColor, Vec<Point>)> {
+    let mut names: Vec<(&str, String, RGBColor)> = SOURCES.iter().map(|(k, n, c)| (*k, n.to_string(), *c)).collect();
+    names.push(("other", "other".into(), BROWN));
+    let mut at: Vec<(f64, f64)> = Vec::new();
+    let mut shares: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for r in steps {
+        let (Some(counts), Some(step), Some(time)) = (r["reward_sources"].as_object(), r["step"].as_f64(), r["time_s"].as_f64()) else {
+            continue;
+        };
+        let mut by_source = vec![0.0; names.len()];
+        for (k, v) in counts {
+            let n = v.as_f64().filter(|n| n.is_finite() && *n > 0.0).unwrap_or(0.0);
+            let i = names.iter().position(|(key, _, _)| key == k).unwrap_or(names.len() - 1);
+            by_source[i] += n;
+        }
+        let total: f64 = by_source.iter().sum();
+        if total <= 0.0 {
+            continue;
+        }
+        at.push((step, time));
+        for (s, n) in shares.iter_mut().zip(by_source) {
+            s.push(n / total);
+        }
     }
-    let pad = ((hi - lo) * 0.05).max(1e-6);
-    (lo - pad, hi + pad)
+    let window = plot::smoothing_window(at.len());
+    names
+        .into_iter()
+        .zip(shares)
+        .filter(|(_, s)| s.iter().any(|v| *v > 0.0))
+        .map(|((_, name, color), s)| {
+            let smooth = plot::moving_average(&s, window);
+            (name, color, at.iter().zip(smooth).map(|((step, t), v)| (*step, *t, v)).collect())
+        })
+        .collect()
+}
+
+fn sources_panel(steps: &[&Value], judge_off: &[(f64, f64, f64, f64)]) -> Panel {
+    let shares = source_shares(steps);
+    let window = plot::smoothing_window(shares.first().map_or(0, |s| s.2.len()));
+    let title =
+        if window > 1 { format!("share of step scores by source ({window}-step avg)") } else { "share of step scores by source".into() };
+    let mut panel = Panel::new(&title, "step scores (%)", YAxis::Share);
+    panel.layers = shares.into_iter().map(|(name, color, points)| Layer { name, color, points }).collect();
+    if panel.layers.is_empty() {
+        return panel;
+    }
+    shade(panel, judge_off)
+}
+
+fn shade(mut panel: Panel, spans: &[(f64, f64, f64, f64)]) -> Panel {
+    panel.shaded = spans.to_vec();
+    panel.shaded_name = "judge off (canaries)";
+    panel
+}
+
+/// Runs of consecutive step rows with `judge_trusted: false`, as (first step,
+/// last step, start s, end s); a run starts at the row before it in time.
+fn judge_off_spans(steps: &[&Value]) -> Vec<(f64, f64, f64, f64)> {
+    let mut spans = Vec::new();
+    let mut open: Option<(f64, f64, f64, f64)> = None;
+    let mut prev_time = None;
+    for r in steps {
+        let (Some(step), Some(time)) = (r["step"].as_f64(), r["time_s"].as_f64()) else { continue };
+        match (r["judge_trusted"].as_bool(), open.as_mut()) {
+            (Some(false), Some(span)) => {
+                span.1 = step;
+                span.3 = time;
+            }
+            (Some(false), None) => open = Some((step, step, prev_time.unwrap_or(time), time)),
+            (_, _) => spans.extend(open.take()),
+        }
+        prev_time = Some(time);
+    }
+    spans.extend(open);
+    spans
 }
 
 /// plotters draws text with a TrueType font it is given; Debian's
@@ -203,8 +372,10 @@ pub fn timeline_events(trace: &Path) -> Result<Vec<Value>> {
         let actor = span["actor"].as_str().unwrap_or(name).to_string();
         let next = tracks.len();
         let tid = *tracks.entry(actor).or_insert(next);
-        let args: serde_json::Map<String, Value> =
-            span.as_object().map(|o| o.iter().filter(|(k, _)| *k != "name").map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let args: serde_json::Map<String, Value> = span
+            .as_object()
+            .map(|o| o.iter().filter(|(k, _)| *k != "name").map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
         events.push(serde_json::json!({
             "name": name, "ph": "X", "pid": 1, "tid": tid,
             "ts": (start - origin).max(0.0), "dur": busy + idle, "args": args,
@@ -247,66 +418,4 @@ fn parse_duration_micros(s: &str) -> Option<f64> {
         "s" => n * 1e6,
         _ => return None,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_and_durations_parse() {
-        // 2026-11-26T09:18:40Z = 1795684720 s
-        assert_eq!(parse_rfc3339_micros("2026-11-26T09:18:40.5Z"), Some(1_795_684_720.5e6));
-        assert_eq!(parse_rfc3339_micros("1970-01-01T00:00:00Z"), Some(0.0));
-        assert_eq!(parse_duration_micros("1.5ms"), Some(1500.0));
-        assert_eq!(parse_duration_micros("250µs"), Some(250.0));
-        assert_eq!(parse_duration_micros("2s"), Some(2e6));
-        assert_eq!(parse_duration_micros("x"), None);
-    }
-
-    #[test]
-    fn report_draws_every_present_metric_and_a_timeline() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut m = String::new();
-        for step in 1..=6 {
-            m.push_str(&format!(
-                "{{\"kind\":\"step\",\"step\":{step},\"time_s\":{},\"reward\":{},\"approx_kl\":0.01,\"entropy\":1.2,\"lag_mean\":0.5,\"lag_max\":1,\"rollout_tokens_per_s\":900,\"trained_per_s\":12,\"train_s\":0.4,\"wait_s\":0.1}}\n",
-                step as f64 * 0.7,
-                0.1 * step as f64
-            ));
-            m.push_str(&format!("{{\"kind\":\"eval\",\"step\":{step},\"time_s\":{},\"eval_accuracy\":{}}}\n", step as f64 * 0.7, 0.3 + 0.01 * step as f64));
-        }
-        std::fs::write(dir.path().join("metrics.jsonl"), m).unwrap();
-        let trace = [
-            r#"{"timestamp":"2026-11-26T09:18:40.000100Z","level":"INFO","fields":{"message":"close","time.busy":"1.5ms","time.idle":"0.5ms"},"span":{"actor":"rollout-0","groups":2,"name":"generate"}}"#,
-            r#"{"timestamp":"2026-11-26T09:18:40.003000Z","level":"INFO","fields":{"message":"close","time.busy":"2ms","time.idle":"0ns"},"span":{"actor":"learner","name":"train"}}"#,
-            r#"{"timestamp":"2026-11-26T09:18:40.003000Z","level":"INFO","fields":{"message":"labeled"},"span":{"name":"label"}}"#,
-        ];
-        std::fs::write(dir.path().join("trace.jsonl"), trace.join("\n")).unwrap();
-        let written = run(dir.path(), None).unwrap();
-        let names: Vec<String> = written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        for f in ["reward", "accuracy", "kl", "entropy", "lag", "throughput"] {
-            for ext in ["png", "svg"] {
-                let name = format!("{f}.{ext}");
-                assert!(names.contains(&name), "{name} missing from {names:?}");
-                assert!(std::fs::metadata(dir.path().join("report").join(&name)).unwrap().len() > 1000);
-            }
-        }
-        assert!(!names.contains(&"clip.png".to_string()), "no clip metrics, no clip plot");
-        let png = std::fs::read(dir.path().join("report/reward.png")).unwrap();
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        let timeline: Value = serde_json::from_slice(&std::fs::read(dir.path().join("report/timeline.json")).unwrap()).unwrap();
-        let events = timeline["traceEvents"].as_array().unwrap();
-        let complete: Vec<&Value> = events.iter().filter(|e| e["ph"] == "X").collect();
-        assert_eq!(complete.len(), 2);
-        // generate: closed at +100µs after 2ms of life → started at -1900µs; it is the origin.
-        assert_eq!(complete[0]["name"], "generate");
-        assert_eq!(complete[0]["ts"], 0.0);
-        assert_eq!(complete[0]["dur"], 2000.0);
-        assert_eq!(complete[0]["args"]["groups"], 2);
-        // train: closed at +3000µs after 2ms → starts 1000µs-(-1900µs) = 2900µs after the origin.
-        assert_eq!(complete[1]["ts"], 2900.0);
-        let threads: Vec<&str> = events.iter().filter(|e| e["ph"] == "M").map(|e| e["args"]["name"].as_str().unwrap()).collect();
-        assert_eq!(threads, vec!["learner", "rollout-0"]);
-    }
 }

@@ -1,13 +1,31 @@
 //! Tracing: human-readable lines on the console, and per run a `trace.jsonl`
 //! with one JSON object per event and per span open/close, carrying the
 //! structured fields (`trajectory_id`, `policy_version`, `step`, ...).
+//!
+//! The console is for people watching a run: warnings, run-level events
+//! (run folder, warm start, restarts, the finishing summary) and, drawn
+//! beside tracing by `progress`, the progress line. Per-record events — an
+//! `info` (or quieter) event of a library crate carrying a `step`,
+//! `trajectory_id` or `policy_version` field, such as a line per learner
+//! step or per weight version — go to `trace.jsonl` (and `metrics.jsonl`)
+//! only, unless the console filter asks for `debug` or more, which shows
+//! everything it names. This binary's own events (`prism::…`) speak about
+//! the run and are never records.
 
 use crate::config::LogConfig;
 use std::path::Path;
+use tracing::level_filters::LevelFilter;
+use tracing::{Level, Metadata};
 use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+/// Fields that mark an event as one record among many (a step, a trajectory,
+/// a policy version) rather than news about the run.
+const RECORD_FIELDS: [&str; 3] = ["step", "trajectory_id", "policy_version"];
 
 /// Keeps the trace writer alive; dropping it flushes `trace.jsonl`.
 #[must_use = "dropping the guard stops the trace writer"]
@@ -18,11 +36,9 @@ pub struct Telemetry {
 /// Installs the global subscriber: console always, `trace.jsonl` in `run_dir`
 /// when given.
 pub fn init(log: &LogConfig, run_dir: Option<&Path>) -> std::io::Result<Telemetry> {
-    let console_filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| EnvFilter::builder().parse(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(&log.console));
-    let console = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(console_filter);
+    let console_filter =
+        std::env::var("RUST_LOG").ok().and_then(|v| EnvFilter::builder().parse(v).ok()).unwrap_or_else(|| EnvFilter::new(&log.console));
+    let console = console_layer(console_filter, std::io::stderr);
     let (trace, guard) = match run_dir {
         Some(dir) => {
             let (layer, guard) = trace_layer(&dir.join("trace.jsonl"), &log.trace)?;
@@ -38,6 +54,25 @@ pub fn init(log: &LogConfig, run_dir: Option<&Path>) -> std::io::Result<Telemetr
 /// Console-only tracing, for commands that make no run folder.
 pub fn init_console(log: &LogConfig) -> Telemetry {
     init(log, None).expect("console tracing needs no I/O")
+}
+
+/// Human-readable lines to `writer`: what `filter` lets through, less the
+/// per-record events when `filter` asks for no more than `info`.
+pub fn console_layer<S, W>(filter: EnvFilter, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let show_records = filter.max_level_hint().is_some_and(|l| l >= LevelFilter::DEBUG);
+    let quiet = filter_fn(move |meta| show_records || !is_record(meta));
+    tracing_subscriber::fmt::layer().with_writer(writer).with_filter(filter.and(quiet)).boxed()
+}
+
+/// An event of a library crate at `info` or below that carries one of
+/// [`RECORD_FIELDS`].
+fn is_record(meta: &Metadata<'_>) -> bool {
+    let binary = meta.target() == "prism" || meta.target().starts_with("prism::");
+    meta.is_event() && !binary && *meta.level() >= Level::INFO && RECORD_FIELDS.iter().any(|f| meta.fields().field(f).is_some())
 }
 
 /// The JSON-lines layer writing to `path`, with span open/close events so that
@@ -80,8 +115,7 @@ mod tests {
         });
         drop(guard);
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
         // 2 span opens + 1 event + 2 span closes; the debug event is filtered.
         assert_eq!(lines.len(), 5, "{text}");
         let event = lines.iter().find(|l| l["fields"]["message"] == "labeled").expect("the event");
@@ -92,5 +126,65 @@ mod tests {
         assert_eq!(event["spans"][0]["worker"], 2);
         let closes = lines.iter().filter(|l| l["fields"]["message"] == "close").count();
         assert_eq!(closes, 2);
+    }
+
+    /// A `MakeWriter` into a shared buffer, to read what the console printed.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> MakeWriter<'w> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'w self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    /// What the console prints, under `filter`, of a run's typical events.
+    fn console_of(filter: &str) -> String {
+        let out = Buffer::default();
+        let subscriber = Registry::default().with(console_layer(EnvFilter::new(filter), out.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(run = "runs/x", "run folder");
+            tracing::info!(step = 100u64, loss = 0.3f64, "warm start");
+            tracing::info!(target: "prism_actors::metrics", step = 3u64, reward = 0.5f64, lag = 0.2f64, "learner step");
+            tracing::info!(target: "prism_actors::dist::weights", policy_version = 3u64, "weights published");
+            tracing::info_span!("trajectory", trajectory_id = 9u64)
+                .in_scope(|| tracing::info!(target: "prism_actors::dist::redis", trajectory_id = 9u64, "skipping"));
+            tracing::warn!(target: "prism_reward::labeler", step = 3u64, "judge off: canary false-positive rate 30% over 10%");
+            tracing::info!(ledger = "made 4 = trained 4", "run finished");
+            tracing::debug!("debug detail");
+        });
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn console_keeps_per_step_records_out_at_info() {
+        let text = console_of("warn,prism=info");
+        for line in ["run folder", "warm start", "run finished"] {
+            assert!(text.contains(line), "the binary's run-level info is shown, step field or not: {line} missing from {text}");
+        }
+        assert!(text.contains("judge off: canary"), "warnings are shown, step field or not: {text}");
+        for record in ["learner step", "weights published", "skipping", "debug detail"] {
+            assert!(!text.contains(record), "{record} is a per-record event, for the trace only: {text}");
+        }
+    }
+
+    #[test]
+    fn console_shows_records_when_asked_for_debug() {
+        let text = console_of("debug");
+        for line in ["run folder", "warm start", "learner step", "weights published", "skipping", "debug detail"] {
+            assert!(text.contains(line), "{line} missing at debug: {text}");
+        }
     }
 }
