@@ -360,7 +360,7 @@ pub fn reward(config: &Config) -> Result<()> {
     threads(config);
     runtime()?.block_on(async {
         let health = health(config).await?;
-        let labeler = prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?;
+        let labeler = Arc::new(prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?);
         let (mut control, _token, counters, membership) = join(config, v1::Role::Reward, "cpu").await?;
         let worker_id = membership.borrow().worker_id.clone();
         let redis = Redis::connect(&config.redis).await?;
@@ -369,11 +369,15 @@ pub fn reward(config: &Config) -> Result<()> {
             redis,
             keys: RunKeys::new(&config.redis.prefix, &config.dist.run_id),
             consumer: worker_id,
-            labeler: Arc::new(RewardLabeler(Arc::new(labeler))),
+            labeler: Arc::new(RewardLabeler(labeler.clone())),
             concurrency: config.pipeline.reward_workers,
             attempts: config.pipeline.reward_attempts,
             counters,
             membership: Some(membership.clone()),
+            // Heartbeats carry its health (with a judge); with a distilled
+            // model it learns from every reward process's judged steps.
+            annotator: Some(labeler),
+            share: reward::Share::default(),
         };
         let summary = reward::run(args, &config.redis, train::ctrl_c()).await?;
         let worker_id = membership.borrow().worker_id.clone();
@@ -381,6 +385,13 @@ pub fn reward(config: &Config) -> Result<()> {
             tracing::warn!(error = %e, "telling the learner this worker leaves failed");
         }
         println!("reward: {} labeled, {} failed, {} reclaimed from other workers", summary.labeled, summary.failed, summary.reclaimed);
+        let shared = summary.shared;
+        if shared.published + shared.learned + shared.malformed > 0 {
+            println!(
+                "reward: judged steps shared {}, learned from other workers {}, malformed entries skipped {}",
+                shared.published, shared.learned, shared.malformed
+            );
+        }
         Ok(())
     })
 }

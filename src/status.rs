@@ -1,5 +1,6 @@
 //! `prism status`: asks a learner's Control service for the cluster's state and
-//! prints it, one worker per line, grouped by role.
+//! prints it, one worker per line, grouped by role; under a reward worker with
+//! a judge, a line of its reward health.
 
 use crate::config::Config;
 use prism_actors::dist::control::ControlClient;
@@ -94,7 +95,52 @@ pub fn render(s: &v1::ClusterStatus) -> String {
                 w.name,
                 if w.nccl_rank > 0 { format!("{}, nccl rank {}", w.device, w.nccl_rank) } else { w.device.clone() }
             );
+            if let Some(h) = &w.reward_health {
+                let _ = writeln!(out, "    {}: {}", w.worker_id, reward_health(h));
+            }
         }
     }
     out
+}
+
+/// A reward worker's health on one line, e.g. `judge p50 1480 ms p95 2900 ms |
+/// queue 12/1024 shed 3 | canary fp 0.00 | judge trusted | distill agreement
+/// 0.87 (ready)`; parts the worker did not report are left out.
+pub fn reward_health(h: &v1::RewardHealth) -> String {
+    let mut parts = Vec::new();
+    match (&h.judge_latency_ms, h.judge_wait_ms) {
+        (Some(l), _) => parts.push(format!("judge p50 {:.0} ms p95 {:.0} ms", l.p50, l.p95)),
+        (None, Some(_)) => parts.push("judge no verdicts yet".to_string()),
+        (None, None) => {}
+    }
+    match (&h.annotation_queue, h.judge_wait_ms) {
+        (Some(q), _) => parts.push(format!("queue {}/{} shed {}", q.depth, q.capacity, q.shed)),
+        (None, Some(wait)) if wait > 0 => parts.push(format!("labels wait up to {wait} ms for the judge")),
+        _ => {}
+    }
+    if let Some(rate) = h.canary_fp_rate {
+        match h.canary_max_rate {
+            Some(max) if rate > max => parts.push(format!("canary fp {rate:.2} (over {max:.2})")),
+            _ => parts.push(format!("canary fp {rate:.2}")),
+        }
+    }
+    match h.judge_trusted {
+        Some(true) => parts.push("judge trusted".to_string()),
+        Some(false) => parts.push("judge distrusted (fallback scores)".to_string()),
+        None => {}
+    }
+    if h.distill_agreement.is_some() || h.distill_ready.is_some() {
+        let agreement = h.distill_agreement.map_or_else(|| "-".to_string(), |a| format!("{a:.2}"));
+        let ready = match (h.distill_ready, h.distill_min_agreement) {
+            (Some(true), _) => " (ready)".to_string(),
+            (Some(false), Some(min)) => format!(" (not ready, needs {min:.2})"),
+            (Some(false), None) => " (not ready)".to_string(),
+            (None, _) => String::new(),
+        };
+        parts.push(format!("distill agreement {agreement}{ready}"));
+    }
+    if let Some(refused) = h.judge_budget_refused.filter(|n| *n > 0) {
+        parts.push(format!("budget refused {refused} groups"));
+    }
+    if parts.is_empty() { "no reward health reported".to_string() } else { parts.join(" | ") }
 }

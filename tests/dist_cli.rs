@@ -43,7 +43,7 @@ async fn status_prints_workers_by_role_with_versions_lag_and_queues() {
     let l = learner(None).await;
     l.control.set_policy_version(4);
     l.control.set_progress(4, 10, 96);
-    l.control.record_dropped("zero_variance", 8);
+    l.control.record_dropped("zero_advantage", 8);
     l.control.set_queues(vec![prism_actors::dist::redis::QueueDepth { stream: "prism:r:sampled".into(), waiting: 3, pending: 8 }]);
     let mut c = ControlClient::connect(&grpc::Config::default(), Some(&l.addr), None).await.unwrap();
     let r = c.register(v1::Role::Rollout, "host-a", "cuda:0").await.unwrap();
@@ -54,13 +54,73 @@ async fn status_prints_workers_by_role_with_versions_lag_and_queues() {
     let text = stdout(&out);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "run status-test: policy version 4, step 4/10, trained 96 trajectories, dropped zero_variance 8");
+    assert_eq!(lines[0], "run status-test: policy version 4, step 4/10, trained 96 trajectories, dropped zero_advantage 8");
     assert_eq!(lines[1], "queue prism:r:sampled: 3 waiting, 8 in flight");
     assert_eq!(lines[2], "rollout workers: 1 alive of 1");
     assert!(lines[3].trim_start().starts_with("rollout-1    alive policy v3 (lag 1), 64 done ("), "{text}");
     assert!(lines[3].ends_with("[host-a cuda:0]"), "{text}");
     assert_eq!(lines[4], "reward workers: 1 alive of 1");
     assert!(lines[5].contains("reward-2") && lines[5].contains("policy v0 (lag 4)"), "{text}");
+}
+
+/// Under each reward worker with a judge, `prism status` prints its reward
+/// health from its latest heartbeat; a worker without a judge has no such line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_each_reward_workers_health() {
+    let l = learner(None).await;
+    let mut c = ControlClient::connect(&grpc::Config::default(), Some(&l.addr), None).await.unwrap();
+    let healthy = prism_reward::Health {
+        judge_wait_ms: Some(0),
+        judge_latency_ms: Some(prism_reward::LatencyMs { p50: 1480.2, p95: 2900.0 }),
+        annotation_queue: Some(prism_reward::QueueHealth { depth: 12, capacity: 1024, shed: 3, ..Default::default() }),
+        canary_fp_rate: Some(0.0),
+        canary_max_rate: Some(0.05),
+        judge_trusted: Some(true),
+        distill_agreement: Some(0.871),
+        distill_min_agreement: Some(0.75),
+        distill_ready: Some(true),
+        judge_budget_refused: Some(0),
+    };
+    let distrusted = prism_reward::Health {
+        judge_latency_ms: None,
+        canary_fp_rate: Some(0.12),
+        judge_trusted: Some(false),
+        distill_agreement: None,
+        distill_ready: Some(false),
+        judge_budget_refused: Some(2),
+        ..healthy.clone()
+    };
+    let a = c.register(v1::Role::Reward, "judge-a", "cpu").await.unwrap().worker_id;
+    c.heartbeat_with_health(&a, 0, Default::default(), Some(&healthy)).await.unwrap();
+    let b = c.register(v1::Role::Reward, "judge-b", "cpu").await.unwrap().worker_id;
+    c.heartbeat_with_health(&b, 0, Default::default(), Some(&distrusted)).await.unwrap();
+    let plain = c.register(v1::Role::Reward, "verifiers", "cpu").await.unwrap().worker_id;
+    c.heartbeat(&plain, 0, Default::default()).await.unwrap();
+
+    let out = run(vec!["status".into(), "--learner".into(), l.addr.clone()], vec![]).await;
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let health = |id: &str| text.lines().map(str::trim_start).find(|l| l.starts_with(&format!("{id}: "))).map(str::to_string);
+    assert_eq!(
+        health(&a).as_deref(),
+        Some(
+            "reward-1: judge p50 1480 ms p95 2900 ms | queue 12/1024 shed 3 | canary fp 0.00 | judge trusted | distill agreement 0.87 (ready)"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        health(&b).as_deref(),
+        Some(
+            "reward-2: judge no verdicts yet | queue 12/1024 shed 3 | canary fp 0.12 (over 0.05) | judge distrusted (fallback scores) | \
+             distill agreement - (not ready, needs 0.75) | budget refused 2 groups"
+        ),
+        "{text}"
+    );
+    assert_eq!(health(&plain), None, "{text}");
+    // Each health line follows its worker's line.
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().position(|l| l.trim_start().starts_with("reward-1 ")).unwrap();
+    assert!(lines[at + 1].trim_start().starts_with("reward-1: judge"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,21 +134,25 @@ async fn status_without_the_token_is_refused_with_a_clear_error() {
     let out = run(vec!["status".into(), "--learner".into(), l.addr.clone()], vec![("PRISM_TOKEN", "tok-123".into())]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stdout(&out).contains("tok-123"));
-    let out = run(vec!["status".into(), "--learner".into(), l.addr.clone(), "--print-config".into()], vec![("PRISM_TOKEN", "tok-123".into())]).await;
+    let out =
+        run(vec!["status".into(), "--learner".into(), l.addr.clone(), "--print-config".into()], vec![("PRISM_TOKEN", "tok-123".into())])
+            .await;
     assert!(!stdout(&out).contains("tok-123") && stdout(&out).contains("token_env = \"PRISM_TOKEN\""));
     // a token file wins over the variable
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token");
     std::fs::write(&file, "wrong\n").unwrap();
     let set = format!("grpc.token_file={}", file.display());
-    let out = run(vec!["status".into(), "--learner".into(), l.addr.clone(), "--set".into(), set], vec![("PRISM_TOKEN", "tok-123".into())]).await;
+    let out =
+        run(vec!["status".into(), "--learner".into(), l.addr.clone(), "--set".into(), set], vec![("PRISM_TOKEN", "tok-123".into())]).await;
     assert!(stderr(&out).contains("wrong bearer token"), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_learner_is_named_in_the_error() {
     let addr = format!("http://127.0.0.1:{}", free_port());
-    let out = run(vec!["status".into(), "--learner".into(), addr.clone(), "--set".into(), "grpc.connect_timeout_ms=500".into()], vec![]).await;
+    let out =
+        run(vec!["status".into(), "--learner".into(), addr.clone(), "--set".into(), "grpc.connect_timeout_ms=500".into()], vec![]).await;
     assert_eq!(out.status.code(), Some(69));
     assert!(stderr(&out).starts_with(&format!("prism status: learner at {addr} did not answer within 500 ms")), "{}", stderr(&out));
 }
@@ -159,7 +223,13 @@ async fn refused_without_a_gpu(role: &str, setting: &str, on_cpu: &[&str], on_cu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_roles_refuse_nccl_weights_without_a_gpu_saying_why() {
     for role in ["learner", "rollout"] {
-        refused_without_a_gpu(role, "dist.weights=nccl", &["but model.device = \"cpu\"", "dist.weights = \"grpc\""], "dist.weights = \"nccl\"").await;
+        refused_without_a_gpu(
+            role,
+            "dist.weights=nccl",
+            &["but model.device = \"cpu\"", "dist.weights = \"grpc\""],
+            "dist.weights = \"nccl\"",
+        )
+        .await;
     }
 }
 

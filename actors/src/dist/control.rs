@@ -46,6 +46,8 @@ struct Worker {
     /// Rank in the learner's NCCL weight broadcast, or a learner rank's in
     /// the data-parallel group (0: none).
     nccl_rank: u32,
+    /// A reward worker's reward health from its latest heartbeat.
+    reward_health: Option<v1::RewardHealth>,
 }
 
 /// The step the data-parallel learner ranks are to train.
@@ -230,10 +232,8 @@ impl Control {
 
     /// Records the streams' depths (shown by `prism status`).
     pub fn set_queues(&self, queues: Vec<super::redis::QueueDepth>) {
-        self.lock().queues = queues
-            .into_iter()
-            .map(|q| v1::QueueDepth { stream: q.stream, waiting: q.waiting, pending: q.pending })
-            .collect();
+        self.lock().queues =
+            queues.into_iter().map(|q| v1::QueueDepth { stream: q.stream, waiting: q.waiting, pending: q.pending }).collect();
     }
 
     /// Asks every worker to stop (they learn it from their next heartbeat).
@@ -268,6 +268,17 @@ impl Control {
         })
     }
 
+    /// The reward health each live reward worker reported with its latest
+    /// heartbeat, by worker id (workers without a judge report none).
+    pub fn reward_health(&self) -> Vec<(String, prism_reward::Health)> {
+        let s = self.lock();
+        s.workers
+            .iter()
+            .filter(|(_, w)| w.role == v1::Role::Reward && w.state == v1::WorkerState::Alive)
+            .filter_map(|(id, w)| Some((id.clone(), health_from_wire(w.reward_health?))))
+            .collect()
+    }
+
     /// The cluster as `prism status` shows it.
     pub fn status(&self) -> v1::ClusterStatus {
         let mut s = self.lock();
@@ -293,6 +304,7 @@ impl Control {
                     counters: Some(w.counters),
                     throughput: w.throughput,
                     nccl_rank: w.nccl_rank,
+                    reward_health: w.reward_health,
                 })
                 .collect(),
             queues: s.queues.clone(),
@@ -356,6 +368,7 @@ impl v1::control_server::Control for Control {
                 counters: v1::WorkerCounters::default(),
                 throughput: 0.0,
                 nccl_rank,
+                reward_health: None,
             },
         );
         Ok(Response::new(v1::RegisterResponse {
@@ -394,6 +407,7 @@ impl v1::control_server::Control for Control {
         w.last_seen = now;
         w.policy_version = r.policy_version;
         w.counters = counters;
+        w.reward_health = r.reward_health;
         Ok(Response::new(v1::HeartbeatResponse {
             latest_version: s.policy_version,
             shutdown: self.shutdown.borrow().is_some(),
@@ -516,10 +530,7 @@ impl v1::control_server::Control for Control {
                 return Ok(Response::new(id.clone()));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(Status::deadline_exceeded(format!(
-                    "NCCL id of group {} not published within {} ms",
-                    r.group, r.wait_ms
-                )));
+                return Err(Status::deadline_exceeded(format!("NCCL id of group {} not published within {} ms", r.group, r.wait_ms)));
             }
         }
     }
@@ -558,13 +569,24 @@ impl ControlClient {
     }
 
     /// Reports liveness, the held policy version and counters.
-    pub async fn heartbeat(
+    pub async fn heartbeat(&mut self, worker_id: &str, policy_version: u64, counters: v1::WorkerCounters) -> Result<v1::HeartbeatResponse> {
+        self.heartbeat_with_health(worker_id, policy_version, counters, None).await
+    }
+
+    /// [`Self::heartbeat`] with a reward worker's reward health.
+    pub async fn heartbeat_with_health(
         &mut self,
         worker_id: &str,
         policy_version: u64,
         counters: v1::WorkerCounters,
+        reward_health: Option<&prism_reward::Health>,
     ) -> Result<v1::HeartbeatResponse> {
-        let req = v1::HeartbeatRequest { worker_id: worker_id.into(), policy_version, counters: Some(counters) };
+        let req = v1::HeartbeatRequest {
+            worker_id: worker_id.into(),
+            policy_version,
+            counters: Some(counters),
+            reward_health: reward_health.map(health_to_wire),
+        };
         let r = self.inner.heartbeat(req).await;
         r.map(Response::into_inner).map_err(self.err("Heartbeat"))
     }
@@ -653,17 +675,45 @@ pub struct Membership {
     pub nccl_rank: u32,
 }
 
+/// Where a reward worker's heartbeats read its reward health (`None`: nothing
+/// to report, e.g. no judge).
+pub type HealthSource = Arc<dyn Fn() -> Option<prism_reward::Health> + Send + Sync>;
+
 /// The counters a worker reports; shared between the worker's loop and its
 /// heartbeat task.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Counters {
     pub processed: std::sync::atomic::AtomicU64,
     pub in_flight: std::sync::atomic::AtomicU64,
     pub dropped: std::sync::atomic::AtomicU64,
     pub policy_version: std::sync::atomic::AtomicU64,
+    health: std::sync::OnceLock<HealthSource>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counters")
+            .field("processed", &self.processed)
+            .field("in_flight", &self.in_flight)
+            .field("dropped", &self.dropped)
+            .field("policy_version", &self.policy_version)
+            .field("reports_health", &self.health.get().is_some())
+            .finish()
+    }
 }
 
 impl Counters {
+    /// Sends `source`'s reward health with every heartbeat from now on (a
+    /// reward worker; the first source set stays).
+    pub fn report_health(&self, source: HealthSource) {
+        let _ = self.health.set(source);
+    }
+
+    /// The reward health the next heartbeat carries.
+    pub fn health(&self) -> Option<prism_reward::Health> {
+        self.health.get().and_then(|h| h())
+    }
+
     fn snapshot(&self) -> (u64, v1::WorkerCounters) {
         use std::sync::atomic::Ordering::Relaxed;
         (
@@ -674,6 +724,55 @@ impl Counters {
                 dropped: self.dropped.load(Relaxed),
             },
         )
+    }
+}
+
+/// Reward health on the wire. `prism-proto` must not know the reward crate,
+/// so its conversions live here, at the edge where both meet.
+pub fn health_to_wire(h: &prism_reward::Health) -> v1::RewardHealth {
+    v1::RewardHealth {
+        judge_wait_ms: h.judge_wait_ms,
+        judge_latency_ms: h.judge_latency_ms.map(|l| v1::LatencyMs { p50: l.p50, p95: l.p95 }),
+        annotation_queue: h.annotation_queue.as_ref().map(|q| v1::AnnotationQueue {
+            depth: q.depth,
+            capacity: q.capacity,
+            busy: q.busy,
+            queued: q.queued,
+            judged: q.judged,
+            shed: q.shed,
+            untrusted: q.untrusted,
+        }),
+        canary_fp_rate: h.canary_fp_rate,
+        canary_max_rate: h.canary_max_rate,
+        judge_trusted: h.judge_trusted,
+        distill_agreement: h.distill_agreement,
+        distill_min_agreement: h.distill_min_agreement,
+        distill_ready: h.distill_ready,
+        judge_budget_refused: h.judge_budget_refused,
+    }
+}
+
+/// Reward health from the wire (every field is optional on both sides).
+pub fn health_from_wire(h: v1::RewardHealth) -> prism_reward::Health {
+    prism_reward::Health {
+        judge_wait_ms: h.judge_wait_ms,
+        judge_latency_ms: h.judge_latency_ms.map(|l| prism_reward::LatencyMs { p50: l.p50, p95: l.p95 }),
+        annotation_queue: h.annotation_queue.map(|q| prism_reward::QueueHealth {
+            depth: q.depth,
+            capacity: q.capacity,
+            busy: q.busy,
+            queued: q.queued,
+            judged: q.judged,
+            shed: q.shed,
+            untrusted: q.untrusted,
+        }),
+        canary_fp_rate: h.canary_fp_rate,
+        canary_max_rate: h.canary_max_rate,
+        judge_trusted: h.judge_trusted,
+        distill_agreement: h.distill_agreement,
+        distill_min_agreement: h.distill_min_agreement,
+        distill_ready: h.distill_ready,
+        judge_budget_refused: h.judge_budget_refused,
     }
 }
 
@@ -704,7 +803,8 @@ pub async fn join(
         loop {
             ticker.tick().await;
             let (version, c) = counters.snapshot();
-            match client.heartbeat(&worker_id, version, c).await {
+            let health = counters.health();
+            match client.heartbeat_with_health(&worker_id, version, c, health.as_ref()).await {
                 Ok(r) => {
                     let stop = r.shutdown;
                     tx.send_replace(Membership {
@@ -719,9 +819,7 @@ pub async fn join(
                         return;
                     }
                 }
-                Err(Error::Rpc { status, .. })
-                    if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) =>
-                {
+                Err(Error::Rpc { status, .. }) if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {
                     tracing::warn!(worker_id = %worker_id, reason = %status.message(), "registering again");
                     if let Ok(reg) = client.register_again(role, &name, &device, nccl_rank).await {
                         worker_id = reg.worker_id;

@@ -8,6 +8,9 @@
 //!                                                          └──────▶ Metrics (step, ledger)
 //! ```
 //!
+//! Each step's metrics row carries the reward health of the run's reward
+//! processes, as their latest heartbeats reported it ([`RewardHealth`]).
+//!
 //! A group's stream entries are acknowledged once it is trained on or dropped.
 //! At the end the learner asks every worker to stop, waits for them to leave,
 //! and counts what is still in the streams as in flight, so the ledger
@@ -18,7 +21,7 @@ use super::control::{Control, WorkSource};
 use super::redis::{self, Redis, RunKeys, LEARNER_GROUP, REWARD_GROUP};
 use super::weights::Weights;
 use super::weights::WeightSet;
-use crate::backend::{DropReason, Train, WeightSet as BackendWeights};
+use crate::backend::{BackendError, DropReason, Label, LabelFuture, Train, WeightSet as BackendWeights};
 use crate::learner::{Core, Finish, LearnerPlan};
 use crate::metrics::{Metrics, MetricsArgs, MetricsMsg, Progress};
 use crate::source::{PromptSource, SourceArgs, SourceMsg};
@@ -109,6 +112,74 @@ impl WorkSource for SourceBridge {
     fn worker_failed(&self, worker: &str) {
         let _ = self.source.cast(SourceMsg::WorkerFailed(worker.to_string()));
     }
+}
+
+/// The reward health of a distributed run, for the metrics rows: the live
+/// reward workers' latest heartbeats, merged ([`merge_health`]), with how many
+/// reported (`reward_workers`). It labels nothing: the reward processes do.
+pub struct RewardHealth {
+    pub control: Control,
+}
+
+impl Label for RewardHealth {
+    fn label<'a>(&'a self, _: &'a prism_core::Trajectory) -> LabelFuture<'a> {
+        Box::pin(async { Err(BackendError::new("the distributed learner labels nothing: its reward processes do")) })
+    }
+
+    fn health(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let reported: Vec<prism_reward::Health> = self.control.reward_health().into_iter().map(|(_, h)| h).collect();
+        let merged = merge_health(&reported)?;
+        let serde_json::Value::Object(mut m) = serde_json::to_value(merged).ok()? else { return None };
+        m.insert("reward_workers".into(), reported.len().into());
+        Some(m)
+    }
+}
+
+/// One health for several reward processes: queue counts and budget refusals
+/// summed, the worst latency quantiles, canary rate and judge wait, the mean
+/// agreement; the judge trusted and the distilled model ready only where every
+/// process says so. `None` when none reported.
+pub fn merge_health(all: &[prism_reward::Health]) -> Option<prism_reward::Health> {
+    fn max(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+        values.flatten().reduce(f64::max)
+    }
+    fn all_true(values: impl Iterator<Item = Option<bool>>) -> Option<bool> {
+        values.flatten().reduce(|a, b| a && b)
+    }
+    fn sum(values: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+        values.flatten().reduce(|a, b| a + b)
+    }
+    if all.is_empty() {
+        return None;
+    }
+    let agreements: Vec<f64> = all.iter().filter_map(|h| h.distill_agreement).collect();
+    let latencies: Vec<prism_reward::LatencyMs> = all.iter().filter_map(|h| h.judge_latency_ms).collect();
+    let queues: Vec<&prism_reward::QueueHealth> = all.iter().filter_map(|h| h.annotation_queue.as_ref()).collect();
+    Some(prism_reward::Health {
+        judge_wait_ms: all.iter().filter_map(|h| h.judge_wait_ms).max(),
+        judge_latency_ms: (!latencies.is_empty()).then(|| prism_reward::LatencyMs {
+            p50: latencies.iter().map(|l| l.p50).fold(0.0, f64::max),
+            p95: latencies.iter().map(|l| l.p95).fold(0.0, f64::max),
+        }),
+        annotation_queue: (!queues.is_empty()).then(|| {
+            queues.iter().fold(prism_reward::QueueHealth::default(), |a, q| prism_reward::QueueHealth {
+                depth: a.depth + q.depth,
+                capacity: a.capacity + q.capacity,
+                busy: a.busy + q.busy,
+                queued: a.queued + q.queued,
+                judged: a.judged + q.judged,
+                shed: a.shed + q.shed,
+                untrusted: a.untrusted + q.untrusted,
+            })
+        }),
+        canary_fp_rate: max(all.iter().map(|h| h.canary_fp_rate)),
+        canary_max_rate: max(all.iter().map(|h| h.canary_max_rate)),
+        judge_trusted: all_true(all.iter().map(|h| h.judge_trusted)),
+        distill_agreement: (!agreements.is_empty()).then(|| agreements.iter().sum::<f64>() / agreements.len() as f64),
+        distill_min_agreement: max(all.iter().map(|h| h.distill_min_agreement)),
+        distill_ready: all_true(all.iter().map(|h| h.distill_ready)),
+        judge_budget_refused: sum(all.iter().map(|h| h.judge_budget_refused)),
+    })
 }
 
 /// A complete group waiting for its step, with its lag and stream entries.
@@ -313,8 +384,13 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
     let LearnerRole { trainer, plan, task, cursor, control, weights, redis, keys, metrics_path, progress, drain, broadcast, learner_ranks } =
         role;
     let started = Instant::now();
-    let (metrics, metrics_task) =
-        Actor::spawn(None, Metrics, MetricsArgs { path: metrics_path, progress }).await.map_err(|e| format!("starting metrics: {e}"))?;
+    let (metrics, metrics_task) = Actor::spawn(
+        None,
+        Metrics,
+        MetricsArgs { path: metrics_path, progress, labeler: Some(Arc::new(RewardHealth { control: control.clone() })) },
+    )
+    .await
+    .map_err(|e| format!("starting metrics: {e}"))?;
     let max_outstanding = plan.batch_groups * (1 + plan.max_staleness as usize);
     let (source, source_task) = Actor::spawn(None, PromptSource, SourceArgs { task, cursor, max_outstanding, version: trainer.version() })
         .await
@@ -385,4 +461,72 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
     let finish = result?;
     tracing::info!(%ledger, balanced = ledger.balanced(), "run accounting");
     Ok(Summary { finish, ledger, wall: started.elapsed() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prism_reward::{Health, LatencyMs, QueueHealth};
+
+    fn health(depth: u64, shed: u64, p50: f64, p95: f64, agreement: Option<f64>, trusted: bool) -> Health {
+        Health {
+            judge_wait_ms: Some(0),
+            judge_latency_ms: Some(LatencyMs { p50, p95 }),
+            annotation_queue: Some(QueueHealth { depth, capacity: 1024, shed, ..Default::default() }),
+            canary_fp_rate: Some(if trusted { 0.0 } else { 0.2 }),
+            canary_max_rate: Some(0.05),
+            judge_trusted: Some(trusted),
+            distill_agreement: agreement,
+            distill_min_agreement: Some(0.75),
+            distill_ready: Some(agreement.is_some_and(|a| a >= 0.75)),
+            judge_budget_refused: Some(2),
+        }
+    }
+
+    /// Two reward processes, one of them distrusting its judge: by hand, the
+    /// queues sum, latencies and the canary rate take the worst, agreement the
+    /// mean of those that have one, and trust/readiness need every process.
+    #[test]
+    fn reward_health_of_several_processes_merges_into_one() {
+        assert_eq!(merge_health(&[]), None);
+        let a = health(12, 3, 1480.0, 2900.0, Some(0.9), true);
+        let b = health(5, 0, 1600.0, 2100.0, Some(0.7), false);
+        let m = merge_health(&[a.clone(), b]).unwrap();
+        let q = m.annotation_queue.clone().unwrap();
+        assert_eq!((q.depth, q.capacity, q.shed), (17, 2048, 3));
+        assert_eq!(m.judge_latency_ms, Some(LatencyMs { p50: 1600.0, p95: 2900.0 }));
+        assert_eq!((m.canary_fp_rate, m.judge_trusted, m.distill_ready), (Some(0.2), Some(false), Some(false)));
+        assert!((m.distill_agreement.unwrap() - 0.8).abs() < 1e-12);
+        assert_eq!((m.judge_budget_refused, m.judge_wait_ms, m.canary_max_rate), (Some(4), Some(0), Some(0.05)));
+        let no_distiller = Health { distill_agreement: None, distill_ready: None, distill_min_agreement: None, ..a.clone() };
+        let m = merge_health(&[a.clone(), no_distiller]).unwrap();
+        assert_eq!((m.distill_agreement, m.distill_ready, m.judge_trusted), (Some(0.9), Some(true), Some(true)));
+        assert_eq!(merge_health(std::slice::from_ref(&a)), Some(a));
+    }
+
+    /// The metrics rows' health is what the live reward workers heartbeat.
+    #[tokio::test]
+    async fn the_metrics_health_merges_the_reward_workers_heartbeats() {
+        use super::super::control::ControlClient;
+        use super::super::testing::TestLearner;
+        let l = TestLearner::start(&Default::default(), Default::default(), None).await;
+        let source = RewardHealth { control: l.control.clone() };
+        assert_eq!(source.health(), None, "no reward worker reported");
+        let mut c = ControlClient::connect(&l.grpc, Some(&l.addr), None).await.unwrap();
+        let r1 = c.register(v1::Role::Reward, "a", "cpu").await.unwrap().worker_id;
+        let r2 = c.register(v1::Role::Reward, "b", "cpu").await.unwrap().worker_id;
+        let rollout = c.register(v1::Role::Rollout, "c", "cpu").await.unwrap().worker_id;
+        c.heartbeat_with_health(&r1, 0, Default::default(), Some(&health(12, 3, 1480.0, 2900.0, Some(0.9), true))).await.unwrap();
+        c.heartbeat_with_health(&r2, 0, Default::default(), Some(&health(5, 0, 1600.0, 2100.0, Some(0.7), true))).await.unwrap();
+        c.heartbeat(&rollout, 0, Default::default()).await.unwrap();
+        let m = source.health().unwrap();
+        assert_eq!(m["reward_workers"], 2);
+        assert_eq!(m["annotation_queue"]["depth"], 17);
+        assert_eq!(m["judge_latency_ms"]["p95"], 2900.0);
+        assert_eq!(m["judge_trusted"], true);
+        // A worker that leaves stops counting.
+        c.shutdown(&r2, "done").await.unwrap();
+        let m = source.health().unwrap();
+        assert_eq!((m["reward_workers"].as_u64(), m["annotation_queue"]["depth"].as_u64()), (Some(1), Some(12)));
+    }
 }

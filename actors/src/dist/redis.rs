@@ -4,6 +4,12 @@
 //! `reward`) and `<prefix>:<run>:labeled` (reward → learner, group `learner`).
 //! An entry holds the trajectory id (`id`) and the protobuf message (`p`).
 //!
+//! A third, `<prefix>:<run>:judged`, is a broadcast rather than a queue: each
+//! reward process adds the steps its judge scored, tagged with its worker id
+//! (`w`), and every reward process reads all of it with its own read position
+//! (plain `XREAD`, no group, nothing acknowledged; [`Publisher`],
+//! [`Subscriber`]). It is trimmed to `redis.max_len` entries, oldest first.
+//!
 //! - Producers add with `XADD ... MAXLEN <cap>` from a Lua script that only adds
 //!   while the stream is shorter than the cap, so a full stream makes the
 //!   producer wait (back-pressure) instead of trimming unread entries (loss).
@@ -138,6 +144,9 @@ pub struct RunKeys {
     /// Trajectory ids the learner has ingested (a bitmap; ids ≥ 2^32 in
     /// the set `<ingested>:large`).
     pub ingested: String,
+    /// Steps the reward processes' judges scored, every reward process → every
+    /// reward process (a broadcast, no consumer group).
+    pub judged: String,
 }
 
 impl RunKeys {
@@ -147,6 +156,7 @@ impl RunKeys {
             sampled: format!("{prefix}:{run_id}:sampled"),
             labeled: format!("{prefix}:{run_id}:labeled"),
             ingested: format!("{prefix}:{run_id}:ingested"),
+            judged: format!("{prefix}:{run_id}:judged"),
         }
     }
 }
@@ -242,8 +252,7 @@ impl Redis {
     pub async fn connect(config: &Config) -> Result<Self> {
         let url = redact_url(&config.url);
         let setup = |reason: String| Error::RedisUnreachable { url: url.clone(), waited_ms: 0, last: reason };
-        let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
-            .map_err(|e| setup(format!("bad URL: {e}")))?;
+        let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str()).map_err(|e| setup(format!("bad URL: {e}")))?;
         if let Some(password) = std::env::var(&config.password_env).ok().filter(|p| !p.is_empty()) {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
@@ -254,8 +263,7 @@ impl Redis {
         let client = if config.tls_ca_file.is_empty() {
             redis::Client::open(info)
         } else {
-            let ca = std::fs::read(&config.tls_ca_file)
-                .map_err(|e| setup(format!("redis.tls_ca_file {}: {e}", config.tls_ca_file)))?;
+            let ca = std::fs::read(&config.tls_ca_file).map_err(|e| setup(format!("redis.tls_ca_file {}: {e}", config.tls_ca_file)))?;
             redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: Some(ca) })
         }
         .map_err(|e| setup(e.to_string()))?;
@@ -299,13 +307,7 @@ impl Redis {
     /// A consumer named `consumer` in `group` of `stream` (group created if
     /// missing). `dedup`: a set of ids already ingested; entries whose id is in
     /// it are acknowledged and skipped.
-    pub async fn consumer<T: Entry>(
-        &self,
-        stream: &str,
-        group: &str,
-        consumer: &str,
-        dedup: Option<&str>,
-    ) -> Result<Consumer<T>> {
+    pub async fn consumer<T: Entry>(&self, stream: &str, group: &str, consumer: &str, dedup: Option<&str>) -> Result<Consumer<T>> {
         let timeout = Duration::from_millis(self.config.block_ms + self.config.connect_timeout_ms);
         let mut c = Consumer {
             conn: Retrying::new(self, self.connection(timeout).await?),
@@ -327,12 +329,30 @@ impl Redis {
     pub async fn reset_run(&self, keys: &RunKeys) -> Result<()> {
         let mut conn = Retrying::new(self, self.shared.clone());
         let large = format!("{}:large", keys.ingested);
-        let cmd = redis::cmd("DEL").arg(&keys.sampled).arg(&keys.labeled).arg(&keys.ingested).arg(&large).clone();
+        let cmd = redis::cmd("DEL").arg(&keys.sampled).arg(&keys.labeled).arg(&keys.ingested).arg(&large).arg(&keys.judged).clone();
         let deleted: u64 = conn.query("DEL", &keys.sampled, &cmd).await?;
         if deleted > 0 {
             tracing::info!(sampled = %keys.sampled, labeled = %keys.labeled, deleted, "cleared what an earlier run left in redis");
         }
         Ok(())
+    }
+
+    /// A publisher adding to the broadcast `stream` as `sender`.
+    pub async fn publisher(&self, stream: &str, sender: &str) -> Result<Publisher> {
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        Ok(Publisher { conn: Retrying::new(self, self.connection(timeout).await?), stream: stream.to_string(), sender: sender.to_string() })
+    }
+
+    /// A subscriber to the broadcast `stream` for `sender`, which skips its
+    /// own entries. It reads what is added from now on: its position starts at
+    /// the stream's newest entry (at the start of an empty or missing stream).
+    pub async fn subscriber(&self, stream: &str, sender: &str) -> Result<Subscriber> {
+        let timeout = Duration::from_millis(self.config.block_ms + self.config.connect_timeout_ms);
+        let mut conn = Retrying::new(self, self.connection(timeout).await?);
+        let cmd = redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).clone();
+        let newest: redis::streams::StreamRangeReply = conn.query("XREVRANGE", stream, &cmd).await?;
+        let last = newest.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone());
+        Ok(Subscriber { conn, stream: stream.to_string(), sender: sender.to_string(), last, own: 0, dropped: 0 })
     }
 
     /// The trajectory ids `stream` holds, by group (acknowledged entries are
@@ -546,6 +566,116 @@ impl<T: Entry> Producer<T> {
     }
 }
 
+/// Adds entries to a broadcast stream (see [`Subscriber`]), each tagged with
+/// its sender; the stream keeps the newest `redis.max_len` entries. Nothing
+/// acknowledges a broadcast entry, so there is no back-pressure: a subscriber
+/// more than `redis.max_len` entries behind misses the oldest.
+pub struct Publisher {
+    conn: Retrying,
+    stream: String,
+    sender: String,
+}
+
+impl Publisher {
+    /// Adds one entry holding `payload`; returns its entry id.
+    pub async fn publish(&mut self, payload: &[u8], config: &Config) -> Result<String> {
+        let cmd = redis::cmd("XADD")
+            .arg(&self.stream)
+            .arg("MAXLEN")
+            .arg(config.max_len)
+            .arg("*")
+            .arg("w")
+            .arg(&self.sender)
+            .arg("p")
+            .arg(payload)
+            .clone();
+        self.conn.query("XADD", &self.stream, &cmd).await
+    }
+}
+
+/// An entry of a broadcast stream, from another sender.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Broadcast {
+    pub entry: String,
+    pub sender: String,
+    pub payload: Vec<u8>,
+}
+
+/// What one [`Subscriber::recv`] returns.
+#[derive(Debug, Default)]
+pub struct Broadcasts {
+    /// Other senders' entries, in stream order.
+    pub items: Vec<Broadcast>,
+    /// Entries without a sender (`w`) or a payload (`p`), skipped.
+    pub dropped: Vec<Dropped>,
+    /// This subscriber's own entries, skipped.
+    pub own: u64,
+}
+
+/// Reads every entry of a broadcast stream from its own position (plain
+/// `XREAD`: every subscriber sees every entry), skipping its own sender's.
+pub struct Subscriber {
+    conn: Retrying,
+    stream: String,
+    sender: String,
+    /// The id of the last entry read.
+    last: String,
+    own: u64,
+    dropped: u64,
+}
+
+impl Subscriber {
+    /// Own entries skipped so far.
+    pub fn own(&self) -> u64 {
+        self.own
+    }
+
+    /// Entries without a sender or payload skipped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The entries added after the last one read (up to `redis.batch`),
+    /// waiting up to `redis.block_ms` for one. Empty when nothing arrived in
+    /// time. Not cancel-safe: entries a cancelled call read are skipped.
+    pub async fn recv(&mut self, config: &Config) -> Result<Broadcasts> {
+        let cmd = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(config.batch)
+            .arg("BLOCK")
+            .arg(config.block_ms)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(&self.last)
+            .clone();
+        let reply: Option<StreamReadReply> = self.conn.query("XREAD", &self.stream, &cmd).await?;
+        let mut out = Broadcasts::default();
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            self.last = entry.id.clone();
+            let sender = match entry.map.get("w") {
+                Some(Value::BulkString(b)) => String::from_utf8(b.clone()).ok(),
+                _ => None,
+            };
+            let payload = match entry.map.get("p") {
+                Some(Value::BulkString(b)) => Some(b.clone()),
+                _ => None,
+            };
+            match (sender, payload) {
+                (Some(s), _) if s == self.sender => out.own += 1,
+                (Some(sender), Some(payload)) => out.items.push(Broadcast { entry: entry.id, sender, payload }),
+                (sender, _) => {
+                    let missing = if sender.is_none() { "sender field `w`" } else { "payload field `p`" };
+                    tracing::warn!(stream = %self.stream, entry = %entry.id, missing, "skipping a malformed broadcast entry");
+                    out.dropped.push(Dropped { entry: entry.id, reason: format!("entry has no {missing}") });
+                }
+            }
+        }
+        self.own += out.own;
+        self.dropped += out.dropped.len() as u64;
+        Ok(out)
+    }
+}
+
 /// An entry read from a stream, to be acknowledged once handled.
 #[derive(Debug)]
 pub struct Delivery<T> {
@@ -646,14 +776,7 @@ impl<T: Entry> Consumer<T> {
     /// Takes over every entry `dead` read and did not acknowledge (a worker the
     /// learner declared dead), then removes `dead` from the group.
     pub async fn claim_from(&mut self, dead: &str, config: &Config) -> Result<Batch<T>> {
-        let cmd = redis::cmd("XPENDING")
-            .arg(&self.stream)
-            .arg(&self.group)
-            .arg("-")
-            .arg("+")
-            .arg(config.max_len)
-            .arg(dead)
-            .clone();
+        let cmd = redis::cmd("XPENDING").arg(&self.stream).arg(&self.group).arg("-").arg("+").arg(config.max_len).arg(dead).clone();
         let pending: Vec<(String, String, u64, u64)> = self.with_group("XPENDING", &cmd).await?;
         let mut raw = Vec::new();
         if !pending.is_empty() {

@@ -221,3 +221,60 @@ async fn rollout_workers_get_prompts_report_deliveries_and_their_death_reissues_
     l.control.request_shutdown("done");
     assert_eq!(c.get_work(&r2.worker_id, 1, Duration::from_millis(10)).await.unwrap(), None);
 }
+
+fn reward_health(depth: u64) -> prism_reward::Health {
+    prism_reward::Health {
+        judge_wait_ms: Some(0),
+        judge_latency_ms: Some(prism_reward::LatencyMs { p50: 1480.0, p95: 2900.0 }),
+        annotation_queue: Some(prism_reward::QueueHealth {
+            depth,
+            capacity: 1024,
+            busy: 4,
+            queued: 300,
+            judged: 280,
+            shed: 3,
+            untrusted: 1,
+        }),
+        canary_fp_rate: Some(0.0),
+        canary_max_rate: Some(0.05),
+        judge_trusted: Some(true),
+        distill_agreement: Some(0.87),
+        distill_min_agreement: Some(0.75),
+        distill_ready: Some(true),
+        judge_budget_refused: Some(2),
+    }
+}
+
+/// A reward worker's heartbeats carry its labeler's health; the learner keeps
+/// the latest and shows it in the status.
+#[tokio::test]
+async fn a_reward_workers_health_reaches_the_status_with_its_heartbeats() {
+    let l = TestLearner::start(&dist(30, 10_000), grpc::Config::default(), None).await;
+    let c = client(&l, None).await.unwrap();
+    let now = Arc::new(Mutex::new(reward_health(12)));
+    let counters = Arc::new(Counters::default());
+    let source = now.clone();
+    counters.report_health(Arc::new(move || Some(source.lock().unwrap().clone())));
+    let (membership, task) = join(c.clone(), v1::Role::Reward, "judge-box", "cpu", counters).await.unwrap();
+    let id = membership.borrow().worker_id.clone();
+    let (_, rollout_task) = join(c.clone(), v1::Role::Rollout, "gpu-box", "cpu", Arc::new(Counters::default())).await.unwrap();
+    let wire = eventually("the health in the status", Duration::from_secs(10), async || {
+        let s = c.clone().status().await.unwrap();
+        s.workers.iter().find(|w| w.worker_id == id)?.reward_health
+    })
+    .await;
+    assert_eq!(health_from_wire(wire), reward_health(12), "every field survives the wire");
+    // The latest heartbeat's health replaces the one before.
+    *now.lock().unwrap() = reward_health(40);
+    eventually("the newer health", Duration::from_secs(10), async || {
+        (l.control.reward_health() == vec![(id.clone(), reward_health(40))]).then_some(())
+    })
+    .await;
+    let s = c.clone().status().await.unwrap();
+    let rollout = s.workers.iter().find(|w| w.role() == v1::Role::Rollout).unwrap();
+    assert_eq!(rollout.reward_health, None, "a worker without a judge reports none");
+    // An empty health (no judge) still round-trips as empty.
+    assert_eq!(health_from_wire(health_to_wire(&prism_reward::Health::default())), prism_reward::Health::default());
+    task.abort();
+    rollout_task.abort();
+}

@@ -283,3 +283,44 @@ async fn groups_in_lists_what_a_stream_still_holds_by_group() {
     let (groups, _) = redis.groups_in::<Trajectory>(&keys.sampled).await.unwrap();
     assert!(groups.is_empty(), "{} groups left", groups.len());
 }
+
+/// The judged stream is a broadcast: every subscriber reads every other
+/// sender's entry from where it stood when made, none its own; the stream
+/// keeps the newest `max_len` entries; a fresh run deletes it.
+#[tokio::test]
+async fn every_subscriber_reads_every_other_senders_broadcast_and_a_reset_clears_them() {
+    let server = TestRedis::shared();
+    let cfg = Config { max_len: 8, batch: 4, ..config(&server.url) };
+    let keys = RunKeys::new("prism", &unique("broadcast"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut conn = redis::Client::open(server.url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut a = redis.publisher(&keys.judged, "reward-1").await.unwrap();
+    a.publish(b"before", &cfg).await.unwrap();
+    // Subscribers read what is added after they start.
+    let mut subs = [redis.subscriber(&keys.judged, "reward-1").await.unwrap(), redis.subscriber(&keys.judged, "reward-2").await.unwrap()];
+    let mut b = redis.publisher(&keys.judged, "reward-2").await.unwrap();
+    for i in 0..3 {
+        a.publish(format!("a{i}").as_bytes(), &cfg).await.unwrap();
+        b.publish(format!("b{i}").as_bytes(), &cfg).await.unwrap();
+    }
+    let mut got: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
+    for (sub, got) in subs.iter_mut().zip(&mut got) {
+        eventually("3 entries of the other sender", Duration::from_secs(10), async || {
+            let r = sub.recv(&cfg).await.unwrap();
+            got.extend(r.items.iter().map(|e| String::from_utf8(e.payload.clone()).unwrap()));
+            (got.len() >= 3).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(got, vec![vec!["b0", "b1", "b2"], vec!["a0", "a1", "a2"]]);
+    assert_eq!((subs[0].own(), subs[1].own(), subs[0].dropped()), (3, 3, 0));
+    // 7 entries so far; 3 more, and the oldest 2 are trimmed.
+    for i in 3..6 {
+        a.publish(format!("a{i}").as_bytes(), &cfg).await.unwrap();
+    }
+    let len: u64 = redis::cmd("XLEN").arg(&keys.judged).query_async(&mut conn).await.unwrap();
+    assert_eq!(len, 8, "capped at redis.max_len entries");
+    redis.reset_run(&keys).await.unwrap();
+    let len: u64 = redis::cmd("XLEN").arg(&keys.judged).query_async(&mut conn).await.unwrap();
+    assert_eq!(len, 0, "a fresh run starts without them");
+}
