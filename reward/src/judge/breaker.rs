@@ -71,6 +71,9 @@ impl Breaker {
     pub fn succeeded(&mut self, pass: Pass) {
         if pass.probe {
             self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+            if self.state != BreakerState::Closed {
+                tracing::warn!(opens = self.opens, "judge answering again: circuit breaker closed, judge calls resume");
+            }
             self.state = BreakerState::Closed;
         }
         if self.state == BreakerState::Closed {
@@ -89,6 +92,11 @@ impl Breaker {
         if self.state == BreakerState::Closed {
             self.consecutive += 1;
             if self.consecutive >= self.failures {
+                tracing::warn!(
+                    failures = self.consecutive,
+                    cooldown_ms = self.cooldown.as_millis() as u64,
+                    "judge failing: circuit breaker open, steps take the fallback until a probe succeeds"
+                );
                 self.open(now);
             }
         }
