@@ -33,7 +33,9 @@ pub fn line(p: &Progress, goal: &Goal) -> String {
     )
 }
 
-/// ` | judge 37% agree 91%` when a judge is configured (it reports a share),
+/// ` | judge 37% agree 91%` when a judge is configured (it reports a share;
+/// ` distilled 60%` too with a distilled model, whose scores background
+/// annotation labels with),
 /// ` | judge OFF (canaries)` while the canary gate has turned its scores off;
 /// nothing otherwise. The distiller's agreement is left out until measured.
 fn judge(p: &Progress) -> String {
@@ -42,8 +44,9 @@ fn judge(p: &Progress) -> String {
         (_, Some(share)) => format!("{:.0}%", share * 100.0),
         (_, None) => return String::new(),
     };
+    let distilled = p.distilled_share.map_or(String::new(), |d| format!(" distilled {:.0}%", d * 100.0));
     let agree = p.distill_agreement.map_or(String::new(), |a| format!(" agree {:.0}%", a * 100.0));
-    format!(" | judge {state}{agree}")
+    format!(" | judge {state}{distilled}{agree}")
 }
 
 fn eta(p: &Progress, goal: &Goal) -> Option<Duration> {
@@ -129,6 +132,15 @@ mod tests {
         // The canary gate turned judge scores off: the share (zero) says less than that.
         let off = Progress { judge_share: Some(0.0), distill_agreement: Some(0.8), judge_trusted: Some(false), ..Default::default() };
         assert!(line(&off, &goal).contains("| judge OFF (canaries) agree 80% |"), "{}", line(&off, &goal));
+        // Background annotation: labels come from the distilled model.
+        let background = Progress {
+            judge_share: Some(0.0),
+            distilled_share: Some(0.957),
+            distill_agreement: Some(0.86),
+            judge_trusted: Some(true),
+            ..Default::default()
+        };
+        assert!(line(&background, &goal).contains("| judge 0% distilled 96% agree 86% |"), "{}", line(&background, &goal));
         // No judge configured: no judge field at all.
         let none = Progress { judge_trusted: Some(true), ..Default::default() };
         assert!(!line(&none, &goal).contains("judge"), "{}", line(&none, &goal));

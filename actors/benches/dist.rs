@@ -193,7 +193,7 @@ async fn weights(kind: Kind) -> Result<()> {
         let check = &vs.variables()["model.layers.7.mlp.up_proj.weight"];
         anyhow::ensure!(check.equal(&tensors.iter().find(|(n, _)| n == "model.layers.7.mlp.up_proj.weight").expect("exists").1), "applied weights differ");
         // so the next round's check sees that round's apply
-        tch::no_grad(|| vs.variables()["model.layers.7.mlp.up_proj.weight"].shallow_clone().zero_());
+        let _ = tch::no_grad(|| vs.variables()["model.layers.7.mlp.up_proj.weight"].shallow_clone().zero_());
     }
     for (streams, _, fetch_best, apply_best) in &clients {
         println!(

@@ -68,6 +68,9 @@ pub struct Progress {
     /// Share of the last step's step scores that came from the judge (live or
     /// cached), when a judge is configured.
     pub judge_share: Option<f64>,
+    /// Share of the last step's step scores that came from the distilled
+    /// model, when there is one.
+    pub distilled_share: Option<f64>,
     /// The distilled model's agreement with the judge on held-out steps.
     pub distill_agreement: Option<f64>,
     /// False while the canary gate has turned judge scores off.
@@ -244,6 +247,9 @@ impl Actor for Metrics {
                     let judged = e.sources.get("judge").copied().unwrap_or(0) + e.sources.get("cache").copied().unwrap_or(0);
                     let scored: u64 = e.sources.values().sum();
                     state.last.judge_share = (scored > 0).then(|| judged as f64 / scored as f64);
+                    let distilled = e.sources.get("distilled").copied().unwrap_or(0);
+                    state.last.distilled_share =
+                        (scored > 0 && health.contains_key("distill_ready")).then(|| distilled as f64 / scored as f64);
                     state.last.distill_agreement = health.get("distill_agreement").and_then(|v| v.as_f64());
                     state.last.judge_trusted = health.get("judge_trusted").and_then(|v| v.as_bool());
                     for (k, v) in health {

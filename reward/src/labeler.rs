@@ -735,7 +735,8 @@ pub struct QueueHealth {
     pub capacity: u64,
     /// Trajectories being judged now.
     pub busy: u64,
-    /// Trajectories queued, judged, and shed (oldest first, queue full) so far.
+    /// Trajectories queued, taken to the judge (judged, or failed: an outage
+    /// drains the queue fast), and shed (oldest first, queue full) so far.
     pub queued: u64,
     pub judged: u64,
     pub shed: u64,

@@ -137,7 +137,11 @@ fn arithmetic_completion(seed: u64) -> (String, String) {
         1 => ('-', a - b),
         _ => ('*', a * b),
     };
-    let c = if next(2) == 0 { v } else { v + 1 + next(3) as i64 };
+    // A wrong result is off by a thousand or more: single-digit operands never
+    // reach it, so the rule is one the hashed n-gram model learns every time
+    // (whether it can learn harder rules is distill's own test; these tests
+    // are about the plumbing, and must not depend on the order verdicts land).
+    let c = if next(2) == 0 { v } else { v + 1000 + next(3) as i64 };
     (format!("{a}{op}{b}"), format!("{a}{op}{b}={c}\nA:{c}\n"))
 }
 
