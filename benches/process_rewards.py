@@ -35,7 +35,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRISM = os.path.join(ROOT, "target", "release", "prism")
+# PRISM_BIN runs another build (a copy, so that rebuilding during a long
+# benchmark does not change the binary under it).
+PRISM = os.environ.get("PRISM_BIN") or os.path.join(ROOT, "target", "release", "prism")
 
 
 def finished_folder(log):

@@ -49,7 +49,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub no_reference: bool,
     #[command(flatten)]
-    pub common: crate::cli::ConfigArgs,
+    pub common: crate::config::ConfigArgs,
 }
 
 struct Timing {
@@ -145,7 +145,7 @@ pub fn generate(args: &GenerateArgs, model_cfg: &prism_model::Config, seed: u64)
     let device = &model_cfg.device;
     println!(
         "prism bench generate: {} ({} parameters, {}, {device}, {threads} threads), batch {}, prompt {}, new tokens {}, best of {} x {} runs",
-        crate::serve::default_name(&source),
+        prism_serve::default_name(&source),
         config.num_parameters(),
         model_cfg.dtype,
         args.batch,

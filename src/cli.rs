@@ -38,19 +38,7 @@ pub enum Command {
     Status(StatusArgs),
 }
 
-/// Options every subcommand takes.
-#[derive(Debug, Clone, Args)]
-pub struct ConfigArgs {
-    /// A TOML config file layered over the built-in defaults.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Override one key, e.g. `--set learner.lr=5e-5` (repeatable; applied last).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// Print the resolved configuration as TOML and exit.
-    #[arg(long)]
-    pub print_config: bool,
-}
+pub use crate::config::ConfigArgs;
 
 /// Options of `prism serve`.
 #[derive(Debug, Clone, Args)]

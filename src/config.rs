@@ -11,6 +11,83 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// Options every subcommand takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// A TOML config file layered over the built-in defaults.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set learner.lr=5e-5` (repeatable; applied last).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// `[train]`: what a `prism train` run does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// RL learner steps in total (a resumed run counts from its checkpoint). Default 1000.
+    pub steps: u64,
+    /// Stop RL after this many seconds of this process; 0 = no limit. Default 300.
+    pub time_limit_s: f64,
+    /// Prompts (groups of `rollout.group_size` samples) per learner step. Default 16.
+    pub batch_groups: usize,
+    /// Evaluate on the held-out problems every this many steps; 0 = at the start and end only. Default 10.
+    pub eval_every: u64,
+    /// Held-out problems per evaluation. Default 200.
+    pub eval_problems: usize,
+    /// Checkpoint every this many steps; 0 = at the end only. Default 25.
+    pub checkpoint_every: u64,
+    /// torch intra-op threads; 0 = torch's default (the core count). Default 0.
+    pub threads: usize,
+    /// `learner.mode = "sft"`: JSONL of `{"prompt", "completion"}` pairs to train on. Default "".
+    pub sft_data: PathBuf,
+    /// `learner.mode = "sft"`: pairs per step. Default 32.
+    pub sft_batch: usize,
+}
+
+/// `[warmstart]`: supervised imitation of the task's (flawed) teacher before RL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmStartConfig {
+    /// Warm start before RL (arithmetic task only). Default true.
+    pub enabled: bool,
+    /// SFT steps. Default 1200.
+    pub steps: u64,
+    /// Demonstrations per step. Default 64.
+    pub batch: usize,
+    /// Learning rate (constant, AdamW with the learner's other settings). Default 2e-3.
+    pub lr: f64,
+    /// Held-out accuracy (greedy, `train.eval_problems` problems) every this many
+    /// SFT steps and at the end, logged (console and trace); 0 = none. Not part of the
+    /// cache key. Default 200.
+    pub eval_every: u64,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> std::result::Result<(), prism_core::config::Invalid> {
+        use prism_core::config::{check, Invalid};
+        check::positive("train.batch_groups", self.batch_groups)?;
+        check::positive("train.eval_problems", self.eval_problems)?;
+        check::positive("train.sft_batch", self.sft_batch)?;
+        if self.time_limit_s < 0.0 {
+            return Err(Invalid::new("train.time_limit_s", self.time_limit_s, "must be >= 0"));
+        }
+        Ok(())
+    }
+}
+
+impl WarmStartConfig {
+    pub fn validate(&self) -> std::result::Result<(), prism_core::config::Invalid> {
+        prism_core::config::check::positive("warmstart.batch", self.batch)?;
+        prism_core::config::check::positive("warmstart.lr", self.lr)
+    }
+}
+
+
 /// The built-in defaults, compiled into the binary.
 pub const DEFAULT_TOML: &str = include_str!("../configs/default.toml");
 
@@ -23,11 +100,11 @@ pub const EXIT_CONFIG: i32 = 64;
 pub struct Config {
     pub run: RunConfig,
     pub log: LogConfig,
-    pub redis: prism_actors::dist::redis::Config,
-    pub grpc: prism_actors::dist::grpc::Config,
-    pub dist: prism_actors::dist::Config,
+    pub redis: prism_transport::redis::Config,
+    pub grpc: prism_transport::grpc::Config,
+    pub dist: prism_transport::Config,
     pub model: prism_model::Config,
-    pub serve: crate::serve::Config,
+    pub serve: prism_serve::Config,
     pub learner: prism_learner::Config,
     /// `[reward]`: segmentation, verifiers, guard, fallback, deadline.
     pub reward: prism_reward::Config,
@@ -42,9 +119,9 @@ pub struct Config {
     /// `[pipeline]`: how the actors run.
     pub pipeline: prism_actors::Config,
     /// `[train]`: what `prism train` does.
-    pub train: crate::train::TrainConfig,
+    pub train: TrainConfig,
     /// `[warmstart]`: supervised imitation of the task's teacher before RL.
-    pub warmstart: crate::train::WarmStartConfig,
+    pub warmstart: WarmStartConfig,
 }
 
 /// `[run]`: where a run writes and how it is seeded.
@@ -108,7 +185,7 @@ impl Config {
     /// written into `redis.url` is shown as `***`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.redis.url = prism_actors::dist::redis::redact_url(&self.redis.url);
+        shown.redis.url = prism_transport::redis::redact_url(&self.redis.url);
         toml::to_string(&shown).expect("a Config always serialises to TOML")
     }
 }

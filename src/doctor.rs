@@ -21,9 +21,10 @@ pub fn run(config: &Config) -> ExitCode {
         Ok((version, path)) => println!("nccl: {version} ({})", path.display()),
         Err(reason) => println!("nccl: unavailable ({reason})"),
     }
-    match redis_ping(&config.redis.url, Duration::from_secs(2)) {
-        Ok(version) => println!("redis: answers at {} (redis {version})", redact(&config.redis.url)),
-        Err(reason) => println!("redis: no answer at {} ({reason})", redact(&config.redis.url)),
+    let shown = prism_transport::redis::redact_url(&config.redis.url);
+    match prism_transport::redis::ping(&config.redis.url, Duration::from_secs(2)) {
+        Ok(version) => println!("redis: answers at {shown} (redis {version})"),
+        Err(reason) => println!("redis: no answer at {shown} ({reason})"),
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("cpu threads: {cpus} (torch intra-op threads: {})", tch::get_num_threads());
@@ -97,32 +98,6 @@ fn decode_nccl_version(code: i32) -> String {
     }
 }
 
-/// PINGs Redis and returns its version.
-fn redis_ping(url: &str, timeout: Duration) -> Result<String, String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-    let mut con = client.get_connection_with_timeout(timeout).map_err(|e| e.to_string())?;
-    con.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let pong: String = redis::cmd("PING").query(&mut con).map_err(|e| e.to_string())?;
-    if pong != "PONG" {
-        return Err(format!("PING answered {pong:?}"));
-    }
-    let info: String = redis::cmd("INFO").arg("server").query(&mut con).map_err(|e| e.to_string())?;
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("unknown version")
-        .trim()
-        .to_string())
-}
-
-/// The URL without its password, for printing.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,11 +106,5 @@ mod tests {
     fn nccl_version_codes_decode() {
         assert_eq!(decode_nccl_version(22809), "2.28.9");
         assert_eq!(decode_nccl_version(2708), "2.7.8");
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact("redis://:s3cret@host:6379/0"), "redis://***@host:6379/0");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

@@ -188,7 +188,7 @@ impl Progress {
 /// plus pass@k from `k` sampled completions per problem when `k > 1`.
 pub fn checkpoint(config: &Config, args: &crate::cli::CheckpointEvalArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    use prism_actors::local::{summarize, Evaluator};
+    use prism_actors::adapters::{summarize, Evaluator};
     let source = match &args.checkpoint {
         None => config.model.source.clone(),
         Some(path) => resolve_checkpoint(path)?.to_string_lossy().into_owned(),

@@ -8,17 +8,15 @@ use crate::run_dir::RunDir;
 use crate::telemetry;
 use crate::train::{self, Prepared};
 use anyhow::{Context, Result, bail};
-use prism_actors::dist::control::{self, Control, ControlClient, Counters};
-use prism_actors::dist::grpc::{self, Token};
-use prism_actors::dist::health::Health;
-use prism_actors::dist::redis::{Redis, RunKeys};
-use prism_actors::dist::weights::{Weights, WeightsClient};
-use prism_actors::dist::{learner, learner_rank, nccl, nccl_weights, reward, rollout};
-use prism_actors::local::{ModelGenerator, RewardLabeler};
-use prism_actors::BackendError;
-use prism_actors::backend::BackendResult;
-use prism_model::{Loaded, Transformer};
-use prism_proto::v1;
+use prism_transport::control::{self, Control, ControlClient, Counters, NcclId, Role};
+use prism_transport::grpc::{self, Token};
+use prism_transport::health::Health;
+use prism_transport::redis::{Redis, RunKeys};
+use prism_transport::weights::{Weights, WeightsClient};
+use prism_actors::remote::{learner, learner_rank, reward, rollout};
+use prism_transport::{nccl, nccl_weights};
+use prism_actors::adapters::{ModelGenerator, RankLearner, RewardLabeler};
+use prism_model::Loaded;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +44,7 @@ fn nccl_cuda(config: &Config, setting: &str, instead: &str) -> Result<usize> {
 
 /// With `dist.weights = "nccl"`: the CUDA device of the weight broadcast.
 fn nccl_device(config: &Config) -> Result<Option<usize>> {
-    if config.dist.weights != "nccl" {
+    if config.dist.weights != prism_transport::WeightTransport::Nccl {
         return Ok(None);
     }
     nccl_cuda(config, "dist.weights = \"nccl\"", "use dist.weights = \"grpc\"").map(Some)
@@ -76,26 +74,6 @@ fn join_nccl(config: &Config, id: Vec<u8>, rank: usize, world: usize, device: us
         let comm = nccl::Communicator::new(&id, rank, world, device, timeout, bucket)?;
         Ok(Box::new(comm) as Box<dyn nccl_weights::Collective>)
     })
-}
-
-/// A data-parallel learner rank's learner, joined to the others by NCCL.
-struct RankLearner {
-    learner: prism_learner::Learner<Transformer>,
-    device: usize,
-    timeout: Duration,
-    bucket: usize,
-}
-
-impl learner_rank::RankTrainer for RankLearner {
-    fn join(&mut self, id: &v1::NcclId, rank: usize) -> BackendResult<()> {
-        let comm = nccl::Communicator::new(&id.id, rank, id.world_size as usize, self.device, self.timeout, self.bucket)
-            .map_err(BackendError::new)?;
-        self.learner.join_data_parallel(Box::new(comm)).map_err(BackendError::new)
-    }
-
-    fn train(&mut self, groups: Vec<Vec<prism_core::LabeledTrajectory>>) -> BackendResult<()> {
-        self.learner.train_step(&groups).map(|_| ()).map_err(BackendError::new)
-    }
 }
 
 fn threads(config: &Config) {
@@ -246,7 +224,7 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
 
 /// The weight group's NCCL id, which the learner publishes once its warm start
 /// is done (asked again until then).
-async fn nccl_id(control: &ControlClient) -> Result<v1::NcclId> {
+async fn nccl_id(control: &ControlClient) -> Result<NcclId> {
     let started = Instant::now();
     let mut control = control.clone();
     loop {
@@ -261,7 +239,7 @@ async fn nccl_id(control: &ControlClient) -> Result<v1::NcclId> {
 /// Connects to the learner and joins the run as `role`.
 async fn join(
     config: &Config,
-    role: v1::Role,
+    role: Role,
     device: &str,
 ) -> Result<(ControlClient, Option<Token>, Arc<Counters>, tokio::sync::watch::Receiver<control::Membership>)> {
     let token = Token::from_config(&config.grpc)?;
@@ -289,10 +267,10 @@ pub fn learner_rank(config: &Config) -> Result<()> {
         // The weights are rank 0's once joined; only the shapes must agree.
         let reference = if config.learner.kl_coef > 0.0 { Some(train::load_model(config)?.model) } else { None };
         let learner = prism_learner::Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
-        let (control, _token, counters, membership) = join(config, v1::Role::Learner, &config.model.device).await?;
+        let (control, _token, counters, membership) = join(config, Role::Learner, &config.model.device).await?;
         health.set_ready(true);
         let (timeout, bucket) = nccl_limits(config);
-        let trainer = RankLearner { learner, device, timeout, bucket };
+        let trainer = RankLearner::new(learner, device, timeout, bucket);
         let args = learner_rank::RankArgs { control, membership, counters, trainer: Box::new(trainer), poll: Duration::from_secs(10) };
         let s = learner_rank::run(args, train::ctrl_c()).await?;
         println!("learner rank {}/{}: {} steps on {} trajectories, policy version {}", s.rank, s.world, s.steps, s.trajectories, s.version);
@@ -310,7 +288,7 @@ pub fn rollout(config: &Config) -> Result<()> {
         let Loaded { model, tokenizer, generation } = train::load_model(config)?;
         let layout = nccl_weights::layout(model.var_store().variables().iter().map(|(n, t)| (n.as_str(), t)));
         let generator = ModelGenerator::new(model, tokenizer, generation.eos_token_ids.clone(), config.rollout.clone(), config.run.seed);
-        let (control, token, counters, membership) = join(config, v1::Role::Rollout, &config.model.device).await?;
+        let (control, token, counters, membership) = join(config, Role::Rollout, &config.model.device).await?;
         let weights = WeightsClient::connect(&config.grpc, None, token.as_ref()).await?;
         let rank = membership.borrow().nccl_rank as usize;
         let broadcast = match nccl_device {
@@ -361,7 +339,7 @@ pub fn reward(config: &Config) -> Result<()> {
     runtime()?.block_on(async {
         let health = health(config).await?;
         let labeler = Arc::new(prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?);
-        let (mut control, _token, counters, membership) = join(config, v1::Role::Reward, "cpu").await?;
+        let (mut control, _token, counters, membership) = join(config, Role::Reward, "cpu").await?;
         let worker_id = membership.borrow().worker_id.clone();
         let redis = Redis::connect(&config.redis).await?;
         health.set_ready(true);

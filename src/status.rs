@@ -3,9 +3,8 @@
 //! a judge, a line of its reward health.
 
 use crate::config::Config;
-use prism_actors::dist::control::ControlClient;
-use prism_actors::dist::grpc::Token;
-use prism_proto::v1;
+use prism_transport::control::{ClusterStatus, ControlClient, Role, WorkerState, WorkerStatus};
+use prism_transport::grpc::Token;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
@@ -38,7 +37,7 @@ pub fn run(config: &Config, learner: Option<&str>) -> ExitCode {
 }
 
 /// The status as `prism status` prints it.
-pub fn render(s: &v1::ClusterStatus) -> String {
+pub fn render(s: &ClusterStatus) -> String {
     let mut out = String::new();
     let dropped = if s.dropped.is_empty() {
         "none".to_string()
@@ -61,25 +60,20 @@ pub fn render(s: &v1::ClusterStatus) -> String {
     for q in &s.queues {
         let _ = writeln!(out, "queue {}: {} waiting, {} in flight", q.stream, q.waiting, q.pending);
     }
-    for role in [v1::Role::Learner, v1::Role::Rollout, v1::Role::Reward] {
-        let workers: Vec<&v1::WorkerStatus> = s.workers.iter().filter(|w| w.role() == role).collect();
+    for role in Role::ALL {
+        let workers: Vec<&WorkerStatus> = s.workers.iter().filter(|w| w.role == role).collect();
         let name = match role {
             // Data-parallel ranks beside rank 0 (shown only when there are some).
-            v1::Role::Learner if workers.is_empty() => continue,
-            v1::Role::Learner => "learner rank",
-            v1::Role::Rollout => "rollout",
-            _ => "reward",
+            Role::Learner if workers.is_empty() => continue,
+            Role::Learner => "learner rank",
+            Role::Rollout => "rollout",
+            Role::Reward => "reward",
         };
-        let alive = workers.iter().filter(|w| w.state() == v1::WorkerState::Alive).count();
+        let alive = workers.iter().filter(|w| w.state == WorkerState::Alive).count();
         let _ = writeln!(out, "{name} workers: {alive} alive of {}", workers.len());
         for w in workers {
-            let c = w.counters.unwrap_or_default();
-            let state = match w.state() {
-                v1::WorkerState::Alive => "alive",
-                v1::WorkerState::Dead => "dead",
-                v1::WorkerState::Left => "left",
-                v1::WorkerState::Unspecified => "unknown",
-            };
+            let c = w.counters;
+            let state = w.state.name();
             let _ = writeln!(
                 out,
                 "  {:<12} {:<5} policy v{} (lag {}), {} done ({:.1}/s), {} in flight, {} dropped, seen {:.1} s ago  [{} {}]",
@@ -106,7 +100,7 @@ pub fn render(s: &v1::ClusterStatus) -> String {
 /// A reward worker's health on one line, e.g. `judge p50 1480 ms p95 2900 ms |
 /// queue 12/1024 shed 3 | canary fp 0.00 | judge trusted | distill agreement
 /// 0.87 (ready)`; parts the worker did not report are left out.
-pub fn reward_health(h: &v1::RewardHealth) -> String {
+pub fn reward_health(h: &prism_reward::Health) -> String {
     let mut parts = Vec::new();
     match (&h.judge_latency_ms, h.judge_wait_ms) {
         (Some(l), _) => parts.push(format!("judge p50 {:.0} ms p95 {:.0} ms", l.p50, l.p95)),

@@ -157,9 +157,9 @@ mod tests {
             tracing::info!(run = "runs/x", "run folder");
             tracing::info!(step = 100u64, loss = 0.3f64, "warm start");
             tracing::info!(target: "prism_actors::metrics", step = 3u64, reward = 0.5f64, lag = 0.2f64, "learner step");
-            tracing::info!(target: "prism_actors::dist::weights", policy_version = 3u64, "weights published");
+            tracing::info!(target: "prism_transport::weights", policy_version = 3u64, "weights published");
             tracing::info_span!("trajectory", trajectory_id = 9u64)
-                .in_scope(|| tracing::info!(target: "prism_actors::dist::redis", trajectory_id = 9u64, "skipping"));
+                .in_scope(|| tracing::info!(target: "prism_transport::redis", trajectory_id = 9u64, "skipping"));
             tracing::warn!(target: "prism_reward::labeler", step = 3u64, "judge off: canary false-positive rate 30% over 10%");
             tracing::info!(ledger = "made 4 = trained 4", "run finished");
             tracing::debug!("debug detail");

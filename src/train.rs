@@ -8,78 +8,16 @@ use crate::run_dir::RunDir;
 use crate::telemetry;
 use anyhow::{bail, Context, Result};
 use prism_actors::backend::{Factory, Generate};
-use prism_actors::local::{CheckpointPlan, Evaluator, ModelGenerator, PolicyTrainer, RewardLabeler};
+use prism_actors::adapters::{CheckpointPlan, Evaluator, ModelGenerator, PolicyTrainer, RewardLabeler};
 use prism_actors::{Finish, LearnerPlan, PipelineSpec, StalePolicy, Summary};
-use prism_learner::{Learner, TokenPair};
+use prism_learner::{Learner, TokenPair, warmstart};
 use prism_model::{chat::ChatMessage, Loaded, Tokenizer, Transformer};
 use prism_rollout::arithmetic::FlawedTeacher;
 use prism_rollout::{sampler, Task};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// `[train]`: what a `prism train` run does.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    /// RL learner steps in total (a resumed run counts from its checkpoint). Default 1000.
-    pub steps: u64,
-    /// Stop RL after this many seconds of this process; 0 = no limit. Default 300.
-    pub time_limit_s: f64,
-    /// Prompts (groups of `rollout.group_size` samples) per learner step. Default 16.
-    pub batch_groups: usize,
-    /// Evaluate on the held-out problems every this many steps; 0 = at the start and end only. Default 10.
-    pub eval_every: u64,
-    /// Held-out problems per evaluation. Default 200.
-    pub eval_problems: usize,
-    /// Checkpoint every this many steps; 0 = at the end only. Default 25.
-    pub checkpoint_every: u64,
-    /// torch intra-op threads; 0 = torch's default (the core count). Default 0.
-    pub threads: usize,
-    /// `learner.mode = "sft"`: JSONL of `{"prompt", "completion"}` pairs to train on. Default "".
-    pub sft_data: PathBuf,
-    /// `learner.mode = "sft"`: pairs per step. Default 32.
-    pub sft_batch: usize,
-}
-
-/// `[warmstart]`: supervised imitation of the task's (flawed) teacher before RL.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WarmStartConfig {
-    /// Warm start before RL (arithmetic task only). Default true.
-    pub enabled: bool,
-    /// SFT steps. Default 1200.
-    pub steps: u64,
-    /// Demonstrations per step. Default 64.
-    pub batch: usize,
-    /// Learning rate (constant, AdamW with the learner's other settings). Default 2e-3.
-    pub lr: f64,
-    /// Held-out accuracy (greedy, `train.eval_problems` problems) every this many
-    /// SFT steps and at the end, logged (console and trace); 0 = none. Not part of the
-    /// cache key. Default 200.
-    pub eval_every: u64,
-}
-
-impl TrainConfig {
-    pub fn validate(&self) -> std::result::Result<(), prism_core::config::Invalid> {
-        use prism_core::config::{check, Invalid};
-        check::positive("train.batch_groups", self.batch_groups)?;
-        check::positive("train.eval_problems", self.eval_problems)?;
-        check::positive("train.sft_batch", self.sft_batch)?;
-        if self.time_limit_s < 0.0 {
-            return Err(Invalid::new("train.time_limit_s", self.time_limit_s, "must be >= 0"));
-        }
-        Ok(())
-    }
-}
-
-impl WarmStartConfig {
-    pub fn validate(&self) -> std::result::Result<(), prism_core::config::Invalid> {
-        prism_core::config::check::positive("warmstart.batch", self.batch)?;
-        prism_core::config::check::positive("warmstart.lr", self.lr)
-    }
-}
 
 /// Runs `prism train` (RL, or SFT with `learner.mode = "sft"`).
 pub fn main(config: &Config, resume: Option<&Path>) -> Result<()> {
@@ -194,7 +132,7 @@ pub(crate) fn plan(config: &Config) -> LearnerPlan {
     LearnerPlan {
         batch_groups: config.train.batch_groups,
         max_staleness: config.learner.max_staleness,
-        stale: if config.learner.stale_groups == "importance_weight" { StalePolicy::ImportanceWeight } else { StalePolicy::Drop },
+        stale: if config.learner.stale_groups == prism_learner::config::StaleGroups::ImportanceWeight { StalePolicy::ImportanceWeight } else { StalePolicy::Drop },
         max_steps: config.train.steps,
         time_limit: time_limit(config),
         eval_every: config.train.eval_every,
@@ -322,11 +260,9 @@ fn demonstration(task: &Task, teacher: &FlawedTeacher, tokenizer: &Tokenizer, eo
     Ok(TokenPair { prompt: sampler::encode_prompt(tokenizer, &prompt)?, completion })
 }
 
-/// Imitates the flawed teacher, or loads the result from `runs/cache/` when a
-/// warm start with the same settings was made before. A warm start longer than
-/// a cached one with otherwise equal settings continues from it (the same
-/// demonstrations in the same order; the optimizer's moments start afresh, as
-/// they are not cached).
+/// Imitates the flawed teacher (`prism_learner::warmstart`), or loads the
+/// result from `runs/cache/` when a warm start with the same settings was made
+/// before; a longer one continues the longest shorter one cached.
 async fn warm_start(config: &Config, model: &mut Transformer, tokenizer: &Tokenizer, eos: &[u32]) -> Result<PathBuf> {
     // Everything that shapes the weights but the number of steps.
     let key = prism_learner::checkpoint::config_hash(&serde_json::json!({
@@ -337,87 +273,60 @@ async fn warm_start(config: &Config, model: &mut Transformer, tokenizer: &Tokeni
         "format": 2,
     }));
     let root = config.run.dir.join("cache");
-    let stem = format!("warmstart-{}-", &key[..16]);
-    let cache = root.join(format!("{stem}{}", config.warmstart.steps));
+    let cache = warmstart::cache_dir(&root, &key, config.warmstart.steps);
     let load_cached = |dir: &Path, model: &mut Transformer| -> Result<()> {
         let cached = prism_model::load(dir.to_str().context("cache path is not UTF-8")?, &config.model.load_options(config.run.seed)?)
             .with_context(|| format!("{}: damaged warm-start cache (delete it to rebuild)", dir.display()))?;
         model.copy_weights_from(&cached.model)?;
         Ok(())
     };
-    if cache.join("model.safetensors").is_file() {
+    if warmstart::is_cached(&cache) {
         load_cached(&cache, model)?;
         tracing::info!(cache = %cache.display(), "warm start loaded from cache");
         return Ok(cache);
     }
-    // The longest shorter warm start of the same settings, if any.
-    let shorter = std::fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let steps: u64 = e.file_name().to_str()?.strip_prefix(&stem)?.parse().ok()?;
-            (steps < config.warmstart.steps && e.path().join("model.safetensors").is_file()).then(|| (steps, e.path()))
-        })
-        .max_by_key(|(steps, _)| *steps);
-    let first_step = match &shorter {
+    let first_step = match warmstart::longest_shorter(&root, &key, config.warmstart.steps) {
         Some((steps, dir)) => {
-            load_cached(dir, model)?;
+            load_cached(&dir, model)?;
             println!("warm start: continuing {} from step {steps}", dir.display());
-            *steps
+            steps
         }
         None => 0,
     };
     let task = task(config, tokenizer)?;
     let teacher = FlawedTeacher { rate: config.task.arithmetic.flaw_rate, seed: config.task.arithmetic.flaw_seed };
-    let mut sft = config.learner.clone();
-    sft.mode = "sft".into();
-    sft.lr = config.warmstart.lr;
-    sft.schedule = "constant".into();
-    sft.warmup_steps = 0;
-    sft.kl_coef = 0.0;
-    sft.micro_batch_size = config.warmstart.batch as u32;
+    let plan = warmstart::Plan {
+        batch: config.warmstart.batch,
+        lr: config.warmstart.lr,
+        eval_every: config.warmstart.eval_every,
+        seed: config.run.seed,
+    };
     let placeholder = load_model(config)?.model;
     let policy = std::mem::replace(model, placeholder);
-    let ws = config.warmstart.clone();
+    let (base, steps) = (config.learner.clone(), first_step..config.warmstart.steps);
     let (tok, eos) = (tokenizer.clone(), eos.to_vec());
-    let seed = config.run.seed;
-    let evaluator = (ws.eval_every > 0).then(|| evaluator(config, &task, eos.clone())).transpose()?;
+    let evaluator = (plan.eval_every > 0).then(|| evaluator(config, &task, eos.clone())).transpose()?;
     let started = Instant::now();
     let trained = tokio::task::spawn_blocking(move || -> Result<Transformer> {
         let _span = tracing::info_span!("warmstart", actor = "learner").entered();
-        let mut learner = Learner::new(sft, policy, None, seed)?;
-        for step in first_step..ws.steps {
-            let pairs = (0..ws.batch as u64)
-                .map(|i| demonstration(&task, &teacher, &tok, &eos, step * ws.batch as u64 + i))
-                .collect::<Result<Vec<_>>>()?;
-            let stats = learner.sft_step(&pairs)?;
-            let loss = stats.loss;
-            let done = step + 1;
-            if step % 100 == 0 || done == ws.steps {
-                tracing::info!(step, loss = stats.loss, "warm start");
-            }
-            if let Some(e) = evaluator.as_ref().filter(|_| done % ws.eval_every == 0 || done == ws.steps) {
-                let report = e.evaluate(learner.policy(), &tok).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let of = steps.end;
+        let demo = |index: u64| -> prism_learner::Result<TokenPair> {
+            demonstration(&task, &teacher, &tok, &eos, index).map_err(|e| prism_learner::Error::Model(format!("demonstration {index}: {e:#}")))
+        };
+        let evaluate = |done: u64, loss: f64, policy: &Transformer| -> prism_learner::Result<()> {
+            if let Some(e) = &evaluator {
+                let report = e.evaluate(policy, &tok).map_err(|e| prism_learner::Error::Model(e.to_string()))?;
                 let seconds = started.elapsed().as_secs_f64();
-                tracing::info!(step = done, of = ws.steps, loss, accuracy = report.accuracy, seconds, "warm start evaluated");
+                tracing::info!(step = done, of, loss, accuracy = report.accuracy, seconds, "warm start evaluated");
             }
-        }
-        Ok(learner.into_policy())
+            Ok(())
+        };
+        Ok(warmstart::train(&plan, &base, policy, steps, demo, evaluate)?)
     })
     .await??;
     *model = trained;
-    let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
-    model.save_hf(&tmp, tokenizer)?;
-    std::fs::create_dir_all(cache.parent().expect("cache has a parent"))?;
-    match std::fs::rename(&tmp, &cache) {
-        Ok(()) => {}
-        // Another run made the same warm start meanwhile; theirs is as good.
-        Err(_) if cache.join("model.safetensors").is_file() => {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        Err(e) => return Err(e).with_context(|| format!("{}: cannot store the warm start", cache.display())),
-    }
+    warmstart::store(&cache, |tmp| model.save_hf(tmp, tokenizer).map_err(|e| prism_learner::Error::Model(e.to_string())))
+        .with_context(|| format!("{}: cannot store the warm start", cache.display()))?;
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         steps = config.warmstart.steps - first_step,

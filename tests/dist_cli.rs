@@ -4,10 +4,9 @@
 mod common;
 
 use common::{free_port, prism, stderr, stdout};
-use prism_actors::dist::control::{Control, ControlClient};
-use prism_actors::dist::grpc::{self, Token};
-use prism_actors::dist::weights::Weights;
-use prism_proto::v1;
+use prism_transport::control::{Control, ControlClient, Role, WorkerCounters};
+use prism_transport::grpc::{self, Token};
+use prism_transport::weights::Weights;
 use std::process::Output;
 
 struct Learner {
@@ -44,11 +43,11 @@ async fn status_prints_workers_by_role_with_versions_lag_and_queues() {
     l.control.set_policy_version(4);
     l.control.set_progress(4, 10, 96);
     l.control.record_dropped("zero_advantage", 8);
-    l.control.set_queues(vec![prism_actors::dist::redis::QueueDepth { stream: "prism:r:sampled".into(), waiting: 3, pending: 8 }]);
+    l.control.set_queues(vec![prism_transport::redis::QueueDepth { stream: "prism:r:sampled".into(), waiting: 3, pending: 8 }]);
     let mut c = ControlClient::connect(&grpc::Config::default(), Some(&l.addr), None).await.unwrap();
-    let r = c.register(v1::Role::Rollout, "host-a", "cuda:0").await.unwrap();
-    c.heartbeat(&r.worker_id, 3, v1::WorkerCounters { processed: 64, in_flight: 8, dropped: 0 }).await.unwrap();
-    c.register(v1::Role::Reward, "host-b", "cpu").await.unwrap();
+    let r = c.register(Role::Rollout, "host-a", "cuda:0").await.unwrap();
+    c.heartbeat(&r.worker_id, 3, WorkerCounters { processed: 64, in_flight: 8, dropped: 0 }).await.unwrap();
+    c.register(Role::Reward, "host-b", "cpu").await.unwrap();
 
     let out = run(vec!["status".into(), "--learner".into(), l.addr.clone()], vec![]).await;
     let text = stdout(&out);
@@ -90,11 +89,11 @@ async fn status_prints_each_reward_workers_health() {
         judge_budget_refused: Some(2),
         ..healthy.clone()
     };
-    let a = c.register(v1::Role::Reward, "judge-a", "cpu").await.unwrap().worker_id;
+    let a = c.register(Role::Reward, "judge-a", "cpu").await.unwrap().worker_id;
     c.heartbeat_with_health(&a, 0, Default::default(), Some(&healthy)).await.unwrap();
-    let b = c.register(v1::Role::Reward, "judge-b", "cpu").await.unwrap().worker_id;
+    let b = c.register(Role::Reward, "judge-b", "cpu").await.unwrap().worker_id;
     c.heartbeat_with_health(&b, 0, Default::default(), Some(&distrusted)).await.unwrap();
-    let plain = c.register(v1::Role::Reward, "verifiers", "cpu").await.unwrap().worker_id;
+    let plain = c.register(Role::Reward, "verifiers", "cpu").await.unwrap().worker_id;
     c.heartbeat(&plain, 0, Default::default()).await.unwrap();
 
     let out = run(vec!["status".into(), "--learner".into(), l.addr.clone()], vec![]).await;

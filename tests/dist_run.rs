@@ -257,9 +257,8 @@ fn setting<'a>(sets: &'a [String], key: &str) -> &'a str {
 
 #[test]
 fn trajectories_whose_delivery_report_is_lost_are_still_counted_as_made() {
-    use prism_actors::dist::{control::ControlClient, grpc, redis as rs};
-    use prism_core::{FinishReason, GroupId, PolicyVersion, Trajectory, TrajectoryId};
-    use prism_proto::v1;
+    use prism_transport::{Error, control::{ControlClient, Role}, grpc, redis as rs};
+    use prism_core::{FinishReason, Trajectory, TrajectoryId};
     let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -282,26 +281,26 @@ fn trajectories_whose_delivery_report_is_lost_are_still_counted_as_made() {
     let group = rt.block_on(async {
         let cfg = grpc::Config { learner: format!("http://127.0.0.1:{port}"), connect_timeout_ms: 120_000, ..Default::default() };
         let mut control = ControlClient::connect(&cfg, None, None).await.unwrap();
-        let worker = control.register(v1::Role::Rollout, "cut-off", "cpu").await.unwrap().worker_id;
+        let worker = control.register(Role::Rollout, "cut-off", "cpu").await.unwrap().worker_id;
         let work = loop {
             match control.get_work(&worker, 1, Duration::from_secs(1)).await {
                 Ok(Some(w)) if !w.is_empty() => break w,
                 Ok(_) => {}
                 // not handing out prompts for a moment more
-                Err(e) if e.to_string().contains("not handing out prompts yet") => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(Error::NotReady { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(e) => panic!("{e}"),
             }
         };
         let a = &work[0];
-        let prompt: prism_core::Prompt = a.prompt.clone().unwrap().into();
+        let prompt = a.prompt.clone();
         let sampled: Vec<Trajectory> = (0..4u32)
             .map(|s| Trajectory {
-                id: TrajectoryId(a.group * 4 + s as u64),
-                group: GroupId(a.group),
+                id: TrajectoryId(a.group.0 * 4 + s as u64),
+                group: a.group,
                 sample: s,
                 group_size: 4,
                 prompt: prompt.clone(),
-                policy_version: PolicyVersion(a.min_version),
+                policy_version: a.min_version,
                 prompt_tokens: vec![1, 2, 3],
                 tokens: vec![4, 5, 6],
                 logprobs: vec![-1.0; 3],
@@ -321,7 +320,7 @@ fn trajectories_whose_delivery_report_is_lost_are_still_counted_as_made() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
-        a.group
+        a.group.0
     });
     let mut c = Cluster {
         rollouts: vec![Proc::spawn(dir.path(), "rollout0", "rollout", &sets)],

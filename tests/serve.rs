@@ -1,6 +1,5 @@
-//! `prism serve` over real HTTP on 127.0.0.1: models, completions with
-//! logprobs and n > 1, stop strings, chat with SSE streaming, concurrent
-//! requests batched together, and every error case; plus `prism export`.
+//! `prism serve` as a command (the server itself is tested in
+//! serve/tests/http.rs, in process), and `prism export`.
 
 mod common;
 use common::*;
@@ -74,156 +73,17 @@ fn dechunk(mut rest: &str) -> String {
     }
 }
 
+/// The command loads the model, says where it listens, and answers there.
 #[test]
-fn completions_with_logprobs_n_and_stop() {
+fn serve_listens_where_it_says_and_answers() {
     let server = Server::start("builtin:tiny-arith");
     let (status, _, body) = server.request("GET", "/v1/models", "");
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{body}");
     let models: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(models["data"][0]["id"], "tiny-arith");
-
-    let req = json!({"model": "tiny-arith", "prompt": "Q:7+3*4-2\n", "max_tokens": 12, "n": 3, "logprobs": 2, "seed": 5, "temperature": 1.0});
-    let (status, r) = server.post("/v1/completions", &req);
+    let (status, r) = server.post("/v1/completions", &json!({"model": "tiny-arith", "prompt": "Q:1+1\n", "max_tokens": 4, "seed": 1}));
     assert_eq!(status, 200, "{r}");
-    let choices = r["choices"].as_array().unwrap();
-    assert_eq!(choices.len(), 3);
-    for c in choices {
-        let lp = &c["logprobs"];
-        let n = lp["tokens"].as_array().unwrap().len();
-        assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
-        assert_eq!(lp["top_logprobs"].as_array().unwrap().len(), n);
-        assert!(lp["top_logprobs"][0].as_object().unwrap().len() <= 2);
-        assert!(lp["token_logprobs"].as_array().unwrap().iter().all(|v| v.as_f64().unwrap() <= 0.0));
-        // The random model may sample its eos before max_tokens.
-        let finish = c["finish_reason"].as_str().unwrap();
-        assert!(finish == "length" && n == 12 || finish == "stop" && n < 12, "{finish} after {n} tokens");
-    }
-    // The same seed gives the same completions.
-    let (_, again) = server.post("/v1/completions", &req);
-    assert_eq!(r["choices"], again["choices"]);
-
-    // A seeded sample, then a stop string taken from it: the same sample ends before it.
-    let (seeded, text) = (0..20)
-        .map(|seed| {
-            let req = json!({"model": "tiny-arith", "prompt": "Q:1+1\n", "max_tokens": 20, "seed": seed});
-            let (_, g) = server.post("/v1/completions", &req);
-            (req, g["choices"][0]["text"].as_str().unwrap().to_string())
-        })
-        .find(|(_, t)| t.chars().count() >= 3)
-        .expect("a sample with 3 characters");
-    let stop: String = text.chars().skip(2).take(1).collect();
-    let mut with_stop = seeded.clone();
-    with_stop["stop"] = json!([stop]);
-    let (_, s) = server.post("/v1/completions", &with_stop);
-    let cut = s["choices"][0]["text"].as_str().unwrap();
-    assert_eq!(s["choices"][0]["finish_reason"], "stop");
-    assert_eq!(cut, &text[..text.find(&stop).unwrap()]);
-}
-
-#[test]
-fn errors_name_the_field() {
-    let server = Server::start("builtin:tiny-arith");
-    let cases: Vec<(&str, &str, u16, &str)> = vec![
-        ("/v1/completions", "{not json", 400, "body"),
-        ("/v1/completions", r#"{"model": "tiny-arith"}"#, 400, "prompt"),
-        ("/v1/completions", r#"{"model": "tiny-arith", "prompt": "Q", "temperature": "hot"}"#, 400, "temperature"),
-        ("/v1/completions", r#"{"model": "tiny-arith", "prompt": "Q", "temperature": 5}"#, 400, "temperature"),
-        ("/v1/completions", r#"{"model": "tiny-arith", "prompt": "Q", "top_p": 0}"#, 400, "top_p"),
-        ("/v1/completions", r#"{"model": "tiny-arith", "prompt": "Q", "n": 0}"#, 400, "n"),
-        ("/v1/completions", r#"{"model": "tiny-arith", "prompt": "Q", "logprobs": 50}"#, 400, "logprobs"),
-        ("/v1/completions", r#"{"model": "tiny-arith", "prompt": "Q", "max_tokens": 100000}"#, 400, "max_tokens"),
-        ("/v1/completions", r#"{"model": "gpt-9", "prompt": "Q"}"#, 404, "model"),
-        ("/v1/chat/completions", r#"{"model": "tiny-arith"}"#, 400, "messages"),
-        ("/v1/chat/completions", r#"{"model": "tiny-arith", "messages": [{"role": "user"}]}"#, 400, "messages"),
-        ("/v1/chat/completions", r#"{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}"#, 404, "model"),
-    ];
-    for (path, body, want, param) in cases {
-        let (status, _, text) = server.request("POST", path, body);
-        assert_eq!(status, want, "{body}: {text}");
-        let v: Value = serde_json::from_str(&text).unwrap();
-        let p = v["error"]["param"].as_str().unwrap_or_default();
-        assert!(p.starts_with(param), "{body}: param {p:?}, want {param:?}: {text}");
-        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
-    }
-    let long = "1".repeat(600);
-    let (status, v) = server.post("/v1/completions", &json!({"model": "tiny-arith", "prompt": long, "max_tokens": 1}));
-    assert_eq!(status, 400, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("context length"));
-}
-
-#[test]
-fn concurrent_requests_share_a_batch() {
-    let server = std::sync::Arc::new(Server::start("builtin:tiny-arith"));
-    let handles: Vec<_> = (0..6)
-        .map(|i| {
-            let server = server.clone();
-            std::thread::spawn(move || {
-                let body = json!({"model": "tiny-arith", "prompt": format!("Q:{i}+{i}\n"), "max_tokens": 200, "seed": i});
-                let (status, head, _) = server.request("POST", "/v1/completions", &body.to_string());
-                assert_eq!(status, 200);
-                head.lines()
-                    .find_map(|l| l.strip_prefix("x-prism-batch-requests: "))
-                    .map(|v| v.trim().parse::<usize>().unwrap())
-                    .unwrap()
-            })
-        })
-        .collect();
-    let sizes: Vec<usize> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    assert!(sizes.iter().any(|&s| s > 1), "no two requests were batched together: {sizes:?}");
-}
-
-/// The chat endpoint on SmolLM2 (real chat template): plain, with top_logprobs
-/// in OpenAI's format, and streamed.
-#[test]
-fn chat_completions_and_streaming_on_smollm() {
-    let Some(gguf) = smollm_gguf() else { return };
-    let server = Server::start(gguf.to_str().unwrap());
-    let name = "SmolLM2-135M-Instruct.Q4_1";
-    let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
-    let req = json!({"model": name, "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": true, "top_logprobs": 3});
-    let (status, r) = server.post("/v1/chat/completions", &req);
-    assert_eq!(status, 200, "{r}");
-    let choice = &r["choices"][0];
-    assert_eq!(choice["message"]["role"], "assistant");
-    let content = choice["message"]["content"].as_str().unwrap();
-    assert!(!content.is_empty());
-    let entries = choice["logprobs"]["content"].as_array().unwrap();
-    // Every generated token but an eos that ended the answer.
-    let generated = r["usage"]["completion_tokens"].as_u64().unwrap() as usize;
-    let eos = usize::from(choice["finish_reason"] == "stop");
-    assert_eq!(entries.len(), generated - eos);
-    let joined: String = entries.iter().map(|e| e["token"].as_str().unwrap()).collect();
-    assert_eq!(joined, content);
-    for e in entries {
-        let top = e["top_logprobs"].as_array().unwrap();
-        assert_eq!(top.len(), 3);
-        // Greedy: the chosen token is the most likely one.
-        assert_eq!(top[0]["token"], e["token"]);
-        assert!((top[0]["logprob"].as_f64().unwrap() - e["logprob"].as_f64().unwrap()).abs() < 1e-6);
-    }
-
-    let mut stream = req.clone();
-    stream["stream"] = json!(true);
-    stream["n"] = json!(2);
-    let (status, head, body) = server.request("POST", "/v1/chat/completions", &stream.to_string());
-    assert_eq!(status, 200);
-    assert!(head.contains("content-type: text/event-stream"), "{head}");
-    let events: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
-    assert_eq!(*events.last().unwrap(), "[DONE]");
-    let mut texts = vec![String::new(); 2];
-    let mut finished = 0;
-    for e in &events[..events.len() - 1] {
-        let v: Value = serde_json::from_str(e).unwrap();
-        assert_eq!(v["object"], "chat.completion.chunk");
-        let c = &v["choices"][0];
-        let i = c["index"].as_u64().unwrap() as usize;
-        texts[i] += c["delta"]["content"].as_str().unwrap_or("");
-        if !c["finish_reason"].is_null() {
-            finished += 1;
-        }
-    }
-    assert_eq!(finished, 2);
-    assert_eq!(texts, vec![content.to_string(), content.to_string()], "greedy stream = greedy answer");
+    assert_eq!(r["choices"].as_array().unwrap().len(), 1);
 }
 
 #[test]

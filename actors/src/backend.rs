@@ -5,11 +5,11 @@
 //! [`Label`] and [`Train`]. The binary plugs in the real ones (model, reward,
 //! learner); tests plug in small fakes, including ones that fail on purpose.
 
-use prism_core::{GroupId, LabeledTrajectory, PolicyVersion, Prompt, RewardLabel, Trajectory};
+use prism_core::{LabeledTrajectory, PolicyVersion, RewardLabel, Trajectory};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// An error from a backend; the actor that got it fails, and its supervisor decides.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -24,29 +24,9 @@ impl BackendError {
 
 pub type BackendResult<T> = Result<T, BackendError>;
 
-/// The policy's weights at one version: named tensors, shared read-only between
-/// the learner (which made them) and every rollout worker (which copies them in).
-pub struct WeightSet {
-    pub version: PolicyVersion,
-    /// `(name, tensor)` pairs with Hugging Face parameter names. Behind a mutex
-    /// only because `tch::Tensor` is `Send` but not `Sync`; readers copy out.
-    pub tensors: Mutex<Vec<(String, tch::Tensor)>>,
-}
+pub use prism_model::WeightSet;
 
-impl WeightSet {
-    pub fn new(version: PolicyVersion, tensors: Vec<(String, tch::Tensor)>) -> Arc<Self> {
-        Arc::new(Self { version, tensors: Mutex::new(tensors) })
-    }
-}
-
-/// One prompt handed to a rollout worker, to be sampled G times as group `group`
-/// by weights no older than `min_version`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Assignment {
-    pub group: GroupId,
-    pub prompt: Prompt,
-    pub min_version: PolicyVersion,
-}
+pub use prism_core::Assignment;
 
 /// Samples groups of completions. Runs on a blocking thread.
 pub trait Generate: Send + 'static {
@@ -91,27 +71,7 @@ pub struct EvalReport {
     pub problems: usize,
 }
 
-/// Why a group was not trained on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum DropReason {
-    /// Sampled by weights more than `max_staleness` versions old.
-    Stale,
-    /// Every advantage in the group is zero under the configured estimator
-    /// (dynamic sampling): no learning signal.
-    ZeroAdvantage,
-    /// Labeling failed after every retry.
-    RewardFailed,
-}
-
-impl DropReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::Stale => "stale",
-            DropReason::ZeroAdvantage => "zero_advantage",
-            DropReason::RewardFailed => "reward_failed",
-        }
-    }
-}
+pub use prism_core::DropReason;
 
 /// Trains the policy. Runs on a blocking thread.
 pub trait Train: Send + 'static {

@@ -2,10 +2,10 @@
 //! staleness bound, trains on a blocking thread, and publishes each new version.
 
 use crate::backend::{DropReason, Train, WeightSet};
+use crate::error::Error;
 use crate::metrics::{MetricsMsg, StepEvent};
 use crate::reward_pool::{CompleteGroup, PoolMsg};
 use crate::source::SourceMsg;
-use crate::supervisor::SupMsg;
 use crate::weight_sync::SyncMsg;
 use prism_core::{LabeledTrajectory, PolicyVersion, ScoreSource};
 use ractor::rpc::CallResult;
@@ -68,7 +68,9 @@ pub struct Peers {
     pub pool: ActorRef<PoolMsg>,
     pub sync: ActorRef<SyncMsg>,
     pub metrics: ActorRef<MetricsMsg>,
-    pub supervisor: ActorRef<SupMsg>,
+    /// Hears why the learner stopped (its owner subscribes: the supervisor
+    /// in-process), once, after the learner wrapped up.
+    pub finished: Arc<ractor::OutputPort<Finish>>,
 }
 
 pub struct LearnerState {
@@ -140,44 +142,44 @@ impl Core {
     }
 
     /// Counts a dropped group and returns its credit to the prompt source.
-    pub fn dropped(&self, reason: DropReason, trajectories: u64) -> Result<(), String> {
-        self.metrics.cast(MetricsMsg::Dropped { reason, trajectories }).map_err(|e| e.to_string())?;
-        self.source.cast(SourceMsg::GroupsRetired { count: 1 }).map_err(|e| e.to_string())
+    pub fn dropped(&self, reason: DropReason, trajectories: u64) -> Result<(), Error> {
+        self.metrics.cast(MetricsMsg::Dropped { reason, trajectories })?;
+        Ok(self.source.cast(SourceMsg::GroupsRetired { count: 1 })?)
     }
 
     /// Runs `f` on the backend on a blocking thread.
-    pub async fn blocking<R: Send + 'static>(&mut self, f: impl FnOnce(&mut dyn Train) -> R + Send + 'static) -> Result<R, String> {
-        let mut backend = self.backend.take().ok_or("learner backend lost by an earlier failure")?;
+    pub async fn blocking<R: Send + 'static>(&mut self, f: impl FnOnce(&mut dyn Train) -> R + Send + 'static) -> Result<R, Error> {
+        let mut backend = self.backend.take().ok_or_else(|| Error::Thread("learner backend lost by an earlier failure".into()))?;
         let (backend, out) = tokio::task::spawn_blocking(move || {
             let out = f(backend.as_mut());
             (backend, out)
         })
         .await
-        .map_err(|e| format!("the learner thread failed: {e}"))?;
+        .map_err(|e| Error::Thread(format!("the learner thread failed: {e}")))?;
         self.backend = Some(backend);
         Ok(out)
     }
 
-    pub async fn evaluate(&mut self) -> Result<(), String> {
+    pub async fn evaluate(&mut self) -> Result<(), Error> {
         let version = self.version();
         let span = tracing::info_span!("evaluate", actor = "learner", policy_version = version.0);
-        let eval = self.blocking(move |b| span.in_scope(|| b.evaluate())).await?.map_err(|e| e.to_string())?;
+        let eval = self.blocking(move |b| span.in_scope(|| b.evaluate())).await?.map_err(|e| Error::backend("evaluation", e))?;
         self.last_eval = Some(version);
-        self.metrics.cast(MetricsMsg::Evaluated { version: version.0, eval }).map_err(|e| e.to_string())
+        Ok(self.metrics.cast(MetricsMsg::Evaluated { version: version.0, eval })?)
     }
 
-    pub async fn checkpoint(&mut self) -> Result<(), String> {
+    pub async fn checkpoint(&mut self) -> Result<(), Error> {
         let cursor = match self.source.call(SourceMsg::GetCursor, Some(Duration::from_secs(30))).await {
             Ok(CallResult::Success(c)) => c,
-            _ => return Err("prompt source did not answer with its cursor".into()),
+            _ => return Err(Error::Unanswered("prompt source did not answer with its cursor".into())),
         };
         let span = tracing::info_span!("checkpoint", actor = "learner", prompt_cursor = cursor);
-        self.blocking(move |b| span.in_scope(|| b.checkpoint(cursor))).await?.map_err(|e| e.to_string())
+        self.blocking(move |b| span.in_scope(|| b.checkpoint(cursor))).await?.map_err(|e| Error::backend("checkpoint", e))
     }
 
     /// The end of a run: an evaluation of the final weights (unless they were
     /// just evaluated) and a checkpoint.
-    pub async fn wrap_up(&mut self, why: &Finish) -> Result<(), String> {
+    pub async fn wrap_up(&mut self, why: &Finish) -> Result<(), Error> {
         tracing::info!(reason = ?why, policy_version = self.version().0, "learner finishing");
         if self.last_eval != Some(self.version()) {
             self.evaluate().await?;
@@ -187,7 +189,7 @@ impl Core {
 
     /// One optimizer step on `batch` (complete groups with their lags); the
     /// new weights, and the step to [`Core::commit`] once they are published.
-    pub async fn train(&mut self, batch: Vec<(Vec<LabeledTrajectory>, u64)>, wait_s: f64) -> Result<(Arc<WeightSet>, StepDone), String> {
+    pub async fn train(&mut self, batch: Vec<(Vec<LabeledTrajectory>, u64)>, wait_s: f64) -> Result<(Arc<WeightSet>, StepDone), Error> {
         let n = batch.len();
         let lags: Vec<u64> = batch.iter().map(|(_, l)| *l).collect();
         let (reward, accuracy, step_accuracy) = batch_outcomes(batch.iter().flat_map(|(g, _)| g.iter()));
@@ -204,7 +206,7 @@ impl Core {
                 Ok::<_, crate::backend::BackendError>((report, b.weights()?))
             })
             .await?
-            .map_err(|e| format!("learner step {} failed: {e}", version.0 + 1))?;
+            .map_err(|e| Error::backend(format!("learner step {} failed", version.0 + 1), e))?;
         let train_s = started.elapsed().as_secs_f64();
         let event = StepEvent { version: weights.version.0, report, lags, reward, accuracy, step_accuracy, sources, train_s, wait_s };
         Ok((weights, StepDone { groups: n, event }))
@@ -213,11 +215,11 @@ impl Core {
     /// Announces a step whose weights are published: the new version and the
     /// groups' credits to the prompt source, the step to the metrics; then
     /// evaluates and checkpoints when the plan says.
-    pub async fn commit(&mut self, done: StepDone) -> Result<(), String> {
+    pub async fn commit(&mut self, done: StepDone) -> Result<(), Error> {
         let version = done.event.version;
-        self.source.cast(SourceMsg::VersionPublished(PolicyVersion(version))).map_err(|e| e.to_string())?;
-        self.source.cast(SourceMsg::GroupsRetired { count: done.groups }).map_err(|e| e.to_string())?;
-        self.metrics.cast(MetricsMsg::StepCompleted(Box::new(done.event))).map_err(|e| e.to_string())?;
+        self.source.cast(SourceMsg::VersionPublished(PolicyVersion(version)))?;
+        self.source.cast(SourceMsg::GroupsRetired { count: done.groups })?;
+        self.metrics.cast(MetricsMsg::StepCompleted(Box::new(done.event)))?;
         if self.plan.eval_every > 0 && version % self.plan.eval_every == 0 {
             self.evaluate().await?;
         }
@@ -235,7 +237,7 @@ impl LearnerState {
         let held: usize = self.buffer.iter().map(|(g, _)| g.trajectories.len()).sum();
         self.peers.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "learner", trajectories: held as u64 })?;
         self.buffer.clear();
-        self.peers.supervisor.cast(SupMsg::LearnerFinished(why))?;
+        self.peers.finished.send(why);
         Ok(())
     }
 

@@ -2,8 +2,9 @@
 //!
 //! Owns the ractor actors that wrap the libraries (prompt source, rollout
 //! workers, reward pool, learner, weight sync, metrics), the supervision tree,
-//! staleness control, and the transports between them (bounded in-memory
-//! channels here; Redis Streams and gRPC across processes).
+//! staleness control, the bounded in-memory channels between them, and the
+//! roles of a distributed run ([`remote`]), which do the same jobs fed by
+//! `prism-transport` instead of channels.
 //!
 //! ```text
 //! Supervisor ─┬─ Metrics            ledger, metrics.jsonl, progress
@@ -18,14 +19,20 @@
 //! Data flows PromptSource → RolloutWorker → RewardPool → Learner, every hop
 //! pulled by the stage after it and bounded, so a slow stage slows the stages
 //! before it instead of growing memory. The work itself is done through three
-//! traits ([`backend::Generate`], [`backend::Label`], [`backend::Train`]); the
+//! traits ([`backend::Generate`], [`backend::Label`], [`backend::Train`]),
+//! which [`adapters`] implements with the libraries for every mode; the
 //! libraries know nothing of this crate.
+//!
+//! Must not know the wire format (`prism-proto`) or the transports' crates
+//! (tonic, redis, cudarc, axum): the remote roles talk through
+//! `prism-transport`'s types only.
 
+pub mod adapters;
 pub mod backend;
-pub mod dist;
+pub mod error;
 pub mod learner;
-pub mod local;
 pub mod metrics;
+pub mod remote;
 pub mod restart;
 pub mod reward_pool;
 pub mod rollout_worker;
@@ -33,6 +40,7 @@ pub mod source;
 pub mod supervisor;
 pub mod weight_sync;
 
+pub use error::Error;
 pub use backend::{Assignment, BackendError, DropReason, EvalReport, Generate, Label, StepReport, Train, WeightSet};
 pub use learner::{Finish, LearnerPlan, StalePolicy};
 pub use metrics::{Ledger, Progress};

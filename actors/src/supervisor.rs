@@ -18,6 +18,7 @@ use crate::rollout_worker::{RolloutArgs, RolloutMsg, RolloutWorker};
 use crate::source::{PromptSource, SourceArgs, SourceMsg};
 use crate::weight_sync::{SyncMsg, WeightSync};
 use crate::Config;
+use crate::error::Error;
 use prism_rollout::Task;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::path::PathBuf;
@@ -63,7 +64,7 @@ pub struct Supervisor;
 
 pub struct SupArgs {
     pub spec: PipelineSpec,
-    pub done: oneshot::Sender<Result<Summary, String>>,
+    pub done: oneshot::Sender<Result<Summary, Error>>,
 }
 
 enum Phase {
@@ -74,7 +75,7 @@ enum Phase {
 pub struct SupState {
     config: Config,
     started: Instant,
-    done: Option<oneshot::Sender<Result<Summary, String>>>,
+    done: Option<oneshot::Sender<Result<Summary, Error>>>,
     phase: Phase,
     finish: Option<Finish>,
     restarts: RestartPolicy,
@@ -112,7 +113,7 @@ impl SupState {
     fn fail(&mut self, myself: &ActorRef<SupMsg>, message: String) {
         tracing::error!(%message, "run failed");
         if let Some(done) = self.done.take() {
-            let _ = done.send(Err(message.clone()));
+            let _ = done.send(Err(Error::Run(message.clone())));
         }
         myself.stop_children(Some(message.clone()));
         myself.stop(Some(message));
@@ -184,6 +185,9 @@ impl Actor for Supervisor {
             me.clone(),
         )
         .await?;
+        // The learner says why it stopped on its output port; the run stops then.
+        let finished = Arc::new(ractor::OutputPort::default());
+        finished.subscribe(myself.clone(), |why| Some(SupMsg::LearnerFinished(why)));
         let (learner, _) = Actor::spawn_linked(
             None,
             Learner,
@@ -195,7 +199,7 @@ impl Actor for Supervisor {
                     pool: pool.clone(),
                     sync: sync.clone(),
                     metrics: metrics.clone(),
-                    supervisor: myself.clone(),
+                    finished: finished.clone(),
                 },
             },
             me.clone(),
@@ -327,16 +331,16 @@ impl Actor for Supervisor {
 
 /// Runs a local pipeline until the learner finishes, the run fails, or
 /// `shutdown` resolves (then it stops cleanly: final checkpoint, accounting).
-pub async fn run(spec: PipelineSpec, shutdown: impl std::future::Future<Output = ()>) -> Result<Summary, String> {
+pub async fn run(spec: PipelineSpec, shutdown: impl std::future::Future<Output = ()>) -> Result<Summary, Error> {
     let (done_tx, mut done_rx) = oneshot::channel();
     let (sup, handle) = Actor::spawn(None, Supervisor, SupArgs { spec, done: done_tx })
         .await
-        .map_err(|e| format!("starting the pipeline failed: {e}"))?;
+        .map_err(|e| Error::Run(format!("starting the pipeline failed: {e}")))?;
     tokio::pin!(shutdown);
     let mut asked = false;
     let result = loop {
         tokio::select! {
-            r = &mut done_rx => break r.unwrap_or_else(|_| Err("the supervisor stopped without a result".into())),
+            r = &mut done_rx => break r.unwrap_or_else(|_| Err(Error::Run("the supervisor stopped without a result".into()))),
             _ = &mut shutdown, if !asked => {
                 asked = true;
                 let _ = sup.cast(SupMsg::Shutdown("interrupted".into()));

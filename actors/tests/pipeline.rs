@@ -153,7 +153,7 @@ impl Default for Setup {
 }
 
 struct Outcome {
-    result: Result<Summary, String>,
+    result: Result<Summary, prism_actors::Error>,
     log: Arc<TrainLog>,
     metrics: Vec<serde_json::Value>,
     gen_calls: usize,
@@ -329,7 +329,7 @@ async fn a_panicking_reward_worker_is_restarted_and_the_trajectory_relabeled() {
 async fn too_many_restarts_fail_the_run_naming_the_actor() {
     let setup = Setup { panic_on: Arc::new(|_| true), rollout_workers: 1, restart_limit: 2, ..Setup::default() };
     let out = run(setup, std::future::pending()).await;
-    let e = out.result.unwrap_err();
+    let e = out.result.unwrap_err().to_string();
     assert!(e.starts_with("rollout-0 failed 3 times within"), "{e}");
     assert!(e.contains("injected rollout panic"), "{e}");
 }

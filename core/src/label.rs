@@ -51,3 +51,38 @@ pub struct LabeledTrajectory {
     pub trajectory: Trajectory,
     pub label: RewardLabel,
 }
+
+/// A trajectory that could not be labeled, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelFailure {
+    pub trajectory: Trajectory,
+    pub error: String,
+}
+
+/// What a reward worker hands on for one trajectory: its label, or the
+/// failure to label it (the learner counts it; the trajectory is not lost).
+pub type LabelResult = Result<LabeledTrajectory, LabelFailure>;
+
+/// Why a group was not trained on (counted in the ledger, by reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// Sampled by weights more than `learner.max_staleness` versions old.
+    Stale,
+    /// Dynamic sampling: every advantage in the group is zero under the
+    /// configured estimator, so training on it would change nothing but the
+    /// KL and entropy terms.
+    ZeroAdvantage,
+    /// Labeling failed after every retry.
+    RewardFailed,
+}
+
+impl DropReason {
+    /// `stale`, `zero_advantage` or `reward_failed`, as metrics and the ledger name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Stale => "stale",
+            DropReason::ZeroAdvantage => "zero_advantage",
+            DropReason::RewardFailed => "reward_failed",
+        }
+    }
+}

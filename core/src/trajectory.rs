@@ -129,3 +129,12 @@ mod tests {
         assert_eq!(t.token_span(&(20..30)), 0..0);
     }
 }
+
+/// One prompt handed to a rollout worker, to be sampled G times as group `group`
+/// by weights no older than `min_version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub group: GroupId,
+    pub prompt: Prompt,
+    pub min_version: PolicyVersion,
+}

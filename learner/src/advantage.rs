@@ -19,14 +19,7 @@ pub enum GroupAdvantages {
     Dropped(DropReason),
 }
 
-/// Why a group was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// Dynamic sampling: every advantage in the group is zero under the
-    /// configured estimator, so training on it would change nothing but the
-    /// KL and entropy terms.
-    ZeroAdvantage,
-}
+pub use prism_core::DropReason;
 
 /// Advantages this close to zero count as zero (the group means of equal
 /// scores can differ from them by a rounding error).

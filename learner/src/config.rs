@@ -9,11 +9,11 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// `rl` (policy-gradient updates on labeled groups) or `sft` (cross-entropy on
     /// prompt/completion pairs). Default `rl`.
-    pub mode: String,
+    pub mode: Mode,
 
     /// Advantage estimator: `grpo`, `dr_grpo`, `rloo`, `process`, `tp_grpo`.
     /// Default `grpo`.
-    pub advantage: String,
+    pub advantage: Estimator,
     /// Group std with Bessel's correction (n-1), as verl does. Default true.
     pub std_unbiased: bool,
     /// Added to the group std before dividing. Default 1e-6.
@@ -57,7 +57,7 @@ pub struct Config {
     pub is_cap: f64,
     /// Loss aggregation: `token_mean`, `seq_mean_token_mean`,
     /// `seq_mean_token_sum_norm`. Default `token_mean`.
-    pub aggregation: String,
+    pub aggregation: Aggregation,
     /// `seq_mean_token_sum_norm`: the constant each sequence's token sum is divided
     /// by (Dr. GRPO uses the generation budget). Default 512.
     pub loss_norm_len: u32,
@@ -65,7 +65,7 @@ pub struct Config {
     /// no reference is kept). Default 0.0.
     pub kl_coef: f64,
     /// KL estimator: `k1`, `k2` or `k3` (Schulman's low-variance one). Default `k3`.
-    pub kl_estimator: String,
+    pub kl_estimator: KlEstimator,
     /// Weight of the entropy bonus; 0 disables it. Default 0.0.
     pub entropy_coef: f64,
     /// Logits are divided by this before the softmax, to match the rollout's
@@ -75,7 +75,7 @@ pub struct Config {
     /// Peak learning rate. Default 1e-6.
     pub lr: f64,
     /// `constant` or `cosine` (linear warmup then cosine decay). Default `constant`.
-    pub schedule: String,
+    pub schedule: Schedule,
     /// Optimizer steps of linear warmup from 0 to `lr`. Default 0.
     pub warmup_steps: u64,
     /// `cosine`: the step at which the decay reaches `min_lr_ratio * lr`. Default 1000.
@@ -110,14 +110,14 @@ pub struct Config {
     pub max_staleness: u64,
     /// A group older than `max_staleness`: `drop` it (counted), or train on it
     /// with `importance_weight` (truncated at `is_cap`, which must be >= 1). Default `drop`.
-    pub stale_groups: String,
+    pub stale_groups: StaleGroups,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
-            mode: "rl".into(),
-            advantage: "grpo".into(),
+            mode: Mode::Rl,
+            advantage: Estimator::Grpo,
             std_unbiased: true,
             adv_eps: 1e-6,
             process_outcome_weight: 0.0,
@@ -132,14 +132,14 @@ impl Default for Config {
             clip_high: 0.28,
             dual_clip: 3.0,
             is_cap: 0.0,
-            aggregation: "token_mean".into(),
+            aggregation: Aggregation::TokenMean,
             loss_norm_len: 512,
             kl_coef: 0.0,
-            kl_estimator: "k3".into(),
+            kl_estimator: KlEstimator::K3,
             entropy_coef: 0.0,
             temperature: 1.0,
             lr: 1e-6,
-            schedule: "constant".into(),
+            schedule: Schedule::Constant,
             warmup_steps: 0,
             total_steps: 1000,
             min_lr_ratio: 0.0,
@@ -154,58 +154,48 @@ impl Default for Config {
             bf16: true,
             keep_checkpoints: 3,
             max_staleness: 0,
-            stale_groups: "drop".into(),
+            stale_groups: StaleGroups::Drop,
         }
     }
 }
 
-/// The advantage estimators, parsed from [`Config::advantage`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Estimator {
-    Grpo,
-    DrGrpo,
-    Rloo,
-    Process,
-    TpGrpo,
+prism_core::string_enum! {
+    /// `rl` (policy-gradient updates on labeled groups) or `sft`.
+    pub enum Mode { Rl = "rl", Sft = "sft" }
 }
 
-/// How per-token losses become one number, parsed from [`Config::aggregation`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Aggregation {
-    TokenMean,
-    SeqMeanTokenMean,
-    SeqMeanTokenSumNorm,
+prism_core::string_enum! {
+    /// The advantage estimators.
+    pub enum Estimator { Grpo = "grpo", DrGrpo = "dr_grpo", Rloo = "rloo", Process = "process", TpGrpo = "tp_grpo" }
 }
 
-/// KL estimators (Schulman, "Approximating KL divergence", 2020).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KlEstimator {
-    K1,
-    K2,
-    K3,
+prism_core::string_enum! {
+    /// How per-token losses become one number.
+    pub enum Aggregation {
+        TokenMean = "token_mean",
+        SeqMeanTokenMean = "seq_mean_token_mean",
+        SeqMeanTokenSumNorm = "seq_mean_token_sum_norm",
+    }
 }
 
-/// Learning-rate schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Schedule {
-    Constant,
-    Cosine,
+prism_core::string_enum! {
+    /// KL estimators (Schulman, "Approximating KL divergence", 2020).
+    pub enum KlEstimator { K1 = "k1", K2 = "k2", K3 = "k3" }
 }
 
-const MODES: &[&str] = &["rl", "sft"];
-const ESTIMATORS: &[&str] = &["grpo", "dr_grpo", "rloo", "process", "tp_grpo"];
-const AGGREGATIONS: &[&str] = &["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"];
-const KL_ESTIMATORS: &[&str] = &["k1", "k2", "k3"];
-const SCHEDULES: &[&str] = &["constant", "cosine"];
+prism_core::string_enum! {
+    /// Learning-rate schedules.
+    pub enum Schedule { Constant = "constant", Cosine = "cosine" }
+}
+
+prism_core::string_enum! {
+    /// What becomes of a group older than `learner.max_staleness`.
+    pub enum StaleGroups { Drop = "drop", ImportanceWeight = "importance_weight" }
+}
 
 impl Config {
     /// Checks values that parse but are not acceptable.
     pub fn validate(&self) -> Result<(), Invalid> {
-        check::one_of("learner.mode", &self.mode, MODES)?;
-        check::one_of("learner.advantage", &self.advantage, ESTIMATORS)?;
-        check::one_of("learner.aggregation", &self.aggregation, AGGREGATIONS)?;
-        check::one_of("learner.kl_estimator", &self.kl_estimator, KL_ESTIMATORS)?;
-        check::one_of("learner.schedule", &self.schedule, SCHEDULES)?;
         check::positive("learner.adv_eps", self.adv_eps)?;
         check::in_range("learner.tp_threshold", self.tp_threshold, 0.0, 1.0)?;
         non_negative("learner.tp_alpha", self.tp_alpha)?;
@@ -234,7 +224,7 @@ impl Config {
         non_negative("learner.entropy_coef", self.entropy_coef)?;
         check::positive("learner.temperature", self.temperature)?;
         check::positive("learner.lr", self.lr)?;
-        if self.schedule == "cosine" && self.total_steps <= self.warmup_steps {
+        if self.schedule == Schedule::Cosine && self.total_steps <= self.warmup_steps {
             return Err(Invalid::new(
                 "learner.total_steps",
                 self.total_steps,
@@ -254,54 +244,39 @@ impl Config {
         check::positive("learner.ppo_epochs", self.ppo_epochs)?;
         check::positive("learner.mini_batches", self.mini_batches)?;
         check::positive("learner.keep_checkpoints", self.keep_checkpoints)?;
-        check::one_of("learner.stale_groups", &self.stale_groups, &["drop", "importance_weight"])?;
-        if self.stale_groups == "importance_weight" && self.is_cap < 1.0 {
+        if self.stale_groups == StaleGroups::ImportanceWeight && self.is_cap < 1.0 {
             return Err(Invalid::new(
                 "learner.stale_groups",
-                &self.stale_groups,
+                self.stale_groups.as_str(),
                 "needs truncated importance weights: set learner.is_cap >= 1",
             ));
         }
         Ok(())
     }
 
-    /// The advantage estimator (call after [`Config::validate`]).
+    /// The advantage estimator.
     pub fn estimator(&self) -> Estimator {
-        match self.advantage.as_str() {
-            "dr_grpo" => Estimator::DrGrpo,
-            "rloo" => Estimator::Rloo,
-            "process" => Estimator::Process,
-            "tp_grpo" => Estimator::TpGrpo,
-            _ => Estimator::Grpo,
-        }
+        self.advantage
     }
 
-    /// The loss aggregation (call after [`Config::validate`]).
+    /// The loss aggregation.
     pub fn aggregation(&self) -> Aggregation {
-        match self.aggregation.as_str() {
-            "seq_mean_token_mean" => Aggregation::SeqMeanTokenMean,
-            "seq_mean_token_sum_norm" => Aggregation::SeqMeanTokenSumNorm,
-            _ => Aggregation::TokenMean,
-        }
+        self.aggregation
     }
 
-    /// The KL estimator (call after [`Config::validate`]).
+    /// The KL estimator.
     pub fn kl_estimator(&self) -> KlEstimator {
-        match self.kl_estimator.as_str() {
-            "k1" => KlEstimator::K1,
-            "k2" => KlEstimator::K2,
-            _ => KlEstimator::K3,
-        }
+        self.kl_estimator
     }
 
-    /// The learning-rate schedule (call after [`Config::validate`]).
+    /// The learning-rate schedule.
     pub fn schedule(&self) -> Schedule {
-        if self.schedule == "cosine" { Schedule::Cosine } else { Schedule::Constant }
+        self.schedule
     }
 
     /// Whether the step is supervised fine-tuning.
     pub fn is_sft(&self) -> bool {
-        self.mode == "sft"
+        self.mode == Mode::Sft
     }
 }
 
@@ -319,9 +294,16 @@ mod tests {
     }
 
     #[test]
+    fn a_wrong_choice_lists_the_accepted_ones() {
+        let e = Estimator::try_from("ppo".to_string()).unwrap_err();
+        assert!(e.contains("\"ppo\"") && e.contains("tp_grpo"), "{e}");
+        let e: Result<Config, _> = serde_json::from_value(serde_json::json!({ "advantage": "ppo" }));
+        assert!(e.unwrap_err().to_string().contains("dr_grpo"));
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let cases: Vec<(fn(&mut Config), &str)> = vec![
-            (|c| c.advantage = "ppo".into(), "learner.advantage"),
             (|c| c.dual_clip = 0.5, "learner.dual_clip"),
             (|c| c.is_cap = 0.5, "learner.is_cap"),
             (|c| c.beta2 = 1.0, "learner.beta2"),
@@ -329,7 +311,7 @@ mod tests {
             (|c| c.lr = 0.0, "learner.lr"),
             (
                 |c| {
-                    c.schedule = "cosine".into();
+                    c.schedule = Schedule::Cosine;
                     c.warmup_steps = 10;
                     c.total_steps = 10;
                 },

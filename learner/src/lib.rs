@@ -22,6 +22,7 @@ pub mod optim;
 pub mod policy;
 pub mod sft;
 pub mod train;
+pub mod warmstart;
 
 pub use advantage::{GroupAdvantages, estimate_group};
 pub use checkpoint::{Checkpoint, CheckpointMeta, Rejected, Restored};

@@ -14,8 +14,8 @@ use std::time::Duration;
 /// mini-batches, micro-batching, clipping, weight decay and TP-GRPO.
 fn config() -> Config {
     Config {
-        advantage: "tp_grpo".into(),
-        aggregation: "seq_mean_token_sum_norm".into(),
+        advantage: prism_learner::config::Estimator::TpGrpo,
+        aggregation: prism_learner::config::Aggregation::SeqMeanTokenSumNorm,
         loss_norm_len: 8,
         kl_coef: 0.05,
         entropy_coef: 0.01,

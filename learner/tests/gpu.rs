@@ -32,7 +32,7 @@ fn autocast_computes_matmuls_in_bf16() {
 #[test]
 fn bf16_train_step_on_cuda_matches_the_cpu_step() {
     let Some(device) = cuda() else { return };
-    let config = Config { lr: 1e-2, kl_coef: 0.05, is_cap: 2.0, advantage: "tp_grpo".into(), ..Config::default() };
+    let config = Config { lr: 1e-2, kl_coef: 0.05, is_cap: 2.0, advantage: prism_learner::config::Estimator::TpGrpo, ..Config::default() };
     let batch = groups(3, 3, 4);
     let mut cpu = Learner::new(config.clone(), TinyLm::new(2), Some(TinyLm::new(2)), 0).unwrap();
     let mut gpu = Learner::new(config.clone(), TinyLm::on(2, device), Some(TinyLm::on(2, device)), 0).unwrap();

@@ -28,7 +28,7 @@ fn gradient_accumulation_matches_the_full_batch_on_the_transformer() {
     // Rows of different prompt and completion lengths: micro-batches of 1 have no
     // padding, the whole batch pads most rows on the right.
     let base =
-        linear_adam(Config { advantage: "tp_grpo".into(), kl_coef: 0.05, entropy_coef: 0.01, ..Config::default() });
+        linear_adam(Config { advantage: prism_learner::config::Estimator::TpGrpo, kl_coef: 0.05, entropy_coef: 0.01, ..Config::default() });
     let whole = trained(&Config { micro_batch_size: 12, ..base.clone() });
     let split = trained(&Config { micro_batch_size: 1, ..base.clone() });
     let moved = max_diff(&whole, &weights(&tiny_arith(3)));

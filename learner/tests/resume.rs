@@ -19,7 +19,7 @@ const MODEL_ENV: &str = "PRISM_LEARNER_RESUME_MODEL";
 fn config() -> Config {
     Config {
         lr: 1e-2,
-        schedule: "cosine".into(),
+        schedule: prism_learner::config::Schedule::Cosine,
         warmup_steps: 2,
         total_steps: 20,
         mini_batches: 2,
@@ -28,7 +28,7 @@ fn config() -> Config {
         is_cap: 2.0,
         kl_coef: 0.05,
         entropy_coef: 0.01,
-        advantage: "tp_grpo".into(),
+        advantage: prism_learner::config::Estimator::TpGrpo,
         ..Config::default()
     }
 }

@@ -28,8 +28,8 @@ fn trained(config: &Config, seed: u64, steps: u64) -> Vec<(String, Vec<f32>)> {
 fn gradient_accumulation_matches_the_full_batch() {
     for aggregation in ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] {
         let base = linear_adam(Config {
-            aggregation: aggregation.into(),
-            advantage: "tp_grpo".into(),
+            aggregation: prism_learner::config::Aggregation::try_from(aggregation.to_string()).unwrap(),
+            advantage: prism_learner::config::Estimator::TpGrpo,
             kl_coef: 0.05,
             entropy_coef: 0.01,
             is_cap: 2.0,
@@ -135,7 +135,7 @@ fn sft_learns_the_completions() {
         TokenPair { prompt: vec![1, 2], completion: vec![9, 10, 11] },
         TokenPair { prompt: vec![3], completion: vec![12, 13] },
     ];
-    let config = Config { mode: "sft".into(), lr: 0.05, micro_batch_size: 1, ..Config::default() };
+    let config = Config { mode: prism_learner::config::Mode::Sft, lr: 0.05, micro_batch_size: 1, ..Config::default() };
     let mut learner = Learner::new(config, TinyLm::new(4), None, 0).unwrap();
     let first = learner.sft_step(&pairs).unwrap();
     assert_eq!((first.tokens, first.sequences), (5, 2));

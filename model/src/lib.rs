@@ -19,11 +19,13 @@ pub mod hf;
 mod cpu_kernels;
 pub mod tokenizer;
 pub mod transformer;
+mod weight_set;
 
 pub use config::{Family, GenerationConfig, HfConfig, ModelConfig, RopeScaling};
 pub use engine::{Sample, SamplingParams};
 pub use tokenizer::Tokenizer;
 pub use transformer::{KvCache, Transformer};
+pub use weight_set::WeightSet;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

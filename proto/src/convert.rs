@@ -227,15 +227,7 @@ impl TryFrom<v1::LabeledTrajectory> for core::LabeledTrajectory {
     }
 }
 
-/// A trajectory that could not be labeled, and why.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LabelFailure {
-    pub trajectory: core::Trajectory,
-    pub error: String,
-}
-
-/// What travels on the labeled stream: a label, or a failure to label.
-pub type LabelResult = std::result::Result<core::LabeledTrajectory, LabelFailure>;
+pub use core::{LabelFailure, LabelResult};
 
 /// A label result on the wire, with the transport's timings.
 pub fn label_result_to_wire(r: &LabelResult, timings: v1::Timings) -> v1::LabelResult {

@@ -5,7 +5,8 @@
 //! place where those messages convert to and from `prism-core` types
 //! ([`convert`]).
 //!
-//! Must not know about models, rewards or actors.
+//! Must not know about models, rewards or actors; only `prism-transport` uses
+//! it (everything else speaks core types).
 
 /// The generated `prism.v1` messages, clients and servers.
 #[allow(clippy::all, missing_docs)]

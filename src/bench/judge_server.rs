@@ -22,7 +22,7 @@ use std::process::ExitCode;
 #[derive(Debug, Clone, clap::Args)]
 pub struct JudgeServerArgs {
     #[command(flatten)]
-    pub common: crate::cli::ConfigArgs,
+    pub common: crate::config::ConfigArgs,
     /// Address to listen on; only a loopback address unless `--allow-remote`.
     #[arg(long, default_value = "127.0.0.1:8011")]
     pub listen: SocketAddr,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RewardArgs {
     #[command(flatten)]
-    pub common: crate::cli::ConfigArgs,
+    pub common: crate::config::ConfigArgs,
     /// Judge requests to time.
     #[arg(long, default_value_t = 3200)]
     pub requests: usize,

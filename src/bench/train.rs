@@ -44,24 +44,24 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_reference: bool,
     #[command(flatten)]
-    pub common: crate::cli::ConfigArgs,
+    pub common: crate::config::ConfigArgs,
 }
 
 /// The learner configuration both sides share (see benches/train_step.py).
 fn learner_config(args: &TrainArgs, cuda: bool) -> prism_learner::Config {
     prism_learner::Config {
-        mode: "rl".into(),
-        advantage: "grpo".into(),
+        mode: prism_learner::config::Mode::Rl,
+        advantage: prism_learner::config::Estimator::Grpo,
         std_unbiased: false,
         drop_uniform_groups: false,
         clip_low: 0.2,
         clip_high: 0.28,
         dual_clip: 3.0,
-        aggregation: "token_mean".into(),
+        aggregation: prism_learner::config::Aggregation::TokenMean,
         kl_coef: 0.0,
         entropy_coef: 0.0,
         lr: 1e-6,
-        schedule: "constant".into(),
+        schedule: prism_learner::config::Schedule::Constant,
         weight_decay: 0.01,
         beta1: 0.9,
         beta2: 0.999,
@@ -101,7 +101,7 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
 
     println!(
         "prism bench train: {} ({} parameters, {}, {threads} threads), batch {} x {} tokens ({} prompt), micro-batch {}, {} timed steps",
-        crate::serve::default_name(&source),
+        prism_serve::default_name(&source),
         config.num_parameters(),
         model_cfg.device,
         args.batch,

@@ -149,7 +149,7 @@ fn learner_section_defaults_match_the_documented_ones() {
     let c = load(&Layers::default()).unwrap();
     // The embedded default trains the tiny arithmetic model; everything else is the library's default.
     let embedded = prism_learner::Config {
-        advantage: "tp_grpo".into(),
+        advantage: prism_learner::config::Estimator::TpGrpo,
         drop_uniform_groups: true,
         lr: 1.5e-4,
         micro_batch_size: 128,

@@ -112,13 +112,13 @@ fn estimate_group_broadcasts_outcome_advantages_and_applies_shaping() {
     close(&a[1], &[-0.499999; 2]);
     close(&a[3], &[-0.499999; 1]);
 
-    let config = Config { advantage: "dr_grpo".into(), ..Config::default() };
+    let config = Config { advantage: crate::config::Estimator::DrGrpo, ..Config::default() };
     close(&kept(estimate_group(&group, &config).unwrap())[0], &[0.75; 3]);
 
     // Shaping with L_max = 4, L_buf = 2: lengths 3, 2, 4, 1 get -0.5, 0, -1, 0,
     // so scores [0.5, 0, -1, 0], mean -0.125; Dr. GRPO: [0.625, 0.125, -0.875, 0.125].
     let config = Config {
-        advantage: "dr_grpo".into(),
+        advantage: crate::config::Estimator::DrGrpo,
         overlong_shaping: true,
         overlong_max_len: 4,
         overlong_buffer: 2,
@@ -155,8 +155,8 @@ fn dynamic_sampling_keeps_all_correct_groups_with_a_flawed_step_under_process_es
         sample(0, 4, 1.0, &[(0..2, Some(1.0)), (2..4, Some(1.0))]),
         sample(1, 4, 1.0, &[(0..2, Some(1.0)), (2..4, Some(1.0))]),
     ];
-    for estimator in ["process", "tp_grpo"] {
-        let on = Config { advantage: estimator.into(), drop_uniform_groups: true, ..Config::default() };
+    for estimator in [crate::config::Estimator::Process, crate::config::Estimator::TpGrpo] {
+        let on = Config { advantage: estimator, drop_uniform_groups: true, ..Config::default() };
         let a = kept(estimate_group(&flawed, &on).unwrap());
         assert!(a[0][2] < 0.0, "{estimator}: the wrong step is penalised: {a:?}");
         assert_eq!(
@@ -180,7 +180,7 @@ fn process_advantages_sum_the_steps_at_or_after_each_token() {
         sample(0, 6, 1.0, &[(0..2, Some(1.0)), (2..4, Some(0.0))]),
         sample(1, 5, 0.0, &[(0..3, Some(1.0)), (3..4, None)]),
     ];
-    let config = Config { advantage: "process".into(), ..Config::default() };
+    let config = Config { advantage: crate::config::Estimator::Process, ..Config::default() };
     let a = kept(estimate_group(&group, &config).unwrap());
     // A: tokens 0,1 see both steps: 0.5773503 - 1.1547005; tokens 2,3 the second only.
     close(&a[0], &[-0.577350, -0.577350, -1.154700, -1.154700, 0.0, 0.0]);
@@ -210,7 +210,7 @@ fn tp_grpo_covers_every_case() {
         // Incorrect, all steps incorrect.
         sample(3, 4, 0.0, &[(0..2, Some(0.0)), (2..3, Some(0.4))]),
     ];
-    let config = Config { advantage: "tp_grpo".into(), ..Config::default() };
+    let config = Config { advantage: crate::config::Estimator::TpGrpo, ..Config::default() };
     let a = kept(estimate_group(&group, &config).unwrap());
     let penalised = r - 0.5;
     close(&a[0], &[r, r, r, r, r, penalised, penalised, r, r, r, r, r]);
@@ -226,7 +226,7 @@ fn tp_grpo_covers_every_case() {
     // acc_G = 0: every r_hat is 0, so TP-GRPO equals outcome-only GRPO (all zeros).
     let failed =
         vec![sample(0, 4, 0.0, &[(0..2, Some(1.0)), (2..4, Some(0.0))]), sample(1, 3, 0.0, &[(0..3, Some(0.0))])];
-    let tp = kept(estimate_group(&failed, &Config { advantage: "tp_grpo".into(), ..Config::default() }).unwrap());
+    let tp = kept(estimate_group(&failed, &Config { advantage: crate::config::Estimator::TpGrpo, ..Config::default() }).unwrap());
     let grpo = kept(estimate_group(&failed, &Config::default()).unwrap());
     assert_eq!(tp, grpo);
     close(&tp[0], &[0.0; 4]);

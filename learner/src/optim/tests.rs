@@ -5,7 +5,7 @@ use tch::{Device, nn::Init};
 
 #[test]
 fn schedules_follow_the_transformers_formulas() {
-    let cosine = Config { lr: 1.0, schedule: "cosine".into(), warmup_steps: 2, total_steps: 6, ..Config::default() };
+    let cosine = Config { lr: 1.0, schedule: crate::config::Schedule::Cosine, warmup_steps: 2, total_steps: 6, ..Config::default() };
     // Warmup s / 2; then 0.5 (1 + cos(pi (s - 2) / 4)).
     let want = [0.0, 0.5, 1.0, 0.8535534, 0.5, 0.1464466, 0.0, 0.0];
     for (s, w) in want.iter().enumerate() {

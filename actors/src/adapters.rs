@@ -1,0 +1,278 @@
+//! The real backends of a run: the model engine behind [`Generate`], the reward
+//! labeler behind [`Label`], the learner behind [`Train`], and the held-out
+//! [`Evaluator`] they share with `prism eval`.
+
+use crate::backend::{
+    Assignment, BackendError, BackendResult, DropReason, EvalReport, Generate, Label, LabelFuture, StepReport, Train, WeightSet,
+};
+use prism_core::{GroupId, LabeledTrajectory, PolicyVersion, Prompt, RewardLabel, Trajectory, TrajectoryId};
+use prism_learner::{CheckpointMeta, Learner};
+use prism_model::{engine, SamplingParams, Tokenizer, Transformer};
+use prism_rollout::sampler;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A rollout worker's policy copy and sampling settings.
+pub struct ModelGenerator {
+    model: Transformer,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    rollout: prism_rollout::Config,
+    seed: u64,
+}
+
+impl ModelGenerator {
+    pub fn new(model: Transformer, tokenizer: Tokenizer, eos: Vec<u32>, rollout: prism_rollout::Config, seed: u64) -> Self {
+        Self { model, tokenizer, eos, rollout, seed }
+    }
+}
+
+impl Generate for ModelGenerator {
+    fn load_weights(&mut self, weights: &WeightSet) -> BackendResult<()> {
+        let tensors = weights.tensors.lock().map_err(|_| BackendError::new("weight set poisoned"))?;
+        let copies: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        drop(tensors);
+        self.model.load_named(copies).map_err(BackendError::new)
+    }
+
+    fn generate(&mut self, work: &[Assignment], version: PolicyVersion) -> BackendResult<Vec<Vec<Trajectory>>> {
+        let pairs: Vec<(GroupId, &Prompt)> = work.iter().map(|a| (a.group, &a.prompt)).collect();
+        sampler::sample_groups(&self.model, &self.tokenizer, &pairs, &self.rollout, &self.eos, version, self.seed)
+            .map_err(BackendError::new)
+    }
+}
+
+/// The reward library's labeler, shared by every reward worker.
+pub struct RewardLabeler(pub Arc<prism_reward::Labeler>);
+
+impl Label for RewardLabeler {
+    fn label<'a>(&'a self, trajectory: &'a Trajectory) -> LabelFuture<'a> {
+        Box::pin(async move { Ok(self.0.label(trajectory).await) })
+    }
+
+    fn health(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        self.0.judge()?;
+        match serde_json::to_value(self.0.health()) {
+            Ok(serde_json::Value::Object(m)) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// Greedy accuracy on a fixed set of problems, labeled by verifiers only (the
+/// judge is for training signal, not for measuring progress).
+pub struct Evaluator {
+    pub prompts: Vec<Prompt>,
+    pub labeler: Arc<prism_reward::Labeler>,
+    pub max_new_tokens: usize,
+    pub eos: Vec<u32>,
+    /// Prompts decoded together.
+    pub batch: usize,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Per-problem result of an evaluation.
+#[derive(Debug, Clone)]
+pub struct Graded {
+    pub prompt: Prompt,
+    pub samples: Vec<(String, RewardLabel)>,
+}
+
+impl Evaluator {
+    /// Greedy accuracy (and step accuracy when steps are scored).
+    pub fn evaluate(&self, model: &Transformer, tokenizer: &Tokenizer) -> BackendResult<EvalReport> {
+        let graded = self.grade(model, tokenizer, &SamplingParams::greedy(self.max_new_tokens, self.eos.clone()))?;
+        Ok(summarize(&graded, 1).0)
+    }
+
+    /// Samples `params.n` completions per problem and labels each.
+    pub fn grade(&self, model: &Transformer, tokenizer: &Tokenizer, params: &SamplingParams) -> BackendResult<Vec<Graded>> {
+        let mut out = Vec::with_capacity(self.prompts.len());
+        let _guard = tch::no_grad_guard();
+        for (chunk_index, chunk) in self.prompts.chunks(self.batch.max(1)).enumerate() {
+            let ids: Vec<Vec<u32>> =
+                chunk.iter().map(|p| sampler::encode_prompt(tokenizer, p)).collect::<Result<_, _>>().map_err(BackendError::new)?;
+            let params = SamplingParams { seed: params.seed.wrapping_add(chunk_index as u64), ..params.clone() };
+            let samples = engine::generate(model, &ids, &params).map_err(BackendError::new)?;
+            for ((prompt, prompt_tokens), samples) in chunk.iter().zip(ids).zip(samples) {
+                let mut graded = Graded { prompt: prompt.clone(), samples: Vec::new() };
+                for (i, s) in samples.into_iter().enumerate() {
+                    let t = Trajectory {
+                        id: TrajectoryId(i as u64),
+                        group: GroupId(prompt.id.0),
+                        sample: i as u32,
+                        group_size: params.n as u32,
+                        prompt: prompt.clone(),
+                        policy_version: PolicyVersion(0),
+                        prompt_tokens: prompt_tokens.clone(),
+                        tokens: s.tokens,
+                        logprobs: s.logprobs,
+                        text: s.text,
+                        token_ends: s.token_ends,
+                        finish: s.finish,
+                        generate_ms: 0,
+                    };
+                    let label = self.runtime.block_on(self.labeler.label(&t));
+                    graded.samples.push((t.text, label));
+                }
+                out.push(graded);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Accuracy of the first sample, step accuracy, and pass@k (Chen et al. 2021,
+/// "Evaluating Large Language Models Trained on Code": the unbiased estimator
+/// `1 - C(n-c, k) / C(n, k)` averaged over problems, with n samples and c correct).
+pub fn summarize(graded: &[Graded], k: usize) -> (EvalReport, f64) {
+    let correct = |l: &RewardLabel| l.outcome >= 0.5;
+    let n_problems = graded.len().max(1) as f64;
+    let accuracy = graded.iter().filter(|g| g.samples.first().is_some_and(|(_, l)| correct(l))).count() as f64 / n_problems;
+    let step_scores: Vec<f64> = graded
+        .iter()
+        .filter_map(|g| g.samples.first())
+        .flat_map(|(_, l)| l.steps.iter().filter_map(|s| s.score))
+        .map(|s| if s >= 0.5 { 1.0 } else { 0.0 })
+        .collect();
+    let step_accuracy = (!step_scores.is_empty()).then(|| step_scores.iter().sum::<f64>() / step_scores.len() as f64);
+    let pass_at_k = graded
+        .iter()
+        .map(|g| {
+            let n = g.samples.len();
+            let c = g.samples.iter().filter(|(_, l)| correct(l)).count();
+            pass_at(n, c, k)
+        })
+        .sum::<f64>()
+        / n_problems;
+    (EvalReport { accuracy, step_accuracy, problems: graded.len() }, pass_at_k)
+}
+
+fn pass_at(n: usize, c: usize, k: usize) -> f64 {
+    if n < k || k == 0 {
+        return f64::NAN;
+    }
+    if n - c < k {
+        return 1.0;
+    }
+    // 1 - prod_{i=n-c+1}^{n} (1 - k/i)
+    1.0 - ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
+}
+
+/// Where and how the learner checkpoints.
+pub struct CheckpointPlan {
+    pub dir: PathBuf,
+    /// Hash of the run's whole configuration, stored with each checkpoint.
+    pub config_hash: String,
+}
+
+/// The learner library behind the learner actor.
+pub struct PolicyTrainer {
+    learner: Learner<Transformer>,
+    tokenizer: Tokenizer,
+    version: u64,
+    evaluator: Evaluator,
+    checkpoints: CheckpointPlan,
+}
+
+impl PolicyTrainer {
+    /// `version`: the policy version of the learner's weights (0, or the
+    /// checkpoint's step on resume).
+    pub fn new(learner: Learner<Transformer>, tokenizer: Tokenizer, version: u64, evaluator: Evaluator, checkpoints: CheckpointPlan) -> Self {
+        Self { learner, tokenizer, version, evaluator, checkpoints }
+    }
+
+    /// Trains as rank 0 of data-parallel learner ranks from now on (blocks
+    /// until every rank has joined; see [`Learner::join_data_parallel`]).
+    pub fn join_data_parallel(&mut self, collective: Box<dyn prism_learner::Collective>) -> BackendResult<()> {
+        self.learner.join_data_parallel(collective).map_err(BackendError::new)
+    }
+}
+
+impl Train for PolicyTrainer {
+    fn version(&self) -> PolicyVersion {
+        PolicyVersion(self.version)
+    }
+
+    fn weights(&self) -> BackendResult<Arc<WeightSet>> {
+        let _guard = tch::no_grad_guard();
+        let tensors = prism_learner::policy::named_variables(self.learner.policy().var_store())
+            .into_iter()
+            .map(|(name, t)| (name, t.detach().copy()))
+            .collect();
+        Ok(WeightSet::new(PolicyVersion(self.version), tensors))
+    }
+
+    fn admit(&self, group: &[LabeledTrajectory]) -> Result<(), DropReason> {
+        self.learner.admit(group)
+    }
+
+    fn train(&mut self, groups: Vec<Vec<LabeledTrajectory>>, _lags: &[u64]) -> BackendResult<StepReport> {
+        let trajectories = groups.iter().map(Vec::len).sum();
+        let report = self.learner.train_step(&groups).map_err(BackendError::new)?;
+        self.version += 1;
+        Ok(StepReport { trajectories, stats: report.summary() })
+    }
+
+    fn evaluate(&mut self) -> BackendResult<EvalReport> {
+        self.evaluator.evaluate(self.learner.policy(), &self.tokenizer)
+    }
+
+    fn checkpoint(&mut self, prompt_cursor: u64) -> BackendResult<()> {
+        let meta = CheckpointMeta {
+            step: self.version,
+            policy_version: self.version,
+            data_cursor: serde_json::json!({ "prompt_cursor": prompt_cursor }),
+            config_hash: self.checkpoints.config_hash.clone(),
+        };
+        let path = self.learner.save_checkpoint(&self.checkpoints.dir, &meta).map_err(BackendError::new)?;
+        tracing::info!(checkpoint = %path.display(), step = self.version, prompt_cursor, "checkpoint written");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_at_k_matches_the_closed_form() {
+        // n = 5, c = 2, k = 1: c / n.
+        assert!((pass_at(5, 2, 1) - 0.4).abs() < 1e-12);
+        // n = 5, c = 2, k = 2: 1 - C(3,2)/C(5,2) = 1 - 3/10.
+        assert!((pass_at(5, 2, 2) - 0.7).abs() < 1e-12);
+        assert_eq!(pass_at(4, 0, 2), 0.0);
+        assert_eq!(pass_at(4, 3, 2), 1.0);
+        assert!(pass_at(1, 1, 2).is_nan());
+    }
+}
+
+/// A data-parallel learner rank's learner (`prism learner-rank`), joined to
+/// rank 0 and the other ranks by NCCL.
+pub struct RankLearner {
+    learner: Learner<Transformer>,
+    /// The CUDA device index of the communicator.
+    device: usize,
+    timeout: std::time::Duration,
+    bucket_bytes: usize,
+}
+
+impl RankLearner {
+    /// `learner` on CUDA device `device`, every collective failing after
+    /// `timeout`, gradients all-reduced in buckets of `bucket_bytes`.
+    pub fn new(learner: Learner<Transformer>, device: usize, timeout: std::time::Duration, bucket_bytes: usize) -> Self {
+        Self { learner, device, timeout, bucket_bytes }
+    }
+}
+
+impl crate::remote::learner_rank::RankTrainer for RankLearner {
+    fn join(&mut self, id: &prism_transport::control::NcclId, rank: usize) -> BackendResult<()> {
+        let comm = prism_transport::nccl::Communicator::new(&id.id, rank, id.world_size as usize, self.device, self.timeout, self.bucket_bytes)
+            .map_err(BackendError::new)?;
+        self.learner.join_data_parallel(Box::new(comm)).map_err(BackendError::new)
+    }
+
+    fn train(&mut self, groups: Vec<Vec<LabeledTrajectory>>) -> BackendResult<()> {
+        self.learner.train_step(&groups).map(|_| ()).map_err(BackendError::new)
+    }
+}

@@ -1,0 +1,16 @@
+//! The roles of a distributed run: the same jobs as the in-process actors,
+//! fed by `prism-transport` (Redis Streams, gRPC, NCCL) instead of channels.
+//!
+//! - [`learner`]: the learner process: the prompt source and metrics actors,
+//!   groups read back from the labelled stream, training, publishing weights.
+//! - [`learner_rank`]: a data-parallel learner rank that trains each step
+//!   rank 0 publishes.
+//! - [`rollout`]: a rollout process: work from the learner's Control service,
+//!   weights over gRPC or NCCL, trajectories to the sampled stream.
+//! - [`reward`]: a reward process: the sampled stream labelled, results to the
+//!   labelled stream, judged steps shared with every other reward process.
+
+pub mod learner;
+pub mod learner_rank;
+pub mod reward;
+pub mod rollout;

@@ -1,0 +1,106 @@
+//! The rollout loop with an NCCL broadcast rank, against a real learner's
+//! Control service and Redis: the in-process collective stands in for NCCL
+//! (ranks as threads), which needs one GPU per rank and is checked by
+//! scripts/gpu-check.
+
+use super::*;
+use prism_learner::collective::Local;
+use prism_transport::nccl_weights::{Join, Sender};
+use prism_transport::nccl_weights::Collective;
+use prism_core::GroupId;
+use prism_transport::testing::{weight_layout as layout_of, weight_set as weights, weight_tensor as value};
+use prism_transport::{control, testing};
+use std::sync::Mutex;
+use tch::Device;
+
+fn join(rank: Local) -> Join {
+    Box::new(move || Ok(Box::new(rank) as Box<dyn Collective>))
+}
+
+/// Hands out two prompts, publishing (and broadcasting) v2 before the second,
+/// which needs it; then says the run stopped.
+struct TwoSteps {
+    sender: Sender,
+    control: control::Control,
+    issued: Mutex<u64>,
+}
+
+#[prism_transport::async_trait]
+impl control::WorkSource for TwoSteps {
+    async fn get_work(&self, _worker: &str, _max: usize, _wait: Duration) -> Option<Vec<Assignment>> {
+        let mut issued = self.issued.lock().unwrap();
+        *issued += 1;
+        let version = match *issued {
+            1 => 1,
+            2 => {
+                self.sender.publish(weights(2)).unwrap();
+                self.control.set_policy_version(2);
+                2
+            }
+            _ => return None,
+        };
+        let prompt = testing::trajectory(0, 1).prompt;
+        Some(vec![Assignment { group: GroupId(*issued), prompt, min_version: PolicyVersion(version) }])
+    }
+    fn delivered(&self, _: &str, _: &[u64], _: u64, _: u64, _: f64) {}
+    fn worker_failed(&self, _: &str) {}
+}
+
+/// Remembers the `model.b` value of every weight set it loads.
+struct Recorder(Arc<Mutex<Vec<f64>>>);
+
+impl crate::backend::Generate for Recorder {
+    fn load_weights(&mut self, w: &WeightSet) -> crate::backend::BackendResult<()> {
+        self.0.lock().unwrap().push(value(w, "model.b").double_value(&[0, 0]));
+        Ok(())
+    }
+    fn generate(&mut self, work: &[crate::backend::Assignment], version: PolicyVersion) -> crate::backend::BackendResult<Vec<Vec<prism_core::Trajectory>>> {
+        Ok(work
+            .iter()
+            .map(|a| {
+                let mut t = testing::trajectory(a.group.0 * 4, 3);
+                t.policy_version = version;
+                vec![t]
+            })
+            .collect())
+    }
+}
+
+/// A rollout process's loop with a broadcast rank loads the versions the
+/// learner broadcasts between generations, the one each prompt needs, and
+/// pulls nothing over the Weights stream (on which nothing is published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_with_a_rank_loads_broadcast_weights_between_generations() {
+    let config = prism_transport::Config { weights: prism_transport::WeightTransport::Nccl, nccl_rollouts: 1, heartbeat_ms: 100, dead_after_ms: 5000, ..Default::default() };
+    let learner = testing::TestLearner::start(&config, prism_transport::grpc::Config::default(), None).await;
+    let mut hub = Local::group(2, Duration::from_secs(10)).into_iter();
+    let sender = Sender::spawn(join(hub.next().unwrap())).unwrap();
+    sender.publish(weights(1)).unwrap();
+    learner.control.set_policy_version(1);
+    learner.control.set_work_source(Arc::new(TwoSteps { sender, control: learner.control.clone(), issued: Mutex::new(0) }));
+
+    let client = control::ControlClient::connect(&learner.grpc, Some(&learner.addr), None).await.unwrap();
+    let counters = Arc::new(control::Counters::default());
+    let (membership, heartbeats) = control::join(client.clone(), control::Role::Rollout, "gpu-box", "cuda:1", counters.clone()).await.unwrap();
+    assert_eq!(membership.borrow().nccl_rank, 1);
+    let receiver = Receiver::spawn(join(hub.next().unwrap()), layout_of(&weights(0)), Device::Cpu).unwrap();
+    let redis_server = testing::TestRedis::shared();
+    let redis_cfg = redis::Config { url: redis_server.url.clone(), ..Default::default() };
+    let loaded = Arc::new(Mutex::new(Vec::new()));
+    let args = RolloutArgs {
+        control: client,
+        weights: WeightsClient::connect(&learner.grpc, Some(&learner.addr), None).await.unwrap(),
+        redis: redis::Redis::connect(&redis_cfg).await.unwrap(),
+        keys: redis::RunKeys::new("prism-test", &testing::unique("nccl-rollout")),
+        generator: Box::new(Recorder(loaded.clone())),
+        prompts_per_batch: 1,
+        counters,
+        membership,
+        give_up_after: Duration::from_secs(5),
+        broadcast: Some((Arc::new(receiver), Duration::from_secs(10))),
+    };
+    let summary = tokio::time::timeout(Duration::from_secs(60), run(args, &redis_cfg, std::future::pending())).await.expect("the rollout finishes").unwrap();
+    heartbeats.abort();
+    assert_eq!((summary.groups, summary.weight_broadcasts, summary.weight_pulls), (2, 2, 0), "{summary:?}");
+    assert_eq!(*loaded.lock().unwrap(), vec![1.0, 2.0]);
+}

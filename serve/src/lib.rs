@@ -1,0 +1,665 @@
+//! prism-serve: an OpenAI-compatible HTTP server over one model (what
+//! `prism serve` runs, and what users point at as a judge).
+//!
+//! `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (with
+//! SSE streaming). One generation thread owns the model; handlers queue jobs to
+//! it, and every job that arrived while a batch was running goes into the next
+//! batch together (each response says how many requests shared its batch in
+//! the `x-prism-batch-requests` header).
+//!
+//! Entry: [`run`] (`listener`, [`Config`], the loaded model, its name, a
+//! shutdown future); the `prism` binary binds the address and loads the model.
+//! Must not know the learner, rewards, actors or transports: it serves one
+//! model and nothing else.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prism_core::FinishReason;
+use prism_core::config::Invalid;
+use prism_model::chat::ChatMessage;
+use prism_model::engine::{self, Request, Sample, SamplingParams};
+use prism_model::{Loaded, Tokenizer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use tokio::sync::{mpsc, oneshot};
+
+/// `[serve]`: the HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listen address. Default `127.0.0.1:8000`.
+    pub addr: String,
+    /// Model name clients send; empty = the model file or folder name. Default empty.
+    pub name: String,
+    /// Most sequences (requests × n) in one batch. Default 64.
+    pub max_batch: usize,
+    /// `max_tokens` of requests that give none. Default 256.
+    pub default_max_tokens: usize,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        self.addr
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| Invalid::new("serve.addr", &self.addr, "expected host:port, e.g. 127.0.0.1:8000"))?;
+        prism_core::config::check::positive("serve.max_batch", self.max_batch)?;
+        prism_core::config::check::positive("serve.default_max_tokens", self.default_max_tokens)?;
+        Ok(())
+    }
+}
+
+/// The name a model source is served under when `serve.name` is empty.
+pub fn default_name(source: &str) -> String {
+    if let Some(b) = source.strip_prefix("builtin:") {
+        return b.to_string();
+    }
+    let p = std::path::Path::new(source.trim_end_matches('/'));
+    let name = if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) { p.file_stem() } else { p.file_name() };
+    name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| source.to_string())
+}
+
+/// What a streaming job hears from the generation thread.
+enum Progress {
+    Token { sample: usize, token: u32 },
+}
+
+struct Job {
+    request: Request,
+    progress: Option<mpsc::UnboundedSender<Progress>>,
+    reply: oneshot::Sender<Result<(Vec<Sample>, usize), String>>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    name: String,
+    tokenizer: Tokenizer,
+    max_context: usize,
+    vocab: usize,
+    eos: Vec<u32>,
+    default_max_tokens: usize,
+    jobs: std_mpsc::Sender<Job>,
+    created: u64,
+}
+
+/// What stops the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("serve: cannot start the generation thread: {0}")]
+    Thread(std::io::Error),
+    #[error("serve: serving HTTP on {addr}: {source}")]
+    Http { addr: String, source: std::io::Error },
+}
+
+/// Serves `loaded` as model `name` on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: &Config,
+    loaded: Loaded,
+    name: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (tx, rx) = std_mpsc::channel::<Job>();
+    let mut eos = loaded.generation.eos_token_ids.clone();
+    eos.extend(loaded.tokenizer.eos_id().filter(|e| !eos.contains(e)));
+    let state = AppState {
+        name,
+        tokenizer: loaded.tokenizer.clone(),
+        max_context: loaded.model.config().max_position_embeddings,
+        vocab: loaded.model.config().vocab_size,
+        eos,
+        default_max_tokens: config.default_max_tokens,
+        jobs: tx,
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    let max_batch = config.max_batch;
+    let worker = std::thread::Builder::new()
+        .name("generate".into())
+        .spawn(move || generation_loop(loaded, rx, max_batch))
+        .map_err(Error::Thread)?;
+    let app = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route", None, "not_found") })
+        .with_state(Arc::new(state));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|source| Error::Http { addr, source })?;
+    // The state (and with it the job sender) is gone: the worker's queue closes.
+    let _ = worker.join();
+    Ok(())
+}
+
+/// The generation thread: take every queued job (up to `max_batch` sequences),
+/// generate them as one batch, answer each.
+fn generation_loop(loaded: Loaded, rx: std_mpsc::Receiver<Job>, max_batch: usize) {
+    let mut waiting: Option<Job> = None;
+    loop {
+        let first = match waiting.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        let mut jobs = vec![first];
+        let mut rows = jobs[0].request.params.n;
+        while let Ok(j) = rx.try_recv() {
+            if rows + j.request.params.n > max_batch {
+                waiting = Some(j);
+                break;
+            }
+            rows += j.request.params.n;
+            jobs.push(j);
+        }
+        let requests: Vec<Request> = jobs.iter().map(|j| j.request.clone()).collect();
+        let progress: Vec<Option<mpsc::UnboundedSender<Progress>>> = jobs.iter().map(|j| j.progress.clone()).collect();
+        let count = jobs.len();
+        tracing::debug!(requests = count, sequences = rows, "generating a batch");
+        let result = engine::generate_requests(&loaded.model, &loaded.tokenizer, &requests, &mut |event| {
+            if let engine::Event::Token { request, sample, tokens } = event {
+                if let Some(tx) = &progress[request] {
+                    let _ = tx.send(Progress::Token { sample, token: *tokens.last().expect("a token") });
+                }
+            }
+        });
+        match result {
+            Ok(samples) => {
+                for (job, s) in jobs.into_iter().zip(samples) {
+                    let _ = job.reply.send(Ok((s, count)));
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, code: &str) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": "invalid_request_error", "param": param, "code": code}});
+    (status, axum::Json(body)).into_response()
+}
+
+fn bad(message: impl Into<String>, param: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, message, Some(param), "invalid_value")
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": s.name, "object": "model", "created": s.created, "owned_by": "prism", "max_model_len": s.max_context}],
+    }))
+    .into_response()
+}
+
+/// `stop` as OpenAI accepts it: a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `prompt` of /v1/completions: text, one-text list, or token ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    model: String,
+    prompt: Prompt,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    n: Option<usize>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    logprobs: Option<usize>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    model: String,
+    messages: Vec<ChatMessage>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    n: Option<usize>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<usize>,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// Parses a JSON body; errors name the field.
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}"), "body"))?;
+    if !value.is_object() {
+        return Err(bad("the body must be a JSON object", "body"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        if let Some(field) = inner.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+            let field = if path == "." { field.to_string() } else { format!("{path}.{field}") };
+            bad(format!("missing required field `{field}`"), &field)
+        } else {
+            bad(format!("invalid value for `{path}`: {inner}"), &path)
+        }
+    })
+}
+
+struct Common {
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    n: Option<usize>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+}
+
+/// Sampling parameters of a request, checked; 400 naming the field otherwise.
+fn sampling(s: &AppState, c: Common, prompt_len: usize, max_tokens_field: &str) -> Result<SamplingParams, Response> {
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad(format!("temperature must be between 0 and 2, got {temperature}"), "temperature"));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad(format!("top_p must be in (0, 1], got {top_p}"), "top_p"));
+    }
+    let top_k = c.top_k.unwrap_or(-1);
+    if top_k < -1 || top_k == 0 {
+        return Err(bad(format!("top_k must be -1 (off) or >= 1, got {top_k}"), "top_k"));
+    }
+    let n = c.n.unwrap_or(1);
+    if !(1..=128).contains(&n) {
+        return Err(bad(format!("n must be between 1 and 128, got {n}"), "n"));
+    }
+    let max_tokens = c.max_tokens.unwrap_or(s.default_max_tokens.min(s.max_context.saturating_sub(prompt_len)).max(1));
+    if max_tokens == 0 {
+        return Err(bad(format!("{max_tokens_field} must be at least 1"), max_tokens_field));
+    }
+    if prompt_len + max_tokens > s.max_context {
+        return Err(bad(
+            format!(
+                "this model's maximum context length is {} tokens; the prompt has {prompt_len} tokens and {max_tokens_field} asks for {max_tokens}",
+                s.max_context
+            ),
+            max_tokens_field,
+        ));
+    }
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(bad("stop takes up to 4 non-empty strings", "stop"));
+    }
+    let seed = c.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    });
+    Ok(SamplingParams {
+        n,
+        temperature,
+        top_k: if top_k < 0 { 0 } else { top_k as usize },
+        top_p,
+        max_new_tokens: max_tokens,
+        stop,
+        eos: s.eos.clone(),
+        seed,
+    })
+}
+
+fn check_model(s: &AppState, model: &str) -> Result<(), Response> {
+    if model == s.name {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::NOT_FOUND,
+            format!("the model `{model}` does not exist (this server serves `{}`)", s.name),
+            Some("model"),
+            "model_not_found",
+        ))
+    }
+}
+
+fn check_top(n: usize, field: &str) -> Result<(), Response> {
+    if n > 20 { Err(bad(format!("{field} must be between 0 and 20, got {n}"), field)) } else { Ok(()) }
+}
+
+/// Queues a job; returns its samples and how many requests shared the batch.
+async fn submit(
+    s: &AppState,
+    request: Request,
+    progress: Option<mpsc::UnboundedSender<Progress>>,
+) -> Result<oneshot::Receiver<Result<(Vec<Sample>, usize), String>>, Response> {
+    let (tx, rx) = oneshot::channel();
+    s.jobs.send(Job { request, progress, reply: tx }).map_err(|_| {
+        error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, "unavailable")
+    })?;
+    Ok(rx)
+}
+
+async fn wait(rx: oneshot::Receiver<Result<(Vec<Sample>, usize), String>>) -> Result<(Vec<Sample>, usize), Response> {
+    match rx.await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e, None, "generation_failed")),
+        Err(_) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "the generation thread stopped", None, "generation_failed")),
+    }
+}
+
+/// The completion as OpenAI reports it: text cut before the first stop string,
+/// and the number of tokens that text covers (their logprobs are reported).
+fn visible(sample: &Sample, stop: &[String]) -> (String, usize) {
+    let mut text = sample.text.clone();
+    if sample.finish == FinishReason::Stop {
+        if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+        }
+    }
+    let mut start = 0u32;
+    let mut count = 0;
+    for &end in &sample.token_ends {
+        if start as usize >= text.len() && end as usize > text.len() {
+            break;
+        }
+        count += 1;
+        start = end;
+    }
+    // The eos token that ended a sample has no text of its own to report.
+    let shown = if sample.finish == FinishReason::Eos { sample.tokens.len() - 1 } else { sample.tokens.len() };
+    (text, count.min(shown))
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn with_batch_header(mut r: Response, batch: usize) -> Response {
+    r.headers_mut().insert("x-prism-batch-requests", HeaderValue::from(batch as u64));
+    r
+}
+
+fn usage(prompt: usize, samples: &[Sample]) -> Value {
+    let completion: usize = samples.iter().map(|s| s.tokens.len()).sum();
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn request_id(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{prefix}-{nanos:x}")
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    match completions_inner(&s, body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn completions_inner(s: &AppState, body: Bytes) -> Result<Response, Response> {
+    let b: CompletionBody = parse(&body)?;
+    check_model(s, &b.model)?;
+    if b.stream {
+        return Err(bad("streaming is supported on /v1/chat/completions only", "stream"));
+    }
+    let prompt = match b.prompt {
+        Prompt::Text(t) => s.tokenizer.encode(&t, true),
+        Prompt::Texts(v) if v.len() == 1 => s.tokenizer.encode(&v[0], true),
+        Prompt::Texts(_) => return Err(bad("prompt lists of more than one text are not supported", "prompt")),
+        Prompt::Ids(ids) => Ok(ids),
+    }
+    .map_err(|e| bad(e.to_string(), "prompt"))?;
+    if prompt.is_empty() {
+        return Err(bad("prompt must not be empty", "prompt"));
+    }
+    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= s.vocab) {
+        return Err(bad(format!("token id {t} is outside the vocabulary of {}", s.vocab), "prompt"));
+    }
+    if let Some(k) = b.logprobs {
+        check_top(k, "logprobs")?;
+    }
+    let common = Common {
+        max_tokens: b.max_tokens,
+        temperature: b.temperature,
+        top_p: b.top_p,
+        top_k: b.top_k,
+        n: b.n,
+        seed: b.seed,
+        stop: b.stop,
+    };
+    let params = sampling(s, common, prompt.len(), "max_tokens")?;
+    let stop = params.stop.clone();
+    let prompt_len = prompt.len();
+    let rx = submit(s, Request { prompt, params, top_logprobs: b.logprobs }, None).await?;
+    let (samples, batch) = wait(rx).await?;
+    let choices: Vec<Value> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, sample)| {
+            let (text, count) = visible(sample, &stop);
+            let logprobs = b.logprobs.map(|_| {
+                let tops = &sample.top_logprobs[..count.min(sample.top_logprobs.len())];
+                let mut offset = 0u32;
+                let mut offsets = Vec::new();
+                for &end in &sample.token_ends[..count] {
+                    offsets.push(offset);
+                    offset = end;
+                }
+                json!({
+                    "tokens": sample.tokens[..count].iter().map(|&t| s.tokenizer.token_text(t)).collect::<Vec<_>>(),
+                    "token_logprobs": tops.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": tops.iter().map(|t| {
+                        let mut m = serde_json::Map::new();
+                        for &(id, lp) in &t.top {
+                            m.entry(s.tokenizer.token_text(id)).or_insert(json!(lp));
+                        }
+                        Value::Object(m)
+                    }).collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
+            });
+            json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(sample.finish)})
+        })
+        .collect();
+    let body = json!({
+        "id": request_id("cmpl"),
+        "object": "text_completion",
+        "created": s.created,
+        "model": s.name,
+        "choices": choices,
+        "usage": usage(prompt_len, &samples),
+    });
+    Ok(with_batch_header(axum::Json(body).into_response(), batch))
+}
+
+fn chat_logprob_entry(tok: &Tokenizer, id: u32, logprob: f32) -> Value {
+    let text = tok.token_text(id);
+    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+}
+
+async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    match chat_inner(s, body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn chat_inner(s: Arc<AppState>, body: Bytes) -> Result<Response, Response> {
+    let b: ChatBody = parse(&body)?;
+    check_model(&s, &b.model)?;
+    if b.messages.is_empty() {
+        return Err(bad("messages must not be empty", "messages"));
+    }
+    if let Some(k) = b.top_logprobs {
+        check_top(k, "top_logprobs")?;
+    }
+    let text = s.tokenizer.apply_chat_template(&b.messages, true).map_err(|e| bad(e.to_string(), "messages"))?;
+    let prompt = s.tokenizer.encode(&text, true).map_err(|e| bad(e.to_string(), "messages"))?;
+    let common = Common {
+        max_tokens: b.max_completion_tokens.or(b.max_tokens),
+        temperature: b.temperature,
+        top_p: b.top_p,
+        top_k: b.top_k,
+        n: b.n,
+        seed: b.seed,
+        stop: b.stop,
+    };
+    let param_name = if b.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let params = sampling(&s, common, prompt.len(), param_name)?;
+    let top = (b.logprobs || b.top_logprobs.is_some()).then(|| b.top_logprobs.unwrap_or(0));
+    let stop = params.stop.clone();
+    let n = params.n;
+    let prompt_len = prompt.len();
+    let request = Request { prompt, params, top_logprobs: top };
+    if b.stream {
+        let (ptx, prx) = mpsc::unbounded_channel();
+        let rx = submit(&s, request, Some(ptx)).await?;
+        return Ok(stream_chat(s, rx, prx, n, stop, top));
+    }
+    let rx = submit(&s, request, None).await?;
+    let (samples, batch) = wait(rx).await?;
+    let choices: Vec<Value> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, sample)| {
+            let (text, count) = visible(sample, &stop);
+            let logprobs = top.map(|_| {
+                let content: Vec<Value> = sample.top_logprobs[..count.min(sample.top_logprobs.len())]
+                    .iter()
+                    .zip(&sample.tokens)
+                    .map(|(t, &id)| {
+                        let mut e = chat_logprob_entry(&s.tokenizer, id, t.logprob);
+                        e["top_logprobs"] =
+                            t.top.iter().map(|&(alt, lp)| chat_logprob_entry(&s.tokenizer, alt, lp)).collect::<Vec<_>>().into();
+                        e
+                    })
+                    .collect();
+                json!({"content": content})
+            });
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason(sample.finish),
+            })
+        })
+        .collect();
+    let body = json!({
+        "id": request_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": s.created,
+        "model": s.name,
+        "choices": choices,
+        "usage": usage(prompt_len, &samples),
+    });
+    Ok(with_batch_header(axum::Json(body).into_response(), batch))
+}
+
+/// SSE for a chat request: a role chunk, content deltas as tokens arrive (text
+/// that could still turn into a stop string held back), a final chunk with the
+/// finish reason per choice, then `[DONE]`.
+fn stream_chat(
+    s: Arc<AppState>,
+    done: oneshot::Receiver<Result<(Vec<Sample>, usize), String>>,
+    mut progress: mpsc::UnboundedReceiver<Progress>,
+    n: usize,
+    stop: Vec<String>,
+    top: Option<usize>,
+) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel::<Result<SseEvent, std::convert::Infallible>>();
+    let id = request_id("chatcmpl");
+    tokio::spawn(async move {
+        let chunk = |choice: Value| {
+            json!({"id": id, "object": "chat.completion.chunk", "created": s.created, "model": s.name, "choices": [choice]})
+        };
+        let send = |v: Value| tx.send(Ok(SseEvent::default().data(v.to_string()))).is_ok();
+        for i in 0..n {
+            send(chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})));
+        }
+        let hold = stop.iter().map(|x| x.len()).max().unwrap_or(1).saturating_sub(1);
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut sent: Vec<usize> = vec![0; n];
+        while let Some(Progress::Token { sample, token }) = progress.recv().await {
+            tokens[sample].push(token);
+            let Ok(text) = s.tokenizer.decode(&tokens[sample], true) else { continue };
+            if text.ends_with('\u{FFFD}') {
+                continue;
+            }
+            let mut upto = text.len().saturating_sub(hold);
+            while !text.is_char_boundary(upto) {
+                upto -= 1;
+            }
+            if stop.iter().any(|x| text.contains(x.as_str())) || upto <= sent[sample] {
+                continue;
+            }
+            let delta = &text[sent[sample]..upto];
+            sent[sample] = upto;
+            if !send(chunk(json!({"index": sample, "delta": {"content": delta}, "logprobs": null, "finish_reason": null}))) {
+                return;
+            }
+        }
+        let samples = match done.await {
+            Ok(Ok((samples, _))) => samples,
+            Ok(Err(e)) => {
+                send(json!({"error": {"message": e, "type": "server_error"}}));
+                return;
+            }
+            Err(_) => return,
+        };
+        for (i, sample) in samples.iter().enumerate() {
+            let (text, count) = visible(sample, &stop);
+            let rest = text.get(sent[i].min(text.len())..).unwrap_or("");
+            let logprobs = top.map(|_| {
+                let content: Vec<Value> = sample.top_logprobs[..count.min(sample.top_logprobs.len())]
+                    .iter()
+                    .zip(&sample.tokens)
+                    .map(|(t, &tid)| {
+                        let mut e = chat_logprob_entry(&s.tokenizer, tid, t.logprob);
+                        e["top_logprobs"] =
+                            t.top.iter().map(|&(alt, lp)| chat_logprob_entry(&s.tokenizer, alt, lp)).collect::<Vec<_>>().into();
+                        e
+                    })
+                    .collect();
+                json!({"content": content})
+            });
+            send(chunk(json!({
+                "index": i,
+                "delta": {"content": rest},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason(sample.finish),
+            })));
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+    (headers, Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))).into_response()
+}

@@ -1,0 +1,5 @@
+include!("../build-support/torch.rs");
+
+fn main() {
+    link_torch();
+}

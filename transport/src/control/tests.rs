@@ -1,0 +1,285 @@
+use super::*;
+use super::types::{health_from_wire, health_to_wire};
+use crate::grpc::{self, Token};
+use crate::{Error, Result};
+use prism_core::{Assignment, GroupId, PolicyVersion};
+use std::sync::Arc;
+use std::time::Duration;
+use crate::testing::{TestLearner, eventually};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
+
+fn dist(heartbeat_ms: u64, dead_after_ms: u64) -> crate::Config {
+    crate::Config { heartbeat_ms, dead_after_ms, ..Default::default() }
+}
+
+async fn client(l: &TestLearner, token: Option<&str>) -> Result<ControlClient> {
+    let token = token.map(|t| Token::new(t).unwrap());
+    ControlClient::connect(&l.grpc, Some(&l.addr), token.as_ref()).await
+}
+
+#[tokio::test]
+async fn workers_register_heartbeat_and_show_in_status() {
+    let l = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    l.control.set_policy_version(5);
+    let mut c = client(&l, None).await.unwrap();
+    let r = c.register(Role::Rollout, "pod-a", "cpu").await.unwrap();
+    assert_eq!((r.worker_id.as_str(), r.run_id.as_str(), r.policy_version), ("rollout-1", "test-run", 5));
+    let r2 = c.register(Role::Reward, "pod-b", "cpu").await.unwrap();
+    assert_eq!(r2.worker_id, "reward-2");
+    let hb = c.heartbeat("rollout-1", 3, WorkerCounters { processed: 40, in_flight: 2, dropped: 0 }).await.unwrap();
+    assert_eq!((hb.latest_version, hb.shutdown), (5, false));
+    l.control.set_progress(7, 20, 112);
+    l.control.record_dropped("stale", 3);
+    let s = c.status().await.unwrap();
+    assert_eq!((s.policy_version, s.step, s.total_steps, s.trajectories_trained), (5, 7, 20, 112));
+    assert_eq!(s.dropped.get("stale"), Some(&3));
+    let w = s.workers.iter().find(|w| w.worker_id == "rollout-1").unwrap();
+    assert_eq!((w.role, w.state, w.policy_version, w.lag), (Role::Rollout, WorkerState::Alive, 3, 2));
+    assert_eq!(w.counters.processed, 40);
+    let e = c.register(Role::Learner, "x", "cpu").await.unwrap_err().to_string();
+    assert!(e.contains("dist.learner_ranks = 1") && e.contains("a learner rank cannot join"), "{e}");
+}
+
+#[tokio::test]
+async fn a_silent_worker_is_marked_dead_and_survivors_hear_of_it() {
+    let l = TestLearner::start(&dist(50, 300), grpc::Config::default(), None).await;
+    let mut c = client(&l, None).await.unwrap();
+    let silent = c.register(Role::Reward, "silent", "cpu").await.unwrap().worker_id;
+    let counters = Arc::new(Counters::default());
+    counters.processed.store(9, Relaxed);
+    let (membership, task) = join(c.clone(), Role::Reward, "alive", "cpu", counters).await.unwrap();
+    let mut m = membership.clone();
+    let seen = eventually("the silent worker declared dead", Duration::from_secs(10), async || {
+        let cur = m.borrow_and_update().clone();
+        cur.dead_workers.contains(&silent).then_some(cur)
+    })
+    .await;
+    assert_ne!(seen.worker_id, silent);
+    let s = c.status().await.unwrap();
+    let state = |id: &str| s.workers.iter().find(|w| w.worker_id == id).unwrap().state;
+    assert_eq!(state(&silent), WorkerState::Dead);
+    assert_eq!(state(&seen.worker_id), WorkerState::Alive);
+    // a dead worker that comes back is told to register again
+    let err = c.heartbeat(&silent, 0, Default::default()).await.unwrap_err();
+    assert!(err.to_string().contains("register again"), "{err}");
+    task.abort();
+}
+
+#[tokio::test]
+async fn shutdown_reaches_workers_through_heartbeats() {
+    let l = TestLearner::start(&dist(50, 1000), grpc::Config::default(), None).await;
+    let c = client(&l, None).await.unwrap();
+    let (mut membership, task) = join(c.clone(), Role::Rollout, "w", "cpu", Arc::new(Counters::default())).await.unwrap();
+    let mut requested = l.control.shutdown_requested();
+    c.clone().shutdown("", "done").await.unwrap();
+    requested.changed().await.unwrap();
+    assert_eq!(requested.borrow().as_deref(), Some("done"));
+    eventually("workers told to stop", Duration::from_secs(10), async || membership.borrow_and_update().shutdown.then_some(())).await;
+    task.await.unwrap(); // the heartbeat task ends by itself
+    assert!(c.clone().register(Role::Rollout, "late", "cpu").await.unwrap_err().to_string().contains("shutting down"));
+}
+
+#[tokio::test]
+async fn requests_without_the_right_token_are_refused_clearly() {
+    let l = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), Some("s3cret-token")).await;
+    let err = client(&l, None).await.unwrap().register(Role::Rollout, "w", "cpu").await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("Register refused") && text.contains("no bearer token"), "{text}");
+    assert!(matches!(err, Error::Refused { rpc: "Register", .. }), "{err:?}");
+    let err = client(&l, Some("guess")).await.unwrap().status().await.unwrap_err().to_string();
+    assert!(err.contains("wrong bearer token") && !err.contains("s3cret"), "{err}");
+    client(&l, Some("s3cret-token")).await.unwrap().register(Role::Rollout, "w", "cpu").await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_learner_is_a_clear_error_within_the_connect_timeout() {
+    let cfg = grpc::Config { connect_timeout_ms: 300, request_timeout_ms: 1000, ..Default::default() };
+    // nothing listens
+    let port = crate::testing::free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let err = ControlClient::connect(&cfg, Some(&addr), None).await.unwrap_err().to_string();
+    assert!(err.starts_with(&format!("learner at {addr} did not answer within 300 ms")), "{err}");
+    // something accepts connections but never speaks
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", silent.local_addr().unwrap());
+    let err = ControlClient::connect(&cfg, Some(&addr), None).await.and_then(|_| Ok(())).err();
+    if let Some(err) = err {
+        assert!(err.to_string().contains(&addr), "{err}");
+    } else {
+        let mut c = ControlClient::connect(&cfg, Some(&addr), None).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(60), c.status()).await.expect("a deadline, not a hang").unwrap_err();
+        assert!(err.to_string().contains(&addr), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn the_nccl_id_goes_from_rank_0_to_the_others() {
+    let l = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    let mut rank1 = client(&l, None).await.unwrap();
+    let waiting = tokio::spawn(async move { rank1.get_nccl_id("weights", Duration::from_secs(20)).await });
+    let mut rank0 = client(&l, None).await.unwrap();
+    let id: Vec<u8> = (0..128).map(|i| i as u8).collect();
+    rank0.publish_nccl_id("weights", id.clone(), 3).await.unwrap();
+    let got = waiting.await.unwrap().unwrap();
+    assert_eq!((got.id, got.world_size), (id, 3));
+    let err = rank0.get_nccl_id("other", Duration::from_millis(100)).await.unwrap_err().to_string();
+    assert!(err.contains("not published within 100 ms"), "{err}");
+    assert!(rank0.publish_nccl_id("bad", vec![1, 2], 2).await.is_err());
+}
+
+/// With NCCL weights, the first `nccl_rollouts` rollouts get ranks 1..=n of
+/// the broadcast; later ones, reward workers, and a rollout registering again
+/// with its rank get none, and the ranks are not handed out twice.
+#[tokio::test]
+async fn nccl_ranks_go_to_the_first_rollouts_once() {
+    let config = crate::Config { weights: crate::WeightTransport::Nccl, nccl_rollouts: 2, ..dist(1000, 10_000) };
+    let l = TestLearner::start(&config, grpc::Config::default(), None).await;
+    let mut c = client(&l, None).await.unwrap();
+    let rank = async |c: &mut ControlClient, role, held| c.register_again(role, "w", "cuda:0", held).await.unwrap().nccl_rank;
+    assert_eq!(rank(&mut c, Role::Reward, 0).await, 0);
+    assert_eq!(rank(&mut c, Role::Rollout, 0).await, 1);
+    assert_eq!(rank(&mut c, Role::Rollout, 1).await, 1, "registering again keeps the rank it has");
+    assert_eq!(rank(&mut c, Role::Rollout, 0).await, 2);
+    assert_eq!(rank(&mut c, Role::Rollout, 0).await, 0, "both ranks are taken");
+    let ranks: Vec<u32> = c.status().await.unwrap().workers.iter().map(|w| w.nccl_rank).collect();
+    assert_eq!(ranks, vec![0, 1, 1, 2, 0], "status shows each worker's rank");
+    let grpc_only = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    let mut c = client(&grpc_only, None).await.unwrap();
+    assert_eq!(rank(&mut c, Role::Rollout, 0).await, 0, "no ranks without dist.weights = nccl");
+}
+
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let server = grpc::Config {
+        tls_cert: cert_path.display().to_string(),
+        tls_key: key_path.display().to_string(),
+        ..Default::default()
+    };
+    let l = TestLearner::start(&dist(1000, 10_000), server, None).await;
+    let cfg = grpc::Config { tls_ca: cert_path.display().to_string(), ..Default::default() };
+    let mut c = ControlClient::connect(&cfg, Some(&l.addr), None).await.unwrap();
+    assert_eq!(c.status().await.unwrap().run_id, "test-run");
+    // plaintext to a TLS server does not get through
+    let plain = l.addr.replace("https://", "http://");
+    let r = match ControlClient::connect(&grpc::Config { connect_timeout_ms: 2000, ..cfg }, Some(&plain), None).await {
+        Ok(mut c) => c.status().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(r.is_err());
+}
+
+/// Hands out prompt ids 0, 1, 2, ... and records what it hears.
+#[derive(Default)]
+struct FakeWork {
+    next: Mutex<u64>,
+    delivered: Mutex<Vec<(String, Vec<u64>, u64)>>,
+    failed: Mutex<Vec<String>>,
+}
+
+#[tonic::async_trait]
+impl WorkSource for FakeWork {
+    async fn get_work(&self, _worker: &str, max: usize, _wait: Duration) -> Option<Vec<Assignment>> {
+        let mut next = self.next.lock().unwrap();
+        let out = (0..max as u64).map(|i| Assignment { group: GroupId(*next + i), prompt: crate::testing::trajectory(0, 1).prompt, min_version: PolicyVersion(0) }).collect();
+        *next += max as u64;
+        Some(out)
+    }
+    fn delivered(&self, worker: &str, groups: &[u64], trajectories: u64, _tokens: u64, _generate_s: f64) {
+        self.delivered.lock().unwrap().push((worker.into(), groups.to_vec(), trajectories));
+    }
+    fn worker_failed(&self, worker: &str) {
+        self.failed.lock().unwrap().push(worker.into());
+    }
+}
+
+#[tokio::test]
+async fn rollout_workers_get_prompts_report_deliveries_and_their_death_reissues_them() {
+    let l = TestLearner::start(&dist(50, 300), grpc::Config::default(), None).await;
+    let mut c = client(&l, None).await.unwrap();
+    let r = c.register(Role::Rollout, "w", "cpu").await.unwrap();
+    let err = c.get_work(&r.worker_id, 2, Duration::from_millis(10)).await.unwrap_err();
+    assert!(matches!(err, Error::NotReady { .. }) && err.to_string().contains("not handing out prompts yet"), "{err}");
+    let work = Arc::new(FakeWork::default());
+    l.control.set_work_source(work.clone());
+    let got = c.get_work(&r.worker_id, 2, Duration::from_millis(10)).await.unwrap().unwrap();
+    assert_eq!(got.iter().map(|a| a.group.0).collect::<Vec<_>>(), vec![0, 1]);
+    c.delivered(&r.worker_id, vec![0, 1], 8, 64, 0.5).await.unwrap();
+    assert_eq!(work.delivered.lock().unwrap()[0], (r.worker_id.clone(), vec![0, 1], 8));
+    // it stops heartbeating: declared dead by the sweeper, the work source hears of it
+    let sweeper = l.control.spawn_sweeper();
+    eventually("the worker declared dead", Duration::from_secs(10), async || {
+        (!work.failed.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    sweeper.abort();
+    assert_eq!(*work.failed.lock().unwrap(), vec![r.worker_id.clone()]);
+    let err = c.get_work(&r.worker_id, 1, Duration::from_millis(10)).await.unwrap_err();
+    assert!(matches!(err, Error::Gone { .. }) && err.to_string().contains("register again"), "{err}");
+    // once the run stops, workers are told so
+    let r2 = c.register(Role::Rollout, "w2", "cpu").await.unwrap();
+    l.control.request_shutdown("done");
+    assert_eq!(c.get_work(&r2.worker_id, 1, Duration::from_millis(10)).await.unwrap(), None);
+}
+
+fn reward_health(depth: u64) -> prism_reward::Health {
+    prism_reward::Health {
+        judge_wait_ms: Some(0),
+        judge_latency_ms: Some(prism_reward::LatencyMs { p50: 1480.0, p95: 2900.0 }),
+        annotation_queue: Some(prism_reward::QueueHealth {
+            depth,
+            capacity: 1024,
+            busy: 4,
+            queued: 300,
+            judged: 280,
+            shed: 3,
+            untrusted: 1,
+        }),
+        canary_fp_rate: Some(0.0),
+        canary_max_rate: Some(0.05),
+        judge_trusted: Some(true),
+        distill_agreement: Some(0.87),
+        distill_min_agreement: Some(0.75),
+        distill_ready: Some(true),
+        judge_budget_refused: Some(2),
+    }
+}
+
+/// A reward worker's heartbeats carry its labeler's health; the learner keeps
+/// the latest and shows it in the status.
+#[tokio::test]
+async fn a_reward_workers_health_reaches_the_status_with_its_heartbeats() {
+    let l = TestLearner::start(&dist(30, 10_000), grpc::Config::default(), None).await;
+    let c = client(&l, None).await.unwrap();
+    let now = Arc::new(Mutex::new(reward_health(12)));
+    let counters = Arc::new(Counters::default());
+    let source = now.clone();
+    counters.report_health(Arc::new(move || Some(source.lock().unwrap().clone())));
+    let (membership, task) = join(c.clone(), Role::Reward, "judge-box", "cpu", counters).await.unwrap();
+    let id = membership.borrow().worker_id.clone();
+    let (_, rollout_task) = join(c.clone(), Role::Rollout, "gpu-box", "cpu", Arc::new(Counters::default())).await.unwrap();
+    let health = eventually("the health in the status", Duration::from_secs(10), async || {
+        let s = c.clone().status().await.unwrap();
+        s.workers.iter().find(|w| w.worker_id == id)?.reward_health.clone()
+    })
+    .await;
+    assert_eq!(health, reward_health(12), "every field survives the wire");
+    // The latest heartbeat's health replaces the one before.
+    *now.lock().unwrap() = reward_health(40);
+    eventually("the newer health", Duration::from_secs(10), async || {
+        (l.control.reward_health() == vec![(id.clone(), reward_health(40))]).then_some(())
+    })
+    .await;
+    let s = c.clone().status().await.unwrap();
+    let rollout = s.workers.iter().find(|w| w.role == Role::Rollout).unwrap();
+    assert_eq!(rollout.reward_health, None, "a worker without a judge reports none");
+    // An empty health (no judge) still round-trips as empty.
+    assert_eq!(health_from_wire(health_to_wire(&prism_reward::Health::default())), prism_reward::Health::default());
+    task.abort();
+    rollout_task.abort();
+}

@@ -1,0 +1,326 @@
+use super::*;
+use crate::testing::{TestRedis, eventually, labeled, trajectory, unique};
+use std::collections::BTreeSet;
+
+fn config(url: &str) -> Config {
+    Config { url: url.into(), batch: 16, block_ms: 100, ..Config::default() }
+}
+
+async fn drain<T: Entry>(c: &mut Consumer<T>, cfg: &Config, want: usize) -> Vec<T> {
+    let mut got = Vec::new();
+    eventually("entries to arrive", Duration::from_secs(20), async || {
+        let batch = c.recv(cfg).await.unwrap();
+        let entries: Vec<String> = batch.items.iter().map(|d| d.entry.clone()).collect();
+        got.extend(batch.items.into_iter().map(|d| d.item));
+        c.ack(&entries).await.unwrap();
+        (got.len() >= want).then_some(())
+    })
+    .await;
+    got
+}
+
+#[test]
+fn redact_url_hides_passwords_only() {
+    assert_eq!(redact_url("redis://:s3cret@host:6379/0"), "redis://:***@host:6379/0");
+    assert_eq!(redact_url("rediss://user:s3cret@host:6380"), "rediss://user:***@host:6380");
+    assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    assert_eq!(redact_url("unix:///run/redis.sock"), "unix:///run/redis.sock");
+}
+
+#[test]
+fn config_refuses_a_batch_larger_than_the_cap() {
+    let c = Config { max_len: 8, batch: 9, ..Config::default() };
+    assert_eq!(c.validate().unwrap_err().key, "redis.batch");
+    let c = Config { url: "http://:pw@x".into(), ..Config::default() };
+    let e = c.validate().unwrap_err();
+    assert!(!e.to_string().contains("pw"), "{e}");
+    Config::default().validate().unwrap();
+}
+
+#[tokio::test]
+async fn two_consumers_of_a_group_share_the_entries_exactly_once() {
+    let server = TestRedis::shared();
+    let cfg = config(&server.url);
+    let keys = RunKeys::new("prism", &unique("share"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut a = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "a", None).await.unwrap();
+    let mut b = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "b", None).await.unwrap();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    let sent: Vec<Trajectory> = (0..100).map(|i| trajectory(i, 32)).collect();
+    p.send(&sent, &cfg).await.unwrap();
+
+    let mut seen = Vec::new();
+    eventually("all 100 entries", Duration::from_secs(20), async || {
+        for c in [&mut a, &mut b] {
+            let batch = c.recv(&cfg).await.unwrap();
+            let entries: Vec<String> = batch.items.iter().map(|d| d.entry.clone()).collect();
+            seen.extend(batch.items.into_iter().map(|d| d.item));
+            c.ack(&entries).await.unwrap();
+        }
+        (seen.len() >= 100).then_some(())
+    })
+    .await;
+    assert_eq!(seen.len(), 100, "no entry delivered twice");
+    let ids: BTreeSet<u64> = seen.iter().map(|t| t.id.0).collect();
+    assert_eq!(ids, (0..100).collect());
+    assert_eq!(seen.iter().find(|t| t.id.0 == 42), Some(&sent[42]), "the trajectory arrives intact");
+    let depth = redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap();
+    assert_eq!((depth.waiting, depth.pending), (0, 0), "acknowledged entries are deleted");
+}
+
+#[tokio::test]
+async fn a_full_stream_makes_the_producer_wait_and_loses_nothing() {
+    let server = TestRedis::shared();
+    let cfg = Config { max_len: 10, batch: 4, ..config(&server.url) };
+    let keys = RunKeys::new("prism", &unique("cap"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut c = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "c", None).await.unwrap();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    let producer_cfg = cfg.clone();
+    let producer = tokio::spawn(async move {
+        let items: Vec<Trajectory> = (0..25).map(|i| trajectory(i, 8)).collect();
+        p.send(&items, &producer_cfg).await.unwrap();
+        p.backpressure_waits()
+    });
+    let full = eventually("the stream to fill up", Duration::from_secs(10), async || {
+        let d = redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap();
+        (d.waiting == 10).then_some(d)
+    })
+    .await;
+    assert_eq!(full.waiting, 10);
+    assert!(!producer.is_finished(), "the producer waits at the cap");
+    let got = drain(&mut c, &cfg, 25).await;
+    let waits = producer.await.unwrap();
+    assert!(waits > 0);
+    let ids: Vec<u64> = got.iter().map(|t| t.id.0).collect();
+    assert_eq!(ids, (0..25).collect::<Vec<_>>(), "all entries, in order, none trimmed");
+}
+
+#[tokio::test]
+async fn entries_of_a_consumer_that_stopped_acknowledging_are_reclaimed() {
+    let server = TestRedis::shared();
+    let cfg = Config { claim_idle_ms: 300, ..config(&server.url) };
+    let keys = RunKeys::new("prism", &unique("claim"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut stuck = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "stuck", None).await.unwrap();
+    let mut alive = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "alive", None).await.unwrap();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    p.send(&(0..5).map(|i| trajectory(i, 8)).collect::<Vec<_>>(), &cfg).await.unwrap();
+    let taken = stuck.recv(&cfg).await.unwrap();
+    assert_eq!(taken.items.len(), 5);
+    // `stuck` never acknowledges; `alive` gets them once they have been idle 300 ms.
+    let reclaimed = eventually("reclaim", Duration::from_secs(10), async || {
+        let b = alive.recv(&cfg).await.unwrap();
+        (!b.items.is_empty()).then_some(b)
+    })
+    .await;
+    assert!(reclaimed.items.iter().all(|d| d.reclaimed));
+    let ids: Vec<u64> = reclaimed.items.iter().map(|d| d.item.id.0).collect();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn a_dead_workers_entries_are_taken_over_at_once() {
+    let server = TestRedis::shared();
+    let cfg = config(&server.url); // claim_idle_ms stays at 60 s
+    let keys = RunKeys::new("prism", &unique("dead"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut dead = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "reward-1", None).await.unwrap();
+    let mut alive = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "reward-2", None).await.unwrap();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    p.send(&(0..3).map(|i| trajectory(i, 8)).collect::<Vec<_>>(), &cfg).await.unwrap();
+    assert_eq!(dead.recv(&cfg).await.unwrap().items.len(), 3);
+    drop(dead);
+    let b = alive.claim_from("reward-1", &cfg).await.unwrap();
+    assert_eq!(b.items.iter().map(|d| d.item.id.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert!(b.items.iter().all(|d| d.reclaimed));
+    // and nothing is left pending for anyone
+    alive.ack(&b.items.iter().map(|d| d.entry.clone()).collect::<Vec<_>>()).await.unwrap();
+    let d = redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap();
+    assert_eq!((d.waiting, d.pending), (0, 0));
+}
+
+#[tokio::test]
+async fn the_learner_ingests_a_trajectory_id_once() {
+    let server = TestRedis::shared();
+    let cfg = config(&server.url);
+    let keys = RunKeys::new("prism", &unique("dedup"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut learner = redis.consumer::<LabeledTrajectory>(&keys.labeled, LEARNER_GROUP, "learner", Some(&keys.ingested)).await.unwrap();
+    let mut p = redis.producer::<LabeledTrajectory>(&keys.labeled).await.unwrap();
+    // trajectory 1 labeled twice (its reward worker died before acknowledging it)
+    let big = 1u64 << 40;
+    p.send(&[labeled(1, 8), labeled(2, 8), labeled(1, 8), labeled(3, 8), labeled(big, 8), labeled(big, 8)], &cfg).await.unwrap();
+    let got = drain(&mut learner, &cfg, 4).await;
+    assert_eq!(got.iter().map(|l| l.trajectory.id.0).collect::<Vec<_>>(), vec![1, 2, 3, big]);
+    assert_eq!(learner.duplicates(), 2);
+    // a second learner consumer (a restarted learner) does not ingest them again either
+    p.send(&[labeled(2, 8)], &cfg).await.unwrap();
+    let mut again = redis.consumer::<LabeledTrajectory>(&keys.labeled, LEARNER_GROUP, "learner-2", Some(&keys.ingested)).await.unwrap();
+    let b = eventually("the duplicate", Duration::from_secs(10), async || {
+        let b = again.recv(&cfg).await.unwrap();
+        (b.duplicates > 0).then_some(b)
+    })
+    .await;
+    assert!(b.items.is_empty());
+}
+
+#[tokio::test]
+async fn an_undecodable_entry_is_dropped_with_its_reason() {
+    let server = TestRedis::shared();
+    let cfg = config(&server.url);
+    let keys = RunKeys::new("prism", &unique("bad"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut c = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "c", None).await.unwrap();
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("XADD").arg(&keys.sampled).arg("*").arg("id").arg(9).arg("p").arg(&[0xffu8, 0xff][..]).query_async(&mut conn).await.unwrap();
+    let b = eventually("the bad entry", Duration::from_secs(10), async || {
+        let b = c.recv(&cfg).await.unwrap();
+        (!b.dropped.is_empty()).then_some(b)
+    })
+    .await;
+    assert!(b.dropped[0].reason.contains("cannot decode"), "{:?}", b.dropped);
+    let d = redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap();
+    assert_eq!((d.waiting, d.pending), (0, 0), "a dropped entry is acknowledged");
+}
+
+#[tokio::test]
+async fn workers_reconnect_after_a_redis_restart_with_aof() {
+    let mut server = TestRedis::private(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let cfg = config(&server.url);
+    let keys = RunKeys::new("prism", &unique("restart"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut c = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "c", None).await.unwrap();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    p.send(&(0..5).map(|i| trajectory(i, 8)).collect::<Vec<_>>(), &cfg).await.unwrap();
+    let first = drain(&mut c, &cfg, 2).await; // some read (and acknowledged) before the crash
+    server.kill();
+    // while Redis is down the producer keeps retrying
+    let producer_cfg = cfg.clone();
+    let producer = tokio::spawn(async move {
+        p.send(&(5..10).map(|i| trajectory(i, 8)).collect::<Vec<_>>(), &producer_cfg).await.map(|_| p)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    producer.await.unwrap().unwrap();
+    let rest = drain(&mut c, &cfg, 10 - first.len()).await;
+    let mut ids: Vec<u64> = first.iter().chain(&rest).map(|t| t.id.0).collect();
+    ids.sort();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>(), "nothing lost, nothing twice across the restart");
+}
+
+#[tokio::test]
+async fn a_password_from_the_environment_is_used_and_never_shown() {
+    let server = TestRedis::private(&["--requirepass", "hunter2-secret"]);
+    let var = unique("PW").replace('-', "_");
+    let cfg = Config { password_env: var.clone(), ..config(&server.url) };
+    let err = Redis::connect(&cfg).await.unwrap_err().to_string();
+    assert!(err.contains("NOAUTH") || err.to_lowercase().contains("auth"), "{err}");
+    // SAFETY: the variable name is unique to this test.
+    unsafe { std::env::set_var(&var, "hunter2-secret") };
+    let redis = Redis::connect(&cfg).await.unwrap();
+    assert!(!format!("{redis:?}").contains("hunter2"));
+    let cfg = Config { url: format!("redis://:wrong-pw@127.0.0.1:{}", server.port), password_env: "PRISM_NO_SUCH_VAR".into(), ..cfg };
+    let err = Redis::connect(&cfg).await.unwrap_err().to_string();
+    assert!(!err.contains("wrong-pw") && err.contains(":***@"), "{err}");
+}
+
+#[tokio::test]
+async fn rediss_urls_use_tls_with_a_private_ca() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let port = crate::testing::free_port();
+    let (c, k) = (cert_path.display().to_string(), key_path.display().to_string());
+    let args = ["--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", &c, "--tls-key-file", &k, "--tls-auth-clients", "no"];
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(crate::testing::redis_server(dir.path(), port, &args));
+    crate::testing::wait_for_port(port);
+    let cfg = Config { url: format!("rediss://localhost:{port}"), tls_ca_file: c.clone(), ..config("") };
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let keys = RunKeys::new("prism", &unique("tls"));
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    p.send(&[trajectory(1, 8)], &cfg).await.unwrap();
+    assert_eq!(redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap().waiting, 1);
+    // without the CA the server's certificate is not trusted
+    let err = Redis::connect(&Config { tls_ca_file: String::new(), connect_timeout_ms: 2000, retry_for_ms: 1, ..cfg.clone() }).await.unwrap_err();
+    assert!(matches!(err, Error::RedisUnreachable { .. }), "{err}");
+    // plaintext to the TLS port does not get through either
+    let err = Redis::connect(&Config { url: format!("redis://localhost:{port}"), connect_timeout_ms: 1000, ..cfg }).await;
+    assert!(err.is_err());
+}
+
+#[tokio::test]
+async fn groups_in_lists_what_a_stream_still_holds_by_group() {
+    let server = TestRedis::shared();
+    let cfg = config(&server.url);
+    let keys = RunKeys::new("prism", &unique("groups"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut c = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "c", None).await.unwrap();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    // 1100 entries: more than one XRANGE page of 512
+    let sent: Vec<Trajectory> = (0..1100).map(|i| trajectory(i, 4)).collect();
+    p.send(&sent, &cfg).await.unwrap();
+    let (groups, bad) = redis.groups_in::<Trajectory>(&keys.sampled).await.unwrap();
+    assert_eq!(bad, 0);
+    let count: usize = groups.values().map(|ids| ids.len()).sum();
+    assert_eq!(count, 1100);
+    let g = sent[17].group.0;
+    let want: BTreeSet<u64> = sent.iter().filter(|t| t.group.0 == g).map(|t| t.id.0).collect();
+    assert_eq!(groups[&g].iter().copied().collect::<BTreeSet<u64>>(), want);
+    // acknowledged (and so deleted) entries are no longer listed
+    let got = drain(&mut c, &cfg, 1100).await;
+    assert_eq!(got.len(), 1100);
+    let (groups, _) = redis.groups_in::<Trajectory>(&keys.sampled).await.unwrap();
+    assert!(groups.is_empty(), "{} groups left", groups.len());
+}
+
+/// The judged stream is a broadcast: every subscriber reads every other
+/// sender's entry from where it stood when made, none its own; the stream
+/// keeps the newest `max_len` entries; a fresh run deletes it.
+#[tokio::test]
+async fn every_subscriber_reads_every_other_senders_broadcast_and_a_reset_clears_them() {
+    let server = TestRedis::shared();
+    let cfg = Config { max_len: 8, batch: 4, ..config(&server.url) };
+    let keys = RunKeys::new("prism", &unique("broadcast"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut conn = redis::Client::open(server.url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut a = redis.publisher(&keys.judged, "reward-1").await.unwrap();
+    a.publish(b"before", &cfg).await.unwrap();
+    // Subscribers read what is added after they start.
+    let mut subs = [redis.subscriber(&keys.judged, "reward-1").await.unwrap(), redis.subscriber(&keys.judged, "reward-2").await.unwrap()];
+    let mut b = redis.publisher(&keys.judged, "reward-2").await.unwrap();
+    for i in 0..3 {
+        a.publish(format!("a{i}").as_bytes(), &cfg).await.unwrap();
+        b.publish(format!("b{i}").as_bytes(), &cfg).await.unwrap();
+    }
+    let mut got: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
+    for (sub, got) in subs.iter_mut().zip(&mut got) {
+        eventually("3 entries of the other sender", Duration::from_secs(10), async || {
+            let r = sub.recv(&cfg).await.unwrap();
+            got.extend(r.items.iter().map(|e| String::from_utf8(e.payload.clone()).unwrap()));
+            (got.len() >= 3).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(got, vec![vec!["b0", "b1", "b2"], vec!["a0", "a1", "a2"]]);
+    assert_eq!((subs[0].own(), subs[1].own(), subs[0].dropped()), (3, 3, 0));
+    // 7 entries so far; 3 more, and the oldest 2 are trimmed.
+    for i in 3..6 {
+        a.publish(format!("a{i}").as_bytes(), &cfg).await.unwrap();
+    }
+    let len: u64 = redis::cmd("XLEN").arg(&keys.judged).query_async(&mut conn).await.unwrap();
+    assert_eq!(len, 8, "capped at redis.max_len entries");
+    redis.reset_run(&keys).await.unwrap();
+    let len: u64 = redis::cmd("XLEN").arg(&keys.judged).query_async(&mut conn).await.unwrap();
+    assert_eq!(len, 0, "a fresh run starts without them");
+}
