@@ -227,7 +227,7 @@ impl TryFrom<v1::LabeledTrajectory> for core::LabeledTrajectory {
     }
 }
 
-pub use core::{LabelFailure, LabelResult};
+pub use prism_core::{LabelFailure, LabelResult};
 
 /// A label result on the wire, with the transport's timings.
 pub fn label_result_to_wire(r: &LabelResult, timings: v1::Timings) -> v1::LabelResult {
