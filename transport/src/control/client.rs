@@ -14,6 +14,12 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
+/// The largest Control answer a client takes. A `GetStep` answer carries a
+/// whole step's groups (tokens, log-probs, text: about 10 bytes a token), so
+/// tonic's 4 MiB default would refuse every step past a few hundred 1k-token
+/// trajectories.
+const MAX_ANSWER_BYTES: usize = 1 << 30;
+
 /// A worker's (or `prism status`'s) connection to the learner's Control service.
 #[derive(Clone, Debug)]
 pub struct ControlClient {
@@ -26,7 +32,9 @@ impl ControlClient {
     pub async fn connect(config: &grpc::Config, addr: Option<&str>, token: Option<&Token>) -> Result<Self> {
         let addr = addr.unwrap_or(&config.learner).to_string();
         let channel = grpc::connect(config, &addr).await?;
-        Ok(Self { inner: v1::control_client::ControlClient::with_interceptor(channel, ClientAuth::new(token)), addr })
+        let inner = v1::control_client::ControlClient::with_interceptor(channel, ClientAuth::new(token))
+            .max_decoding_message_size(MAX_ANSWER_BYTES);
+        Ok(Self { inner, addr })
     }
 
     fn err(&self, rpc: &'static str) -> impl Fn(Status) -> Error + '_ {

@@ -283,3 +283,20 @@ async fn a_reward_workers_health_reaches_the_status_with_its_heartbeats() {
     task.abort();
     rollout_task.abort();
 }
+
+/// A step's groups travel whole in one GetStep answer: a step larger than
+/// tonic's default 4 MiB decode limit still reaches the learner ranks.
+#[tokio::test]
+async fn a_step_larger_than_four_mib_reaches_the_learner_ranks() {
+    let config = crate::Config { learner_ranks: 2, ..dist(1000, 10_000) };
+    let l = TestLearner::start(&config, grpc::Config::default(), None).await;
+    let mut c = client(&l, None).await.unwrap();
+    let rank = c.register(Role::Learner, "rank-1", "cuda:1").await.unwrap();
+    // 8 trajectories of 100k tokens: about 8 MB on the wire.
+    let group: Vec<_> = (0..8).map(|i| crate::testing::labeled(i, 100_000)).collect();
+    l.control.publish_step(1, std::slice::from_ref(&group));
+    match c.get_step(&rank.worker_id, 0, Duration::ZERO).await.unwrap() {
+        StepPoll::Ready(step) => assert_eq!(step.groups, vec![group]),
+        other => panic!("step 0 is published: {other:?}"),
+    }
+}
