@@ -2,6 +2,7 @@
 //! service: requests in core and transport types, errors classified (see
 //! [`crate::Error`]'s `NotReady`, `Gone`, `Refused`, `Unreachable`).
 
+use super::server::MAX_POLL;
 use super::types::{
     ClusterStatus, HeartbeatReply, NcclId, Registration, Role, StepPoll, WorkerCounters, assignment_from_wire, health_to_wire,
 };
@@ -104,6 +105,8 @@ impl ControlClient {
     /// Other ranks: waits up to `wait` (at most a minute) for rank 0's id of
     /// `group`; [`Error::NotReady`] when it is not published by then.
     pub async fn get_nccl_id(&mut self, group: &str, wait: Duration) -> Result<NcclId> {
+        // The learner holds a poll at most MAX_POLL: no longer deadline is needed.
+        let wait = wait.min(MAX_POLL);
         let req = v1::GetNcclIdRequest { group: group.into(), wait_ms: wait.as_millis() as u64 };
         let mut request = Request::new(req);
         request.set_timeout(wait + Duration::from_secs(30));
@@ -125,6 +128,8 @@ impl ControlClient {
     /// (at most a minute); `None` once the run is over. Before the learner
     /// hands out prompts (its warm start): [`Error::NotReady`].
     pub async fn get_work(&mut self, worker_id: &str, max: usize, wait: Duration) -> Result<Option<Vec<Assignment>>> {
+        // The learner holds a poll at most MAX_POLL: no longer deadline is needed.
+        let wait = wait.min(MAX_POLL);
         let req = v1::GetWorkRequest { worker_id: worker_id.into(), max: max as u32, wait_ms: wait.as_millis() as u64 };
         let mut request = Request::new(req);
         // The long poll may take `wait`; leave room beyond the usual deadline.
@@ -140,6 +145,8 @@ impl ControlClient {
     /// A learner rank: the groups of step `index`, the learner waiting up to
     /// `wait` (at most a minute).
     pub async fn get_step(&mut self, worker_id: &str, index: u64, wait: Duration) -> Result<StepPoll> {
+        // The learner holds a poll at most MAX_POLL: no longer deadline is needed.
+        let wait = wait.min(MAX_POLL);
         let req = v1::GetStepRequest { worker_id: worker_id.into(), index, wait_ms: wait.as_millis() as u64 };
         let mut request = Request::new(req);
         request.set_timeout(wait + Duration::from_secs(30));

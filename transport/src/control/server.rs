@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Request, Response, Status};
 
-/// The longest a long-poll request (GetWork, GetStep) is held by the learner.
-const MAX_POLL: Duration = Duration::from_secs(60);
+/// The longest the learner holds a long poll (GetWork, GetStep, GetNcclId);
+/// clients ask for no longer.
+pub(super) const MAX_POLL: Duration = Duration::from_secs(60);
 
 impl Control {
     /// The tonic service, refusing requests without `token` when one is set.

@@ -300,3 +300,24 @@ async fn a_step_larger_than_four_mib_reaches_the_learner_ranks() {
         other => panic!("step 0 is published: {other:?}"),
     }
 }
+
+/// A caller may ask to wait as long as it likes: the client asks for at most
+/// a minute (tonic panics on a deadline past ~11,000 years), the learner holds
+/// a long poll at most a minute whatever a request says (a `wait_ms` of
+/// u64::MAX overflowed the handler's deadline), and both answer as soon as
+/// they can.
+#[tokio::test]
+async fn the_longest_wait_is_served_not_a_panic() {
+    let l = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    let mut rank1 = client(&l, None).await.unwrap();
+    let waiting = tokio::spawn(async move { rank1.get_nccl_id("weights", Duration::from_millis(u64::MAX)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    l.control.set_nccl_id("weights", vec![7; crate::nccl::UNIQUE_ID_BYTES], 2);
+    let got = tokio::time::timeout(Duration::from_secs(30), waiting).await.expect("answered within the cap").unwrap().unwrap();
+    assert_eq!((got.id.len(), got.world_size), (crate::nccl::UNIQUE_ID_BYTES, 2));
+    // A request straight off the wire, as another client could send it.
+    let mut raw = prism_proto::v1::control_client::ControlClient::connect(l.addr.clone()).await.unwrap();
+    let request = prism_proto::v1::GetNcclIdRequest { group: "weights".into(), wait_ms: u64::MAX };
+    let id = tokio::time::timeout(Duration::from_secs(30), raw.get_nccl_id(request)).await.expect("answered").unwrap().into_inner();
+    assert_eq!(id.world_size, 2);
+}
