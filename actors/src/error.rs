@@ -41,11 +41,5 @@ impl<T> From<ractor::MessagingErr<T>> for Error {
     }
 }
 
-impl From<ractor::SpawnErr> for Error {
-    fn from(e: ractor::SpawnErr) -> Self {
-        Self::Run(format!("an actor of the run did not start: {e}"))
-    }
-}
-
 /// The result of the running system's operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
