@@ -14,6 +14,10 @@ COPY bin/prism /usr/local/bin/prism
 # LD_LIBRARY_PATH wins over the host paths recorded in the binary's RUNPATH.
 ENV LD_LIBRARY_PATH=/opt/prism/lib \
     PRISM__RUN__DIR=/var/lib/prism/runs
+# Runs as an unprivileged user (uid 10001, as the Kubernetes manifests set
+# it), owning only its run folder.
+RUN mkdir -p /var/lib/prism/runs && chown -R 10001:10001 /var/lib/prism
+USER 10001:10001
 WORKDIR /var/lib/prism
 # gRPC (learner) and the health endpoints (every role).
 EXPOSE 50051 8081

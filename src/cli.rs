@@ -226,6 +226,12 @@ pub struct TrainArgs {
     /// Continue a run from its newest intact checkpoint, with the configuration it
     /// recorded (unless `--config` is given; `--set` still applies, e.g.
     /// `--set train.steps=2000`).
-    #[arg(long, value_name = "RUN_DIR")]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "resume_latest")]
     pub resume: Option<PathBuf>,
+    /// Continue the newest run under `run.dir` of this `dist.run_id` that has a
+    /// checkpoint (with this command's configuration), or start a new run if
+    /// there is none: what a supervisor that restarts a crashed learner
+    /// (Kubernetes, compose) runs.
+    #[arg(long)]
+    pub resume_latest: bool,
 }

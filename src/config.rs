@@ -182,10 +182,12 @@ impl Config {
     /// The configuration as TOML, as `--print-config` shows it and the run folder
     /// records it. Secrets never appear here: sections hold references to them
     /// (an env var or file name), not the secrets themselves; a password
-    /// written into `redis.url` is shown as `***`.
+    /// written into `redis.url` or `judge.url` is shown as `***` (a resumed
+    /// run then needs it from `redis.password_env`).
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.redis.url = prism_transport::redis::redact_url(&self.redis.url);
+        shown.judge.url = prism_transport::redis::redact_url(&self.judge.url);
         toml::to_string(&shown).expect("a Config always serialises to TOML")
     }
 }

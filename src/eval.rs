@@ -95,7 +95,7 @@ pub fn processbench(config: &Config, args: &ProcessBenchArgs) -> ExitCode {
         r.erroneous,
         r.all_correct,
         cfg.model,
-        cfg.url,
+        prism_transport::redis::redact_url(&cfg.url),
         judge.template().name()
     );
     println!("erroneous accuracy: {:.1}%", r.erroneous_accuracy);

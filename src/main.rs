@@ -31,7 +31,8 @@ fn main() -> ExitCode {
     }
     let mut file = args.config.clone();
     if let cli::Command::Train(t) | cli::Command::Learner(t) = &cli.command {
-        // A resumed run keeps the configuration it recorded.
+        // A resumed run keeps the configuration it recorded (not with
+        // --resume-latest, whose command's configuration applies).
         if let (Some(run), None) = (&t.resume, &file) {
             file = Some(run.join("config.toml"));
         }
@@ -49,9 +50,35 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     // Training writes its own trace into the run folder.
+    let resume = match &cli.command {
+        cli::Command::Train(t) | cli::Command::Learner(t) if t.resume_latest => {
+            match run_dir::latest_resumable(&config.run.dir, &config.dist.run_id) {
+                Ok(Some(run)) => {
+                    println!("resuming the latest run of dist.run_id {:?}: {}", config.dist.run_id, run.display());
+                    Some(run)
+                }
+                Ok(None) => {
+                    println!("no run of dist.run_id {:?} with a checkpoint under {}: starting a new one", config.dist.run_id, config.run.dir.display());
+                    None
+                }
+                Err(e) => {
+                    eprintln!("prism: run.dir {}: {e}", config.run.dir.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        cli::Command::Train(t) | cli::Command::Learner(t) => t.resume.clone(),
+        _ => None,
+    };
     match &cli.command {
-        cli::Command::Train(t) => return exit_code(train::main(&config, t.resume.as_deref())),
-        cli::Command::Learner(t) => return exit_code(roles::learner(&config, t.resume.as_deref())),
+        cli::Command::Train(_) => return exit_code(train::main(&config, resume.as_deref())),
+        cli::Command::Learner(_) => {
+            if let Err(e) = roles::check_exposure(&config) {
+                eprintln!("prism: {e}");
+                return ExitCode::from(config::EXIT_CONFIG as u8);
+            }
+            return exit_code(roles::learner(&config, resume.as_deref()));
+        }
         _ => {}
     }
     let _console = telemetry::init_console(&config.log);

@@ -11,10 +11,10 @@ use anyhow::{Context, Result, bail};
 use prism_transport::control::{self, Control, ControlClient, Counters, NcclId, Role};
 use prism_transport::grpc::{self, Token};
 use prism_transport::health::Health;
-use prism_transport::redis::{Redis, RunKeys};
+use prism_transport::redis::{Redis, RunKeys, Seal};
 use prism_transport::weights::{Weights, WeightsClient};
 use prism_actors::remote::{learner, learner_rank, reward, rollout};
-use prism_transport::{nccl, nccl_weights};
+use prism_transport::{metrics, nccl, nccl_weights};
 use prism_actors::adapters::{ModelGenerator, RankLearner, RewardLabeler};
 use prism_model::Loaded;
 use std::path::Path;
@@ -84,7 +84,8 @@ fn threads(config: &Config) {
 
 /// Serves `/livez` and `/readyz` on `dist.health_listen` (unless empty).
 async fn health(config: &Config) -> Result<Health> {
-    let health = Health::new();
+    let stuck_after = (config.dist.stuck_after_ms > 0).then(|| Duration::from_millis(config.dist.stuck_after_ms));
+    let health = Health::new().stuck_after(stuck_after);
     if !config.dist.health_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&config.dist.health_listen)
             .await
@@ -105,6 +106,18 @@ fn host_name() -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Refuses a learner whose gRPC services other hosts can reach without a
+/// token (unless `grpc.insecure = true` says so), before anything starts.
+pub fn check_exposure(config: &Config) -> Result<()> {
+    let token = Token::from_config(&config.grpc)?;
+    config.grpc.check_exposure(token.as_ref())?;
+    if token.is_none() && config.grpc.insecure {
+        tracing::warn!(listen = %config.grpc.listen, "grpc.insecure = true: serving Control and Weights without a token");
+        eprintln!("prism: warning: grpc.insecure = true: {} serves the run without a token", config.grpc.listen);
+    }
+    Ok(())
 }
 
 /// `prism learner [--resume RUN]`: prompts, training, checkpoints, and the
@@ -132,8 +145,10 @@ pub fn learner(config: &Config, resume: Option<&Path>) -> Result<()> {
 async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device: Option<usize>, dp_device: Option<usize>) -> Result<()> {
     let started = Instant::now();
     let token = Token::from_config(&config.grpc)?;
+    let seal = token.as_ref().map(Seal::new);
     let health = health(config).await?;
     let control = Control::new(&config.dist.run_id, &config.dist);
+    health.add_metrics(metrics::learner(control.clone()));
     let weights = Weights::new(config.grpc.chunk_bytes);
     let listener = tokio::net::TcpListener::bind(&config.grpc.listen)
         .await
@@ -149,7 +164,8 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         })
     };
     let sweeper = control.spawn_sweeper();
-    let redis = Redis::connect(&config.redis).await?;
+    // Entries are sealed with the run's token, and checked with it.
+    let redis = Redis::connect(&config.redis).await?.sealed(seal);
     let keys = RunKeys::new(&config.redis.prefix, &config.dist.run_id);
     if !resuming {
         // A fresh run must not train on, or skip as already seen, what an
@@ -157,6 +173,16 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         redis.reset_run(&keys).await?;
     }
     let Prepared { mut trainer, version, cursor, task, .. } = train::prepare(config, run, resuming).await?;
+    if resuming {
+        // The checkpoint knows none of what the crashed learner left in the
+        // streams (some of it sampled by weights it never saved): it goes,
+        // and the prompts past the checkpoint are issued again under new ids.
+        let (sampled, labeled) = redis.clear_streams(&keys).await?;
+        if sampled + labeled > 0 {
+            tracing::warn!(sampled, labeled, "resuming: cleared the entries the earlier learner left in the streams");
+        }
+    }
+    let first_group = redis.issued_below(&keys).await?.max(cursor);
     if let Some(device) = dp_device {
         // Rank 0 of the data-parallel learners; `prism learner-rank` processes
         // register for ranks 1.. and join with this id. Blocks until they have.
@@ -200,6 +226,8 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         plan: train::plan(config),
         task,
         cursor,
+        first_group,
+        group_timeout: (config.dist.group_timeout_ms > 0).then(|| Duration::from_millis(config.dist.group_timeout_ms)),
         control,
         weights,
         redis,
@@ -209,6 +237,7 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         drain: Duration::from_millis(config.dist.dead_after_ms.max(config.grpc.request_timeout_ms)),
         broadcast,
         learner_ranks: config.dist.learner_ranks as usize,
+        health: health.clone(),
     };
     let summary = learner::run(role, &config.redis, train::ctrl_c()).await.map_err(anyhow::Error::msg);
     let _ = drawer.await;
@@ -268,10 +297,18 @@ pub fn learner_rank(config: &Config) -> Result<()> {
         let reference = if config.learner.kl_coef > 0.0 { Some(train::load_model(config)?.model) } else { None };
         let learner = prism_learner::Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
         let (control, _token, counters, membership) = join(config, Role::Learner, &config.model.device).await?;
+        health.add_metrics(metrics::worker(Role::Learner, counters.clone()));
         health.set_ready(true);
         let (timeout, bucket) = nccl_limits(config);
         let trainer = RankLearner::new(learner, device, timeout, bucket);
-        let args = learner_rank::RankArgs { control, membership, counters, trainer: Box::new(trainer), poll: Duration::from_secs(10) };
+        let args = learner_rank::RankArgs {
+            control,
+            membership,
+            counters,
+            trainer: Box::new(trainer),
+            poll: Duration::from_secs(10),
+            health: health.clone(),
+        };
         let s = learner_rank::run(args, train::ctrl_c()).await?;
         println!("learner rank {}/{}: {} steps on {} trajectories, policy version {}", s.rank, s.world, s.steps, s.trajectories, s.version);
         Ok(())
@@ -289,6 +326,7 @@ pub fn rollout(config: &Config) -> Result<()> {
         let layout = nccl_weights::layout(model.var_store().variables().iter().map(|(n, t)| (n.as_str(), t)));
         let generator = ModelGenerator::new(model, tokenizer, generation.eos_token_ids.clone(), config.rollout.clone(), config.run.seed);
         let (control, token, counters, membership) = join(config, Role::Rollout, &config.model.device).await?;
+        health.add_metrics(metrics::worker(Role::Rollout, counters.clone()));
         let weights = WeightsClient::connect(&config.grpc, None, token.as_ref()).await?;
         let rank = membership.borrow().nccl_rank as usize;
         let broadcast = match nccl_device {
@@ -309,7 +347,7 @@ pub fn rollout(config: &Config) -> Result<()> {
             }
             None => None,
         };
-        let redis = Redis::connect(&config.redis).await?;
+        let redis = Redis::connect(&config.redis).await?.sealed(token.as_ref().map(Seal::new));
         health.set_ready(true);
         let args = rollout::RolloutArgs {
             control,
@@ -322,6 +360,7 @@ pub fn rollout(config: &Config) -> Result<()> {
             membership,
             give_up_after: Duration::from_millis(config.redis.retry_for_ms),
             broadcast,
+            health: health.clone(),
         };
         let summary = rollout::run(args, &config.redis, train::ctrl_c()).await?;
         println!(
@@ -339,9 +378,10 @@ pub fn reward(config: &Config) -> Result<()> {
     runtime()?.block_on(async {
         let health = health(config).await?;
         let labeler = Arc::new(prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?);
-        let (mut control, _token, counters, membership) = join(config, Role::Reward, "cpu").await?;
+        let (mut control, token, counters, membership) = join(config, Role::Reward, "cpu").await?;
+        health.add_metrics(metrics::worker(Role::Reward, counters.clone()));
         let worker_id = membership.borrow().worker_id.clone();
-        let redis = Redis::connect(&config.redis).await?;
+        let redis = Redis::connect(&config.redis).await?.sealed(token.as_ref().map(Seal::new));
         health.set_ready(true);
         let args = reward::RewardArgs {
             redis,
@@ -356,6 +396,7 @@ pub fn reward(config: &Config) -> Result<()> {
             // model it learns from every reward process's judged steps.
             annotator: Some(labeler),
             share: reward::Share::default(),
+            health: health.clone(),
         };
         let summary = reward::run(args, &config.redis, train::ctrl_c()).await?;
         let worker_id = membership.borrow().worker_id.clone();

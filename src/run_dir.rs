@@ -43,6 +43,30 @@ impl RunDir {
     }
 }
 
+/// The newest run folder under `root` of the distributed run `run_id` (its
+/// recorded `dist.run_id`) that holds a checkpoint, if any. Folder names sort
+/// by start time.
+pub fn latest_resumable(root: &Path, run_id: &str) -> std::io::Result<Option<PathBuf>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut found: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let Ok(text) = std::fs::read_to_string(path.join("config.toml")) else { continue };
+        let recorded = text.parse::<toml::Table>().ok().and_then(|t| {
+            t.get("dist").and_then(|d| d.get("run_id")).and_then(|v| v.as_str()).map(str::to_string)
+        });
+        let has_checkpoint = std::fs::read_dir(path.join("checkpoints")).is_ok_and(|mut d| d.next().is_some());
+        if recorded.as_deref() == Some(run_id) && has_checkpoint {
+            found.push(path);
+        }
+    }
+    Ok(found.into_iter().max_by(|a, b| a.file_name().cmp(&b.file_name())))
+}
+
 /// `YYYYMMDD-HHMMSS-xxxx`: UTC time of creation and 4 random hex digits, so ids
 /// sort by start time and two runs started in the same second do not collide.
 pub fn new_run_id(now: SystemTime, suffix: u16) -> String {
@@ -86,6 +110,28 @@ mod tests {
         // leap day
         let t = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29T00:00:00Z
         assert_eq!(&new_run_id(t, 0)[..8], "20000229");
+    }
+
+    #[test]
+    fn the_latest_resumable_run_is_the_newest_of_the_run_id_with_a_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(latest_resumable(&root.path().join("none"), "a").unwrap(), None);
+        let make = |name: &str, run_id: &str, checkpoint: bool| {
+            let p = root.path().join(name);
+            std::fs::create_dir_all(p.join("checkpoints")).unwrap();
+            std::fs::write(p.join("config.toml"), format!("[dist]\nrun_id = \"{run_id}\"\n")).unwrap();
+            if checkpoint {
+                std::fs::create_dir(p.join("checkpoints/step-000004")).unwrap();
+            }
+            p
+        };
+        make("20261201-000000-0001", "a", true);
+        let newest = make("20261202-000000-0001", "a", true);
+        make("20261203-000000-0001", "a", false); // crashed before its first checkpoint
+        make("20261204-000000-0001", "b", true); // another run
+        std::fs::create_dir(root.path().join("cache")).unwrap();
+        assert_eq!(latest_resumable(root.path(), "a").unwrap(), Some(newest));
+        assert_eq!(latest_resumable(root.path(), "c").unwrap(), None);
     }
 
     #[test]

@@ -197,7 +197,16 @@ async fn a_worker_whose_learner_does_not_answer_fails_within_the_connect_timeout
 /// `on_cpu` text in its stderr. Where CUDA is absent it runs again with
 /// `model.device = cuda`: exit 1, naming `on_cuda` and NCCL or CUDA missing.
 async fn refused_without_a_gpu(role: &str, setting: &str, on_cpu: &[&str], on_cuda: &str) {
-    let args = vec![role.to_string(), "--set".into(), setting.into(), "--set".into(), "dist.health_listen=".into()];
+    // On loopback: a learner beyond it refuses to start without a token.
+    let args = vec![
+        role.to_string(),
+        "--set".into(),
+        setting.into(),
+        "--set".into(),
+        "dist.health_listen=".into(),
+        "--set".into(),
+        "grpc.listen=127.0.0.1:50051".into(),
+    ];
     let out = run(args.clone(), vec![]).await;
     assert_eq!(out.status.code(), Some(1), "{role}");
     let err = stderr(&out);
@@ -246,4 +255,43 @@ async fn the_roles_refuse_data_parallel_learners_without_a_gpu_saying_why() {
     let out = run(vec!["learner-rank".into(), "--set".into(), "dist.health_listen=".into()], vec![]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("dist.learner_ranks = 1: this run trains on one learner"), "{}", stderr(&out));
+}
+
+/// A learner listening where other hosts can reach it, with no token, refuses
+/// to start (exit 64), saying how to set a token or opt out; with
+/// `grpc.insecure = true` it goes on (here to the Redis it cannot reach),
+/// warning that it serves without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_reachable_from_other_hosts_refuses_to_start_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["learner", "--set"].iter().map(|s| s.to_string()).collect();
+        a.push(format!("grpc.listen=0.0.0.0:{}", free_port()));
+        a.extend(["--set".into(), format!("run.dir={}", dir.path().join("runs").display())]);
+        a.extend(["--set".into(), "redis.url=redis://127.0.0.1:1".into(), "--set".into(), "redis.connect_timeout_ms=200".into()]);
+        a.extend(["--set".into(), "dist.health_listen=".into()]);
+        for e in extra {
+            a.extend(["--set".into(), e.to_string()]);
+        }
+        a
+    };
+    let out = run(args(&[]), vec![("PRISM_TOKEN", String::new())]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for needle in ["grpc.listen", "PRISM_TOKEN", "grpc.insecure = true", "127.0.0.1"] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert!(!dir.path().join("runs").exists(), "nothing started");
+
+    let out = run(args(&["grpc.insecure=true"]), vec![("PRISM_TOKEN", String::new())]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("grpc.insecure = true") && err.contains("without a token"), "{err}");
+    assert!(err.contains("redis"), "it went on, to Redis: {err}");
+
+    // With a token it goes on too.
+    let out = run(args(&[]), vec![("PRISM_TOKEN", "s3cret-token".into())]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("without a token") && err.contains("redis"), "{err}");
 }

@@ -23,10 +23,15 @@ struct Proc {
 
 impl Proc {
     fn spawn(dir: &Path, name: &str, role: &str, sets: &[String]) -> Self {
+        Self::spawn_with(dir, name, &[role], sets)
+    }
+
+    /// `prism <args…> --set …`.
+    fn spawn_with(dir: &Path, name: &str, args: &[&str], sets: &[String]) -> Self {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = prism();
-        cmd.arg(role);
+        cmd.args(args);
         for s in sets {
             cmd.arg("--set").arg(s);
         }
@@ -334,4 +339,140 @@ fn trajectories_whose_delivery_report_is_lost_are_still_counted_as_made() {
     assert_balanced(&summary, 4, &out);
     assert!(out.contains("workers still alive at the end"), "the worker that stayed is noticed:\n{out}");
     assert!(out.contains("Delivered report never reached the learner"), "group {group} is reconciled:\n{out}");
+}
+
+/// The operator's crash: the learner is killed with SIGKILL three steps past
+/// a checkpoint and started again with `--resume-latest` (what compose and
+/// the Kubernetes manifests run), its workers left running.
+/// The resumed learner issues the prompts past its checkpoint again under new
+/// group ids, drops what its predecessor left in flight as superseded, and
+/// reaches `train.steps` with a balanced ledger. (Before, the re-issued groups
+/// kept their old ids, were skipped as already ingested, and no step trained.)
+#[test]
+fn a_learner_killed_past_a_checkpoint_resumes_and_finishes_balanced() {
+    let redis = TestRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sets = settings(dir.path(), &redis.url, free_port(), 12);
+    sets.retain(|s| !s.starts_with("train.checkpoint_every=") && !s.starts_with("train.eval_every="));
+    sets.extend(["train.checkpoint_every=4".to_string(), "train.eval_every=0".to_string()]);
+    let mut c = Cluster {
+        learner: Proc::spawn(dir.path(), "learner", "learner", &sets),
+        rollouts: vec![Proc::spawn(dir.path(), "rollout0", "rollout", &sets)],
+        rewards: vec![Proc::spawn(dir.path(), "reward0", "reward", &sets)],
+        dir,
+    };
+    c.wait_for_step(7, Duration::from_secs(240));
+    c.learner.child.kill().unwrap(); // SIGKILL
+    c.learner.child.wait().unwrap();
+    let killed_at = c.steps();
+    let run = c.run_folder().unwrap();
+    let first = c.learner.output();
+    // As a restarted pod does: it finds the run by its dist.run_id.
+    c.learner = Proc::spawn_with(c.dir.path(), "learner-resumed", &["learner", "--resume-latest"], &sets);
+    let summary = c.finish();
+    let out = c.learner.output();
+    assert!(out.contains(&format!("resuming the latest run of dist.run_id {:?}: {}", setting(&sets, "dist.run_id"), run.display())), "{out}");
+    assert!(out.contains("resumed from"), "{out}");
+    let start = summary["start_step"].as_u64().unwrap();
+    assert!((4..=killed_at).contains(&start) && start % 4 == 0, "resumed at {start}, killed at {killed_at}:\n{first}");
+    assert_eq!(summary["balanced"], true, "{summary}\n{out}");
+    assert_eq!(summary["final_step"], 12, "{summary}");
+    assert_eq!(summary["ledger"]["trained"].as_u64().unwrap(), (12 - start) * 8, "{summary}");
+    assert!(!out.contains("skipping a trajectory already ingested"), "{out}");
+}
+
+/// A garbage entry on each stream and a group with a member lost: the garbage
+/// is dropped and counted, the group is dropped as incomplete once
+/// `dist.group_timeout_ms` has passed (its credit returns), and the run
+/// finishes balanced. (Before, the group held its credit forever.)
+#[test]
+fn garbage_entries_and_a_partial_group_are_dropped_counted_and_the_run_finishes() {
+    use prism_transport::{Error, control::{ControlClient, Role}, grpc, redis as rs};
+    use prism_core::{FinishReason, Trajectory, TrajectoryId};
+    let redis = TestRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut sets = settings(dir.path(), &redis.url, port, 4);
+    sets.push("dist.group_timeout_ms=3000".into());
+    let learner = Proc::spawn(dir.path(), "learner", "learner", &sets);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !traced(&dir.path().join("runs"), "weights published") {
+        assert!(Instant::now() < deadline, "the learner did not publish weights:\n{}", learner.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let keys = rs::RunKeys::new(setting(&sets, "redis.prefix"), setting(&sets, "dist.run_id"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // A worker the test plays takes one prompt, adds three of its four
+        // samples and a garbage entry to the sampled stream, reports all four
+        // delivered and leaves.
+        let cfg = grpc::Config { learner: format!("http://127.0.0.1:{port}"), connect_timeout_ms: 120_000, ..Default::default() };
+        let mut control = ControlClient::connect(&cfg, None, None).await.unwrap();
+        let worker = control.register(Role::Rollout, "lossy", "cpu").await.unwrap().worker_id;
+        let work = loop {
+            match control.get_work(&worker, 1, Duration::from_secs(1)).await {
+                Ok(Some(w)) if !w.is_empty() => break w,
+                Ok(_) => {}
+                Err(Error::NotReady { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let a = &work[0];
+        let sampled: Vec<Trajectory> = (0..3u32)
+            .map(|s| Trajectory {
+                id: TrajectoryId(a.group.0 * 4 + s as u64),
+                group: a.group,
+                sample: s,
+                group_size: 4,
+                prompt: a.prompt.clone(),
+                policy_version: a.min_version,
+                prompt_tokens: vec![1, 2, 3],
+                tokens: vec![4, 5, 6],
+                logprobs: vec![-1.0; 3],
+                token_ends: vec![1, 2, 3],
+                text: "A:0\n".into(),
+                finish: FinishReason::Eos,
+                generate_ms: 1,
+            })
+            .collect();
+        let rcfg = rs::Config { url: redis.url.clone(), ..Default::default() };
+        let conn = rs::Redis::connect(&rcfg).await.unwrap();
+        conn.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&sampled, &rcfg).await.unwrap();
+        for stream in [&keys.sampled, &keys.labeled] {
+            redis_command(&redis.url, &["XADD", stream, "*", "id", "77", "p", "garbage"]);
+        }
+        control.delivered(&worker, vec![a.group.0], 4, 12, 0.1).await.unwrap();
+        control.shutdown(&worker, "done").await.unwrap();
+    });
+    let mut c = Cluster {
+        rollouts: vec![Proc::spawn(dir.path(), "rollout0", "rollout", &sets)],
+        rewards: vec![Proc::spawn(dir.path(), "reward0", "reward", &sets)],
+        learner,
+        dir,
+    };
+    let summary = c.finish();
+    drop(rt);
+    let out = c.learner.output();
+    assert_balanced(&summary, 4, &out);
+    let ledger = &summary["ledger"];
+    assert_eq!(ledger["dropped"]["incomplete"], 4, "{summary}");
+    assert_eq!(ledger["undecodable_entries"], 1, "the labeled stream's garbage entry: {summary}");
+    assert!(c.rewards[0].output().contains("dropping undecodable entry"), "{}", c.rewards[0].output());
+}
+
+/// Sends one command to the Redis at `url` (`redis://host:port`) and returns
+/// its reply's first line.
+fn redis_command(url: &str, args: &[&str]) -> String {
+    use std::io::{BufRead, Write};
+    let addr = url.trim_start_matches("redis://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    let mut request = format!("*{}\r\n", args.len());
+    for a in args {
+        request += &format!("${}\r\n{a}\r\n", a.len());
+    }
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(conn).read_line(&mut line).unwrap();
+    assert!(!line.starts_with('-'), "redis refused {args:?}: {line}");
+    line
 }

@@ -147,6 +147,12 @@ impl Core {
         Ok(self.source.cast(SourceMsg::GroupsRetired { count: 1 })?)
     }
 
+    /// Counts a dropped group that holds no credit of this learner's (one
+    /// an earlier learner of the run issued).
+    pub fn dropped_uncredited(&self, reason: DropReason, trajectories: u64) -> Result<(), Error> {
+        Ok(self.metrics.cast(MetricsMsg::Dropped { reason, trajectories })?)
+    }
+
     /// Runs `f` on the backend on a blocking thread.
     pub async fn blocking<R: Send + 'static>(&mut self, f: impl FnOnce(&mut dyn Train) -> R + Send + 'static) -> Result<R, Error> {
         let mut backend = self.backend.take().ok_or_else(|| Error::Thread("learner backend lost by an earlier failure".into()))?;

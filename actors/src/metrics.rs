@@ -21,6 +21,11 @@ pub struct Ledger {
     pub trained: u64,
     pub dropped: BTreeMap<String, u64>,
     pub in_flight: BTreeMap<String, u64>,
+    /// Stream entries that did not decode (garbage, or written by another
+    /// version): acknowledged and dropped. They name no trajectory, so they
+    /// are outside the balance; the groups they belonged to are dropped as
+    /// `incomplete`.
+    pub undecodable_entries: u64,
 }
 
 impl Ledger {
@@ -45,13 +50,14 @@ impl std::fmt::Display for Ledger {
         };
         write!(
             f,
-            "made {} = trained {} + dropped {} ({}) + in flight {} ({}){}",
+            "made {} = trained {} + dropped {} ({}) + in flight {} ({}){}{}",
             self.made,
             self.trained,
             self.dropped_total(),
             list(&self.dropped),
             self.in_flight_total(),
             list(&self.in_flight),
+            if self.undecodable_entries > 0 { format!("; {} undecodable entries dropped", self.undecodable_entries) } else { String::new() },
             if self.balanced() { "" } else { "  — DOES NOT BALANCE" }
         )
     }
@@ -110,6 +116,8 @@ pub enum MetricsMsg {
     Dropped { reason: DropReason, trajectories: u64 },
     StepCompleted(Box<StepEvent>),
     Evaluated { version: u64, eval: EvalReport },
+    /// Stream entries that did not decode were dropped.
+    Undecodable { entries: u64 },
     /// What a stage still held when the run stopped.
     InFlightAtShutdown { stage: &'static str, trajectories: u64 },
     ActorRestarted { actor: String, error: String },
@@ -273,6 +281,9 @@ impl Actor for Metrics {
                 }));
                 tracing::info!(step = version, accuracy = eval.accuracy, "evaluation");
                 state.publish();
+            }
+            MetricsMsg::Undecodable { entries } => {
+                state.ledger.undecodable_entries += entries;
             }
             MetricsMsg::InFlightAtShutdown { stage, trajectories } => {
                 *state.ledger.in_flight.entry(stage.to_string()).or_default() += trajectories;

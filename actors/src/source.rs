@@ -42,6 +42,10 @@ pub struct SourceArgs {
     pub task: Arc<Task>,
     /// First prompt index (0, or the checkpointed cursor on resume).
     pub cursor: u64,
+    /// Id of the group of prompt `cursor`; the next prompts' groups follow
+    /// it. `cursor` in one process; a resumed distributed learner starts
+    /// past every group id its predecessors handed out.
+    pub first_group: u64,
     pub max_outstanding: usize,
     pub version: PolicyVersion,
 }
@@ -49,6 +53,8 @@ pub struct SourceArgs {
 pub struct SourceState {
     task: Arc<Task>,
     cursor: u64,
+    /// Group id minus prompt index.
+    group_offset: u64,
     max_outstanding: usize,
     outstanding: usize,
     version: PolicyVersion,
@@ -73,7 +79,7 @@ impl SourceState {
             let index = self.cursor;
             self.cursor += 1;
             self.outstanding += 1;
-            out.push(Assignment { group: GroupId(index), prompt: self.task.train_prompt(index), min_version: self.version });
+            out.push(Assignment { group: GroupId(index + self.group_offset), prompt: self.task.train_prompt(index), min_version: self.version });
         }
         self.leases.entry(worker.to_string()).or_default().extend(out.iter().cloned());
         out
@@ -113,9 +119,13 @@ impl Actor for PromptSource {
     type Arguments = SourceArgs;
 
     async fn pre_start(&self, _myself: ActorRef<SourceMsg>, args: SourceArgs) -> Result<SourceState, ActorProcessingErr> {
+        let group_offset = args.first_group.checked_sub(args.cursor).ok_or_else(|| {
+            format!("the first group id {} is below the first prompt index {}", args.first_group, args.cursor)
+        })?;
         Ok(SourceState {
             task: args.task,
             cursor: args.cursor,
+            group_offset,
             max_outstanding: args.max_outstanding.max(1),
             outstanding: 0,
             version: args.version,

@@ -165,7 +165,7 @@ impl Actor for Supervisor {
         let (source, _) = Actor::spawn_linked(
             None,
             PromptSource,
-            SourceArgs { task: spec.task, cursor: spec.cursor, max_outstanding, version: spec.trainer.version() },
+            SourceArgs { task: spec.task, cursor: spec.cursor, first_group: spec.cursor, max_outstanding, version: spec.trainer.version() },
             me.clone(),
         )
         .await?;

@@ -74,15 +74,29 @@ pub enum DropReason {
     ZeroAdvantage,
     /// Labeling failed after every retry.
     RewardFailed,
+    /// Some members never arrived labeled within `dist.group_timeout_ms` of
+    /// the group's delivery (lost, or undecodable).
+    Incomplete,
+    /// Issued by an earlier learner of the run, which crashed; the resumed
+    /// learner issues its prompts again under new group ids.
+    Superseded,
+    /// A trajectory the learner cannot train on: a token id past the
+    /// vocabulary, more tokens than the model has positions, lengths that
+    /// disagree, a value that is not finite.
+    Invalid,
 }
 
 impl DropReason {
-    /// `stale`, `zero_advantage` or `reward_failed`, as metrics and the ledger name it.
+    /// `stale`, `zero_advantage`, `reward_failed`, `incomplete`,
+    /// `superseded` or `invalid`, as metrics and the ledger name it.
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Stale => "stale",
             DropReason::ZeroAdvantage => "zero_advantage",
             DropReason::RewardFailed => "reward_failed",
+            DropReason::Incomplete => "incomplete",
+            DropReason::Superseded => "superseded",
+            DropReason::Invalid => "invalid",
         }
     }
 }

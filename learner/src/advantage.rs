@@ -78,7 +78,7 @@ pub fn estimate_group(group: &[LabeledTrajectory], config: &Config) -> Result<Gr
     Ok(GroupAdvantages::Kept(advantages))
 }
 
-fn check_trajectory(lt: &LabeledTrajectory) -> Result<()> {
+pub(crate) fn check_trajectory(lt: &LabeledTrajectory) -> Result<()> {
     let t = &lt.trajectory;
     let fail = |reason: String| Err(Error::Trajectory { trajectory: t.id.0, reason });
     if t.tokens.len() != t.logprobs.len() {

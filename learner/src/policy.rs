@@ -22,6 +22,13 @@ pub trait Policy {
     /// The parameters.
     fn var_store(&self) -> &nn::VarStore;
 
+    /// The vocabulary size and the most positions one sequence may have,
+    /// where the model knows them: inputs past either are refused before they
+    /// reach the model (an embedding lookup past the vocabulary panics).
+    fn limits(&self) -> Option<(usize, usize)> {
+        None
+    }
+
     /// Writes the model into `dir` as a Hugging Face folder. The default writes
     /// `model.safetensors` only.
     fn save_hf(&self, dir: &Path) -> Result<()> {
@@ -148,6 +155,11 @@ impl Policy for prism_model::Transformer {
 
     fn var_store(&self) -> &nn::VarStore {
         prism_model::Transformer::var_store(self)
+    }
+
+    fn limits(&self) -> Option<(usize, usize)> {
+        let c = self.config();
+        Some((c.vocab_size, c.max_position_embeddings))
     }
 
     fn save_hf(&self, dir: &Path) -> Result<()> {

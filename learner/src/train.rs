@@ -357,6 +357,12 @@ impl<P: Policy> Learner<P> {
     /// zero). A group the estimator cannot take (a malformed label) is
     /// admitted here and reported by [`Learner::train_step`].
     pub fn admit(&self, group: &[LabeledTrajectory]) -> std::result::Result<(), DropReason> {
+        for lt in group {
+            if let Err(reason) = self.check_input(lt) {
+                tracing::warn!(trajectory_id = lt.trajectory.id.0, group = lt.trajectory.group.0, %reason, "dropping a group the learner cannot train on");
+                return Err(DropReason::Invalid);
+            }
+        }
         if !self.config.drop_uniform_groups {
             return Ok(());
         }
@@ -364,6 +370,30 @@ impl<P: Policy> Learner<P> {
             Ok(GroupAdvantages::Dropped(reason)) => Err(reason),
             _ => Ok(()),
         }
+    }
+
+    /// Why the learner cannot train on `lt`, if it cannot: lengths that
+    /// disagree, values that are not finite, token ids past the vocabulary,
+    /// more tokens than the model's positions.
+    fn check_input(&self, lt: &LabeledTrajectory) -> std::result::Result<(), String> {
+        crate::advantage::check_trajectory(lt).map_err(|e| e.to_string())?;
+        let t = &lt.trajectory;
+        if t.prompt_tokens.is_empty() && !t.tokens.is_empty() {
+            return Err("no prompt tokens".into());
+        }
+        if let Some(l) = t.logprobs.iter().find(|l| !l.is_finite()) {
+            return Err(format!("behaviour logprob {l} is not finite"));
+        }
+        if let Some((vocab, positions)) = self.policy.limits() {
+            if let Some(id) = t.prompt_tokens.iter().chain(&t.tokens).find(|id| **id as usize >= vocab) {
+                return Err(format!("token id {id} is past the model's vocabulary of {vocab}"));
+            }
+            let len = t.prompt_tokens.len() + t.tokens.len();
+            if len > positions {
+                return Err(format!("{len} tokens are more than the model's {positions} positions"));
+            }
+        }
+        Ok(())
     }
 
     /// Optimizer updates taken so far (what the schedule counts).

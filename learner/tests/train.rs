@@ -220,3 +220,38 @@ fn bench_times_full_train_steps() {
     // 6 * 264 + 12 * 1 layer * 8 hidden * 8 tokens.
     assert_eq!(bench::flops_per_token(learner.policy(), 1, 8, 16, 8), 2352.0);
 }
+
+/// A group with a token id past the vocabulary (a forged or corrupted entry),
+/// one longer than the model's positions, or with a logprob that is not
+/// finite is refused at admission with `invalid`, and never reaches the model
+/// (before, its embedding lookup panicked the train thread).
+#[test]
+fn a_trajectory_the_model_cannot_take_is_refused_not_a_panic() {
+    use prism_learner::advantage::DropReason;
+    let model = tiny_arith(3);
+    let (vocab, positions) = model.limits().unwrap();
+    let mut learner = Learner::new(Config::default(), model, None, 0).unwrap();
+    let good = groups(4, 1, 4).remove(0);
+    let fits = |g: &[prism_core::LabeledTrajectory]| {
+        g.iter().flat_map(|l| l.trajectory.prompt_tokens.iter().chain(&l.trajectory.tokens)).all(|id| (*id as usize) < vocab)
+    };
+    assert!(fits(&good));
+    assert_eq!(learner.admit(&good), Ok(()));
+    let mut past_vocab = good.clone();
+    past_vocab[2].trajectory.tokens[0] = vocab as u32;
+    let mut huge_id = good.clone();
+    huge_id[0].trajectory.prompt_tokens[0] = u32::MAX;
+    let mut too_long = good.clone();
+    too_long[1].trajectory.tokens = vec![1; positions];
+    too_long[1].trajectory.logprobs = vec![-1.0; positions];
+    let mut nan = good.clone();
+    nan[3].trajectory.logprobs[0] = f32::NAN;
+    let mut mismatched = good.clone();
+    mismatched[0].trajectory.logprobs.pop();
+    for bad in [&past_vocab, &huge_id, &too_long, &nan, &mismatched] {
+        assert_eq!(learner.admit(bad), Err(DropReason::Invalid));
+    }
+    // What is admitted trains.
+    let report = learner.train_step(&[good]).unwrap();
+    assert_eq!(report.groups, 1);
+}

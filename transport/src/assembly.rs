@@ -1,7 +1,9 @@
 //! The learner's side of the labeled stream: label results, ingested once per
 //! trajectory id, assembled into complete groups (all G samples labeled) or
 //! failed groups (a sample could not be labeled: the group is dropped and
-//! counted, its later members acknowledged and ignored).
+//! counted, its later members acknowledged and ignored). The learner is the
+//! labeled stream's only reader, so it never takes over idle entries: they
+//! are its own, waiting for the rest of their group or for a step.
 
 use super::redis::{Config, Consumer, Redis, RunKeys, LEARNER_GROUP};
 use super::Result;
@@ -34,6 +36,8 @@ pub struct Assembler {
     /// Entries to acknowledge without handing anything over (late members of
     /// failed groups, undecodable entries are acknowledged by the consumer).
     loose: Vec<String>,
+    /// Undecodable entries dropped so far.
+    undecodable: u64,
 }
 
 impl Assembler {
@@ -41,11 +45,30 @@ impl Assembler {
     /// deduplicating by trajectory id in `keys.ingested`.
     pub async fn new(redis: &Redis, keys: &RunKeys, consumer: &str) -> Result<Self> {
         Ok(Self {
-            consumer: redis.consumer(&keys.labeled, LEARNER_GROUP, consumer, Some(&keys.ingested)).await?,
+            consumer: redis.consumer(&keys.labeled, LEARNER_GROUP, consumer, Some(&keys.ingested)).await?.without_reclaim(),
             partial: HashMap::new(),
             failed: HashSet::new(),
             loose: Vec::new(),
+            undecodable: 0,
         })
+    }
+
+    /// Entries that did not decode as a label result so far (acknowledged and
+    /// dropped; the groups they belonged to never complete, and are dropped
+    /// as incomplete once given up on: [`Assembler::abandon`]).
+    pub fn undecodable(&self) -> u64 {
+        self.undecodable
+    }
+
+    /// Gives up on `group` (it has waited too long for its missing members):
+    /// it fails, its later members are acknowledged and ignored, and the
+    /// entries of the members that did arrive are returned, to acknowledge
+    /// once the drop is counted. `None` if the group failed already.
+    pub fn abandon(&mut self, group: GroupId) -> Option<Vec<String>> {
+        if !self.failed.insert(group) {
+            return None;
+        }
+        Some(self.partial.remove(&group).map(|p| p.entries).unwrap_or_default())
     }
 
     /// Trajectories skipped as already ingested.
@@ -62,6 +85,7 @@ impl Assembler {
     /// groups it completed or failed.
     pub async fn next(&mut self, config: &Config) -> Result<Vec<Assembled>> {
         let batch = self.consumer.recv(config).await?;
+        self.undecodable += batch.dropped.len() as u64;
         let mut out = Vec::new();
         for d in batch.items {
             let (group, size, sample) = match &d.item {

@@ -51,6 +51,11 @@ pub struct Config {
     /// Connections a rollout process fetches each version over, in parallel
     /// (the version is split between them), 1 to 64. Default 2.
     pub weight_streams: u32,
+    /// Learner: serve a `listen` address other hosts can reach without a
+    /// token (anyone who reaches it can stop the run, fetch every weight and
+    /// read the training data). Without it, such a learner refuses to start.
+    /// Default false.
+    pub insecure: bool,
 }
 
 impl Default for Config {
@@ -68,6 +73,7 @@ impl Default for Config {
             request_timeout_ms: 30_000,
             chunk_bytes: 4 << 20,
             weight_streams: 2,
+            insecure: false,
         }
     }
 }
@@ -92,6 +98,28 @@ impl Config {
         check::in_range("grpc.chunk_bytes", self.chunk_bytes, 1024, MAX_CHUNK_BYTES)?;
         check::in_range("grpc.weight_streams", self.weight_streams, 1, super::weights::MAX_STREAMS)?;
         Ok(())
+    }
+
+    /// Whether a learner may serve `listen` holding `token`: on a loopback
+    /// address always; on one other hosts can reach only with a token, or
+    /// with `insecure` said explicitly.
+    pub fn check_exposure(&self, token: Option<&Token>) -> Result<(), Invalid> {
+        let Ok(addr) = self.listen.parse::<std::net::SocketAddr>() else { return self.validate() };
+        if token.is_some() || addr.ip().is_loopback() || self.insecure {
+            return Ok(());
+        }
+        let source = if self.token_file.is_empty() { format!("the environment variable {}", self.token_env) } else { self.token_file.clone() };
+        Err(Invalid::new(
+            "grpc.listen",
+            &self.listen,
+            format!(
+                "other hosts can reach it and no token is set ({source} is empty): anyone who reaches the port \
+                 could stop the run, fetch every weight and read the training data. Give every process of the run \
+                 a token (export {}=$(openssl rand -hex 32), or grpc.token_file), listen on 127.0.0.1, or opt out \
+                 explicitly with grpc.insecure = true",
+                self.token_env
+            ),
+        ))
     }
 
     /// The largest gRPC message either side accepts: a chunk plus its header.
@@ -145,6 +173,11 @@ impl Token {
             }),
             _ => Ok(None),
         }
+    }
+
+    /// The secret, for keys derived from it (the seal of stream entries).
+    pub(crate) fn secret(&self) -> &str {
+        &self.0
     }
 
     fn header(&self) -> MetadataValue<Ascii> {

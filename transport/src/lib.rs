@@ -36,6 +36,7 @@ pub mod health;
 pub mod judged;
 pub mod nccl;
 pub mod nccl_weights;
+pub mod metrics;
 pub mod redis;
 pub mod weights;
 
@@ -137,6 +138,10 @@ pub struct Config {
     /// Address of the HTTP liveness (`/livez`) and readiness (`/readyz`)
     /// endpoints every role serves; empty = none. Default `0.0.0.0:8081`.
     pub health_listen: String,
+    /// `/livez` answers 503 once a ready role's loop has made no progress
+    /// (a step, a batch, an answer) for this long, in ms; 0 = never. Default
+    /// 900000.
+    pub stuck_after_ms: u64,
     /// How weights reach rollout processes: `grpc` or `nccl` (GPUs). Default `grpc`.
     pub weights: WeightTransport,
     /// Every NCCL collective (and communicator setup) fails after this many ms
@@ -153,6 +158,11 @@ pub struct Config {
     /// each step's rows are shared out among them and their gradients
     /// all-reduced. Default 1 (one learner).
     pub learner_ranks: u64,
+    /// A group whose trajectories were delivered this long ago and that is
+    /// still not fully labeled (a member lost, or undecodable: e.g. written
+    /// by another version of prism) is dropped as `incomplete`, and its
+    /// credit returns, in ms; 0 = wait forever. Default 600000.
+    pub group_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -162,11 +172,13 @@ impl Default for Config {
             heartbeat_ms: 1000,
             dead_after_ms: 10_000,
             health_listen: "0.0.0.0:8081".into(),
+            stuck_after_ms: 900_000,
             weights: WeightTransport::Grpc,
             nccl_timeout_ms: 120_000,
             nccl_bucket_mb: 64,
             nccl_rollouts: 1,
             learner_ranks: 1,
+            group_timeout_ms: 600_000,
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Per run, two streams: `<prefix>:<run>:sampled` (rollout → reward, group
 //! `reward`) and `<prefix>:<run>:labeled` (reward → learner, group `learner`).
-//! An entry holds the trajectory id (`id`) and the protobuf message (`p`).
+//! An entry holds the trajectory id (`id`), the protobuf message (`p`) and,
+//! when the run has a token, the HMAC tag that seals them ([`seal`], `m`).
 //!
 //! A third, `<prefix>:<run>:judged`, is a broadcast rather than a queue: each
 //! reward process adds the steps its judge scored, tagged with its worker id
@@ -30,19 +31,22 @@
 //!   retries commands;
 //! - [`entry`]: what travels as an entry ([`Entry`]);
 //! - [`queue`]: [`Producer`] and [`Consumer`], the sampled and labeled streams;
-//! - [`broadcast`]: [`Publisher`] and [`Subscriber`], the judged stream.
+//! - [`broadcast`]: [`Publisher`] and [`Subscriber`], the judged stream;
+//! - [`seal`]: [`Seal`], the HMAC that authenticates entries.
 
 pub mod broadcast;
 pub mod config;
 pub mod connection;
 pub mod entry;
 pub mod queue;
+pub mod seal;
 
 pub use broadcast::{Broadcast, Broadcasts, Publisher, Subscriber};
 pub use config::{Config, LEARNER_GROUP, REWARD_GROUP, RunKeys, ping, redact_url};
 pub use connection::{GroupIds, QueueDepth, Redis};
 pub use entry::Entry;
 pub use queue::{Batch, Consumer, Delivery, Dropped, Producer};
+pub use seal::Seal;
 
 #[cfg(test)]
 use {crate::Error, prism_core::{LabeledTrajectory, Trajectory}, std::time::Duration};

@@ -12,6 +12,12 @@
 //! processes, as their latest heartbeats reported it ([`RewardHealth`]).
 //!
 //! A group's stream entries are acknowledged once it is trained on or dropped.
+//! A group delivered but not fully labeled within `dist.group_timeout_ms` (a
+//! member lost or undecodable) is dropped as `incomplete`, so its credit
+//! returns. Group ids start at `first_group`: a resumed learner numbers its
+//! groups past every id an earlier learner of the run handed out (the run's
+//! reservation in Redis, which this loop keeps ahead of the prompt source), and
+//! drops what arrives of the earlier ones as `superseded`.
 //! At the end the learner asks every worker to stop, waits for them to leave,
 //! and counts what is still in the streams as in flight, so the ledger
 //! (`made = trained + dropped + in flight`) is checked against Redis itself.
@@ -44,6 +50,11 @@ pub struct LearnerRole {
     pub task: Arc<Task>,
     /// First prompt index (the checkpointed cursor on resume).
     pub cursor: u64,
+    /// Group id of prompt `cursor`: past every group id an earlier learner
+    /// of the run handed out (`Redis::issued_below`), and at least `cursor`.
+    pub first_group: u64,
+    /// `dist.group_timeout_ms` (`None`: wait forever).
+    pub group_timeout: Option<Duration>,
     pub control: Control,
     pub weights: Weights,
     pub redis: Redis,
@@ -60,6 +71,9 @@ pub struct LearnerRole {
     /// data-parallel ranks, and each step's groups are published on Control
     /// for the others before it trains on them.
     pub learner_ranks: usize,
+    /// Its liveness: every turn of the loop (a read of the labeled stream, a
+    /// step) is progress.
+    pub health: prism_transport::health::Health,
 }
 
 /// Hands the PromptSource's prompts to remote rollout workers.
@@ -68,11 +82,19 @@ struct SourceBridge {
     metrics: ActorRef<MetricsMsg>,
     /// Groups counted as made so far.
     reported: Reported,
+    /// Groups delivered and not yet taken off the labeled stream.
+    awaiting: Awaiting,
+    /// Groups below this id were issued by an earlier learner of the run.
+    first_group: u64,
 }
 
 /// The groups counted as made, shared by the Delivered reports and the end of
 /// the run's reconciliation.
 type Reported = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
+
+/// Groups delivered and not yet taken off the labeled stream: when their
+/// Delivered report came, and their size.
+type Awaiting = Arc<std::sync::Mutex<std::collections::HashMap<u64, (Instant, u64)>>>;
 
 #[prism_transport::async_trait]
 impl WorkSource for SourceBridge {
@@ -92,13 +114,26 @@ impl WorkSource for SourceBridge {
         // issued again) and delivered after all. The learner ingests each
         // trajectory id once, so only the first delivery counts as made.
         let per_group = trajectories / groups.len().max(1) as u64;
-        let fresh = {
-            let mut seen = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-            groups.iter().filter(|g| seen.insert(**g)).count() as u64
-        };
-        if fresh < groups.len() as u64 {
-            tracing::warn!(worker, groups = groups.len() as u64 - fresh, "groups delivered a second time (not counted again)");
+        // An earlier learner's groups (a worker that sampled for it and joined
+        // this one) are not made in this run: if they reach the labeled
+        // stream, they are counted there, and dropped as superseded.
+        let (earlier, ours): (Vec<u64>, Vec<u64>) = groups.iter().partition(|g| **g < self.first_group);
+        if !earlier.is_empty() {
+            tracing::warn!(worker, groups = earlier.len(), "groups delivered that an earlier learner of the run issued (dropped as superseded)");
         }
+        let fresh: Vec<u64> = {
+            let mut seen = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+            ours.iter().copied().filter(|g| seen.insert(*g)).collect()
+        };
+        if fresh.len() < ours.len() {
+            tracing::warn!(worker, groups = ours.len() - fresh.len(), "groups delivered a second time (not counted again)");
+        }
+        {
+            let mut awaiting = self.awaiting.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            awaiting.extend(fresh.iter().map(|g| (*g, (now, per_group))));
+        }
+        let fresh = fresh.len() as u64;
         for g in groups {
             let _ = self.source.cast(SourceMsg::Delivered(GroupId(*g)));
         }
@@ -185,9 +220,23 @@ struct Held {
     entries: Vec<String>,
 }
 
+/// How many group ids past what the prompt source can have issued the
+/// reservation in Redis runs ahead (raised when less than half is left).
+const RESERVE_AHEAD: u64 = 4096;
+
 struct Loop {
     /// Groups counted as made (see `SourceBridge`).
     reported: Reported,
+    awaiting: Awaiting,
+    group_timeout: Option<Duration>,
+    /// Ids of the groups this learner issues start here.
+    first_group: u64,
+    /// Credits returned to the prompt source so far: it can have issued at
+    /// most `retired + max_outstanding` groups.
+    retired: u64,
+    max_outstanding: u64,
+    /// The group-id reservation as last written to Redis.
+    reserved: u64,
     /// The groups the learner took off the labeled stream (trained on or
     /// dropped) before their Delivered report arrived, with their sizes
     /// (rare: the others are counted already and need no remembering).
@@ -226,15 +275,68 @@ impl Loop {
         Ok(())
     }
 
-    async fn drop_group(&mut self, reason: DropReason, size: u64, entries: &[String]) -> Result<(), Error> {
-        self.core.dropped(reason, size)?;
+    async fn drop_group(&mut self, group: u64, reason: DropReason, size: u64, entries: &[String]) -> Result<(), Error> {
+        if group < self.first_group {
+            self.core.dropped_uncredited(reason, size)?;
+        } else {
+            self.core.dropped(reason, size)?;
+            self.retired += 1;
+        }
         self.control.record_dropped(reason.as_str(), size);
         Ok(self.assembler.ack(entries).await?)
     }
 
+    /// Keeps the run's group-id reservation ahead of every id the prompt
+    /// source can issue before the next call.
+    async fn reserve(&mut self) -> Result<(), Error> {
+        let can_issue = self.first_group + self.retired + self.max_outstanding;
+        if can_issue + RESERVE_AHEAD / 2 > self.reserved {
+            self.reserved = can_issue + RESERVE_AHEAD;
+            self.redis.reserve_issued(&self.keys, self.reserved).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the groups delivered longer than `dist.group_timeout_ms` ago and
+    /// still not fully labeled.
+    async fn expire(&mut self) -> Result<(), Error> {
+        let Some(timeout) = self.group_timeout else { return Ok(()) };
+        let overdue: Vec<(u64, u64)> = {
+            let mut awaiting = self.awaiting.lock().unwrap_or_else(|e| e.into_inner());
+            let overdue: Vec<(u64, u64)> =
+                awaiting.iter().filter(|(_, (at, _))| at.elapsed() >= timeout).map(|(g, (_, size))| (*g, *size)).collect();
+            for (g, _) in &overdue {
+                awaiting.remove(g);
+            }
+            overdue
+        };
+        for (group, size) in overdue {
+            // Taken off the stream before its report came: not missing.
+            if self.ingested.contains_key(&group) {
+                continue;
+            }
+            let Some(entries) = self.assembler.abandon(GroupId(group)) else { continue };
+            tracing::warn!(
+                group,
+                arrived = entries.len(),
+                size,
+                timeout_ms = timeout.as_millis() as u64,
+                "group dropped as incomplete: not every member arrived labeled within dist.group_timeout_ms"
+            );
+            self.drop_group(group, DropReason::Incomplete, size, &entries).await?;
+        }
+        Ok(())
+    }
+
     /// Takes what arrived on the labeled stream into the buffer (or drops it).
     async fn ingest(&mut self, redis_cfg: &redis::Config) -> Result<(), Error> {
+        let undecodable = self.assembler.undecodable();
         let arrived = self.assembler.next(redis_cfg).await?;
+        let bad = self.assembler.undecodable() - undecodable;
+        if bad > 0 {
+            // Each is logged with its entry id; its group ends as incomplete.
+            self.metrics.cast(MetricsMsg::Undecodable { entries: bad })?;
+        }
         let duplicates = self.assembler.duplicates();
         if duplicates > self.duplicates {
             // Labeled twice (a reward worker died between adding the label and
@@ -250,11 +352,16 @@ impl Loop {
             if !self.reported.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
                 self.ingested.insert(id, size);
             }
+            self.awaiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             match group {
-                Assembled::Failed { size, entries, .. } => self.drop_group(DropReason::RewardFailed, size, &entries).await?,
+                Assembled::Failed { entries, .. } | Assembled::Complete { entries, .. } if id < self.first_group => {
+                    tracing::info!(group = id, trajectories = size, "dropping a group an earlier learner of the run issued");
+                    self.drop_group(id, DropReason::Superseded, size, &entries).await?
+                }
+                Assembled::Failed { size, entries, .. } => self.drop_group(id, DropReason::RewardFailed, size, &entries).await?,
                 Assembled::Complete { trajectories, entries, .. } => match self.core.admit(&trajectories) {
                     Ok(lag) => self.buffer.push(Held { trajectories, lag, entries }),
-                    Err(reason) => self.drop_group(reason, trajectories.len() as u64, &entries).await?,
+                    Err(reason) => self.drop_group(id, reason, trajectories.len() as u64, &entries).await?,
                 },
             }
         }
@@ -282,6 +389,7 @@ impl Loop {
         self.publish(weights).await?;
         self.assembler.ack(&entries).await?;
         self.trained += trajectories;
+        self.retired += n as u64;
         self.control.set_progress(self.core.version().0, self.core.plan.max_steps, self.trained);
         self.core.commit(done).await
     }
@@ -313,6 +421,17 @@ impl Loop {
         let mut in_streams = sampled;
         for (g, ids) in labeled {
             in_streams.entry(g).or_default().extend(ids);
+        }
+        // Delivered groups with members neither taken off the labeled stream
+        // nor in a stream are lost (e.g. undecodable, and not yet given up on).
+        let awaiting: Vec<(u64, u64)> =
+            self.awaiting.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(g, (_, size))| (g, size)).collect();
+        for (g, size) in awaiting {
+            let present = in_streams.get(&g).map_or(0, |ids| ids.len() as u64);
+            if present < size && !self.ingested.contains_key(&g) {
+                tracing::warn!(group = g, lost = size - present, "members of a delivered group are in no stream at the end; dropped as incomplete");
+                self.core.dropped_uncredited(DropReason::Incomplete, size - present)?;
+            }
         }
         let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
         let (mut groups, mut trajectories) = (0u64, 0u64);
@@ -371,8 +490,24 @@ impl Loop {
 /// Runs the learner until `plan.max_steps`, its time limit, a failure, or
 /// `shutdown`; then stops the workers and returns the accounting.
 pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Future<Output = ()>) -> Result<Summary, Error> {
-    let LearnerRole { trainer, plan, task, cursor, control, weights, redis, keys, metrics_path, progress, drain, broadcast, learner_ranks } =
-        role;
+    let LearnerRole {
+        trainer,
+        plan,
+        task,
+        cursor,
+        first_group,
+        group_timeout,
+        control,
+        weights,
+        redis,
+        keys,
+        metrics_path,
+        progress,
+        drain,
+        broadcast,
+        learner_ranks,
+        health,
+    } = role;
     let started = Instant::now();
     let (metrics, metrics_task) = Actor::spawn(
         None,
@@ -382,13 +517,21 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
     .await
     .map_err(|e| Error::Run(format!("starting metrics: {e}")))?;
     let max_outstanding = plan.batch_groups * (1 + plan.max_staleness as usize);
-    let (source, source_task) = Actor::spawn(None, PromptSource, SourceArgs { task, cursor, max_outstanding, version: trainer.version() })
+    let source_args = SourceArgs { task, cursor, first_group, max_outstanding, version: trainer.version() };
+    let (source, source_task) = Actor::spawn(None, PromptSource, source_args)
         .await
         .map_err(|e| Error::Run(format!("starting the prompt source: {e}")))?;
     let assembler = Assembler::new(&redis, &keys, "learner").await?;
     let reported: Reported = Default::default();
+    let awaiting: Awaiting = Default::default();
     let mut l = Loop {
         reported: reported.clone(),
+        awaiting: awaiting.clone(),
+        group_timeout,
+        first_group,
+        retired: 0,
+        max_outstanding: max_outstanding as u64,
+        reserved: 0,
         ingested: Default::default(),
         core: Core::new(trainer, plan, source.clone(), metrics.clone()),
         control: control.clone(),
@@ -407,7 +550,15 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         let first = l.core.blocking(|t| t.weights()).await?.map_err(|e| Error::backend("the first weights", e))?;
         l.publish(first).await?;
         control.set_progress(l.core.version().0, l.core.plan.max_steps, 0);
-        control.set_work_source(Arc::new(SourceBridge { source: source.clone(), metrics: metrics.clone(), reported: reported.clone() }));
+        // Before any prompt goes out, the ids it may carry are reserved.
+        l.reserve().await?;
+        control.set_work_source(Arc::new(SourceBridge {
+            source: source.clone(),
+            metrics: metrics.clone(),
+            reported: reported.clone(),
+            awaiting,
+            first_group,
+        }));
         l.core.evaluate().await?;
         tokio::pin!(shutdown);
         let mut waited = Instant::now();
@@ -420,6 +571,8 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
                 r = l.ingest(redis_cfg) => r?,
                 _ = &mut shutdown => break Finish::Interrupted,
             }
+            l.expire().await?;
+            health.beat();
             if queues_at.elapsed() >= Duration::from_secs(1) {
                 l.update_queues().await;
                 queues_at = Instant::now();
@@ -428,6 +581,8 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
                 l.step(waited.elapsed().as_secs_f64()).await?;
                 waited = Instant::now();
             }
+            l.reserve().await?;
+            health.beat();
         };
         // The learner ranks train no step after the last one (nor after a failure).
         control.stop_steps();

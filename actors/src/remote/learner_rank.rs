@@ -47,6 +47,8 @@ pub struct RankArgs {
     pub trainer: Box<dyn RankTrainer>,
     /// How long one GetStep (and GetNcclId) request may wait on the learner.
     pub poll: Duration,
+    /// Its liveness: every answer from rank 0 is progress.
+    pub health: prism_transport::health::Health,
 }
 
 /// What a rank did.
@@ -64,7 +66,7 @@ pub struct RankSummary {
 /// Joins rank 0 and trains each step it publishes until it stops, `shutdown`,
 /// or a failure (which is the run's: the ranks cannot go on without each other).
 pub async fn run(args: RankArgs, shutdown: impl Future<Output = ()>) -> Result<RankSummary> {
-    let RankArgs { mut control, membership, counters, trainer, poll } = args;
+    let RankArgs { mut control, membership, counters, trainer, poll, health } = args;
     let rank = membership.borrow().nccl_rank as usize;
     let failed = |reason: String| Error::LearnerRank { rank, reason };
     if rank == 0 {
@@ -98,6 +100,7 @@ pub async fn run(args: RankArgs, shutdown: impl Future<Output = ()>) -> Result<R
             r = control.get_step(&worker_id, summary.steps, poll) => r?,
             _ = &mut shutdown => break,
         };
+        health.beat();
         let batch = match batch {
             StepPoll::Ready(step) => step,
             StepPoll::Waiting => continue,

@@ -8,7 +8,8 @@
 //!
 //! Entries of reward workers the learner declared dead are taken over at once
 //! (from the heartbeat's `dead_workers`); entries idle for
-//! `redis.claim_idle_ms` are taken over in any case.
+//! `redis.claim_idle_ms` are taken over in any case. While a worker labels
+//! its entries it keeps them from going idle, however slow its judge.
 //!
 //! With a judge ([`RewardArgs::annotator`]), each heartbeat carries the
 //! labeler's reward health; with a distilled model too, the process shares
@@ -113,6 +114,9 @@ pub struct RewardArgs {
     /// with the run's other reward processes as `share` says.
     pub annotator: Option<Arc<dyn Annotator>>,
     pub share: Share,
+    /// Its liveness: every read of the stream and every batch labeled is
+    /// progress.
+    pub health: prism_transport::health::Health,
 }
 
 /// Counts at the end of a reward process.
@@ -315,8 +319,22 @@ async fn label(args: RewardArgs, config: &Config, shutdown: impl Future<Output =
             if news.shutdown {
                 break;
             }
-            if let Some(dead) =
-                news.dead_workers.iter().find(|d| d.starts_with("reward-") && **d != args.consumer && !taken_over.contains(*d))
+            if !news.worker_id.is_empty() && news.worker_id != consumer.name() {
+                // Registered again (the learner had declared it dead): it
+                // consumes under its new id, so that if it dies now the others
+                // take its entries over at once by that id; what the old name
+                // still held comes along.
+                let old = consumer.name().to_string();
+                consumer = args.redis.consumer::<Trajectory>(&args.keys.sampled, REWARD_GROUP, &news.worker_id, None).await?;
+                tracing::info!(old = %old, new = %news.worker_id, "registered again: consuming under the new worker id");
+                taken_over.insert(old.clone());
+                batch = Some(consumer.claim_from(&old, config).await?);
+            }
+            if let Some(dead) = news
+                .dead_workers
+                .iter()
+                .find(|d| d.starts_with("reward-") && **d != consumer.name() && !taken_over.contains(*d))
+                .filter(|_| batch.is_none())
             {
                 taken_over.insert(dead.clone());
                 batch = Some(consumer.claim_from(dead, config).await?);
@@ -329,20 +347,35 @@ async fn label(args: RewardArgs, config: &Config, shutdown: impl Future<Output =
                 _ = &mut shutdown => break,
             },
         };
+        args.health.beat();
         if batch.items.is_empty() {
             continue;
         }
         summary.reclaimed += batch.items.iter().filter(|d| d.reclaimed).count() as u64;
         let entries: Vec<String> = batch.items.iter().map(|d| d.entry.clone()).collect();
         args.counters.in_flight.store(entries.len() as u64, Relaxed);
-        let results: Vec<LabelResult> = futures::stream::iter(batch.items)
+        let labeling = futures::stream::iter(batch.items)
             .map(|d| label_one(args.labeler.clone(), d.item, args.attempts))
             .buffered(args.concurrency.max(1))
-            .collect()
-            .await;
+            .collect::<Vec<LabelResult>>();
+        tokio::pin!(labeling);
+        // The entries in hand stay this worker's while it labels them (a
+        // slow judge can take longer than `redis.claim_idle_ms`): their idle
+        // time is reset a few times within every claim_idle_ms.
+        let every = Duration::from_millis((config.claim_idle_ms / 3).max(1));
+        let mut keep = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let results = loop {
+            tokio::select! {
+                results = &mut labeling => break results,
+                _ = keep.tick() => {
+                    consumer.keep(&entries).await?;
+                }
+            }
+        };
         let failed = results.iter().filter(|r| r.is_err()).count() as u64;
         producer.send(&results, config).await?;
         consumer.ack(&entries).await?;
+        args.health.beat();
         args.counters.in_flight.store(0, Relaxed);
         args.counters.processed.fetch_add(results.len() as u64 - failed, Relaxed);
         args.counters.dropped.fetch_add(failed, Relaxed);

@@ -38,6 +38,9 @@ pub struct RolloutArgs {
     /// With `dist.weights = "nccl"` and a rank: the broadcast receiver, and
     /// how long to wait for an announced version before pulling it instead.
     pub broadcast: Option<(Arc<Receiver>, Duration)>,
+    /// Its liveness: every answer from the learner and every batch sampled
+    /// is progress.
+    pub health: prism_transport::health::Health,
 }
 
 /// Counts at the end of a rollout process.
@@ -111,6 +114,8 @@ impl Worker {
             self.summary.weight_pulls += 1;
         }
         self.counters.policy_version.store(version, Relaxed);
+        self.counters.weight_fetches.fetch_add(1, Relaxed);
+        self.counters.weight_fetch_ms.fetch_add(started.elapsed().as_millis() as u64, Relaxed);
         Ok(())
     }
 
@@ -193,7 +198,8 @@ impl Worker {
 /// Samples until the learner says the run is over, `shutdown` resolves, or a
 /// generation fails.
 pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Future<Output = ()>) -> Result<RolloutSummary> {
-    let RolloutArgs { control, weights, redis, keys, generator, prompts_per_batch, counters, membership, give_up_after, broadcast } = args;
+    let RolloutArgs { control, weights, redis, keys, generator, prompts_per_batch, counters, membership, give_up_after, broadcast, health } =
+        args;
     // Announcements reach the receiver while this worker generates, so that
     // it joins the learner's broadcasts without delaying them.
     let announcer = broadcast.as_ref().map(|(receiver, _)| {
@@ -238,9 +244,11 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
             Ok(None) => break Ok(()),
             Ok(Some(work)) => {
                 unreachable_since = None;
+                health.beat();
                 work
             }
             Err(Error::NotReady { .. }) => {
+                health.beat();
                 // The learner is up and still preparing (e.g. its warm start).
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
@@ -262,6 +270,7 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
         if let Err(e) = w.sample(work, config).await {
             break Err(e);
         }
+        health.beat();
     };
     // Leaving: the learner re-issues whatever this worker still holds.
     let reason = match &result {

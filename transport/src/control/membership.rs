@@ -39,6 +39,12 @@ pub struct Counters {
     pub in_flight: AtomicU64,
     pub dropped: AtomicU64,
     pub policy_version: AtomicU64,
+    /// Times it registered with the learner (for its metrics).
+    pub registrations: AtomicU64,
+    /// Weight versions it loaded, and the time that took in ms (a rollout's
+    /// metrics).
+    pub weight_fetches: AtomicU64,
+    pub weight_fetch_ms: AtomicU64,
     health: std::sync::OnceLock<HealthSource>,
 }
 
@@ -49,6 +55,8 @@ impl std::fmt::Debug for Counters {
             .field("in_flight", &self.in_flight)
             .field("dropped", &self.dropped)
             .field("policy_version", &self.policy_version)
+            .field("registrations", &self.registrations)
+            .field("weight_fetches", &self.weight_fetches)
             .field("reports_health", &self.health.get().is_some())
             .finish()
     }
@@ -90,6 +98,7 @@ pub async fn join(
     counters: Arc<Counters>,
 ) -> Result<(watch::Receiver<Membership>, tokio::task::JoinHandle<()>)> {
     let reg = client.register(role, name, device).await?;
+    counters.registrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let interval = reg.heartbeat_interval.max(Duration::from_millis(1));
     let (tx, rx) = watch::channel(Membership {
         worker_id: reg.worker_id.clone(),
@@ -125,6 +134,7 @@ pub async fn join(
                 Err(Error::Gone { reason, .. }) => {
                     tracing::warn!(worker_id = %worker_id, reason = %reason, "registering again");
                     if let Ok(reg) = client.register_again(role, &name, &device, nccl_rank).await {
+                        counters.registrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         worker_id = reg.worker_id;
                         tx.send_modify(|m| m.worker_id = worker_id.clone());
                     }

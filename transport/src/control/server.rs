@@ -44,7 +44,24 @@ impl v1::control_server::Control for Control {
             return Err(Status::unavailable("register: the run is shutting down"));
         }
         let mut s = self.lock();
-        // A worker that registers again keeps the rank it holds.
+        s.sweep(Instant::now());
+        // A worker that registers again (declared dead, or left) keeps the
+        // rank it held: only its own, and only while no live worker holds it.
+        if r.nccl_rank > 0 && matches!(role, Role::Rollout | Role::Learner) {
+            let held_by = |alive: bool| {
+                s.workers.values().any(|w| {
+                    w.role == role && w.nccl_rank == r.nccl_rank && (w.state == WorkerState::Alive) == alive && (alive || w.name == r.name)
+                })
+            };
+            if held_by(true) || !held_by(false) {
+                return Err(Status::permission_denied(format!(
+                    "register: {} rank {} is not {}'s to claim: a live worker holds it, or it never held it",
+                    role.name(),
+                    r.nccl_rank,
+                    r.name
+                )));
+            }
+        }
         let nccl_rank = match role {
             Role::Rollout if r.nccl_rank == 0 => s.nccl_ranks.pop_front().unwrap_or(0),
             Role::Rollout => r.nccl_rank,
@@ -144,19 +161,13 @@ impl v1::control_server::Control for Control {
         Ok(Response::new(v1::ShutdownResponse {}))
     }
 
+    /// Refused: the learner publishes its groups' NCCL ids itself
+    /// ([`Control::set_nccl_id`]); a client that could replace them could
+    /// take the place of rank 0 in a weight broadcast or gradient all-reduce.
     async fn publish_nccl_id(&self, request: Request<v1::NcclId>) -> Result<Response<v1::PublishNcclIdResponse>, Status> {
         let id = request.into_inner();
-        if id.id.len() != crate::nccl::UNIQUE_ID_BYTES || id.world_size == 0 {
-            return Err(Status::invalid_argument(format!(
-                "publish NCCL id for {}: want {} bytes and world_size > 0, got {} bytes and world_size {}",
-                id.group,
-                crate::nccl::UNIQUE_ID_BYTES,
-                id.id.len(),
-                id.world_size
-            )));
-        }
-        self.set_nccl_id(&id.group, id.id, id.world_size);
-        Ok(Response::new(v1::PublishNcclIdResponse {}))
+        tracing::warn!(group = %id.group, "refused a PublishNcclId: only the learner publishes NCCL ids");
+        Err(Status::permission_denied(format!("publish NCCL id for {}: only the learner publishes its groups' NCCL ids", id.group)))
     }
 
     async fn get_work(&self, request: Request<v1::GetWorkRequest>) -> Result<Response<v1::GetWorkResponse>, Status> {

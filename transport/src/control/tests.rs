@@ -113,19 +113,25 @@ async fn an_unreachable_learner_is_a_clear_error_within_the_connect_timeout() {
     }
 }
 
+/// The learner publishes a group's NCCL id in its own process; the ranks
+/// get it over Control. No client may publish or replace one (it could take
+/// rank 0's place in the group).
 #[tokio::test]
 async fn the_nccl_id_goes_from_rank_0_to_the_others() {
     let l = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
     let mut rank1 = client(&l, None).await.unwrap();
     let waiting = tokio::spawn(async move { rank1.get_nccl_id("weights", Duration::from_secs(20)).await });
-    let mut rank0 = client(&l, None).await.unwrap();
     let id: Vec<u8> = (0..128).map(|i| i as u8).collect();
-    rank0.publish_nccl_id("weights", id.clone(), 3).await.unwrap();
+    l.control.set_nccl_id("weights", id.clone(), 3);
     let got = waiting.await.unwrap().unwrap();
-    assert_eq!((got.id, got.world_size), (id, 3));
-    let err = rank0.get_nccl_id("other", Duration::from_millis(100)).await.unwrap_err().to_string();
+    assert_eq!((got.id, got.world_size), (id.clone(), 3));
+    let mut other = client(&l, None).await.unwrap();
+    let err = other.get_nccl_id("other", Duration::from_millis(100)).await.unwrap_err().to_string();
     assert!(err.contains("not published within 100 ms"), "{err}");
-    assert!(rank0.publish_nccl_id("bad", vec![1, 2], 2).await.is_err());
+    let forged: Vec<u8> = vec![7; 128];
+    let err = other.publish_nccl_id("weights", forged, 3).await.unwrap_err();
+    assert!(matches!(err, crate::Error::Refused { .. }) && err.to_string().contains("only the learner"), "{err}");
+    assert_eq!(other.get_nccl_id("weights", Duration::ZERO).await.unwrap().id, id, "the learner's id stands");
 }
 
 /// With NCCL weights, the first `nccl_rollouts` rollouts get ranks 1..=n of
@@ -138,8 +144,17 @@ async fn nccl_ranks_go_to_the_first_rollouts_once() {
     let mut c = client(&l, None).await.unwrap();
     let rank = async |c: &mut ControlClient, role, held| c.register_again(role, "w", "cuda:0", held).await.unwrap().nccl_rank;
     assert_eq!(rank(&mut c, Role::Reward, 0).await, 0);
-    assert_eq!(rank(&mut c, Role::Rollout, 0).await, 1);
-    assert_eq!(rank(&mut c, Role::Rollout, 1).await, 1, "registering again keeps the rank it has");
+    let first = c.register(Role::Rollout, "w", "cuda:0").await.unwrap();
+    assert_eq!(first.nccl_rank, 1);
+    // A rank is claimed again only by the worker that held it, once it is
+    // not alive: not while it lives, not by another worker.
+    let refused = |e: crate::Error| assert!(matches!(e, crate::Error::Refused { .. }) && e.to_string().contains("not w"), "{e}");
+    refused(c.register_again(Role::Rollout, "w", "cuda:0", 1).await.unwrap_err());
+    c.shutdown(&first.worker_id, "restarting").await.unwrap();
+    let e = c.register_again(Role::Rollout, "x", "cuda:0", 1).await.unwrap_err();
+    assert!(matches!(e, crate::Error::Refused { .. }) && e.to_string().contains("not x's to claim"), "{e}");
+    assert_eq!(rank(&mut c, Role::Rollout, 1).await, 1, "registering again keeps the rank it had");
+    refused(c.register_again(Role::Rollout, "w", "cuda:0", 2).await.unwrap_err());
     assert_eq!(rank(&mut c, Role::Rollout, 0).await, 2);
     assert_eq!(rank(&mut c, Role::Rollout, 0).await, 0, "both ranks are taken");
     let ranks: Vec<u32> = c.status().await.unwrap().workers.iter().map(|w| w.nccl_rank).collect();
@@ -172,6 +187,32 @@ async fn tls_with_a_private_ca() {
         Err(e) => Err(e),
     };
     assert!(r.is_err());
+}
+
+/// The certificates scripts/k8s-certs makes for the Kubernetes manifests
+/// (an openssl CA and the learner's certificate for `learner-0.learner`):
+/// a worker checking the learner against that CA, under that name, gets
+/// through with its token; under another name it does not.
+#[tokio::test]
+async fn the_certificates_k8s_certs_makes_serve_the_learner() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/k8s-certs");
+    let out = std::process::Command::new(&script).arg(dir.path()).arg("prism").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = |n: &str| dir.path().join(n).display().to_string();
+    let server = grpc::Config { tls_cert: file("tls.crt"), tls_key: file("tls.key"), ..Default::default() };
+    let l = TestLearner::start(&dist(1000, 10_000), server, Some("k8s-token")).await;
+    let port = l.addr.rsplit(':').next().unwrap().to_string();
+    let token = grpc::Token::new("k8s-token").unwrap();
+    let cfg = grpc::Config { tls_ca: file("ca.crt"), tls_domain: "learner-0.learner".into(), connect_timeout_ms: 5000, ..Default::default() };
+    let mut c = ControlClient::connect(&cfg, Some(&format!("https://127.0.0.1:{port}")), Some(&token)).await.unwrap();
+    assert_eq!(c.status().await.unwrap().run_id, "test-run");
+    let wrong = grpc::Config { tls_domain: "someone-else".into(), connect_timeout_ms: 2000, ..cfg };
+    let r = match ControlClient::connect(&wrong, Some(&format!("https://127.0.0.1:{port}")), Some(&token)).await {
+        Ok(mut c) => c.status().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(r.is_err(), "a certificate for another name is refused");
 }
 
 /// Hands out prompt ids 0, 1, 2, ... and records what it hears.

@@ -4,6 +4,7 @@
 use super::config::Config;
 use super::connection::Retrying;
 use super::queue::Dropped;
+use super::seal::Seal;
 use crate::Result;
 use redis::Value;
 use redis::streams::StreamReadReply;
@@ -16,25 +17,22 @@ pub struct Publisher {
     conn: Retrying,
     stream: String,
     sender: String,
+    seal: Option<Seal>,
 }
 
 impl Publisher {
-    pub(super) fn new(conn: Retrying, stream: &str, sender: &str) -> Self {
-        Self { conn, stream: stream.to_string(), sender: sender.to_string() }
+    pub(super) fn new(conn: Retrying, stream: &str, sender: &str, seal: Option<Seal>) -> Self {
+        Self { conn, stream: stream.to_string(), sender: sender.to_string(), seal }
     }
 
-    /// Adds one entry holding `payload`; returns its entry id.
+    /// Adds one entry holding `payload` (sealed, with a seal: the tag covers
+    /// the sender too); returns its entry id.
     pub async fn publish(&mut self, payload: &[u8], config: &Config) -> Result<String> {
-        let cmd = redis::cmd("XADD")
-            .arg(&self.stream)
-            .arg("MAXLEN")
-            .arg(config.max_len)
-            .arg("*")
-            .arg("w")
-            .arg(&self.sender)
-            .arg("p")
-            .arg(payload)
-            .clone();
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&self.stream).arg("MAXLEN").arg(config.max_len).arg("*").arg("w").arg(&self.sender).arg("p").arg(payload);
+        if let Some(seal) = &self.seal {
+            cmd.arg("m").arg(seal.tag(&self.stream, self.sender.as_bytes(), payload).as_slice());
+        }
         self.conn.query("XADD", &self.stream, &cmd).await
     }
 }
@@ -52,7 +50,8 @@ pub struct Broadcast {
 pub struct Broadcasts {
     /// Other senders' entries, in stream order.
     pub items: Vec<Broadcast>,
-    /// Entries without a sender (`w`) or a payload (`p`), skipped.
+    /// Entries without a sender (`w`) or a payload (`p`), or not sealed
+    /// with the run's token, skipped.
     pub dropped: Vec<Dropped>,
     /// This subscriber's own entries, skipped.
     pub own: u64,
@@ -68,12 +67,13 @@ pub struct Subscriber {
     last: String,
     own: u64,
     dropped: u64,
+    seal: Option<Seal>,
 }
 
 impl Subscriber {
     /// Reads `stream` for `sender` from after entry `last`.
-    pub(super) fn new(conn: Retrying, stream: &str, sender: &str, last: String) -> Self {
-        Self { conn, stream: stream.to_string(), sender: sender.to_string(), last, own: 0, dropped: 0 }
+    pub(super) fn new(conn: Retrying, stream: &str, sender: &str, last: String, seal: Option<Seal>) -> Self {
+        Self { conn, stream: stream.to_string(), sender: sender.to_string(), last, own: 0, dropped: 0, seal }
     }
 
     /// Own entries skipped so far.
@@ -111,8 +111,17 @@ impl Subscriber {
                 Some(Value::BulkString(b)) => Some(b.clone()),
                 _ => None,
             };
+            let sealed = |sender: &str, payload: &[u8]| match (&self.seal, entry.map.get("m")) {
+                (None, _) => true,
+                (Some(seal), Some(Value::BulkString(tag))) => seal.verify(&self.stream, sender.as_bytes(), payload, tag),
+                (Some(_), _) => false,
+            };
             match (sender, payload) {
                 (Some(s), _) if s == self.sender => out.own += 1,
+                (Some(sender), Some(payload)) if !sealed(&sender, &payload) => {
+                    tracing::warn!(stream = %self.stream, entry = %entry.id, %sender, "skipping a broadcast entry not sealed with the run's token");
+                    out.dropped.push(Dropped { entry: entry.id, reason: "not sealed with the run's token".into() });
+                }
                 (Some(sender), Some(payload)) => out.items.push(Broadcast { entry: entry.id, sender, payload }),
                 (sender, _) => {
                     let missing = if sender.is_none() { "sender field `w`" } else { "payload field `p`" };

@@ -13,6 +13,9 @@ pub struct Config {
     /// Environment variable holding the Redis password (overrides one in `url`);
     /// unset or empty = none. Default `PRISM_REDIS_PASSWORD`.
     pub password_env: String,
+    /// File holding the Redis password (e.g. a mounted Kubernetes Secret);
+    /// wins over `password_env` and `url`. Empty = none. Default empty.
+    pub password_file: String,
     /// PEM file of the CA that signed a `rediss://` server's certificate; empty =
     /// the system's roots. Default empty.
     pub tls_ca_file: String,
@@ -44,6 +47,7 @@ impl Default for Config {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             password_env: "PRISM_REDIS_PASSWORD".into(),
+            password_file: String::new(),
             tls_ca_file: String::new(),
             prefix: "prism".into(),
             max_len: 10_000,
@@ -127,6 +131,12 @@ pub struct RunKeys {
     /// Steps the reward processes' judges scored, every reward process → every
     /// reward process (a broadcast, no consumer group).
     pub judged: String,
+    /// Every group id the run's learners handed out is below this number (a
+    /// reservation the learner raises ahead of its prompt source), so that a
+    /// resumed learner numbers its groups past everything an earlier one
+    /// issued: what that one left in flight can never pass for a group of
+    /// the resumed run, nor a resumed group be skipped as already ingested.
+    pub issued: String,
 }
 
 impl RunKeys {
@@ -137,6 +147,7 @@ impl RunKeys {
             labeled: format!("{prefix}:{run_id}:labeled"),
             ingested: format!("{prefix}:{run_id}:ingested"),
             judged: format!("{prefix}:{run_id}:judged"),
+            issued: format!("{prefix}:{run_id}:issued"),
         }
     }
 }

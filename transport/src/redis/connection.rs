@@ -6,6 +6,7 @@ use super::config::{Config, RunKeys, redact_url};
 use super::broadcast::{Publisher, Subscriber};
 use super::entry::Entry;
 use super::queue::{Consumer, Producer};
+use super::seal::Seal;
 use crate::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
@@ -20,6 +21,9 @@ pub struct Redis {
     /// The connection `connect` checked the server with, kept for short
     /// requests (queue depths, clearing a run); clones share it.
     shared: ConnectionManager,
+    /// Seals what its producers and publishers add, and checks what its
+    /// consumers and subscribers read ([`Redis::sealed`]).
+    seal: Option<Seal>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -35,9 +39,25 @@ impl Redis {
         let url = redact_url(&config.url);
         let setup = |reason: String| Error::RedisUnreachable { url: url.clone(), waited_ms: 0, last: reason };
         let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str()).map_err(|e| setup(format!("bad URL: {e}")))?;
-        if let Some(password) = std::env::var(&config.password_env).ok().filter(|p| !p.is_empty()) {
+        let from_file = match config.password_file.as_str() {
+            "" => None,
+            file => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| setup(format!("redis.password_file {file}: {e}")))?
+                    .trim()
+                    .to_string(),
+            ),
+        };
+        if let Some(password) = from_file.or_else(|| std::env::var(&config.password_env).ok()).filter(|p| !p.is_empty()) {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
+        } else if info.redis_settings().password() == Some("***") {
+            // What a run folder's config.toml records in place of a password.
+            return Err(setup(format!(
+                "the URL's password is the redacted `***` (a run folder's config.toml never holds secrets): give the \
+                 password in the environment variable {} (redis.password_env), or the whole URL with --set redis.url=…",
+                config.password_env
+            )));
         }
         if config.url.starts_with("rediss://") {
             crate::grpc::crypto_provider();
@@ -52,10 +72,17 @@ impl Redis {
         let timeout = Duration::from_millis(config.connect_timeout_ms);
         let mut conn = manager(&client, config, &url, timeout).await?;
         match tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn)).await {
-            Ok(Ok(_)) => Ok(Self { client, config: config.clone(), url, shared: conn }),
+            Ok(Ok(_)) => Ok(Self { client, config: config.clone(), url, shared: conn, seal: None }),
             Ok(Err(e)) => Err(Error::RedisUnreachable { url, waited_ms: 0, last: e.to_string() }),
             Err(_) => Err(Error::RedisUnreachable { url, waited_ms: config.connect_timeout_ms, last: "no answer to PING".into() }),
         }
+    }
+
+    /// Seals entries with `seal` (the run's token; `None`: entries are
+    /// neither sealed nor checked).
+    pub fn sealed(mut self, seal: Option<Seal>) -> Self {
+        self.seal = seal;
+        self
     }
 
     /// The settings it was made with.
@@ -77,7 +104,7 @@ impl Redis {
     /// A producer adding to `stream`.
     pub async fn producer<T: Entry>(&self, stream: &str) -> Result<Producer<T>> {
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        Ok(Producer::new(Retrying::new(self, self.connection(timeout).await?), stream))
+        Ok(Producer::new(Retrying::new(self, self.connection(timeout).await?), stream, self.seal.clone()))
     }
 
     /// A consumer named `consumer` in `group` of `stream` (group created if
@@ -85,15 +112,23 @@ impl Redis {
     /// it are acknowledged and skipped.
     pub async fn consumer<T: Entry>(&self, stream: &str, group: &str, consumer: &str, dedup: Option<&str>) -> Result<Consumer<T>> {
         let timeout = Duration::from_millis(self.config.block_ms + self.config.connect_timeout_ms);
-        Consumer::new(Retrying::new(self, self.connection(timeout).await?), stream, group, consumer, dedup).await
+        let conn = Retrying::new(self, self.connection(timeout).await?);
+        Consumer::new(conn, stream, group, consumer, dedup, self.seal.clone()).await
     }
 
-    /// Deletes run `keys`' streams (with their consumer groups) and the set of
-    /// ingested ids: a fresh run starts from nothing.
+    /// Deletes run `keys`' streams (with their consumer groups), the set of
+    /// ingested ids and the group-id reservation: a fresh run starts from nothing.
     pub async fn reset_run(&self, keys: &RunKeys) -> Result<()> {
         let mut conn = Retrying::new(self, self.shared.clone());
         let large = format!("{}:large", keys.ingested);
-        let cmd = redis::cmd("DEL").arg(&keys.sampled).arg(&keys.labeled).arg(&keys.ingested).arg(&large).arg(&keys.judged).clone();
+        let cmd = redis::cmd("DEL")
+            .arg(&keys.sampled)
+            .arg(&keys.labeled)
+            .arg(&keys.ingested)
+            .arg(&large)
+            .arg(&keys.judged)
+            .arg(&keys.issued)
+            .clone();
         let deleted: u64 = conn.query("DEL", &keys.sampled, &cmd).await?;
         if deleted > 0 {
             tracing::info!(sampled = %keys.sampled, labeled = %keys.labeled, deleted, "cleared what an earlier run left in redis");
@@ -101,10 +136,54 @@ impl Redis {
         Ok(())
     }
 
+    /// Deletes run `keys`' sampled and labeled streams (their consumer groups
+    /// too; consumers recreate them) and returns how many entries each held.
+    /// A resumed learner starts from its checkpoint: what its crashed
+    /// predecessor left in flight was sampled for groups it no longer knows,
+    /// some by weights it never had. The ingested ids and the group-id
+    /// reservation are kept.
+    pub async fn clear_streams(&self, keys: &RunKeys) -> Result<(u64, u64)> {
+        let mut conn = Retrying::new(self, self.shared.clone());
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XLEN").arg(&keys.sampled).cmd("XLEN").arg(&keys.labeled);
+        pipe.cmd("DEL").arg(&keys.sampled).arg(&keys.labeled).ignore();
+        conn.pipe("DEL", &keys.sampled, &pipe).await
+    }
+
+    /// The run's group-id reservation: every group id its learners handed out
+    /// is below it (0 for a new run).
+    pub async fn issued_below(&self, keys: &RunKeys) -> Result<u64> {
+        let mut conn = Retrying::new(self, self.shared.clone());
+        let value: Option<String> = conn.query("GET", &keys.issued, redis::cmd("GET").arg(&keys.issued)).await?;
+        match value {
+            None => Ok(0),
+            Some(v) => v.parse().map_err(|_| Error::BadEntry {
+                stream: keys.issued.clone(),
+                entry: "GET".into(),
+                reason: format!("the group-id reservation {v:?} is not a number"),
+            }),
+        }
+    }
+
+    /// Raises the group-id reservation to `below` (never lowers it).
+    pub async fn reserve_issued(&self, keys: &RunKeys, below: u64) -> Result<()> {
+        const RAISE: &str = r#"
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > now then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0
+"#;
+        let mut conn = Retrying::new(self, self.shared.clone());
+        let script = redis::Script::new(RAISE);
+        let mut inv = script.key(&keys.issued);
+        inv.arg(below);
+        conn.script::<i64>("SET", &keys.issued, &inv).await.map(|_| ())
+    }
+
     /// A publisher adding to the broadcast `stream` as `sender`.
     pub async fn publisher(&self, stream: &str, sender: &str) -> Result<Publisher> {
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        Ok(Publisher::new(Retrying::new(self, self.connection(timeout).await?), stream, sender))
+        Ok(Publisher::new(Retrying::new(self, self.connection(timeout).await?), stream, sender, self.seal.clone()))
     }
 
     /// A subscriber to the broadcast `stream` for `sender`, which skips its
@@ -116,7 +195,7 @@ impl Redis {
         let cmd = redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).clone();
         let newest: redis::streams::StreamRangeReply = conn.query("XREVRANGE", stream, &cmd).await?;
         let last = newest.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone());
-        Ok(Subscriber::new(conn, stream, sender, last))
+        Ok(Subscriber::new(conn, stream, sender, last, self.seal.clone()))
     }
 
     /// The trajectory ids `stream` holds, by group (acknowledged entries are
@@ -133,6 +212,10 @@ impl Redis {
             let Some(last) = page.ids.last() else { break };
             after = format!("({}", last.id);
             for entry in &page.ids {
+                if !super::queue::sealed_well(self.seal.as_ref(), stream, entry) {
+                    undecodable += 1;
+                    continue;
+                }
                 match entry.map.get("p") {
                     Some(Value::BulkString(bytes)) => match T::decode(bytes) {
                         Ok(item) => {
@@ -145,6 +228,18 @@ impl Redis {
             }
         }
         Ok((groups, undecodable))
+    }
+
+    /// The consumers of `group` on `stream`, with how many entries each holds
+    /// unacknowledged (none when the group does not exist).
+    pub async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<(String, u64)>> {
+        let mut conn = Retrying::new(self, self.shared.clone());
+        let cmd = redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(group).clone();
+        match conn.query::<redis::streams::StreamInfoConsumersReply>("XINFO CONSUMERS", stream, &cmd).await {
+            Ok(info) => Ok(info.consumers.into_iter().map(|c| (c.name, c.pending as u64)).collect()),
+            Err(Error::Redis { source, .. }) if source.code() == Some("NOGROUP") => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Waiting and in-flight entries of `group` on `stream`.
@@ -247,8 +342,13 @@ impl Retrying {
         self.retry(op, key, |mut conn| async move { pipe.query_async::<R>(&mut conn).await }).await
     }
 
-    pub(super) async fn script<R: redis::FromRedisValue>(&mut self, key: &str, inv: &redis::ScriptInvocation<'_>) -> Result<R> {
-        self.retry("XADD", key, |mut conn| async move { inv.invoke_async::<R>(&mut conn).await }).await
+    pub(super) async fn script<R: redis::FromRedisValue>(
+        &mut self,
+        op: &'static str,
+        key: &str,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<R> {
+        self.retry(op, key, |mut conn| async move { inv.invoke_async::<R>(&mut conn).await }).await
     }
 
     async fn backoff(&self, start: Instant, delay: &mut Duration, op: &str, key: &str, e: &RedisError) -> Result<()> {

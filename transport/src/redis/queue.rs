@@ -6,55 +6,83 @@
 use super::config::Config;
 use super::connection::Retrying;
 use super::entry::Entry;
+use super::seal::Seal;
 use crate::{Error, Result};
 use redis::Value;
 use redis::streams::{StreamAutoClaimReply, StreamClaimReply, StreamId, StreamReadReply};
 use std::marker::PhantomData;
 use std::time::Duration;
 
-/// Adds entries from ARGV[2..] (pairs of id, payload) while the stream is
-/// shorter than ARGV[1]; returns how many it added. Atomic, so concurrent
-/// producers cannot push the stream past its cap and trim unread entries.
+/// Adds entries from ARGV[2..] (triples of id, payload, tag) while the
+/// stream is shorter than ARGV[1]; returns how many it added. Atomic, so
+/// concurrent producers cannot push the stream past its cap and trim unread
+/// entries. An empty tag (no seal) adds no `m` field.
 const ADD_BELOW_CAP: &str = r#"
 local cap = tonumber(ARGV[1])
 local len = redis.call('XLEN', KEYS[1])
 local added = 0
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   if len >= cap then break end
-  redis.call('XADD', KEYS[1], 'MAXLEN', cap, '*', 'id', ARGV[i], 'p', ARGV[i + 1])
+  if ARGV[i + 2] == '' then
+    redis.call('XADD', KEYS[1], 'MAXLEN', cap, '*', 'id', ARGV[i], 'p', ARGV[i + 1])
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', cap, '*', 'id', ARGV[i], 'p', ARGV[i + 1], 'm', ARGV[i + 2])
+  end
   len = len + 1
   added = added + 1
 end
 return added
 "#;
 
+/// Whether `entry` of `stream` carries the right tag under `seal` (always,
+/// without a seal).
+pub(super) fn sealed_well(seal: Option<&Seal>, stream: &str, entry: &StreamId) -> bool {
+    let Some(seal) = seal else { return true };
+    let field = |name: &str| match entry.map.get(name) {
+        Some(Value::BulkString(b)) => Some(b.as_slice()),
+        _ => None,
+    };
+    match (field("id"), field("p"), field("m")) {
+        (Some(id), Some(p), Some(m)) => seal.verify(stream, id, p, m),
+        _ => false,
+    }
+}
+
 /// Adds entries to one stream, waiting while it is at its cap.
 pub struct Producer<T> {
     conn: Retrying,
     stream: String,
+    seal: Option<Seal>,
     script: redis::Script,
     waits: u64,
     _t: PhantomData<fn(T)>,
 }
 
 impl<T: Entry> Producer<T> {
-    pub(super) fn new(conn: Retrying, stream: &str) -> Self {
-        Self { conn, stream: stream.to_string(), script: redis::Script::new(ADD_BELOW_CAP), waits: 0, _t: PhantomData }
+    pub(super) fn new(conn: Retrying, stream: &str, seal: Option<Seal>) -> Self {
+        Self { conn, stream: stream.to_string(), seal, script: redis::Script::new(ADD_BELOW_CAP), waits: 0, _t: PhantomData }
     }
 
     /// Adds `items` in order; returns once all are in the stream. While the
     /// stream holds `redis.max_len` entries it waits (back-pressure).
     pub async fn send(&mut self, items: &[T], config: &Config) -> Result<()> {
-        let encoded: Vec<(u64, Vec<u8>)> = items.iter().map(|t| (t.id(), t.encode())).collect();
+        let encoded: Vec<(String, Vec<u8>, Vec<u8>)> = items
+            .iter()
+            .map(|t| {
+                let (id, payload) = (t.id().to_string(), t.encode());
+                let tag = self.seal.as_ref().map_or_else(Vec::new, |s| s.tag(&self.stream, id.as_bytes(), &payload));
+                (id, payload, tag)
+            })
+            .collect();
         let mut rest = &encoded[..];
         while !rest.is_empty() {
             let chunk = &rest[..rest.len().min(config.batch)];
             let mut inv = self.script.key(&self.stream);
             inv.arg(config.max_len);
-            for (id, payload) in chunk {
-                inv.arg(*id).arg(payload.as_slice());
+            for (id, payload, tag) in chunk {
+                inv.arg(id).arg(payload.as_slice()).arg(tag.as_slice());
             }
-            let added: usize = self.conn.script(&self.stream, &inv).await?;
+            let added: usize = self.conn.script("XADD", &self.stream, &inv).await?;
             rest = &rest[added..];
             if added < chunk.len() {
                 self.waits += 1;
@@ -98,6 +126,21 @@ pub struct Batch<T> {
     pub duplicates: u64,
 }
 
+/// Resets the idle time of the entries in ARGV[3..] that are still pending
+/// in consumer ARGV[2] of group ARGV[1] (an entry another consumer took over
+/// stays theirs); returns how many it refreshed.
+const KEEP_OWN: &str = r#"
+local kept = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+"#;
+
 /// Reads one stream as one named consumer of one group.
 pub struct Consumer<T> {
     conn: Retrying,
@@ -105,6 +148,10 @@ pub struct Consumer<T> {
     group: String,
     name: String,
     dedup: Option<String>,
+    /// Takes over entries idle in any consumer (see [`Consumer::recv`]).
+    reclaim_idle: bool,
+    seal: Option<Seal>,
+    keep_own: redis::Script,
     own_pending_checked: bool,
     claim_cursor: String,
     duplicates: u64,
@@ -113,13 +160,23 @@ pub struct Consumer<T> {
 
 impl<T: Entry> Consumer<T> {
     /// Joins `group` of `stream` (creating it if missing) as `name`.
-    pub(super) async fn new(conn: Retrying, stream: &str, group: &str, name: &str, dedup: Option<&str>) -> Result<Self> {
+    pub(super) async fn new(
+        conn: Retrying,
+        stream: &str,
+        group: &str,
+        name: &str,
+        dedup: Option<&str>,
+        seal: Option<Seal>,
+    ) -> Result<Self> {
         let mut c = Self {
             conn,
             stream: stream.to_string(),
             group: group.to_string(),
             name: name.to_string(),
             dedup: dedup.map(str::to_string),
+            reclaim_idle: true,
+            seal,
+            keep_own: redis::Script::new(KEEP_OWN),
             own_pending_checked: false,
             claim_cursor: "0-0".into(),
             duplicates: 0,
@@ -139,6 +196,38 @@ impl<T: Entry> Consumer<T> {
         self.duplicates
     }
 
+    /// Never takes over idle entries: for the only live consumer of its group
+    /// (the learner), where every idle entry is one it holds itself, waiting
+    /// in memory for the rest of its group or its step.
+    pub fn without_reclaim(mut self) -> Self {
+        self.reclaim_idle = false;
+        self
+    }
+
+    /// Resets the idle time of `entries` this consumer still holds, so that
+    /// no other consumer takes them over while it is working on them (call it
+    /// well within every `redis.claim_idle_ms`). Returns how many it still
+    /// held: the others were taken over (this consumer was too slow, or was
+    /// declared dead) and their results will be skipped as duplicates.
+    pub async fn keep(&mut self, entries: &[String]) -> Result<usize> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.keep_own.key(&self.stream);
+        inv.arg(&self.group).arg(&self.name);
+        for e in entries {
+            inv.arg(e);
+        }
+        let kept: usize = self.conn.script("XCLAIM", &self.stream, &inv).await?;
+        if kept < entries.len() {
+            tracing::warn!(
+                stream = %self.stream, consumer = %self.name, lost = entries.len() - kept,
+                "entries in hand were taken over by another consumer"
+            );
+        }
+        Ok(kept)
+    }
+
     async fn ensure_group(&mut self) -> Result<()> {
         // From "0": entries added before the group existed are delivered too.
         let cmd = redis::cmd("XGROUP").arg("CREATE").arg(&self.stream).arg(&self.group).arg("0").arg("MKSTREAM").clone();
@@ -151,8 +240,8 @@ impl<T: Entry> Consumer<T> {
 
     /// The next entries: first this consumer's own unacknowledged ones (after a
     /// restart with the same name), then entries idle for `redis.claim_idle_ms`
-    /// in other consumers, then new ones (waiting up to `redis.block_ms`).
-    /// Empty when nothing arrived in time.
+    /// in other consumers (unless [`Consumer::without_reclaim`]), then new
+    /// ones (waiting up to `redis.block_ms`). Empty when nothing arrived in time.
     pub async fn recv(&mut self, config: &Config) -> Result<Batch<T>> {
         let mut raw: Vec<(StreamId, bool)> = Vec::new();
         if !self.own_pending_checked {
@@ -160,7 +249,7 @@ impl<T: Entry> Consumer<T> {
             self.own_pending_checked = true;
             raw.extend(reply.into_iter().map(|e| (e, false)));
         }
-        if raw.is_empty() {
+        if raw.is_empty() && self.reclaim_idle {
             let cmd = redis::cmd("XAUTOCLAIM")
                 .arg(&self.stream)
                 .arg(&self.group)
@@ -248,8 +337,17 @@ impl<T: Entry> Consumer<T> {
         let mut items = Vec::with_capacity(raw.len());
         let mut dropped = Vec::new();
         for (entry, reclaimed) in raw {
+            if !entry.map.is_empty() && !sealed_well(self.seal.as_ref(), &self.stream, &entry) {
+                let reason = "not sealed with the run's token (written by something without it, or on another stream)";
+                dropped.push(Dropped { entry: entry.id, reason: reason.into() });
+                continue;
+            }
             match entry.map.get("p") {
                 Some(Value::BulkString(bytes)) => match T::decode(bytes) {
+                    Ok(item) if id_field(&entry) != Some(item.id()) => dropped.push(Dropped {
+                        entry: entry.id,
+                        reason: format!("its id field disagrees with the trajectory id {} it holds", item.id()),
+                    }),
                     Ok(item) => items.push(Delivery { entry: entry.id, item, reclaimed }),
                     Err(e) => dropped.push(Dropped { entry: entry.id, reason: e.to_string() }),
                 },
@@ -291,5 +389,13 @@ impl<T: Entry> Consumer<T> {
         self.duplicates += duplicates;
         self.ack(&to_ack).await?;
         Ok(Batch { items, dropped, duplicates })
+    }
+}
+
+/// The trajectory id an entry's `id` field names.
+fn id_field(entry: &StreamId) -> Option<u64> {
+    match entry.map.get("id") {
+        Some(Value::BulkString(b)) => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
     }
 }

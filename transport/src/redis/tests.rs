@@ -226,6 +226,29 @@ async fn a_password_from_the_environment_is_used_and_never_shown() {
     assert!(!err.contains("wrong-pw") && err.contains(":***@"), "{err}");
 }
 
+/// A resumed run reads its URL from the run folder's config.toml, where the
+/// password is `***`: that is refused, saying where the real one goes (it
+/// was sent as the password); a password file or the environment wins over it.
+#[tokio::test]
+async fn a_redacted_password_is_refused_saying_where_the_real_one_goes() {
+    let server = TestRedis::private(&["--requirepass", "hunter3-secret"]);
+    let var = unique("PW").replace('-', "_");
+    let cfg = Config { url: format!("redis://:***@127.0.0.1:{}", server.port), password_env: var.clone(), ..config(&server.url) };
+    let err = Redis::connect(&cfg).await.unwrap_err().to_string();
+    assert!(err.contains("redacted") && err.contains(&var), "{err}");
+    // A password file (a mounted Secret) wins, and one that cannot be read is named.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, "hunter3-secret\n").unwrap();
+    Redis::connect(&Config { password_file: file.display().to_string(), ..cfg.clone() }).await.unwrap();
+    let missing = dir.path().join("missing").display().to_string();
+    let err = Redis::connect(&Config { password_file: missing.clone(), ..cfg.clone() }).await.unwrap_err().to_string();
+    assert!(err.contains("redis.password_file") && err.contains(&missing), "{err}");
+    // SAFETY: the variable name is unique to this test.
+    unsafe { std::env::set_var(&var, "hunter3-secret") };
+    Redis::connect(&cfg).await.unwrap();
+}
+
 #[tokio::test]
 async fn rediss_urls_use_tls_with_a_private_ca() {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -323,4 +346,222 @@ async fn every_subscriber_reads_every_other_senders_broadcast_and_a_reset_clears
     redis.reset_run(&keys).await.unwrap();
     let len: u64 = redis::cmd("XLEN").arg(&keys.judged).query_async(&mut conn).await.unwrap();
     assert_eq!(len, 0, "a fresh run starts without them");
+}
+
+/// The learner holds two members of a group, waiting for the other two,
+/// longer than `redis.claim_idle_ms`: it never takes its own entries back
+/// (before, it reclaimed them, found their ids ingested and deleted them from
+/// the stream while still holding them), and the group completes once.
+#[tokio::test]
+async fn the_learner_never_takes_back_entries_it_holds_past_claim_idle() {
+    use crate::assembly::{Assembled, Assembler};
+    use prism_core::LabelResult;
+    let server = TestRedis::shared();
+    let cfg = Config { claim_idle_ms: 200, ..config(&server.url) };
+    let keys = RunKeys::new("prism", &unique("held"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut assembler = Assembler::new(&redis, &keys, "learner").await.unwrap();
+    let mut p = redis.producer::<LabelResult>(&keys.labeled).await.unwrap();
+    p.send(&[Ok(labeled(0, 8)), Ok(labeled(1, 8))], &cfg).await.unwrap();
+    eventually("two members held", Duration::from_secs(10), async || {
+        assert!(assembler.next(&cfg).await.unwrap().is_empty());
+        (assembler.partial_groups() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        assert!(assembler.next(&cfg).await.unwrap().is_empty());
+    }
+    assert_eq!(assembler.duplicates(), 0, "nothing came back as a duplicate");
+    let d = redis.depth(&keys.labeled, LEARNER_GROUP).await.unwrap();
+    assert_eq!((d.waiting, d.pending), (0, 2), "the held entries are still in the stream");
+    p.send(&[Ok(labeled(2, 8)), Ok(labeled(3, 8))], &cfg).await.unwrap();
+    let done = eventually("the group", Duration::from_secs(10), async || {
+        let out = assembler.next(&cfg).await.unwrap();
+        (!out.is_empty()).then_some(out)
+    })
+    .await;
+    let [Assembled::Complete { trajectories, entries, .. }] = &done[..] else { panic!("{done:?}") };
+    assert_eq!(trajectories.iter().map(|l| l.trajectory.sample).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert_eq!(entries.len(), 4);
+    assembler.ack(entries).await.unwrap();
+    let d = redis.depth(&keys.labeled, LEARNER_GROUP).await.unwrap();
+    assert_eq!((d.waiting, d.pending), (0, 0));
+}
+
+/// A worker refreshing the entries it works on keeps them from another
+/// consumer past `claim_idle_ms`; entries it no longer holds are not taken back.
+#[tokio::test]
+async fn entries_kept_in_hand_are_not_reclaimed() {
+    let server = TestRedis::shared();
+    let cfg = Config { claim_idle_ms: 300, ..config(&server.url) };
+    let keys = RunKeys::new("prism", &unique("keep"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut busy = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "busy", None).await.unwrap();
+    let mut other = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "other", None).await.unwrap();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    p.send(&(0..3).map(|i| trajectory(i, 8)).collect::<Vec<_>>(), &cfg).await.unwrap();
+    let held: Vec<String> = busy.recv(&cfg).await.unwrap().items.into_iter().map(|d| d.entry).collect();
+    assert_eq!(held.len(), 3);
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(busy.keep(&held).await.unwrap(), 3);
+        assert!(other.recv(&cfg).await.unwrap().items.is_empty(), "nothing taken over while kept");
+    }
+    // Once it stops, they go idle and `other` takes them over; `busy` no
+    // longer holds them, and keeping them does not take them back.
+    let taken = eventually("the takeover", Duration::from_secs(10), async || {
+        let b = other.recv(&cfg).await.unwrap();
+        (!b.items.is_empty()).then_some(b)
+    })
+    .await;
+    assert_eq!(taken.items.len(), 3);
+    assert_eq!(busy.keep(&held).await.unwrap(), 0);
+    let d = redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap();
+    assert_eq!(d.pending, 3);
+}
+
+/// With the run's token, a consumer takes only entries sealed with it: a
+/// valid payload added without a tag, with a wrong tag, by a process with
+/// another token, with a tag made for another stream, or with an id field
+/// that disagrees with its payload is dropped with its reason, and
+/// acknowledged. A subscriber to a broadcast stream drops unsealed entries too.
+#[tokio::test]
+async fn with_a_token_only_entries_sealed_with_it_get_through() {
+    use crate::grpc::Token;
+    let server = TestRedis::shared();
+    let cfg = config(&server.url);
+    let keys = RunKeys::new("prism", &unique("seal"));
+    let seal = Seal::new(&Token::new("run-token").unwrap());
+    let redis = Redis::connect(&cfg).await.unwrap().sealed(Some(seal.clone()));
+    let mut c = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "c", None).await.unwrap();
+    redis.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&[trajectory(1, 8)], &cfg).await.unwrap();
+    let add = |id: u64, fields: Vec<(&'static str, Vec<u8>)>| {
+        let (url, stream) = (server.url.clone(), keys.sampled.clone());
+        async move {
+            let mut all = vec![("id", id.to_string().into_bytes())];
+            all.extend(fields);
+            let refs: Vec<(&str, &[u8])> = all.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+            crate::testing::xadd(&url, &stream, &refs).await;
+        }
+    };
+    let p = |id| trajectory(id, 8).encode();
+    add(2, vec![("p", p(2))]).await;
+    add(3, vec![("p", p(3)), ("m", vec![0; crate::redis::seal::TAG_BYTES])]).await;
+    let other = Redis::connect(&cfg).await.unwrap().sealed(Some(Seal::new(&Token::new("another-token").unwrap())));
+    other.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&[trajectory(4, 8)], &cfg).await.unwrap();
+    add(5, vec![("p", p(5)), ("m", seal.tag(&keys.labeled, b"5", &p(5)))]).await;
+    add(6, vec![("p", p(7)), ("m", seal.tag(&keys.sampled, b"6", &p(7)))]).await;
+    let (mut got, mut dropped) = (Vec::new(), Vec::new());
+    eventually("every entry read", Duration::from_secs(10), async || {
+        let b = c.recv(&cfg).await.unwrap();
+        c.ack(&b.items.iter().map(|d| d.entry.clone()).collect::<Vec<_>>()).await.unwrap();
+        got.extend(b.items.into_iter().map(|d| d.item.id.0));
+        dropped.extend(b.dropped);
+        (got.len() + dropped.len() >= 6).then_some(())
+    })
+    .await;
+    assert_eq!(got, vec![1]);
+    assert_eq!(dropped.len(), 5, "{dropped:?}");
+    assert_eq!(dropped.iter().filter(|d| d.reason.contains("not sealed with the run's token")).count(), 4, "{dropped:?}");
+    assert!(dropped[4].reason.contains("id field disagrees"), "{dropped:?}");
+    let d = redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap();
+    assert_eq!((d.waiting, d.pending), (0, 0), "dropped entries are acknowledged");
+    // Without a seal the consumer does not check (a run without a token).
+    let plain = Redis::connect(&cfg).await.unwrap();
+    let (n, bad) = plain.groups_in::<Trajectory>(&keys.labeled).await.unwrap();
+    assert_eq!((n.len(), bad), (0, 0));
+
+    let mut sub = redis.subscriber(&keys.judged, "a").await.unwrap();
+    plain.publisher(&keys.judged, "b").await.unwrap().publish(b"forged", &cfg).await.unwrap();
+    redis.publisher(&keys.judged, "c").await.unwrap().publish(b"sealed", &cfg).await.unwrap();
+    let (mut items, mut skipped) = (Vec::new(), 0);
+    eventually("both broadcasts", Duration::from_secs(10), async || {
+        let b = sub.recv(&cfg).await.unwrap();
+        skipped += b.dropped.len();
+        items.extend(b.items.into_iter().map(|i| (i.sender, i.payload)));
+        (items.len() + skipped >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(items, vec![("c".to_string(), b"sealed".to_vec())]);
+    assert_eq!(skipped, 1);
+}
+
+/// The Redis users the Kubernetes manifests ship (k8s/base/redis-users.acl,
+/// rendered as redis.yaml renders it): every role's operations go through as
+/// its own user; a rollout cannot add labels, a reward cannot touch the
+/// learner's keys, a client without a user can do nothing.
+#[tokio::test]
+async fn each_role_does_its_work_as_its_redis_user_and_no_more() {
+    use crate::assembly::Assembler;
+    use prism_core::LabelResult;
+    let template = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/base/redis-users.acl")).unwrap();
+    let rendered: String = template
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.replace("@LEARNER@", "learner-pw").replace("@ROLLOUT@", "rollout-pw").replace("@REWARD@", "reward-pw") + "\n")
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("users.acl");
+    std::fs::write(&acl, rendered).unwrap();
+    let server = TestRedis::private(&["--aclfile", acl.to_str().unwrap()]);
+    let as_user = async |user: &str| {
+        let cfg = Config { url: format!("redis://{user}:{user}-pw@127.0.0.1:{}", server.port), retry_for_ms: 1000, ..config(&server.url) };
+        (Redis::connect(&cfg).await.unwrap(), cfg)
+    };
+    let keys = RunKeys::new("prism", &unique("acl"));
+    let (learner, cfg) = as_user("learner").await;
+    let (rollout, _) = as_user("rollout").await;
+    let (reward, _) = as_user("reward").await;
+    let denied = |e: Error| {
+        let text = e.to_string();
+        assert!(text.to_uppercase().contains("NOPERM"), "{text}");
+    };
+
+    // The learner starts a run.
+    learner.reset_run(&keys).await.unwrap();
+    learner.reserve_issued(&keys, 4096).await.unwrap();
+    assert_eq!(learner.issued_below(&keys).await.unwrap(), 4096);
+    let mut assembler = Assembler::new(&learner, &keys, "learner").await.unwrap();
+    // A rollout adds a group to the sampled stream, and nothing elsewhere.
+    rollout.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&(0..4).map(|i| trajectory(i, 8)).collect::<Vec<_>>(), &cfg).await.unwrap();
+    denied(rollout.producer::<LabelResult>(&keys.labeled).await.unwrap().send(&[Ok(labeled(9, 8))], &cfg).await.unwrap_err());
+    denied(rollout.reset_run(&keys).await.unwrap_err());
+    // A reward worker labels it, keeps and takes over entries, shares judged steps.
+    let mut c = reward.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "reward-1", None).await.unwrap();
+    let got = drain_deliveries(&mut c, &cfg, 4).await;
+    assert_eq!(c.keep(&got).await.unwrap(), 4);
+    reward.producer::<LabelResult>(&keys.labeled).await.unwrap().send(&(0..4).map(|i| Ok(labeled(i, 8))).collect::<Vec<_>>(), &cfg).await.unwrap();
+    c.ack(&got).await.unwrap();
+    assert!(c.claim_from("reward-0", &cfg).await.unwrap().items.is_empty());
+    reward.publisher(&keys.judged, "reward-1").await.unwrap().publish(b"steps", &cfg).await.unwrap();
+    reward.subscriber(&keys.judged, "reward-2").await.unwrap();
+    denied(reward.reset_run(&keys).await.unwrap_err());
+    denied(reward.reserve_issued(&keys, 1 << 40).await.unwrap_err());
+    // The learner ingests the group and accounts for the streams.
+    let done = eventually("the group", Duration::from_secs(10), async || {
+        let out = assembler.next(&cfg).await.unwrap();
+        (!out.is_empty()).then_some(out)
+    })
+    .await;
+    let crate::assembly::Assembled::Complete { entries, .. } = &done[0] else { panic!("{done:?}") };
+    assembler.ack(entries).await.unwrap();
+    learner.depth(&keys.labeled, LEARNER_GROUP).await.unwrap();
+    learner.groups_in::<Trajectory>(&keys.sampled).await.unwrap();
+    assert_eq!(learner.clear_streams(&keys).await.unwrap(), (0, 0));
+    // Without a user: nothing.
+    let anonymous = Config { url: server.url.clone(), retry_for_ms: 1000, ..config(&server.url) };
+    let err = Redis::connect(&anonymous).await.unwrap_err().to_string();
+    assert!(err.contains("NOAUTH") || err.contains("auth"), "{err}");
+}
+
+/// The entry ids of `want` deliveries (not acknowledged).
+async fn drain_deliveries<T: Entry>(c: &mut Consumer<T>, cfg: &Config, want: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    eventually("entries to arrive", Duration::from_secs(20), async || {
+        got.extend(c.recv(cfg).await.unwrap().items.into_iter().map(|d| d.entry));
+        (got.len() >= want).then_some(())
+    })
+    .await;
+    got
 }

@@ -73,7 +73,14 @@ async fn a_learner_rank_trains_every_step_rank_0_publishes_and_leaves_when_it_st
     let joined = Arc::new(Mutex::new(None));
     let sums = Arc::new(Mutex::new(Vec::new()));
     let fake = Fake { collective: ranks.next(), joined: joined.clone(), sums: sums.clone() };
-    let args = RankArgs { control: client.clone(), membership, counters: counters.clone(), trainer: Box::new(fake), poll: Duration::from_millis(300) };
+    let args = RankArgs {
+        control: client.clone(),
+        membership,
+        counters: counters.clone(),
+        trainer: Box::new(fake),
+        poll: Duration::from_millis(300),
+        health: Default::default(),
+    };
     let rank = tokio::spawn(run(args, std::future::pending()));
 
     // Rank 0, as the learner role does it: the id first (the rank waits for
@@ -122,7 +129,16 @@ async fn learner_ranks_are_handed_out_once_and_a_missing_one_is_reported() {
     assert_eq!((a.nccl_rank, b.nccl_rank), (1, 2));
     let e = c.register(Role::Learner, "c", "cuda:3").await.unwrap_err().to_string();
     assert!(e.contains("every data-parallel learner rank") && e.contains("dist.learner_ranks = 3"), "{e}");
-    // Registering again keeps the rank held.
+    // Registering again keeps the rank held, once its holder is declared
+    // dead (not while it lives).
+    assert!(c.register_again(Role::Learner, "a", "cuda:1", 1).await.is_err(), "rank 1 is alive");
+    eventually("a declared dead", Duration::from_secs(10), async || {
+        c.heartbeat(&b.worker_id, 0, Default::default()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = l.control.status();
+        (s.workers.iter().find(|w| w.worker_id == a.worker_id).unwrap().state == WorkerState::Dead).then_some(())
+    })
+    .await;
     let again = c.register_again(Role::Learner, "a", "cuda:1", 1).await.unwrap();
     assert_eq!(again.nccl_rank, 1);
     // Only learner ranks may ask for steps.
@@ -225,7 +241,7 @@ async fn the_learner_loop_hands_each_step_to_the_learner_ranks() {
     let fake = Fake { collective: ranks.next(), joined: Default::default(), sums: sums.clone() };
     l.control.set_nccl_id(GROUP, vec![1; 128], 2);
     let rank = tokio::spawn(run(
-        RankArgs { control: client, membership, counters, trainer: Box::new(fake), poll: Duration::from_millis(300) },
+        RankArgs { control: client, membership, counters, trainer: Box::new(fake), poll: Duration::from_millis(300), health: Default::default() },
         std::future::pending(),
     ));
 
@@ -243,6 +259,8 @@ async fn the_learner_loop_hands_each_step_to_the_learner_ranks() {
         },
         task: Arc::new(prism_rollout::Task::new(&task_config, 0, Box::new(|q: &str| q.to_string())).unwrap()),
         cursor: 0,
+        first_group: 0,
+        group_timeout: None,
         control: l.control.clone(),
         weights: l.weights.clone(),
         redis,
@@ -252,6 +270,7 @@ async fn the_learner_loop_hands_each_step_to_the_learner_ranks() {
         drain: Duration::from_secs(5),
         broadcast: None,
         learner_ranks: 2,
+        health: Default::default(),
     };
     let summary = tokio::time::timeout(Duration::from_secs(60), crate::remote::learner::run(role, &redis_cfg, std::future::pending()))
         .await

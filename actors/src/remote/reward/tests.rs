@@ -43,6 +43,7 @@ fn args(redis: &Redis, keys: &RunKeys, name: &str, label: FakeLabel, membership:
         membership,
         annotator: None,
         share: Share::default(),
+        health: Default::default(),
     }
 }
 
@@ -120,6 +121,116 @@ async fn a_dead_reward_workers_entries_are_labeled_by_another_and_ingested_once(
     assert_eq!(counters.processed.load(Relaxed) + counters.dropped.load(Relaxed), summary.labeled + summary.failed);
     let d = redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap();
     assert_eq!((d.waiting, d.pending), (0, 0), "nothing left behind on the sampled stream");
+}
+
+/// A reward worker the learner declared dead registers again (new worker id)
+/// and consumes under its new id, bringing along what the old name held; so
+/// when it dies after that, another worker told of its death takes its
+/// entries over at once. (Before, it kept consuming under the old name, and
+/// the takeover by the new id found nothing until `claim_idle_ms` passed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_registers_again_consumes_under_its_new_id() {
+    let server = TestRedis::shared();
+    let cfg = Config { url: server.url.clone(), batch: 8, block_ms: 100, claim_idle_ms: 60_000, ..Config::default() };
+    let keys = RunKeys::new("prism", &unique("again"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut producer = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    let (news, membership) = watch::channel(Membership { worker_id: "reward-1".into(), ..Default::default() });
+    let mut a = args(&redis, &keys, "reward-1", FakeLabel { fail_on: None, hang: false }, Some(membership));
+    // Labels the first four, hangs on the rest.
+    struct HangPast(u64);
+    impl Label for HangPast {
+        fn label<'a>(&'a self, t: &'a Trajectory) -> LabelFuture<'a> {
+            Box::pin(async move {
+                if t.id.0 >= self.0 {
+                    std::future::pending::<()>().await;
+                }
+                Ok(RewardLabel { outcome: 1.0, outcome_source: ScoreSource::Verifier, answer: None, steps: vec![] })
+            })
+        }
+    }
+    a.labeler = Arc::new(HangPast(100));
+    let c = cfg.clone();
+    let worker = tokio::spawn(async move { run(a, &c, std::future::pending()).await });
+    producer.send(&(20..24).map(|i| trajectory(i, 4)).collect::<Vec<_>>(), &cfg).await.unwrap();
+    eventually("the first four labeled", Duration::from_secs(10), async || (xlen(&server.url, &keys.labeled).await == 4).then_some(())).await;
+    news.send_replace(Membership { worker_id: "reward-9".into(), ..Default::default() });
+    let consumers = async || -> BTreeMap<String, u64> { redis.consumers(&keys.sampled, REWARD_GROUP).await.unwrap().into_iter().collect() };
+    let now = eventually("it to read as reward-9", Duration::from_secs(10), async || {
+        let c = consumers().await;
+        c.contains_key("reward-9").then_some(c)
+    })
+    .await;
+    assert!(!now.contains_key("reward-1"), "the old name is gone: {now:?}");
+    producer.send(&(100..104).map(|i| trajectory(i, 4)).collect::<Vec<_>>(), &cfg).await.unwrap();
+    eventually("the next four held under the new id", Duration::from_secs(10), async || (consumers().await.get("reward-9") == Some(&4)).then_some(())).await;
+    worker.abort();
+    let mut other = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "reward-2", None).await.unwrap();
+    let b = other.claim_from("reward-9", &cfg).await.unwrap();
+    assert_eq!(b.items.iter().map(|d| d.item.id.0).collect::<Vec<_>>(), vec![100, 101, 102, 103]);
+}
+
+/// Takes `delay` per trajectory and counts how often it labeled each.
+struct SlowLabel {
+    delay: Duration,
+    calls: Arc<std::sync::Mutex<BTreeMap<u64, u32>>>,
+}
+
+impl Label for SlowLabel {
+    fn label<'a>(&'a self, t: &'a Trajectory) -> LabelFuture<'a> {
+        Box::pin(async move {
+            *self.calls.lock().unwrap().entry(t.id.0).or_default() += 1;
+            tokio::time::sleep(self.delay).await;
+            Ok(RewardLabel { outcome: 1.0, outcome_source: ScoreSource::Verifier, answer: None, steps: vec![] })
+        })
+    }
+}
+
+/// Two live workers whose labeler is slower than `redis.claim_idle_ms` (a
+/// batch takes 4 × 0.6 s against 1 s) label every trajectory once: neither
+/// takes over entries the other is still working on (before, the idle
+/// entries in hand were taken over and judged again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_labeler_slower_than_claim_idle_labels_each_trajectory_once() {
+    let server = TestRedis::shared();
+    let cfg = Config { url: server.url.clone(), batch: 4, block_ms: 100, claim_idle_ms: 1_000, ..Config::default() };
+    let keys = RunKeys::new("prism", &unique("slow"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let made: Vec<Trajectory> = (0..16).map(|i| trajectory(i, 4)).collect();
+    redis.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&made, &cfg).await.unwrap();
+    let calls: Arc<std::sync::Mutex<BTreeMap<u64, u32>>> = Default::default();
+    let (stop, stopped) = watch::channel(false);
+    let workers: Vec<_> = ["reward-1", "reward-2"]
+        .into_iter()
+        .map(|name| {
+            let mut a = args(&redis, &keys, name, FakeLabel { fail_on: None, hang: false }, None);
+            a.labeler = Arc::new(SlowLabel { delay: Duration::from_millis(600), calls: calls.clone() });
+            a.concurrency = 1;
+            let (c, mut stopped) = (cfg.clone(), stopped.clone());
+            tokio::spawn(async move {
+                run(a, &c, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+            })
+        })
+        .collect();
+    eventually("all 16 labeled", Duration::from_secs(60), async || {
+        (xlen(&server.url, &keys.labeled).await >= 16).then_some(())
+    })
+    .await;
+    // Long enough for any entry taken over to be labeled a second time.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.send_replace(true);
+    let mut reclaimed = 0;
+    for w in workers {
+        reclaimed += w.await.unwrap().unwrap().reclaimed;
+    }
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 16, "{calls:?}");
+    assert!(calls.values().all(|&n| n == 1), "each trajectory labeled once: {calls:?}");
+    assert_eq!(reclaimed, 0);
+    assert_eq!(xlen(&server.url, &keys.labeled).await, 16);
 }
 
 /// A labeler whose judge (a loopback server) says Yes to every step, scoring in

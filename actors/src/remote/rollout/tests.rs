@@ -98,6 +98,7 @@ async fn a_rollout_with_a_rank_loads_broadcast_weights_between_generations() {
         membership,
         give_up_after: Duration::from_secs(5),
         broadcast: Some((Arc::new(receiver), Duration::from_secs(10))),
+        health: Default::default(),
     };
     let summary = tokio::time::timeout(Duration::from_secs(60), run(args, &redis_cfg, std::future::pending())).await.expect("the rollout finishes").unwrap();
     heartbeats.abort();
