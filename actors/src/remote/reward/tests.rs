@@ -186,10 +186,10 @@ impl Label for SlowLabel {
     }
 }
 
-/// Two live workers whose labeler is slower than `redis.claim_idle_ms` (a
-/// batch takes 4 × 0.6 s against 1 s) label every trajectory once: neither
-/// takes over entries the other is still working on (before, the idle
-/// entries in hand were taken over and judged again).
+/// Two live workers whose labelers are slower than `redis.claim_idle_ms` (a
+/// batch takes 4 × 0.9 s and 4 × 0.3 s against 1 s) label every trajectory
+/// once: the faster never takes over entries the slower is still working on
+/// (before, the idle entries in hand were taken over and judged again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_labeler_slower_than_claim_idle_labels_each_trajectory_once() {
     let server = TestRedis::shared();
@@ -200,11 +200,11 @@ async fn a_labeler_slower_than_claim_idle_labels_each_trajectory_once() {
     redis.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&made, &cfg).await.unwrap();
     let calls: Arc<std::sync::Mutex<BTreeMap<u64, u32>>> = Default::default();
     let (stop, stopped) = watch::channel(false);
-    let workers: Vec<_> = ["reward-1", "reward-2"]
+    let workers: Vec<_> = [("reward-1", 900), ("reward-2", 300)]
         .into_iter()
-        .map(|name| {
+        .map(|(name, ms)| {
             let mut a = args(&redis, &keys, name, FakeLabel { fail_on: None, hang: false }, None);
-            a.labeler = Arc::new(SlowLabel { delay: Duration::from_millis(600), calls: calls.clone() });
+            a.labeler = Arc::new(SlowLabel { delay: Duration::from_millis(ms), calls: calls.clone() });
             a.concurrency = 1;
             let (c, mut stopped) = (cfg.clone(), stopped.clone());
             tokio::spawn(async move {
