@@ -142,15 +142,26 @@ pub struct LogConfig {
     pub console: String,
     /// Filter for `trace.jsonl` in the run folder. Default `info`.
     pub trace: String,
+    /// OTLP/HTTP (protobuf) endpoint of an OpenTelemetry trace collector,
+    /// e.g. `http://otel-collector:4318/v1/traces`: every role exports its
+    /// spans there, as service `prism-<role>` with `prism.run_id`; empty =
+    /// none. Default empty.
+    pub otlp_endpoint: String,
+    /// Filter for the spans exported to `otlp_endpoint`. Default `info`.
+    pub otlp: String,
 }
 
 impl Config {
     /// Checks values that parse but are not acceptable.
     pub fn validate(&self) -> Result<(), Invalid> {
-        for (key, filter) in [("log.console", &self.log.console), ("log.trace", &self.log.trace)] {
+        for (key, filter) in [("log.console", &self.log.console), ("log.trace", &self.log.trace), ("log.otlp", &self.log.otlp)] {
             tracing_subscriber::EnvFilter::builder()
                 .parse(filter)
                 .map_err(|e| Invalid::new(key, filter, format!("not a tracing filter ({e})")))?;
+        }
+        let otlp = &self.log.otlp_endpoint;
+        if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
+            return Err(Invalid::new("log.otlp_endpoint", otlp, "must be an http:// or https:// URL, or empty"));
         }
         self.redis.validate()?;
         self.grpc.validate()?;

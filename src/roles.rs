@@ -132,7 +132,7 @@ pub fn learner(config: &Config, resume: Option<&Path>) -> Result<()> {
         Some(dir) => RunDir::open(dir).with_context(|| format!("{}: not a run folder", dir.display()))?,
         None => RunDir::create(&config.run.dir, &config.to_toml()).context("creating the run folder")?,
     };
-    let _telemetry = telemetry::init(&config.log, Some(&run.path)).context("opening trace.jsonl")?;
+    let _telemetry = telemetry::init_role(&config.log, Some(&run.path), "learner", &config.dist.run_id).context("opening trace.jsonl")?;
     threads(config);
     tracing::info!(run_id = %run.id, run = %run.path.display(), dist_run = %config.dist.run_id, "run folder");
     let result = runtime()?.block_on(learner_main(config, &run, resume.is_some(), nccl_device, dp_device));
@@ -282,7 +282,7 @@ async fn join(
 /// `prism learner-rank`: one of the data-parallel learner ranks of a run
 /// whose `prism learner` is rank 0 (`dist.learner_ranks > 1`, GPUs).
 pub fn learner_rank(config: &Config) -> Result<()> {
-    let _telemetry = telemetry::init_console(&config.log);
+    let _telemetry = telemetry::init_role(&config.log, None, "learner-rank", &config.dist.run_id).context("log.otlp_endpoint")?;
     threads(config);
     if config.learner.is_sft() {
         bail!("prism learner-rank trains RL only (learner.mode = \"sft\" runs with prism train)");
@@ -317,7 +317,7 @@ pub fn learner_rank(config: &Config) -> Result<()> {
 
 /// `prism rollout`: samples the learner's prompts with the newest weights.
 pub fn rollout(config: &Config) -> Result<()> {
-    let _telemetry = telemetry::init_console(&config.log);
+    let _telemetry = telemetry::init_role(&config.log, None, "rollout", &config.dist.run_id).context("log.otlp_endpoint")?;
     threads(config);
     let nccl_device = nccl_device(config)?;
     runtime()?.block_on(async {
@@ -373,7 +373,7 @@ pub fn rollout(config: &Config) -> Result<()> {
 
 /// `prism reward`: labels sampled trajectories with the run's verifiers and judge.
 pub fn reward(config: &Config) -> Result<()> {
-    let _telemetry = telemetry::init_console(&config.log);
+    let _telemetry = telemetry::init_role(&config.log, None, "reward", &config.dist.run_id).context("log.otlp_endpoint")?;
     threads(config);
     runtime()?.block_on(async {
         let health = health(config).await?;

@@ -11,6 +11,10 @@
 //! only, unless the console filter asks for `debug` or more, which shows
 //! everything it names. This binary's own events (`prism::…`) speak about
 //! the run and are never records.
+//!
+//! With `log.otlp_endpoint`, the spans also go to an OpenTelemetry collector
+//! (OTLP over HTTP), batched on a thread of their own, as service
+//! `prism-<role>` with the attribute `prism.run_id`.
 
 use crate::config::LogConfig;
 use std::path::Path;
@@ -27,15 +31,72 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 /// a policy version) rather than news about the run.
 const RECORD_FIELDS: [&str; 3] = ["step", "trajectory_id", "policy_version"];
 
-/// Keeps the trace writer alive; dropping it flushes `trace.jsonl`.
+/// Keeps the trace writer alive; dropping it flushes `trace.jsonl` and the
+/// spans not yet exported.
 #[must_use = "dropping the guard stops the trace writer"]
 pub struct Telemetry {
     _trace: Option<WorkerGuard>,
+    _otlp: Option<Otlp>,
+}
+
+/// The OTLP exporter's provider; dropping it exports what is left.
+pub struct Otlp(opentelemetry_sdk::trace::SdkTracerProvider);
+
+impl Drop for Otlp {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.shutdown() {
+            eprintln!("prism: exporting the last spans to log.otlp_endpoint: {e}");
+        }
+    }
+}
+
+/// The layer exporting spans that `log.otlp` lets through to
+/// `log.otlp_endpoint`, as service `prism-<role>` of run `run_id`; `None`
+/// without an endpoint. Call it outside an async runtime (the blocking HTTP
+/// client it makes has a runtime of its own).
+pub fn otlp_layer<S>(log: &LogConfig, role: &str, run_id: &str) -> std::io::Result<Option<(Box<dyn Layer<S> + Send + Sync>, Otlp)>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
+    use opentelemetry::trace::TracerProvider;
+    use opentelemetry_otlp::WithExportConfig;
+    if log.otlp_endpoint.is_empty() {
+        return Ok(None);
+    }
+    // The blocking reqwest client the exporter makes (with this timeout).
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(&log.otlp_endpoint)
+        .with_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| std::io::Error::other(format!("log.otlp_endpoint {}: {e}", log.otlp_endpoint)))?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(format!("prism-{role}"))
+        .with_attributes([
+            opentelemetry::KeyValue::new("prism.run_id", run_id.to_string()),
+            opentelemetry::KeyValue::new("service.instance.id", instance()),
+        ])
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("prism")).with_filter(EnvFilter::new(&log.otlp)).boxed();
+    Ok(Some((layer, Otlp(provider))))
+}
+
+/// This process, as the trace backend names it: host and pid.
+fn instance() -> String {
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "unknown".into());
+    format!("{host}/{}", std::process::id())
 }
 
 /// Installs the global subscriber: console always, `trace.jsonl` in `run_dir`
 /// when given.
 pub fn init(log: &LogConfig, run_dir: Option<&Path>) -> std::io::Result<Telemetry> {
+    init_role(log, run_dir, "train", "")
+}
+
+/// [`init`] for `role` of the distributed run `run_id`, which exports its
+/// spans with `log.otlp_endpoint` under those names.
+pub fn init_role(log: &LogConfig, run_dir: Option<&Path>, role: &str, run_id: &str) -> std::io::Result<Telemetry> {
     let console_filter =
         std::env::var("RUST_LOG").ok().and_then(|v| EnvFilter::builder().parse(v).ok()).unwrap_or_else(|| EnvFilter::new(&log.console));
     let console = console_layer(console_filter, std::io::stderr);
@@ -46,9 +107,13 @@ pub fn init(log: &LogConfig, run_dir: Option<&Path>) -> std::io::Result<Telemetr
         }
         None => (None, None),
     };
+    let (otlp, provider) = match otlp_layer(log, role, run_id)? {
+        Some((layer, provider)) => (Some(layer), Some(provider)),
+        None => (None, None),
+    };
     // A second init (tests calling commands in-process) keeps the first subscriber.
-    let _ = Registry::default().with(console).with(trace).try_init();
-    Ok(Telemetry { _trace: guard })
+    let _ = Registry::default().with(console).with(trace).with(otlp).try_init();
+    Ok(Telemetry { _trace: guard, _otlp: provider })
 }
 
 /// Console-only tracing, for commands that make no run folder.
@@ -186,5 +251,65 @@ mod tests {
         for line in ["run folder", "warm start", "learner step", "weights published", "skipping", "debug detail"] {
             assert!(text.contains(line), "{line} missing at debug: {text}");
         }
+    }
+
+    /// A collector on loopback that answers every request 200 and keeps the
+    /// bodies (OTLP/HTTP protobuf: strings travel as their UTF-8 bytes).
+    fn collector() -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        reader.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    reader.read_exact(&mut body).unwrap();
+                    let _ = tx.send(body);
+                    let out = reader.get_mut();
+                    out.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n").unwrap();
+                }
+            }
+        });
+        (url, rx)
+    }
+
+    /// With `log.otlp_endpoint`, spans reach the collector named by role and
+    /// run, at the latest when the guard is dropped; filtered-out spans do not.
+    #[test]
+    fn spans_are_exported_to_an_otlp_collector() {
+        let (url, bodies) = collector();
+        let log = LogConfig { console: "warn".into(), trace: "info".into(), otlp_endpoint: url, otlp: "info".into() };
+        let (layer, guard) = otlp_layer::<Registry>(&log, "rollout", "run-42").unwrap().expect("an endpoint is set");
+        tracing::subscriber::with_default(Registry::default().with(layer), || {
+            tracing::info_span!("generate", policy_version = 3u64).in_scope(|| tracing::info!("sampled"));
+            tracing::debug_span!("too_fine").in_scope(|| {});
+        });
+        drop(guard);
+        let body = bodies.recv_timeout(std::time::Duration::from_secs(20)).expect("the collector got spans");
+        let text = String::from_utf8_lossy(&body);
+        for want in ["prism-rollout", "run-42", "prism.run_id", "generate", "policy_version"] {
+            assert!(text.contains(want), "{want} missing from the export");
+        }
+        assert!(!text.contains("too_fine"), "a span below log.otlp is not exported");
+        // Without an endpoint there is no layer.
+        let off = LogConfig { otlp_endpoint: String::new(), ..log };
+        assert!(otlp_layer::<Registry>(&off, "rollout", "x").unwrap().is_none());
     }
 }
