@@ -135,6 +135,21 @@ fn printed_config_never_shows_a_redis_password() {
 }
 
 #[test]
+fn printed_config_never_shows_a_judge_credential() {
+    let c = load(&layers(None, &[], &["judge.url=https://user:sk-secret@judge.example/v1"])).unwrap();
+    assert_eq!(c.judge.url, "https://user:sk-secret@judge.example/v1", "the credential is still used");
+    let shown = c.to_toml();
+    assert!(!shown.contains("sk-secret") && shown.contains("https://user:***@judge.example/v1"), "{shown}");
+}
+
+#[test]
+fn an_otlp_endpoint_must_be_a_url() {
+    let e = load(&layers(None, &[], &["log.otlp_endpoint=collector:4318"])).unwrap_err().to_string();
+    assert!(e.contains("`log.otlp_endpoint`: must be an http:// or https:// URL, or empty"), "{e}");
+    load(&layers(None, &[], &["log.otlp_endpoint=http://collector:4318/v1/traces"])).unwrap();
+}
+
+#[test]
 fn distributed_sections_are_validated_with_their_keys() {
     let e = load(&layers(None, &[], &["dist.dead_after_ms=100", "dist.heartbeat_ms=100"])).unwrap_err().to_string();
     assert!(e.contains("`dist.dead_after_ms`: must be at least twice dist.heartbeat_ms (100)"), "{e}");

@@ -572,7 +572,6 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
                 _ = &mut shutdown => break Finish::Interrupted,
             }
             l.expire().await?;
-            health.beat();
             if queues_at.elapsed() >= Duration::from_secs(1) {
                 l.update_queues().await;
                 queues_at = Instant::now();
