@@ -88,7 +88,13 @@ fn main() -> ExitCode {
         cli::Command::LearnerRank(_) => exit_code(roles::learner_rank(&config)),
         cli::Command::Reward(_) => exit_code(roles::reward(&config)),
         cli::Command::Status(a) => status::run(&config, a.learner.as_deref()),
-        cli::Command::Serve(_) => exit_code(serve::main(&config.model, &config.serve, config.run.seed)),
+        cli::Command::Serve(_) => {
+            if let Err(e) = config.serve.check_exposure() {
+                eprintln!("prism: {e}");
+                return ExitCode::from(config::EXIT_CONFIG as u8);
+            }
+            exit_code(serve::main(&config.model, &config.serve, config.run.seed))
+        }
         cli::Command::Export(a) => exit_code(export::main(&a.from, &a.to, &config.model, config.run.seed)),
         cli::Command::Eval(a) => match &a.what {
             Some(cli::EvalCommand::Processbench(args)) => eval::processbench(&config, args),

@@ -7,6 +7,12 @@
 //! batch together (each response says how many requests shared its batch in
 //! the `x-prism-batch-requests` header).
 //!
+//! It is built not to be knocked over: every size in a request is checked
+//! (with checked arithmetic) before it is queued; at most `serve.max_queue`
+//! jobs wait (more are answered 429); a generation that panics fails its own
+//! requests with 500 and the thread serves on; with an API key set
+//! (`serve.api_key_env`) every route asks for it.
+//!
 //! Entry: [`run`] (`listener`, [`Config`], the loaded model, its name, a
 //! shutdown future); the `prism` binary binds the address and loads the model.
 //! Must not know the learner, rewards, actors or transports: it serves one
@@ -43,6 +49,16 @@ pub struct Config {
     pub max_batch: usize,
     /// `max_tokens` of requests that give none. Default 256.
     pub default_max_tokens: usize,
+    /// Most jobs waiting for the generation thread; requests beyond are
+    /// answered 429. Default 64.
+    pub max_queue: usize,
+    /// Environment variable holding the API key every request must carry
+    /// (`Authorization: Bearer <key>`); unset or empty = none. Default
+    /// `PRISM_SERVE_API_KEY`.
+    pub api_key_env: String,
+    /// Serve an `addr` other hosts can reach without an API key. Without it,
+    /// such a server refuses to start. Default false.
+    pub insecure: bool,
 }
 
 impl Config {
@@ -52,7 +68,33 @@ impl Config {
             .map_err(|_| Invalid::new("serve.addr", &self.addr, "expected host:port, e.g. 127.0.0.1:8000"))?;
         prism_core::config::check::positive("serve.max_batch", self.max_batch)?;
         prism_core::config::check::positive("serve.default_max_tokens", self.default_max_tokens)?;
+        prism_core::config::check::positive("serve.max_queue", self.max_queue)?;
         Ok(())
+    }
+
+    /// The API key from `api_key_env`, if set and not empty.
+    pub fn api_key(&self) -> Option<String> {
+        std::env::var(&self.api_key_env).ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty())
+    }
+
+    /// Whether the server may listen on `addr`: on a loopback address
+    /// always; where other hosts can reach it only with an API key, or with
+    /// `insecure` said explicitly.
+    pub fn check_exposure(&self) -> Result<(), Invalid> {
+        let Ok(addr) = self.addr.parse::<std::net::SocketAddr>() else { return self.validate() };
+        if addr.ip().is_loopback() || self.insecure || self.api_key().is_some() {
+            return Ok(());
+        }
+        Err(Invalid::new(
+            "serve.addr",
+            &self.addr,
+            format!(
+                "other hosts can reach it and no API key is set ({} is empty): anyone who reaches it could use the \
+                 model. Set one (export {}=$(openssl rand -hex 32); clients send `Authorization: Bearer <key>`), listen \
+                 on 127.0.0.1, or opt out explicitly with serve.insecure = true",
+                self.api_key_env, self.api_key_env
+            ),
+        ))
     }
 }
 
@@ -85,7 +127,9 @@ struct AppState {
     vocab: usize,
     eos: Vec<u32>,
     default_max_tokens: usize,
-    jobs: std_mpsc::Sender<Job>,
+    max_batch: usize,
+    max_queue: usize,
+    jobs: std_mpsc::SyncSender<Job>,
     created: u64,
 }
 
@@ -107,7 +151,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let (tx, rx) = std_mpsc::channel::<Job>();
+    let (tx, rx) = std_mpsc::sync_channel::<Job>(config.max_queue);
     let mut eos = loaded.generation.eos_token_ids.clone();
     eos.extend(loaded.tokenizer.eos_id().filter(|e| !eos.contains(e)));
     let state = AppState {
@@ -117,19 +161,39 @@ pub async fn run(
         vocab: loaded.model.config().vocab_size,
         eos,
         default_max_tokens: config.default_max_tokens,
+        max_batch: config.max_batch,
+        max_queue: config.max_queue,
         jobs: tx,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     };
     let max_batch = config.max_batch;
     let worker = std::thread::Builder::new()
         .name("generate".into())
-        .spawn(move || generation_loop(loaded, rx, max_batch))
+        .spawn(move || {
+            let Loaded { model, tokenizer, .. } = loaded;
+            generation_loop(move |requests, on_event| engine::generate_requests(&model, &tokenizer, requests, on_event), rx, max_batch)
+        })
         .map_err(Error::Thread)?;
+    let key = config.api_key().map(Arc::<str>::from);
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route", None, "not_found") })
+        .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let key = key.clone();
+            async move {
+                match key {
+                    Some(key) if !authorized(request.headers(), &key) => error(
+                        StatusCode::UNAUTHORIZED,
+                        "a valid API key is required: send `Authorization: Bearer <key>`",
+                        None,
+                        "invalid_api_key",
+                    ),
+                    _ => next.run(request).await,
+                }
+            }
+        }))
         .with_state(Arc::new(state));
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|source| Error::Http { addr, source })?;
     // The state (and with it the job sender) is gone: the worker's queue closes.
@@ -137,9 +201,24 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether `headers` carry `Authorization: Bearer <key>` (compared in
+/// constant time).
+fn authorized(headers: &HeaderMap, key: &str) -> bool {
+    let Some(given) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 /// The generation thread: take every queued job (up to `max_batch` sequences),
-/// generate them as one batch, answer each.
-fn generation_loop(loaded: Loaded, rx: std_mpsc::Receiver<Job>, max_batch: usize) {
+/// generate them as one batch, answer each. A batch whose generation panics
+/// fails its own requests; the thread goes on with the next.
+fn generation_loop(
+    mut generate: impl FnMut(&[Request], &mut dyn FnMut(engine::Event<'_>)) -> Result<Vec<Vec<Sample>>, prism_model::Error>,
+    rx: std_mpsc::Receiver<Job>,
+    max_batch: usize,
+) {
     let mut waiting: Option<Job> = None;
     loop {
         let first = match waiting.take() {
@@ -163,22 +242,31 @@ fn generation_loop(loaded: Loaded, rx: std_mpsc::Receiver<Job>, max_batch: usize
         let progress: Vec<Option<mpsc::UnboundedSender<Progress>>> = jobs.iter().map(|j| j.progress.clone()).collect();
         let count = jobs.len();
         tracing::debug!(requests = count, sequences = rows, "generating a batch");
-        let result = engine::generate_requests(&loaded.model, &loaded.tokenizer, &requests, &mut |event| {
-            if let engine::Event::Token { request, sample, tokens } = event {
-                if let Some(tx) = &progress[request] {
-                    let _ = tx.send(Progress::Token { sample, token: *tokens.last().expect("a token") });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            generate(&requests, &mut |event| {
+                if let engine::Event::Token { request, sample, tokens } = event {
+                    if let (Some(Some(tx)), Some(token)) = (progress.get(request), tokens.last()) {
+                        let _ = tx.send(Progress::Token { sample, token: *token });
+                    }
                 }
-            }
-        });
+            })
+        }));
         match result {
-            Ok(samples) => {
+            Ok(Ok(samples)) => {
                 for (job, s) in jobs.into_iter().zip(samples) {
                     let _ = job.reply.send(Ok((s, count)));
                 }
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 for job in jobs {
                     let _ = job.reply.send(Err(e.to_string()));
+                }
+            }
+            Err(panic) => {
+                let what = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied()).unwrap_or("a panic");
+                tracing::error!(requests = count, panic = what, "the generation of a batch panicked; its requests fail, the server goes on");
+                for job in jobs {
+                    let _ = job.reply.send(Err(format!("the generation of this request's batch failed ({what})")));
                 }
             }
         }
@@ -297,14 +385,15 @@ fn sampling(s: &AppState, c: Common, prompt_len: usize, max_tokens_field: &str) 
         return Err(bad(format!("top_k must be -1 (off) or >= 1, got {top_k}"), "top_k"));
     }
     let n = c.n.unwrap_or(1);
-    if !(1..=128).contains(&n) {
-        return Err(bad(format!("n must be between 1 and 128, got {n}"), "n"));
+    let most = s.max_batch.min(128);
+    if !(1..=most).contains(&n) {
+        return Err(bad(format!("n must be between 1 and {most} (serve.max_batch), got {n}"), "n"));
     }
     let max_tokens = c.max_tokens.unwrap_or(s.default_max_tokens.min(s.max_context.saturating_sub(prompt_len)).max(1));
     if max_tokens == 0 {
         return Err(bad(format!("{max_tokens_field} must be at least 1"), max_tokens_field));
     }
-    if prompt_len + max_tokens > s.max_context {
+    if prompt_len.checked_add(max_tokens).is_none_or(|total| total > s.max_context) {
         return Err(bad(
             format!(
                 "this model's maximum context length is {} tokens; the prompt has {prompt_len} tokens and {max_tokens_field} asks for {max_tokens}",
@@ -360,8 +449,16 @@ async fn submit(
     progress: Option<mpsc::UnboundedSender<Progress>>,
 ) -> Result<oneshot::Receiver<Result<(Vec<Sample>, usize), String>>, Response> {
     let (tx, rx) = oneshot::channel();
-    s.jobs.send(Job { request, progress, reply: tx }).map_err(|_| {
-        error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, "unavailable")
+    s.jobs.try_send(Job { request, progress, reply: tx }).map_err(|e| match e {
+        std_mpsc::TrySendError::Full(_) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("the server is busy: {} requests are waiting (serve.max_queue); try again shortly", s.max_queue),
+            None,
+            "rate_limit_exceeded",
+        ),
+        std_mpsc::TrySendError::Disconnected(_) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, "unavailable")
+        }
     })?;
     Ok(rx)
 }
@@ -662,4 +759,45 @@ fn stream_chat(
     let mut headers = HeaderMap::new();
     headers.insert("cache-control", HeaderValue::from_static("no-cache"));
     (headers, Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(n: usize) -> (Job, oneshot::Receiver<Result<(Vec<Sample>, usize), String>>) {
+        let (reply, rx) = oneshot::channel();
+        let params = SamplingParams { n, temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: 1, stop: vec![], eos: vec![], seed: 0 };
+        (Job { request: Request { prompt: vec![1], params, top_logprobs: None }, progress: None, reply }, rx)
+    }
+
+    /// A batch whose generation panics fails its own requests (they get an
+    /// error, not a dropped reply) and the thread serves the next batch.
+    #[test]
+    fn a_panicking_generation_fails_its_batch_and_the_thread_serves_on() {
+        let (tx, rx) = std_mpsc::sync_channel(4);
+        let mut calls = 0;
+        let thread = std::thread::spawn(move || {
+            generation_loop(
+                move |requests: &[Request], _: &mut dyn FnMut(engine::Event<'_>)| {
+                    calls += 1;
+                    if calls == 1 {
+                        panic!("injected: index out of bounds");
+                    }
+                    Ok(requests.iter().map(|_| Vec::new()).collect())
+                },
+                rx,
+                8,
+            )
+        });
+        let (first, first_rx) = job(1);
+        tx.send(first).unwrap();
+        let failed = first_rx.blocking_recv().expect("a reply, not a dropped sender");
+        assert!(failed.unwrap_err().contains("injected: index out of bounds"));
+        let (second, second_rx) = job(1);
+        tx.send(second).unwrap();
+        assert_eq!(second_rx.blocking_recv().unwrap().unwrap().1, 1, "the next batch is served");
+        drop(tx);
+        thread.join().expect("the thread ends when the queue closes, not by a panic");
+    }
 }

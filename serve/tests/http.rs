@@ -17,9 +17,23 @@ struct Server {
 
 impl Server {
     fn start(source: &str) -> Self {
+        Self::start_with(source, |_| {})
+    }
+
+    /// With `change` made to the default settings.
+    fn start_with(source: &str, change: impl FnOnce(&mut prism_serve::Config)) -> Self {
         let model = prism_model::Config { source: source.into(), dtype: "f32".into(), device: "cpu".into() };
         let loaded = prism_model::load(source, &model.load_options(0).unwrap()).unwrap();
-        let config = prism_serve::Config { addr: "127.0.0.1:0".into(), name: String::new(), max_batch: 64, default_max_tokens: 256 };
+        let mut config = prism_serve::Config {
+            addr: "127.0.0.1:0".into(),
+            name: String::new(),
+            max_batch: 64,
+            default_max_tokens: 256,
+            max_queue: 64,
+            api_key_env: "PRISM_TEST_NO_SUCH_KEY".into(),
+            insecure: false,
+        };
+        change(&mut config);
         let name = prism_serve::default_name(source);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -39,10 +53,15 @@ impl Server {
 
     /// One HTTP/1.1 request; returns (status, headers, body) with chunked bodies decoded.
     fn request(&self, method: &str, path: &str, body: &str) -> (u16, String, String) {
+        self.request_with(method, path, body, "")
+    }
+
+    /// [`Server::request`] with extra header lines (each ending in `\r\n`).
+    fn request_with(&self, method: &str, path: &str, body: &str, headers: &str) -> (u16, String, String) {
         let mut s = TcpStream::connect(&self.addr).unwrap();
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
             self.addr,
             body.len()
         )
@@ -251,4 +270,105 @@ fn chat_completions_and_streaming_on_smollm() {
     }
     assert_eq!(finished, 2);
     assert_eq!(texts, vec![content.to_string(), content.to_string()], "greedy stream = greedy answer");
+}
+
+/// One request with `"max_tokens": u64::MAX` wrapped `prompt_len +
+/// max_tokens` and killed the generation thread (a 500, then 503 for every
+/// request after). Now it is a 400 naming the field, and the server serves on.
+#[test]
+fn a_huge_max_tokens_is_refused_and_the_server_serves_on() {
+    let server = Server::start("builtin:tiny-arith");
+    for max_tokens in [json!(18446744073709551615u64), json!(usize::MAX - 2)] {
+        let (status, body) = server.post("/v1/completions", &json!({"model": "tiny-arith", "prompt": "Q:1+2\n", "max_tokens": max_tokens}));
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], "max_tokens", "{body}");
+    }
+    let (status, body) = server.post("/v1/completions", &json!({"model": "tiny-arith", "prompt": "Q:1+2\n", "max_tokens": 4}));
+    assert_eq!(status, 200, "the server still serves: {body}");
+    // The same on the chat route (a model with a chat template).
+    let Some(gguf) = smollm_gguf() else { return };
+    let server = Server::start(gguf.to_str().unwrap());
+    let name = prism_serve::default_name(gguf.to_str().unwrap());
+    let chat = |max: Value| json!({"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": max});
+    let (status, body) = server.post("/v1/chat/completions", &chat(json!(18446744073709551615u64)));
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("max_completion_tokens")), "{body}");
+    let (status, body) = server.post("/v1/chat/completions", &chat(json!(2)));
+    assert_eq!(status, 200, "{body}");
+}
+
+/// `n` is bounded by `serve.max_batch`: a batch never holds more sequences.
+#[test]
+fn n_is_bounded_by_max_batch() {
+    let server = Server::start_with("builtin:tiny-arith", |c| c.max_batch = 4);
+    let (status, body) = server.post("/v1/completions", &json!({"model": "tiny-arith", "prompt": "Q:1+2\n", "max_tokens": 2, "n": 5}));
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("between 1 and 4 (serve.max_batch)"), "{body}");
+    let (status, body) = server.post("/v1/completions", &json!({"model": "tiny-arith", "prompt": "Q:1+2\n", "max_tokens": 2, "n": 4}));
+    assert_eq!((status, body["choices"].as_array().map(Vec::len)), (200, Some(4)), "{body}");
+}
+
+/// With `serve.max_queue = 1`, a burst of requests while one batch runs gets
+/// 429 for all but what fits; each answered one got its completion, and the
+/// server serves on.
+#[test]
+fn a_full_queue_answers_429() {
+    let server = std::sync::Arc::new(Server::start_with("builtin:tiny-arith", |c| {
+        c.max_queue = 1;
+        c.max_batch = 1;
+    }));
+    let body = json!({"model": "tiny-arith", "prompt": "Q:1+2\n", "max_tokens": 400, "temperature": 1.0, "stop": ["never"]});
+    let threads: Vec<_> = (0..12)
+        .map(|_| {
+            let (server, body) = (server.clone(), body.clone());
+            std::thread::spawn(move || server.post("/v1/completions", &body))
+        })
+        .collect();
+    let answers: Vec<(u16, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let busy: Vec<&Value> = answers.iter().filter(|(s, _)| *s == 429).map(|(_, b)| b).collect();
+    assert!(!busy.is_empty(), "some requests found the queue full: {answers:?}");
+    assert!(busy.iter().all(|b| b["error"]["code"] == "rate_limit_exceeded"), "{busy:?}");
+    assert!(answers.iter().all(|(s, b)| *s == 429 || (*s == 200 && b["choices"][0]["text"].is_string())), "{answers:?}");
+    let (status, _) = server.post("/v1/completions", &json!({"model": "tiny-arith", "prompt": "Q:1+2\n", "max_tokens": 2}));
+    assert_eq!(status, 200);
+}
+
+/// With an API key set, every route asks for it: none or a wrong one is 401.
+#[test]
+fn an_api_key_is_asked_for_when_set() {
+    let var = format!("PRISM_TEST_SERVE_KEY_{}", std::process::id());
+    // SAFETY: the variable name is unique to this test.
+    unsafe { std::env::set_var(&var, "s3cret-key") };
+    let server = Server::start_with("builtin:tiny-arith", |c| c.api_key_env = var.clone());
+    let body = json!({"model": "tiny-arith", "prompt": "Q:1+2\n", "max_tokens": 2}).to_string();
+    for headers in ["", "Authorization: Bearer wrong-key\r\n", "Authorization: s3cret-key\r\n"] {
+        let (status, _, text) = server.request_with("POST", "/v1/completions", &body, headers);
+        assert_eq!(status, 401, "{headers:?}: {text}");
+        assert!(text.contains("invalid_api_key"), "{text}");
+        assert_eq!(server.request_with("GET", "/v1/models", "", headers).0, 401);
+    }
+    let (status, _, text) = server.request_with("POST", "/v1/completions", &body, "Authorization: Bearer s3cret-key\r\n");
+    assert_eq!(status, 200, "{text}");
+}
+
+/// A server other hosts can reach refuses to start without an API key,
+/// unless told so.
+#[test]
+fn a_server_reachable_from_other_hosts_needs_an_api_key() {
+    let config = |addr: &str, key_env: &str, insecure: bool| prism_serve::Config {
+        addr: addr.into(),
+        name: String::new(),
+        max_batch: 64,
+        default_max_tokens: 256,
+        max_queue: 64,
+        api_key_env: key_env.into(),
+        insecure,
+    };
+    let e = config("0.0.0.0:8000", "PRISM_TEST_NO_SUCH_KEY", false).check_exposure().unwrap_err().to_string();
+    assert!(e.contains("serve.addr") && e.contains("PRISM_TEST_NO_SUCH_KEY") && e.contains("serve.insecure = true"), "{e}");
+    config("127.0.0.1:8000", "PRISM_TEST_NO_SUCH_KEY", false).check_exposure().unwrap();
+    config("0.0.0.0:8000", "PRISM_TEST_NO_SUCH_KEY", true).check_exposure().unwrap();
+    let var = format!("PRISM_TEST_EXPOSED_KEY_{}", std::process::id());
+    // SAFETY: the variable name is unique to this test.
+    unsafe { std::env::set_var(&var, "k") };
+    config("0.0.0.0:8000", &var, false).check_exposure().unwrap();
 }
