@@ -116,6 +116,64 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
 }
 
+impl ModelConfig {
+    /// The weights the model holds (projections, embeddings and norms; the
+    /// biases left out), counted with checked arithmetic: `None` when the
+    /// count overflows. A file must hold at least this many values for the
+    /// model to be made from it.
+    pub fn weight_count(&self) -> Option<u64> {
+        let u = |x: usize| u64::try_from(x).ok();
+        let (v, d, f) = (u(self.vocab_size)?, u(self.hidden_size)?, u(self.intermediate_size)?);
+        let q = u(self.num_heads)?.checked_mul(u(self.head_dim)?)?;
+        let kv = u(self.num_kv_heads)?.checked_mul(u(self.head_dim)?)?;
+        let attention = q.checked_add(kv.checked_mul(2)?)?.checked_add(q)?.checked_mul(d)?;
+        let mlp = f.checked_mul(d)?.checked_mul(3)?;
+        let layer = attention.checked_add(mlp)?.checked_add(d.checked_mul(2)?)?;
+        let embeddings = v.checked_mul(d)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        u(self.num_layers)?.checked_mul(layer)?.checked_add(embeddings)?.checked_add(d)
+    }
+
+    /// Checks the sizes a file's metadata gave before anything is allocated
+    /// from them: no zero where the model divides, the weights within twice
+    /// what the file holds (`available` values; a model a few tensors short
+    /// is left to the load, which names the missing one) and the RoPE tables
+    /// within 2^31 values. `origin` names the file.
+    pub fn check_sizes(&self, available: u64, origin: &Path) -> Result<()> {
+        let fail = |reason: String| Err(Error::Format { path: origin.into(), reason });
+        for (name, value) in [
+            ("vocab size", self.vocab_size),
+            ("hidden size", self.hidden_size),
+            ("intermediate size", self.intermediate_size),
+            ("layers", self.num_layers),
+            ("attention heads", self.num_heads),
+            ("key/value heads", self.num_kv_heads),
+            ("head dimension", self.head_dim),
+            ("maximum positions", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                return fail(format!("the model's {name} is 0"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return fail(format!("{} attention heads do not share out over {} key/value heads", self.num_heads, self.num_kv_heads));
+        }
+        match self.weight_count() {
+            None => return fail("the model's sizes overflow when multiplied out".into()),
+            Some(n) if n > available.saturating_mul(2).saturating_add(1 << 20) => {
+                return fail(format!("the sizes describe a model of {n} weights, but the file holds {available} values"));
+            }
+            Some(_) => {}
+        }
+        if self.max_position_embeddings.checked_mul(self.head_dim).is_none_or(|n| n > 1 << 31) {
+            return fail(format!(
+                "{} positions of head dimension {} make RoPE tables past 2^31 values",
+                self.max_position_embeddings, self.head_dim
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Token ids from a config value that may be a number, a list or null.
 pub(crate) fn token_ids(value: &Option<serde_json::Value>) -> Vec<u32> {
     match value {

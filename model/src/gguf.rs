@@ -137,13 +137,22 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// The shape in PyTorch order (slowest-varying first).
+    /// The shape in PyTorch order (slowest-varying first). [`GgufFile::open`]
+    /// has checked that every dimension fits.
     pub fn shape(&self) -> Vec<i64> {
         self.dims.iter().rev().map(|&d| d as i64).collect()
     }
 
-    fn numel(&self) -> u64 {
-        self.dims.iter().product()
+    /// Its number of values; `None` when the dimensions' product overflows.
+    fn numel(&self) -> Option<u64> {
+        self.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+    }
+
+    /// Its data's length in bytes, for the types this reader knows (`None`
+    /// for others, or when it overflows).
+    fn byte_len(&self) -> Option<u64> {
+        let (block, block_bytes) = block_layout(self.ggml_type)?;
+        (self.numel()? / block as u64).checked_mul(block_bytes as u64)
     }
 }
 
@@ -267,14 +276,47 @@ impl GgufFile {
             tensors.insert(name.clone(), TensorInfo { name, dims, ggml_type, offset });
         }
         let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1);
-        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+        let data_start = (r.pos as u64).div_ceil(alignment).checked_mul(alignment).ok_or_else(|| Error::Format {
+            path: path.into(),
+            reason: format!("general.alignment {alignment} puts the data past any file"),
+        })?;
         drop(r);
+        // Every tensor's size and place checked now, before anything is
+        // allocated from them: its values lie within the file.
+        let len = mmap.len() as u64;
+        for info in tensors.values() {
+            let lie = |reason: String| Error::Format { path: path.into(), reason: format!("tensor `{}`: {reason}", info.name) };
+            if info.dims.iter().any(|&d| i64::try_from(d).is_err()) {
+                return Err(lie(format!("dimensions {:?} past any tensor", info.dims)));
+            }
+            if info.numel().is_none() {
+                return Err(lie(format!("dimensions {:?} overflow when multiplied out", info.dims)));
+            }
+            if block_layout(info.ggml_type).is_some() {
+                let start = data_start.saturating_add(info.offset);
+                let end = info.byte_len().and_then(|n| data_start.checked_add(info.offset)?.checked_add(n));
+                if end.is_none_or(|end| end > len) {
+                    return Err(Error::Truncated { path: path.into(), name: info.name.clone(), start, end: end.unwrap_or(u64::MAX), len });
+                }
+            }
+        }
         Ok(Self { path: path.into(), mmap, version, metadata, tensors, data_start })
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the tensor data starts: the header (metadata and tensor index)
+    /// is everything before.
+    pub fn data_start(&self) -> u64 {
+        self.data_start
+    }
+
+    /// How many values its tensors hold in all (checked when opened; saturating).
+    pub fn values(&self) -> u64 {
+        self.tensors.values().filter_map(TensorInfo::numel).fold(0u64, u64::saturating_add)
     }
 
     /// A metadata value.
@@ -294,7 +336,7 @@ impl GgufFile {
             kind: type_name(info.ggml_type),
             supported: SUPPORTED,
         })?;
-        let n = info.numel();
+        let n = info.numel().expect("checked when the file was opened");
         if n % block as u64 != 0 {
             return Err(Error::Format {
                 path: self.path.clone(),
@@ -444,14 +486,14 @@ impl GgufFile {
         let hidden_size = int("embedding_length")?;
         let num_heads = int("attention.head_count")?;
         let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = int("attention.key_length").or_else(|_| int("rope.dimension_count")).unwrap_or(hidden_size / num_heads);
+        let head_dim = int("attention.key_length").or_else(|_| int("rope.dimension_count")).unwrap_or(hidden_size / num_heads.max(1));
         let vocab_size = match int("vocab_size") {
             Ok(v) => v,
             Err(_) => self
                 .get("tokenizer.ggml.tokens")
                 .and_then(Value::as_array)
                 .map(|a| a.len())
-                .or_else(|| self.tensors.get("token_embd.weight").map(|t| t.dims[1] as usize))
+                .or_else(|| self.tensors.get("token_embd.weight").and_then(|t| t.dims.get(1)).map(|&d| d as usize))
                 .unwrap_or(0),
         };
         let rope_scaling = match self.get(&key("rope.scaling.type")).and_then(Value::as_str) {
@@ -599,6 +641,9 @@ pub fn load_file(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     };
     let llama = config.family == Family::Llama;
     let (heads, kv_heads) = (config.num_heads as i64, config.num_kv_heads as i64);
+    // The metadata's sizes are checked against what the file holds before
+    // the model is allocated from them.
+    config.check_sizes(file.values(), path)?;
     let mut model = Transformer::empty(config, opts.device, opts.dtype)?;
     for name in model.parameter_names() {
         let g = gguf_name(&name).ok_or_else(|| Error::invalid("parameter", &name))?;

@@ -25,8 +25,11 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     if generation.eos_token_ids.is_empty() {
         generation.eos_token_ids.extend(tokenizer.eos_id());
     }
-    let mut model = Transformer::empty(config, opts.device, opts.dtype)?;
     let files = safetensors_files(dir)?;
+    // config.json's sizes are checked against what the files hold before the
+    // model is allocated from them.
+    config.check_sizes(values_in(&files)?, &config_path)?;
+    let mut model = Transformer::empty(config, opts.device, opts.dtype)?;
     load_safetensors(&model, &files)?;
     model.set_tokenizer(tokenizer.clone());
     Ok(Loaded { model, tokenizer, generation })
@@ -43,7 +46,17 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             path: index.clone(),
             reason: "no `weight_map` object".into(),
         })?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+        let mut files = Vec::new();
+        for f in map.values() {
+            let name = f.as_str().ok_or_else(|| Error::Format { path: index.clone(), reason: format!("shard {f} is not a file name") })?;
+            // A shard is a file of the folder: no path that leads elsewhere.
+            let plain = Path::new(name).components().count() == 1
+                && matches!(Path::new(name).components().next(), Some(std::path::Component::Normal(_)));
+            if !plain {
+                return Err(Error::Format { path: index.clone(), reason: format!("shard {name:?} is not a file of the model folder") });
+            }
+            files.push(dir.join(name));
+        }
         files.sort();
         files.dedup();
         return Ok(files);
@@ -53,6 +66,24 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     Err(Error::Io { path: dir.into(), reason: "no model.safetensors or model.safetensors.index.json".into() })
+}
+
+/// How many values the tensors of `files` hold in all, from their headers
+/// (the safetensors crate checks each header against its file).
+fn values_in(files: &[PathBuf]) -> Result<u64> {
+    let mut total = 0u64;
+    for path in files {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: as in load_safetensors.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::Format { path: path.clone(), reason: format!("not a safetensors file: {e}") })?;
+        for (_, view) in st.tensors() {
+            let n = view.shape().iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            total = total.saturating_add(n.unwrap_or(u64::MAX));
+        }
+    }
+    Ok(total)
 }
 
 /// A tensor of a safetensors file as a CPU tensor of its own dtype.

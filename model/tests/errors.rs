@@ -103,9 +103,8 @@ fn a_truncated_gguf_names_the_file_and_tensor() {
     write_gguf(&path, &[("a", vec![4], 0, vec![0; 16]), ("b", vec![64], 0, vec![0; 256])]);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-    let file = GgufFile::open(&path).unwrap();
-    assert!(file.tensor("a").is_ok());
-    let err = file.tensor("b").unwrap_err();
+    // Found when the file is opened, before anything is read or allocated.
+    let err = GgufFile::open(&path).err().unwrap();
     assert!(matches!(err, Error::Truncated { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("cut.gguf") && msg.contains("`b`") && msg.contains("truncated"), "{msg}");
@@ -155,4 +154,141 @@ fn hf_folders_with_a_missing_or_misshapen_tensor_say_which() {
     assert!(msg.contains("/no/such/model.gguf") && msg.contains("no such file"), "{msg}");
     let msg = load("builtin:huge", &LoadOptions::default()).err().unwrap().to_string();
     assert!(msg.contains("huge") && msg.contains("tiny-arith"), "{msg}");
+}
+
+/// A GGUF whose header lies: dimensions whose product overflows, an offset
+/// past the end, a dimension past any tensor. Each is an error naming the
+/// file and the tensor when the file is opened, before anything is allocated.
+#[test]
+fn a_gguf_with_lying_tensor_entries_is_refused_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lies.gguf");
+    for (dims, offset_fix, want) in [
+        (vec![1u64 << 33, 1 << 33], None, "overflow"),
+        (vec![4], Some(u64::MAX - 8), "truncated"),
+        (vec![1u64 << 63], None, "past any tensor"),
+    ] {
+        write_gguf(&path, &[("a", vec![4], 0, vec![0; 16]), ("liar", dims.clone(), 0, vec![0; 16])]);
+        if let Some(offset) = offset_fix {
+            // The last u64 before the data's alignment padding is `liar`'s offset.
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = bytes.windows(4).rposition(|w| w == b"liar").unwrap() + 4 + 4 + 8 * dims.len() + 4;
+            bytes[at..at + 8].copy_from_slice(&offset.to_le_bytes());
+            std::fs::write(&path, bytes).unwrap();
+        }
+        let msg = GgufFile::open(&path).err().unwrap().to_string();
+        assert!(msg.contains("lies.gguf") && msg.contains("`liar`") && msg.contains(want), "{dims:?}: {msg}");
+    }
+}
+
+/// Sizes a model would be allocated from (a config.json or GGUF metadata)
+/// are checked against what the file holds: a vocabulary of 2^40, sizes whose
+/// product overflows, a zero head count, RoPE tables past 2^31 values.
+#[test]
+fn model_sizes_past_what_the_file_holds_are_refused() {
+    let base = load("builtin:tiny-arith", &LoadOptions::default()).unwrap().model.config().clone();
+    let held = base.weight_count().unwrap();
+    let origin = Path::new("model/config.json");
+    base.check_sizes(held, origin).unwrap();
+    // A file a few tensors short is left to the load, which names them.
+    base.check_sizes(held / 2, origin).unwrap();
+    let cases = [
+        (prism_model::ModelConfig { vocab_size: 1 << 40, ..base.clone() }, "the file holds"),
+        (prism_model::ModelConfig { hidden_size: usize::MAX / 2, ..base.clone() }, "overflow"),
+        (prism_model::ModelConfig { num_heads: 0, ..base.clone() }, "attention heads is 0"),
+        (prism_model::ModelConfig { num_kv_heads: 3, ..base.clone() }, "do not share out"),
+        (prism_model::ModelConfig { max_position_embeddings: 1 << 40, ..base.clone() }, "RoPE tables"),
+    ];
+    for (config, want) in cases {
+        let msg = config.check_sizes(held, origin).unwrap_err().to_string();
+        assert!(msg.contains("model/config.json") && msg.contains(want), "{want}: {msg}");
+    }
+}
+
+/// A sharded folder's index may only name files of the folder.
+#[test]
+fn an_index_naming_a_shard_outside_the_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = load("builtin:tiny-arith", &LoadOptions::default()).unwrap();
+    m.model.save_hf(dir.path(), &m.tokenizer).unwrap();
+    for shard in ["../model.safetensors", "/etc/passwd", "sub/../../x.safetensors"] {
+        let index = serde_json::json!({"weight_map": {"model.norm.weight": shard}});
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let msg = load(dir.path().to_str().unwrap(), &LoadOptions::default()).err().unwrap().to_string();
+        assert!(msg.contains("model.safetensors.index.json") && msg.contains("not a file of the model folder"), "{shard}: {msg}");
+    }
+}
+
+/// A deterministic xorshift, so that a failing mutant can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Mutated headers of the real SmolLM2 GGUF (counts, lengths, types,
+/// dimensions and offsets overwritten with random or extreme values, mostly
+/// where the counts and the tensor index are) never panic or abort: opening,
+/// the model config, the tokenizer, the size check and tensor reads each work
+/// or fail with an error naming the file; every 20th mutant is loaded whole.
+#[test]
+fn mutated_gguf_headers_never_panic() {
+    let Some(gguf) = common::smollm_gguf() else { return };
+    let header = GgufFile::open(&gguf).unwrap().data_start() as usize;
+    let original = std::fs::read(&gguf).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mutant.gguf");
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut refused = 0;
+    for mutant in 0..120 {
+        let mut bytes = original.clone();
+        let mut what = Vec::new();
+        for _ in 0..1 + rng.below(4) {
+            let at = match rng.below(3) {
+                0 => rng.below(64),
+                1 => (header as u64).saturating_sub(24 << 10) + rng.below(24 << 10),
+                _ => rng.below(header as u64),
+            } as usize;
+            let width = [1usize, 4, 8][rng.below(3) as usize].min(bytes.len() - at);
+            let value: u64 = match rng.below(4) {
+                0 => u64::MAX,
+                1 => 1 << (32 + rng.below(31)),
+                2 => 0,
+                _ => rng.next(),
+            };
+            bytes[at..at + width].copy_from_slice(&value.to_le_bytes()[..width]);
+            what.push((at, width, value));
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), Error> {
+            let file = GgufFile::open(&path)?;
+            let config = file.model_config()?;
+            file.tokenizer()?;
+            config.check_sizes(file.values(), &path)?;
+            for name in ["output_norm.weight", "blk.0.attn_norm.weight", "blk.29.ffn_norm.weight"] {
+                let _ = file.tensor(name)?;
+            }
+            if mutant % 20 == 0 {
+                load(path.to_str().unwrap(), &LoadOptions::default())?;
+            }
+            Ok(())
+        }));
+        match outcome {
+            Err(_) => panic!("mutant {mutant} ({what:?}) panicked"),
+            Ok(Err(e)) => {
+                refused += 1;
+                assert!(e.to_string().contains("mutant.gguf"), "mutant {mutant} ({what:?}): the error does not name the file: {e}");
+            }
+            Ok(Ok(())) => {}
+        }
+    }
+    assert!(refused >= 30, "most mutants are refused ({refused} of 120)");
 }
