@@ -170,6 +170,51 @@ impl Tokenizer {
         chat::render(template, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
     }
 
+    /// Token ids of the chat prompt for `messages` (the template rendered as
+    /// [`Tokenizer::apply_chat_template`] renders it, encoded with special
+    /// tokens), where a message's text that spells a special token (a user
+    /// writing `<|im_end|>`) stays text: only the template's own markup
+    /// becomes control tokens. Messages that spell none (nearly all) encode
+    /// exactly as the rendered text does.
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template(messages, add_generation_prompt)?;
+        let specials: Vec<String> =
+            self.inner.get_added_tokens_decoder().into_values().filter(|t| t.special && !t.content.is_empty()).map(|t| t.content).collect();
+        if !messages.iter().any(|m| specials.iter().any(|s| m.content.contains(s.as_str()))) {
+            return self.encode(&text, true);
+        }
+        let fail = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+        // What encoding with special tokens adds around the text (BOS, ...).
+        let (full, bare) = (self.inner.encode(text.as_str(), true).map_err(fail)?, self.inner.encode(text.as_str(), false).map_err(fail)?);
+        let (full, bare) = (full.get_ids(), bare.get_ids());
+        let at = (0..=full.len().saturating_sub(bare.len())).find(|&o| full[o..].starts_with(bare)).unwrap_or(0);
+        let (prefix, suffix) = (&full[..at], &full[(at + bare.len()).min(full.len())..]);
+        let mut literal = self.inner.clone();
+        literal.set_encode_special_tokens(true);
+        let mut ids = prefix.to_vec();
+        let mut pos = 0;
+        for m in messages.iter().filter(|m| !m.content.is_empty()) {
+            let Some(found) = text[pos..].find(m.content.as_str()) else {
+                return Err(Error::Template(
+                    "a message spells a special token and the chat template changes its text, so it cannot be kept as text".into(),
+                ));
+            };
+            ids.extend(self.inner.encode(&text[pos..pos + found], false).map_err(fail)?.get_ids());
+            ids.extend(literal.encode(m.content.as_str(), false).map_err(fail)?.get_ids());
+            pos += found + m.content.len();
+        }
+        ids.extend(self.inner.encode(&text[pos..], false).map_err(fail)?.get_ids());
+        ids.extend(suffix);
+        if self.add_bos {
+            if let Some(bos) = self.bos_id() {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Writes `tokenizer.json` and `tokenizer_config.json` (with the chat
     /// template) so that transformers' `AutoTokenizer.from_pretrained(dir)`
     /// loads the same tokenizer.

@@ -618,8 +618,8 @@ async fn chat_inner(s: Arc<AppState>, body: Bytes) -> Result<Response, Response>
     if let Some(k) = b.top_logprobs {
         check_top(k, "top_logprobs")?;
     }
-    let text = s.tokenizer.apply_chat_template(&b.messages, true).map_err(|e| bad(e.to_string(), "messages"))?;
-    let prompt = s.tokenizer.encode(&text, true).map_err(|e| bad(e.to_string(), "messages"))?;
+    // A message that spells a special token keeps it as text.
+    let prompt = s.tokenizer.encode_chat(&b.messages, true).map_err(|e| bad(e.to_string(), "messages"))?;
     let common = Common {
         max_tokens: b.max_completion_tokens.or(b.max_tokens),
         temperature: b.temperature,
