@@ -128,7 +128,7 @@ pub fn generate(model: &Transformer, prompts: &[Vec<u32>], params: &SamplingPara
             top_logprobs: None,
         })
         .collect();
-    generate_requests(model, tokenizer, &requests, &mut |_| {})
+    generate_requests(model, tokenizer, &requests, &mut |_| {}, &|_| false)
 }
 
 /// SplitMix64 of `a` combined with `b`: independent streams per (seed, index).
@@ -150,12 +150,15 @@ struct Row {
 }
 
 /// Samples for each request, in request order; `on_event` sees every token
-/// as it is produced.
+/// as it is produced. A request for which `cancelled` answers true (its
+/// client went away) stops generating at the next token: its rows end as
+/// `length` with what they have.
 pub fn generate_requests(
     model: &Transformer,
     tokenizer: &Tokenizer,
     requests: &[Request],
     on_event: &mut dyn FnMut(Event),
+    cancelled: &dyn Fn(usize) -> bool,
 ) -> Result<Vec<Vec<Sample>>> {
     if requests.is_empty() {
         return Ok(Vec::new());
@@ -174,7 +177,7 @@ pub fn generate_requests(
             return Err(Error::ContextTooLong { prompt: r.prompt.len(), new: r.params.max_new_tokens, max: max_pos });
         }
     }
-    tch::no_grad(|| run(model, tokenizer, requests, on_event))
+    tch::no_grad(|| run(model, tokenizer, requests, on_event, cancelled))
 }
 
 fn run(
@@ -182,6 +185,7 @@ fn run(
     tokenizer: &Tokenizer,
     requests: &[Request],
     on_event: &mut dyn FnMut(Event),
+    cancelled: &dyn Fn(usize) -> bool,
 ) -> Result<Vec<Vec<Sample>>> {
     let device = model.device();
     let prompt_len = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
@@ -255,6 +259,13 @@ fn run(
                     row.finish = Some(f);
                     any_done = true;
                     on_event(Event::Finished { request: row.request, sample: row.sample, finish: f });
+                }
+            }
+            for &r in &active {
+                let row = &mut rows[r];
+                if row.finish.is_none() && cancelled(row.request) {
+                    row.finish = Some(FinishReason::Length);
+                    any_done = true;
                 }
             }
             let keep: Vec<i64> =

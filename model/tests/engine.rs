@@ -198,3 +198,30 @@ fn bf16_weights_give_float32_logits_close_to_f32() {
     let diff = (a - b).abs().max().double_value(&[]);
     assert!(diff < 0.05, "bf16 vs f32 logits differ by {diff}");
 }
+
+/// A request its client abandoned stops at the next token: the other request
+/// of the batch goes on to its length.
+#[test]
+fn a_cancelled_request_stops_and_the_rest_of_the_batch_goes_on() {
+    let m = tiny(8);
+    let prompt = encode(&m, "Q:2+2\n");
+    let request = |max| engine::Request { prompt: prompt.clone(), params: SamplingParams::greedy(max, vec![]), top_logprobs: None };
+    let requests = [request(40), request(40)];
+    let tokens_of_first = std::cell::Cell::new(0usize);
+    let out = engine::generate_requests(
+        &m.model,
+        &m.tokenizer,
+        &requests,
+        &mut |e| {
+            if let engine::Event::Token { request: 0, tokens, .. } = e {
+                tokens_of_first.set(tokens.len());
+            }
+        },
+        &|request| request == 0 && tokens_of_first.get() >= 5,
+    )
+    .unwrap();
+    assert_eq!(out[0][0].tokens.len(), 5, "cancelled after its fifth token");
+    assert_eq!(out[0][0].finish, FinishReason::Length);
+    assert_eq!(out[1][0].tokens.len(), 40);
+    assert_eq!(out[0][0].tokens, out[1][0].tokens[..5], "what it had is what the other made");
+}

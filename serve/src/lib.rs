@@ -9,9 +9,10 @@
 //!
 //! It is built not to be knocked over: every size in a request is checked
 //! (with checked arithmetic) before it is queued; at most `serve.max_queue`
-//! jobs wait (more are answered 429); a generation that panics fails its own
-//! requests with 500 and the thread serves on; with an API key set
-//! (`serve.api_key_env`) every route asks for it.
+//! jobs wait (more are answered 429); a request whose client went away stops
+//! generating; a chat message that spells a special token keeps it as text; a
+//! generation that panics fails its own requests with 500 and the thread serves
+//! on; with an API key set (`serve.api_key_env`) every route asks for it.
 //!
 //! Entry: [`run`] (`listener`, [`Config`], the loaded model, its name, a
 //! shutdown future); the `prism` binary binds the address and loads the model.
@@ -171,7 +172,11 @@ pub async fn run(
         .name("generate".into())
         .spawn(move || {
             let Loaded { model, tokenizer, .. } = loaded;
-            generation_loop(move |requests, on_event| engine::generate_requests(&model, &tokenizer, requests, on_event), rx, max_batch)
+            generation_loop(
+                move |requests, on_event, cancelled| engine::generate_requests(&model, &tokenizer, requests, on_event, cancelled),
+                rx,
+                max_batch,
+            )
         })
         .map_err(Error::Thread)?;
     let key = config.api_key().map(Arc::<str>::from);
@@ -212,10 +217,15 @@ fn authorized(headers: &HeaderMap, key: &str) -> bool {
 }
 
 /// The generation thread: take every queued job (up to `max_batch` sequences),
-/// generate them as one batch, answer each. A batch whose generation panics
-/// fails its own requests; the thread goes on with the next.
+/// generate them as one batch, answer each. A request whose client went away
+/// (its reply or its stream dropped) stops generating. A batch whose
+/// generation panics fails its own requests; the thread goes on with the next.
 fn generation_loop(
-    mut generate: impl FnMut(&[Request], &mut dyn FnMut(engine::Event<'_>)) -> Result<Vec<Vec<Sample>>, prism_model::Error>,
+    mut generate: impl FnMut(
+        &[Request],
+        &mut dyn FnMut(engine::Event<'_>),
+        &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Vec<Sample>>, prism_model::Error>,
     rx: std_mpsc::Receiver<Job>,
     max_batch: usize,
 ) {
@@ -242,14 +252,21 @@ fn generation_loop(
         let progress: Vec<Option<mpsc::UnboundedSender<Progress>>> = jobs.iter().map(|j| j.progress.clone()).collect();
         let count = jobs.len();
         tracing::debug!(requests = count, sequences = rows, "generating a batch");
+        let gone = |request: usize| {
+            jobs.get(request).is_some_and(|j| j.reply.is_closed() || j.progress.as_ref().is_some_and(|p| p.is_closed()))
+        };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            generate(&requests, &mut |event| {
-                if let engine::Event::Token { request, sample, tokens } = event {
-                    if let (Some(Some(tx)), Some(token)) = (progress.get(request), tokens.last()) {
-                        let _ = tx.send(Progress::Token { sample, token: *token });
+            generate(
+                &requests,
+                &mut |event| {
+                    if let engine::Event::Token { request, sample, tokens } = event {
+                        if let (Some(Some(tx)), Some(token)) = (progress.get(request), tokens.last()) {
+                            let _ = tx.send(Progress::Token { sample, token: *token });
+                        }
                     }
-                }
-            })
+                },
+                &gone,
+            )
         }));
         match result {
             Ok(Ok(samples)) => {
@@ -779,7 +796,7 @@ mod tests {
         let mut calls = 0;
         let thread = std::thread::spawn(move || {
             generation_loop(
-                move |requests: &[Request], _: &mut dyn FnMut(engine::Event<'_>)| {
+                move |requests: &[Request], _: &mut dyn FnMut(engine::Event<'_>), _: &dyn Fn(usize) -> bool| {
                     calls += 1;
                     if calls == 1 {
                         panic!("injected: index out of bounds");
@@ -799,5 +816,34 @@ mod tests {
         assert_eq!(second_rx.blocking_recv().unwrap().unwrap().1, 1, "the next batch is served");
         drop(tx);
         thread.join().expect("the thread ends when the queue closes, not by a panic");
+    }
+
+    /// A request whose client went away (its reply dropped) is seen as
+    /// cancelled by the generation, which can stop it.
+    #[test]
+    fn a_request_whose_client_went_away_is_cancelled() {
+        let (tx, rx) = std_mpsc::sync_channel(4);
+        let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let saw = seen.clone();
+        let thread = std::thread::spawn(move || {
+            generation_loop(
+                move |requests: &[Request], _: &mut dyn FnMut(engine::Event<'_>), cancelled: &dyn Fn(usize) -> bool| {
+                    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                    while !cancelled(0) && std::time::Instant::now() < until {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    saw.store(cancelled(0), std::sync::atomic::Ordering::SeqCst);
+                    Ok(requests.iter().map(|_| Vec::new()).collect())
+                },
+                rx,
+                8,
+            )
+        });
+        let (first, first_rx) = job(1);
+        tx.send(first).unwrap();
+        drop(first_rx); // the client goes away
+        drop(tx);
+        thread.join().unwrap();
+        assert!(seen.load(std::sync::atomic::Ordering::SeqCst), "the generation heard the request was cancelled");
     }
 }
