@@ -697,6 +697,52 @@ async fn chat_inner(s: Arc<AppState>, body: Bytes) -> Result<Response, Response>
     Ok(with_batch_header(axum::Json(body).into_response(), batch))
 }
 
+/// A sample's text decoded as its tokens arrive, each token decoding only a
+/// short window (the tokens since the last emitted text and the one before),
+/// not the whole prefix: the text grows by what the window's decoding adds
+/// (how text-generation servers stream; the window's first token keeps a
+/// tokenizer's leading-space rules from changing text already out).
+#[derive(Default)]
+struct Incremental {
+    tokens: Vec<u32>,
+    /// The window starts here; tokens before `read` are in `text`.
+    prefix: usize,
+    read: usize,
+    text: String,
+    /// Tokens decoded so far, across all windows (what the test counts).
+    work: usize,
+}
+
+impl Incremental {
+    /// Adds `token`; whether `text` grew (a token that ends inside a
+    /// character adds nothing until the character is whole).
+    fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> bool {
+        self.tokens.push(token);
+        let window = &self.tokens[self.prefix..];
+        self.work += window.len() + (self.read - self.prefix);
+        let (Ok(before), Ok(after)) =
+            (tokenizer.decode(&self.tokens[self.prefix..self.read], true), tokenizer.decode(window, true))
+        else {
+            return false;
+        };
+        if after.ends_with('\u{FFFD}') || after.len() <= before.len() {
+            return false;
+        }
+        match after.strip_prefix(before.as_str()) {
+            Some(added) => self.text.push_str(added),
+            // The window decoded its first tokens differently: decode the
+            // whole sample once, and go on from there.
+            None => match tokenizer.decode(&self.tokens, true) {
+                Ok(all) if all.starts_with(self.text.as_str()) => self.text = all,
+                _ => return false,
+            },
+        }
+        self.prefix = self.read;
+        self.read = self.tokens.len();
+        true
+    }
+}
+
 /// SSE for a chat request: a role chunk, content deltas as tokens arrive (text
 /// that could still turn into a stop string held back), a final chunk with the
 /// finish reason per choice, then `[DONE]`.
@@ -718,20 +764,29 @@ fn stream_chat(
         for i in 0..n {
             send(chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})));
         }
-        let hold = stop.iter().map(|x| x.len()).max().unwrap_or(1).saturating_sub(1);
-        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let longest_stop = stop.iter().map(|x| x.len()).max().unwrap_or(1);
+        let hold = longest_stop.saturating_sub(1);
+        let mut decoded: Vec<Incremental> = (0..n).map(|_| Incremental::default()).collect();
+        let mut stopped = vec![false; n];
         let mut sent: Vec<usize> = vec![0; n];
         while let Some(Progress::Token { sample, token }) = progress.recv().await {
-            tokens[sample].push(token);
-            let Ok(text) = s.tokenizer.decode(&tokens[sample], true) else { continue };
-            if text.ends_with('\u{FFFD}') {
+            let Some(d) = decoded.get_mut(sample) else { continue };
+            let before = d.text.len();
+            if !d.push(&s.tokenizer, token) {
                 continue;
             }
+            let text = &d.text;
+            // A stop string new in the text overlaps what this token added.
+            let mut from = before.saturating_sub(longest_stop);
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            stopped[sample] |= stop.iter().any(|x| text[from..].contains(x.as_str()));
             let mut upto = text.len().saturating_sub(hold);
             while !text.is_char_boundary(upto) {
                 upto -= 1;
             }
-            if stop.iter().any(|x| text.contains(x.as_str())) || upto <= sent[sample] {
+            if stopped[sample] || upto <= sent[sample] {
                 continue;
             }
             let delta = &text[sent[sample]..upto];
@@ -845,5 +900,37 @@ mod tests {
         drop(tx);
         thread.join().unwrap();
         assert!(seen.load(std::sync::atomic::Ordering::SeqCst), "the generation heard the request was cancelled");
+    }
+
+    /// Streaming decodes a short window per token, not the whole prefix:
+    /// over a long completion the text equals decoding every token at once,
+    /// and the tokens decoded in all stay within a few per token.
+    #[test]
+    fn streaming_decodes_incrementally() {
+        let loaded = prism_model::load("builtin:tiny-arith", &prism_model::LoadOptions::default()).unwrap();
+        let tok = &loaded.tokenizer;
+        let text = "Q:12+7*3\n7*3=21\n12+21=33\nA:33\n".repeat(20);
+        let ids = tok.encode(&text, false).unwrap();
+        let mut d = Incremental::default();
+        for &id in &ids {
+            d.push(tok, id);
+        }
+        assert_eq!(d.text, tok.decode(&ids, true).unwrap());
+        assert!(d.work <= 4 * ids.len(), "{} tokens decoded for {} tokens", d.work, ids.len());
+        // Byte-level BPE with characters split over tokens (SmolLM2's, where
+        // scripts/setup fetched it).
+        let gguf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !gguf.exists() {
+            return;
+        }
+        let tok = prism_model::gguf::GgufFile::open(&gguf).unwrap().tokenizer().unwrap();
+        let text = "Héllo — 日本語のテキスト 🙂🙂, then   spaces\n\tand tabs. ".repeat(10);
+        let ids = tok.encode(&text, false).unwrap();
+        let mut d = Incremental::default();
+        for &id in &ids {
+            d.push(&tok, id);
+        }
+        assert_eq!(d.text, tok.decode(&ids, true).unwrap());
+        assert!(d.work <= 6 * ids.len(), "{} tokens decoded for {} tokens", d.work, ids.len());
     }
 }
