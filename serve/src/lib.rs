@@ -620,6 +620,21 @@ fn chat_logprob_entry(tok: &Tokenizer, id: u32, logprob: f32) -> Value {
     json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
 }
 
+/// The `logprobs` of a chat choice: each of the first `count` tokens (those
+/// the visible text covers) with its alternatives.
+fn chat_logprobs(tok: &Tokenizer, sample: &Sample, count: usize) -> Value {
+    let content: Vec<Value> = sample.top_logprobs[..count.min(sample.top_logprobs.len())]
+        .iter()
+        .zip(&sample.tokens)
+        .map(|(t, &id)| {
+            let mut e = chat_logprob_entry(tok, id, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|&(alt, lp)| chat_logprob_entry(tok, alt, lp)).collect::<Vec<_>>().into();
+            e
+        })
+        .collect();
+    json!({"content": content})
+}
+
 async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     match chat_inner(s, body).await {
         Ok(r) | Err(r) => r,
@@ -665,19 +680,7 @@ async fn chat_inner(s: Arc<AppState>, body: Bytes) -> Result<Response, Response>
         .enumerate()
         .map(|(i, sample)| {
             let (text, count) = visible(sample, &stop);
-            let logprobs = top.map(|_| {
-                let content: Vec<Value> = sample.top_logprobs[..count.min(sample.top_logprobs.len())]
-                    .iter()
-                    .zip(&sample.tokens)
-                    .map(|(t, &id)| {
-                        let mut e = chat_logprob_entry(&s.tokenizer, id, t.logprob);
-                        e["top_logprobs"] =
-                            t.top.iter().map(|&(alt, lp)| chat_logprob_entry(&s.tokenizer, alt, lp)).collect::<Vec<_>>().into();
-                        e
-                    })
-                    .collect();
-                json!({"content": content})
-            });
+            let logprobs = top.map(|_| chat_logprobs(&s.tokenizer, sample, count));
             json!({
                 "index": i,
                 "message": {"role": "assistant", "content": text},
@@ -806,19 +809,7 @@ fn stream_chat(
         for (i, sample) in samples.iter().enumerate() {
             let (text, count) = visible(sample, &stop);
             let rest = text.get(sent[i].min(text.len())..).unwrap_or("");
-            let logprobs = top.map(|_| {
-                let content: Vec<Value> = sample.top_logprobs[..count.min(sample.top_logprobs.len())]
-                    .iter()
-                    .zip(&sample.tokens)
-                    .map(|(t, &tid)| {
-                        let mut e = chat_logprob_entry(&s.tokenizer, tid, t.logprob);
-                        e["top_logprobs"] =
-                            t.top.iter().map(|&(alt, lp)| chat_logprob_entry(&s.tokenizer, alt, lp)).collect::<Vec<_>>().into();
-                        e
-                    })
-                    .collect();
-                json!({"content": content})
-            });
+            let logprobs = top.map(|_| chat_logprobs(&s.tokenizer, sample, count));
             send(chunk(json!({
                 "index": i,
                 "delta": {"content": rest},
