@@ -73,8 +73,12 @@ pub struct Config {
     /// steps against that instead of solving the problem again (TP-GRPO's
     /// evaluator). Default false.
     pub reference_aware: bool,
-    /// Sampled replies per step; the score is their average. Default 1.
+    /// Sampled replies per step; `vote` makes them one score. Default 1.
     pub samples: u32,
+    /// How the sampled replies make one score: `mean`, `majority` or
+    /// `all_correct` (a reply counts as judging the step correct when its
+    /// P(correct) is at least `threshold`). Default `mean`.
+    pub vote: Vote,
     /// Sampling temperature. Default 0.0 (greedy; use > 0 with samples > 1).
     pub temperature: f64,
     /// Most tokens per reply; a reply cut off there (`finish_reason =
@@ -124,6 +128,19 @@ pub struct Config {
 }
 
 string_enum! {
+    /// How a step's sampled replies make one score (verification ensembles,
+    /// as SPARK and CAPO vote over sampled critiques): `mean` of the replies'
+    /// P(correct); `majority`, 1 when more replies judge it correct than
+    /// wrong, 0 when fewer, 0.5 on a tie; `all_correct`, 1 only when every
+    /// reply judges it correct (a step any critique faults is wrong).
+    pub enum Vote {
+        Mean = "mean",
+        Majority = "majority",
+        AllCorrect = "all_correct",
+    }
+}
+
+string_enum! {
     /// Which OpenAI endpoint the judge is called on.
     pub enum Api {
         Chat = "chat",
@@ -142,6 +159,7 @@ impl Default for Config {
             template_file: String::new(),
             reference_aware: false,
             samples: 1,
+            vote: Vote::Mean,
             temperature: 0.0,
             max_tokens: 1024,
             max_reply_bytes: 1 << 20,
@@ -592,10 +610,11 @@ impl Judge {
     fn key(&self, subject: &Subject<'_>, steps: &[&str]) -> [u8; 32] {
         let template = &self.inner.template;
         let mut h = Sha256::new();
-        for part in [self.inner.cfg.model.as_bytes(), template.id(), subject.problem.as_bytes()] {
+        for part in [self.inner.cfg.model.as_bytes(), template.id(), subject.problem.as_bytes(), self.inner.cfg.vote.as_str().as_bytes()] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
+        h.update(self.inner.cfg.samples.to_le_bytes());
         if template.reads_reference() {
             match subject.reference {
                 None => h.update([0]),
@@ -689,8 +708,8 @@ impl Judge {
         judgements
     }
 
-    /// Averages the per-reply scores of one step, whose verdict `find` reads
-    /// from a reply's text; counts verdicts. The soft score comes from the
+    /// Makes one score of the per-reply scores of one step (as `judge.vote`
+    /// says), whose verdict `find` reads from a reply's text; counts verdicts. The soft score comes from the
     /// verdict as found in the text the tokens spell, when it agrees with the
     /// one in the reply's text. A reply cut off at `max_tokens` gives no
     /// verdict; one whose logprobs are not log-probabilities gives an unknown
@@ -702,7 +721,7 @@ impl Judge {
         find: impl Fn(&str) -> Option<parse::Verdict>,
         canary: bool,
     ) -> StepJudgement {
-        let (mut sum, mut known, mut unknown, mut from_logprobs, mut non_finite) = (0f64, 0u32, 0u32, 0u64, 0u64);
+        let (mut scores, mut unknown, mut from_logprobs, mut non_finite) = (Vec::with_capacity(choices.len()), 0u32, 0u64, 0u64);
         for c in choices {
             let verdict = if c.truncated() { None } else { find(&c.text) };
             let Some(v) = verdict else {
@@ -735,10 +754,10 @@ impl Judge {
                     continue;
                 }
             };
-            sum += p;
-            known += 1;
+            scores.push(p);
         }
-        let mean = sum / known.max(1) as f64;
+        let known = scores.len() as u32;
+        let mean = vote(self.inner.cfg.vote, &scores, self.inner.cfg.threshold);
         let judgement = if known == 0 {
             StepJudgement::Unknown { samples: unknown }
         } else if !(mean.is_finite() && (0.0..=1.0).contains(&mean)) {
@@ -1079,6 +1098,26 @@ async fn within<T>(deadline: Option<tokio::time::Instant>, f: impl Future<Output
 }
 
 /// The share of accepted canaries in `window`; `None` when it is empty.
+/// One score from a step's per-reply scores under `mode`; a reply judges
+/// the step correct when its score is at least `threshold`. NaN for no
+/// replies (the caller calls that unknown).
+fn vote(mode: Vote, scores: &[f64], threshold: f64) -> f64 {
+    if scores.is_empty() {
+        return f64::NAN;
+    }
+    let yes = scores.iter().filter(|&&p| p >= threshold).count();
+    let no = scores.len() - yes;
+    match mode {
+        Vote::Mean => scores.iter().sum::<f64>() / scores.len() as f64,
+        Vote::Majority => match yes.cmp(&no) {
+            std::cmp::Ordering::Greater => 1.0,
+            std::cmp::Ordering::Less => 0.0,
+            std::cmp::Ordering::Equal => 0.5,
+        },
+        Vote::AllCorrect => f64::from(u8::from(no == 0)),
+    }
+}
+
 fn window_rate(window: &VecDeque<bool>) -> Option<f64> {
     (!window.is_empty()).then(|| window.iter().filter(|a| **a).count() as f64 / window.len() as f64)
 }

@@ -534,3 +534,39 @@ fn new_config_keys_are_validated() {
     let d = Config::default();
     assert_eq!((d.max_reply_bytes, d.canary_window, d.canary_max_rate, d.reference_aware), (1 << 20, 20, 0.2, false));
 }
+
+/// Three sampled critiques of one step say Yes, No, Yes: `mean` gives 2/3,
+/// `majority` 1 and `all_correct` 0; each mode caches under its own key.
+#[tokio::test]
+async fn the_vote_makes_one_score_of_the_sampled_replies() {
+    let server = TestServer::start(|req: &crate::testkit::Request| {
+        let v = if req.seq % 3 == 1 { "No" } else { "Yes" };
+        Reply::ok(chat_text(&[&format!("Checked. \\boxed{{{v}}}")])).into()
+    })
+    .unwrap();
+    for (vote, want) in [(Vote::Mean, 2.0 / 3.0), (Vote::Majority, 1.0), (Vote::AllCorrect, 0.0)] {
+        let cfg = Config { samples: 3, temperature: 0.7, top_logprobs: 0, vote, ..config(&server) };
+        let judge = Judge::new(&cfg).unwrap();
+        let got = judge.judge("p", &["step"]).await;
+        let StepJudgement::Scored { p, samples: 3, unknown: 0, .. } = got[0] else { panic!("{vote:?}: {got:?}") };
+        assert!((f64::from(p) - want).abs() < 1e-6, "{vote:?}: {p}");
+    }
+    assert_eq!(server.requests(), 9, "three replies asked for each mode");
+    // A tie is 0.5 under majority.
+    assert_eq!(super::vote(Vote::Majority, &[1.0, 0.0], 0.5), 0.5);
+    assert_eq!(super::vote(Vote::AllCorrect, &[0.9, 0.6], 0.5), 1.0);
+    assert!(super::vote(Vote::Mean, &[], 0.5).is_nan());
+}
+
+/// The vote mode and the number of samples are part of the cache key: one
+/// judge's cached verdict under `mean` is not reused under `all_correct`.
+#[tokio::test]
+async fn the_cache_key_holds_the_vote_and_the_samples() {
+    let server = TestServer::start(|_: &crate::testkit::Request| Reply::ok(chat_text(&["\\boxed{Yes}"])).into()).unwrap();
+    let judge = |vote, samples| Judge::new(&Config { samples, vote, top_logprobs: 0, ..config(&server) }).unwrap();
+    let subject = Subject { problem: "p", reference: None, outcome: None };
+    let keys = [judge(Vote::Mean, 1), judge(Vote::AllCorrect, 1), judge(Vote::Mean, 3)].map(|j| j.key(&subject, &["step"]));
+    assert_ne!(keys[0], keys[1]);
+    assert_ne!(keys[0], keys[2]);
+    assert_eq!(judge(Vote::Mean, 1).key(&subject, &["step"]), keys[0], "the same settings share a key");
+}
