@@ -255,6 +255,56 @@ fn a_redis_restart_mid_run_is_survived() {
     assert_balanced(&summary, 6, &learner);
 }
 
+/// Waits for the learner's warm start to end (its first weights published,
+/// read from its trace: per-version events stay off the console).
+fn wait_for_first_weights(dir: &Path, learner: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !traced(&dir.join("runs"), "weights published") {
+        assert!(Instant::now() < deadline, "the learner did not publish weights:\n{}", learner.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A worker the test plays: registered as `name` with the learner on `port`,
+/// holding one prompt.
+async fn fake_rollout(port: u16, name: &str) -> (prism_transport::control::ControlClient, String, prism_core::Assignment) {
+    use prism_transport::{Error, control::{ControlClient, Role}, grpc};
+    let cfg = grpc::Config { learner: format!("http://127.0.0.1:{port}"), connect_timeout_ms: 120_000, ..Default::default() };
+    let mut control = ControlClient::connect(&cfg, None, None).await.unwrap();
+    let worker = control.register(Role::Rollout, name, "cpu").await.unwrap().worker_id;
+    loop {
+        match control.get_work(&worker, 1, Duration::from_secs(1)).await {
+            Ok(Some(mut w)) if !w.is_empty() => return (control, worker, w.swap_remove(0)),
+            Ok(_) => {}
+            // not handing out prompts for a moment more
+            Err(Error::NotReady { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Samples `0..n` of assignment `a`'s group of 4, as a rollout would add them.
+fn sampled(a: &prism_core::Assignment, n: u32) -> Vec<prism_core::Trajectory> {
+    use prism_core::{FinishReason, Trajectory, TrajectoryId};
+    (0..n)
+        .map(|s| Trajectory {
+            id: TrajectoryId(a.group.0 * 4 + s as u64),
+            group: a.group,
+            sample: s,
+            group_size: 4,
+            prompt: a.prompt.clone(),
+            policy_version: a.min_version,
+            prompt_tokens: vec![1, 2, 3],
+            tokens: vec![4, 5, 6],
+            logprobs: vec![-1.0; 3],
+            token_ends: vec![1, 2, 3],
+            text: "A:0\n".into(),
+            finish: FinishReason::Eos,
+            generate_ms: 1,
+        })
+        .collect()
+}
+
 /// The value of `key=` among `sets`.
 fn setting<'a>(sets: &'a [String], key: &str) -> &'a str {
     sets.iter().find_map(|s| s.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("no {key} in {sets:?}"))
@@ -262,8 +312,7 @@ fn setting<'a>(sets: &'a [String], key: &str) -> &'a str {
 
 #[test]
 fn trajectories_whose_delivery_report_is_lost_are_still_counted_as_made() {
-    use prism_transport::{Error, control::{ControlClient, Role}, grpc, redis as rs};
-    use prism_core::{FinishReason, Trajectory, TrajectoryId};
+    use prism_transport::redis as rs;
     let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -276,49 +325,14 @@ fn trajectories_whose_delivery_report_is_lost_are_still_counted_as_made() {
     // sends none). It keeps heartbeating, so its prompt is not issued again,
     // and does not leave when the run ends.
     // Once the warm start is done, the learner hands out prompts.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    // Per-version events stay off the console: read the learner's trace.
-    while !traced(&dir.path().join("runs"), "weights published") {
-        assert!(Instant::now() < deadline, "the learner did not publish weights:\n{}", learner.output());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_first_weights(dir.path(), &learner);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let group = rt.block_on(async {
-        let cfg = grpc::Config { learner: format!("http://127.0.0.1:{port}"), connect_timeout_ms: 120_000, ..Default::default() };
-        let mut control = ControlClient::connect(&cfg, None, None).await.unwrap();
-        let worker = control.register(Role::Rollout, "cut-off", "cpu").await.unwrap().worker_id;
-        let work = loop {
-            match control.get_work(&worker, 1, Duration::from_secs(1)).await {
-                Ok(Some(w)) if !w.is_empty() => break w,
-                Ok(_) => {}
-                // not handing out prompts for a moment more
-                Err(Error::NotReady { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) => panic!("{e}"),
-            }
-        };
-        let a = &work[0];
-        let prompt = a.prompt.clone();
-        let sampled: Vec<Trajectory> = (0..4u32)
-            .map(|s| Trajectory {
-                id: TrajectoryId(a.group.0 * 4 + s as u64),
-                group: a.group,
-                sample: s,
-                group_size: 4,
-                prompt: prompt.clone(),
-                policy_version: a.min_version,
-                prompt_tokens: vec![1, 2, 3],
-                tokens: vec![4, 5, 6],
-                logprobs: vec![-1.0; 3],
-                token_ends: vec![1, 2, 3],
-                text: "A:0\n".into(),
-                finish: FinishReason::Eos,
-                generate_ms: 1,
-            })
-            .collect();
+        let (mut control, worker, a) = fake_rollout(port, "cut-off").await;
         let rcfg = rs::Config { url: redis.url.clone(), ..Default::default() };
         let keys = rs::RunKeys::new(setting(&sets, "redis.prefix"), setting(&sets, "dist.run_id"));
         let conn = rs::Redis::connect(&rcfg).await.unwrap();
-        conn.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&sampled, &rcfg).await.unwrap();
+        conn.producer::<prism_core::Trajectory>(&keys.sampled).await.unwrap().send(&sampled(&a, 4), &rcfg).await.unwrap();
         tokio::spawn(async move {
             loop {
                 let _ = control.heartbeat(&worker, 0, Default::default()).await;
@@ -387,57 +401,24 @@ fn a_learner_killed_past_a_checkpoint_resumes_and_finishes_balanced() {
 /// finishes balanced. (Before, the group held its credit forever.)
 #[test]
 fn garbage_entries_and_a_partial_group_are_dropped_counted_and_the_run_finishes() {
-    use prism_transport::{Error, control::{ControlClient, Role}, grpc, redis as rs};
-    use prism_core::{FinishReason, Trajectory, TrajectoryId};
+    use prism_transport::redis as rs;
     let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut sets = settings(dir.path(), &redis.url, port, 4);
     sets.push("dist.group_timeout_ms=3000".into());
     let learner = Proc::spawn(dir.path(), "learner", "learner", &sets);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !traced(&dir.path().join("runs"), "weights published") {
-        assert!(Instant::now() < deadline, "the learner did not publish weights:\n{}", learner.output());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_first_weights(dir.path(), &learner);
     let keys = rs::RunKeys::new(setting(&sets, "redis.prefix"), setting(&sets, "dist.run_id"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // A worker the test plays takes one prompt, adds three of its four
         // samples and a garbage entry to the sampled stream, reports all four
         // delivered and leaves.
-        let cfg = grpc::Config { learner: format!("http://127.0.0.1:{port}"), connect_timeout_ms: 120_000, ..Default::default() };
-        let mut control = ControlClient::connect(&cfg, None, None).await.unwrap();
-        let worker = control.register(Role::Rollout, "lossy", "cpu").await.unwrap().worker_id;
-        let work = loop {
-            match control.get_work(&worker, 1, Duration::from_secs(1)).await {
-                Ok(Some(w)) if !w.is_empty() => break w,
-                Ok(_) => {}
-                Err(Error::NotReady { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) => panic!("{e}"),
-            }
-        };
-        let a = &work[0];
-        let sampled: Vec<Trajectory> = (0..3u32)
-            .map(|s| Trajectory {
-                id: TrajectoryId(a.group.0 * 4 + s as u64),
-                group: a.group,
-                sample: s,
-                group_size: 4,
-                prompt: a.prompt.clone(),
-                policy_version: a.min_version,
-                prompt_tokens: vec![1, 2, 3],
-                tokens: vec![4, 5, 6],
-                logprobs: vec![-1.0; 3],
-                token_ends: vec![1, 2, 3],
-                text: "A:0\n".into(),
-                finish: FinishReason::Eos,
-                generate_ms: 1,
-            })
-            .collect();
+        let (mut control, worker, a) = fake_rollout(port, "lossy").await;
         let rcfg = rs::Config { url: redis.url.clone(), ..Default::default() };
         let conn = rs::Redis::connect(&rcfg).await.unwrap();
-        conn.producer::<Trajectory>(&keys.sampled).await.unwrap().send(&sampled, &rcfg).await.unwrap();
+        conn.producer::<prism_core::Trajectory>(&keys.sampled).await.unwrap().send(&sampled(&a, 3), &rcfg).await.unwrap();
         for stream in [&keys.sampled, &keys.labeled] {
             redis_command(&redis.url, &["XADD", stream, "*", "id", "77", "p", "garbage"]);
         }

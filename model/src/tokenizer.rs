@@ -88,14 +88,19 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
-        if add_special_tokens && self.add_bos {
-            if let Some(bos) = self.bos_id() {
-                if ids.first() != Some(&bos) {
-                    ids.insert(0, bos);
-                }
-            }
+        if add_special_tokens {
+            self.add_bos_to(&mut ids);
         }
         Ok(ids)
+    }
+
+    /// Puts BOS first where `add_bos` says so and it is not there yet.
+    fn add_bos_to(&self, ids: &mut Vec<u32>) {
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id()) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
     }
 
     /// Text of `ids`; special tokens left out when `skip_special_tokens`.
@@ -205,13 +210,7 @@ impl Tokenizer {
         }
         ids.extend(self.inner.encode(&text[pos..], false).map_err(fail)?.get_ids());
         ids.extend(suffix);
-        if self.add_bos {
-            if let Some(bos) = self.bos_id() {
-                if ids.first() != Some(&bos) {
-                    ids.insert(0, bos);
-                }
-            }
-        }
+        self.add_bos_to(&mut ids);
         Ok(ids)
     }
 

@@ -24,15 +24,7 @@ impl Server {
     fn start_with(source: &str, change: impl FnOnce(&mut prism_serve::Config)) -> Self {
         let model = prism_model::Config { source: source.into(), dtype: "f32".into(), device: "cpu".into() };
         let loaded = prism_model::load(source, &model.load_options(0).unwrap()).unwrap();
-        let mut config = prism_serve::Config {
-            addr: "127.0.0.1:0".into(),
-            name: String::new(),
-            max_batch: 64,
-            default_max_tokens: 256,
-            max_queue: 64,
-            api_key_env: "PRISM_TEST_NO_SUCH_KEY".into(),
-            insecure: false,
-        };
+        let mut config = config("127.0.0.1:0");
         change(&mut config);
         let name = prism_serve::default_name(source);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -89,6 +81,19 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The default settings on `addr`, with an API key variable nobody sets.
+fn config(addr: &str) -> prism_serve::Config {
+    prism_serve::Config {
+        addr: addr.into(),
+        name: String::new(),
+        max_batch: 64,
+        default_max_tokens: 256,
+        max_queue: 64,
+        api_key_env: "PRISM_TEST_NO_SUCH_KEY".into(),
+        insecure: false,
     }
 }
 
@@ -354,15 +359,7 @@ fn an_api_key_is_asked_for_when_set() {
 /// unless told so.
 #[test]
 fn a_server_reachable_from_other_hosts_needs_an_api_key() {
-    let config = |addr: &str, key_env: &str, insecure: bool| prism_serve::Config {
-        addr: addr.into(),
-        name: String::new(),
-        max_batch: 64,
-        default_max_tokens: 256,
-        max_queue: 64,
-        api_key_env: key_env.into(),
-        insecure,
-    };
+    let config = |addr: &str, key_env: &str, insecure: bool| prism_serve::Config { api_key_env: key_env.into(), insecure, ..config(addr) };
     let e = config("0.0.0.0:8000", "PRISM_TEST_NO_SUCH_KEY", false).check_exposure().unwrap_err().to_string();
     assert!(e.contains("serve.addr") && e.contains("PRISM_TEST_NO_SUCH_KEY") && e.contains("serve.insecure = true"), "{e}");
     config("127.0.0.1:8000", "PRISM_TEST_NO_SUCH_KEY", false).check_exposure().unwrap();

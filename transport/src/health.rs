@@ -80,8 +80,7 @@ impl Health {
     pub fn metrics(&self) -> Snapshot {
         let mut s = Snapshot::default();
         s.gauge("prism_ready", "1 once the role is ready (what /readyz answers).", &[], f64::from(u8::from(self.is_ready())));
-        let since = (self.epoch.elapsed().as_millis() as u64).saturating_sub(self.beat.load(Ordering::Relaxed));
-        s.gauge("prism_seconds_since_progress", "Seconds since the role's loop last made progress (see /livez).", &[], since as f64 / 1000.0);
+        s.gauge("prism_seconds_since_progress", "Seconds since the role's loop last made progress (see /livez).", &[], self.since_beat().as_secs_f64());
         s.gauge("prism_uptime_seconds", "Seconds since the role started.", &[], self.epoch.elapsed().as_secs_f64());
         for source in self.metrics.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             source(&mut s);
@@ -89,11 +88,16 @@ impl Health {
         s
     }
 
+    /// Time since the last beat.
+    fn since_beat(&self) -> Duration {
+        Duration::from_millis((self.epoch.elapsed().as_millis() as u64).saturating_sub(self.beat.load(Ordering::Relaxed)))
+    }
+
     /// How long a ready role has gone without progress, once that is longer
     /// than `stuck_after`.
     pub fn stuck_for(&self) -> Option<Duration> {
         let after = self.stuck_after?;
-        let since = Duration::from_millis((self.epoch.elapsed().as_millis() as u64).saturating_sub(self.beat.load(Ordering::Relaxed)));
+        let since = self.since_beat();
         (self.is_ready() && since > after).then_some(since)
     }
 

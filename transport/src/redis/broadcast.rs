@@ -111,11 +111,11 @@ impl Subscriber {
                 Some(Value::BulkString(b)) => Some(b.clone()),
                 _ => None,
             };
-            let sealed = |sender: &str, payload: &[u8]| match (&self.seal, entry.map.get("m")) {
-                (None, _) => true,
-                (Some(seal), Some(Value::BulkString(tag))) => seal.verify(&self.stream, sender.as_bytes(), payload, tag),
-                (Some(_), _) => false,
+            let tag = match entry.map.get("m") {
+                Some(Value::BulkString(tag)) => Some(tag.as_slice()),
+                _ => None,
             };
+            let sealed = |sender: &str, payload: &[u8]| super::seal::admits(self.seal.as_ref(), &self.stream, sender.as_bytes(), payload, tag);
             match (sender, payload) {
                 (Some(s), _) if s == self.sender => out.own += 1,
                 (Some(sender), Some(payload)) if !sealed(&sender, &payload) => {

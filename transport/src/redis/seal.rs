@@ -88,6 +88,17 @@ impl Seal {
     }
 }
 
+/// Whether an entry whose fields are `id` and `payload`, with the tag field
+/// `tag` (`m`, if any), may be read on `stream`: always without a seal; with
+/// one, only when the tag is there and right.
+pub(super) fn admits(seal: Option<&Seal>, stream: &str, id: &[u8], payload: &[u8], tag: Option<&[u8]>) -> bool {
+    match (seal, tag) {
+        (None, _) => true,
+        (Some(seal), Some(tag)) => seal.verify(stream, id, payload, tag),
+        (Some(_), None) => false,
+    }
+}
+
 /// The stream and the id, each after its length, so that no two pairs share
 /// a header.
 fn header(stream: &str, id: &[u8]) -> Vec<u8> {
