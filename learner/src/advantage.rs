@@ -5,7 +5,7 @@
 //! estimators (`process`, `tp_grpo`) vary it along the completion using the
 //! step scores and the steps' token spans.
 
-use crate::config::{Config, Estimator};
+use crate::config::{Config, Estimator, FlawedPositive, ProcessNorm};
 use crate::{Error, Result};
 use prism_core::LabeledTrajectory;
 use std::ops::Range;
@@ -31,11 +31,14 @@ pub fn estimate_group(group: &[LabeledTrajectory], config: &Config) -> Result<Gr
         check_trajectory(lt)?;
     }
     let raw: Vec<f64> = group.iter().map(|lt| lt.label.outcome as f64).collect();
+    let flawed = flawed_positives(group, config);
     let scores: Vec<f64> = group
         .iter()
         .zip(&raw)
-        .map(|(lt, &s)| {
+        .zip(&flawed)
+        .map(|((lt, &s), &flawed)| {
             s + if config.overlong_shaping { overlong_penalty(lt.trajectory.tokens.len(), config) } else { 0.0 }
+                - if flawed { FAPO_PENALTY } else { 0.0 }
         })
         .collect();
     let lengths: Vec<usize> = group.iter().map(|lt| lt.trajectory.tokens.len()).collect();
@@ -48,7 +51,20 @@ pub fn estimate_group(group: &[LabeledTrajectory], config: &Config) -> Result<Gr
         Estimator::Process => {
             let steps: Vec<Vec<(Range<u32>, Option<f64>)>> = group.iter().map(step_scores).collect();
             let outcome = grpo(&scores, config.std_unbiased, config.adv_eps);
-            process(&steps, &lengths, &outcome, config.process_outcome_weight, config.std_unbiased, config.adv_eps)
+            match config.process_norm {
+                ProcessNorm::Group => process(
+                    &steps,
+                    &lengths,
+                    &outcome,
+                    config.process_outcome_weight,
+                    config.std_unbiased,
+                    config.adv_eps,
+                ),
+                ProcessNorm::Renorm => {
+                    let correct: Vec<bool> = raw.iter().map(|&s| s >= config.tp_threshold).collect();
+                    process_renorm(&steps, &lengths, &correct, &outcome, config.process_outcome_weight)
+                }
+            }
         }
         Estimator::TpGrpo => {
             let outcome = grpo(&scores, config.std_unbiased, config.adv_eps);
@@ -76,6 +92,32 @@ pub fn estimate_group(group: &[LabeledTrajectory], config: &Config) -> Result<Gr
         return Ok(GroupAdvantages::Dropped(DropReason::ZeroAdvantage));
     }
     Ok(GroupAdvantages::Kept(advantages))
+}
+
+/// FAPO's penalty on a flawed positive, on prism's 0/1 outcome scale. Ding et
+/// al. 2025 ("FAPO: Flawed-Aware Policy Optimization", arXiv 2510.22543)
+/// shape the ±1 verifiable reward as `R = R_RLVR - λ·[flawed positive]` with
+/// λ = 1, which puts a flawed positive at 0, halfway between a correct (+1)
+/// and a wrong (-1) answer. On a 0/1 scale (the same rewards under
+/// `r' = (r + 1) / 2`, an affine map group normalisation does not see) that
+/// is a penalty of one half. With `p` the share of clean correct answers and
+/// `q` the share of wrong ones, a flawed positive's GRPO advantage has the
+/// sign of `q - p`: positive while the group is mostly wrong (a useful
+/// shortcut early on), negative once it is mostly right.
+pub const FAPO_PENALTY: f64 = 0.5;
+
+/// Which samples of `group` are flawed positives under `learner.flawed_positive`:
+/// a correct outcome (at least `tp_threshold`) with a known step score below
+/// `tp_threshold`. All false when the switch is off.
+pub fn flawed_positives(group: &[LabeledTrajectory], config: &Config) -> Vec<bool> {
+    group
+        .iter()
+        .map(|lt| {
+            config.flawed_positive == FlawedPositive::Fapo
+                && lt.label.outcome as f64 >= config.tp_threshold
+                && lt.label.steps.iter().any(|s| s.score.is_some_and(|p| (p as f64) < config.tp_threshold))
+        })
+        .collect()
 }
 
 pub(crate) fn check_trajectory(lt: &LabeledTrajectory) -> Result<()> {
@@ -191,6 +233,47 @@ pub fn process(
                 }
             }
             adv.into_iter().map(|a| a as f32).collect()
+        })
+        .collect()
+}
+
+/// Process credit calibrated against the outcome (`learner.process_norm =
+/// "renorm"`). Each known step score `s` in [0, 1] becomes `s + o - 1` with
+/// `o` 1 for a correct answer and 0 for a wrong one (ReNorm, Xu et al. 2025,
+/// "Hybrid Reward Normalization for Process-supervised Non-verifiable Agentic
+/// Tasks", arXiv 2509.25598): in [0, 1] for a correct answer, in [-1, 0] for
+/// a wrong one, so a wrong answer never earns net positive process credit.
+/// A token's credit is the smallest calibrated value among the steps that
+/// end at or after it (min-form credit assignment, Cheng et al. 2025, "Stop
+/// Summation", arXiv 2504.15275), 0 past the last scored step: adding steps,
+/// however well scored, cannot raise a trajectory's credit (summed credit
+/// can, which is how a policy games a process reward by padding). Plus
+/// `outcome_weight` times the sample's outcome advantage, as in [`process`].
+pub fn process_renorm(
+    steps: &[Vec<(Range<u32>, Option<f64>)>],
+    lengths: &[usize],
+    correct: &[bool],
+    outcome: &[f64],
+    outcome_weight: f64,
+) -> Vec<Vec<f32>> {
+    steps
+        .iter()
+        .zip(lengths)
+        .zip(correct.iter().zip(outcome))
+        .map(|((steps, &n), (&correct, &a_o))| {
+            let o = if correct { 1.0 } else { 0.0 };
+            let mut credit = vec![f64::INFINITY; n];
+            for (span, score) in steps {
+                let Some(s) = score else { continue };
+                let r = s.clamp(0.0, 1.0) + o - 1.0;
+                for c in credit.iter_mut().take(span.end as usize) {
+                    *c = c.min(r);
+                }
+            }
+            credit
+                .into_iter()
+                .map(|c| (outcome_weight * a_o + if c.is_finite() { c } else { 0.0 }) as f32)
+                .collect()
         })
         .collect()
 }

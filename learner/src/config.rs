@@ -26,6 +26,21 @@ pub struct Config {
     /// `tp_grpo`: `r_c = tp_alpha * acc_G`, the penalty on incorrect thoughts of a
     /// correct solution. Default 1.0.
     pub tp_alpha: f64,
+    /// `process`: how step scores become token credit. `group` normalises
+    /// every known step score over the group's and sums the steps from each
+    /// token on (DeepSeekMath); `renorm` calibrates each step against the
+    /// outcome (`score + correct - 1`, so a wrong answer earns no positive
+    /// process credit) and gives each token the worst such value from its
+    /// step on (min-form, so extra steps cannot raise a trajectory's credit).
+    /// Default `group`.
+    pub process_norm: ProcessNorm,
+    /// `fapo`: a correct trajectory (outcome at least `tp_threshold`) with a
+    /// step scored below `tp_threshold` is a flawed positive and its outcome
+    /// is lowered by one half before the group statistics (FAPO), so it is
+    /// reinforced while the group is mostly wrong and pushed down once the
+    /// group is mostly right. Works with every estimator; dynamic sampling
+    /// sees the shaped outcomes. Default `none`.
+    pub flawed_positive: FlawedPositive,
     /// Dynamic sampling (after DAPO): drop groups in which every advantage is
     /// zero under the configured estimator (they carry no signal), counted in
     /// the step report. With an outcome-only estimator that is a group whose
@@ -123,6 +138,8 @@ impl Default for Config {
             process_outcome_weight: 0.0,
             tp_threshold: 0.5,
             tp_alpha: 1.0,
+            process_norm: ProcessNorm::Group,
+            flawed_positive: FlawedPositive::None,
             drop_uniform_groups: false,
             overlong_shaping: false,
             overlong_max_len: 512,
@@ -167,6 +184,17 @@ prism_core::string_enum! {
 prism_core::string_enum! {
     /// The advantage estimators.
     pub enum Estimator { Grpo = "grpo", DrGrpo = "dr_grpo", Rloo = "rloo", Process = "process", TpGrpo = "tp_grpo" }
+}
+
+prism_core::string_enum! {
+    /// How the `process` estimator turns step scores into token credit.
+    pub enum ProcessNorm { Group = "group", Renorm = "renorm" }
+}
+
+prism_core::string_enum! {
+    /// Reward shaping of flawed positives (correct answers reached through a
+    /// step judged wrong).
+    pub enum FlawedPositive { None = "none", Fapo = "fapo" }
 }
 
 prism_core::string_enum! {

@@ -2,7 +2,7 @@
 //! accumulation, clipping, AdamW, PPO epochs and mini-batches, SFT, and
 //! checkpoints with exact resume.
 
-use crate::advantage::{DropReason, GroupAdvantages, estimate_group};
+use crate::advantage::{DropReason, GroupAdvantages, estimate_group, flawed_positives};
 use crate::autocast;
 use crate::batch::{Batch, Row};
 use crate::checkpoint::{self, CheckpointMeta, Restored};
@@ -109,6 +109,8 @@ pub struct TrainReport {
     pub groups: usize,
     /// Groups dropped by dynamic sampling because all outcomes were equal.
     pub groups_dropped_uniform: usize,
+    /// Samples shaped as flawed positives (`learner.flawed_positive = "fapo"`).
+    pub flawed_positives: usize,
     /// Sequences trained on.
     pub sequences: usize,
     /// One entry per optimizer update (`ppo_epochs * mini_batches` when there
@@ -146,6 +148,7 @@ impl TrainReport {
         out.insert("sequences".into(), self.sequences as f64);
         out.insert("groups".into(), self.groups as f64);
         out.insert("groups_dropped_uniform".into(), self.groups_dropped_uniform as f64);
+        out.insert("flawed_positives".into(), self.flawed_positives as f64);
         out
     }
 }
@@ -408,6 +411,7 @@ impl<P: Policy> Learner<P> {
         let mut report = TrainReport { groups: groups.len(), ..TrainReport::default() };
         let mut rows = Vec::new();
         for group in groups {
+            report.flawed_positives += flawed_positives(group, &self.config).iter().filter(|&&f| f).count();
             match estimate_group(group, &self.config)? {
                 GroupAdvantages::Dropped(_) => report.groups_dropped_uniform += 1,
                 GroupAdvantages::Kept(advantages) => {

@@ -254,3 +254,156 @@ fn malformed_trajectories_are_named() {
     let err = estimate_group(&[bad], &Config::default()).unwrap_err().to_string();
     assert!(err.contains("3 tokens but 2 behaviour logprobs"), "{err}");
 }
+
+fn fapo() -> Config {
+    Config { flawed_positive: crate::config::FlawedPositive::Fapo, ..Config::default() }
+}
+
+#[test]
+fn a_flawed_positive_is_a_correct_answer_with_a_step_below_the_threshold() {
+    let group = vec![
+        sample(0, 4, 1.0, &[(0..2, Some(0.9)), (2..4, Some(0.2))]), // flawed positive
+        sample(1, 4, 1.0, &[(0..2, Some(0.9)), (2..4, None)]),      // unknown is not wrong
+        sample(2, 4, 0.0, &[(0..2, Some(0.1))]),                    // a wrong answer is a negative
+        sample(3, 4, 1.0, &[]),                                     // no steps, nothing flawed
+    ];
+    assert_eq!(flawed_positives(&group, &fapo()), [true, false, false, false]);
+    assert_eq!(flawed_positives(&group, &Config::default()), [false; 4], "off by default");
+}
+
+#[test]
+fn fapo_keeps_an_all_correct_group_that_holds_a_flawed_positive() {
+    let group = vec![
+        sample(0, 2, 1.0, &[(0..2, Some(0.2))]),
+        sample(1, 2, 1.0, &[(0..2, Some(0.9))]),
+        sample(2, 2, 1.0, &[(0..2, Some(0.9))]),
+        sample(3, 2, 1.0, &[(0..2, Some(0.9))]),
+    ];
+    let dynamic = Config { drop_uniform_groups: true, ..Config::default() };
+    assert_eq!(estimate_group(&group, &dynamic).unwrap(), GroupAdvantages::Dropped(DropReason::ZeroAdvantage));
+    // Shaped outcomes [0.5, 1, 1, 1]: mean 0.875, deviations [-0.375, 0.125 x3],
+    // unbiased variance (0.140625 + 3 * 0.015625) / 3 = 0.0625, std 0.25.
+    let a = kept(estimate_group(&group, &Config { drop_uniform_groups: true, ..fapo() }).unwrap());
+    close(&a[0], &[-1.5; 2]);
+    close(&a[1], &[0.5; 2]);
+}
+
+#[test]
+fn a_flawed_positive_is_reinforced_in_a_mostly_wrong_group_and_pushed_down_in_a_mostly_right_one() {
+    // One flawed positive, k clean correct answers, 3 - k wrong ones; accuracy
+    // (the flawed positive counted as correct) is (k + 1) / 4. Dr. GRPO on the
+    // shaped outcomes [0.5, 1 x k, 0 x (3 - k)]: A = 0.5 - (0.5 + k) / 4.
+    let cfg = Config { advantage: crate::config::Estimator::DrGrpo, ..fapo() };
+    let grpo = fapo();
+    for (k, want) in [(0, 0.375), (1, 0.125), (2, -0.125), (3, -0.375)] {
+        let mut group = vec![sample(0, 2, 1.0, &[(0..2, Some(0.0))])];
+        for i in 0..3 {
+            group.push(sample(i + 1, 2, if i < k { 1.0 } else { 0.0 }, &[(0..2, Some(1.0))]));
+        }
+        close(&kept(estimate_group(&group, &cfg).unwrap())[0], &[want; 2]);
+        // GRPO divides by the group std: the same sign.
+        let a = kept(estimate_group(&group, &grpo).unwrap())[0][0];
+        assert_eq!(a > 0.0, (k + 1) as f64 / 4.0 <= 0.5, "k = {k}: {a}");
+        // Without FAPO the flawed positive is rewarded like any correct answer.
+        assert!(kept(estimate_group(&group, &Config::default()).unwrap())[0][0] > 0.0 || k == 3);
+    }
+}
+
+fn renorm(outcome_weight: f64) -> Config {
+    Config {
+        advantage: crate::config::Estimator::Process,
+        process_norm: crate::config::ProcessNorm::Renorm,
+        process_outcome_weight: outcome_weight,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn renorm_calibrates_each_step_against_the_outcome_and_takes_the_worst_from_each_token_on() {
+    let group = vec![
+        // Correct: steps 0.9 and 0.4 give 0.9 and 0.4; tokens before the 0.4 step's
+        // end get 0.4; the answer tokens after the last step get 0.
+        sample(0, 6, 1.0, &[(0..2, Some(0.9)), (2..4, Some(0.4))]),
+        // Wrong: steps 1.0 and 0.7 give 0.0 and -0.3.
+        sample(1, 4, 0.0, &[(0..2, Some(1.0)), (2..3, Some(0.7))]),
+    ];
+    let a = kept(estimate_group(&group, &renorm(0.0)).unwrap());
+    close(&a[0], &[0.4, 0.4, 0.4, 0.4, 0.0, 0.0]);
+    close(&a[1], &[-0.3, -0.3, -0.3, 0.0]);
+    // Plus the outcome advantage (GRPO of [1, 0]: ±0.707105).
+    let a = kept(estimate_group(&group, &renorm(1.0)).unwrap());
+    close(&a[1], &[-1.007105, -1.007105, -1.007105, -0.707105]);
+}
+
+/// A deterministic stream of numbers in [0, 1).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn random_group(rng: &mut Lcg) -> Vec<LabeledTrajectory> {
+    (0..4)
+        .map(|i| {
+            let n_steps = 1 + (rng.next() * 4.0) as u32;
+            let steps: Vec<(Range<u32>, Option<f32>)> = (0..n_steps)
+                .map(|k| (k * 3..k * 3 + 3, if rng.next() < 0.1 { None } else { Some(rng.next() as f32) }))
+                .collect();
+            let outcome = if rng.next() < 0.5 { 1.0 } else { 0.0 };
+            sample(i, (n_steps * 3 + 2) as usize, outcome, &steps)
+        })
+        .collect()
+}
+
+#[test]
+fn under_renorm_a_wrong_answer_earns_no_positive_process_credit() {
+    let mut rng = Lcg(42);
+    let mut group_norm_rewarded_a_wrong_answer = false;
+    for _ in 0..500 {
+        let group = random_group(&mut rng);
+        for weight in [0.0, 1.0] {
+            let a = kept(estimate_group(&group, &renorm(weight)).unwrap());
+            for (lt, adv) in group.iter().zip(&a) {
+                if lt.label.outcome < 0.5 {
+                    assert!(adv.iter().all(|&x| x <= 1e-6), "wrong answer credited: {adv:?}");
+                }
+            }
+        }
+        let group_norm = Config { advantage: crate::config::Estimator::Process, ..Config::default() };
+        let a = kept(estimate_group(&group, &group_norm).unwrap());
+        group_norm_rewarded_a_wrong_answer |=
+            group.iter().zip(&a).any(|(lt, adv)| lt.label.outcome < 0.5 && adv.iter().any(|&x| x > 0.1));
+    }
+    assert!(group_norm_rewarded_a_wrong_answer, "the property is not trivial: group normalisation breaks it");
+}
+
+#[test]
+fn under_renorm_filler_steps_cannot_raise_a_trajectorys_credit() {
+    // A trajectory's credit is that of its first token (every step ends at or after it).
+    let total = |steps: &[(Range<u32>, Option<f32>)], outcome: f32, cfg: &Config| {
+        let n = steps.last().map_or(0, |s| s.0.end) as usize + 2;
+        let group = vec![sample(0, n, outcome, steps), sample(1, 4, 1.0 - outcome, &[(0..2, Some(0.5))])];
+        kept(estimate_group(&group, cfg).unwrap())[0][0]
+    };
+    let group_norm = Config { advantage: crate::config::Estimator::Process, ..Config::default() };
+    let mut rng = Lcg(7);
+    let mut summed_credit_rose = false;
+    for _ in 0..200 {
+        let outcome = if rng.next() < 0.5 { 1.0 } else { 0.0 };
+        let base: Vec<(Range<u32>, Option<f32>)> =
+            (0..2).map(|k| (k * 3..k * 3 + 3, Some(rng.next() as f32))).collect();
+        // Filler: well-scored steps inserted before the real ones.
+        let fillers = 1 + (rng.next() * 3.0) as u32;
+        let mut padded: Vec<(Range<u32>, Option<f32>)> = (0..fillers).map(|k| (k * 3..k * 3 + 3, Some(1.0))).collect();
+        padded.extend(base.iter().map(|(r, s)| (r.start + fillers * 3..r.end + fillers * 3, *s)));
+        for weight in [0.0, 1.0] {
+            let cfg = renorm(weight);
+            assert!(total(&padded, outcome, &cfg) <= total(&base, outcome, &cfg) + 1e-6);
+        }
+        summed_credit_rose |= total(&padded, outcome, &group_norm) > total(&base, outcome, &group_norm) + 0.1;
+    }
+    assert!(summed_credit_rose, "the property is not trivial: summed credit rises with filler");
+}
