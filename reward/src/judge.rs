@@ -79,6 +79,13 @@ pub struct Config {
     /// `all_correct` (a reply counts as judging the step correct when its
     /// P(correct) is at least `threshold`). Default `mean`.
     pub vote: Vote,
+    /// Meta-critique: every sampled critique goes back to the judge in a
+    /// second call that reviews it (the first critique quoted in the prompt)
+    /// and gives the verdict in its place, as the verification ensembles of
+    /// SPARK and CAPO check a critique before trusting it. Doubles the calls;
+    /// a failed review fails the step (it is not replaced by the unreviewed
+    /// verdict). Default false.
+    pub meta_critique: bool,
     /// Sampling temperature. Default 0.0 (greedy; use > 0 with samples > 1).
     pub temperature: f64,
     /// Most tokens per reply; a reply cut off there (`finish_reason =
@@ -160,6 +167,7 @@ impl Default for Config {
             reference_aware: false,
             samples: 1,
             vote: Vote::Mean,
+            meta_critique: false,
             temperature: 0.0,
             max_tokens: 1024,
             max_reply_bytes: 1 << 20,
@@ -280,6 +288,8 @@ pub struct JudgeMetrics {
     /// Judge calls for steps (one per step prefix, or per solution with
     /// `thinkprm`), cache hits excluded, canaries excluded.
     pub calls: u64,
+    /// Second calls that reviewed a critique (`meta_critique`).
+    pub meta_calls: u64,
     /// HTTP attempts, retries and canaries included.
     pub attempts: u64,
     pub retries: u64,
@@ -342,6 +352,7 @@ pub struct JudgeMetrics {
 #[derive(Debug, Default)]
 struct Stats {
     calls: u64,
+    meta_calls: u64,
     attempts: u64,
     retries: u64,
     timeouts: u64,
@@ -569,6 +580,7 @@ impl Judge {
         };
         JudgeMetrics {
             calls: s.calls,
+            meta_calls: s.meta_calls,
             attempts: s.attempts,
             retries: s.retries,
             timeouts: s.timeouts,
@@ -615,6 +627,7 @@ impl Judge {
             h.update(part);
         }
         h.update(self.inner.cfg.samples.to_le_bytes());
+        h.update([u8::from(self.inner.cfg.meta_critique)]);
         if template.reads_reference() {
             match subject.reference {
                 None => h.update([0]),
@@ -679,7 +692,7 @@ impl Judge {
         };
         lock(&self.inner.stats).calls += 1;
         self.maybe_canary(subject);
-        let judgement = match self.sample(&prompt).await {
+        let judgement = match self.replies(&prompt).await {
             Ok(choices) => self.aggregate(&choices, parse::last_boxed_verdict, false),
             Err(failure) => StepJudgement::Failed { failure },
         };
@@ -698,7 +711,7 @@ impl Judge {
         };
         lock(&self.inner.stats).calls += 1;
         self.maybe_canary(subject);
-        let judgements: Vec<StepJudgement> = match self.sample(&prompt).await {
+        let judgements: Vec<StepJudgement> = match self.replies(&prompt).await {
             Ok(choices) => (0..steps.len())
                 .map(|i| self.aggregate(&choices, |text| parse::step_verdicts(text, steps.len())[i], false))
                 .collect(),
@@ -822,7 +835,7 @@ impl Judge {
     /// unknown, as a content-free solution has none); records the verdict.
     async fn canary_for(&self, subject: &Subject<'_>, answer: &str) -> Option<bool> {
         let prompt = self.inner.template.render(subject, &[answer], 1).ok()?;
-        let choices = self.sample(&prompt).await.ok()?;
+        let choices = self.replies(&prompt).await.ok()?;
         let judgement = match self.inner.template.style() {
             Style::Genprm => self.aggregate(&choices, parse::last_boxed_verdict, true),
             Style::Thinkprm => self.aggregate(&choices, |text| parse::step_verdicts(text, 1)[0], true),
@@ -863,6 +876,24 @@ impl Judge {
             drop(s);
             tracing::info!(rate, window, limit, "judge canary rate back under the limit: judge scores on again");
         }
+    }
+
+    /// The replies whose verdicts count: the `samples` critiques of `prompt`,
+    /// or with `meta_critique` the reviews of those critiques (one second call
+    /// each, all at once).
+    async fn replies(&self, prompt: &str) -> Result<Vec<Choice>, Failure> {
+        let critiques = self.sample(prompt).await?;
+        if !self.inner.cfg.meta_critique {
+            return Ok(critiques);
+        }
+        lock(&self.inner.stats).meta_calls += critiques.len() as u64;
+        let prompts: Vec<String> = critiques.iter().map(|c| template::meta_prompt(prompt, &c.text)).collect();
+        let reviews = futures::future::join_all(prompts.iter().map(|p| self.call(p, 1))).await;
+        let mut out = Vec::with_capacity(reviews.len());
+        for review in reviews {
+            out.extend(review?.into_iter().take(1));
+        }
+        if out.is_empty() { Err(Failure::Malformed) } else { Ok(out) }
     }
 
     /// `samples` replies to `prompt` (asking with `n`, and again for the rest

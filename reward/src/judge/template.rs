@@ -186,6 +186,20 @@ pub fn escape_policy_text(text: &str) -> String {
     HEADER_WITH_COLON.replace_all(&t, "(${1})${2}").into_owned()
 }
 
+/// The meta-critique prompt (`judge.meta_critique`): the request the judge
+/// answered, the critique it wrote (control tokens made inert), and a request
+/// to check that critique and answer again in the same format, so the reply
+/// parses as a first reply does.
+pub fn meta_prompt(prompt: &str, critique: &str) -> String {
+    format!(
+        "{prompt}\n\n---\nA reviewer answered the request above with this critique:\n\n<critique>\n{}\n</critique>\n\n\
+         Check the critique: it may be wrong. Re-examine each claim it makes against the solution itself, \
+         note any error it made or missed, then answer the request above yourself, with your final verdict \
+         in exactly the format the request asks for.",
+        escape_control_tokens(critique.trim())
+    )
+}
+
 /// A loaded judge template.
 #[derive(Debug)]
 pub struct Template {

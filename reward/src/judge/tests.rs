@@ -558,6 +558,53 @@ async fn the_vote_makes_one_score_of_the_sampled_replies() {
     assert!(super::vote(Vote::Mean, &[], 0.5).is_nan());
 }
 
+/// With `meta_critique`, each sampled critique goes back to the judge quoted
+/// in a review prompt, and the reviews' verdicts are the ones that count: the
+/// first critiques say Yes, the reviews No, so the step scores 0; the
+/// critiques' texts are in the review prompts; a failed review fails the step.
+#[tokio::test]
+async fn meta_critique_reviews_each_critique_and_its_verdict_counts() {
+    let prompts = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = prompts.clone();
+    let server = TestServer::start(move |req: &crate::testkit::Request| {
+        seen.lock().unwrap().push(req.prompt().to_string());
+        if req.prompt().contains("<critique>") {
+            if req.prompt().contains("critique 53") {
+                return Reply::status(500).into();
+            }
+            Reply::ok(chat_text(&["On review the step is wrong. \\boxed{No}"])).into()
+        } else {
+            let n = req.n();
+            let texts: Vec<String> = (0..n).map(|i| format!("critique {}{i}: fine. \\boxed{{Yes}}", req.seq)).collect();
+            Reply::ok(chat_text(&texts.iter().map(String::as_str).collect::<Vec<_>>())).into()
+        }
+    })
+    .unwrap();
+    let cfg = Config { samples: 3, temperature: 0.7, top_logprobs: 0, retries: 0, ..config(&server) };
+    let plain = Judge::new(&cfg).unwrap().judge("p", &["step"]).await;
+    assert!(matches!(plain[0], StepJudgement::Scored { p, .. } if p == 1.0), "{plain:?}");
+    let judge = Judge::new(&Config { meta_critique: true, ..cfg.clone() }).unwrap();
+    let got = judge.judge("p", &["step"]).await;
+    let StepJudgement::Scored { p, samples: 3, unknown: 0, .. } = got[0] else { panic!("{got:?}") };
+    assert_eq!(p, 0.0, "the reviews' verdicts count");
+    let m = judge.metrics();
+    assert_eq!((m.calls, m.meta_calls), (1, 3));
+    let all = prompts.lock().unwrap().clone();
+    let reviews: Vec<&String> = all.iter().filter(|p| p.contains("<critique>")).collect();
+    assert_eq!(reviews.len(), 3);
+    for i in 0..3 {
+        assert!(reviews.iter().any(|r| r.contains(&format!("critique 1{i}: fine. \\boxed{{Yes}}"))), "{reviews:?}");
+    }
+    assert!(reviews.iter().all(|r| r.contains("Judge only Step 1")), "the review holds the first request");
+    // The meta flag is part of the cache key.
+    let subject = Subject { problem: "p", reference: None, outcome: None };
+    assert_ne!(judge.key(&subject, &["step"]), Judge::new(&cfg).unwrap().key(&subject, &["step"]));
+    // A review that fails (the review of critique 53 is answered 500) fails the step.
+    let judge = Judge::new(&Config { meta_critique: true, samples: 4, ..cfg }).unwrap();
+    let got = judge.judge("q", &["step"]).await;
+    assert!(matches!(got[0], StepJudgement::Failed { .. }), "{got:?}");
+}
+
 /// The vote mode and the number of samples are part of the cache key: one
 /// judge's cached verdict under `mean` is not reused under `all_correct`.
 #[tokio::test]
