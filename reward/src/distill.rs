@@ -74,6 +74,15 @@ pub struct Config {
     pub min_agreement: f64,
     /// Held-out judged steps needed before the agreement counts. Default 32.
     pub min_held_out: u32,
+    /// Consensus filtering (after Zhang et al. 2025, "The Lessons of
+    /// Developing Process Reward Models in Mathematical Reasoning", arXiv
+    /// 2501.07301, which keeps a step label only when two sources agree): a
+    /// judged step is learned from only when the judge's verdict (P(yes) at
+    /// least 0.5) agrees with an independent one where there is one: the step
+    /// verifier's, or the outcome verifier's for the last step. Steps with no
+    /// independent verdict are learned from as before. The keep rate is in
+    /// the metrics. Default false.
+    pub consensus: bool,
     /// `cpu` or `cuda`. Default `cpu`.
     pub device: String,
     /// Seed of the initial weights and the replay sampling. Default 0.
@@ -101,6 +110,7 @@ impl Default for Config {
             min_labels: 256,
             min_agreement: 0.75,
             min_held_out: 32,
+            consensus: false,
             device: "cpu".into(),
             seed: 0,
         }
@@ -163,6 +173,16 @@ pub struct DistillMetrics {
     pub loss: Option<f64>,
     /// Distilled scores handed out.
     pub scored: u64,
+    /// `consensus`: judged steps learned from, and those dropped because the
+    /// judge disagreed with the independent verdict.
+    #[serde(default)]
+    pub consensus_kept: u64,
+    #[serde(default)]
+    pub consensus_dropped: u64,
+    /// `consensus_kept / (consensus_kept + consensus_dropped)`; `None` with
+    /// `consensus` off or before any judged step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consensus_keep_rate: Option<f64>,
 }
 
 struct Example {
@@ -190,6 +210,8 @@ struct State {
     loss_ema: Option<f64>,
     scored: u64,
     rejected: u64,
+    consensus_kept: u64,
+    consensus_dropped: u64,
     /// Agreement on the held-out examples, measured after each training round.
     agreement: Option<f64>,
     rng: SplitMix,
@@ -254,6 +276,8 @@ impl Distiller {
                 loss_ema: None,
                 scored: 0,
                 rejected: 0,
+                consensus_kept: 0,
+                consensus_dropped: 0,
                 agreement: None,
                 rng,
             }),
@@ -319,6 +343,23 @@ impl Distiller {
             s.agreement = self.agreement(&s);
         }
         Ok(())
+    }
+
+    /// [`Distiller::observe`] behind the `consensus` filter: with it on, a
+    /// step whose judge verdict (`p_judge >= 0.5`) disagrees with `check`,
+    /// the independent verdict, is dropped (counted) and `Ok(false)` returned.
+    pub fn observe_checked(&self, context: &str, step: &str, p_judge: f32, check: Option<bool>) -> Result<bool> {
+        if self.cfg.consensus {
+            let agrees = check.is_none_or(|c| (p_judge >= 0.5) == c);
+            if !agrees {
+                self.state().consensus_dropped += 1;
+                return Ok(false);
+            }
+            self.observe(context, step, p_judge)?;
+            self.state().consensus_kept += 1;
+            return Ok(true);
+        }
+        self.observe(context, step, p_judge).map(|()| true)
     }
 
     /// Agreement of the model with the judge on the held-out examples.
@@ -431,6 +472,10 @@ impl Distiller {
             rejected: s.rejected,
             loss: s.loss_ema,
             scored: s.scored,
+            consensus_kept: s.consensus_kept,
+            consensus_dropped: s.consensus_dropped,
+            consensus_keep_rate: (self.cfg.consensus && s.consensus_kept + s.consensus_dropped > 0)
+                .then(|| s.consensus_kept as f64 / (s.consensus_kept + s.consensus_dropped) as f64),
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::judge::{self, Failure, Judge, JudgeMetrics, StepJudgement, Style, Sub
 use crate::outcome::{Outcome, OutcomeVerifier};
 use crate::segment::Segmenter;
 use crate::steps::StepVerifier;
-use prism_core::{RewardLabel, ScoreSource, StepScore, Trajectory};
+use prism_core::{Prompt, RewardLabel, ScoreSource, StepScore, Trajectory};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -234,6 +234,26 @@ impl Labeler {
         (label, meta)
     }
 
+    /// The cheap score of the last step of `text`, a partial completion of
+    /// `prompt` that has just ended a step (early rejection): the distilled
+    /// model's once it agrees with the judge well enough, else the step
+    /// verifier's; `None` when neither can tell (or there is no step yet).
+    /// Blocks (the distilled model runs on tch).
+    pub fn score_partial(&self, prompt: &Prompt, text: &str) -> Option<f32> {
+        let spans = self.segmenter.spans(&prompt.task, text);
+        let last = spans.last()?;
+        let step = &text[last.start as usize..last.end as usize];
+        if let Some(d) = self.distiller.as_ref().filter(|d| d.ready()) {
+            let problem = if prompt.problem.is_empty() { prompt.text.as_str() } else { prompt.problem.as_str() };
+            let context = format!("{problem}\n{}", &text[..last.start as usize]);
+            if let Ok(scores) = d.score(&[(context.as_str(), step)]) {
+                return scores.into_iter().next().flatten();
+            }
+        }
+        let texts: Vec<&str> = spans.iter().map(|s| &text[s.start as usize..s.end as usize]).collect();
+        StepVerifier::for_task(self.cfg.step_verifier, &prompt.task, self.cfg.tolerance).score(prompt, &texts).pop().flatten()
+    }
+
     fn verifier_scores(&self, t: &Trajectory, texts: &[&str]) -> Vec<(Option<f32>, ScoreSource)> {
         let verifier = StepVerifier::for_task(self.cfg.step_verifier, &t.prompt.task, self.cfg.tolerance);
         verifier
@@ -241,6 +261,25 @@ impl Labeler {
             .into_iter()
             .map(|s| (s, if s.is_some() { ScoreSource::Verifier } else { ScoreSource::Unknown }))
             .collect()
+    }
+
+    /// The independent verdicts `distill.consensus` holds the judge's
+    /// against, one per step: the step verifier's where it has one, else the
+    /// outcome verifier's for the last step (a wrong final answer puts the
+    /// step that states it in the wrong). All `None` with the filter off.
+    fn checks(&self, t: &Trajectory, texts: &[&str], outcome: &Outcome) -> Vec<Option<bool>> {
+        if !self.distiller.as_ref().is_some_and(|d| d.config().consensus) {
+            return vec![None; texts.len()];
+        }
+        let mut checks: Vec<Option<bool>> =
+            self.verifier_scores(t, texts).into_iter().map(|(s, _)| s.map(|s| s >= 0.5)).collect();
+        if let Some(last) = checks.last_mut()
+            && last.is_none()
+            && outcome.source == ScoreSource::Verifier
+        {
+            *last = Some(outcome.score >= 0.5);
+        }
+        checks
     }
 
     /// The class of the fallback as things stand now.
@@ -324,6 +363,7 @@ impl Labeler {
             reference: t.prompt.reference.as_deref(),
             outcome: (outcome.source == ScoreSource::Verifier).then_some(outcome.score >= 0.5),
         };
+        let checks = self.checks(t, texts, outcome);
         if plan.admitted
             && let Some(queue) = &self.annotations
         {
@@ -334,6 +374,7 @@ impl Labeler {
                 outcome: subject.outcome,
                 steps: texts.iter().map(|s| s.to_string()).collect(),
                 contexts: steps.iter().map(|s| self.context(t, problem, s)).collect(),
+                checks: checks.clone(),
             });
         }
         let mut scores: Vec<Option<(Option<f32>, ScoreSource)>> = vec![None; texts.len()];
@@ -353,6 +394,7 @@ impl Labeler {
                                 context: self.context(t, problem, &steps[i]),
                                 step: texts[i].to_string(),
                                 p,
+                                check: checks[i],
                             });
                         }
                     }
@@ -587,6 +629,11 @@ pub struct JudgedStep {
     pub step: String,
     /// The judge's P(step correct).
     pub p: f32,
+    /// An independent verdict on the step (the step verifier's, or the
+    /// outcome's for the last step), for `distill.consensus`; `None` when
+    /// there is none or the filter is off.
+    #[serde(default)]
+    pub check: Option<bool>,
 }
 
 /// Feeds the distilled model on one blocking thread at a time, from the
@@ -661,7 +708,7 @@ impl Learner {
                     continue;
                 }
                 for s in batch {
-                    if let Err(e) = inner.distiller.observe(&s.context, &s.step, s.p) {
+                    if let Err(e) = inner.distiller.observe_checked(&s.context, &s.step, s.p, s.check) {
                         inner.failed.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(error = %e, "distilled model could not learn from a judged step");
                     }
@@ -697,6 +744,7 @@ struct Job {
     outcome: Option<bool>,
     steps: Vec<String>,
     contexts: Vec<String>,
+    checks: Vec<Option<bool>>,
 }
 
 /// The background annotation queue: a bounded queue of trajectories the
@@ -833,9 +881,10 @@ async fn annotate(inner: Arc<AnnotationsInner>) {
         let learned: Vec<JudgedStep> = judgements
             .iter()
             .zip(job.contexts.iter().zip(&job.steps))
-            .filter_map(|(j, (context, step))| match j {
+            .zip(&job.checks)
+            .filter_map(|((j, (context, step)), check)| match j {
                 StepJudgement::Scored { p, cached: false, .. } if p.is_finite() => {
-                    Some(JudgedStep { context: context.clone(), step: step.clone(), p: *p })
+                    Some(JudgedStep { context: context.clone(), step: step.clone(), p: *p, check: *check })
                 }
                 _ => None,
             })

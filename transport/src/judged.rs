@@ -9,7 +9,7 @@ use prost::Message;
 pub fn encode(worker: &str, steps: &[JudgedStep]) -> Vec<u8> {
     v1::JudgedSteps {
         worker_id: worker.to_string(),
-        steps: steps.iter().map(|s| v1::JudgedStep { context: s.context.clone(), step: s.step.clone(), p: s.p }).collect(),
+        steps: steps.iter().map(|s| v1::JudgedStep { context: s.context.clone(), step: s.step.clone(), p: s.p, check: s.check }).collect(),
     }
     .encode_to_vec()
 }
@@ -21,7 +21,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<JudgedStep>, String> {
     m.steps
         .into_iter()
         .map(|s| match s.p {
-            p if (0.0..=1.0).contains(&p) => Ok(JudgedStep { context: s.context, step: s.step, p }),
+            p if (0.0..=1.0).contains(&p) => Ok(JudgedStep { context: s.context, step: s.step, p, check: s.check }),
             p => Err(format!("step target {p} is not a probability")),
         })
         .collect()

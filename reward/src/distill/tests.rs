@@ -118,3 +118,53 @@ fn a_non_finite_judge_target_is_refused_and_counted() {
     let m = d.metrics();
     assert_eq!((m.rejected, m.labels), (4, 1), "{m:?}");
 }
+
+/// A judge wrong on 30% of steps (flips drawn at random), and a step
+/// verifier that knows the truth: with `consensus`, the distilled model
+/// learns only from the steps where the two agree, and agrees with the truth
+/// on fresh steps more often than the model that learned from every verdict.
+#[test]
+fn consensus_filtering_learns_the_truth_better_from_a_judge_wrong_on_30_percent() {
+    tch::set_num_threads(1);
+    let labels = 3_000;
+    let train = |consensus: bool| {
+        // The agreement gate off, to compare the two models' own predictions (with
+        // it on, the unfiltered model never opens: it cannot agree with a judge
+        // wrong on 30% of steps on 75% of them).
+        let d = Distiller::new(&Config { consensus, min_agreement: 0.0, ..small() }).unwrap();
+        let (mut rng, mut flips) = (SplitMix(21), SplitMix(0xf1195));
+        let mut wrong = 0;
+        for _ in 0..labels {
+            let (context, step, truth) = synthetic_step(&mut rng);
+            let judge = if flips.next() % 10 < 3 {
+                wrong += 1;
+                1.0 - truth
+            } else {
+                truth
+            };
+            d.observe_checked(&context, &step, judge, Some(truth >= 0.5)).unwrap();
+        }
+        let mut fresh = SplitMix(777);
+        let tests: Vec<(String, String, f32)> = (0..2000).map(|_| synthetic_step(&mut fresh)).collect();
+        let items: Vec<(&str, &str)> = tests.iter().map(|(c, s, _)| (c.as_str(), s.as_str())).collect();
+        let scores = d.score(&items).unwrap();
+        let agree = scores.iter().zip(&tests).filter(|(p, t)| (p.expect("scored") >= 0.5) == (t.2 >= 0.5)).count();
+        (agree as f64 / 2000.0, wrong, d.metrics())
+    };
+    let (plain, wrong, m_plain) = train(false);
+    let (filtered, wrong_again, m) = train(true);
+    println!("truth agreement: unfiltered {plain:.3}, consensus {filtered:.3}; {m:?}");
+    assert_eq!(wrong, wrong_again);
+    assert!((0.27..0.33).contains(&(wrong as f64 / labels as f64)), "{wrong}");
+    // The filter dropped exactly the judge's wrong verdicts.
+    assert_eq!((m.consensus_kept, m.consensus_dropped), ((labels - wrong) as u64, wrong as u64));
+    let rate = m.consensus_keep_rate.unwrap();
+    assert!((rate - (labels - wrong) as f64 / labels as f64).abs() < 1e-9, "{rate}");
+    assert_eq!((m_plain.consensus_kept, m_plain.consensus_keep_rate), (0, None), "off: not counted");
+    assert!(filtered > plain + 0.03, "consensus {filtered} vs unfiltered {plain}");
+    // A step with no independent verdict is learned from either way.
+    let d = Distiller::new(&Config { consensus: true, ..small() }).unwrap();
+    assert!(d.observe_checked("c", "1+1=3", 1.0, None).unwrap());
+    assert!(!d.observe_checked("c", "1+1=3", 1.0, Some(false)).unwrap());
+    assert_eq!(d.metrics().labels, 1);
+}

@@ -317,7 +317,7 @@ async fn every_reward_process_learns_from_every_judged_step_and_its_own_once() {
     // Malformed entries are counted and skipped; the loop goes on.
     xadd(&server.url, &keys.judged, &[("w", b"reward-9"), ("p", b"\xff\xff not protobuf")]).await;
     xadd(&server.url, &keys.judged, &[("p", b"no sender")]).await;
-    let nan = encode_judged("reward-9", &[JudgedStep { context: "1+1".into(), step: "1+1=2".into(), p: f32::NAN }]);
+    let nan = encode_judged("reward-9", &[JudgedStep { context: "1+1".into(), step: "1+1=2".into(), p: f32::NAN, check: None }]);
     xadd(&server.url, &keys.judged, &[("w", b"reward-9"), ("p", &nan)]).await;
     judge_one(&a, 20).await;
     eventually("B to learn past the malformed entries", Duration::from_secs(20), async || {
