@@ -324,7 +324,15 @@ pub fn rollout(config: &Config) -> Result<()> {
         let health = health(config).await?;
         let Loaded { model, tokenizer, generation } = train::load_model(config)?;
         let layout = nccl_weights::layout(model.var_store().variables().iter().map(|(n, t)| (n.as_str(), t)));
-        let generator = ModelGenerator::new(model, tokenizer, generation.eos_token_ids.clone(), config.rollout.clone(), config.run.seed);
+        let mut generator =
+            ModelGenerator::new(model, tokenizer, generation.eos_token_ids.clone(), config.rollout.clone(), config.run.seed);
+        if config.rollout.reject_below > 0.0 {
+            // Early rejection in a rollout process scores steps with the step
+            // verifiers (the distilled model lives in the reward processes).
+            let reward = prism_reward::Config { process: prism_reward::config::Process::Verifier, ..config.reward.clone() };
+            let labeler = prism_reward::Labeler::new(&reward, &config.judge, &prism_reward::distill::Config::default())?;
+            generator = generator.with_scorer(ModelGenerator::labeler_scorer(Arc::new(labeler)));
+        }
         let (control, token, counters, membership) = join(config, Role::Rollout, &config.model.device).await?;
         health.add_metrics(metrics::worker(Role::Rollout, counters.clone()));
         let weights = WeightsClient::connect(&config.grpc, None, token.as_ref()).await?;

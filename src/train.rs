@@ -162,9 +162,12 @@ async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
     let generator: Factory<Box<dyn Generate>> = {
         let config = config.clone();
         let eos = eos.clone();
+        let labeler = labeler.clone();
         Arc::new(move || {
             let Loaded { model, tokenizer, .. } = load_model(&config).map_err(prism_actors::BackendError::new)?;
-            Ok(Box::new(ModelGenerator::new(model, tokenizer, eos.clone(), config.rollout.clone(), config.run.seed)) as Box<dyn Generate>)
+            let generator = ModelGenerator::new(model, tokenizer, eos.clone(), config.rollout.clone(), config.run.seed)
+                .with_scorer(ModelGenerator::labeler_scorer(labeler.clone()));
+            Ok(Box::new(generator) as Box<dyn Generate>)
         })
     };
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(Default::default());

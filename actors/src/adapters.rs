@@ -12,6 +12,10 @@ use prism_rollout::sampler;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// The cheap score of the newest step of a partial completion of a prompt
+/// (see [`prism_reward::Labeler::score_partial`]), for early rejection.
+pub type PartialScorer = Arc<dyn Fn(&Prompt, &str) -> Option<f32> + Send + Sync>;
+
 /// A rollout worker's policy copy and sampling settings.
 pub struct ModelGenerator {
     model: Transformer,
@@ -19,11 +23,24 @@ pub struct ModelGenerator {
     eos: Vec<u32>,
     rollout: prism_rollout::Config,
     seed: u64,
+    scorer: Option<PartialScorer>,
 }
 
 impl ModelGenerator {
     pub fn new(model: Transformer, tokenizer: Tokenizer, eos: Vec<u32>, rollout: prism_rollout::Config, seed: u64) -> Self {
-        Self { model, tokenizer, eos, rollout, seed }
+        Self { model, tokenizer, eos, rollout, seed, scorer: None }
+    }
+
+    /// Early rejection: with `rollout.reject_below` above 0, a sample whose
+    /// newest step `scorer` scores below it stops at that step boundary.
+    pub fn with_scorer(mut self, scorer: PartialScorer) -> Self {
+        self.scorer = Some(scorer);
+        self
+    }
+
+    /// The labeler's cheap scorer as a [`PartialScorer`].
+    pub fn labeler_scorer(labeler: Arc<prism_reward::Labeler>) -> PartialScorer {
+        Arc::new(move |prompt, text| labeler.score_partial(prompt, text))
     }
 }
 
@@ -37,7 +54,13 @@ impl Generate for ModelGenerator {
 
     fn generate(&mut self, work: &[Assignment], version: PolicyVersion) -> BackendResult<Vec<Vec<Trajectory>>> {
         let pairs: Vec<(GroupId, &Prompt)> = work.iter().map(|a| (a.group, &a.prompt)).collect();
-        sampler::sample_groups(&self.model, &self.tokenizer, &pairs, &self.rollout, &self.eos, version, self.seed)
+        let below = self.rollout.reject_below;
+        let mut reject = self.scorer.as_ref().filter(|_| below > 0.0).map(|score| {
+            let pairs = &pairs;
+            move |i: usize, text: &str| score(pairs[i].1, text).is_some_and(|s| f64::from(s) < below)
+        });
+        let reject = reject.as_mut().map(|r| r as &mut sampler::RejectStep<'_>);
+        sampler::sample_groups(&self.model, &self.tokenizer, &pairs, &self.rollout, &self.eos, version, self.seed, reject)
             .map_err(BackendError::new)
     }
 }

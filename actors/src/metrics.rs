@@ -26,6 +26,11 @@ pub struct Ledger {
     /// are outside the balance; the groups they belonged to are dropped as
     /// `incomplete`.
     pub undecodable_entries: u64,
+    /// Trajectories stopped early at a step boundary (`rollout.reject_below`)
+    /// and their tokens. They are made and then trained on or dropped like
+    /// any other, so they are inside the balance, not beside it.
+    pub rejected: u64,
+    pub rejected_tokens: u64,
 }
 
 impl Ledger {
@@ -50,7 +55,7 @@ impl std::fmt::Display for Ledger {
         };
         write!(
             f,
-            "made {} = trained {} + dropped {} ({}) + in flight {} ({}){}{}",
+            "made {} = trained {} + dropped {} ({}) + in flight {} ({}){}{}{}",
             self.made,
             self.trained,
             self.dropped_total(),
@@ -58,9 +63,17 @@ impl std::fmt::Display for Ledger {
             self.in_flight_total(),
             list(&self.in_flight),
             if self.undecodable_entries > 0 { format!("; {} undecodable entries dropped", self.undecodable_entries) } else { String::new() },
+            if self.rejected > 0 { format!("; {} rejected early ({} tokens)", self.rejected, self.rejected_tokens) } else { String::new() },
             if self.balanced() { "" } else { "  — DOES NOT BALANCE" }
         )
     }
+}
+
+/// How many of `trajectories` were rejected early, and their tokens.
+pub fn rejected<'a>(trajectories: impl Iterator<Item = &'a prism_core::Trajectory>) -> (u64, u64) {
+    trajectories
+        .filter(|t| t.finish == prism_core::FinishReason::Rejected)
+        .fold((0, 0), |(n, tokens), t| (n + 1, tokens + t.tokens.len() as u64))
 }
 
 /// The live view the progress line draws.
@@ -111,6 +124,8 @@ pub struct StepEvent {
 pub enum MetricsMsg {
     /// A rollout worker produced trajectories.
     TrajectoriesMade { count: u64, tokens: u64, generate_s: f64 },
+    /// Trajectories stopped early by rollout.reject_below, and their tokens.
+    Rejected { trajectories: u64, tokens: u64 },
     /// The reward pool labeled trajectories.
     Labeled { count: u64, label_s: f64 },
     Dropped { reason: DropReason, trajectories: u64 },
@@ -203,6 +218,10 @@ impl Actor for Metrics {
                 state.generate_s += generate_s;
                 state.publish();
             }
+            MetricsMsg::Rejected { trajectories, tokens } => {
+                state.ledger.rejected += trajectories;
+                state.ledger.rejected_tokens += tokens;
+            }
             MetricsMsg::Labeled { count, label_s } => {
                 state.labeled += count;
                 state.label_s += label_s;
@@ -239,6 +258,8 @@ impl Actor for Metrics {
                     "made": state.ledger.made,
                     "trained": state.ledger.trained,
                     "dropped": state.ledger.dropped,
+                    "rejected": state.ledger.rejected,
+                    "rejected_tokens": state.ledger.rejected_tokens,
                     "rollout_tokens_per_s": state.tokens as f64 / elapsed.max(1e-9),
                     "rollout_busy_s": state.generate_s,
                     "reward_busy_s": state.label_s,

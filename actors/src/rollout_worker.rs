@@ -112,6 +112,10 @@ impl Actor for RolloutWorker {
             tokens: tokens as u64,
             generate_s: started.elapsed().as_secs_f64(),
         })?;
+        let (rejected, rejected_tokens) = crate::metrics::rejected(groups.iter().flatten());
+        if rejected > 0 {
+            a.metrics.cast(MetricsMsg::Rejected { trajectories: rejected, tokens: rejected_tokens })?;
+        }
 
         for (assignment, group) in work.into_iter().zip(groups) {
             let n = group.len() as u64;

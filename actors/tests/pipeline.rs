@@ -49,7 +49,8 @@ impl Generate for FakeGen {
                         logprobs: vec![-0.5; 3],
                         text: "abc".into(),
                         token_ends: vec![1, 2, 3],
-                        finish: FinishReason::Eos,
+                        // The last sample of a group stands for one stopped by early rejection.
+                        finish: if s == G - 1 { FinishReason::Rejected } else { FinishReason::Eos },
                         generate_ms: 2,
                     })
                     .collect()
@@ -282,6 +283,9 @@ async fn zero_advantage_groups_are_dropped_and_counted() {
     assert!(l.balanced(), "{l}");
     assert!(l.dropped["zero_advantage"] > 0, "{l}");
     assert_eq!(l.dropped["zero_advantage"] % G as u64, 0, "whole groups are dropped");
+    // Early-rejected trajectories are counted (one per group) with their tokens.
+    assert_eq!((l.rejected, l.rejected_tokens), (l.made / G as u64, 3 * l.made / G as u64), "{l}");
+    assert!(out.metrics.iter().filter(|m| m["kind"] == "step").all(|m| m["rejected"].as_u64().is_some()));
     assert_eq!(l.trained, 5 * 4 * G as u64, "dropped groups are replaced, batches stay full");
 }
 

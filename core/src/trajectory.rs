@@ -29,6 +29,9 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` was reached.
     Length,
+    /// Stopped at a step boundary because its partial solution scored below
+    /// `rollout.reject_below` (early rejection).
+    Rejected,
 }
 
 /// One sampled completion of a prompt, with what the learner needs to weigh it.

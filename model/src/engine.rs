@@ -131,6 +131,35 @@ pub fn generate(model: &Transformer, prompts: &[Vec<u32>], params: &SamplingPara
     generate_requests(model, tokenizer, &requests, &mut |_| {}, &|_| false)
 }
 
+/// Asked when a row's newest token ends a step (its text holds a line
+/// break), with the request, the sample and the row's tokens so far; `true`
+/// stops the row there, finished as [`FinishReason::Rejected`]. The engine
+/// knows nothing of what makes a step good: the caller decides.
+pub type StepHook<'a> = dyn FnMut(usize, usize, &[u32]) -> bool + 'a;
+
+/// [`generate`] with a [`StepHook`] asked at every step boundary.
+pub fn generate_stepped(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    at_step: &mut StepHook<'_>,
+) -> Result<Vec<Vec<Sample>>> {
+    let tokenizer = model
+        .tokenizer()
+        .ok_or_else(|| Error::invalid("model", "has no tokenizer attached (Transformer::set_tokenizer)"))?;
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            prompt: p.clone(),
+            params: SamplingParams { seed: mix(params.seed, i as u64), ..params.clone() },
+            top_logprobs: None,
+        })
+        .collect();
+    check_requests(model, &requests)?;
+    tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, Some(at_step)))
+}
+
 /// SplitMix64 of `a` combined with `b`: independent streams per (seed, index).
 fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD1B5_4A32_D192_ED03);
@@ -163,6 +192,11 @@ pub fn generate_requests(
     if requests.is_empty() {
         return Ok(Vec::new());
     }
+    check_requests(model, requests)?;
+    tch::no_grad(|| run(model, tokenizer, requests, on_event, cancelled, None))
+}
+
+fn check_requests(model: &Transformer, requests: &[Request]) -> Result<()> {
     let max_pos = model.config().max_position_embeddings;
     let vocab = model.config().vocab_size;
     for r in requests {
@@ -177,7 +211,7 @@ pub fn generate_requests(
             return Err(Error::ContextTooLong { prompt: r.prompt.len(), new: r.params.max_new_tokens, max: max_pos });
         }
     }
-    tch::no_grad(|| run(model, tokenizer, requests, on_event, cancelled))
+    Ok(())
 }
 
 fn run(
@@ -186,7 +220,10 @@ fn run(
     requests: &[Request],
     on_event: &mut dyn FnMut(Event),
     cancelled: &dyn Fn(usize) -> bool,
+    mut at_step: Option<&mut StepHook<'_>>,
 ) -> Result<Vec<Vec<Sample>>> {
+    // Whether a token's text holds a line break, per token id met.
+    let mut ends_step: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
     let device = model.device();
     let prompt_len = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let max_new = requests.iter().map(|r| r.params.max_new_tokens).max().unwrap_or(0);
@@ -252,6 +289,11 @@ fn run(
                     Some(FinishReason::Stop)
                 } else if row.tokens.len() >= params.max_new_tokens {
                     Some(FinishReason::Length)
+                } else if let Some(hook) = at_step.as_deref_mut()
+                    && *ends_step.entry(pick.token).or_insert_with(|| tokenizer.token_text(pick.token).contains('\n'))
+                    && hook(row.request, row.sample, &row.tokens)
+                {
+                    Some(FinishReason::Rejected)
                 } else {
                     None
                 };

@@ -49,6 +49,7 @@ impl From<core::FinishReason> for v1::FinishReason {
             core::FinishReason::Eos => Self::Eos,
             core::FinishReason::Stop => Self::Stop,
             core::FinishReason::Length => Self::Length,
+            core::FinishReason::Rejected => Self::Rejected,
         }
     }
 }
@@ -58,6 +59,7 @@ fn finish_reason(value: i32) -> Result<core::FinishReason> {
         Ok(v1::FinishReason::Eos) => Ok(core::FinishReason::Eos),
         Ok(v1::FinishReason::Stop) => Ok(core::FinishReason::Stop),
         Ok(v1::FinishReason::Length) => Ok(core::FinishReason::Length),
+        Ok(v1::FinishReason::Rejected) => Ok(core::FinishReason::Rejected),
         _ => Err(ConvertError::UnknownEnum { message: "Trajectory", field: "finish", value }),
     }
 }

@@ -53,6 +53,13 @@ pub struct Config {
     pub top_k: usize,
     /// Extra stop strings (the model's eos tokens always stop). Default none.
     pub stop: Vec<String>,
+    /// Early rejection (partial reward models): at every step boundary (a
+    /// line break) a sample's newest step is scored by the cheap scorer (the
+    /// distilled model once it agrees with the judge, else the step
+    /// verifier); below this it stops there, finished as `rejected` (it is
+    /// still labeled and trained on, as a failure), so decoding goes to the
+    /// samples still in the running. 0 = off. Default 0.
+    pub reject_below: f64,
 }
 
 impl Default for Config {
@@ -66,6 +73,7 @@ impl Default for Config {
             top_p: 1.0,
             top_k: 0,
             stop: Vec::new(),
+            reject_below: 0.0,
         }
     }
 }
@@ -77,6 +85,7 @@ impl Config {
         check::positive("rollout.prompts_per_batch", self.prompts_per_batch)?;
         check::positive("rollout.max_new_tokens", self.max_new_tokens)?;
         check::positive("rollout.temperature", self.temperature)?;
+        check::in_range("rollout.reject_below", self.reject_below, 0.0, 1.0)?;
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Invalid::new("rollout.top_p", self.top_p, "must be in (0, 1]"));
         }

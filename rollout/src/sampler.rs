@@ -26,9 +26,17 @@ pub fn params(config: &Config, n: usize, eos: &[u32], seed: u64) -> SamplingPara
     }
 }
 
+/// Decides at each step boundary (a line break) whether a partial completion
+/// goes on: called with the index of its `(group, prompt)` in the work and
+/// the completion's text so far; `true` rejects it (it stops there, finished
+/// as `rejected`). Rollouts know nothing of how it decides.
+pub type RejectStep<'a> = dyn FnMut(usize, &str) -> bool + 'a;
+
 /// Samples `config.group_size` completions for each `(group, prompt)` with the
 /// model's current weights, tagged `version`. Trajectory ids are
-/// `group * G + sample`, unique within a run because group ids are.
+/// `group * G + sample`, unique within a run because group ids are. With
+/// `reject`, a completion it rejects at a step boundary stops there.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_groups(
     model: &Transformer,
     tokenizer: &Tokenizer,
@@ -37,12 +45,20 @@ pub fn sample_groups(
     eos: &[u32],
     version: PolicyVersion,
     seed: u64,
+    reject: Option<&mut RejectStep<'_>>,
 ) -> Result<Vec<Vec<Trajectory>>> {
     let g = config.group_size;
     let prompts: Vec<Vec<u32>> = work.iter().map(|(_, p)| encode_prompt(tokenizer, p)).collect::<Result<_>>()?;
     let seed = hash64(&[seed, work.first().map_or(0, |(id, _)| id.0), version.0]);
     let started = Instant::now();
-    let samples = engine::generate(model, &prompts, &params(config, g, eos, seed))?;
+    let params = params(config, g, eos, seed);
+    let samples = match reject {
+        None => engine::generate(model, &prompts, &params)?,
+        Some(reject) => engine::generate_stepped(model, &prompts, &params, &mut |request, _sample, tokens| {
+            // A completion that cannot be decoded is let through: the labeler reports it.
+            tokenizer.decode(tokens, true).is_ok_and(|text| reject(request, &text))
+        })?,
+    };
     let generate_ms = started.elapsed().as_millis() as u64;
     Ok(work
         .iter()
@@ -86,7 +102,8 @@ mod tests {
         let work: Vec<(GroupId, &Prompt)> = prompts.iter().enumerate().map(|(i, p)| (GroupId(10 + i as u64), p)).collect();
         let config = Config { group_size: 4, max_new_tokens: 12, ..Config::default() };
         let eos = loaded.generation.eos_token_ids.clone();
-        let groups = sample_groups(&loaded.model, &loaded.tokenizer, &work, &config, &eos, PolicyVersion(7), 1).unwrap();
+        let groups =
+            sample_groups(&loaded.model, &loaded.tokenizer, &work, &config, &eos, PolicyVersion(7), 1, None).unwrap();
         assert_eq!(groups.len(), 3);
         for (gi, group) in groups.iter().enumerate() {
             assert_eq!(group.len(), 4);
@@ -104,5 +121,45 @@ mod tests {
         }
         // An untrained model's samples differ within a group.
         assert!(groups[0].iter().any(|t| t.tokens != groups[0][0].tokens));
+    }
+
+    /// A step hook that rejects every partial completion at its second line
+    /// break: those samples stop right there, finished as rejected, and are
+    /// the same tokens as the unhooked samples up to that point (same seeds);
+    /// the others are untouched.
+    #[test]
+    fn a_rejected_sample_stops_at_that_step_boundary() {
+        let loaded = prism_model::load("builtin:tiny-arith", &LoadOptions::default()).unwrap();
+        let task = Task::new(&task::Config::default(), 0, Box::new(|q| q.to_string())).unwrap();
+        let prompts: Vec<Prompt> = (0..4).map(|i| task.train_prompt(i)).collect();
+        let work: Vec<(GroupId, &Prompt)> = prompts.iter().enumerate().map(|(i, p)| (GroupId(i as u64), p)).collect();
+        let config = Config { group_size: 8, max_new_tokens: 40, ..Config::default() };
+        let eos = loaded.generation.eos_token_ids.clone();
+        let (m, tok) = (&loaded.model, &loaded.tokenizer);
+        let plain = sample_groups(m, tok, &work, &config, &eos, PolicyVersion(1), 3, None).unwrap();
+        let mut asked = 0;
+        let mut reject = |i: usize, text: &str| {
+            assert!(i < work.len());
+            assert!(text.contains('\n'), "asked only after a line break: {text:?}");
+            asked += 1;
+            text.matches('\n').count() >= 2
+        };
+        let hooked = sample_groups(m, tok, &work, &config, &eos, PolicyVersion(1), 3, Some(&mut reject)).unwrap();
+        assert!(asked > 0, "the hook was asked at step boundaries");
+        let mut rejected = 0;
+        for (a, b) in plain.iter().flatten().zip(hooked.iter().flatten()) {
+            if b.finish == prism_core::FinishReason::Rejected {
+                rejected += 1;
+                assert!(b.text.matches('\n').count() >= 2, "{:?}", b.text);
+                assert!(tok.token_text(*b.tokens.last().unwrap()).contains('\n'), "stopped on the line break's token");
+                let before = tok.decode(&b.tokens[..b.tokens.len() - 1], true).unwrap();
+                assert!(before.matches('\n').count() < 2, "at the first boundary that qualifies: {:?}", b.text);
+                assert_eq!(b.tokens[..], a.tokens[..b.tokens.len()], "a prefix of the unhooked sample");
+                assert!(b.tokens.len() < a.tokens.len());
+            } else {
+                assert_eq!(a.tokens, b.tokens, "a sample the hook let through is untouched");
+            }
+        }
+        assert!(rejected > 0, "no sample reached two line breaks: {:?}", plain[0][0].text);
     }
 }

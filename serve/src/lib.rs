@@ -514,7 +514,7 @@ fn visible(sample: &Sample, stop: &[String]) -> (String, usize) {
 fn finish_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Eos | FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
+        FinishReason::Length | FinishReason::Rejected => "length",
     }
 }
 

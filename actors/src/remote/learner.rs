@@ -347,7 +347,13 @@ impl Loop {
         for group in arrived {
             let (id, size) = match &group {
                 Assembled::Failed { group, size, .. } => (group.0, *size),
-                Assembled::Complete { group, trajectories, .. } => (group.0, trajectories.len() as u64),
+                Assembled::Complete { group, trajectories, .. } => {
+                    let (rejected, tokens) = crate::metrics::rejected(trajectories.iter().map(|lt| &lt.trajectory));
+                    if rejected > 0 {
+                        self.metrics.cast(MetricsMsg::Rejected { trajectories: rejected, tokens })?;
+                    }
+                    (group.0, trajectories.len() as u64)
+                }
             };
             if !self.reported.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
                 self.ingested.insert(id, size);
