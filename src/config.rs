@@ -112,6 +112,8 @@ pub struct Config {
     pub judge: prism_reward::judge::Config,
     /// `[distill]`: the online-distilled reward model and the annotation budget.
     pub distill: prism_reward::distill::Config,
+    /// `[implicit]`: the implicit PRM of `reward.process = "implicit"`.
+    pub implicit: prism_reward::implicit::Config,
     /// `[task]`: the problems trained and evaluated on.
     pub task: prism_rollout::task::Config,
     /// `[rollout]`: how trajectories are sampled.
@@ -175,6 +177,7 @@ impl Config {
         self.reward.validate()?;
         self.judge.validate()?;
         self.distill.validate()?;
+        self.implicit.validate()?;
         self.task.validate()?;
         self.rollout.validate()?;
         self.pipeline.validate()?;

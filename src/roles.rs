@@ -385,7 +385,13 @@ pub fn reward(config: &Config) -> Result<()> {
     threads(config);
     runtime()?.block_on(async {
         let health = health(config).await?;
-        let labeler = Arc::new(prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?);
+        let mut labeler = prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?;
+        if config.reward.process == prism_reward::config::Process::Implicit {
+            // From the configured model: a reward process does not hold the
+            // learner's weights (a warm start, if any, is not in it).
+            labeler = labeler.with_implicit(train::implicit_prm(config, None)?);
+        }
+        let labeler = Arc::new(labeler);
         let (mut control, token, counters, membership) = join(config, Role::Reward, "cpu").await?;
         health.add_metrics(metrics::worker(Role::Reward, counters.clone()));
         let worker_id = membership.borrow().worker_id.clone();

@@ -71,6 +71,22 @@ fn evaluator(config: &Config, task: &Task, eos: Vec<u32>) -> Result<Evaluator> {
 /// The learner's half of an RL run, shared by `prism train` and `prism learner`:
 /// the policy after the warm start (or the checkpoint it resumes from), the
 /// trainer around it, and where the prompts continue.
+/// The implicit PRM for `reward.process = "implicit"`: φ and the frozen
+/// reference are two copies of the configured model, given `weights` (the
+/// policy's at the start of RL) when there are any. φ's state is not
+/// checkpointed: a resumed run starts it again from the policy it resumes.
+pub(crate) fn implicit_prm(config: &Config, weights: Option<&prism_actors::backend::WeightSet>) -> Result<prism_reward::implicit::ImplicitPrm> {
+    let copy = || -> Result<Box<dyn prism_reward::implicit::TokenModel>> {
+        let Loaded { mut model, .. } = load_model(config)?;
+        if let Some(w) = weights {
+            let tensors = w.tensors.lock().map_err(|_| anyhow::anyhow!("weight set poisoned"))?;
+            model.load_named(tensors.iter().map(|(n, t)| (n.clone(), t.copy())))?;
+        }
+        Ok(Box::new(model))
+    };
+    Ok(prism_reward::implicit::ImplicitPrm::new(&config.implicit, copy()?, copy()?)?)
+}
+
 pub(crate) struct Prepared {
     pub trainer: PolicyTrainer,
     /// Policy version of the trainer's weights (the checkpoint's step on resume).
@@ -158,7 +174,12 @@ pub(crate) async fn ctrl_c() {
 async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
     let started = Instant::now();
     let Prepared { trainer, version, cursor, task, eos } = prepare(config, run, resuming).await?;
-    let labeler = Arc::new(prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?);
+    let mut labeler = prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?;
+    if config.reward.process == prism_reward::config::Process::Implicit {
+        use prism_actors::backend::Train;
+        labeler = labeler.with_implicit(implicit_prm(config, Some(&*trainer.weights()?))?);
+    }
+    let labeler = Arc::new(labeler);
     let generator: Factory<Box<dyn Generate>> = {
         let config = config.clone();
         let eos = eos.clone();

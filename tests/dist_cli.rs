@@ -79,6 +79,7 @@ async fn status_prints_each_reward_workers_health() {
         distill_min_agreement: Some(0.75),
         distill_ready: Some(true),
         judge_budget_refused: Some(0),
+        ..Default::default()
     };
     let distrusted = prism_reward::Health {
         judge_latency_ms: None,

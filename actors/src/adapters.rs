@@ -74,7 +74,9 @@ impl Label for RewardLabeler {
     }
 
     fn health(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
-        self.0.judge()?;
+        if self.0.judge().is_none() && self.0.implicit().is_none() {
+            return None;
+        }
         match serde_json::to_value(self.0.health()) {
             Ok(serde_json::Value::Object(m)) => Some(m),
             _ => None,

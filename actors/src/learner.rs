@@ -280,6 +280,7 @@ pub(crate) fn score_sources<'a>(samples: impl Iterator<Item = &'a LabeledTraject
             ScoreSource::Verifier => "verifier",
             ScoreSource::Guard => "guard",
             ScoreSource::Unknown => "unknown",
+            ScoreSource::Implicit => "implicit",
         };
         *out.entry(name).or_insert(0) += 1;
     }

@@ -16,6 +16,9 @@ pub enum ScoreSource {
     JudgeCache,
     /// The online-distilled reward model.
     Distilled,
+    /// The implicit PRM (`reward.process = "implicit"`): σ of the step's
+    /// log-likelihood-ratio reward.
+    Implicit,
     /// A guard rejected the completion before any judge call (no final answer, too short).
     Guard,
     /// No source could score it (e.g. an unparseable verdict); the score is unknown.

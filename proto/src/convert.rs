@@ -73,6 +73,7 @@ impl From<core::ScoreSource> for v1::ScoreSource {
             core::ScoreSource::Distilled => Self::Distilled,
             core::ScoreSource::Guard => Self::Guard,
             core::ScoreSource::Unknown => Self::Unknown,
+            core::ScoreSource::Implicit => Self::Implicit,
         }
     }
 }
@@ -85,6 +86,7 @@ fn score_source(message: &'static str, field: &'static str, value: i32) -> Resul
         Ok(v1::ScoreSource::Distilled) => core::ScoreSource::Distilled,
         Ok(v1::ScoreSource::Guard) => core::ScoreSource::Guard,
         Ok(v1::ScoreSource::Unknown) => core::ScoreSource::Unknown,
+        Ok(v1::ScoreSource::Implicit) => core::ScoreSource::Implicit,
         _ => return Err(ConvertError::UnknownEnum { message, field, value }),
     })
 }

@@ -93,6 +93,10 @@ string_enum! {
         Verifier = "verifier",
         /// The judge, with `fallback` for what it does not score.
         Judge = "judge",
+        /// The implicit PRM (`[implicit]`): a copy of the policy trained
+        /// online on the verifiers' outcomes, whose log-likelihood ratio to
+        /// the frozen policy scores each step. No judge server.
+        Implicit = "implicit",
     }
 }
 

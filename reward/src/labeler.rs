@@ -21,6 +21,7 @@
 use crate::Result;
 use crate::config::{Config, Fallback, Process};
 use crate::distill::{self, Budget, DistillMetrics, Distiller};
+use crate::implicit::{ImplicitMetrics, ImplicitPrm};
 use crate::judge::{self, Failure, Judge, JudgeMetrics, StepJudgement, Style, Subject};
 use crate::outcome::{Outcome, OutcomeVerifier};
 use crate::segment::Segmenter;
@@ -41,6 +42,7 @@ pub struct Labeler {
     outcome: OutcomeVerifier,
     judge: Option<Judge>,
     distiller: Option<Arc<Distiller>>,
+    implicit: Option<Arc<ImplicitPrm>>,
     learner: Option<Learner>,
     annotations: Option<Annotations>,
     budget: Mutex<Budget>,
@@ -57,6 +59,8 @@ pub struct SourceCounts {
     pub judge: u64,
     pub judge_cache: u64,
     pub distilled: u64,
+    #[serde(default)]
+    pub implicit: u64,
     pub guard: u64,
     pub unknown: u64,
 }
@@ -71,6 +75,7 @@ struct Counts {
     judge_failed_steps: u64,
     distrusted_groups: u64,
     distilled_unavailable: u64,
+    implicit_failures: u64,
     sources: SourceCounts,
 }
 
@@ -114,12 +119,15 @@ pub struct Metrics {
     /// Labels whose distilled scores could not be had after all (the verifiers
     /// scored them).
     pub distilled_unavailable: u64,
+    /// Labels whose implicit-PRM scores could not be had (steps unscored).
+    pub implicit_failures: u64,
     /// Step scores by source.
     pub sources: SourceCounts,
     /// The background annotation queue, when the judge annotates in the background.
     pub annotations: Option<QueueHealth>,
     pub judge: Option<JudgeMetrics>,
     pub distill: Option<DistillMetrics>,
+    pub implicit: Option<ImplicitMetrics>,
 }
 
 impl Labeler {
@@ -147,6 +155,7 @@ impl Labeler {
             outcome: OutcomeVerifier::new(cfg)?,
             judge,
             distiller,
+            implicit: None,
             learner,
             annotations,
             budget: Mutex::new(Budget::new(distill_cfg)),
@@ -158,6 +167,17 @@ impl Labeler {
 
     pub fn judge(&self) -> Option<&Judge> {
         self.judge.as_ref()
+    }
+
+    /// Attaches the implicit PRM that scores steps under `reward.process =
+    /// "implicit"` (it needs the policy model, which the caller loads).
+    pub fn with_implicit(mut self, prm: ImplicitPrm) -> Self {
+        self.implicit = Some(Arc::new(prm));
+        self
+    }
+
+    pub fn implicit(&self) -> Option<&Arc<ImplicitPrm>> {
+        self.implicit.as_ref()
     }
 
     pub fn distiller(&self) -> Option<&Arc<Distiller>> {
@@ -194,6 +214,7 @@ impl Labeler {
             Process::None => Vec::new(),
             Process::Verifier => self.verifier_scores(t, &texts),
             Process::Judge => self.judge_scores(t, &steps, &texts, &outcome, deadline, &mut meta).await,
+            Process::Implicit => self.implicit_scores(t, &steps, &outcome).await,
         };
         meta.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut c = self.counts();
@@ -205,6 +226,7 @@ impl Labeler {
                 ScoreSource::Judge => &mut s.judge,
                 ScoreSource::JudgeCache => &mut s.judge_cache,
                 ScoreSource::Distilled => &mut s.distilled,
+                ScoreSource::Implicit => &mut s.implicit,
                 ScoreSource::Guard => &mut s.guard,
                 ScoreSource::Unknown => &mut s.unknown,
             } += 1;
@@ -232,6 +254,49 @@ impl Labeler {
                 .collect(),
         };
         (label, meta)
+    }
+
+    /// Step scores from the implicit PRM: σ(β Σ log(π_φ/π_ref)) over each
+    /// step's tokens, with φ as it is before learning from this trajectory;
+    /// then φ takes one step on the verifier's outcome (only a verifier's: a
+    /// guessed outcome is not a label). Unknown (counted, logged) when the
+    /// PRM is missing or fails.
+    async fn implicit_scores(
+        &self,
+        t: &Trajectory,
+        steps: &[prism_core::Step],
+        outcome: &Outcome,
+    ) -> Vec<(Option<f32>, ScoreSource)> {
+        let unknown = vec![(None, ScoreSource::Unknown); steps.len()];
+        let Some(prm) = self.implicit.clone() else {
+            self.counts().implicit_failures += 1;
+            tracing::warn!("reward.process = \"implicit\" but no implicit PRM is attached: steps unscored");
+            return unknown;
+        };
+        let (prompt, tokens) = (t.prompt_tokens.clone(), t.tokens.clone());
+        let spans: Vec<std::ops::Range<u32>> = steps.iter().map(|s| s.tokens.clone()).collect();
+        let label = (outcome.source == ScoreSource::Verifier).then_some(outcome.score);
+        let done = tokio::task::spawn_blocking(move || {
+            let rewards = prm.step_rewards(&prompt, &tokens, &spans)?;
+            if let Some(o) = label {
+                prm.update(&prompt, &tokens, o)?;
+            }
+            Ok::<_, crate::Error>(rewards)
+        })
+        .await;
+        match done {
+            Ok(Ok(rewards)) => rewards.into_iter().map(|r| (Some(sigmoid(r)), ScoreSource::Implicit)).collect(),
+            Ok(Err(e)) => {
+                self.counts().implicit_failures += 1;
+                tracing::warn!(trajectory_id = t.id.0, error = %e, "implicit PRM failed: steps unscored");
+                unknown
+            }
+            Err(e) => {
+                self.counts().implicit_failures += 1;
+                tracing::warn!(trajectory_id = t.id.0, error = %e, "implicit PRM task failed: steps unscored");
+                unknown
+            }
+        }
     }
 
     /// The cheap score of the last step of `text`, a partial completion of
@@ -523,6 +588,7 @@ impl Labeler {
     pub fn health(&self) -> Health {
         let judge = self.judge.as_ref().map(Judge::metrics);
         let distill = self.distiller.as_ref().map(|d| d.metrics());
+        let implicit = self.implicit.as_ref().map(|p| p.metrics());
         Health {
             judge_wait_ms: self.judge.as_ref().map(|_| self.wait.as_millis() as u64),
             judge_latency_ms: judge.as_ref().filter(|j| j.verdicts + j.unknown_verdicts > 0).map(|j| LatencyMs {
@@ -537,6 +603,9 @@ impl Labeler {
             distill_min_agreement: distill.as_ref().map(|d| d.min_agreement),
             distill_ready: distill.as_ref().map(|d| d.ready),
             judge_budget_refused: self.judge.as_ref().map(|_| lock(&self.budget).refused),
+            distill_keep_rate: distill.as_ref().and_then(|d| d.consensus_keep_rate),
+            implicit_loss: implicit.as_ref().and_then(|m| m.loss),
+            implicit_updates: implicit.as_ref().map(|m| m.updates),
         }
     }
 
@@ -554,10 +623,12 @@ impl Labeler {
             judge_failed_steps: c.judge_failed_steps,
             distrusted_groups: c.distrusted_groups,
             distilled_unavailable: c.distilled_unavailable,
+            implicit_failures: c.implicit_failures,
             sources: c.sources.clone(),
             annotations: self.annotations.as_ref().map(|a| a.health()),
             judge: self.judge.as_ref().map(Judge::metrics),
             distill: self.distiller.as_ref().map(|d| d.metrics()),
+            implicit: self.implicit.as_ref().map(|p| p.metrics()),
         }
     }
 }
@@ -568,6 +639,10 @@ impl Drop for Labeler {
             a.close();
         }
     }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -930,6 +1005,14 @@ pub struct Health {
     /// Groups the annotation budget kept from the judge.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub judge_budget_refused: Option<u64>,
+    /// `distill.consensus`: the share of judged steps learned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill_keep_rate: Option<f64>,
+    /// The implicit PRM's moving-average loss and its updates so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implicit_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implicit_updates: Option<u64>,
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ extern crate prism_core;
 pub mod config;
 pub mod distill;
 pub mod expr;
+pub mod implicit;
 pub mod judge;
 pub mod labeler;
 pub mod outcome;
@@ -46,7 +47,9 @@ pub enum Error {
     Io { path: String, reason: String },
     #[error("{path}, item {item}: {reason}")]
     Data { path: String, item: usize, reason: String },
-    #[error("distilled reward model: {0}")]
+    #[error("implicit PRM: {0}")]
+    Implicit(String),
+    #[error("reward model (tch): {0}")]
     Torch(#[from] tch::TchError),
 }
 

@@ -180,6 +180,10 @@ pub fn merge_health(all: &[prism_reward::Health]) -> Option<prism_reward::Health
     fn sum(values: impl Iterator<Item = Option<u64>>) -> Option<u64> {
         values.flatten().reduce(|a, b| a + b)
     }
+    fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+        let v: Vec<f64> = values.flatten().collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
     if all.is_empty() {
         return None;
     }
@@ -210,6 +214,9 @@ pub fn merge_health(all: &[prism_reward::Health]) -> Option<prism_reward::Health
         distill_min_agreement: max(all.iter().map(|h| h.distill_min_agreement)),
         distill_ready: all_true(all.iter().map(|h| h.distill_ready)),
         judge_budget_refused: sum(all.iter().map(|h| h.judge_budget_refused)),
+        distill_keep_rate: mean(all.iter().map(|h| h.distill_keep_rate)),
+        implicit_loss: mean(all.iter().map(|h| h.implicit_loss)),
+        implicit_updates: sum(all.iter().map(|h| h.implicit_updates)),
     })
 }
 
@@ -630,6 +637,7 @@ mod tests {
             distill_min_agreement: Some(0.75),
             distill_ready: Some(agreement.is_some_and(|a| a >= 0.75)),
             judge_budget_refused: Some(2),
+            ..Health::default()
         }
     }
 

@@ -59,7 +59,9 @@ pub trait Annotator: Send + Sync + 'static {
 
 impl Annotator for prism_reward::Labeler {
     fn health(&self) -> Option<Health> {
-        self.judge()?;
+        if self.judge().is_none() && self.implicit().is_none() {
+            return None;
+        }
         Some(prism_reward::Labeler::health(self))
     }
     fn distills(&self) -> bool {

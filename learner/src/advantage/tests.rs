@@ -407,3 +407,17 @@ fn under_renorm_filler_steps_cannot_raise_a_trajectorys_credit() {
     }
     assert!(summed_credit_rose, "the property is not trivial: summed credit rises with filler");
 }
+
+/// The implicit PRM with φ equal to the reference scores every step 0.5 (σ of
+/// a zero reward): under `process` with the outcome weighted 1, the
+/// advantages are GRPO's.
+#[test]
+fn equal_step_scores_leave_process_advantages_equal_to_grpo() {
+    let group = vec![
+        sample(0, 4, 1.0, &[(0..2, Some(0.5)), (2..4, Some(0.5))]),
+        sample(1, 3, 0.0, &[(0..3, Some(0.5))]),
+        sample(2, 5, 1.0, &[(0..1, Some(0.5)), (1..5, Some(0.5))]),
+    ];
+    let process = Config { advantage: crate::config::Estimator::Process, process_outcome_weight: 1.0, ..Config::default() };
+    assert_eq!(kept(estimate_group(&group, &process).unwrap()), kept(estimate_group(&group, &Config::default()).unwrap()));
+}

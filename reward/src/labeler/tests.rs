@@ -39,6 +39,18 @@ fn scores(label: &RewardLabel) -> Vec<Option<f32>> {
     label.steps.iter().map(|s| s.score).collect()
 }
 
+/// Early rejection's scorer: the newest step of a partial completion, by the
+/// step verifier while there is no distilled model.
+#[test]
+fn a_partial_completion_is_scored_by_its_newest_step() {
+    let labeler = Labeler::new(&Config::default(), &judge::Config::default(), &distill::Config::default()).unwrap();
+    let prompt = trajectory(1, "arithmetic", "7+3*4-2", None, "").prompt;
+    assert_eq!(labeler.score_partial(&prompt, "3*4=12\n"), Some(1.0));
+    assert_eq!(labeler.score_partial(&prompt, "3*4=12\n7+12=20\n"), Some(0.0));
+    assert_eq!(labeler.score_partial(&prompt, "3*4=12\n7+12=19\n"), Some(1.0));
+    assert_eq!(labeler.score_partial(&prompt, ""), None, "no step yet");
+}
+
 #[tokio::test]
 async fn verifier_labels_carry_outcome_steps_and_spans() {
     let labeler = Labeler::new(&Config::default(), &judge::Config::default(), &distill::Config::default()).unwrap();

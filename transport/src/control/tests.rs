@@ -288,6 +288,7 @@ fn reward_health(depth: u64) -> prism_reward::Health {
         distill_min_agreement: Some(0.75),
         distill_ready: Some(true),
         judge_budget_refused: Some(2),
+        ..Default::default()
     }
 }
 

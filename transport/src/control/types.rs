@@ -363,6 +363,9 @@ pub(crate) fn health_to_wire(h: &prism_reward::Health) -> v1::RewardHealth {
         distill_min_agreement: h.distill_min_agreement,
         distill_ready: h.distill_ready,
         judge_budget_refused: h.judge_budget_refused,
+        distill_keep_rate: h.distill_keep_rate,
+        implicit_loss: h.implicit_loss,
+        implicit_updates: h.implicit_updates,
     }
 }
 
@@ -387,5 +390,8 @@ pub(crate) fn health_from_wire(h: v1::RewardHealth) -> prism_reward::Health {
         distill_min_agreement: h.distill_min_agreement,
         distill_ready: h.distill_ready,
         judge_budget_refused: h.judge_budget_refused,
+        distill_keep_rate: h.distill_keep_rate,
+        implicit_loss: h.implicit_loss,
+        implicit_updates: h.implicit_updates,
     }
 }
