@@ -275,7 +275,8 @@ impl Actor for Metrics {
                 if let Some(health) = state.labeler.as_ref().and_then(|l| l.health()) {
                     let judged = e.sources.get("judge").copied().unwrap_or(0) + e.sources.get("cache").copied().unwrap_or(0);
                     let scored: u64 = e.sources.values().sum();
-                    state.last.judge_share = (scored > 0).then(|| judged as f64 / scored as f64);
+                    state.last.judge_share =
+                        (scored > 0 && health.contains_key("judge_trusted")).then(|| judged as f64 / scored as f64);
                     let distilled = e.sources.get("distilled").copied().unwrap_or(0);
                     state.last.distilled_share =
                         (scored > 0 && health.contains_key("distill_ready")).then(|| distilled as f64 / scored as f64);
