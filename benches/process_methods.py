@@ -30,7 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from process_rewards import JudgeServer, PRISM, ROOT, train  # noqa: E402
+from process_rewards import PRISM, ROOT, JudgeServer, add_judge_args, train  # noqa: E402
 
 METHODS = {
     "default": [],
@@ -72,10 +72,7 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rl-seconds", type=float, default=300)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--latency-ms", type=float, default=1500)
-    p.add_argument("--flip", type=float, default=0.15)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--fail", type=float, default=0.02)
+    add_judge_args(p)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-process-methods"))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -48,6 +48,14 @@ def finished_folder(log):
     return folder if folder and os.path.exists(os.path.join(folder, "summary.json")) else None
 
 
+def add_judge_args(p):
+    """The realistic judge's settings, for the benchmarks that start one."""
+    p.add_argument("--latency-ms", type=float, default=1500)
+    p.add_argument("--flip", type=float, default=0.15)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--fail", type=float, default=0.02)
+
+
 class JudgeServer:
     """`prism bench judge-server` in the background; SIGUSR1 toggles an outage."""
 
@@ -130,10 +138,7 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rl-seconds", type=float, default=300)
     p.add_argument("--modes", default="verifier,background,blocking,outage")
-    p.add_argument("--latency-ms", type=float, default=1500)
-    p.add_argument("--flip", type=float, default=0.15)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--fail", type=float, default=0.02)
+    add_judge_args(p)
     p.add_argument("--outage-seconds", type=float, default=60)
     p.add_argument("--template", default="thinkprm")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-process-rewards"))

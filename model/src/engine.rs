@@ -116,19 +116,7 @@ pub enum Event<'a> {
 
 /// `n` samples for each prompt, decoded with the model's tokenizer.
 pub fn generate(model: &Transformer, prompts: &[Vec<u32>], params: &SamplingParams) -> Result<Vec<Vec<Sample>>> {
-    let tokenizer = model
-        .tokenizer()
-        .ok_or_else(|| Error::invalid("model", "has no tokenizer attached (Transformer::set_tokenizer)"))?;
-    let requests: Vec<Request> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Request {
-            prompt: p.clone(),
-            params: SamplingParams { seed: mix(params.seed, i as u64), ..params.clone() },
-            top_logprobs: None,
-        })
-        .collect();
-    generate_requests(model, tokenizer, &requests, &mut |_| {}, &|_| false)
+    generate_prompts(model, prompts, params, None)
 }
 
 /// Asked when a row's newest token ends a step (its text holds a line
@@ -144,6 +132,17 @@ pub fn generate_stepped(
     params: &SamplingParams,
     at_step: &mut StepHook<'_>,
 ) -> Result<Vec<Vec<Sample>>> {
+    generate_prompts(model, prompts, params, Some(at_step))
+}
+
+/// One request per prompt, each with its own seed mixed from `params.seed`
+/// and its index, decoded with the model's tokenizer.
+fn generate_prompts(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    at_step: Option<&mut StepHook<'_>>,
+) -> Result<Vec<Vec<Sample>>> {
     let tokenizer = model
         .tokenizer()
         .ok_or_else(|| Error::invalid("model", "has no tokenizer attached (Transformer::set_tokenizer)"))?;
@@ -156,8 +155,11 @@ pub fn generate_stepped(
             top_logprobs: None,
         })
         .collect();
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
     check_requests(model, &requests)?;
-    tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, Some(at_step)))
+    tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, at_step))
 }
 
 /// SplitMix64 of `a` combined with `b`: independent streams per (seed, index).

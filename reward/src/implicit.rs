@@ -128,30 +128,43 @@ impl ImplicitPrm {
     pub fn step_rewards(&self, prompt: &[u32], completion: &[u32], spans: &[Range<u32>]) -> Result<Vec<f32>> {
         let tokens = self.token_rewards(prompt, completion)?;
         self.state().metrics.scored += 1;
-        spans
-            .iter()
-            .map(|span| {
-                let (start, end) = (span.start as usize, span.end as usize);
-                if start > end || end > tokens.len() {
-                    return Err(Error::Implicit(format!(
-                        "step span {span:?} outside the {} completion tokens",
-                        tokens.len()
-                    )));
-                }
-                Ok(tokens[start..end].iter().sum())
-            })
-            .collect()
+        sum_spans(&tokens, spans)
     }
 
     /// One Adam step of φ on the cross-entropy between `σ(β Σ log(π_φ/π_ref))`
     /// over the whole completion and `outcome` (clamped to [0, 1]); returns the
     /// loss before the step.
     pub fn update(&self, prompt: &[u32], completion: &[u32], outcome: f32) -> Result<f64> {
+        let mut s = self.state();
+        let ratio = log_ratio(&s, prompt, completion)?;
+        self.learn(&mut s, &ratio, outcome)
+    }
+
+    /// [`ImplicitPrm::step_rewards`] with φ as it is, then, given an
+    /// `outcome`, [`ImplicitPrm::update`] on it — from one forward pass of
+    /// each model instead of two.
+    pub fn score_and_update(
+        &self,
+        prompt: &[u32],
+        completion: &[u32],
+        spans: &[Range<u32>],
+        outcome: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        let mut s = self.state();
+        let ratio = log_ratio(&s, prompt, completion)?;
+        let tokens = Vec::<f32>::try_from((ratio.detach() * self.cfg.beta).to_device(tch::Device::Cpu))?;
+        let rewards = sum_spans(&tokens, spans)?;
+        s.metrics.scored += 1;
+        if let Some(o) = outcome {
+            self.learn(&mut s, &ratio, o)?;
+        }
+        Ok(rewards)
+    }
+
+    fn learn(&self, s: &mut State, ratio: &Tensor, outcome: f32) -> Result<f64> {
         if !outcome.is_finite() {
             return Err(Error::Implicit(format!("outcome {outcome} is not finite")));
         }
-        let mut s = self.state();
-        let ratio = log_ratio(&s, prompt, completion)?;
         let reward = ratio.sum(Kind::Float) * self.cfg.beta;
         let target = Tensor::from(outcome.clamp(0.0, 1.0)).to_device(reward.device());
         let loss = reward.binary_cross_entropy_with_logits::<Tensor>(&target, None, None, Reduction::Mean);
@@ -168,6 +181,20 @@ impl ImplicitPrm {
     pub fn metrics(&self) -> ImplicitMetrics {
         self.state().metrics.clone()
     }
+}
+
+/// The sum of `tokens` over each span.
+fn sum_spans(tokens: &[f32], spans: &[Range<u32>]) -> Result<Vec<f32>> {
+    spans
+        .iter()
+        .map(|span| {
+            let (start, end) = (span.start as usize, span.end as usize);
+            if start > end || end > tokens.len() {
+                return Err(Error::Implicit(format!("step span {span:?} outside the {} completion tokens", tokens.len())));
+            }
+            Ok(tokens[start..end].iter().sum())
+        })
+        .collect()
 }
 
 fn freeze(model: &mut dyn TokenModel) {

@@ -276,24 +276,15 @@ impl Labeler {
         let (prompt, tokens) = (t.prompt_tokens.clone(), t.tokens.clone());
         let spans: Vec<std::ops::Range<u32>> = steps.iter().map(|s| s.tokens.clone()).collect();
         let label = (outcome.source == ScoreSource::Verifier).then_some(outcome.score);
-        let done = tokio::task::spawn_blocking(move || {
-            let rewards = prm.step_rewards(&prompt, &tokens, &spans)?;
-            if let Some(o) = label {
-                prm.update(&prompt, &tokens, o)?;
-            }
-            Ok::<_, crate::Error>(rewards)
-        })
-        .await;
+        let done = tokio::task::spawn_blocking(move || prm.score_and_update(&prompt, &tokens, &spans, label))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
         match done {
-            Ok(Ok(rewards)) => rewards.into_iter().map(|r| (Some(sigmoid(r)), ScoreSource::Implicit)).collect(),
-            Ok(Err(e)) => {
+            Ok(rewards) => rewards.into_iter().map(|r| (Some(sigmoid(r)), ScoreSource::Implicit)).collect(),
+            Err(error) => {
                 self.counts().implicit_failures += 1;
-                tracing::warn!(trajectory_id = t.id.0, error = %e, "implicit PRM failed: steps unscored");
-                unknown
-            }
-            Err(e) => {
-                self.counts().implicit_failures += 1;
-                tracing::warn!(trajectory_id = t.id.0, error = %e, "implicit PRM task failed: steps unscored");
+                tracing::warn!(trajectory_id = t.id.0, %error, "implicit PRM failed: steps unscored");
                 unknown
             }
         }

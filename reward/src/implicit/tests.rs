@@ -64,6 +64,23 @@ fn one_update_raises_a_correct_trajectorys_log_ratios_and_lowers_a_wrong_ones() 
     assert_eq!(p.metrics().updates, 1);
 }
 
+/// Scoring and learning from one forward pass gives what scoring, then
+/// learning, gives.
+#[test]
+fn score_and_update_is_step_rewards_then_update() {
+    let cfg = Config { beta: 0.5, lr: 0.05 };
+    let (a, b) = (prm(&cfg, &table(0.9), &table(0.3)), prm(&cfg, &table(0.9), &table(0.3)));
+    let (prompt, completion, spans) = ([1, 2], [3, 4, 5, 6], [0..1, 1..4]);
+    let first = a.step_rewards(&prompt, &completion, &spans).unwrap();
+    a.update(&prompt, &completion, 1.0).unwrap();
+    assert_eq!(b.score_and_update(&prompt, &completion, &spans, Some(1.0)).unwrap(), first);
+    assert_eq!(a.token_rewards(&prompt, &completion).unwrap(), b.token_rewards(&prompt, &completion).unwrap());
+    assert_eq!((b.metrics().updates, b.metrics().scored), (1, 1));
+    // Without an outcome, nothing is learned.
+    b.score_and_update(&prompt, &completion, &spans, None).unwrap();
+    assert_eq!(b.metrics().updates, 1);
+}
+
 #[test]
 fn bad_input_is_refused_with_a_clear_error() {
     let p = prm(&Config::default(), &table(0.3), &table(0.3));
