@@ -37,7 +37,7 @@ METHODS = {
     "fapo": ["learner.flawed_positive=fapo"],
     "renorm": ["learner.advantage=process", "learner.process_norm=renorm", "learner.process_outcome_weight=1.0"],
     "reject": ["rollout.reject_below=0.5"],
-    "implicit": ["reward.process=implicit", "implicit.beta=0.5", "implicit.lr=1e-4"],
+    "implicit": ["reward.process=implicit", "implicit.beta=0.5", "implicit.lr=1e-4", "pipeline.reward_workers=16"],
     "judge": [],
     "vote": ["judge.samples=3", "judge.temperature=0.7", "judge.vote=majority"],
     "meta": ["judge.meta_critique=true"],

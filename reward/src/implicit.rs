@@ -18,7 +18,8 @@ use crate::{Error, Result};
 use prism_core::config::{Invalid, check};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Reduction, Tensor};
 
@@ -31,11 +32,14 @@ pub struct Config {
     /// Adam learning rate of φ. Default 1e-6 (PRIME, for 7B models; small
     /// models want more).
     pub lr: f64,
+    /// Most trajectories scored together in one forward pass (and learned
+    /// from in one Adam step). Default 16.
+    pub batch: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { beta: 0.05, lr: 1e-6 }
+        Self { beta: 0.05, lr: 1e-6, batch: 16 }
     }
 }
 
@@ -44,6 +48,7 @@ impl Config {
     pub fn validate(&self) -> std::result::Result<(), Invalid> {
         check::positive("implicit.beta", self.beta)?;
         check::positive("implicit.lr", self.lr)?;
+        check::positive("implicit.batch", self.batch)?;
         Ok(())
     }
 }
@@ -75,12 +80,25 @@ impl TokenModel for prism_model::Transformer {
 /// The implicit PRM's state, for the metrics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ImplicitMetrics {
-    /// Trajectories φ learned from (one Adam step each).
+    /// Trajectories φ learned from.
     pub updates: u64,
-    /// Moving average (0.95) of the cross-entropy loss.
+    /// Moving average (0.95) of the cross-entropy loss, per trajectory.
     pub loss: Option<f64>,
     /// Trajectories scored.
     pub scored: u64,
+    /// Batches run (one forward pass of each model, at most one Adam step).
+    pub batches: u64,
+}
+
+/// One trajectory to score and, given an outcome, learn from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    /// The steps, in completion tokens.
+    pub spans: Vec<Range<u32>>,
+    /// The verifier's outcome (clamped to [0, 1]); `None` = score only.
+    pub outcome: Option<f32>,
 }
 
 struct State {
@@ -90,10 +108,18 @@ struct State {
     metrics: ImplicitMetrics,
 }
 
+/// Trajectories waiting for the next batch, and whether a drain is running.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<(Item, oneshot::Sender<Result<Vec<f32>>>)>,
+    draining: bool,
+}
+
 /// The implicit PRM: φ (trained) and the frozen reference.
 pub struct ImplicitPrm {
     cfg: Config,
     state: Mutex<State>,
+    queue: Mutex<Queue>,
 }
 
 impl ImplicitPrm {
@@ -103,7 +129,8 @@ impl ImplicitPrm {
         cfg.validate()?;
         freeze(reference.as_mut());
         let opt = nn::Adam::default().build(phi.var_store(), cfg.lr)?;
-        Ok(Self { cfg: cfg.clone(), state: Mutex::new(State { phi, reference, opt, metrics: ImplicitMetrics::default() }) })
+        let state = State { phi, reference, opt, metrics: ImplicitMetrics::default() };
+        Ok(Self { cfg: cfg.clone(), state: Mutex::new(state), queue: Mutex::default() })
     }
 
     pub fn config(&self) -> &Config {
@@ -112,6 +139,10 @@ impl ImplicitPrm {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `β (log π_φ − log π_ref)` of each token of `completion` after `prompt`.
@@ -137,7 +168,9 @@ impl ImplicitPrm {
     pub fn update(&self, prompt: &[u32], completion: &[u32], outcome: f32) -> Result<f64> {
         let mut s = self.state();
         let ratio = log_ratio(&s, prompt, completion)?;
-        self.learn(&mut s, &ratio, outcome)
+        let loss = self.learn(&mut s, &[ratio], &[outcome])?;
+        s.metrics.batches += 1;
+        Ok(loss)
     }
 
     /// [`ImplicitPrm::step_rewards`] with φ as it is, then, given an
@@ -150,30 +183,130 @@ impl ImplicitPrm {
         spans: &[Range<u32>],
         outcome: Option<f32>,
     ) -> Result<Vec<f32>> {
+        let item = Item { prompt: prompt.to_vec(), completion: completion.to_vec(), spans: spans.to_vec(), outcome };
+        self.score_batch(vec![item]).pop().expect("one result per item")
+    }
+
+    /// Scores every item with φ as it is, then takes one Adam step on the mean
+    /// cross-entropy of the items that carry an outcome: one padded forward
+    /// pass of each model for the whole batch. A bad item gets its own error
+    /// and is left out of the batch; the others go on.
+    pub fn score_batch(&self, items: Vec<Item>) -> Vec<Result<Vec<f32>>> {
+        let mut results: Vec<Option<Result<Vec<f32>>>> = items.iter().map(|_| None).collect();
         let mut s = self.state();
-        let ratio = log_ratio(&s, prompt, completion)?;
-        let tokens = Vec::<f32>::try_from((ratio.detach() * self.cfg.beta).to_device(tch::Device::Cpu))?;
-        let rewards = sum_spans(&tokens, spans)?;
-        s.metrics.scored += 1;
-        if let Some(o) = outcome {
-            self.learn(&mut s, &ratio, o)?;
+        let vocab = s.phi.vocab_size().min(s.reference.vocab_size());
+        let mut rows = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match check(item, vocab) {
+                Ok(()) if item.completion.is_empty() => results[i] = Some(sum_spans(&[], &item.spans)),
+                Ok(()) => rows.push(i),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !rows.is_empty() {
+            let batch: Vec<&Item> = rows.iter().map(|&i| &items[i]).collect();
+            match self.run_batch(&mut s, &batch) {
+                Ok(rewards) => {
+                    for (&i, r) in rows.iter().zip(rewards) {
+                        results[i] = Some(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    for &i in &rows {
+                        results[i] = Some(Err(Error::Implicit(e.to_string())));
+                    }
+                }
+            }
+        }
+        results.into_iter().map(|r| r.expect("every item answered")).collect()
+    }
+
+    /// Scores `item` in the next batch: trajectories that arrive while a
+    /// batch runs wait and go together into the one after it (at most
+    /// `implicit.batch`), so concurrent labels share forward passes and φ
+    /// takes one Adam step per batch.
+    pub async fn score(self: &Arc<Self>, item: Item) -> Result<Vec<f32>> {
+        let (tx, rx) = oneshot::channel();
+        let lead = {
+            let mut q = self.queue();
+            q.waiting.push((item, tx));
+            !std::mem::replace(&mut q.draining, true)
+        };
+        if lead {
+            let me = Arc::clone(self);
+            tokio::task::spawn_blocking(move || me.drain());
+        }
+        rx.await.map_err(|_| Error::Implicit("the implicit PRM's batch stopped before answering".into()))?
+    }
+
+    /// Runs batches until nobody waits. A panic in libtorch fails that
+    /// batch's items, not the queue.
+    fn drain(&self) {
+        loop {
+            let waiting = {
+                let mut q = self.queue();
+                if q.waiting.is_empty() {
+                    q.draining = false;
+                    return;
+                }
+                let n = q.waiting.len().min(self.cfg.batch as usize);
+                q.waiting.drain(..n).collect::<Vec<_>>()
+            };
+            let (items, replies): (Vec<Item>, Vec<_>) = waiting.into_iter().unzip();
+            let n = items.len();
+            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.score_batch(items)))
+                .unwrap_or_else(|panic| {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("a panic");
+                    (0..n).map(|_| Err(Error::Implicit(format!("batch failed: {why}")))).collect()
+                });
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Step rewards of every row (φ as it is), then one Adam step on the rows
+    /// with an outcome.
+    fn run_batch(&self, s: &mut State, items: &[&Item]) -> Result<Vec<Vec<f32>>> {
+        let ratios = log_ratios(s, items)?;
+        let mut rewards = Vec::with_capacity(items.len());
+        for (item, ratio) in items.iter().zip(&ratios) {
+            let tokens = Vec::<f32>::try_from((ratio.detach() * self.cfg.beta).to_device(tch::Device::Cpu))?;
+            rewards.push(sum_spans(&tokens, &item.spans)?);
+        }
+        s.metrics.scored += items.len() as u64;
+        s.metrics.batches += 1;
+        let (labeled, outcomes): (Vec<Tensor>, Vec<f32>) = items
+            .iter()
+            .zip(ratios)
+            .filter_map(|(item, ratio)| item.outcome.map(|o| (ratio, o)))
+            .unzip();
+        if !labeled.is_empty() {
+            self.learn(s, &labeled, &outcomes)?;
         }
         Ok(rewards)
     }
 
-    fn learn(&self, s: &mut State, ratio: &Tensor, outcome: f32) -> Result<f64> {
-        if !outcome.is_finite() {
-            return Err(Error::Implicit(format!("outcome {outcome} is not finite")));
+    /// One Adam step on the mean over `ratios` (one trajectory each) of the
+    /// cross-entropy between σ(β Σ ratio) and its outcome; returns that loss.
+    fn learn(&self, s: &mut State, ratios: &[Tensor], outcomes: &[f32]) -> Result<f64> {
+        if let Some(bad) = outcomes.iter().find(|o| !o.is_finite()) {
+            return Err(Error::Implicit(format!("outcome {bad} is not finite")));
         }
-        let reward = ratio.sum(Kind::Float) * self.cfg.beta;
-        let target = Tensor::from(outcome.clamp(0.0, 1.0)).to_device(reward.device());
-        let loss = reward.binary_cross_entropy_with_logits::<Tensor>(&target, None, None, Reduction::Mean);
+        let rewards = Tensor::stack(&ratios.iter().map(|r| r.sum(Kind::Float)).collect::<Vec<_>>(), 0) * self.cfg.beta;
+        let targets: Vec<f32> = outcomes.iter().map(|o| o.clamp(0.0, 1.0)).collect();
+        let target = Tensor::from_slice(&targets).to_device(rewards.device());
+        let loss = rewards.binary_cross_entropy_with_logits::<Tensor>(&target, None, None, Reduction::Mean);
         s.opt.zero_grad();
         loss.backward();
         s.opt.step();
         let loss = loss.double_value(&[]);
         let m = &mut s.metrics;
-        m.updates += 1;
+        m.updates += outcomes.len() as u64;
         m.loss = Some(m.loss.map_or(loss, |l| 0.95 * l + 0.05 * loss));
         Ok(loss)
     }
@@ -203,26 +336,65 @@ fn freeze(model: &mut dyn TokenModel) {
     }
 }
 
-/// `log π_φ − log π_ref` per completion token, differentiable in φ.
-fn log_ratio(s: &State, prompt: &[u32], completion: &[u32]) -> Result<Tensor> {
-    if prompt.is_empty() {
+/// Refuses what no model can score: no context, a token outside the
+/// vocabulary, a step outside the completion.
+fn check(item: &Item, vocab: usize) -> Result<()> {
+    if item.prompt.is_empty() {
         return Err(Error::Implicit("empty prompt (the first completion token needs a context)".into()));
     }
-    let device = s.phi.var_store().device();
-    if completion.is_empty() {
-        return Ok(Tensor::zeros([0], (Kind::Float, device)));
-    }
-    let vocab = s.phi.vocab_size().min(s.reference.vocab_size());
-    if let Some(bad) = prompt.iter().chain(completion).find(|&&t| t as usize >= vocab) {
+    if let Some(bad) = item.prompt.iter().chain(&item.completion).find(|&&t| t as usize >= vocab) {
         return Err(Error::Implicit(format!("token id {bad} is outside the vocabulary of {vocab}")));
     }
-    let ids: Vec<i64> = prompt.iter().chain(completion).map(|&t| i64::from(t)).collect();
-    let (p, c) = (prompt.len() as i64, completion.len() as i64);
-    let input = Tensor::from_slice(&ids).view([1, p + c]).to_device(device);
-    let target = Tensor::from_slice(&ids[prompt.len()..]).view([1, c, 1]).to_device(device);
-    let logp = |logits: Tensor| logits.narrow(1, p - 1, c).log_softmax(-1, Kind::Float).gather(2, &target, false).view([c]);
+    if let Some(o) = item.outcome.filter(|o| !o.is_finite()) {
+        return Err(Error::Implicit(format!("outcome {o} is not finite")));
+    }
+    let len = item.completion.len() as u32;
+    if let Some(span) = item.spans.iter().find(|s| s.start > s.end || s.end > len) {
+        return Err(Error::Implicit(format!("step span {span:?} outside the {len} completion tokens")));
+    }
+    Ok(())
+}
+
+/// `log π_φ − log π_ref` per completion token, differentiable in φ.
+fn log_ratio(s: &State, prompt: &[u32], completion: &[u32]) -> Result<Tensor> {
+    let item = Item { prompt: prompt.to_vec(), completion: completion.to_vec(), spans: Vec::new(), outcome: None };
+    check(&item, s.phi.vocab_size().min(s.reference.vocab_size()))?;
+    if completion.is_empty() {
+        return Ok(Tensor::zeros([0], (Kind::Float, s.phi.var_store().device())));
+    }
+    Ok(log_ratios(s, &[&item])?.pop().expect("one row"))
+}
+
+/// `log π_φ − log π_ref` per completion token of each item (checked, with a
+/// completion), differentiable in φ: prompt and completion of every row are
+/// laid end to end and padded on the right to the longest row, so each model
+/// runs once. The models are causal, so a row's padding never reaches its
+/// tokens.
+fn log_ratios(s: &State, items: &[&Item]) -> Result<Vec<Tensor>> {
+    let device = s.phi.var_store().device();
+    let width = items
+        .iter()
+        .map(|it| it.prompt.len().checked_add(it.completion.len()))
+        .try_fold(0usize, |w, n| n.map(|n| w.max(n)))
+        .ok_or_else(|| Error::Implicit("sequence length overflows".into()))?;
+    let mut ids = vec![0i64; items.len() * width];
+    for (row, it) in ids.chunks_mut(width).zip(items) {
+        for (slot, &t) in row.iter_mut().zip(it.prompt.iter().chain(&it.completion)) {
+            *slot = i64::from(t);
+        }
+    }
+    let (b, w) = (items.len() as i64, width as i64);
+    let input = Tensor::from_slice(&ids).view([b, w]).to_device(device);
+    // Log-probability of each next token: position j predicts token j + 1.
+    let next = input.narrow(1, 1, w - 1).unsqueeze(-1);
+    let logp = |logits: Tensor| logits.narrow(1, 0, w - 1).log_softmax(-1, Kind::Float).gather(2, &next, false).squeeze_dim(-1);
     let reference = tch::no_grad(|| logp(s.reference.logits(&input)));
-    Ok(logp(s.phi.logits(&input)) - reference)
+    let ratio = logp(s.phi.logits(&input)) - reference;
+    Ok(items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| ratio.get(i as i64).narrow(0, it.prompt.len() as i64 - 1, it.completion.len() as i64))
+        .collect())
 }
 
 #[cfg(test)]

@@ -258,8 +258,9 @@ impl Labeler {
 
     /// Step scores from the implicit PRM: σ(β Σ log(π_φ/π_ref)) over each
     /// step's tokens, with φ as it is before learning from this trajectory;
-    /// then φ takes one step on the verifier's outcome (only a verifier's: a
-    /// guessed outcome is not a label). Unknown (counted, logged) when the
+    /// then φ learns from the verifier's outcome (only a verifier's: a
+    /// guessed outcome is not a label), in one Adam step with the labels that
+    /// share its batch (concurrent labels are batched). Unknown (counted, logged) when the
     /// PRM is missing or fails.
     async fn implicit_scores(
         &self,
@@ -273,14 +274,13 @@ impl Labeler {
             tracing::warn!("reward.process = \"implicit\" but no implicit PRM is attached: steps unscored");
             return unknown;
         };
-        let (prompt, tokens) = (t.prompt_tokens.clone(), t.tokens.clone());
-        let spans: Vec<std::ops::Range<u32>> = steps.iter().map(|s| s.tokens.clone()).collect();
-        let label = (outcome.source == ScoreSource::Verifier).then_some(outcome.score);
-        let done = tokio::task::spawn_blocking(move || prm.score_and_update(&prompt, &tokens, &spans, label))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        match done {
+        let item = crate::implicit::Item {
+            prompt: t.prompt_tokens.clone(),
+            completion: t.tokens.clone(),
+            spans: steps.iter().map(|s| s.tokens.clone()).collect(),
+            outcome: (outcome.source == ScoreSource::Verifier).then_some(outcome.score),
+        };
+        match prm.score(item).await {
             Ok(rewards) => rewards.into_iter().map(|r| (Some(sigmoid(r)), ScoreSource::Implicit)).collect(),
             Err(error) => {
                 self.counts().implicit_failures += 1;

@@ -53,7 +53,7 @@ fn with_phi_equal_to_the_reference_every_step_reward_is_zero() {
 
 #[test]
 fn one_update_raises_a_correct_trajectorys_log_ratios_and_lowers_a_wrong_ones() {
-    let cfg = Config { beta: 0.5, lr: 0.05 };
+    let cfg = Config { beta: 0.5, lr: 0.05, ..Config::default() };
     let p = prm(&cfg, &table(0.3), &table(0.3));
     let sum = |p: &ImplicitPrm, c: &[u32]| p.token_rewards(&[1, 2], c).unwrap().iter().sum::<f32>();
     p.update(&[1, 2], &[3, 4, 5], 1.0).unwrap();
@@ -68,7 +68,7 @@ fn one_update_raises_a_correct_trajectorys_log_ratios_and_lowers_a_wrong_ones() 
 /// learning, gives.
 #[test]
 fn score_and_update_is_step_rewards_then_update() {
-    let cfg = Config { beta: 0.5, lr: 0.05 };
+    let cfg = Config { beta: 0.5, lr: 0.05, ..Config::default() };
     let (a, b) = (prm(&cfg, &table(0.9), &table(0.3)), prm(&cfg, &table(0.9), &table(0.3)));
     let (prompt, completion, spans) = ([1, 2], [3, 4, 5, 6], [0..1, 1..4]);
     let first = a.step_rewards(&prompt, &completion, &spans).unwrap();
@@ -106,34 +106,61 @@ def ratio(prompt, completion):
     lp = lambda t: torch.log_softmax(t[ctx], -1).gather(1, tgt.view(-1, 1)).view(-1)
     return lp(phi) - lp(ref).detach()
 out = {"rewards": [], "losses": []}
-for prompt, completion, outcome in d["steps"]:
-    out["rewards"].append((beta * ratio(prompt, completion)).tolist())
-    r = beta * ratio(prompt, completion).sum()
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(r, torch.tensor(float(outcome)))
+for batch in d["batches"]:
+    for prompt, completion, _ in batch:
+        out["rewards"].append((beta * ratio(prompt, completion)).tolist())
+    r = torch.stack([beta * ratio(p, c).sum() for p, c, _ in batch])
+    y = torch.tensor([float(o) for _, _, o in batch])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(r, y)
     opt.zero_grad(); loss.backward(); opt.step()
     out["losses"].append(loss.item())
 out["phi"] = phi.detach().view(-1).tolist()
 print(json.dumps(out))
 "#;
 
-/// The token rewards and three online updates (Adam) against PyTorch on the
-/// same bigram tables: rewards, losses and φ's weights within 1e-5.
+/// The token rewards and four online updates (Adam) against PyTorch on the
+/// same bigram tables: three one trajectory at a time, then a padded batch of
+/// three of different lengths (one step on the mean loss). Rewards, losses and
+/// φ's weights within 1e-5.
 #[test]
 fn rewards_and_updates_match_pytorch() {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     assert!(python.exists(), "{} is missing: run scripts/setup", python.display());
-    let cfg = Config { beta: 0.5, lr: 0.01 };
+    let cfg = Config { beta: 0.5, lr: 0.01, ..Config::default() };
     let (phi, reference) = (table(0.9), table(0.3));
-    let steps: Vec<(Vec<u32>, Vec<u32>, f32)> =
-        vec![(vec![1, 2], vec![3, 4, 5, 6, 0], 1.0), (vec![4], vec![2, 2, 6], 0.0), (vec![0, 5], vec![1, 3], 1.0)];
+    type Traj = (Vec<u32>, Vec<u32>, f32);
+    let batches: Vec<Vec<Traj>> = vec![
+        vec![(vec![1, 2], vec![3, 4, 5, 6, 0], 1.0)],
+        vec![(vec![4], vec![2, 2, 6], 0.0)],
+        vec![(vec![0, 5], vec![1, 3], 1.0)],
+        vec![(vec![6], vec![1, 1, 2, 3, 5, 1], 0.0), (vec![2, 3, 4], vec![0], 1.0), (vec![5, 5], vec![4, 4, 4], 1.0)],
+    ];
     let p = prm(&cfg, &phi, &reference);
     let (mut rewards, mut losses) = (Vec::new(), Vec::new());
-    for (prompt, completion, outcome) in &steps {
+    for batch in &batches[..3] {
+        let (prompt, completion, outcome) = &batch[0];
         rewards.push(p.token_rewards(prompt, completion).unwrap());
         losses.push(p.update(prompt, completion, *outcome).unwrap());
     }
+    // The batch: each token is its own step, so the step rewards are the
+    // token rewards; the loss is read back from the metrics' moving average.
+    let before = p.metrics().loss.unwrap();
+    let items = batches[3]
+        .iter()
+        .map(|(prompt, completion, outcome)| Item {
+            prompt: prompt.clone(),
+            completion: completion.clone(),
+            spans: (0..completion.len() as u32).map(|k| k..k + 1).collect(),
+            outcome: Some(*outcome),
+        })
+        .collect();
+    for r in p.score_batch(items) {
+        rewards.push(r.unwrap());
+    }
+    losses.push((p.metrics().loss.unwrap() - 0.95 * before) / 0.05);
+    assert_eq!((p.metrics().batches, p.metrics().updates), (4, 6));
     let input = serde_json::json!({
-        "V": V, "beta": cfg.beta, "lr": cfg.lr, "phi": phi, "ref": reference, "steps": steps,
+        "V": V, "beta": cfg.beta, "lr": cfg.lr, "phi": phi, "ref": reference, "batches": batches,
     });
     let mut child = std::process::Command::new(python)
         .args(["-c", REFERENCE])
@@ -154,6 +181,7 @@ fn rewards_and_updates_match_pytorch() {
             assert!((f64::from(*g) - w).abs() < 1e-5, "{what}: {got:?} vs {want:?}");
         }
     };
+    assert_eq!(rewards.len(), 6);
     for (i, r) in rewards.iter().enumerate() {
         close(r, &want["rewards"][i], &format!("rewards before update {i}"));
         assert!(r.iter().any(|x| x.abs() > 1e-3), "φ differs from the reference, so the rewards are not all 0");
@@ -185,7 +213,7 @@ fn correct_trajectory() -> prism_core::Trajectory {
 /// outcome; labeled again, the correct trajectory's steps score above one half.
 #[tokio::test]
 async fn the_labeler_scores_steps_with_the_implicit_prm_and_trains_it_on_outcomes() {
-    let prm = prm(&Config { beta: 0.5, lr: 0.05 }, &table(0.3), &table(0.3));
+    let prm = prm(&Config { beta: 0.5, lr: 0.05, ..Config::default() }, &table(0.3), &table(0.3));
     let labeler = implicit_labeler().with_implicit(prm);
     let t = correct_trajectory();
     let first = labeler.label(&t).await;
@@ -219,4 +247,128 @@ async fn missing_or_failing_implicit_prm_leaves_steps_unknown_and_counted() {
     let label = labeler.label(&t).await;
     assert!(label.steps.iter().all(|s| s.score.is_none()));
     assert_eq!(labeler.metrics().implicit_failures, 1);
+}
+
+/// A batch scores each trajectory exactly as it scores alone, on the real
+/// transformer too: rows of different lengths are padded on the right, which
+/// a causal model never sees.
+#[test]
+fn a_padded_batch_scores_every_trajectory_as_it_scores_alone() {
+    let model = |seed| {
+        let config = prism_model::builtin::tiny_arith_config();
+        Box::new(prism_model::Transformer::new(config, Device::Cpu, prism_model::Dtype::F32, seed).unwrap()) as Box<dyn TokenModel>
+    };
+    let p = ImplicitPrm::new(&Config { beta: 1.0, ..Config::default() }, model(1), model(2)).unwrap();
+    let rows: Vec<(Vec<u32>, Vec<u32>)> =
+        vec![(vec![3, 4, 5], vec![6, 7, 8, 9, 10, 11, 12]), (vec![9], vec![4, 4]), (vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9])];
+    let alone: Vec<Vec<f32>> = rows.iter().map(|(prompt, c)| p.token_rewards(prompt, c).unwrap()).collect();
+    assert!(alone.iter().flatten().any(|r| r.abs() > 1e-3), "φ and the reference differ");
+    let items = rows
+        .iter()
+        .map(|(prompt, c)| Item {
+            prompt: prompt.clone(),
+            completion: c.clone(),
+            spans: (0..c.len() as u32).map(|k| k..k + 1).collect(),
+            outcome: None,
+        })
+        .collect();
+    let batched: Vec<Vec<f32>> = p.score_batch(items).into_iter().map(Result::unwrap).collect();
+    for (a, b) in alone.iter().zip(&batched) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{alone:?} vs {batched:?}");
+        }
+    }
+    assert_eq!(p.metrics().updates, 0, "no outcome, nothing learned");
+}
+
+/// A bad trajectory in a batch gets its own error; the others are scored.
+#[test]
+fn a_bad_item_fails_alone() {
+    let p = prm(&Config::default(), &table(0.9), &table(0.3));
+    let item = |prompt: Vec<u32>, completion: Vec<u32>, spans: Vec<Range<u32>>, outcome| Item { prompt, completion, spans, outcome };
+    let results = p.score_batch(vec![
+        item(vec![1], vec![2, 3], vec![0..2], Some(1.0)),
+        item(vec![1], vec![2, 9], vec![0..2], Some(1.0)),
+        item(vec![], vec![2], vec![0..1], None),
+        item(vec![1], vec![2], vec![0..3], None),
+        item(vec![1], vec![2], vec![0..1], Some(f32::NAN)),
+        item(vec![1], vec![], vec![], Some(0.0)),
+    ]);
+    let errors: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert!(errors[0].contains("token id 9") && errors[1].contains("empty prompt"), "{errors:?}");
+    assert!(errors[2].contains("0..3") && errors[3].contains("NaN"), "{errors:?}");
+    let fresh = prm(&Config::default(), &table(0.9), &table(0.3));
+    assert_eq!(results[0].as_ref().unwrap(), &fresh.step_rewards(&[1], &[2, 3], &[0..2]).unwrap());
+    assert_eq!(results[5].as_ref().unwrap(), &Vec::<f32>::new());
+    assert_eq!(p.metrics().updates, 1, "only the good labeled trajectory was learned from");
+}
+
+/// Labels that arrive while a batch runs share the next one: with the PRM
+/// busy (its state held) on a first label, four more queue and then run as
+/// one batch, and each gets what it gets alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_labels_share_batches() {
+    let p = Arc::new(prm(&Config::default(), &table(0.9), &table(0.3)));
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = (0..5u32).map(|k| (vec![k % 7, 1], (0..=k).map(|j| (j * 3 + k) % 7).collect())).collect();
+    let alone: Vec<Vec<f32>> = rows.iter().map(|(prompt, c)| p.step_rewards(prompt, c, &[0..c.len() as u32]).unwrap()).collect();
+    let batches = p.metrics().batches;
+    let busy = p.state();
+    let label = |(prompt, c): &(Vec<u32>, Vec<u32>)| {
+        let (p, item) = (p.clone(), Item { prompt: prompt.clone(), completion: c.clone(), spans: vec![0..c.len() as u32], outcome: None });
+        tokio::spawn(async move { p.score(item).await })
+    };
+    let wait_until = |done: &dyn Fn(&Queue) -> bool| {
+        let waited = std::time::Instant::now();
+        while !done(&p.queue()) {
+            assert!(waited.elapsed().as_secs() < 10, "labels did not queue");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+    let mut tasks = vec![label(&rows[0])];
+    // The first label's batch has started and waits for the state.
+    wait_until(&|q| q.draining && q.waiting.is_empty());
+    tasks.extend(rows[1..].iter().map(label));
+    wait_until(&|q| q.waiting.len() == 4);
+    drop(busy);
+    for (task, want) in tasks.into_iter().zip(&alone) {
+        let got = task.await.unwrap().unwrap();
+        assert!((got[0] - want[0]).abs() < 1e-5, "{got:?} vs {want:?}");
+    }
+    assert_eq!(p.metrics().batches - batches, 2, "{:?}", p.metrics());
+    assert!(!p.queue().draining);
+}
+
+/// A model that panics on token 6 (as libtorch does on bad shapes).
+struct Panicky(Bigram);
+
+impl TokenModel for Panicky {
+    fn logits(&self, input_ids: &Tensor) -> Tensor {
+        assert!(!Vec::<i64>::try_from(input_ids.flatten(0, -1)).unwrap().contains(&6), "token 6 is cursed");
+        self.0.logits(input_ids)
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        self.0.var_store()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+}
+
+/// A panic inside a batch fails that batch's labels with the reason; the
+/// queue goes on, and the next label is scored.
+#[tokio::test]
+async fn a_panicking_batch_fails_its_labels_and_the_queue_goes_on() {
+    let p = Arc::new(
+        ImplicitPrm::new(&Config::default(), Box::new(Panicky(Bigram::new(&table(0.9), V))), Box::new(Bigram::new(&table(0.3), V)))
+            .unwrap(),
+    );
+    let item = |c: Vec<u32>| Item { prompt: vec![1], spans: vec![0..c.len() as u32], completion: c, outcome: Some(1.0) };
+    let e = p.score(item(vec![2, 6])).await.unwrap_err().to_string();
+    assert!(e.contains("token 6 is cursed"), "{e}");
+    assert_eq!(p.score(item(vec![2, 3])).await.unwrap().len(), 1);
+    assert_eq!(p.metrics().updates, 1);
 }
