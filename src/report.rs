@@ -142,6 +142,25 @@ fn figures(rows: &[Value]) -> Vec<Figure> {
             ],
         },
         Figure {
+            file: "curriculum",
+            title: "wasted groups and the curriculum (task.adaptive)",
+            panels: vec![
+                Panel::new("groups whose samples all pass or all fail", "uniform groups (%)", YAxis::ShareFromZero).with(
+                    "uniform share of the retired groups",
+                    RED,
+                    Style::Smoothed,
+                    p("uniform_share"),
+                ),
+                Panel::new("arithmetic difficulty", "operators added", YAxis::FromZero).with("difficulty", BLUE, Style::Line, p("difficulty")),
+                Panel::new("dataset prompts skipped", "prompts (cumulative)", YAxis::FromZero).with(
+                    "skipped",
+                    ORANGE,
+                    Style::Line,
+                    p("skipped_prompts"),
+                ),
+            ],
+        },
+        Figure {
             file: "reward_sources",
             title: "where the step scores of the trained groups came from",
             panels: vec![sources_panel(&steps, &judge_off)],

@@ -172,7 +172,7 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         // earlier run of the same `dist.run_id` left behind.
         redis.reset_run(&keys).await?;
     }
-    let Prepared { mut trainer, version, cursor, task, .. } = train::prepare(config, run, resuming).await?;
+    let Prepared { mut trainer, version, cursor, curriculum, task, .. } = train::prepare(config, run, resuming).await?;
     if resuming {
         // The checkpoint knows none of what the crashed learner left in the
         // streams (some of it sampled by weights it never saved): it goes,
@@ -226,6 +226,7 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         plan: train::plan(config),
         task,
         cursor,
+        curriculum,
         first_group,
         group_timeout: (config.dist.group_timeout_ms > 0).then(|| Duration::from_millis(config.dist.group_timeout_ms)),
         control,

@@ -7,12 +7,13 @@ use crate::progress;
 use crate::run_dir::RunDir;
 use crate::telemetry;
 use anyhow::{bail, Context, Result};
-use prism_actors::backend::{Factory, Generate};
+use prism_actors::backend::{Factory, Generate, SourcePosition};
 use prism_actors::adapters::{CheckpointPlan, Evaluator, ModelGenerator, PolicyTrainer, RewardLabeler};
 use prism_actors::{Finish, LearnerPlan, PipelineSpec, StalePolicy, Summary};
 use prism_learner::{Learner, TokenPair, warmstart};
 use prism_model::{chat::ChatMessage, Loaded, Tokenizer, Transformer};
 use prism_rollout::arithmetic::FlawedTeacher;
+use prism_rollout::curriculum::Curriculum;
 use prism_rollout::{sampler, Task};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -92,6 +93,8 @@ pub(crate) struct Prepared {
     /// Policy version of the trainer's weights (the checkpoint's step on resume).
     pub version: u64,
     pub cursor: u64,
+    /// The curriculum, continued from the checkpoint on resume.
+    pub curriculum: Curriculum,
     pub task: Arc<Task>,
     pub eos: Vec<u32>,
 }
@@ -116,20 +119,24 @@ pub(crate) async fn prepare(config: &Config, run: &RunDir, resuming: bool) -> Re
         None
     };
     let mut learner = Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
-    let (version, cursor) = match has_checkpoint {
+    let (version, position) = match has_checkpoint {
         true => match learner.resume(&checkpoints)? {
             Some(restored) => {
                 for r in &restored.rejected {
                     eprintln!("prism: skipped damaged checkpoint {r}");
                 }
-                let cursor = restored.meta.data_cursor["prompt_cursor"].as_u64().unwrap_or(0);
+                let position: SourcePosition = serde_json::from_value(restored.meta.data_cursor.clone())
+                    .with_context(|| format!("{}: data_cursor is not a prompt source position", restored.path.display()))?;
+                let cursor = position.prompt_cursor;
                 println!("resumed from {} (step {}, prompt cursor {cursor})", restored.path.display(), restored.meta.step);
-                (restored.meta.step, cursor)
+                (restored.meta.step, position)
             }
-            None => (0, 0),
+            None => (0, SourcePosition::default()),
         },
-        false => (0, 0),
+        false => (0, SourcePosition::default()),
     };
+    let cursor = position.prompt_cursor;
+    let curriculum = Curriculum::new(&config.task.adaptive, task.seed(), Some(position.curriculum));
     if version >= config.train.steps {
         bail!("the run is already at step {version} and train.steps = {}: raise train.steps to continue", config.train.steps);
     }
@@ -140,7 +147,7 @@ pub(crate) async fn prepare(config: &Config, run: &RunDir, resuming: bool) -> Re
         evaluator(config, &task, eos.clone())?,
         CheckpointPlan { dir: checkpoints, config_hash: prism_learner::checkpoint::config_hash(config) },
     );
-    Ok(Prepared { trainer, version, cursor, task, eos })
+    Ok(Prepared { trainer, version, cursor, curriculum, task, eos })
 }
 
 /// When the learner stops, evaluates and checkpoints.
@@ -173,7 +180,7 @@ pub(crate) async fn ctrl_c() {
 
 async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
     let started = Instant::now();
-    let Prepared { trainer, version, cursor, task, eos } = prepare(config, run, resuming).await?;
+    let Prepared { trainer, version, cursor, curriculum, task, eos } = prepare(config, run, resuming).await?;
     let mut labeler = prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?;
     if config.reward.process == prism_reward::config::Process::Implicit {
         use prism_actors::backend::Train;
@@ -196,6 +203,7 @@ async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
     let spec = PipelineSpec {
         task,
         cursor,
+        curriculum,
         generator,
         labeler: Arc::new(RewardLabeler(labeler)),
         trainer: Box::new(trainer),

@@ -3,7 +3,7 @@
 //! [`Evaluator`] they share with `prism eval`.
 
 use crate::backend::{
-    Assignment, BackendError, BackendResult, DropReason, EvalReport, Generate, Label, LabelFuture, StepReport, Train, WeightSet,
+    Assignment, BackendError, BackendResult, DropReason, EvalReport, Generate, Label, LabelFuture, SourcePosition, StepReport, Train, WeightSet,
 };
 use prism_core::{GroupId, LabeledTrajectory, PolicyVersion, Prompt, RewardLabel, Trajectory, TrajectoryId};
 use prism_learner::{CheckpointMeta, Learner};
@@ -243,14 +243,15 @@ impl Train for PolicyTrainer {
         self.evaluator.evaluate(self.learner.policy(), &self.tokenizer)
     }
 
-    fn checkpoint(&mut self, prompt_cursor: u64) -> BackendResult<()> {
+    fn checkpoint(&mut self, position: &SourcePosition) -> BackendResult<()> {
         let meta = CheckpointMeta {
             step: self.version,
             policy_version: self.version,
-            data_cursor: serde_json::json!({ "prompt_cursor": prompt_cursor }),
+            data_cursor: serde_json::to_value(position).map_err(BackendError::new)?,
             config_hash: self.checkpoints.config_hash.clone(),
         };
         let path = self.learner.save_checkpoint(&self.checkpoints.dir, &meta).map_err(BackendError::new)?;
+        let prompt_cursor = position.prompt_cursor;
         tracing::info!(checkpoint = %path.display(), step = self.version, prompt_cursor, "checkpoint written");
         Ok(())
     }

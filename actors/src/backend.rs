@@ -86,9 +86,20 @@ pub trait Train: Send + 'static {
     fn train(&mut self, groups: Vec<Vec<LabeledTrajectory>>, lags: &[u64]) -> BackendResult<StepReport>;
     /// Greedy evaluation on the task's held-out problems.
     fn evaluate(&mut self) -> BackendResult<EvalReport>;
-    /// Writes a checkpoint holding everything needed to continue, including the
-    /// prompt cursor given here.
-    fn checkpoint(&mut self, prompt_cursor: u64) -> BackendResult<()>;
+    /// Writes a checkpoint holding everything needed to continue, including
+    /// where the prompt source stands (given here).
+    fn checkpoint(&mut self, position: &SourcePosition) -> BackendResult<()>;
+}
+
+/// Where the prompt source stands: what a checkpoint keeps of it (as its
+/// `data_cursor`) so that a resumed run hands out the same prompts.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SourcePosition {
+    /// Index of the next fresh prompt.
+    pub prompt_cursor: u64,
+    /// The curriculum (`task.adaptive`); absent in older checkpoints.
+    #[serde(default)]
+    pub curriculum: prism_rollout::curriculum::State,
 }
 
 /// Makes a fresh backend: how a supervisor restarts a failed worker.

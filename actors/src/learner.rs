@@ -1,13 +1,13 @@
 //! Learner: takes complete labeled groups when it has room, enforces the
 //! staleness bound, trains on a blocking thread, and publishes each new version.
 
-use crate::backend::{DropReason, Train, WeightSet};
+use crate::backend::{DropReason, SourcePosition, Train, WeightSet};
 use crate::error::Error;
 use crate::metrics::{MetricsMsg, StepEvent};
 use crate::reward_pool::{CompleteGroup, PoolMsg};
 use crate::source::SourceMsg;
 use crate::weight_sync::SyncMsg;
-use prism_core::{LabeledTrajectory, PolicyVersion, ScoreSource};
+use prism_core::{LabeledTrajectory, PolicyVersion, PromptId, ScoreSource};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::{BTreeMap, VecDeque};
@@ -97,6 +97,8 @@ pub(crate) struct Core {
 /// first, then hands this to [`Core::commit`].
 pub(crate) struct StepDone {
     groups: usize,
+    /// Each trained group's prompt and pass rate, for the curriculum.
+    outcomes: Vec<(PromptId, f32)>,
     event: StepEvent,
 }
 
@@ -141,10 +143,12 @@ impl Core {
         }
     }
 
-    /// Counts a dropped group and returns its credit to the prompt source.
-    pub fn dropped(&self, reason: DropReason, trajectories: u64) -> Result<(), Error> {
-        self.metrics.cast(MetricsMsg::Dropped { reason, trajectories })?;
-        Ok(self.source.cast(SourceMsg::GroupsRetired { count: 1 })?)
+    /// Counts a dropped group and returns its credit to the prompt source,
+    /// with its pass rate when its members are known.
+    pub fn dropped(&self, reason: DropReason, group: &[LabeledTrajectory], size: u64) -> Result<(), Error> {
+        self.metrics.cast(MetricsMsg::Dropped { reason, trajectories: size })?;
+        let outcomes = group_outcome(group).into_iter().collect();
+        Ok(self.source.cast(SourceMsg::GroupsRetired { count: 1, outcomes })?)
     }
 
     /// Counts a dropped group that holds no credit of this learner's (one
@@ -175,12 +179,19 @@ impl Core {
     }
 
     pub async fn checkpoint(&mut self) -> Result<(), Error> {
-        let cursor = match self.source.call(SourceMsg::GetCursor, Some(Duration::from_secs(30))).await {
-            Ok(CallResult::Success(c)) => c,
-            _ => return Err(Error::Unanswered("prompt source did not answer with its cursor".into())),
-        };
-        let span = tracing::info_span!("checkpoint", actor = "learner", prompt_cursor = cursor);
-        self.blocking(move |b| span.in_scope(|| b.checkpoint(cursor))).await?.map_err(|e| Error::backend("checkpoint", e))
+        let position = self.position().await?;
+        let span = tracing::info_span!("checkpoint", actor = "learner", prompt_cursor = position.prompt_cursor);
+        self.blocking(move |b| span.in_scope(|| b.checkpoint(&position))).await?.map_err(|e| Error::backend("checkpoint", e))
+    }
+
+    fn position(&self) -> impl std::future::Future<Output = Result<SourcePosition, Error>> + Send + 'static {
+        let source = self.source.clone();
+        async move {
+            match source.call(SourceMsg::GetPosition, Some(Duration::from_secs(30))).await {
+                Ok(CallResult::Success(p)) => Ok(p),
+                _ => Err(Error::Unanswered("prompt source did not answer with its position".into())),
+            }
+        }
     }
 
     /// The end of a run: an evaluation of the final weights (unless they were
@@ -200,6 +211,7 @@ impl Core {
         let lags: Vec<u64> = batch.iter().map(|(_, l)| *l).collect();
         let (reward, accuracy, step_accuracy) = batch_outcomes(batch.iter().flat_map(|(g, _)| g.iter()));
         let sources = score_sources(batch.iter().flat_map(|(g, _)| g.iter()));
+        let outcomes: Vec<(PromptId, f32)> = batch.iter().filter_map(|(g, _)| group_outcome(g)).collect();
         let groups: Vec<Vec<LabeledTrajectory>> = batch.into_iter().map(|(g, _)| g).collect();
         let started = Instant::now();
         let version = self.version();
@@ -214,18 +226,31 @@ impl Core {
             .await?
             .map_err(|e| Error::backend(format!("learner step {} failed", version.0 + 1), e))?;
         let train_s = started.elapsed().as_secs_f64();
-        let event = StepEvent { version: weights.version.0, report, lags, reward, accuracy, step_accuracy, sources, train_s, wait_s };
-        Ok((weights, StepDone { groups: n, event }))
+        let event = StepEvent {
+            version: weights.version.0,
+            report,
+            lags,
+            reward,
+            accuracy,
+            step_accuracy,
+            sources,
+            train_s,
+            wait_s,
+            curriculum: None,
+        };
+        Ok((weights, StepDone { groups: n, outcomes, event }))
     }
 
     /// Announces a step whose weights are published: the new version and the
     /// groups' credits to the prompt source, the step to the metrics; then
     /// evaluates and checkpoints when the plan says.
     pub async fn commit(&mut self, done: StepDone) -> Result<(), Error> {
-        let version = done.event.version;
+        let StepDone { groups, outcomes, mut event } = done;
+        let version = event.version;
         self.source.cast(SourceMsg::VersionPublished(PolicyVersion(version)))?;
-        self.source.cast(SourceMsg::GroupsRetired { count: done.groups })?;
-        self.metrics.cast(MetricsMsg::StepCompleted(Box::new(done.event)))?;
+        self.source.cast(SourceMsg::GroupsRetired { count: groups, outcomes })?;
+        event.curriculum = Some(self.position().await?.curriculum);
+        self.metrics.cast(MetricsMsg::StepCompleted(Box::new(event)))?;
         if self.plan.eval_every > 0 && version % self.plan.eval_every == 0 {
             self.evaluate().await?;
         }
@@ -255,6 +280,14 @@ impl LearnerState {
         self.core.commit(done).await?;
         Ok(())
     }
+}
+
+/// A group's prompt and the share of its samples whose outcome was correct
+/// (score ≥ 0.5); `None` for an empty group.
+pub(crate) fn group_outcome(group: &[LabeledTrajectory]) -> Option<(PromptId, f32)> {
+    let first = group.first()?;
+    let correct = group.iter().filter(|l| l.label.outcome >= 0.5).count();
+    Some((first.trajectory.prompt.id, correct as f32 / group.len() as f32))
 }
 
 /// Of the samples of one step: mean outcome score, share correct (score ≥ 0.5),
@@ -328,7 +361,7 @@ impl Actor for Learner {
         for group in groups {
             match state.core.admit(&group.trajectories) {
                 Ok(lag) => state.buffer.push_back((group, lag)),
-                Err(reason) => state.core.dropped(reason, group.trajectories.len() as u64)?,
+                Err(reason) => state.core.dropped(reason, &group.trajectories, group.trajectories.len() as u64)?,
             }
         }
         if state.buffer.len() >= state.core.plan.batch_groups {

@@ -119,6 +119,8 @@ pub struct StepEvent {
     pub train_s: f64,
     /// Seconds the learner waited for labeled groups before this step.
     pub wait_s: f64,
+    /// The prompt source's curriculum after this step's groups retired.
+    pub curriculum: Option<prism_rollout::curriculum::State>,
 }
 
 pub enum MetricsMsg {
@@ -164,6 +166,8 @@ pub struct MetricsState {
     restarts: u64,
     labeler: Option<Arc<dyn Label>>,
     last: Progress,
+    /// Retired and uniform groups at the previous step row.
+    retired_before: (u64, u64),
 }
 
 impl MetricsState {
@@ -205,6 +209,7 @@ impl Actor for Metrics {
             labeled: 0,
             label_s: 0.0,
             restarts: 0,
+            retired_before: (0, 0),
             labeler: args.labeler,
             last: Progress::default(),
         })
@@ -268,6 +273,17 @@ impl Actor for Metrics {
                 });
                 for (k, v) in &e.report.stats {
                     line[k.as_str()] = serde_json::json!(v);
+                }
+                if let Some(c) = &e.curriculum {
+                    // Groups retired since the last row (trained or dropped
+                    // with a known pass rate), and the share all pass or all
+                    // fail: the rollout work GRPO cannot use.
+                    let (groups, uniform) = (c.groups - state.retired_before.0.min(c.groups), c.uniform_groups - state.retired_before.1.min(c.uniform_groups));
+                    state.retired_before = (c.groups, c.uniform_groups);
+                    line["retired_groups"] = serde_json::json!(groups);
+                    line["uniform_share"] = serde_json::json!((groups > 0).then(|| uniform as f64 / groups as f64));
+                    line["skipped_prompts"] = serde_json::json!(c.skipped);
+                    line["difficulty"] = serde_json::json!(c.level);
                 }
                 if !e.sources.is_empty() {
                     line["reward_sources"] = serde_json::json!(e.sources);

@@ -151,7 +151,7 @@ impl PoolState {
         if a.failed {
             self.held -= 1;
             let _ = self.args.metrics.cast(MetricsMsg::Dropped { reason: DropReason::RewardFailed, trajectories: a.expected as u64 });
-            let _ = self.args.source.cast(SourceMsg::GroupsRetired { count: 1 });
+            let _ = self.args.source.cast(SourceMsg::GroupsRetired { count: 1, outcomes: Vec::new() });
             self.admit_waiting();
         } else {
             let mut trajectories = a.labeled;

@@ -11,9 +11,10 @@
 //! accepts the group ([`SourceMsg::Delivered`]); if the worker fails first, its
 //! leases are re-issued ([`SourceMsg::WorkerFailed`]), so no prompt is lost.
 
-use crate::backend::Assignment;
-use prism_core::{GroupId, PolicyVersion};
+use crate::backend::{Assignment, SourcePosition};
+use prism_core::{GroupId, PolicyVersion, PromptId};
 use prism_rollout::Task;
+use prism_rollout::curriculum::Curriculum;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,14 +27,17 @@ pub enum SourceMsg {
     Delivered(GroupId),
     /// A worker failed: re-issue what it held.
     WorkerFailed(String),
-    /// The learner trained or dropped `count` groups; their credits return.
-    GroupsRetired { count: usize },
+    /// The learner trained or dropped `count` groups; their credits return,
+    /// and the pass rates of those it knows (prompt, share correct) feed the
+    /// curriculum.
+    GroupsRetired { count: usize, outcomes: Vec<(PromptId, f32)> },
     /// The learner published a new version.
     VersionPublished(PolicyVersion),
     /// Issue nothing more; answer waiting workers with no work.
     Stop,
-    /// The cursor to checkpoint: index of the next fresh prompt.
-    GetCursor(RpcReplyPort<u64>),
+    /// Where the source stands, to checkpoint and to report: the index of
+    /// the next fresh prompt and the curriculum.
+    GetPosition(RpcReplyPort<SourcePosition>),
 }
 
 pub struct PromptSource;
@@ -48,6 +52,9 @@ pub struct SourceArgs {
     pub first_group: u64,
     pub max_outstanding: usize,
     pub version: PolicyVersion,
+    /// Skips prompts and sets the difficulty (`task.adaptive`); continues a
+    /// checkpoint's on resume.
+    pub curriculum: Curriculum,
 }
 
 pub struct SourceState {
@@ -58,6 +65,7 @@ pub struct SourceState {
     max_outstanding: usize,
     outstanding: usize,
     version: PolicyVersion,
+    curriculum: Curriculum,
     stopped: bool,
     /// Prompts to hand out again before fresh ones (from failed workers).
     reissue: VecDeque<Assignment>,
@@ -78,8 +86,12 @@ impl SourceState {
             }
             let index = self.cursor;
             self.cursor += 1;
+            if self.task.train_row(index).is_some_and(|row| self.curriculum.skip(index, row)) {
+                continue;
+            }
             self.outstanding += 1;
-            out.push(Assignment { group: GroupId(index + self.group_offset), prompt: self.task.train_prompt(index), min_version: self.version });
+            let prompt = self.task.train_prompt_at(index, self.curriculum.level());
+            out.push(Assignment { group: GroupId(index + self.group_offset), prompt, min_version: self.version });
         }
         self.leases.entry(worker.to_string()).or_default().extend(out.iter().cloned());
         out
@@ -129,6 +141,7 @@ impl Actor for PromptSource {
             max_outstanding: args.max_outstanding.max(1),
             outstanding: 0,
             version: args.version,
+            curriculum: args.curriculum,
             stopped: false,
             reissue: VecDeque::new(),
             leases: HashMap::new(),
@@ -154,7 +167,11 @@ impl Actor for PromptSource {
                     state.serve_waiting();
                 }
             }
-            SourceMsg::GroupsRetired { count } => {
+            SourceMsg::GroupsRetired { count, outcomes } => {
+                for (prompt, pass_rate) in outcomes {
+                    let row = state.task.train_row(prompt.0);
+                    state.curriculum.observe(row, pass_rate);
+                }
                 state.outstanding = state.outstanding.saturating_sub(count);
                 state.serve_waiting();
             }
@@ -169,12 +186,71 @@ impl Actor for PromptSource {
                 state.stopped = true;
                 state.serve_waiting();
             }
-            SourceMsg::GetCursor(reply) => {
+            SourceMsg::GetPosition(reply) => {
                 if !reply.is_closed() {
-                    let _ = reply.send(state.cursor);
+                    let _ = reply.send(SourcePosition { prompt_cursor: state.cursor, curriculum: state.curriculum.state().clone() });
                 }
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prism_rollout::curriculum;
+
+    /// A dataset of four questions and a source over it whose curriculum
+    /// already saw `streaks` (row → uniform groups in a row).
+    async fn source(dir: &std::path::Path, streaks: &[(u32, u32)]) -> ActorRef<SourceMsg> {
+        let path = dir.join("train.jsonl");
+        std::fs::write(&path, (0..4).map(|i| format!("{{\"question\":\"q{i}\",\"answer\":\"#### {i}\"}}\n")).collect::<String>()).unwrap();
+        let mut config = prism_rollout::task::Config { kind: "jsonl".into(), ..Default::default() };
+        config.jsonl.train = path;
+        let task = Arc::new(Task::new(&config, 5, Box::new(|q| q.to_string())).unwrap());
+        let adaptive = curriculum::Config { enabled: true, skip_max: 0.99, ..Default::default() };
+        let state = curriculum::State { uniform_streak: streaks.iter().copied().collect(), ..Default::default() };
+        let curriculum = Curriculum::new(&adaptive, 5, Some(state));
+        let args = SourceArgs { task, cursor: 0, first_group: 0, max_outstanding: 1000, version: PolicyVersion(0), curriculum };
+        Actor::spawn(None, PromptSource, args).await.unwrap().0
+    }
+
+    async fn take(source: &ActorRef<SourceMsg>, n: usize) -> Vec<Assignment> {
+        let work = source.call(|reply| SourceMsg::GetWork { worker: "w".into(), max: n, reply }, None).await.unwrap();
+        match work {
+            ractor::rpc::CallResult::Success(w) => w,
+            _ => panic!("no answer"),
+        }
+    }
+
+    /// Prompts whose rows were uniform many times are mostly skipped (and
+    /// counted), never all of them; the others are handed out as before, and
+    /// the cursor moves past the skipped ones. Mixed groups bring a row back.
+    #[tokio::test]
+    async fn the_source_skips_prompts_the_curriculum_finds_uniform() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = source(dir.path(), &[(0, 20), (1, 20)]).await;
+        let work = take(&source, 400).await;
+        let position = source.call(SourceMsg::GetPosition, None).await.unwrap().unwrap();
+        let asked = |q: &str| work.iter().filter(|a| a.prompt.text == q).count();
+        assert_eq!(position.prompt_cursor, 400 + position.curriculum.skipped, "the cursor counts skipped prompts");
+        assert!(position.curriculum.skipped > 300, "{}", position.curriculum.skipped);
+        assert!(asked("q0") + asked("q1") > 0, "a uniform row still comes back now and then");
+        assert!(asked("q2") + asked("q3") > 380, "{} {}", asked("q2"), asked("q3"));
+        // Group ids still follow prompt indices.
+        assert!(work.iter().all(|a| a.group.0 == a.prompt.id.0));
+        // A mixed group of row 0 (the prompt of one of its indices) resets its streak.
+        let index = (0..).find(|&i| source_row(dir.path(), i) == 0).unwrap();
+        source.cast(SourceMsg::GroupsRetired { count: 0, outcomes: vec![(PromptId(index), 0.5)] }).unwrap();
+        let position = source.call(SourceMsg::GetPosition, None).await.unwrap().unwrap();
+        assert_eq!(position.curriculum.uniform_streak.get(&0), None);
+        assert_eq!(position.curriculum.groups, 1);
+    }
+
+    fn source_row(dir: &std::path::Path, index: u64) -> u32 {
+        let mut config = prism_rollout::task::Config { kind: "jsonl".into(), ..Default::default() };
+        config.jsonl.train = dir.join("train.jsonl");
+        Task::new(&config, 5, Box::new(|q| q.to_string())).unwrap().train_row(index).unwrap()
     }
 }

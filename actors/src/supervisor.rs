@@ -31,6 +31,8 @@ pub struct PipelineSpec {
     pub task: Arc<Task>,
     /// First prompt index (the checkpointed cursor on resume).
     pub cursor: u64,
+    /// The curriculum (continued from the checkpoint on resume).
+    pub curriculum: prism_rollout::curriculum::Curriculum,
     pub generator: Factory<Box<dyn Generate>>,
     pub labeler: Arc<dyn Label>,
     pub trainer: Box<dyn Train>,
@@ -165,7 +167,14 @@ impl Actor for Supervisor {
         let (source, _) = Actor::spawn_linked(
             None,
             PromptSource,
-            SourceArgs { task: spec.task, cursor: spec.cursor, first_group: spec.cursor, max_outstanding, version: spec.trainer.version() },
+            SourceArgs {
+                task: spec.task,
+                cursor: spec.cursor,
+                first_group: spec.cursor,
+                max_outstanding,
+                version: spec.trainer.version(),
+                curriculum: spec.curriculum,
+            },
             me.clone(),
         )
         .await?;

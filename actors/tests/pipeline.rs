@@ -2,10 +2,13 @@
 //! back-pressure, supervision (panics injected through the backends), and
 //! clean interruption.
 
-use prism_actors::backend::{Assignment, BackendResult, DropReason, EvalReport, Factory, Generate, Label, LabelFuture, StepReport, Train, WeightSet};
+use prism_actors::backend::{
+    Assignment, BackendResult, DropReason, EvalReport, Factory, Generate, Label, LabelFuture, SourcePosition, StepReport, Train, WeightSet,
+};
 use prism_actors::{Finish, LearnerPlan, PipelineSpec, StalePolicy, Summary};
 use prism_core::{FinishReason, PolicyVersion, RewardLabel, ScoreSource, Trajectory, TrajectoryId};
 use prism_rollout::Task;
+use prism_rollout::curriculum::{self, Curriculum};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,6 +91,8 @@ impl Label for FakeLabel {
 struct TrainLog {
     checkpoints: Mutex<Vec<(u64, u64)>>,
     trained_ids: Mutex<Vec<TrajectoryId>>,
+    /// Operators in each trained group's arithmetic problem.
+    trained_operators: Mutex<Vec<usize>>,
 }
 
 struct FakeTrain {
@@ -114,6 +119,8 @@ impl Train for FakeTrain {
         for g in &groups {
             assert_eq!(g.len(), G, "only complete groups are trained");
             ids.extend(g.iter().map(|l| l.trajectory.id));
+            let problem = &g[0].trajectory.prompt.problem;
+            self.log.trained_operators.lock().unwrap().push(problem.chars().filter(|c| "+-*".contains(*c)).count());
         }
         self.version += 1;
         Ok(StepReport { trajectories: groups.iter().map(Vec::len).sum(), stats: [("loss".to_string(), 0.5)].into() })
@@ -121,8 +128,8 @@ impl Train for FakeTrain {
     fn evaluate(&mut self) -> BackendResult<EvalReport> {
         Ok(EvalReport { accuracy: self.version as f64 / 100.0, step_accuracy: None, problems: 10 })
     }
-    fn checkpoint(&mut self, cursor: u64) -> BackendResult<()> {
-        self.log.checkpoints.lock().unwrap().push((self.version, cursor));
+    fn checkpoint(&mut self, position: &SourcePosition) -> BackendResult<()> {
+        self.log.checkpoints.lock().unwrap().push((self.version, position.prompt_cursor));
         Ok(())
     }
 }
@@ -136,6 +143,7 @@ struct Setup {
     panic_on: Arc<dyn Fn(usize) -> bool + Send + Sync>,
     restart_limit: usize,
     step_delay: Duration,
+    curriculum: Curriculum,
 }
 
 impl Default for Setup {
@@ -149,6 +157,7 @@ impl Default for Setup {
             panic_on: Arc::new(|_| false),
             restart_limit: 5,
             step_delay: Duration::from_millis(5),
+            curriculum: Curriculum::new(&Default::default(), 0, None),
         }
     }
 }
@@ -182,6 +191,7 @@ async fn run(setup: Setup, shutdown: impl std::future::Future<Output = ()>) -> O
     let spec = PipelineSpec {
         task: Arc::new(task),
         cursor: 0,
+        curriculum: setup.curriculum.clone(),
         generator,
         labeler: Arc::new(setup.label),
         trainer: Box::new(FakeTrain { version: 0, log: log.clone(), step_delay: setup.step_delay }),
@@ -358,4 +368,39 @@ async fn interruption_stops_cleanly_with_a_final_checkpoint() {
     let last_version = steps(&out.metrics).last().map_or(0, |s| s["step"].as_u64().unwrap());
     assert_eq!(cps.last().unwrap().0, last_version, "final checkpoint at the last trained version");
     assert_trained_once(&out.log);
+}
+
+/// `task.adaptive` on the arithmetic task: every other group is uniform (all
+/// wrong), so the pass rate is 0.25 against a target of 0.2 and the
+/// difficulty rises; the step rows record the uniform share, the level and
+/// the groups retired, and the learner trains on problems with more
+/// operators than the task's [2, 3].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_curriculum_adapts_the_difficulty_and_the_metrics_record_it() {
+    let adaptive = curriculum::Config { enabled: true, target: 0.2, band: 0.01, window: 8, max_level: 2, ..Default::default() };
+    let out = run(
+        Setup {
+            max_steps: 12,
+            label: FakeLabel { delay: Duration::ZERO, uniform_every: 2, panic_once_on: None, panicked: AtomicUsize::new(0) },
+            curriculum: Curriculum::new(&adaptive, 0, None),
+            ..Default::default()
+        },
+        std::future::pending(),
+    )
+    .await;
+    out.result.unwrap();
+    let steps = steps(&out.metrics);
+    let (mut retired, mut uniform) = (0.0, 0.0);
+    for s in &steps {
+        let n = s["retired_groups"].as_f64().unwrap();
+        retired += n;
+        uniform += n * s["uniform_share"].as_f64().unwrap_or(0.0);
+        assert_eq!(s["skipped_prompts"], 0, "no dataset, nothing skipped");
+    }
+    assert!(retired >= 48.0, "every trained or dropped group is counted: {retired}");
+    assert!((uniform / retired - 0.5).abs() < 0.1, "half the groups are uniform: {uniform} of {retired}");
+    assert_eq!(steps.last().unwrap()["difficulty"], 2, "{}", steps.last().unwrap());
+    let ops = out.log.trained_operators.lock().unwrap();
+    assert!(ops[..4].iter().all(|&n| (2..=3).contains(&n)), "the first problems are the task's: {ops:?}");
+    assert!(ops.iter().rev().take(4).all(|&n| (4..=5).contains(&n)), "the last ones are two levels harder: {ops:?}");
 }

@@ -271,7 +271,7 @@ impl Generator {
         let mut attempts = 0;
         while g.held_out.len() < g.config.held_out && attempts < 100 * g.config.held_out.max(1) {
             attempts += 1;
-            let e = g.draw(&mut rng);
+            let e = g.draw(&mut rng, 0);
             if g.held_out_set.insert(e.clone()) {
                 g.held_out.push(e);
             }
@@ -291,17 +291,23 @@ impl Generator {
     /// Training problem number `index` of the stream seeded by `seed`; never a
     /// held-out problem.
     pub fn train(&self, seed: u64, index: u64) -> Expr {
+        self.train_harder(seed, index, 0)
+    }
+
+    /// [`Generator::train`] with `extra` more operators (at most 8 in all):
+    /// the curriculum's difficulty level. `extra = 0` is `train`.
+    pub fn train_harder(&self, seed: u64, index: u64, extra: u32) -> Expr {
         let mut rng = SplitMix64::new(hash64(&[seed, index, 0x7a41]));
         loop {
-            let e = self.draw(&mut rng);
+            let e = self.draw(&mut rng, extra as usize);
             if !self.held_out_set.contains(&e) {
                 return e;
             }
         }
     }
 
-    fn draw(&self, rng: &mut SplitMix64) -> Expr {
-        let [lo, hi] = self.config.operators;
+    fn draw(&self, rng: &mut SplitMix64, extra: usize) -> Expr {
+        let [lo, hi] = self.config.operators.map(|n| (n + extra).min(8));
         let n_ops = rng.range(lo as u64, hi as u64) as usize;
         let [a, b] = self.config.operands;
         let numbers = (0..=n_ops).map(|_| a + rng.range(0, (b - a) as u64) as i64).collect();

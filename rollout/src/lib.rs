@@ -8,6 +8,7 @@
 //! Must not know about rewards, the learner, actors or transports.
 
 pub mod arithmetic;
+pub mod curriculum;
 pub mod dataset;
 mod rng;
 pub mod sampler;

@@ -1,6 +1,7 @@
 //! Tasks: where prompts come from, by index, reproducibly.
 
 use crate::arithmetic::{self, Expr};
+use crate::curriculum;
 use crate::dataset::{self, Dataset};
 use crate::rng::{hash64, SplitMix64};
 use crate::Result;
@@ -17,11 +18,17 @@ pub struct Config {
     pub kind: String,
     pub arithmetic: arithmetic::Config,
     pub jsonl: dataset::Config,
+    pub adaptive: curriculum::Config,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { kind: "arithmetic".into(), arithmetic: arithmetic::Config::default(), jsonl: dataset::Config::default() }
+        Self {
+            kind: "arithmetic".into(),
+            arithmetic: arithmetic::Config::default(),
+            jsonl: dataset::Config::default(),
+            adaptive: curriculum::Config::default(),
+        }
     }
 }
 
@@ -29,6 +36,7 @@ impl Config {
     pub fn validate(&self) -> std::result::Result<(), Invalid> {
         check::one_of("task.kind", &self.kind, &["arithmetic", "jsonl"])?;
         self.arithmetic.validate()?;
+        self.adaptive.validate()?;
         if self.kind == "jsonl" {
             self.jsonl.validate()?;
         }
@@ -75,14 +83,38 @@ impl Task {
     /// Training prompt number `index` (the prompt cursor). Datasets are visited in a
     /// fresh seeded order each epoch.
     pub fn train_prompt(&self, index: u64) -> Prompt {
+        self.train_prompt_at(index, 0)
+    }
+
+    /// [`Task::train_prompt`] at a curriculum difficulty `level` (extra
+    /// operators of arithmetic problems; datasets have no levels).
+    pub fn train_prompt_at(&self, index: u64, level: u32) -> Prompt {
         match self {
-            Task::Arithmetic { generator, seed } => arithmetic_prompt(index, &generator.train(*seed, index)),
-            Task::Jsonl { train, seed, render, .. } => {
-                let n = train.len() as u64;
-                let epoch = index / n;
-                let row = epoch_order(n, hash64(&[*seed, epoch]))[(index % n) as usize];
+            Task::Arithmetic { generator, seed } => arithmetic_prompt(index, &generator.train_harder(*seed, index, level)),
+            Task::Jsonl { train, render, .. } => {
+                let row = self.train_row(index).expect("datasets have rows");
                 train.prompt(index, row as usize, render.as_ref())
             }
+        }
+    }
+
+    /// The dataset row of training prompt `index` (`None` for generated
+    /// problems).
+    pub fn train_row(&self, index: u64) -> Option<u32> {
+        match self {
+            Task::Arithmetic { .. } => None,
+            Task::Jsonl { train, seed, .. } => {
+                let n = train.len() as u64;
+                let epoch = index / n;
+                Some(epoch_order(n, hash64(&[*seed, epoch]))[(index % n) as usize])
+            }
+        }
+    }
+
+    /// The seed of the training stream.
+    pub fn seed(&self) -> u64 {
+        match self {
+            Task::Arithmetic { seed, .. } | Task::Jsonl { seed, .. } => *seed,
         }
     }
 
@@ -147,6 +179,23 @@ mod tests {
         assert_eq!(p.reference.as_deref(), Some(e.value().to_string().as_str()));
         assert_eq!(t.eval_prompts(1000).len(), 200);
         assert_eq!(t.eval_prompts(5).len(), 5);
+    }
+
+    /// Level 0 is the plain stream; each level adds one operator to every
+    /// problem (default [2, 3] becomes [4, 5] at level 2), answers still right.
+    #[test]
+    fn a_curriculum_level_adds_operators() {
+        let t = Task::new(&Config::default(), 3, Box::new(|q| q.to_string())).unwrap();
+        for i in 0..200 {
+            assert_eq!(t.train_prompt_at(i, 0), t.train_prompt(i));
+            let p = t.train_prompt_at(i, 2);
+            let e = Expr::parse(&p.problem).unwrap();
+            assert!((4..=5).contains(&e.ops.len()), "{}", p.problem);
+            assert_eq!(p.reference, Some(e.value().to_string()));
+            let hardest = Expr::parse(&t.train_prompt_at(i, 7).problem).unwrap();
+            assert_eq!(hardest.ops.len(), 8, "capped at 8 operators");
+        }
+        assert_eq!(t.train_row(5), None);
     }
 
     #[test]

@@ -18,9 +18,11 @@ fn report_draws_every_present_metric_and_a_timeline() {
     let mut m = String::new();
     for step in 1..=6 {
         m.push_str(&format!(
-            "{{\"kind\":\"step\",\"step\":{step},\"time_s\":{},\"reward\":{},\"approx_kl\":0.01,\"entropy\":1.2,\"lag_mean\":0.5,\"lag_max\":1,\"rollout_tokens_per_s\":900,\"trained_per_s\":12,\"train_s\":0.4,\"wait_s\":0.1}}\n",
+            "{{\"kind\":\"step\",\"step\":{step},\"time_s\":{},\"reward\":{},\"approx_kl\":0.01,\"entropy\":1.2,\"lag_mean\":0.5,\"lag_max\":1,\"rollout_tokens_per_s\":900,\"trained_per_s\":12,\"train_s\":0.4,\"wait_s\":0.1,\"uniform_share\":{},\"difficulty\":{},\"skipped_prompts\":0}}\n",
             step as f64 * 0.7,
-            0.1 * step as f64
+            0.1 * step as f64,
+            0.8 - 0.05 * step as f64,
+            step / 3
         ));
         m.push_str(&format!(
             "{{\"kind\":\"eval\",\"step\":{step},\"time_s\":{},\"eval_accuracy\":{}}}\n",
@@ -37,7 +39,7 @@ fn report_draws_every_present_metric_and_a_timeline() {
     std::fs::write(dir.path().join("trace.jsonl"), trace.join("\n")).unwrap();
     let written = run(dir.path(), None).unwrap();
     let names: Vec<String> = written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for f in ["reward", "accuracy", "kl", "entropy", "lag", "throughput"] {
+    for f in ["reward", "accuracy", "kl", "entropy", "lag", "throughput", "curriculum"] {
         for ext in ["png", "svg"] {
             let name = format!("{f}.{ext}");
             assert!(names.contains(&name), "{name} missing from {names:?}");

@@ -34,6 +34,7 @@ use crate::metrics::{Metrics, MetricsArgs, MetricsMsg, Progress};
 use crate::source::{PromptSource, SourceArgs, SourceMsg};
 use crate::supervisor::Summary;
 use prism_core::{GroupId, LabeledTrajectory};
+use prism_rollout::curriculum::Curriculum;
 use prism_rollout::Task;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
@@ -50,6 +51,8 @@ pub struct LearnerRole {
     pub task: Arc<Task>,
     /// First prompt index (the checkpointed cursor on resume).
     pub cursor: u64,
+    /// The curriculum (continued from the checkpoint on resume).
+    pub curriculum: Curriculum,
     /// Group id of prompt `cursor`: past every group id an earlier learner
     /// of the run handed out (`Redis::issued_below`), and at least `cursor`.
     pub first_group: u64,
@@ -282,11 +285,19 @@ impl Loop {
         Ok(())
     }
 
-    async fn drop_group(&mut self, group: u64, reason: DropReason, size: u64, entries: &[String]) -> Result<(), Error> {
+    /// Drops group `group` (its `members` when known, for the curriculum).
+    async fn drop_group(
+        &mut self,
+        group: u64,
+        reason: DropReason,
+        members: &[LabeledTrajectory],
+        size: u64,
+        entries: &[String],
+    ) -> Result<(), Error> {
         if group < self.first_group {
             self.core.dropped_uncredited(reason, size)?;
         } else {
-            self.core.dropped(reason, size)?;
+            self.core.dropped(reason, members, size)?;
             self.retired += 1;
         }
         self.control.record_dropped(reason.as_str(), size);
@@ -330,7 +341,7 @@ impl Loop {
                 timeout_ms = timeout.as_millis() as u64,
                 "group dropped as incomplete: not every member arrived labeled within dist.group_timeout_ms"
             );
-            self.drop_group(group, DropReason::Incomplete, size, &entries).await?;
+            self.drop_group(group, DropReason::Incomplete, &[], size, &entries).await?;
         }
         Ok(())
     }
@@ -369,12 +380,12 @@ impl Loop {
             match group {
                 Assembled::Failed { entries, .. } | Assembled::Complete { entries, .. } if id < self.first_group => {
                     tracing::info!(group = id, trajectories = size, "dropping a group an earlier learner of the run issued");
-                    self.drop_group(id, DropReason::Superseded, size, &entries).await?
+                    self.drop_group(id, DropReason::Superseded, &[], size, &entries).await?
                 }
-                Assembled::Failed { size, entries, .. } => self.drop_group(id, DropReason::RewardFailed, size, &entries).await?,
+                Assembled::Failed { size, entries, .. } => self.drop_group(id, DropReason::RewardFailed, &[], size, &entries).await?,
                 Assembled::Complete { trajectories, entries, .. } => match self.core.admit(&trajectories) {
                     Ok(lag) => self.buffer.push(Held { trajectories, lag, entries }),
-                    Err(reason) => self.drop_group(id, reason, trajectories.len() as u64, &entries).await?,
+                    Err(reason) => self.drop_group(id, reason, &trajectories, trajectories.len() as u64, &entries).await?,
                 },
             }
         }
@@ -508,6 +519,7 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         plan,
         task,
         cursor,
+        curriculum,
         first_group,
         group_timeout,
         control,
@@ -530,7 +542,7 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
     .await
     .map_err(|e| Error::Run(format!("starting metrics: {e}")))?;
     let max_outstanding = plan.batch_groups * (1 + plan.max_staleness as usize);
-    let source_args = SourceArgs { task, cursor, first_group, max_outstanding, version: trainer.version() };
+    let source_args = SourceArgs { task, cursor, first_group, max_outstanding, version: trainer.version(), curriculum };
     let (source, source_task) = Actor::spawn(None, PromptSource, source_args)
         .await
         .map_err(|e| Error::Run(format!("starting the prompt source: {e}")))?;

@@ -202,7 +202,7 @@ impl crate::backend::Train for Rank0 {
     fn evaluate(&mut self) -> BackendResult<crate::backend::EvalReport> {
         Ok(Default::default())
     }
-    fn checkpoint(&mut self, _: u64) -> BackendResult<()> {
+    fn checkpoint(&mut self, _: &crate::backend::SourcePosition) -> BackendResult<()> {
         Ok(())
     }
 }
@@ -259,6 +259,7 @@ async fn the_learner_loop_hands_each_step_to_the_learner_ranks() {
         },
         task: Arc::new(prism_rollout::Task::new(&task_config, 0, Box::new(|q: &str| q.to_string())).unwrap()),
         cursor: 0,
+        curriculum: prism_rollout::curriculum::Curriculum::new(&task_config.adaptive, 0, None),
         first_group: 0,
         group_timeout: None,
         control: l.control.clone(),
