@@ -14,7 +14,10 @@ RL per method:
              process_rewards.py) annotating in the background, distilled;
   vote       judge with 3 samples at temperature 0.7, judge.vote = "majority";
   meta       judge with judge.meta_critique = true;
-  consensus  judge with distill.consensus = true.
+  consensus  judge with distill.consensus = true;
+  adaptive   task.adaptive.enabled = true (issue 19: the arithmetic difficulty
+             follows the group pass rate; not a process-reward method, measured
+             with the same harness).
 
     python3 benches/process_methods.py [--seeds 0,1,2] [--rl-seconds 300] \
         [--methods default,fapo,...] [--out DIR]
@@ -42,8 +45,17 @@ METHODS = {
     "vote": ["judge.samples=3", "judge.temperature=0.7", "judge.vote=majority"],
     "meta": ["judge.meta_critique=true"],
     "consensus": ["distill.consensus=true"],
+    "adaptive": ["task.adaptive.enabled=true"],
 }
 NEEDS_JUDGE = {"judge", "vote", "meta", "consensus"}
+
+
+def uniform_share(steps):
+    rows = [r for r in steps if r.get("retired_groups")]
+    retired = sum(r["retired_groups"] for r in rows)
+    if not retired:
+        return None
+    return sum(r["retired_groups"] * (r.get("uniform_share") or 0.0) for r in rows) / retired
 
 
 def measure(summary, rows):
@@ -63,6 +75,12 @@ def measure(summary, rows):
         "trained_per_s": trained / summary["rl_wall_s"],
         "rollout_tokens_per_trained": rollout_tokens / trained if trained else None,
         "rejected": summary["ledger"].get("rejected", 0),
+        # Share of the retired groups whose samples all passed or all failed
+        # (rows written by binaries that record it), and the last difficulty.
+        "uniform_share": uniform_share(steps),
+        "difficulty": last.get("difficulty"),
+        # Share of the sampled trajectories dropped in zero-advantage groups.
+        "wasted_share": summary["ledger"].get("dropped", {}).get("zero_advantage", 0) / max(1, summary["ledger"]["made"]),
         "balanced": summary["balanced"],
     }
 
@@ -97,11 +115,12 @@ def main():
                 judge.stop()
             results[name] = measure(summary, rows)
             json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)
-    print(f"\n{'run':<18} {'gain':>6} {'s to +10':>8} {'samples/s':>9} {'tok/sample':>10} {'rejected':>8}")
+    print(f"\n{'run':<18} {'gain':>6} {'s to +10':>8} {'samples/s':>9} {'tok/sample':>10} {'rejected':>8} {'uniform':>7} {'wasted':>6}")
     for name, r in results.items():
         ten = f"{r['seconds_to_plus_10']:.0f}" if r["seconds_to_plus_10"] is not None else "—"
         tok = f"{r['rollout_tokens_per_trained']:.1f}" if r["rollout_tokens_per_trained"] else "—"
-        print(f"{name:<18} {r['gain_points']:>+6.1f} {ten:>8} {r['trained_per_s']:>9.1f} {tok:>10} {r['rejected']:>8}")
+        uni = f"{r['uniform_share']:.2f}" if r.get("uniform_share") is not None else "—"
+        print(f"{name:<18} {r['gain_points']:>+6.1f} {ten:>8} {r['trained_per_s']:>9.1f} {tok:>10} {r['rejected']:>8} {uni:>7} {r['wasted_share']:>6.2f}")
     print("\nmean over seeds:")
     for method in args.methods.split(","):
         rs = [r for n, r in results.items() if n.rsplit("-seed", 1)[0] == method]

@@ -95,6 +95,8 @@ pub(crate) struct Prepared {
     pub cursor: u64,
     /// The curriculum, continued from the checkpoint on resume.
     pub curriculum: Curriculum,
+    /// The checkpoint folder resumed from.
+    pub restored: Option<PathBuf>,
     pub task: Arc<Task>,
     pub eos: Vec<u32>,
 }
@@ -119,6 +121,7 @@ pub(crate) async fn prepare(config: &Config, run: &RunDir, resuming: bool) -> Re
         None
     };
     let mut learner = Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
+    let mut restored_from = None;
     let (version, position) = match has_checkpoint {
         true => match learner.resume(&checkpoints)? {
             Some(restored) => {
@@ -129,6 +132,7 @@ pub(crate) async fn prepare(config: &Config, run: &RunDir, resuming: bool) -> Re
                     .with_context(|| format!("{}: data_cursor is not a prompt source position", restored.path.display()))?;
                 let cursor = position.prompt_cursor;
                 println!("resumed from {} (step {}, prompt cursor {cursor})", restored.path.display(), restored.meta.step);
+                restored_from = Some(restored.path.clone());
                 (restored.meta.step, position)
             }
             None => (0, SourcePosition::default()),
@@ -147,7 +151,7 @@ pub(crate) async fn prepare(config: &Config, run: &RunDir, resuming: bool) -> Re
         evaluator(config, &task, eos.clone())?,
         CheckpointPlan { dir: checkpoints, config_hash: prism_learner::checkpoint::config_hash(config) },
     );
-    Ok(Prepared { trainer, version, cursor, curriculum, task, eos })
+    Ok(Prepared { trainer, version, cursor, curriculum, restored: restored_from, task, eos })
 }
 
 /// When the learner stops, evaluates and checkpoints.
@@ -180,13 +184,25 @@ pub(crate) async fn ctrl_c() {
 
 async fn rl(config: &Config, run: &RunDir, resuming: bool) -> Result<()> {
     let started = Instant::now();
-    let Prepared { trainer, version, cursor, curriculum, task, eos } = prepare(config, run, resuming).await?;
+    let Prepared { trainer, version, cursor, curriculum, restored, task, eos } = prepare(config, run, resuming).await?;
     let mut labeler = prism_reward::Labeler::new(&config.reward, &config.judge, &config.distill)?;
     if config.reward.process == prism_reward::config::Process::Implicit {
         use prism_actors::backend::Train;
         labeler = labeler.with_implicit(implicit_prm(config, Some(&*trainer.weights()?))?);
     }
+    // The reward models trained online (distilled model, implicit PRM) are
+    // checkpointed with the policy and continue on resume.
+    if let Some(path) = &restored {
+        let models = labeler.load_state(path)?;
+        if !models.is_empty() {
+            println!("resumed the {} from {}", models.join(" and "), path.display());
+        }
+    }
     let labeler = Arc::new(labeler);
+    let trainer = trainer.with_extra_state({
+        let labeler = labeler.clone();
+        Arc::new(move |dir: &Path| labeler.save_state(dir).map_err(|e| e.to_string()))
+    });
     let generator: Factory<Box<dyn Generate>> = {
         let config = config.clone();
         let eos = eos.clone();

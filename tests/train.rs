@@ -179,3 +179,35 @@ fn ctrl_c_stops_cleanly_with_a_final_checkpoint() {
     let last = *steps(&json_lines(&run.join("metrics.jsonl"))).last().unwrap();
     assert!(run.join(format!("checkpoints/step-{last:08}/model.safetensors")).is_file(), "final checkpoint at step {last}");
 }
+
+/// The reward models a run trains online are checkpointed with the policy:
+/// with the implicit PRM, the checkpoint holds φ and its reference (in the
+/// manifest), and a resumed run continues φ (its update count goes on from
+/// where it stopped instead of restarting at 0).
+#[test]
+fn the_implicit_prm_is_checkpointed_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let implicit = ["--set", "reward.process=implicit", "--set", "implicit.beta=0.5", "--set", "implicit.lr=1e-3"];
+    let out = train(dir.path(), &[&["--set", "train.steps=2"][..], &implicit[..]].concat());
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let run = run_folders(dir.path()).pop().unwrap();
+    let checkpoint = run.join("checkpoints/step-00000002");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(checkpoint.join("manifest.json")).unwrap()).unwrap();
+    for file in ["implicit_phi.safetensors", "implicit_ref.safetensors", "implicit.json"] {
+        assert!(manifest["files"][file].is_object(), "{file} not in the manifest: {manifest}");
+    }
+    let updates = |metrics: &[Value], step: u64| {
+        metrics.iter().find(|m| m["kind"] == "step" && m["step"] == step).map(|m| m["implicit_updates"].as_u64().unwrap()).unwrap()
+    };
+    let before = updates(&json_lines(&run.join("metrics.jsonl")), 2);
+    assert!(before > 0);
+    let out = prism()
+        .args([&["train", "--resume", run.to_str().unwrap(), "--set", "train.steps=3"][..], &implicit[..]].concat())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("resumed the implicit PRM from"), "{}", stdout(&out));
+    let after = updates(&json_lines(&run.join("metrics.jsonl")), 3);
+    assert!(after > before, "φ's updates continue from {before}, got {after}");
+}

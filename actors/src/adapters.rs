@@ -198,13 +198,24 @@ pub struct PolicyTrainer {
     version: u64,
     evaluator: Evaluator,
     checkpoints: CheckpointPlan,
+    extra_state: Option<ExtraState>,
 }
+
+/// Writes more state into a checkpoint folder being written (the reward
+/// models a local run trains online); an error fails the checkpoint.
+pub type ExtraState = Arc<dyn Fn(&std::path::Path) -> Result<(), String> + Send + Sync>;
 
 impl PolicyTrainer {
     /// `version`: the policy version of the learner's weights (0, or the
     /// checkpoint's step on resume).
     pub fn new(learner: Learner<Transformer>, tokenizer: Tokenizer, version: u64, evaluator: Evaluator, checkpoints: CheckpointPlan) -> Self {
-        Self { learner, tokenizer, version, evaluator, checkpoints }
+        Self { learner, tokenizer, version, evaluator, checkpoints, extra_state: None }
+    }
+
+    /// Every checkpoint also gets what `write` puts into its folder.
+    pub fn with_extra_state(mut self, write: ExtraState) -> Self {
+        self.extra_state = Some(write);
+        self
     }
 
     /// Trains as rank 0 of data-parallel learner ranks from now on (blocks
@@ -250,7 +261,9 @@ impl Train for PolicyTrainer {
             data_cursor: serde_json::to_value(position).map_err(BackendError::new)?,
             config_hash: self.checkpoints.config_hash.clone(),
         };
-        let path = self.learner.save_checkpoint(&self.checkpoints.dir, &meta).map_err(BackendError::new)?;
+        let extra = self.extra_state.clone();
+        let extra = move |dir: &std::path::Path| extra.as_ref().map_or(Ok(()), |write| write(dir));
+        let path = self.learner.save_checkpoint_with(&self.checkpoints.dir, &meta, &extra).map_err(BackendError::new)?;
         let prompt_cursor = position.prompt_cursor;
         tracing::info!(checkpoint = %path.display(), step = self.version, prompt_cursor, "checkpoint written");
         Ok(())

@@ -594,6 +594,19 @@ impl<P: Policy> Learner<P> {
     /// with the caller's `meta`, into `dir/step-<meta.step>`; keeps the newest
     /// `learner.keep_checkpoints`. Returns its folder.
     pub fn save_checkpoint(&self, dir: &Path, meta: &CheckpointMeta) -> Result<PathBuf> {
+        self.save_checkpoint_with(dir, meta, &|_| Ok(()))
+    }
+
+    /// [`Learner::save_checkpoint`], with `extra` writing more files into the
+    /// checkpoint folder before it is sealed (the state of reward models
+    /// trained beside the policy): they are in the manifest and checked on
+    /// resume like the rest.
+    pub fn save_checkpoint_with(
+        &self,
+        dir: &Path,
+        meta: &CheckpointMeta,
+        extra: &dyn Fn(&Path) -> std::result::Result<(), String>,
+    ) -> Result<PathBuf> {
         let state = State {
             format: STATE_FORMAT,
             meta: meta.clone(),
@@ -617,7 +630,8 @@ impl<P: Policy> Learner<P> {
             write_safetensors(&self.optimizer.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
             let json = serde_json::to_vec_pretty(&state)
                 .map_err(|e| Error::Checkpoint { path: tmp.join(STATE_FILE), reason: e.to_string() })?;
-            std::fs::write(tmp.join(STATE_FILE), json).map_err(|e| Error::io(tmp.join(STATE_FILE), e))
+            std::fs::write(tmp.join(STATE_FILE), json).map_err(|e| Error::io(tmp.join(STATE_FILE), e))?;
+            extra(tmp).map_err(|reason| Error::Checkpoint { path: tmp.to_path_buf(), reason })
         })
     }
 

@@ -24,6 +24,7 @@ use crate::{Error, Result};
 use prism_core::config::{Invalid, check};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 use tch::nn::{self, Module, OptimizerConfig};
@@ -477,6 +478,165 @@ impl Distiller {
             consensus_keep_rate: (self.cfg.consensus && s.consensus_kept + s.consensus_dropped > 0)
                 .then(|| s.consensus_kept as f64 / (s.consensus_kept + s.consensus_dropped) as f64),
         }
+    }
+}
+
+/// The distilled model's tensors in a checkpoint folder.
+pub const SAVED_TENSORS: &str = "distill.safetensors";
+/// Its counters and settings in a checkpoint folder.
+pub const SAVED_STATE: &str = "distill.json";
+const SAVED_FORMAT: u32 = 1;
+
+/// What [`Distiller::save`] writes beside the tensors.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    format: u32,
+    /// The shape settings; a model of another shape cannot be loaded.
+    buckets: u32,
+    dim: u32,
+    hidden: u32,
+    labels: u64,
+    held_out: u64,
+    trained_labels: u64,
+    updates: u64,
+    loss_ema: Option<f64>,
+    scored: u64,
+    rejected: u64,
+    consensus_kept: u64,
+    consensus_dropped: u64,
+    agreement: Option<f64>,
+    rng: u64,
+}
+
+impl Distiller {
+    /// Writes the model (embedding table and its Adagrad sums, the two dense
+    /// layers), the held-out judged steps and the counters into `dir`, for a
+    /// checkpoint. Not kept: the training buffer (it refills from the next
+    /// judged steps) and Adam's moments of the dense layers (they restart).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let s = self.state();
+        let (mut features, mut offsets, mut targets) = (Vec::new(), vec![0i64], Vec::new());
+        for e in &s.holdout {
+            features.extend_from_slice(&e.features);
+            offsets.push(features.len() as i64);
+            targets.push(e.target);
+        }
+        let tensors = [
+            ("table", s.table.shallow_clone()),
+            ("adagrad", s.adagrad.shallow_clone()),
+            ("hidden.weight", s.hidden.ws.shallow_clone()),
+            ("hidden.bias", s.hidden.bs.as_ref().expect("bias").shallow_clone()),
+            ("out.weight", s.out.ws.shallow_clone()),
+            ("out.bias", s.out.bs.as_ref().expect("bias").shallow_clone()),
+            ("holdout.features", Tensor::from_slice(&features)),
+            ("holdout.offsets", Tensor::from_slice(&offsets)),
+            ("holdout.targets", Tensor::from_slice(&targets)),
+        ];
+        let path = dir.join(SAVED_TENSORS);
+        let cpu: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (*n, t.detach().to_device(Device::Cpu))).collect();
+        Tensor::write_safetensors(&cpu, &path).map_err(|e| Error::Saved { path: path.clone(), reason: e.to_string() })?;
+        let saved = Saved {
+            format: SAVED_FORMAT,
+            buckets: self.cfg.buckets,
+            dim: self.cfg.dim,
+            hidden: self.cfg.hidden,
+            labels: s.labels,
+            held_out: s.held_out,
+            trained_labels: s.trained_labels,
+            updates: s.updates,
+            loss_ema: s.loss_ema,
+            scored: s.scored,
+            rejected: s.rejected,
+            consensus_kept: s.consensus_kept,
+            consensus_dropped: s.consensus_dropped,
+            agreement: s.agreement,
+            rng: s.rng.0,
+        };
+        let path = dir.join(SAVED_STATE);
+        let json = serde_json::to_vec_pretty(&saved).map_err(|e| Error::Saved { path: path.clone(), reason: e.to_string() })?;
+        std::fs::write(&path, json).map_err(|e| Error::Saved { path, reason: e.to_string() })
+    }
+
+    /// Continues from what [`Distiller::save`] wrote into `dir`: `Ok(false)`
+    /// when `dir` holds none (a checkpoint of a run without distillation);
+    /// an error naming the file when it is unreadable or of another shape.
+    pub fn load(&self, dir: &Path) -> Result<bool> {
+        let (state_path, tensors_path) = (dir.join(SAVED_STATE), dir.join(SAVED_TENSORS));
+        if !state_path.exists() {
+            return Ok(false);
+        }
+        let bad = |path: &Path, reason: String| Error::Saved { path: path.to_path_buf(), reason };
+        let text = std::fs::read(&state_path).map_err(|e| bad(&state_path, e.to_string()))?;
+        let saved: Saved = serde_json::from_slice(&text).map_err(|e| bad(&state_path, e.to_string()))?;
+        if saved.format != SAVED_FORMAT {
+            return Err(bad(&state_path, format!("format {} (this build reads {SAVED_FORMAT})", saved.format)));
+        }
+        let shape = (saved.buckets, saved.dim, saved.hidden);
+        let want = (self.cfg.buckets, self.cfg.dim, self.cfg.hidden);
+        if shape != want {
+            return Err(bad(
+                &state_path,
+                format!("saved with distill.buckets, dim, hidden = {shape:?}; this run has {want:?}"),
+            ));
+        }
+        let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&tensors_path)
+            .map_err(|e| bad(&tensors_path, e.to_string()))?
+            .into_iter()
+            .collect();
+        let get = |name: &str| tensors.get(name).ok_or_else(|| bad(&tensors_path, format!("no tensor {name:?}")));
+        let (features, offsets, targets) = (get("holdout.features")?, get("holdout.offsets")?, get("holdout.targets")?);
+        let features = Vec::<i64>::try_from(features).map_err(|e| bad(&tensors_path, e.to_string()))?;
+        let offsets = Vec::<i64>::try_from(offsets).map_err(|e| bad(&tensors_path, e.to_string()))?;
+        let targets = Vec::<f32>::try_from(targets).map_err(|e| bad(&tensors_path, e.to_string()))?;
+        let buckets = i64::from(self.cfg.buckets);
+        let mut holdout = VecDeque::with_capacity(targets.len());
+        for (k, &target) in targets.iter().enumerate() {
+            let (a, b) = (offsets.get(k).copied(), offsets.get(k + 1).copied());
+            let range = a.zip(b).filter(|&(a, b)| 0 <= a && a <= b && b as usize <= features.len());
+            let Some((a, b)) = range else {
+                return Err(bad(&tensors_path, format!("held-out example {k}: offsets outside the features")));
+            };
+            let f = features[a as usize..b as usize].to_vec();
+            if f.iter().any(|&x| !(0..buckets).contains(&x)) || !(0.0..=1.0).contains(&target) {
+                return Err(bad(&tensors_path, format!("held-out example {k}: a feature or target out of range")));
+            }
+            holdout.push_back(Example { features: f, target });
+        }
+        let mut s = self.state();
+        {
+            let _guard = tch::no_grad_guard();
+            let hidden_bias = s.hidden.bs.as_ref().expect("bias").shallow_clone();
+            let out_bias = s.out.bs.as_ref().expect("bias").shallow_clone();
+            for (name, mut into) in [
+                ("table", s.table.shallow_clone()),
+                ("adagrad", s.adagrad.shallow_clone()),
+                ("hidden.weight", s.hidden.ws.shallow_clone()),
+                ("hidden.bias", hidden_bias),
+                ("out.weight", s.out.ws.shallow_clone()),
+                ("out.bias", out_bias),
+            ] {
+                let from = get(name)?;
+                if from.size() != into.size() {
+                    return Err(bad(&tensors_path, format!("{name}: shape {:?}, the model has {:?}", from.size(), into.size())));
+                }
+                into.copy_(from);
+            }
+        }
+        s.holdout = holdout;
+        s.labels = saved.labels;
+        s.held_out = saved.held_out;
+        s.trained_labels = saved.trained_labels;
+        s.updates = saved.updates;
+        s.loss_ema = saved.loss_ema;
+        s.scored = saved.scored;
+        s.rejected = saved.rejected;
+        s.consensus_kept = saved.consensus_kept;
+        s.consensus_dropped = saved.consensus_dropped;
+        s.agreement = saved.agreement;
+        s.rng = SplitMix(saved.rng);
+        s.train.clear();
+        s.new_since_round = 0;
+        Ok(true)
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{Error, Result};
 use prism_core::config::{Invalid, check};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tch::nn::{self, OptimizerConfig};
@@ -314,7 +315,68 @@ impl ImplicitPrm {
     pub fn metrics(&self) -> ImplicitMetrics {
         self.state().metrics.clone()
     }
+
+    /// Writes φ's and the reference's weights and the metrics into `dir`, for
+    /// a checkpoint (Adam's moments restart on resume).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let s = self.state();
+        for (file, model) in [(SAVED_PHI, &s.phi), (SAVED_REFERENCE, &s.reference)] {
+            let path = dir.join(file);
+            let named: Vec<(String, Tensor)> =
+                model.var_store().variables().into_iter().map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu))).collect();
+            Tensor::write_safetensors(&named, &path).map_err(|e| Error::Saved { path: path.clone(), reason: e.to_string() })?;
+        }
+        let path = dir.join(SAVED_METRICS);
+        let json = serde_json::to_vec_pretty(&s.metrics).map_err(|e| Error::Saved { path: path.clone(), reason: e.to_string() })?;
+        std::fs::write(&path, json).map_err(|e| Error::Saved { path, reason: e.to_string() })
+    }
+
+    /// Continues φ from what [`ImplicitPrm::save`] wrote into `dir`:
+    /// `Ok(false)` when `dir` holds none; an error naming the file when a
+    /// tensor is missing or of another shape.
+    pub fn load(&self, dir: &Path) -> Result<bool> {
+        let path = dir.join(SAVED_PHI);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let bad = |path: &Path, reason: String| Error::Saved { path: path.to_path_buf(), reason };
+        let mut s = self.state();
+        // Both files are read and checked before either model changes.
+        let mut loads = Vec::new();
+        for (file, model) in [(SAVED_PHI, &s.phi), (SAVED_REFERENCE, &s.reference)] {
+            let path = dir.join(file);
+            let saved: std::collections::HashMap<String, Tensor> =
+                Tensor::read_safetensors(&path).map_err(|e| bad(&path, e.to_string()))?.into_iter().collect();
+            let variables = model.var_store().variables();
+            for (name, into) in &variables {
+                let from = saved.get(name).ok_or_else(|| bad(&path, format!("no tensor {name:?}")))?;
+                if from.size() != into.size() {
+                    return Err(bad(&path, format!("{name}: shape {:?}, the model has {:?}", from.size(), into.size())));
+                }
+            }
+            loads.push((variables, saved));
+        }
+        tch::no_grad(|| {
+            for (variables, saved) in &loads {
+                for (name, into) in variables {
+                    into.shallow_clone().copy_(&saved[name]);
+                }
+            }
+        });
+        let metrics_path = dir.join(SAVED_METRICS);
+        if let Ok(text) = std::fs::read(&metrics_path) {
+            s.metrics = serde_json::from_slice(&text).map_err(|e| bad(&metrics_path, e.to_string()))?;
+        }
+        Ok(true)
+    }
 }
+
+/// φ's weights in a checkpoint folder.
+pub const SAVED_PHI: &str = "implicit_phi.safetensors";
+/// The frozen reference's weights (the policy where RL started, which a
+/// resumed run no longer holds).
+pub const SAVED_REFERENCE: &str = "implicit_ref.safetensors";
+const SAVED_METRICS: &str = "implicit.json";
 
 /// The sum of `tokens` over each span.
 fn sum_spans(tokens: &[f32], spans: &[Range<u32>]) -> Result<Vec<f32>> {

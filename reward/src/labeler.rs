@@ -184,6 +184,37 @@ impl Labeler {
         self.distiller.as_ref()
     }
 
+    /// Writes the state of the reward models this labeler trains online
+    /// (the distilled model, the implicit PRM's φ) into `dir`, a checkpoint
+    /// folder being written. Nothing when it trains none.
+    pub fn save_state(&self, dir: &std::path::Path) -> crate::Result<()> {
+        if let Some(d) = &self.distiller {
+            d.save(dir)?;
+        }
+        if let Some(p) = &self.implicit {
+            p.save(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Continues the reward models from a checkpoint folder written with
+    /// [`Labeler::save_state`]; returns which were restored (none from a
+    /// checkpoint of a run that trained none).
+    pub fn load_state(&self, dir: &std::path::Path) -> crate::Result<Vec<&'static str>> {
+        let mut restored = Vec::new();
+        if let Some(d) = &self.distiller
+            && d.load(dir)?
+        {
+            restored.push("distilled model");
+        }
+        if let Some(p) = &self.implicit
+            && p.load(dir)?
+        {
+            restored.push("implicit PRM");
+        }
+        Ok(restored)
+    }
+
     /// How long a label may wait for the judge (0 = background annotation).
     pub fn judge_wait(&self) -> Duration {
         self.wait

@@ -49,6 +49,9 @@ pub enum Error {
     Data { path: String, item: usize, reason: String },
     #[error("implicit PRM: {0}")]
     Implicit(String),
+    /// A reward model's saved state (in a checkpoint) cannot be written or read.
+    #[error("{}: {reason}", path.display())]
+    Saved { path: std::path::PathBuf, reason: String },
     #[error("reward model (tch): {0}")]
     Torch(#[from] tch::TchError),
 }

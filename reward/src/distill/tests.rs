@@ -168,3 +168,50 @@ fn consensus_filtering_learns_the_truth_better_from_a_judge_wrong_on_30_percent(
     assert!(!d.observe_checked("c", "1+1=3", 1.0, Some(false)).unwrap());
     assert_eq!(d.metrics().labels, 1);
 }
+
+/// A checkpoint keeps the distilled model: a fresh distiller loaded from
+/// what a ready one saved scores every step exactly as it does, is ready at
+/// once with the same agreement and counters, and both go on learning alike
+/// once the training buffer refills.
+#[test]
+fn a_saved_distiller_continues_where_it_stopped() {
+    tch::set_num_threads(1);
+    let cfg = Config { min_agreement: 0.0, ..small() };
+    let d = Distiller::new(&cfg).unwrap();
+    let mut rng = SplitMix(3);
+    for _ in 0..600 {
+        let (context, step, label) = synthetic_step(&mut rng);
+        d.observe(&context, &step, label).unwrap();
+    }
+    assert!(d.ready());
+    let dir = tempfile::tempdir().unwrap();
+    d.save(dir.path()).unwrap();
+    let fresh = Distiller::new(&Config { seed: 99, ..cfg.clone() }).unwrap();
+    assert!(!fresh.ready());
+    assert!(fresh.load(dir.path()).unwrap());
+    let items: Vec<(String, String, f32)> = (0..200).map(|_| synthetic_step(&mut rng)).collect();
+    let items: Vec<(&str, &str)> = items.iter().map(|(c, s, _)| (c.as_str(), s.as_str())).collect();
+    assert_eq!(fresh.score(&items).unwrap(), d.score(&items).unwrap());
+    let (a, b) = (d.metrics(), fresh.metrics());
+    assert_eq!((a.labels, a.held_out, a.updates, a.ready, a.agreement), (b.labels, b.held_out, b.updates, b.ready, b.agreement));
+    // A folder without a saved model (a run without distillation) is no error.
+    assert!(!Distiller::new(&cfg).unwrap().load(tempfile::tempdir().unwrap().path()).unwrap());
+}
+
+/// A saved model of another shape, or a damaged file, is refused with the
+/// file's name and the reason; nothing is half-loaded.
+#[test]
+fn a_saved_distiller_of_another_shape_or_damaged_is_refused_by_file() {
+    let d = Distiller::new(&small()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    d.save(dir.path()).unwrap();
+    let other = Distiller::new(&Config { dim: small().dim * 2, ..small() }).unwrap();
+    let e = other.load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains(SAVED_STATE) && e.contains("distill.buckets, dim, hidden"), "{e}");
+    std::fs::write(dir.path().join(SAVED_TENSORS), b"not safetensors").unwrap();
+    let e = Distiller::new(&small()).unwrap().load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains(SAVED_TENSORS), "{e}");
+    std::fs::write(dir.path().join(SAVED_STATE), b"{").unwrap();
+    let e = Distiller::new(&small()).unwrap().load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains(SAVED_STATE), "{e}");
+}

@@ -372,3 +372,27 @@ async fn a_panicking_batch_fails_its_labels_and_the_queue_goes_on() {
     assert_eq!(p.score(item(vec![2, 3])).await.unwrap().len(), 1);
     assert_eq!(p.metrics().updates, 1);
 }
+
+/// A checkpoint keeps φ: a fresh implicit PRM loaded from what a trained one
+/// saved gives the same rewards and metrics; a folder without one is no
+/// error; a φ of another shape is refused by file name.
+#[test]
+fn a_saved_implicit_prm_continues_where_it_stopped() {
+    let cfg = Config { beta: 0.5, lr: 0.05, ..Config::default() };
+    let p = prm(&cfg, &table(0.3), &table(0.3));
+    for k in 0..3 {
+        p.update(&[1, 2], &[3, 4, 5], (k % 2) as f32).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    p.save(dir.path()).unwrap();
+    // A resumed run builds both models from its (later) policy; the saved
+    // reference is the one RL started from.
+    let q = prm(&cfg, &table(0.7), &table(0.7));
+    assert!(q.load(dir.path()).unwrap());
+    assert_eq!(q.token_rewards(&[1, 2], &[3, 4, 5]).unwrap(), p.token_rewards(&[1, 2], &[3, 4, 5]).unwrap());
+    assert_eq!(q.metrics(), p.metrics());
+    assert!(!prm(&cfg, &table(0.3), &table(0.3)).load(tempfile::tempdir().unwrap().path()).unwrap());
+    let small = ImplicitPrm::new(&cfg, Box::new(Bigram::new(&[0.0; 4], 2)), Box::new(Bigram::new(&[0.0; 4], 2))).unwrap();
+    let e = small.load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains(SAVED_PHI) && e.contains("table"), "{e}");
+}
