@@ -86,7 +86,7 @@ impl SourceState {
             }
             let index = self.cursor;
             self.cursor += 1;
-            if self.task.train_row(index).is_some_and(|row| self.curriculum.skip(index, row)) {
+            if self.curriculum.enabled() && self.task.train_row(index).is_some_and(|row| self.curriculum.skip(index, row)) {
                 continue;
             }
             self.outstanding += 1;
@@ -169,7 +169,7 @@ impl Actor for PromptSource {
             }
             SourceMsg::GroupsRetired { count, outcomes } => {
                 for (prompt, pass_rate) in outcomes {
-                    let row = state.task.train_row(prompt.0);
+                    let row = if state.curriculum.enabled() { state.task.train_row(prompt.0) } else { None };
                     state.curriculum.observe(row, pass_rate);
                 }
                 state.outstanding = state.outstanding.saturating_sub(count);

@@ -99,6 +99,11 @@ impl Curriculum {
         &self.state
     }
 
+    /// Whether it skips prompts and sets the difficulty (`task.adaptive.enabled`).
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
     /// Operators the arithmetic difficulty adds to new problems (0 when off).
     pub fn level(&self) -> u32 {
         if self.cfg.enabled { self.state.level } else { 0 }
@@ -111,7 +116,7 @@ impl Curriculum {
         let uniform = pass_rate <= 0.0 || pass_rate >= 1.0;
         s.groups += 1;
         s.uniform_groups += u64::from(uniform);
-        if let Some(row) = row {
+        if let Some(row) = row.filter(|_| self.cfg.enabled) {
             if uniform {
                 *s.uniform_streak.entry(row).or_default() += 1;
             } else {
@@ -201,6 +206,7 @@ mod tests {
         assert_eq!(c.level(), 0);
         assert!((0..1000).all(|i| !c.skip(i, 3)));
         assert_eq!((c.state().groups, c.state().uniform_groups, c.state().skipped), (200, 200, 0));
+        assert!(c.state().uniform_streak.is_empty(), "no per-prompt state kept while off");
     }
 
     /// The skip probability grows with the uniform streak toward skip_max,
