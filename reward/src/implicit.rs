@@ -83,7 +83,7 @@ impl TokenModel for prism_model::Transformer {
 pub struct ImplicitMetrics {
     /// Trajectories φ learned from.
     pub updates: u64,
-    /// Moving average (0.95) of the cross-entropy loss, per trajectory.
+    /// Moving average (0.95) over batches of their mean cross-entropy loss.
     pub loss: Option<f64>,
     /// Trajectories scored.
     pub scored: u64,
