@@ -19,6 +19,9 @@
 //! Must not know the learner, rewards, actors or transports: it serves one
 //! model and nothing else.
 
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;

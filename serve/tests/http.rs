@@ -3,8 +3,7 @@
 //! concurrent requests batched together, and every error case.
 
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use prism_serve::testkit;
 use std::path::PathBuf;
 
 /// prism-serve over a model on a free loopback port, on its own runtime
@@ -50,26 +49,11 @@ impl Server {
 
     /// [`Server::request`] with extra header lines (each ending in `\r\n`).
     fn request_with(&self, method: &str, path: &str, body: &str, headers: &str) -> (u16, String, String) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let raw = String::from_utf8(raw).unwrap();
-        let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
-        (status, head.to_ascii_lowercase(), body)
+        testkit::request(&self.addr, method, path, body, headers)
     }
 
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, _, text) = self.request("POST", path, &body.to_string());
-        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+        testkit::post_json(&self.addr, path, body)
     }
 }
 
@@ -110,19 +94,6 @@ fn smollm_gguf() -> Option<PathBuf> {
     assert!(std::env::var_os("CI").is_none(), "{reason}");
     eprintln!("skipped: {reason}");
     None
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").unwrap();
-        let n = usize::from_str_radix(size.trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
 }
 
 #[test]
