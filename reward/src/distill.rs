@@ -203,10 +203,17 @@ struct State {
     opt: nn::Optimizer,
     train: VecDeque<Example>,
     holdout: VecDeque<Example>,
+    new_since_round: u32,
+    counters: Counters,
+    rng: SplitMix,
+}
+
+/// What the model has seen and done: kept by checkpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Counters {
     labels: u64,
     held_out: u64,
     trained_labels: u64,
-    new_since_round: u32,
     updates: u64,
     loss_ema: Option<f64>,
     scored: u64,
@@ -215,7 +222,6 @@ struct State {
     consensus_dropped: u64,
     /// Agreement on the held-out examples, measured after each training round.
     agreement: Option<f64>,
-    rng: SplitMix,
 }
 
 /// Held-out examples kept for the agreement metric (the most recent).
@@ -269,17 +275,8 @@ impl Distiller {
                 opt,
                 train: VecDeque::new(),
                 holdout: VecDeque::new(),
-                labels: 0,
-                held_out: 0,
-                trained_labels: 0,
                 new_since_round: 0,
-                updates: 0,
-                loss_ema: None,
-                scored: 0,
-                rejected: 0,
-                consensus_kept: 0,
-                consensus_dropped: 0,
-                agreement: None,
+                counters: Counters::default(),
                 rng,
             }),
         })
@@ -314,16 +311,16 @@ impl Distiller {
     /// is refused (counted) and never learned from.
     pub fn observe(&self, context: &str, step: &str, p_judge: f32) -> Result<()> {
         if !(p_judge.is_finite() && (0.0..=1.0).contains(&p_judge)) {
-            self.state().rejected += 1;
+            self.state().counters.rejected += 1;
             return Err(Error::Client(format!("distilled model: judge target {p_judge} is not a probability")));
         }
         let features = self.features(context, step);
         let mut s = self.state();
-        let before = (s.labels as f64 * self.cfg.holdout).floor();
-        s.labels += 1;
+        let before = (s.counters.labels as f64 * self.cfg.holdout).floor();
+        s.counters.labels += 1;
         let example = Example { features, target: p_judge.clamp(0.0, 1.0) };
-        if (s.labels as f64 * self.cfg.holdout).floor() > before {
-            s.held_out += 1;
+        if (s.counters.labels as f64 * self.cfg.holdout).floor() > before {
+            s.counters.held_out += 1;
             if s.holdout.len() == HOLDOUT_KEEP {
                 s.holdout.pop_front();
             }
@@ -334,14 +331,14 @@ impl Distiller {
             s.train.pop_front();
         }
         s.train.push_back(example);
-        s.trained_labels += 1;
+        s.counters.trained_labels += 1;
         s.new_since_round += 1;
         if s.new_since_round >= self.cfg.train_every {
             s.new_since_round = 0;
             for _ in 0..self.cfg.updates {
                 self.train_step(&mut s)?;
             }
-            s.agreement = self.agreement(&s);
+            s.counters.agreement = self.agreement(&s);
         }
         Ok(())
     }
@@ -353,11 +350,11 @@ impl Distiller {
         if self.cfg.consensus {
             let agrees = check.is_none_or(|c| (p_judge >= 0.5) == c);
             if !agrees {
-                self.state().consensus_dropped += 1;
+                self.state().counters.consensus_dropped += 1;
                 return Ok(false);
             }
             self.observe(context, step, p_judge)?;
-            self.state().consensus_kept += 1;
+            self.state().counters.consensus_kept += 1;
             return Ok(true);
         }
         self.observe(context, step, p_judge).map(|()| true)
@@ -375,10 +372,10 @@ impl Distiller {
     }
 
     fn gate(&self, s: &State) -> bool {
-        s.trained_labels >= self.cfg.min_labels as u64
+        s.counters.trained_labels >= self.cfg.min_labels as u64
             && (self.cfg.min_agreement <= 0.0
                 || (s.holdout.len() >= self.cfg.min_held_out as usize
-                    && s.agreement.is_some_and(|a| a >= self.cfg.min_agreement)))
+                    && s.counters.agreement.is_some_and(|a| a >= self.cfg.min_agreement)))
     }
 
     fn train_step(&self, s: &mut State) -> Result<()> {
@@ -406,8 +403,8 @@ impl Distiller {
             let _ = s.table.f_index_add_(0, &bag.rows, &step)?;
         }
         let l = loss.double_value(&[]);
-        s.loss_ema = Some(s.loss_ema.map_or(l, |e| 0.95 * e + 0.05 * l));
-        s.updates += 1;
+        s.counters.loss_ema = Some(s.counters.loss_ema.map_or(l, |e| 0.95 * e + 0.05 * l));
+        s.counters.updates += 1;
         Ok(())
     }
 
@@ -451,7 +448,7 @@ impl Distiller {
         }
         let batch: Vec<&[i64]> = features.iter().map(Vec::as_slice).collect();
         let p = self.predict(&s, &batch)?;
-        s.scored += p.len() as u64;
+        s.counters.scored += p.len() as u64;
         Ok(p.into_iter().map(|p| p.is_finite().then_some(p)).collect())
     }
 
@@ -460,23 +457,23 @@ impl Distiller {
     /// examples).
     pub fn metrics(&self) -> DistillMetrics {
         let mut s = self.state();
-        if s.agreement.is_none() && !s.holdout.is_empty() {
-            s.agreement = self.agreement(&s);
+        if s.counters.agreement.is_none() && !s.holdout.is_empty() {
+            s.counters.agreement = self.agreement(&s);
         }
         DistillMetrics {
-            labels: s.labels,
-            held_out: s.held_out,
-            updates: s.updates,
+            labels: s.counters.labels,
+            held_out: s.counters.held_out,
+            updates: s.counters.updates,
             ready: self.gate(&s),
-            agreement: s.agreement,
+            agreement: s.counters.agreement,
             min_agreement: self.cfg.min_agreement,
-            rejected: s.rejected,
-            loss: s.loss_ema,
-            scored: s.scored,
-            consensus_kept: s.consensus_kept,
-            consensus_dropped: s.consensus_dropped,
-            consensus_keep_rate: (self.cfg.consensus && s.consensus_kept + s.consensus_dropped > 0)
-                .then(|| s.consensus_kept as f64 / (s.consensus_kept + s.consensus_dropped) as f64),
+            rejected: s.counters.rejected,
+            loss: s.counters.loss_ema,
+            scored: s.counters.scored,
+            consensus_kept: s.counters.consensus_kept,
+            consensus_dropped: s.counters.consensus_dropped,
+            consensus_keep_rate: (self.cfg.consensus && s.counters.consensus_kept + s.counters.consensus_dropped > 0)
+                .then(|| s.counters.consensus_kept as f64 / (s.counters.consensus_kept + s.counters.consensus_dropped) as f64),
         }
     }
 }
@@ -495,16 +492,8 @@ struct Saved {
     buckets: u32,
     dim: u32,
     hidden: u32,
-    labels: u64,
-    held_out: u64,
-    trained_labels: u64,
-    updates: u64,
-    loss_ema: Option<f64>,
-    scored: u64,
-    rejected: u64,
-    consensus_kept: u64,
-    consensus_dropped: u64,
-    agreement: Option<f64>,
+    #[serde(flatten)]
+    counters: Counters,
     rng: u64,
 }
 
@@ -540,16 +529,7 @@ impl Distiller {
             buckets: self.cfg.buckets,
             dim: self.cfg.dim,
             hidden: self.cfg.hidden,
-            labels: s.labels,
-            held_out: s.held_out,
-            trained_labels: s.trained_labels,
-            updates: s.updates,
-            loss_ema: s.loss_ema,
-            scored: s.scored,
-            rejected: s.rejected,
-            consensus_kept: s.consensus_kept,
-            consensus_dropped: s.consensus_dropped,
-            agreement: s.agreement,
+            counters: s.counters.clone(),
             rng: s.rng.0,
         };
         let path = dir.join(SAVED_STATE);
@@ -623,16 +603,7 @@ impl Distiller {
             }
         }
         s.holdout = holdout;
-        s.labels = saved.labels;
-        s.held_out = saved.held_out;
-        s.trained_labels = saved.trained_labels;
-        s.updates = saved.updates;
-        s.loss_ema = saved.loss_ema;
-        s.scored = saved.scored;
-        s.rejected = saved.rejected;
-        s.consensus_kept = saved.consensus_kept;
-        s.consensus_dropped = saved.consensus_dropped;
-        s.agreement = saved.agreement;
+        s.counters = saved.counters;
         s.rng = SplitMix(saved.rng);
         s.train.clear();
         s.new_since_round = 0;
