@@ -278,7 +278,8 @@ impl Actor for Metrics {
                     // Groups retired since the last row (trained or dropped
                     // with a known pass rate), and the share all pass or all
                     // fail: the rollout work GRPO cannot use.
-                    let (groups, uniform) = (c.groups - state.retired_before.0.min(c.groups), c.uniform_groups - state.retired_before.1.min(c.uniform_groups));
+                    let groups = c.groups.saturating_sub(state.retired_before.0);
+                    let uniform = c.uniform_groups.saturating_sub(state.retired_before.1);
                     state.retired_before = (c.groups, c.uniform_groups);
                     line["retired_groups"] = serde_json::json!(groups);
                     line["uniform_share"] = serde_json::json!((groups > 0).then(|| uniform as f64 / groups as f64));
