@@ -4,7 +4,9 @@
 //! workers, reward pool, learner, weight sync, metrics), the supervision tree,
 //! staleness control, the bounded in-memory channels between them, and the
 //! roles of a distributed run ([`remote`]), which do the same jobs fed by
-//! `prism-transport` instead of channels.
+//! `prism-transport` instead of channels (a rollout process runs the same
+//! [`rollout_worker::RolloutWorker`], with [`rollout_worker::Ports`] on the
+//! transport).
 //!
 //! ```text
 //! Supervisor ─┬─ Metrics            ledger, metrics.jsonl, progress

@@ -5,10 +5,16 @@
 //!   groups read back from the labelled stream, training, publishing weights.
 //! - [`learner_rank`]: a data-parallel learner rank that trains each step
 //!   rank 0 publishes.
-//! - [`rollout`]: a rollout process: work from the learner's Control service,
-//!   weights over gRPC or NCCL, trajectories to the sampled stream.
+//! - [`rollout`]: a rollout process: the in-process
+//!   [`RolloutWorker`](crate::rollout_worker::RolloutWorker) actor with ports
+//!   on the transport — work from the learner's Control service, weights over
+//!   gRPC or NCCL, trajectories to the sampled stream.
 //! - [`reward`]: a reward process: the sampled stream labelled, results to the
 //!   labelled stream, judged steps shared with every other reward process.
+//!   Its job is not the reward pool's: the stream's consumer group does what
+//!   the pool does in one process (hand out, retry elsewhere, take over from a
+//!   dead worker), and the learner assembles groups, so a reward process is
+//!   one consumer that labels entries concurrently and acknowledges them.
 
 pub mod learner;
 pub mod learner_rank;

@@ -1,15 +1,34 @@
-//! RolloutWorker: pulls prompts, makes sure its weights are recent enough,
-//! samples groups on a blocking thread, and hands them to the reward pool —
-//! waiting when the pool is full, so a slow reward stage slows sampling.
+//! RolloutWorker: asks for prompts, makes sure its weights are recent enough,
+//! samples groups on a blocking thread, and hands them on — waiting while the
+//! stage after it is full, so a slow reward stage slows sampling.
+//!
+//! The worker is the same in every mode; only its [`Ports`] differ: where its
+//! prompts come from, where it gets weights, and where its groups go.
+//!
+//! - In one process ([`Channels`]): the prompt source, weight sync and reward
+//!   pool actors.
+//! - In a rollout process ([`crate::remote::rollout`]): the learner's Control
+//!   service, the Weights stream or the NCCL broadcast, and the sampled stream.
+//!
+//! ```text
+//! Next ─▶ Ports::work ─▶ Ports::weights ─▶ load + generate (blocking) ─▶ Ports::deliver ─▶ Next
+//!            │ None                                      │ error
+//!            ▼                                           ▼
+//!    Ports::leave(Finished), stop            Ports::leave(Failed), the actor fails
+//! ```
 
-use crate::backend::{Factory, Generate};
+use crate::backend::{Assignment, BackendError, Factory, Generate, WeightSet};
+use crate::error::{Error, Result};
 use crate::metrics::MetricsMsg;
 use crate::reward_pool::PoolMsg;
 use crate::source::SourceMsg;
 use crate::weight_sync::SyncMsg;
-use prism_core::PolicyVersion;
+use prism_core::{PolicyVersion, Trajectory};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::Instrument;
 
@@ -18,117 +37,255 @@ pub enum RolloutMsg {
     Next,
 }
 
-pub struct RolloutWorker;
+/// One batch, sampled.
+pub struct Sampled {
+    /// The prompts it was asked for.
+    pub work: Vec<Assignment>,
+    /// One group per prompt, in the same order.
+    pub groups: Vec<Vec<Trajectory>>,
+    /// The policy version that sampled them.
+    pub version: PolicyVersion,
+    /// Seconds the generation took.
+    pub generate_s: f64,
+}
+
+/// Why a worker leaves.
+pub enum Leave {
+    /// No more work: the run is over for it.
+    Finished,
+    /// It stopped while holding work it could not sample (the run stopped
+    /// while it waited for weights); the work is to be issued again.
+    Stopped,
+    /// Sampling failed; the actor fails with this error after telling its ports.
+    Failed(Error),
+}
+
+/// Where a rollout worker's work comes from, where it gets weights, and where
+/// its groups go.
+pub trait Ports: Send + 'static {
+    /// The next batch of at most `max` prompts (possibly none yet); `None`
+    /// when this worker's job is done.
+    fn work(&mut self, max: usize) -> impl Future<Output = Result<Option<Vec<Assignment>>>> + Send;
+    /// Weights to load before sampling work that needs at least `min`, given
+    /// the version the worker holds; `None` keeps what it holds.
+    fn weights(&mut self, held: Option<PolicyVersion>, min: PolicyVersion) -> impl Future<Output = Result<Option<Arc<WeightSet>>>> + Send;
+    /// The weights `weights` gave were loaded.
+    fn loaded(&mut self, _version: PolicyVersion) {}
+    /// Hands a sampled batch on.
+    fn deliver(&mut self, sampled: Sampled) -> impl Future<Output = Result<()>> + Send;
+    /// The worker stops.
+    fn leave(&mut self, why: Leave) -> impl Future<Output = ()> + Send;
+}
+
+/// A worker's sampler that can be taken once: for a process that built its
+/// generator before the worker starts (a restart would need a factory).
+pub fn once(generator: Box<dyn Generate>) -> Factory<Box<dyn Generate>> {
+    let slot = Mutex::new(Some(generator));
+    Arc::new(move || {
+        slot.lock()
+            .map_err(|_| BackendError::new("the generator's lock was poisoned"))?
+            .take()
+            .ok_or_else(|| BackendError::new("this worker's generator was already taken (it cannot be restarted in place)"))
+    })
+}
+
+pub struct RolloutWorker<P>(PhantomData<fn() -> P>);
+
+impl<P> RolloutWorker<P> {
+    pub fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<P> Default for RolloutWorker<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 #[derive(Clone)]
-pub struct RolloutArgs {
+pub struct RolloutArgs<P> {
     pub name: String,
     pub factory: Factory<Box<dyn Generate>>,
-    pub source: ActorRef<SourceMsg>,
-    pub sync: ActorRef<SyncMsg>,
-    pub pool: ActorRef<PoolMsg>,
-    pub metrics: ActorRef<MetricsMsg>,
+    pub ports: P,
     pub prompts_per_batch: usize,
 }
 
-pub struct RolloutState {
-    args: RolloutArgs,
+pub struct RolloutState<P> {
+    name: String,
+    ports: P,
+    prompts_per_batch: usize,
     backend: Option<Box<dyn Generate>>,
     version: Option<PolicyVersion>,
 }
 
-impl Actor for RolloutWorker {
-    type Msg = RolloutMsg;
-    type State = RolloutState;
-    type Arguments = RolloutArgs;
+/// What one turn of the worker led to.
+enum Turn {
+    Again,
+    Leave(Leave),
+}
 
-    async fn pre_start(&self, myself: ActorRef<RolloutMsg>, args: RolloutArgs) -> Result<RolloutState, ActorProcessingErr> {
-        let factory = args.factory.clone();
-        let backend = tokio::task::spawn_blocking(move || factory()).await??;
-        myself.cast(RolloutMsg::Next)?;
-        Ok(RolloutState { args, backend: Some(backend), version: None })
-    }
-
-    async fn handle(&self, myself: ActorRef<RolloutMsg>, msg: RolloutMsg, state: &mut RolloutState) -> Result<(), ActorProcessingErr> {
-        let RolloutMsg::Next = msg;
-        let a = &state.args;
-        let work = match a
-            .source
-            .call(|reply| SourceMsg::GetWork { worker: a.name.clone(), max: a.prompts_per_batch, reply }, None)
-            .await?
-        {
-            CallResult::Success(work) if !work.is_empty() => work,
-            // The source stopped (or is gone): this worker's job is done.
-            _ => {
-                myself.stop(Some("no more work".into()));
-                return Ok(());
-            }
+impl<P: Ports> RolloutState<P> {
+    /// Asks for work, refreshes the weights, samples and hands the batch on.
+    async fn turn(&mut self) -> Result<Turn> {
+        let work = match self.ports.work(self.prompts_per_batch.max(1)).await? {
+            Some(work) if work.is_empty() => return Ok(Turn::Again),
+            Some(work) => work,
+            None => return Ok(Turn::Leave(Leave::Finished)),
         };
-
         let need = work.iter().map(|w| w.min_version).max().unwrap_or_default();
-        let weights = match a.sync.call(|reply| SyncMsg::GetWeights { have: state.version, min_version: need, reply }, None).await? {
-            CallResult::Success(w) => w,
-            _ => return Err(format!("{}: weight sync is gone", a.name).into()),
-        };
-        let mut backend = state.backend.take().ok_or("backend lost by an earlier failure")?;
-        if weights.is_none() && state.version.is_none_or(|v| v < need) {
-            // Stopping: nothing to sample with; give the prompts back.
-            a.source.cast(SourceMsg::WorkerFailed(a.name.clone()))?;
-            state.backend = Some(backend);
-            myself.stop(Some("stopped while waiting for weights".into()));
-            return Ok(());
+        let weights = self.ports.weights(self.version, need).await?;
+        if weights.is_none() && self.version.is_none_or(|v| v < need) {
+            // Nothing to sample with (the run is stopping): give the prompts back.
+            return Ok(Turn::Leave(Leave::Stopped));
         }
-        let span = tracing::info_span!("generate", actor = %a.name, groups = work.len(), policy_version = tracing::field::Empty);
+        let backend = self.backend.take().ok_or_else(|| Error::Thread(format!("{}: backend lost by an earlier failure", self.name)))?;
+        let span = tracing::info_span!("generate", actor = %self.name, groups = work.len(), policy_version = tracing::field::Empty);
         let started = Instant::now();
-        let version_in = state.version;
+        let held = self.version;
+        let loading = weights.is_some();
         let (backend, result) = tokio::task::spawn_blocking({
             let span = span.clone();
             move || {
                 let _enter = span.enter();
+                let mut backend = backend;
                 let version = match &weights {
                     Some(w) => match backend.load_weights(w) {
                         Ok(()) => w.version,
-                        Err(e) => return (backend, Err(e)),
+                        Err(e) => return (backend, Err((Some(w.version), e))),
                     },
-                    None => version_in.unwrap_or_default(),
+                    None => held.unwrap_or_default(),
                 };
                 span.record("policy_version", version.0);
-                let out = backend.generate(&work, version).map(|groups| (version, groups, work));
+                let out = backend.generate(&work, version).map(|groups| (version, groups, work)).map_err(|e| (None, e));
                 (backend, out)
             }
         })
-        .await?;
-        state.backend = Some(backend);
-        let (version, groups, work) = result.map_err(|e| format!("{}: generation failed: {e}", a.name))?;
-        state.version = Some(version);
+        .await
+        .map_err(|e| Error::Thread(format!("{}: the generation thread failed: {e}", self.name)))?;
+        self.backend = Some(backend);
+        let (version, groups, work) = match result {
+            Ok(sampled) => sampled,
+            Err((Some(v), e)) => return Err(Error::backend(format!("{}: loading weights v{}", self.name, v.0), e)),
+            Err((None, e)) => return Err(Error::backend(format!("{}: generation", self.name), e)),
+        };
+        if loading {
+            self.ports.loaded(version);
+        }
+        self.version = Some(version);
         if groups.len() != work.len() {
-            return Err(format!("{}: backend returned {} groups for {} prompts", a.name, groups.len(), work.len()).into());
+            let e = BackendError(format!("returned {} groups for {} prompts", groups.len(), work.len()));
+            return Err(Error::backend(format!("{}: generation", self.name), e));
         }
+        self.ports.deliver(Sampled { work, groups, version, generate_s: started.elapsed().as_secs_f64() }).await?;
+        Ok(Turn::Again)
+    }
+}
 
-        let count: usize = groups.iter().map(Vec::len).sum();
-        let tokens: usize = groups.iter().flatten().map(|t| t.tokens.len()).sum();
-        a.metrics.cast(MetricsMsg::TrajectoriesMade {
-            count: count as u64,
-            tokens: tokens as u64,
-            generate_s: started.elapsed().as_secs_f64(),
-        })?;
-        let (rejected, rejected_tokens) = crate::metrics::rejected(groups.iter().flatten());
-        if rejected > 0 {
-            a.metrics.cast(MetricsMsg::Rejected { trajectories: rejected, tokens: rejected_tokens })?;
-        }
+impl<P: Ports> Actor for RolloutWorker<P> {
+    type Msg = RolloutMsg;
+    type State = RolloutState<P>;
+    type Arguments = RolloutArgs<P>;
 
-        for (assignment, group) in work.into_iter().zip(groups) {
-            let n = group.len() as u64;
-            let accepted = a
-                .pool
-                .call(|reply| PoolMsg::SubmitGroup { group: assignment.group, trajectories: group, reply }, None)
-                .instrument(tracing::debug_span!("submit", actor = %a.name, group = assignment.group.0))
-                .await?;
-            if !matches!(accepted, CallResult::Success(true)) {
-                a.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "rollout", trajectories: n })?;
+    async fn pre_start(&self, myself: ActorRef<RolloutMsg>, args: RolloutArgs<P>) -> Result<RolloutState<P>, ActorProcessingErr> {
+        let RolloutArgs { name, factory, mut ports, prompts_per_batch } = args;
+        let made = tokio::task::spawn_blocking(move || factory()).await;
+        let backend = match made {
+            Ok(Ok(backend)) => backend,
+            Ok(Err(e)) => {
+                let e = Error::backend(format!("{name}: making the generator"), e);
+                let message = e.to_string();
+                ports.leave(Leave::Failed(e)).await;
+                return Err(message.into());
+            }
+            Err(e) => {
+                let message = format!("{name}: making the generator failed: {e}");
+                ports.leave(Leave::Failed(Error::Thread(message.clone()))).await;
+                return Err(message.into());
+            }
+        };
+        myself.cast(RolloutMsg::Next)?;
+        Ok(RolloutState { name, ports, prompts_per_batch, backend: Some(backend), version: None })
+    }
+
+    async fn handle(&self, myself: ActorRef<RolloutMsg>, msg: RolloutMsg, state: &mut RolloutState<P>) -> Result<(), ActorProcessingErr> {
+        let RolloutMsg::Next = msg;
+        match state.turn().await {
+            Ok(Turn::Again) => myself.cast(RolloutMsg::Next)?,
+            Ok(Turn::Leave(why)) => {
+                let reason = match why {
+                    Leave::Stopped => "stopped while waiting for weights",
+                    _ => "no more work",
+                };
+                state.ports.leave(why).await;
+                myself.stop(Some(reason.into()));
+            }
+            Err(e) => {
+                let message = e.to_string();
+                state.ports.leave(Leave::Failed(e)).await;
+                return Err(message.into());
             }
         }
-        myself.cast(RolloutMsg::Next)?;
         Ok(())
+    }
+}
+
+/// The ports of a worker in one process: the prompt source, the weight sync
+/// and the reward pool actors, and the metrics actor for its counts.
+#[derive(Clone)]
+pub struct Channels {
+    pub name: String,
+    pub source: ActorRef<SourceMsg>,
+    pub sync: ActorRef<SyncMsg>,
+    pub pool: ActorRef<PoolMsg>,
+    pub metrics: ActorRef<MetricsMsg>,
+}
+
+impl Ports for Channels {
+    async fn work(&mut self, max: usize) -> Result<Option<Vec<Assignment>>> {
+        let worker = self.name.clone();
+        match self.source.call(|reply| SourceMsg::GetWork { worker, max, reply }, None).await? {
+            CallResult::Success(work) if !work.is_empty() => Ok(Some(work)),
+            // The source stopped (or is gone): this worker's job is done.
+            _ => Ok(None),
+        }
+    }
+
+    async fn weights(&mut self, held: Option<PolicyVersion>, min: PolicyVersion) -> Result<Option<Arc<WeightSet>>> {
+        match self.sync.call(|reply| SyncMsg::GetWeights { have: held, min_version: min, reply }, None).await? {
+            CallResult::Success(w) => Ok(w),
+            _ => Err(Error::Unanswered(format!("{}: weight sync is gone", self.name))),
+        }
+    }
+
+    async fn deliver(&mut self, sampled: Sampled) -> Result<()> {
+        let Sampled { work, groups, generate_s, .. } = sampled;
+        let count: usize = groups.iter().map(Vec::len).sum();
+        let tokens: usize = groups.iter().flatten().map(|t| t.tokens.len()).sum();
+        self.metrics.cast(MetricsMsg::TrajectoriesMade { count: count as u64, tokens: tokens as u64, generate_s })?;
+        let (rejected, rejected_tokens) = crate::metrics::rejected(groups.iter().flatten());
+        if rejected > 0 {
+            self.metrics.cast(MetricsMsg::Rejected { trajectories: rejected, tokens: rejected_tokens })?;
+        }
+        for (assignment, group) in work.into_iter().zip(groups) {
+            let n = group.len() as u64;
+            let accepted = self
+                .pool
+                .call(|reply| PoolMsg::SubmitGroup { group: assignment.group, trajectories: group, reply }, None)
+                .instrument(tracing::debug_span!("submit", actor = %self.name, group = assignment.group.0))
+                .await?;
+            if !matches!(accepted, CallResult::Success(true)) {
+                self.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "rollout", trajectories: n })?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn leave(&mut self, why: Leave) {
+        // A failed worker's prompts are issued again by its supervisor, which
+        // sees the failure; one that stopped holding prompts gives them back.
+        if let Leave::Stopped = why {
+            let _ = self.source.cast(SourceMsg::WorkerFailed(self.name.clone()));
+        }
     }
 }

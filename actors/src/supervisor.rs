@@ -14,7 +14,7 @@ use crate::learner::{Finish, Learner, LearnerArgs, LearnerMsg, LearnerPlan, Peer
 use crate::metrics::{Ledger, Metrics, MetricsArgs, MetricsMsg, Progress};
 use crate::restart::RestartPolicy;
 use crate::reward_pool::{PoolArgs, PoolMsg, RewardPool};
-use crate::rollout_worker::{RolloutArgs, RolloutMsg, RolloutWorker};
+use crate::rollout_worker::{Channels, RolloutArgs, RolloutMsg, RolloutWorker};
 use crate::source::{PromptSource, SourceArgs, SourceMsg};
 use crate::weight_sync::{SyncMsg, WeightSync};
 use crate::Config;
@@ -81,7 +81,7 @@ pub struct SupState {
     phase: Phase,
     finish: Option<Finish>,
     restarts: RestartPolicy,
-    rollout_args: Vec<RolloutArgs>,
+    rollout_args: Vec<RolloutArgs<Channels>>,
     rollouts: Vec<Option<ActorRef<RolloutMsg>>>,
     source: ActorRef<SourceMsg>,
     sync: ActorRef<SyncMsg>,
@@ -214,20 +214,23 @@ impl Actor for Supervisor {
             me.clone(),
         )
         .await?;
-        let rollout_args: Vec<RolloutArgs> = (0..spec.rollout_workers.max(1))
+        let rollout_args: Vec<RolloutArgs<Channels>> = (0..spec.rollout_workers.max(1))
             .map(|i| RolloutArgs {
                 name: format!("rollout-{i}"),
                 factory: spec.generator.clone(),
-                source: source.clone(),
-                sync: sync.clone(),
-                pool: pool.clone(),
-                metrics: metrics.clone(),
+                ports: Channels {
+                    name: format!("rollout-{i}"),
+                    source: source.clone(),
+                    sync: sync.clone(),
+                    pool: pool.clone(),
+                    metrics: metrics.clone(),
+                },
                 prompts_per_batch: spec.prompts_per_batch,
             })
             .collect();
         let mut rollouts = Vec::new();
         for a in &rollout_args {
-            let (r, _) = Actor::spawn_linked(None, RolloutWorker, a.clone(), me.clone()).await?;
+            let (r, _) = Actor::spawn_linked(None, RolloutWorker::new(), a.clone(), me.clone()).await?;
             rollouts.push(Some(r));
         }
         Ok(SupState {
@@ -259,7 +262,7 @@ impl Actor for Supervisor {
             }
             SupMsg::RespawnRollout(i) => {
                 if matches!(state.phase, Phase::Running) {
-                    let (r, _) = Actor::spawn_linked(None, RolloutWorker, state.rollout_args[i].clone(), myself.get_cell()).await?;
+                    let (r, _) = Actor::spawn_linked(None, RolloutWorker::new(), state.rollout_args[i].clone(), myself.get_cell()).await?;
                     state.rollouts[i] = Some(r);
                 }
                 return Ok(());

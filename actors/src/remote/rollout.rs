@@ -1,8 +1,9 @@
-//! The rollout role's loop: asks the learner for prompts (`Control.GetWork`),
-//! brings its policy copy up to the newest version over the Weights stream
-//! between generations (never during one), samples each group on a blocking
-//! thread, adds the trajectories to the sampled stream (waiting while it is at
-//! its cap), then reports them (`Control.Delivered`) so their leases end.
+//! The rollout role: the in-process [`RolloutWorker`] with remote ports. It
+//! asks the learner for prompts (`Control.GetWork`), brings its policy copy up
+//! to the newest version over the Weights stream or the NCCL broadcast between
+//! generations (never during one), samples each group on a blocking thread,
+//! adds the trajectories to the sampled stream (waiting while it is at its
+//! cap), then reports them (`Control.Delivered`) so their leases end.
 //!
 //! A generation that fails makes the worker leave the run at once (its prompts
 //! are issued again) and return the error; the process supervisor (compose,
@@ -14,10 +15,12 @@ use prism_transport::nccl_weights::Receiver;
 use prism_transport::weights::WeightsClient;
 use prism_transport::{Error, Result};
 use crate::backend::{Assignment, Generate, WeightSet};
+use crate::rollout_worker::{self as worker, Leave, Ports, RolloutWorker, Sampled};
 use prism_core::{PolicyVersion, Trajectory};
+use ractor::Actor;
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -54,69 +57,78 @@ pub struct RolloutSummary {
     pub weight_broadcasts: u64,
 }
 
-struct Worker {
+/// The ports of a rollout process's worker: work from the learner's Control
+/// service, weights over the Weights stream or the NCCL broadcast, groups to
+/// the sampled stream.
+struct Remote {
     control: ControlClient,
     weights: WeightsClient,
     producer: prism_transport::redis::Producer<Trajectory>,
-    prompts_per_batch: usize,
+    config: redis::Config,
     counters: Arc<Counters>,
     membership: watch::Receiver<Membership>,
     give_up_after: Duration,
     broadcast: Option<(Arc<Receiver>, Duration)>,
-    generator: Option<Box<dyn Generate>>,
-    /// The version loaded into the generator.
-    held: Option<u64>,
-    summary: RolloutSummary,
+    health: prism_transport::health::Health,
+    /// Turns true when the process is asked to stop.
+    stop: watch::Receiver<bool>,
+    /// The group ids in hand (taken, not yet delivered).
+    in_hand: Vec<u64>,
+    /// How the weights being loaded came, and since when.
+    fetching: Option<(bool, Instant)>,
+    /// What the worker did and how it ended, read by [`run`].
+    end: Arc<Mutex<End>>,
 }
 
-impl Worker {
+#[derive(Default)]
+struct End {
+    summary: RolloutSummary,
+    failure: Option<crate::Error>,
+}
+
+impl Remote {
     fn worker_id(&self) -> String {
         self.membership.borrow().worker_id.clone()
     }
 
-    /// Runs `f` on the generator on a blocking thread.
-    async fn blocking<R: Send + 'static>(&mut self, f: impl FnOnce(&mut dyn Generate) -> R + Send + 'static) -> Result<R> {
-        let mut g = self.generator.take().ok_or_else(|| Error::Weights { version: 0, reason: "generator lost by an earlier failure".into() })?;
-        let (g, out) = tokio::task::spawn_blocking(move || {
-            let out = f(g.as_mut());
-            (g, out)
-        })
-        .await
-        .map_err(|e| Error::Weights { version: 0, reason: format!("the generator thread failed: {e}") })?;
-        self.generator = Some(g);
-        Ok(out)
+    fn stopping(&self) -> bool {
+        *self.stop.borrow() || self.membership.borrow().shutdown
     }
 
-    /// Makes the generator hold at least `min_version` and the newest version
-    /// the heartbeats announced: the broadcast one when this worker has a
-    /// broadcast rank and it arrives in time, else pulled over the Weights stream.
-    async fn refresh_weights(&mut self, min_version: u64) -> Result<()> {
-        let announced = self.membership.borrow().latest_version;
-        let want = announced.max(min_version);
-        if self.held.is_some_and(|h| h >= want) {
-            return Ok(());
+    /// Asks the learner for work until it answers with some, says the run is
+    /// over, stays unreachable for `give_up_after`, or the process stops.
+    async fn ask(&mut self, max: usize) -> Result<Option<Vec<Assignment>>> {
+        let mut unreachable_since: Option<Instant> = None;
+        loop {
+            if self.stopping() {
+                return Ok(None);
+            }
+            let worker_id = self.worker_id();
+            let mut stop = self.stop.clone();
+            let asked = tokio::select! {
+                asked = self.control.get_work(&worker_id, max, Duration::from_secs(1)) => asked,
+                _ = stop.wait_for(|s| *s) => return Ok(None),
+            };
+            match asked {
+                Ok(work) => {
+                    self.health.beat();
+                    return Ok(work);
+                }
+                Err(Error::NotReady { .. }) => {
+                    self.health.beat();
+                    // The learner is up and still preparing (e.g. its warm start).
+                }
+                Err(e) if e.is_transient() => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.give_up_after {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "asking the learner for work failed; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let started = Instant::now();
-        let (set, broadcast) = match self.broadcast_of(want).await? {
-            Some(set) => (set, true),
-            None => (self.pull(min_version, started).await?, false),
-        };
-        let version = set.version.0;
-        self.blocking(move |g| g.load_weights(&set))
-            .await?
-            .map_err(|e| Error::Weights { version, reason: format!("loading into the policy failed: {e}") })?;
-        let via = if broadcast { "nccl broadcast" } else { "weights stream" };
-        tracing::info!(policy_version = version, via, ms = started.elapsed().as_millis() as u64, "weights loaded");
-        self.held = Some(version);
-        if broadcast {
-            self.summary.weight_broadcasts += 1;
-        } else {
-            self.summary.weight_pulls += 1;
-        }
-        self.counters.policy_version.store(version, Relaxed);
-        self.counters.weight_fetches.fetch_add(1, Relaxed);
-        self.counters.weight_fetch_ms.fetch_add(started.elapsed().as_millis() as u64, Relaxed);
-        Ok(())
     }
 
     /// With a broadcast rank: the staged broadcast of `want` or newer, waited
@@ -155,31 +167,14 @@ impl Worker {
         }
     }
 
-    /// Samples `work` and hands it on; returns how many trajectories it made.
-    async fn sample(&mut self, work: Vec<Assignment>, config: &redis::Config) -> Result<()> {
-        let min_version = work.iter().map(|a| a.min_version.0).max().unwrap_or(0);
-        self.refresh_weights(min_version).await?;
-        let version = PolicyVersion(self.held.unwrap_or(0));
-        let groups: Vec<u64> = work.iter().map(|a| a.group.0).collect();
-        self.counters.in_flight.store(groups.len() as u64, Relaxed);
-        let started = Instant::now();
-        let span = tracing::info_span!("generate", actor = "rollout", policy_version = version.0, groups = groups.len());
-        let sampled = self
-            .blocking(move |g| span.in_scope(|| g.generate(&work, version)))
-            .await?
-            .map_err(|e| Error::Weights { version: version.0, reason: format!("generation failed: {e}") })?;
-        let generate_s = started.elapsed().as_secs_f64();
-        let trajectories: Vec<Trajectory> = sampled.into_iter().flatten().collect();
-        let tokens: u64 = trajectories.iter().map(|t| t.tokens.len() as u64).sum();
-        self.producer.send(&trajectories, config).await?;
-        let n = trajectories.len() as u64;
-        // Retried while the learner is unreachable: until it hears of them the
-        // prompts stay leased to this worker.
+    /// Tells the learner of delivered groups, retried while it is
+    /// unreachable: until it hears of them the prompts stay leased to this worker.
+    async fn report(&mut self, groups: Vec<u64>, n: u64, tokens: u64, generate_s: f64) -> Result<()> {
         let since = Instant::now();
         loop {
             let worker_id = self.worker_id();
             match self.control.delivered(&worker_id, groups.clone(), n, tokens, generate_s).await {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && since.elapsed() < self.give_up_after => {
                     tracing::warn!(error = %e, "reporting delivered groups failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -187,17 +182,97 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn end(&self) -> std::sync::MutexGuard<'_, End> {
+        self.end.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Ports for Remote {
+    async fn work(&mut self, max: usize) -> crate::error::Result<Option<Vec<Assignment>>> {
+        let work = self.ask(max).await?;
+        if let Some(work) = &work {
+            self.in_hand = work.iter().map(|a| a.group.0).collect();
+            self.counters.in_flight.store(self.in_hand.len() as u64, Relaxed);
+        }
+        Ok(work)
+    }
+
+    /// At least `min` and the newest version the heartbeats announced: the
+    /// broadcast one when this worker has a broadcast rank and it arrives in
+    /// time, else pulled over the Weights stream.
+    async fn weights(&mut self, held: Option<PolicyVersion>, min: PolicyVersion) -> crate::error::Result<Option<Arc<WeightSet>>> {
+        let announced = self.membership.borrow().latest_version;
+        let want = announced.max(min.0);
+        if held.is_some_and(|h| h.0 >= want) {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let (set, broadcast) = match self.broadcast_of(want).await? {
+            Some(set) => (set, true),
+            None => (self.pull(min.0, started).await?, false),
+        };
+        self.fetching = Some((broadcast, started));
+        Ok(Some(set))
+    }
+
+    fn loaded(&mut self, version: PolicyVersion) {
+        let (broadcast, started) = self.fetching.take().unwrap_or((false, Instant::now()));
+        let via = if broadcast { "nccl broadcast" } else { "weights stream" };
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::info!(policy_version = version.0, via, ms, "weights loaded");
+        {
+            let mut end = self.end();
+            if broadcast {
+                end.summary.weight_broadcasts += 1;
+            } else {
+                end.summary.weight_pulls += 1;
+            }
+        }
+        self.counters.policy_version.store(version.0, Relaxed);
+        self.counters.weight_fetches.fetch_add(1, Relaxed);
+        self.counters.weight_fetch_ms.fetch_add(ms, Relaxed);
+    }
+
+    async fn deliver(&mut self, sampled: Sampled) -> crate::error::Result<()> {
+        let groups = std::mem::take(&mut self.in_hand);
+        let trajectories: Vec<Trajectory> = sampled.groups.into_iter().flatten().collect();
+        let tokens: u64 = trajectories.iter().map(|t| t.tokens.len() as u64).sum();
+        self.producer.send(&trajectories, &self.config).await?;
+        let n = trajectories.len() as u64;
+        self.report(groups.clone(), n, tokens, sampled.generate_s).await?;
         self.counters.in_flight.store(0, Relaxed);
         self.counters.processed.fetch_add(n, Relaxed);
-        self.summary.groups += groups.len() as u64;
-        self.summary.trajectories += n;
+        {
+            let mut end = self.end();
+            end.summary.groups += groups.len() as u64;
+            end.summary.trajectories += n;
+        }
+        self.health.beat();
         Ok(())
+    }
+
+    /// Leaving: the learner re-issues whatever this worker still holds.
+    async fn leave(&mut self, why: Leave) {
+        let reason = match &why {
+            Leave::Finished => "finished".to_string(),
+            Leave::Stopped => "stopped".to_string(),
+            Leave::Failed(e) => format!("failed: {e}"),
+        };
+        let worker_id = self.worker_id();
+        if let Err(e) = self.control.shutdown(&worker_id, &reason).await {
+            tracing::warn!(error = %e, "telling the learner this worker leaves failed");
+        }
+        if let Leave::Failed(e) = why {
+            self.end().failure = Some(e);
+        }
     }
 }
 
 /// Samples until the learner says the run is over, `shutdown` resolves, or a
-/// generation fails.
-pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Future<Output = ()>) -> Result<RolloutSummary> {
+/// generation fails: one [`RolloutWorker`] whose ports are the learner's services.
+pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Future<Output = ()>) -> crate::error::Result<RolloutSummary> {
     let RolloutArgs { control, weights, redis, keys, generator, prompts_per_batch, counters, membership, give_up_after, broadcast, health } =
         args;
     // Announcements reach the receiver while this worker generates, so that
@@ -215,76 +290,45 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
         })
     });
     let producer = redis.producer::<Trajectory>(&keys.sampled).await?;
-    let mut w = Worker {
+    let (stop_tx, stop) = watch::channel(false);
+    let end = Arc::new(Mutex::new(End::default()));
+    let ports = Remote {
         control,
         weights,
         producer,
-        prompts_per_batch,
+        config: config.clone(),
         counters,
         membership,
         give_up_after,
         broadcast,
-        generator: Some(generator),
-        held: None,
-        summary: RolloutSummary::default(),
+        health,
+        stop,
+        in_hand: Vec::new(),
+        fetching: None,
+        end: end.clone(),
     };
-    tokio::pin!(shutdown);
-    let mut unreachable_since: Option<Instant> = None;
-    let result = loop {
-        if w.membership.borrow().shutdown {
-            break Ok(());
+    let args = worker::RolloutArgs { name: "rollout".into(), factory: worker::once(generator), ports, prompts_per_batch };
+    let (actor, handle) = Actor::spawn(None, RolloutWorker::new(), args)
+        .await
+        .map_err(|e| crate::Error::Thread(format!("the rollout worker did not start: {e}")))?;
+    tokio::pin!(handle);
+    tokio::select! {
+        _ = &mut handle => {}
+        _ = shutdown => {
+            // The batch in hand is finished and delivered; then the worker leaves.
+            stop_tx.send_replace(true);
+            let _ = (&mut handle).await;
         }
-        let worker_id = w.worker_id();
-        let max = w.prompts_per_batch.max(1);
-        let asked = tokio::select! {
-            r = w.control.get_work(&worker_id, max, Duration::from_secs(1)) => r,
-            _ = &mut shutdown => break Ok(()),
-        };
-        let work = match asked {
-            Ok(None) => break Ok(()),
-            Ok(Some(work)) => {
-                unreachable_since = None;
-                health.beat();
-                work
-            }
-            Err(Error::NotReady { .. }) => {
-                health.beat();
-                // The learner is up and still preparing (e.g. its warm start).
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-            Err(e) if e.is_transient() => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > w.give_up_after {
-                    break Err(e);
-                }
-                tracing::warn!(error = %e, "asking the learner for work failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-            Err(e) => break Err(e),
-        };
-        if work.is_empty() {
-            continue;
-        }
-        if let Err(e) = w.sample(work, config).await {
-            break Err(e);
-        }
-        health.beat();
-    };
-    // Leaving: the learner re-issues whatever this worker still holds.
-    let reason = match &result {
-        Ok(()) => "finished".to_string(),
-        Err(e) => format!("failed: {e}"),
-    };
-    let worker_id = w.worker_id();
-    if let Err(e) = w.control.shutdown(&worker_id, &reason).await {
-        tracing::warn!(error = %e, "telling the learner this worker leaves failed");
     }
+    drop(actor);
     if let Some(a) = announcer {
         a.abort();
     }
-    result.map(|()| w.summary)
+    let mut end = end.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match end.failure.take() {
+        Some(e) => Err(e),
+        None => Ok(std::mem::take(&mut end.summary)),
+    }
 }
 
 #[cfg(test)]

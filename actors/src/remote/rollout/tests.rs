@@ -105,3 +105,73 @@ async fn a_rollout_with_a_rank_loads_broadcast_weights_between_generations() {
     assert_eq!((summary.groups, summary.weight_broadcasts, summary.weight_pulls), (2, 2, 0), "{summary:?}");
     assert_eq!(*loaded.lock().unwrap(), vec![1.0, 2.0]);
 }
+
+/// Hands out one prompt per ask until the run stops; records who left.
+struct OnePrompt {
+    issued: Mutex<u64>,
+    failed: Arc<Mutex<Vec<String>>>,
+}
+
+#[prism_transport::async_trait]
+impl control::WorkSource for OnePrompt {
+    async fn get_work(&self, _worker: &str, _max: usize, _wait: Duration) -> Option<Vec<Assignment>> {
+        let mut issued = self.issued.lock().unwrap();
+        *issued += 1;
+        let prompt = testing::trajectory(0, 1).prompt;
+        Some(vec![Assignment { group: GroupId(*issued), prompt, min_version: PolicyVersion(1) }])
+    }
+    fn delivered(&self, _: &str, _: &[u64], _: u64, _: u64, _: f64) {}
+    fn worker_failed(&self, worker: &str) {
+        self.failed.lock().unwrap().push(worker.to_string());
+    }
+}
+
+/// Loads weights, then fails every generation.
+struct Broken;
+
+impl crate::backend::Generate for Broken {
+    fn load_weights(&mut self, _: &WeightSet) -> crate::backend::BackendResult<()> {
+        Ok(())
+    }
+    fn generate(&mut self, _: &[crate::backend::Assignment], _: PolicyVersion) -> crate::backend::BackendResult<Vec<Vec<prism_core::Trajectory>>> {
+        Err(crate::backend::BackendError::new("out of memory"))
+    }
+}
+
+/// A rollout process whose generation fails leaves the run at once (the
+/// learner hears it left, so its prompts are issued again) and returns the
+/// error, for its process supervisor to restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_whose_generation_fails_leaves_the_run_and_returns_the_error() {
+    let config = prism_transport::Config { heartbeat_ms: 100, dead_after_ms: 5000, ..Default::default() };
+    let learner = testing::TestLearner::start(&config, prism_transport::grpc::Config::default(), None).await;
+    learner.weights.publish(prism_transport::weights::WeightBytes::from_tensors(1, [("model.b", &tch::Tensor::zeros([1, 1], (tch::Kind::Float, Device::Cpu)))]).unwrap());
+    learner.control.set_policy_version(1);
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    learner.control.set_work_source(Arc::new(OnePrompt { issued: Mutex::new(0), failed: failed.clone() }));
+
+    let client = control::ControlClient::connect(&learner.grpc, Some(&learner.addr), None).await.unwrap();
+    let counters = Arc::new(control::Counters::default());
+    let (membership, heartbeats) = control::join(client.clone(), control::Role::Rollout, "box", "cpu", counters.clone()).await.unwrap();
+    let worker_id = membership.borrow().worker_id.clone();
+    let redis_server = testing::TestRedis::shared();
+    let redis_cfg = redis::Config { url: redis_server.url.clone(), ..Default::default() };
+    let args = RolloutArgs {
+        control: client,
+        weights: WeightsClient::connect(&learner.grpc, Some(&learner.addr), None).await.unwrap(),
+        redis: redis::Redis::connect(&redis_cfg).await.unwrap(),
+        keys: redis::RunKeys::new("prism-test", &testing::unique("failing-rollout")),
+        generator: Box::new(Broken),
+        prompts_per_batch: 1,
+        counters,
+        membership,
+        give_up_after: Duration::from_secs(5),
+        broadcast: None,
+        health: Default::default(),
+    };
+    let result = tokio::time::timeout(Duration::from_secs(60), run(args, &redis_cfg, std::future::pending())).await.expect("the rollout returns");
+    heartbeats.abort();
+    let error = result.expect_err("a failed generation is the rollout's error").to_string();
+    assert!(error.contains("generation") && error.contains("out of memory"), "{error}");
+    assert_eq!(*failed.lock().unwrap(), vec![worker_id], "the learner heard the worker left");
+}
