@@ -8,7 +8,6 @@ mod doctor;
 mod eval;
 mod export;
 mod progress;
-mod report;
 mod roles;
 mod run_dir;
 mod status;
@@ -106,7 +105,7 @@ fn main() -> ExitCode {
             cli::BenchCommand::Reward(r) => bench::reward::reward(&config, r),
             cli::BenchCommand::JudgeServer(j) => bench::judge_server::judge_server(j),
         },
-        cli::Command::Report(a) => match report::run(&a.run, a.out.as_deref()) {
+        cli::Command::Report(a) => match prism_report::run(&a.run, a.out.as_deref()) {
             Ok(files) => {
                 for f in files {
                     println!("{}", f.display());

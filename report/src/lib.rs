@@ -1,7 +1,12 @@
-//! `prism report runs/<id>`: plots of a run's metrics (PNG and SVG) over
-//! learner steps and over wall time, one unit of measure per panel, and a
-//! Chrome-trace / Perfetto timeline of which actor was busy when, rebuilt from
-//! `trace.jsonl`.
+//! prism-report: what `prism report runs/<id>` draws from a run folder —
+//! plots of its metrics (PNG and SVG) over learner steps and over wall time,
+//! one unit of measure per panel, and a Chrome-trace / Perfetto timeline of
+//! which actor was busy when, rebuilt from `trace.jsonl`.
+//!
+//! Reads only the files a run writes (`metrics.jsonl`, `trace.jsonl`): it
+//! knows no actors, no model and no transport, so it reads the runs of every
+//! mode alike, and runs from older versions (a field a row lacks is a series
+//! not drawn).
 //!
 //! Noisy per-step series are drawn as a centered moving average (about a
 //! fifteenth of the run wide) with the per-step values faint behind it.
