@@ -77,6 +77,7 @@ pub fn tiny_arith_config() -> ModelConfig {
         rope_theta: 10000.0,
         rope_scaling: RopeScaling::None,
         qkv_bias: false,
+        qk_norm: false,
         o_bias: false,
         mlp_bias: false,
         tie_word_embeddings: true,

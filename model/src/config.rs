@@ -15,6 +15,9 @@ pub enum Family {
     Llama,
     /// Qwen2: q/k/v projections carry a bias.
     Qwen2,
+    /// Qwen3 (dense): RMSNorm of each query and key head before RoPE
+    /// (`q_norm`, `k_norm`), no q/k/v bias, a head dimension of its own.
+    Qwen3,
 }
 
 impl Family {
@@ -22,6 +25,7 @@ impl Family {
         match model_type {
             "llama" | "smollm" | "smollm2" | "mistral" => Some(Family::Llama),
             "qwen2" => Some(Family::Qwen2),
+            "qwen3" => Some(Family::Qwen3),
             _ => None,
         }
     }
@@ -31,6 +35,7 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 
@@ -39,6 +44,7 @@ impl Family {
         match self {
             Family::Llama => "LlamaForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 }
@@ -50,6 +56,11 @@ pub enum RopeScaling {
     None,
     /// Positions divided by `factor` ("linear" / position interpolation).
     Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent scaling ("llama3"): wavelengths longer
+    /// than `original_max_position_embeddings / low_freq_factor` are divided by
+    /// `factor`, shorter than `… / high_freq_factor` kept, and those between
+    /// blended (Meta's Llama 3.1 release; transformers' `_compute_llama3_parameters`).
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) as written.
@@ -61,6 +72,12 @@ pub struct HfRope {
     pub factor: Option<f64>,
     #[serde(default)]
     pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<f64>,
 }
 
 /// `config.json` of a Llama / Qwen2 / SmolLM checkpoint, as written by
@@ -107,6 +124,9 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     /// Bias on q, k and v projections (Qwen2).
     pub qkv_bias: bool,
+    /// RMSNorm of each query and key head before RoPE (Qwen3).
+    #[serde(default)]
+    pub qk_norm: bool,
     /// Bias on the output projection and the MLP (rare; Llama `attention_bias`/`mlp_bias`).
     pub o_bias: bool,
     pub mlp_bias: bool,
@@ -129,6 +149,7 @@ impl ModelConfig {
         let attention = q.checked_add(kv.checked_mul(2)?)?.checked_add(q)?.checked_mul(d)?;
         let mlp = f.checked_mul(d)?.checked_mul(3)?;
         let layer = attention.checked_add(mlp)?.checked_add(d.checked_mul(2)?)?;
+        let layer = if self.qk_norm { layer.checked_add(u(self.head_dim)?.checked_mul(2)?)? } else { layer };
         let embeddings = v.checked_mul(d)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
         u(self.num_layers)?.checked_mul(layer)?.checked_add(embeddings)?.checked_add(d)
     }
@@ -196,7 +217,7 @@ impl HfConfig {
         let model_type = self.model_type.as_deref().unwrap_or("llama");
         let family = Family::from_model_type(model_type).ok_or_else(|| Error::Format {
             path: origin.into(),
-            reason: format!("model_type {model_type:?} is not supported (llama, qwen2, smollm)"),
+            reason: format!("model_type {model_type:?} is not supported (llama, mistral, qwen2, qwen3, smollm)"),
         })?;
         if let Some(act) = &self.hidden_act {
             if act != "silu" && act != "swish" {
@@ -219,10 +240,38 @@ impl HfConfig {
             Some("linear") => RopeScaling::Linear {
                 factor: rope.and_then(|r| r.factor).ok_or_else(|| missing("rope_scaling.factor"))?,
             },
+            Some("llama3") => {
+                let field = |name: &str, v: Option<f64>| v.ok_or_else(|| missing(&format!("rope_scaling.{name}")));
+                let r = rope.expect("a rope type was read from it");
+                let scaling = RopeScaling::Llama3 {
+                    factor: field("factor", r.factor)?,
+                    low_freq_factor: field("low_freq_factor", r.low_freq_factor)?,
+                    high_freq_factor: field("high_freq_factor", r.high_freq_factor)?,
+                    // Absent, transformers takes the model's own maximum.
+                    original_max_position_embeddings: field(
+                        "original_max_position_embeddings",
+                        r.original_max_position_embeddings.or(self.max_position_embeddings.map(|m| m as f64)),
+                    )?,
+                };
+                if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = scaling {
+                    let valid = [factor, low_freq_factor, high_freq_factor, original_max_position_embeddings].iter().all(|v| v.is_finite() && *v > 0.0);
+                    if !valid || high_freq_factor <= low_freq_factor {
+                        return Err(Error::Format {
+                            path: origin.into(),
+                            reason: format!(
+                                "rope_scaling (llama3): factor {factor}, low_freq_factor {low_freq_factor}, high_freq_factor \
+                                 {high_freq_factor}, original_max_position_embeddings {original_max_position_embeddings}: all must be \
+                                 positive and high_freq_factor above low_freq_factor"
+                            ),
+                        });
+                    }
+                }
+                scaling
+            }
             Some(other) => {
                 return Err(Error::Format {
                     path: origin.into(),
-                    reason: format!("rope scaling type {other:?} is not supported (default, linear)"),
+                    reason: format!("rope scaling type {other:?} is not supported (default, linear, llama3)"),
                 });
             }
         };
@@ -241,7 +290,8 @@ impl HfConfig {
             rope_theta,
             rope_scaling,
             qkv_bias: family == Family::Qwen2 || bias,
-            o_bias: family == Family::Llama && bias,
+            qk_norm: family == Family::Qwen3,
+            o_bias: family != Family::Qwen2 && bias,
             mlp_bias: self.mlp_bias.unwrap_or(false),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             bos_token_id: token_ids(&self.bos_token_id).first().copied(),
@@ -279,6 +329,21 @@ impl ModelConfig {
             RopeScaling::Linear { factor } => {
                 obj.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "type": "linear", "factor": factor}));
             }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                obj.insert(
+                    "rope_scaling".into(),
+                    serde_json::json!({
+                        "rope_type": "llama3",
+                        "factor": factor,
+                        "low_freq_factor": low_freq_factor,
+                        "high_freq_factor": high_freq_factor,
+                        "original_max_position_embeddings": original_max_position_embeddings,
+                    }),
+                );
+            }
+        }
+        if self.family == Family::Qwen3 {
+            obj.insert("attention_bias".into(), self.qkv_bias.into());
         }
         if self.family == Family::Llama {
             obj.insert("attention_bias".into(), self.o_bias.into());
@@ -309,7 +374,7 @@ impl ModelConfig {
         let kv = self.num_kv_heads * self.head_dim;
         let attn = d * q + 2 * d * kv + q * d + if self.qkv_bias { q + 2 * kv } else { 0 };
         let mlp = 3 * d * f;
-        let layer = attn + mlp + 2 * d;
+        let layer = attn + mlp + 2 * d + if self.qk_norm { 2 * self.head_dim } else { 0 };
         v * d + self.num_layers * layer + d + if self.tie_word_embeddings { 0 } else { v * d }
     }
 }

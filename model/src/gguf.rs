@@ -425,6 +425,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -454,6 +456,8 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
@@ -469,10 +473,11 @@ impl GgufFile {
         let family = match arch.as_str() {
             "llama" => Family::Llama,
             "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
             other => {
                 return Err(Error::Format {
                     path: self.path.clone(),
-                    reason: format!("architecture {other:?} is not supported (llama, qwen2)"),
+                    reason: format!("architecture {other:?} is not supported (llama, qwen2, qwen3)"),
                 });
             }
         };
@@ -523,6 +528,7 @@ impl GgufFile {
             rope_theta: self.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
             rope_scaling,
             qkv_bias: self.tensors.contains_key("blk.0.attn_q.bias"),
+            qk_norm: self.tensors.contains_key("blk.0.attn_q_norm.weight"),
             o_bias: self.tensors.contains_key("blk.0.attn_output.bias"),
             mlp_bias: self.tensors.contains_key("blk.0.ffn_up.bias"),
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),

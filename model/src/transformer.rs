@@ -1,6 +1,7 @@
-//! The decoder-only transformer of the Llama / Qwen2 / SmolLM family: RMSNorm,
-//! RoPE (with linear scaling), grouped-query attention, SwiGLU MLP, optional
-//! q/k/v bias, tied or untied embeddings.
+//! The decoder-only transformer of the Llama / Mistral / Qwen2 / Qwen3 /
+//! SmolLM family: RMSNorm, RoPE (with linear or Llama 3 scaling), grouped-query
+//! attention, SwiGLU MLP, optional q/k/v bias, optional RMSNorm of each query
+//! and key head (Qwen3), tied or untied embeddings.
 //!
 //! Parameters live in a [`VarStore`] under exactly the Hugging Face names, so the
 //! store saved as safetensors is an HF checkpoint and weight sync is a copy of
@@ -29,6 +30,9 @@ struct Attention {
     v_bias: Option<Tensor>,
     qkv_bias: Option<Tensor>,
     o_bias: Option<Tensor>,
+    /// Qwen3's per-head RMSNorm weights `[head_dim]` of queries and keys.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
 }
 
 struct Mlp {
@@ -118,6 +122,8 @@ impl Layer {
             v_bias,
             qkv_bias,
             o_bias: c.o_bias.then(|| var(&(&a / "o_proj"), "bias", &[d], zero)),
+            q_norm: c.qk_norm.then(|| var(&(&a / "q_norm"), "weight", &[c.head_dim as i64], Init::Const(1.0))),
+            k_norm: c.qk_norm.then(|| var(&(&a / "k_norm"), "weight", &[c.head_dim as i64], Init::Const(1.0))),
         };
         let m = p / "mlp";
         let (gp, upp) = (&m / "gate_proj", &m / "up_proj");
@@ -229,6 +235,14 @@ impl Layer {
             let qkv = decode_product(&xn, &a.qkv, a.qkv_bias.as_ref(), None); // [B, T, (h + 2 hkv) hd]
             // q and k rotate together: one RoPE call over h + hkv heads.
             let qk = qkv.narrow(2, 0, (h + hkv) * hd).reshape([b, t, h + hkv, hd]).transpose(1, 2);
+            let qk = match (&a.q_norm, &a.k_norm) {
+                (Some(qn), Some(kn)) => {
+                    // One norm over h + hkv heads, each with its weights: `[h + hkv, 1, hd]`.
+                    let w = Tensor::cat(&[qn.expand([h, hd], false), kn.expand([hkv, hd], false)], 0).unsqueeze(1);
+                    rms_norm(&qk, &w, c.rms_norm_eps)
+                }
+                _ => qk,
+            };
             let qk = apply_rope(&qk, cos, sin);
             let v = qkv.narrow(2, (h + hkv) * hd, hkv * hd).reshape([b, t, hkv, hd]).transpose(1, 2);
             (qk.narrow(1, 0, h), qk.narrow(1, h, hkv), v)
@@ -236,6 +250,10 @@ impl Layer {
             let q = linear(&xn, &a.q, a.q_bias.as_ref()).view([b, t, h, hd]).transpose(1, 2);
             let k = linear(&xn, &a.k, a.k_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
             let v = linear(&xn, &a.v, a.v_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
+            let (q, k) = match (&a.q_norm, &a.k_norm) {
+                (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps), rms_norm(&k, kn, c.rms_norm_eps)),
+                _ => (q, k),
+            };
             (apply_rope(&q, cos, sin), apply_rope(&k, cos, sin), v)
         };
         let (k, v) = match cache {
@@ -643,6 +661,10 @@ impl Transformer {
     /// `cache.len` (which the caller advances); `None` where it does not apply.
     fn decode_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &KvCache) -> Option<Tensor> {
         let c = &self.config;
+        if c.qk_norm {
+            // The kernel has no per-head norm of queries and keys.
+            return None;
+        }
         let key_mask = (!cache.dense).then_some(&cache.key_mask);
         let mut x = x.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -691,6 +713,17 @@ fn rope_tables(c: &ModelConfig, device: Device) -> (Tensor, Tensor) {
     let inv_freq = match c.rope_scaling {
         RopeScaling::None => inv_freq,
         RopeScaling::Linear { factor } => inv_freq / factor,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            // Llama 3.1: long wavelengths (low frequencies) slowed by `factor`,
+            // short ones kept, the band between blended linearly in old / wavelength.
+            let wavelen = inv_freq.reciprocal() * std::f64::consts::TAU;
+            let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+            let slowed = inv_freq.where_self(&wavelen.le(low_wavelen), &(&inv_freq / factor));
+            let smooth = ((wavelen.reciprocal() * old) - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let blended = (smooth.ones_like() - &smooth) * &slowed / factor + &smooth * &slowed;
+            let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
+            blended.where_self(&medium, &slowed)
+        }
     };
     let positions = Tensor::arange(c.max_position_embeddings as i64, (Kind::Float, Device::Cpu));
     let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);

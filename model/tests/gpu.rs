@@ -40,6 +40,7 @@ fn qwen_like() -> ModelConfig {
         rope_theta: 1e6,
         rope_scaling: RopeScaling::Linear { factor: 2.0 },
         qkv_bias: true,
+        qk_norm: false,
         o_bias: false,
         mlp_bias: false,
         tie_word_embeddings: false,

@@ -1,7 +1,9 @@
 //! The transformer against Hugging Face transformers (the reference, run from
 //! `.venv` by model/tests/reference/*.py): tiny random Llama (GQA, linear RoPE
-//! scaling, untied) and Qwen2 (q/k/v bias, tied, sharded safetensors) logits in
-//! float32, and prism's HF export reloaded by transformers.
+//! scaling, untied), Llama 3.1 (its RoPE scaling, tied), Qwen2 (q/k/v bias,
+//! tied, sharded safetensors) and Qwen3 (per-head q/k norms, a head dimension
+//! of its own) logits in float32 and greedy continuations, and prism's HF
+//! export reloaded by transformers.
 
 mod common;
 use common::*;
@@ -17,7 +19,7 @@ fn tiny_dir() -> &'static std::path::Path {
         python("tiny_hf.py", &[dir.path().to_str().unwrap()], "");
         // Our loader wants a tokenizer; any valid one serves for logits.
         let tok = prism_model::builtin::tiny_arith_tokenizer().unwrap();
-        for m in ["llama", "qwen2"] {
+        for m in FAMILIES {
             tok.save(&dir.path().join(m)).unwrap();
         }
         dir
@@ -25,20 +27,27 @@ fn tiny_dir() -> &'static std::path::Path {
     .path()
 }
 
+/// The tiny checkpoints tiny_hf.py writes, one per family or RoPE variant.
+const FAMILIES: [&str; 4] = ["llama", "llama3", "qwen2", "qwen3"];
+
 #[test]
-fn tiny_llama_and_qwen2_logits_match_transformers() {
+fn tiny_llama_and_qwen_logits_match_transformers() {
     let dir = tiny_dir();
     let reference = read_safetensors(&dir.join("reference.safetensors"));
     let ids = &reference["ids"];
     let mask = &reference["mask"];
-    for name in ["llama", "qwen2"] {
+    for name in FAMILIES {
         let loaded = load(dir.join(name).to_str().unwrap(), &load_options()).unwrap();
         let model = &loaded.model;
-        if name == "qwen2" {
-            assert!(model.config().qkv_bias && model.config().tie_word_embeddings);
-        } else {
-            assert!(!model.config().tie_word_embeddings);
-            assert!(matches!(model.config().rope_scaling, prism_model::RopeScaling::Linear { factor } if factor == 2.0));
+        let c = model.config();
+        match name {
+            "qwen2" => assert!(c.qkv_bias && c.tie_word_embeddings && !c.qk_norm),
+            "qwen3" => assert!(c.qk_norm && !c.qkv_bias && !c.tie_word_embeddings && c.head_dim == 24),
+            "llama3" => assert!(matches!(c.rope_scaling, prism_model::RopeScaling::Llama3 { factor, .. } if factor == 8.0)),
+            _ => {
+                assert!(!c.tie_word_embeddings);
+                assert!(matches!(c.rope_scaling, prism_model::RopeScaling::Linear { factor } if factor == 2.0));
+            }
         }
         let ours = tch::no_grad(|| model.forward(ids, None)).to_device(tch::Device::Cpu);
         let diff = max_abs_diff(&ours, &reference[&format!("{name}.logits")]);
@@ -51,6 +60,13 @@ fn tiny_llama_and_qwen2_logits_match_transformers() {
         let diff = max_abs_diff(&ours.masked_select(&real), &theirs.masked_select(&real));
         assert!(diff <= 1e-4, "{name} (left-padded): max |logits - transformers| = {diff}");
         assert!(ours.isfinite().all().int64_value(&[]) == 1, "{name}: padded positions must stay finite");
+
+        // 32 greedy tokens through the engine (KV cache, decode path) equal transformers' generate.
+        let prompt: Vec<u32> = Vec::<i64>::try_from(ids.get(0)).unwrap().into_iter().map(|t| t as u32).collect();
+        let ours = prism_model::engine::generate(model, &[prompt], &prism_model::SamplingParams::greedy(32, Vec::new())).unwrap();
+        let theirs: Vec<u32> = Vec::<i64>::try_from(&reference[&format!("{name}.greedy")]).unwrap().into_iter().map(|t| t as u32).collect();
+        assert_eq!(theirs.len(), 32);
+        assert_eq!(ours[0][0].tokens, theirs, "{name}: greedy continuation");
     }
 }
 
@@ -81,7 +97,7 @@ fn kv_cached_decode_equals_full_forward() {
         assert!(diff <= 1e-5, "{what}: cached vs full max diff {diff}");
         full
     };
-    for name in ["llama", "qwen2"] {
+    for name in FAMILIES {
         let loaded = load(dir.join(name).to_str().unwrap(), &load_options()).unwrap();
         let model = &loaded.model;
         let before = compare(model, name);
@@ -97,36 +113,42 @@ fn kv_cached_decode_equals_full_forward() {
 }
 
 /// A model written by `save_hf` loads in transformers with the same logits and
-/// the same tokenizer: prism's tiny-arith preset (Llama) and the Qwen2 above.
+/// the same tokenizer: prism's tiny-arith preset (Llama), and the Qwen2, Qwen3
+/// and Llama 3.1 above (logits).
 #[test]
 fn export_reloads_in_transformers() {
     let out = tempfile::tempdir().unwrap();
     let arith = load("builtin:tiny-arith", &LoadOptions { seed: 7, ..load_options() }).unwrap();
     let arith_dir = out.path().join("arith");
     arith.model.save_hf_with(&arith_dir, &arith.tokenizer, &arith.generation).unwrap();
-    let qwen = load(tiny_dir().join("qwen2").to_str().unwrap(), &load_options()).unwrap();
-    let qwen_dir = out.path().join("qwen2");
-    qwen.model.save_hf(&qwen_dir, &qwen.tokenizer).unwrap();
+    let mut exported = vec![(arith, arith_dir, "LlamaForCausalLM")];
+    for (name, class) in [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"), ("llama3", "LlamaForCausalLM")] {
+        let loaded = load(tiny_dir().join(name).to_str().unwrap(), &load_options()).unwrap();
+        let dir = out.path().join(name);
+        loaded.model.save_hf(&dir, &loaded.tokenizer).unwrap();
+        exported.push((loaded, dir, class));
+    }
+    let arith = &exported[0].0;
 
     let texts = ["Q:7+3*4-2\n", "3*4=12\n7+12=19\n19-2=17\nA:17\n<eos>", "Q:-5+2\nA:-3"];
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| arith.tokenizer.encode(t, true).unwrap()).collect();
     let batch: Vec<i64> = ids[0].iter().map(|&t| t as i64).collect();
     let request = serde_json::json!({"ids": [batch.clone()], "texts": texts});
-    let got: serde_json::Value =
-        serde_json::from_str(&python("check_export.py", &[arith_dir.to_str().unwrap(), qwen_dir.to_str().unwrap()], &request.to_string()))
-            .unwrap();
+    let dirs: Vec<&str> = exported.iter().map(|(_, dir, _)| dir.to_str().unwrap()).collect();
+    let got: serde_json::Value = serde_json::from_str(&python("check_export.py", &dirs, &request.to_string())).unwrap();
     let input = Tensor::from_slice(&batch).unsqueeze(0);
-    for (i, (loaded, class)) in [(&arith, "LlamaForCausalLM"), (&qwen, "Qwen2ForCausalLM")].into_iter().enumerate() {
+    for (i, (loaded, _, class)) in exported.iter().enumerate() {
         let r = &got[i];
-        assert_eq!(r["class"], class);
+        assert_eq!(r["class"], *class);
         let theirs: Vec<f32> = r["logits"][0].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
         let ours = tch::no_grad(|| loaded.model.forward(&input, None)).to_device(tch::Device::Cpu);
         let theirs = Tensor::from_slice(&theirs).view(ours.size().as_slice());
         let diff = max_abs_diff(&ours, &theirs);
         assert!(diff <= 1e-4, "{class}: reloaded logits differ by {diff}");
-        if i == 1 {
-            // transformers rebuilds a Qwen2 folder's tokenizer as byte-level BPE
-            // whatever tokenizer.json says; the character vocabulary is not one.
+        if i > 0 {
+            // Logits only: transformers rebuilds a Qwen folder's tokenizer as
+            // byte-level BPE whatever tokenizer.json says (the character
+            // vocabulary is not one), and the tokenizer is not what these test.
             continue;
         }
         for (j, text) in texts.iter().enumerate() {

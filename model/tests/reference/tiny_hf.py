@@ -1,15 +1,17 @@
-"""Reference for prism's transformer: tiny random Llama and Qwen2 checkpoints
-saved by transformers, and their float32 logits.
+"""Reference for prism's transformer: tiny random Llama (linear and Llama 3.1
+RoPE scaling), Qwen2 and Qwen3 checkpoints saved by transformers, and their
+float32 logits.
 
 usage: tiny_hf.py OUT_DIR
-writes OUT_DIR/{llama,qwen2}/ (HF folders; qwen2 sharded) and
+writes OUT_DIR/{llama,llama3,qwen2,qwen3}/ (HF folders; qwen2 sharded) and
 OUT_DIR/reference.safetensors with `ids`, `mask`, `positions` and, per model,
-`<name>.logits` (no mask) and `<name>.logits_masked` (left-padded second row).
+`<name>.logits` (no mask), `<name>.logits_masked` (left-padded second row) and
+`<name>.greedy` (32 greedy tokens after the first row, no eos).
 """
 import sys, os
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 out = sys.argv[1]
 torch.manual_seed(0)
@@ -19,6 +21,15 @@ models = {
     "llama": LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False,
                                           rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
     "qwen2": Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Llama 3.1's scaling, with an original context short enough that the
+    # head's frequencies fall in all three bands (kept, blended, slowed).
+    "llama3": LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True,
+                                           rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                                            "rope_theta": 500000.0})),
+    # Qwen3: q/k norms per head and a head dimension that is not hidden / heads.
+    "qwen3": Qwen3ForCausalLM(Qwen3Config(**common, head_dim=24, tie_word_embeddings=False,
                                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 ids = torch.randint(0, 64, (2, 12))
@@ -40,5 +51,8 @@ for name, model in models.items():
     with torch.no_grad():
         tensors[f"{name}.logits"] = model(ids).logits.float().contiguous()
         tensors[f"{name}.logits_masked"] = model(ids, attention_mask=mask, position_ids=positions).logits.float().contiguous()
+        out_ids = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+        tensors[f"{name}.greedy"] = out_ids[0, ids.shape[1]:].contiguous()
 save_file(tensors, os.path.join(out, "reference.safetensors"))
 print("ok")
