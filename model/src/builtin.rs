@@ -81,6 +81,7 @@ pub fn tiny_arith_config() -> ModelConfig {
         o_bias: false,
         mlp_bias: false,
         tie_word_embeddings: true,
+        sliding_window: None,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         pad_token_id: Some(0),

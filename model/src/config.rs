@@ -13,6 +13,9 @@ use std::path::Path;
 pub enum Family {
     /// Llama and SmolLM (SmolLM2 is a Llama architecture).
     Llama,
+    /// Mistral: Llama's layers, attention within a sliding window of
+    /// `sliding_window` positions where the config sets one.
+    Mistral,
     /// Qwen2: q/k/v projections carry a bias.
     Qwen2,
     /// Qwen3 (dense): RMSNorm of each query and key head before RoPE
@@ -23,7 +26,8 @@ pub enum Family {
 impl Family {
     fn from_model_type(model_type: &str) -> Option<Self> {
         match model_type {
-            "llama" | "smollm" | "smollm2" | "mistral" => Some(Family::Llama),
+            "llama" | "smollm" | "smollm2" => Some(Family::Llama),
+            "mistral" => Some(Family::Mistral),
             "qwen2" => Some(Family::Qwen2),
             "qwen3" => Some(Family::Qwen3),
             _ => None,
@@ -34,6 +38,7 @@ impl Family {
     pub fn model_type(self) -> &'static str {
         match self {
             Family::Llama => "llama",
+            Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
         }
@@ -43,6 +48,7 @@ impl Family {
     pub fn architecture(self) -> &'static str {
         match self {
             Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
         }
@@ -102,6 +108,8 @@ pub struct HfConfig {
     pub mlp_bias: Option<bool>,
     pub tie_word_embeddings: Option<bool>,
     pub hidden_act: Option<String>,
+    /// Mistral's attention window (null: none).
+    pub sliding_window: Option<usize>,
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
     pub pad_token_id: Option<serde_json::Value>,
@@ -131,6 +139,10 @@ pub struct ModelConfig {
     pub o_bias: bool,
     pub mlp_bias: bool,
     pub tie_word_embeddings: bool,
+    /// Each query attends only the keys of the last `sliding_window` positions
+    /// (itself included; Mistral).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -294,6 +306,12 @@ impl HfConfig {
             o_bias: family != Family::Qwen2 && bias,
             mlp_bias: self.mlp_bias.unwrap_or(false),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            sliding_window: match (family, self.sliding_window) {
+                (Family::Mistral, Some(0)) => return Err(Error::Format { path: origin.into(), reason: "sliding_window is 0".into() }),
+                // Qwen's configs carry a window they do not use (`use_sliding_window: false`).
+                (Family::Mistral, window) => window,
+                _ => None,
+            },
             bos_token_id: token_ids(&self.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&self.eos_token_id),
             pad_token_id: token_ids(&self.pad_token_id).first().copied(),
@@ -344,6 +362,9 @@ impl ModelConfig {
         }
         if self.family == Family::Qwen3 {
             obj.insert("attention_bias".into(), self.qkv_bias.into());
+        }
+        if self.family == Family::Mistral {
+            obj.insert("sliding_window".into(), self.sliding_window.into());
         }
         if self.family == Family::Llama {
             obj.insert("attention_bias".into(), self.o_bias.into());

@@ -532,6 +532,7 @@ impl GgufFile {
             o_bias: self.tensors.contains_key("blk.0.attn_output.bias"),
             mlp_bias: self.tensors.contains_key("blk.0.ffn_up.bias"),
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
+            sliding_window: None,
             bos_token_id: tok("bos_token_id"),
             eos_token_ids: tok("eos_token_id").into_iter().collect(),
             pad_token_id: tok("padding_token_id"),
@@ -645,7 +646,7 @@ pub fn load_file(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         pad_token_id: config.pad_token_id,
         ..Default::default()
     };
-    let llama = config.family == Family::Llama;
+    let llama = matches!(config.family, Family::Llama | Family::Mistral);
     let (heads, kv_heads) = (config.num_heads as i64, config.num_kv_heads as i64);
     // The metadata's sizes are checked against what the file holds before
     // the model is allocated from them.

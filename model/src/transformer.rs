@@ -533,12 +533,16 @@ impl Transformer {
         let device = self.device();
         let input_ids = input_ids.to_device(device);
         let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
+        let windowed = self.config.sliding_window.is_some_and(|w| t > w as i64);
         let (positions, mask) = match attention_mask {
-            None => (Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false), None),
+            None => {
+                let positions = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false);
+                (positions, windowed.then(|| self.causal(t, 0, device).unsqueeze(0).unsqueeze(0)))
+            }
             Some(m) => {
                 let m = m.to_device(device).to_kind(Kind::Bool);
                 let positions = (m.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
-                let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+                let causal = self.causal(t, 0, device);
                 let eye = Tensor::eye(t, (Kind::Bool, device));
                 // A padded query sees itself, so no row of the softmax is empty (NaN).
                 let full = causal.unsqueeze(0).logical_and(&m.unsqueeze(1)).logical_or(&eye.unsqueeze(0));
@@ -554,6 +558,19 @@ impl Transformer {
             x = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
         }
         self.head(&x, false)
+    }
+
+    /// Which keys each of `t` queries after `len` cached positions may attend,
+    /// `[t, len + t]`: those at or before it and, with a sliding window, within
+    /// the window (counted in cache positions, as transformers counts them).
+    fn causal(&self, t: i64, len: i64, device: Device) -> Tensor {
+        let q_idx = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1) + len; // [T, 1]
+        let k_idx = Tensor::arange(len + t, (Kind::Int64, device)).unsqueeze(0); // [1, S]
+        let causal = k_idx.le_tensor(&q_idx);
+        match self.config.sliding_window {
+            Some(w) => causal.logical_and(&k_idx.gt_tensor(&(q_idx - w as i64))),
+            None => causal,
+        }
     }
 
     /// An empty cache for `batch` sequences of up to `capacity` positions.
@@ -623,23 +640,26 @@ impl Transformer {
         cache.key_mask.narrow(1, len, t).copy_(&m);
         let total = len + t;
         let (mut x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
+        // Keys beyond the sliding window need the explicit mask (and the torch path).
+        let windowed = self.config.sliding_window.is_some_and(|w| total > w as i64);
         if t == 1
             && allow_fused
+            && !windowed
             && let Some(y) = self.decode_fused(&x, &cos, &sin, cache)
         {
             cache.len = total;
             return Ok((self.head(&y, true), true));
         }
         let explicit;
-        let mask = if t == 1 && cache.dense {
+        let mask = if t == 1 && cache.dense && !windowed {
             Mask::None
-        } else if len == 0 && cache.dense {
+        } else if len == 0 && cache.dense && !windowed {
             Mask::Causal
         } else {
             let keys = cache.key_mask.narrow(1, 0, total); // [B, S]
             let q_idx = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1) + len; // [T, 1]
             let k_idx = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0); // [1, S]
-            let causal = k_idx.le_tensor(&q_idx); // [T, S]
+            let causal = self.causal(t, len, device); // [T, S]
             let diag = k_idx.eq_tensor(&q_idx);
             explicit = causal.unsqueeze(0).logical_and(&keys.unsqueeze(1)).logical_or(&diag.unsqueeze(0)).unsqueeze(1);
             Mask::Explicit(&explicit)

@@ -44,6 +44,7 @@ fn qwen_like() -> ModelConfig {
         o_bias: false,
         mlp_bias: false,
         tie_word_embeddings: false,
+        sliding_window: None,
         bos_token_id: None,
         eos_token_ids: vec![],
         pad_token_id: None,

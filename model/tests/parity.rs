@@ -1,8 +1,8 @@
 //! The transformer against Hugging Face transformers (the reference, run from
 //! `.venv` by model/tests/reference/*.py): tiny random Llama (GQA, linear RoPE
 //! scaling, untied), Llama 3.1 (its RoPE scaling, tied), Qwen2 (q/k/v bias,
-//! tied, sharded safetensors) and Qwen3 (per-head q/k norms, a head dimension
-//! of its own) logits in float32 and greedy continuations, and prism's HF
+//! tied, sharded safetensors), Qwen3 (per-head q/k norms, a head dimension
+//! of its own) and Mistral (a sliding window shorter than the inputs) logits in float32 and greedy continuations, and prism's HF
 //! export reloaded by transformers.
 
 mod common;
@@ -28,7 +28,7 @@ fn tiny_dir() -> &'static std::path::Path {
 }
 
 /// The tiny checkpoints tiny_hf.py writes, one per family or RoPE variant.
-const FAMILIES: [&str; 4] = ["llama", "llama3", "qwen2", "qwen3"];
+const FAMILIES: [&str; 5] = ["llama", "llama3", "mistral", "qwen2", "qwen3"];
 
 #[test]
 fn tiny_llama_and_qwen_logits_match_transformers() {
@@ -44,6 +44,7 @@ fn tiny_llama_and_qwen_logits_match_transformers() {
             "qwen2" => assert!(c.qkv_bias && c.tie_word_embeddings && !c.qk_norm),
             "qwen3" => assert!(c.qk_norm && !c.qkv_bias && !c.tie_word_embeddings && c.head_dim == 24),
             "llama3" => assert!(matches!(c.rope_scaling, prism_model::RopeScaling::Llama3 { factor, .. } if factor == 8.0)),
+            "mistral" => assert_eq!(c.sliding_window, Some(5)),
             _ => {
                 assert!(!c.tie_word_embeddings);
                 assert!(matches!(c.rope_scaling, prism_model::RopeScaling::Linear { factor } if factor == 2.0));
@@ -113,8 +114,8 @@ fn kv_cached_decode_equals_full_forward() {
 }
 
 /// A model written by `save_hf` loads in transformers with the same logits and
-/// the same tokenizer: prism's tiny-arith preset (Llama), and the Qwen2, Qwen3
-/// and Llama 3.1 above (logits).
+/// the same tokenizer: prism's tiny-arith preset (Llama), and the Qwen2, Qwen3,
+/// Llama 3.1 and Mistral above (logits).
 #[test]
 fn export_reloads_in_transformers() {
     let out = tempfile::tempdir().unwrap();
@@ -122,7 +123,9 @@ fn export_reloads_in_transformers() {
     let arith_dir = out.path().join("arith");
     arith.model.save_hf_with(&arith_dir, &arith.tokenizer, &arith.generation).unwrap();
     let mut exported = vec![(arith, arith_dir, "LlamaForCausalLM")];
-    for (name, class) in [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"), ("llama3", "LlamaForCausalLM")] {
+    for (name, class) in
+        [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"), ("llama3", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM")]
+    {
         let loaded = load(tiny_dir().join(name).to_str().unwrap(), &load_options()).unwrap();
         let dir = out.path().join(name);
         loaded.model.save_hf(&dir, &loaded.tokenizer).unwrap();

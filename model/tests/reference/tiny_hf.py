@@ -1,9 +1,9 @@
 """Reference for prism's transformer: tiny random Llama (linear and Llama 3.1
-RoPE scaling), Qwen2 and Qwen3 checkpoints saved by transformers, and their
-float32 logits.
+RoPE scaling), Mistral (sliding window), Qwen2 and Qwen3 checkpoints saved by
+transformers, and their float32 logits.
 
 usage: tiny_hf.py OUT_DIR
-writes OUT_DIR/{llama,llama3,qwen2,qwen3}/ (HF folders; qwen2 sharded) and
+writes OUT_DIR/{llama,llama3,mistral,qwen2,qwen3}/ (HF folders; qwen2 sharded) and
 OUT_DIR/reference.safetensors with `ids`, `mask`, `positions` and, per model,
 `<name>.logits` (no mask), `<name>.logits_masked` (left-padded second row) and
 `<name>.greedy` (32 greedy tokens after the first row, no eos).
@@ -11,7 +11,7 @@ OUT_DIR/reference.safetensors with `ids`, `mask`, `positions` and, per model,
 import sys, os
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 out = sys.argv[1]
 torch.manual_seed(0)
@@ -28,6 +28,9 @@ models = {
                                            rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
                                                             "rope_theta": 500000.0})),
+    # Mistral with a window shorter than the inputs (12 tokens, 44 generated).
+    "mistral": MistralForCausalLM(MistralConfig(**common, sliding_window=5, tie_word_embeddings=False,
+                                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     # Qwen3: q/k norms per head and a head dimension that is not hidden / heads.
     "qwen3": Qwen3ForCausalLM(Qwen3Config(**common, head_dim=24, tie_word_embeddings=False,
                                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
