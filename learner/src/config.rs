@@ -117,6 +117,11 @@ pub struct Config {
     /// Run the forward and backward under bf16 autocast when the model is on CUDA
     /// (weights and optimizer state stay float32). Default true.
     pub bf16: bool,
+    /// Recompute each decoder layer's activations in the backward pass
+    /// instead of keeping them all from the forward pass: memory for one
+    /// layer's activations (plus each layer's input) at the cost of a second
+    /// forward pass. Gradients are the same. Default false.
+    pub checkpoint_activations: bool,
     /// Checkpoints kept in a run's `checkpoints/` folder. Default 3.
     pub keep_checkpoints: u32,
 
@@ -169,6 +174,7 @@ impl Default for Config {
             ppo_epochs: 1,
             mini_batches: 1,
             bf16: true,
+            checkpoint_activations: false,
             keep_checkpoints: 3,
             max_staleness: 0,
             stale_groups: StaleGroups::Drop,

@@ -19,6 +19,22 @@ pub trait Policy {
     /// means plain causal attention over positions `0..T`.
     fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor>;
 
+    /// The loss `loss_of(logits)` of `input_ids`, backpropagated into the
+    /// parameters' gradients with each decoder layer's activations recomputed
+    /// in the backward pass instead of kept (`learner.checkpoint_activations`),
+    /// where the model can; returns the loss, detached. The default keeps them:
+    /// a plain forward and backward.
+    fn forward_backward_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let loss = loss_of(&self.forward(input_ids, attention_mask)?)?;
+        loss.f_backward()?;
+        Ok(loss.detach())
+    }
+
     /// The parameters.
     fn var_store(&self) -> &nn::VarStore;
 
@@ -151,6 +167,15 @@ pub fn load_into(vs: &nn::VarStore, mut tensors: HashMap<String, Tensor>, path: 
 impl Policy for prism_model::Transformer {
     fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         Ok(prism_model::Transformer::forward(self, input_ids, attention_mask))
+    }
+
+    fn forward_backward_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        prism_model::Transformer::forward_backward_checkpointed(self, input_ids, attention_mask, loss_of)
     }
 
     fn var_store(&self) -> &nn::VarStore {

@@ -548,8 +548,7 @@ impl<P: Policy> Learner<P> {
         for micro in mine.chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
             let batch = Batch::new(&refs, device)?;
-            let (loss, s) = autocast::bf16(self.config.bf16, device, || -> Result<(Tensor, Sums)> {
-                let logits = self.policy.forward(&batch.input_ids, None)?;
+            let loss_of = |logits: &Tensor| -> Result<(Tensor, Sums)> {
                 let window = logits.f_narrow(1, batch.offset, batch.window())?;
                 match objective {
                     Objective::Policy => {
@@ -565,8 +564,21 @@ impl<P: Policy> Learner<P> {
                     }
                     Objective::Sft => sft_loss(&window, &batch.targets, &batch.mask, norm),
                 }
+            };
+            let s = autocast::bf16(self.config.bf16, device, || -> Result<Sums> {
+                if self.config.checkpoint_activations {
+                    let mut sums = None;
+                    let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, &mut |logits| {
+                        let (loss, s) = loss_of(logits)?;
+                        sums = Some(s);
+                        Ok(loss)
+                    })?;
+                    return sums.ok_or_else(|| Error::Model("the checkpointed pass computed no loss".into()));
+                }
+                let (loss, s) = loss_of(&self.policy.forward(&batch.input_ids, None)?)?;
+                loss.f_backward()?;
+                Ok(s)
             })?;
-            loss.f_backward()?;
             sums.add(&s);
         }
         self.all_reduce_gradients(&mut sums)?;

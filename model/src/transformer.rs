@@ -530,6 +530,69 @@ impl Transformer {
     /// `[B, T]` (int64). `attention_mask` `[B, T]` marks real tokens with 1;
     /// padding may be on either side. Differentiable.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
+        let (mut x, cos, sin, mask) = self.prepare(input_ids, attention_mask);
+        let mask = match &mask {
+            Some(m) => Mask::Explicit(m),
+            None => Mask::Causal,
+        };
+        for layer in &self.layers {
+            x = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
+        }
+        self.head(&x, false)
+    }
+
+    /// [`Self::forward`] and the backward pass of `loss_of(logits)` in one, with
+    /// activation checkpointing: the layers run forward without keeping their
+    /// activations, only each layer's input; the backward pass recomputes one
+    /// layer at a time from its input and carries the gradient down. The
+    /// parameters' gradients accumulate as `loss.backward()` would leave them
+    /// (the same operations, so equal up to the order of a few float sums);
+    /// memory holds one layer's activations instead of every layer's. Returns
+    /// the loss, detached.
+    pub fn forward_backward_checkpointed<E: From<tch::TchError>>(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_of: impl FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Tensor, E> {
+        let (x0, cos, sin, mask) = self.prepare(input_ids, attention_mask);
+        let mask = match &mask {
+            Some(m) => Mask::Explicit(m),
+            None => Mask::Causal,
+        };
+        // Forward: each layer's input, kept without a graph.
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = x0.detach();
+        tch::no_grad(|| {
+            for layer in &self.layers {
+                let next = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
+                inputs.push(std::mem::replace(&mut x, next));
+            }
+        });
+        // The head and the loss, with the last hidden state as a leaf.
+        let hidden = x.set_requires_grad(true);
+        let loss = loss_of(&self.head(&hidden, false))?;
+        loss.f_backward()?;
+        let mut grad = hidden.grad();
+        drop(hidden);
+        // Backward: one layer at a time, recomputed from its input.
+        for (layer, input) in self.layers.iter().zip(inputs).rev() {
+            let input = input.set_requires_grad(true);
+            let output = layer.forward(&input, &self.config, &cos, &sin, &mask, None);
+            // d/d(output) of sum(output * grad) is grad: the layer's backward with `grad` flowing in.
+            (output * &grad).sum(output_kind(&grad)).f_backward()?;
+            grad = input.grad();
+        }
+        // Into the embedding.
+        if x0.requires_grad() {
+            (&x0 * &grad).sum(output_kind(&grad)).f_backward()?;
+        }
+        Ok(loss.detach())
+    }
+
+    /// The embedded inputs, the RoPE tables at their positions and the
+    /// attention mask (`None`: plain causal) of a full-sequence pass.
+    fn prepare(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> (Tensor, Tensor, Tensor, Option<Tensor>) {
         let device = self.device();
         let input_ids = input_ids.to_device(device);
         let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
@@ -549,15 +612,8 @@ impl Transformer {
                 (positions, Some(full.unsqueeze(1)))
             }
         };
-        let (mut x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
-        let mask = match &mask {
-            Some(m) => Mask::Explicit(m),
-            None => Mask::Causal,
-        };
-        for layer in &self.layers {
-            x = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
-        }
-        self.head(&x, false)
+        let (x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
+        (x, cos, sin, mask)
     }
 
     /// Which keys each of `t` queries after `len` cached positions may attend,
@@ -720,6 +776,12 @@ impl Transformer {
         }
         Some(x)
     }
+}
+
+/// The kind a sum of `t` is taken in: float32 for float32 and lower precisions
+/// (the gradient's surrogate loss), float64 as it is.
+fn output_kind(t: &Tensor) -> Kind {
+    if t.kind() == Kind::Double { Kind::Double } else { Kind::Float }
 }
 
 /// RoPE tables as transformers builds them: `inv_freq = 1 / theta^(2i/d)` in

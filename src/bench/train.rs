@@ -43,6 +43,10 @@ pub struct TrainArgs {
     /// Skip the PyTorch run.
     #[arg(long)]
     pub no_reference: bool,
+    /// Train with `learner.checkpoint_activations` (each decoder layer
+    /// recomputed in the backward pass).
+    #[arg(long)]
+    pub checkpoint_activations: bool,
     #[command(flatten)]
     pub common: crate::config::ConfigArgs,
 }
@@ -71,6 +75,7 @@ fn learner_config(args: &TrainArgs, cuda: bool) -> prism_learner::Config {
         ppo_epochs: 1,
         mini_batches: 1,
         bf16: cuda,
+        checkpoint_activations: args.checkpoint_activations,
         ..prism_learner::Config::default()
     }
 }
@@ -96,7 +101,9 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
 
     let prism_model::Loaded { model, .. } = loaded;
     let mut learner = Learner::new(learner_config(args, cuda), model, None, seed)?;
+    let memory = Memory::start();
     let ours = bench::run(&mut learner, &spec)?;
+    let peak = memory.peak();
     let flops = bench::flops_per_token(learner.policy(), config.num_layers, config.hidden_size, config.vocab_size, args.seq_len);
 
     println!(
@@ -128,7 +135,40 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
         );
         println!("{:<26}{:>13.2}x", "prism / pytorch", ours.tokens_per_s / r.tokens_per_s);
     }
+    match peak {
+        Some(bytes) if !cuda => println!(
+            "prism peak memory of the steps: {:.2} GiB above the loaded model (activations {})",
+            bytes as f64 / (1u64 << 30) as f64,
+            if args.checkpoint_activations { "recomputed per layer" } else { "kept" }
+        ),
+        _ => {}
+    }
     Ok(())
+}
+
+/// This process's resident memory peak over a span (Linux: `VmHWM`, reset
+/// at the start through `/proc/self/clear_refs`).
+struct Memory {
+    start: Option<u64>,
+}
+
+impl Memory {
+    fn status(field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    }
+
+    fn start() -> Self {
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        Self { start: if reset { Self::status("VmRSS:") } else { None } }
+    }
+
+    /// Bytes the peak rose above the resident memory at the start.
+    fn peak(&self) -> Option<u64> {
+        Some(Self::status("VmHWM:")?.saturating_sub(self.start?))
+    }
 }
 
 struct Reference {
