@@ -117,6 +117,11 @@ pub struct Config {
     /// Run the forward and backward under bf16 autocast when the model is on CUDA
     /// (weights and optimizer state stay float32). Default true.
     pub bf16: bool,
+    /// Run the forward and backward under bf16 autocast on the CPU too
+    /// (weights and optimizer state stay float32): the matrix products use the
+    /// CPU's bf16 units where it has them (AVX512-BF16, AMX). Changes results
+    /// at bf16 precision, so off by default. Default false.
+    pub bf16_cpu: bool,
     /// Recompute each decoder layer's activations in the backward pass
     /// instead of keeping them all from the forward pass: memory for one
     /// layer's activations (plus each layer's input) at the cost of a second
@@ -174,6 +179,7 @@ impl Default for Config {
             ppo_epochs: 1,
             mini_batches: 1,
             bf16: true,
+            bf16_cpu: false,
             checkpoint_activations: false,
             keep_checkpoints: 3,
             max_staleness: 0,

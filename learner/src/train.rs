@@ -501,7 +501,7 @@ impl<P: Policy> Learner<P> {
         for chunk in rows[mine.clone()].chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = chunk.iter().collect();
             let batch = Batch::new(&refs, device)?;
-            let logp = autocast::bf16(self.config.bf16, device, || -> Result<Tensor> {
+            let logp = autocast::bf16(self.config.bf16, self.config.bf16_cpu, device, || -> Result<Tensor> {
                 let logits = model.forward(&batch.input_ids, None)?;
                 let window = logits.f_narrow(1, batch.offset, batch.window())?;
                 Ok(token_logprobs(&window, &batch.targets, self.config.temperature).0)
@@ -565,7 +565,7 @@ impl<P: Policy> Learner<P> {
                     Objective::Sft => sft_loss(&window, &batch.targets, &batch.mask, norm),
                 }
             };
-            let s = autocast::bf16(self.config.bf16, device, || -> Result<Sums> {
+            let s = autocast::bf16(self.config.bf16, self.config.bf16_cpu, device, || -> Result<Sums> {
                 if self.config.checkpoint_activations {
                     let mut sums = None;
                     let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, &mut |logits| {

@@ -23,8 +23,8 @@ fn autocast_computes_matmuls_in_bf16() {
     let vs = nn::VarStore::new(device);
     let linear = nn::linear(vs.root() / "l", 8, 8, Default::default());
     let x = Tensor::ones([2, 8], (Kind::Float, device));
-    assert_eq!(autocast::bf16(true, device, || linear.forward(&x).kind()), Kind::BFloat16);
-    assert_eq!(autocast::bf16(false, device, || linear.forward(&x).kind()), Kind::Float);
+    assert_eq!(autocast::bf16(true, false, device, || linear.forward(&x).kind()), Kind::BFloat16);
+    assert_eq!(autocast::bf16(false, false, device, || linear.forward(&x).kind()), Kind::Float);
     // The previous autocast dtype is restored afterwards.
     assert_eq!(autocast::cuda_autocast_dtype(), autocast::SCALAR_HALF);
 }

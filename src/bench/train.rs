@@ -43,6 +43,11 @@ pub struct TrainArgs {
     /// Skip the PyTorch run.
     #[arg(long)]
     pub no_reference: bool,
+    /// On the CPU: both sides under bf16 autocast (`learner.bf16_cpu`, and
+    /// `torch.autocast("cpu", bfloat16)`), float32 weights. On CUDA both
+    /// always run under bf16 autocast.
+    #[arg(long)]
+    pub bf16: bool,
     /// Train with `learner.checkpoint_activations` (each decoder layer
     /// recomputed in the backward pass).
     #[arg(long)]
@@ -75,6 +80,7 @@ fn learner_config(args: &TrainArgs, cuda: bool) -> prism_learner::Config {
         ppo_epochs: 1,
         mini_batches: 1,
         bf16: cuda,
+        bf16_cpu: args.bf16 && !cuda,
         checkpoint_activations: args.checkpoint_activations,
         ..prism_learner::Config::default()
     }
@@ -107,10 +113,11 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
     let flops = bench::flops_per_token(learner.policy(), config.num_layers, config.hidden_size, config.vocab_size, args.seq_len);
 
     println!(
-        "prism bench train: {} ({} parameters, {}, {threads} threads), batch {} x {} tokens ({} prompt), micro-batch {}, {} timed steps",
+        "prism bench train: {} ({} parameters, {}{}, {threads} threads), batch {} x {} tokens ({} prompt), micro-batch {}, {} timed steps",
         prism_serve::default_name(&source),
         config.num_parameters(),
         model_cfg.device,
+        if cuda || args.bf16 { ", bf16 autocast" } else { ", f32" },
         args.batch,
         args.seq_len,
         args.prompt_len,
@@ -228,7 +235,7 @@ fn reference(
         "--seed".into(),
         seed.to_string(),
     ]);
-    if device == "cuda" {
+    if device == "cuda" || args.bf16 {
         cmd.arg("--bf16");
     }
     let out = cmd.output().with_context(|| format!("starting {} {}", python.display(), script.display()));
