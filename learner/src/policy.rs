@@ -22,15 +22,19 @@ pub trait Policy {
     /// The loss `loss_of(logits)` of `input_ids`, backpropagated into the
     /// parameters' gradients with each decoder layer's activations recomputed
     /// in the backward pass instead of kept (`learner.checkpoint_activations`),
-    /// where the model can; returns the loss, detached. The default keeps them:
-    /// a plain forward and backward.
+    /// where the model can; returns the loss, detached. Forward computations
+    /// run inside `scope` (the autocast span), backward passes outside it.
+    /// The default keeps the activations: a plain forward and backward.
     fn forward_backward_checkpointed(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let loss = loss_of(&self.forward(input_ids, attention_mask)?)?;
+        let mut loss = None;
+        scope(&mut || loss = Some(self.forward(input_ids, attention_mask).and_then(|logits| loss_of(&logits))));
+        let loss = loss.ok_or_else(|| Error::Model("the scope did not run the forward pass".into()))??;
         loss.f_backward()?;
         Ok(loss.detach())
     }
@@ -173,9 +177,10 @@ impl Policy for prism_model::Transformer {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        prism_model::Transformer::forward_backward_checkpointed(self, input_ids, attention_mask, loss_of)
+        prism_model::Transformer::forward_backward_checkpointed(self, input_ids, attention_mask, scope, loss_of)
     }
 
     fn var_store(&self) -> &nn::VarStore {

@@ -565,20 +565,22 @@ impl<P: Policy> Learner<P> {
                     Objective::Sft => sft_loss(&window, &batch.targets, &batch.mask, norm),
                 }
             };
-            let s = autocast::bf16(self.config.bf16, self.config.bf16_cpu, device, || -> Result<Sums> {
-                if self.config.checkpoint_activations {
-                    let mut sums = None;
-                    let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, &mut |logits| {
-                        let (loss, s) = loss_of(logits)?;
-                        sums = Some(s);
-                        Ok(loss)
-                    })?;
-                    return sums.ok_or_else(|| Error::Model("the checkpointed pass computed no loss".into()));
-                }
-                let (loss, s) = loss_of(&self.policy.forward(&batch.input_ids, None)?)?;
+            // Forward passes run in the autocast span, backward passes after it.
+            let (bf16, bf16_cpu) = (self.config.bf16, self.config.bf16_cpu);
+            let s = if self.config.checkpoint_activations {
+                let mut sums = None;
+                let scope = |f: &mut dyn FnMut()| autocast::bf16(bf16, bf16_cpu, device, f);
+                let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, &scope, &mut |logits| {
+                    let (loss, s) = loss_of(logits)?;
+                    sums = Some(s);
+                    Ok(loss)
+                })?;
+                sums.ok_or_else(|| Error::Model("the checkpointed pass computed no loss".into()))?
+            } else {
+                let (loss, s) = autocast::bf16(bf16, bf16_cpu, device, || loss_of(&self.policy.forward(&batch.input_ids, None)?))?;
                 loss.f_backward()?;
-                Ok(s)
-            })?;
+                s
+            };
             sums.add(&s);
         }
         self.all_reduce_gradients(&mut sums)?;

@@ -108,7 +108,7 @@ fn checkpointed_vs_plain(model: &prism_model::Transformer, ids: &Tensor, mask: O
     let plain_loss = loss_of(&Policy::forward(model, ids, mask).unwrap()).unwrap();
     plain_loss.backward();
     let plain = take_grads(model);
-    let loss = Policy::forward_backward_checkpointed(model, ids, mask, &mut |l| loss_of(l)).unwrap();
+    let loss = Policy::forward_backward_checkpointed(model, ids, mask, &|f| f(), &mut |l| loss_of(l)).unwrap();
     assert!((loss.double_value(&[]) - plain_loss.double_value(&[])).abs() < 1e-9, "the same loss");
     let checkpointed = take_grads(model);
     let largest = plain.iter().flat_map(|(_, v)| v.iter().map(|x| x.abs())).fold(0.0, f32::max);
@@ -150,7 +150,7 @@ fn activation_checkpointing_gives_the_plain_gradients() {
 }
 
 /// Whole train steps with `learner.checkpoint_activations` end on the weights
-/// of the plain ones (within 1e-6).
+/// of the plain ones (within 1e-6), in float32 and under CPU bf16 autocast.
 #[test]
 fn train_steps_with_activation_checkpointing_match_the_plain_ones() {
     let base = linear_adam(Config { advantage: prism_learner::config::Estimator::TpGrpo, kl_coef: 0.05, entropy_coef: 0.01, micro_batch_size: 4, ..Config::default() });
@@ -160,6 +160,12 @@ fn train_steps_with_activation_checkpointing_match_the_plain_ones() {
     let diff = max_diff(&plain, &checkpointed);
     eprintln!("moved {moved}, checkpointed vs plain: {diff}");
     assert!(moved > 1e-3);
+    assert!(diff <= 1e-6, "{diff}");
+    // Under CPU bf16 autocast the recomputed layers run in bf16 as the first pass did.
+    let plain = trained(&Config { bf16_cpu: true, ..base.clone() });
+    let checkpointed = trained(&Config { bf16_cpu: true, checkpoint_activations: true, ..base });
+    let diff = max_diff(&plain, &checkpointed);
+    eprintln!("bf16 autocast, checkpointed vs plain: {diff}");
     assert!(diff <= 1e-6, "{diff}");
 }
 

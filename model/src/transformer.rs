@@ -547,15 +547,28 @@ impl Transformer {
     /// layer at a time from its input and carries the gradient down. The
     /// parameters' gradients accumulate as `loss.backward()` would leave them
     /// (the same operations, so equal up to the order of a few float sums);
-    /// memory holds one layer's activations instead of every layer's. Returns
-    /// the loss, detached.
+    /// memory holds one layer's activations instead of every layer's.
+    ///
+    /// Every forward computation runs inside `scope` (e.g. an autocast span)
+    /// and every backward pass outside it, as a plain forward in `scope`
+    /// followed by `loss.backward()` would. Returns the loss, detached.
     pub fn forward_backward_checkpointed<E: From<tch::TchError>>(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: impl FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
     ) -> std::result::Result<Tensor, E> {
-        let (x0, cos, sin, mask) = self.prepare(input_ids, attention_mask);
+        let in_scope = |f: &mut dyn FnMut() -> Tensor| {
+            let mut out = None;
+            scope(&mut || out = Some(f()));
+            out.expect("the scope runs what it is given")
+        };
+        let (x0, cos, sin, mask) = {
+            let mut prepared = None;
+            scope(&mut || prepared = Some(self.prepare(input_ids, attention_mask)));
+            prepared.expect("the scope runs what it is given")
+        };
         let mask = match &mask {
             Some(m) => Mask::Explicit(m),
             None => Mask::Causal,
@@ -565,20 +578,27 @@ impl Transformer {
         let mut x = x0.detach();
         tch::no_grad(|| {
             for layer in &self.layers {
-                let next = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
+                let next = in_scope(&mut || layer.forward(&x, &self.config, &cos, &sin, &mask, None));
                 inputs.push(std::mem::replace(&mut x, next));
             }
         });
         // The head and the loss, with the last hidden state as a leaf.
         let hidden = x.set_requires_grad(true);
-        let loss = loss_of(&self.head(&hidden, false))?;
+        let mut loss_of = Some(loss_of);
+        let mut loss = None;
+        scope(&mut || {
+            if let Some(f) = loss_of.take() {
+                loss = Some(f(&self.head(&hidden, false)));
+            }
+        });
+        let loss = loss.expect("the scope runs what it is given")?;
         loss.f_backward()?;
         let mut grad = hidden.grad();
         drop(hidden);
         // Backward: one layer at a time, recomputed from its input.
         for (layer, input) in self.layers.iter().zip(inputs).rev() {
             let input = input.set_requires_grad(true);
-            let output = layer.forward(&input, &self.config, &cos, &sin, &mask, None);
+            let output = in_scope(&mut || layer.forward(&input, &self.config, &cos, &sin, &mask, None));
             // d/d(output) of sum(output * grad) is grad: the layer's backward with `grad` flowing in.
             (output * &grad).sum(output_kind(&grad)).f_backward()?;
             grad = input.grad();
