@@ -161,3 +161,28 @@ fn export_reloads_in_transformers() {
         }
     }
 }
+
+/// A Qwen3 GGUF file laid out as llama.cpp writes the architecture (its
+/// metadata keys and `blk.N.attn_q_norm` / `attn_k_norm` names, q/k rows not
+/// permuted), made from the tiny Qwen3 above by qwen3_gguf.py, loads to the
+/// same model: the configuration read from its metadata, and logits equal to
+/// the HF folder's and within 1e-4 of transformers'.
+#[test]
+fn a_qwen3_gguf_loads_as_its_hf_folder() {
+    let dir = tiny_dir();
+    let gguf = dir.join("qwen3.gguf");
+    python("qwen3_gguf.py", &[dir.join("qwen3").to_str().unwrap(), gguf.to_str().unwrap()], "");
+    let from_gguf = load(gguf.to_str().unwrap(), &load_options()).unwrap();
+    let from_hf = load(dir.join("qwen3").to_str().unwrap(), &load_options()).unwrap();
+    let (g, h) = (from_gguf.model.config(), from_hf.model.config());
+    assert_eq!(g.family, prism_model::Family::Qwen3);
+    assert!(g.qk_norm && !g.qkv_bias && !g.tie_word_embeddings);
+    assert_eq!((g.head_dim, g.num_heads, g.num_kv_heads, g.rope_theta), (h.head_dim, h.num_heads, h.num_kv_heads, h.rope_theta));
+    let reference = read_safetensors(&dir.join("reference.safetensors"));
+    let ids = &reference["ids"];
+    let ours = tch::no_grad(|| from_gguf.model.forward(ids, None)).to_device(tch::Device::Cpu);
+    let hf = tch::no_grad(|| from_hf.model.forward(ids, None)).to_device(tch::Device::Cpu);
+    assert!(max_abs_diff(&ours, &hf) <= 1e-6, "GGUF vs HF folder: {}", max_abs_diff(&ours, &hf));
+    let diff = max_abs_diff(&ours, &reference["qwen3.logits"]);
+    assert!(diff <= 1e-4, "GGUF vs transformers: {diff}");
+}
