@@ -19,7 +19,15 @@ pub trait Policy {
     /// means plain causal attention over positions `0..T`.
     fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor>;
 
-    /// The loss `loss_of(logits)` of `input_ids`, backpropagated into the
+    /// The logits at positions `start..start + len` only, `[B, len, V]`
+    /// (those a loss reads); a model may skip the output layer elsewhere. The
+    /// default narrows [`Policy::forward`].
+    fn forward_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Result<Tensor> {
+        Ok(self.forward(input_ids, attention_mask)?.f_narrow(1, start, len)?)
+    }
+
+    /// The loss `loss_of(logits)` of `input_ids` (the logits of the positions
+    /// `window.0..window.0 + window.1`), backpropagated into the
     /// parameters' gradients with each decoder layer's activations recomputed
     /// in the backward pass instead of kept (`learner.checkpoint_activations`),
     /// where the model can; returns the loss, detached. Forward computations
@@ -29,11 +37,14 @@ pub trait Policy {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        window: (i64, i64),
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let mut loss = None;
-        scope(&mut || loss = Some(self.forward(input_ids, attention_mask).and_then(|logits| loss_of(&logits))));
+        scope(&mut || {
+            loss = Some(self.forward_window(input_ids, attention_mask, window.0, window.1).and_then(|logits| loss_of(&logits)))
+        });
         let loss = loss.ok_or_else(|| Error::Model("the scope did not run the forward pass".into()))??;
         loss.f_backward()?;
         Ok(loss.detach())
@@ -177,10 +188,15 @@ impl Policy for prism_model::Transformer {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        window: (i64, i64),
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        prism_model::Transformer::forward_backward_checkpointed(self, input_ids, attention_mask, scope, loss_of)
+        prism_model::Transformer::forward_backward_checkpointed(self, input_ids, attention_mask, window, scope, loss_of)
+    }
+
+    fn forward_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Result<Tensor> {
+        Ok(prism_model::Transformer::forward_window(self, input_ids, attention_mask, start, len))
     }
 
     fn var_store(&self) -> &nn::VarStore {

@@ -502,8 +502,7 @@ impl<P: Policy> Learner<P> {
             let refs: Vec<&Row> = chunk.iter().collect();
             let batch = Batch::new(&refs, device)?;
             let logp = autocast::bf16(self.config.bf16, self.config.bf16_cpu, device, || -> Result<Tensor> {
-                let logits = model.forward(&batch.input_ids, None)?;
-                let window = logits.f_narrow(1, batch.offset, batch.window())?;
+                let window = model.forward_window(&batch.input_ids, None, batch.offset, batch.window())?;
                 Ok(token_logprobs(&window, &batch.targets, self.config.temperature).0)
             })?;
             out.extend(batch.unpad(&logp)?);
@@ -548,8 +547,8 @@ impl<P: Policy> Learner<P> {
         for micro in mine.chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
             let batch = Batch::new(&refs, device)?;
-            let loss_of = |logits: &Tensor| -> Result<(Tensor, Sums)> {
-                let window = logits.f_narrow(1, batch.offset, batch.window())?;
+            // The logits of the window's positions (the completion tokens) only.
+            let loss_of = |window: &Tensor| -> Result<(Tensor, Sums)> {
                 match objective {
                     Objective::Policy => {
                         let data = TokenData {
@@ -570,14 +569,17 @@ impl<P: Policy> Learner<P> {
             let s = if self.config.checkpoint_activations {
                 let mut sums = None;
                 let scope = |f: &mut dyn FnMut()| autocast::bf16(bf16, bf16_cpu, device, f);
-                let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, &scope, &mut |logits| {
+                let window = (batch.offset, batch.window());
+                let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, window, &scope, &mut |logits| {
                     let (loss, s) = loss_of(logits)?;
                     sums = Some(s);
                     Ok(loss)
                 })?;
                 sums.ok_or_else(|| Error::Model("the checkpointed pass computed no loss".into()))?
             } else {
-                let (loss, s) = autocast::bf16(bf16, bf16_cpu, device, || loss_of(&self.policy.forward(&batch.input_ids, None)?))?;
+                let (loss, s) = autocast::bf16(bf16, bf16_cpu, device, || {
+                    loss_of(&self.policy.forward_window(&batch.input_ids, None, batch.offset, batch.window())?)
+                })?;
                 loss.f_backward()?;
                 s
             };

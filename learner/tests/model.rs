@@ -80,6 +80,10 @@ print(json.dumps({"ids": ids, "logits": logits.flatten().tolist()}))
     assert!(diff <= 1e-4, "trained checkpoint logits differ from transformers' by {diff}");
 }
 
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
 /// Every parameter's gradient, by name, then cleared.
 fn take_grads(model: &prism_model::Transformer) -> Vec<(String, Vec<f32>)> {
     let mut named: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
@@ -96,19 +100,23 @@ fn take_grads(model: &prism_model::Transformer) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-/// The gradients of a log-likelihood-like loss over `ids`, plain and with
-/// activation checkpointing; returns their largest difference and the
-/// largest gradient.
+/// The gradients of a log-likelihood-like loss over the positions 3..21 of
+/// `ids`, plain and with activation checkpointing; returns their largest
+/// difference and the largest gradient.
 fn checkpointed_vs_plain(model: &prism_model::Transformer, ids: &Tensor, mask: Option<&Tensor>) -> (f32, f32) {
+    let (start, len) = (3, 18);
     let loss_of = |logits: &Tensor| -> prism_learner::Result<Tensor> {
         let logp = logits.log_softmax(-1, tch::Kind::Float);
-        let targets = ids.roll([-1], [1]).unsqueeze(-1);
+        let targets = ids.roll([-1], [1]).narrow(1, start, len).unsqueeze(-1);
         Ok(-logp.gather(-1, &targets, false).mean(tch::Kind::Float) + logits.square().mean(tch::Kind::Float) * 1e-3)
     };
-    let plain_loss = loss_of(&Policy::forward(model, ids, mask).unwrap()).unwrap();
+    let window = Policy::forward_window(model, ids, mask, start, len).unwrap();
+    let full = Policy::forward(model, ids, mask).unwrap().narrow(1, start, len);
+    assert!(max_abs(&window, &full) <= 1e-6, "the window's logits are the full pass's");
+    let plain_loss = loss_of(&window).unwrap();
     plain_loss.backward();
     let plain = take_grads(model);
-    let loss = Policy::forward_backward_checkpointed(model, ids, mask, &|f| f(), &mut |l| loss_of(l)).unwrap();
+    let loss = Policy::forward_backward_checkpointed(model, ids, mask, (start, len), &|f| f(), &mut |l| loss_of(l)).unwrap();
     assert!((loss.double_value(&[]) - plain_loss.double_value(&[])).abs() < 1e-9, "the same loss");
     let checkpointed = take_grads(model);
     let largest = plain.iter().flat_map(|(_, v)| v.iter().map(|x| x.abs())).fold(0.0, f32::max);

@@ -530,6 +530,15 @@ impl Transformer {
     /// `[B, T]` (int64). `attention_mask` `[B, T]` marks real tokens with 1;
     /// padding may be on either side. Differentiable.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
+        let t = input_ids.size()[1];
+        self.forward_window(input_ids, attention_mask, 0, t)
+    }
+
+    /// [`Self::forward`]'s logits at positions `start..start + len` only,
+    /// `[B, len, V]`: the output layer (a vocabulary-wide product per
+    /// position) runs on those positions alone, e.g. a trainer's completion
+    /// tokens. Differentiable.
+    pub fn forward_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Tensor {
         let (mut x, cos, sin, mask) = self.prepare(input_ids, attention_mask);
         let mask = match &mask {
             Some(m) => Mask::Explicit(m),
@@ -538,10 +547,11 @@ impl Transformer {
         for layer in &self.layers {
             x = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
         }
-        self.head(&x, false)
+        self.head(&x.narrow(1, start, len), false)
     }
 
-    /// [`Self::forward`] and the backward pass of `loss_of(logits)` in one, with
+    /// [`Self::forward_window`] (positions `window.0..window.0 + window.1`)
+    /// and the backward pass of `loss_of(logits)` in one, with
     /// activation checkpointing: the layers run forward without keeping their
     /// activations, only each layer's input; the backward pass recomputes one
     /// layer at a time from its input and carries the gradient down. The
@@ -556,6 +566,7 @@ impl Transformer {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        window: (i64, i64),
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: impl FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
     ) -> std::result::Result<Tensor, E> {
@@ -588,7 +599,7 @@ impl Transformer {
         let mut loss = None;
         scope(&mut || {
             if let Some(f) = loss_of.take() {
-                loss = Some(f(&self.head(&hidden, false)));
+                loss = Some(f(&self.head(&hidden.narrow(1, window.0, window.1), false)));
             }
         });
         let loss = loss.expect("the scope runs what it is given")?;
