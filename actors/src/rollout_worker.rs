@@ -61,20 +61,20 @@ pub enum Leave {
 }
 
 /// Where a rollout worker's work comes from, where it gets weights, and where
-/// its groups go.
+/// its groups go. `worker` is the worker's name.
 pub trait Ports: Send + 'static {
     /// The next batch of at most `max` prompts (possibly none yet); `None`
     /// when this worker's job is done.
-    fn work(&mut self, max: usize) -> impl Future<Output = Result<Option<Vec<Assignment>>>> + Send;
+    fn work(&mut self, worker: &str, max: usize) -> impl Future<Output = Result<Option<Vec<Assignment>>>> + Send;
     /// Weights to load before sampling work that needs at least `min`, given
     /// the version the worker holds; `None` keeps what it holds.
-    fn weights(&mut self, held: Option<PolicyVersion>, min: PolicyVersion) -> impl Future<Output = Result<Option<Arc<WeightSet>>>> + Send;
+    fn weights(&mut self, worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> impl Future<Output = Result<Option<Arc<WeightSet>>>> + Send;
     /// The weights `weights` gave were loaded.
     fn loaded(&mut self, _version: PolicyVersion) {}
     /// Hands a sampled batch on.
-    fn deliver(&mut self, sampled: Sampled) -> impl Future<Output = Result<()>> + Send;
+    fn deliver(&mut self, worker: &str, sampled: Sampled) -> impl Future<Output = Result<()>> + Send;
     /// The worker stops.
-    fn leave(&mut self, why: Leave) -> impl Future<Output = ()> + Send;
+    fn leave(&mut self, worker: &str, why: Leave) -> impl Future<Output = ()> + Send;
 }
 
 /// A worker's sampler that can be taken once: for a process that built its
@@ -128,13 +128,13 @@ enum Turn {
 impl<P: Ports> RolloutState<P> {
     /// Asks for work, refreshes the weights, samples and hands the batch on.
     async fn turn(&mut self) -> Result<Turn> {
-        let work = match self.ports.work(self.prompts_per_batch.max(1)).await? {
+        let work = match self.ports.work(&self.name, self.prompts_per_batch.max(1)).await? {
             Some(work) if work.is_empty() => return Ok(Turn::Again),
             Some(work) => work,
             None => return Ok(Turn::Leave(Leave::Finished)),
         };
         let need = work.iter().map(|w| w.min_version).max().unwrap_or_default();
-        let weights = self.ports.weights(self.version, need).await?;
+        let weights = self.ports.weights(&self.name, self.version, need).await?;
         if weights.is_none() && self.version.is_none_or(|v| v < need) {
             // Nothing to sample with (the run is stopping): give the prompts back.
             return Ok(Turn::Leave(Leave::Stopped));
@@ -177,7 +177,8 @@ impl<P: Ports> RolloutState<P> {
             let e = BackendError(format!("returned {} groups for {} prompts", groups.len(), work.len()));
             return Err(Error::backend(format!("{}: generation", self.name), e));
         }
-        self.ports.deliver(Sampled { work, groups, version, generate_s: started.elapsed().as_secs_f64() }).await?;
+        let sampled = Sampled { work, groups, version, generate_s: started.elapsed().as_secs_f64() };
+        self.ports.deliver(&self.name, sampled).await?;
         Ok(Turn::Again)
     }
 }
@@ -195,12 +196,12 @@ impl<P: Ports> Actor for RolloutWorker<P> {
             Ok(Err(e)) => {
                 let e = Error::backend(format!("{name}: making the generator"), e);
                 let message = e.to_string();
-                ports.leave(Leave::Failed(e)).await;
+                ports.leave(&name, Leave::Failed(e)).await;
                 return Err(message.into());
             }
             Err(e) => {
                 let message = format!("{name}: making the generator failed: {e}");
-                ports.leave(Leave::Failed(Error::Thread(message.clone()))).await;
+                ports.leave(&name, Leave::Failed(Error::Thread(message.clone()))).await;
                 return Err(message.into());
             }
         };
@@ -217,12 +218,12 @@ impl<P: Ports> Actor for RolloutWorker<P> {
                     Leave::Stopped => "stopped while waiting for weights",
                     _ => "no more work",
                 };
-                state.ports.leave(why).await;
+                state.ports.leave(&state.name, why).await;
                 myself.stop(Some(reason.into()));
             }
             Err(e) => {
                 let message = e.to_string();
-                state.ports.leave(Leave::Failed(e)).await;
+                state.ports.leave(&state.name, Leave::Failed(e)).await;
                 return Err(message.into());
             }
         }
@@ -234,7 +235,6 @@ impl<P: Ports> Actor for RolloutWorker<P> {
 /// and the reward pool actors, and the metrics actor for its counts.
 #[derive(Clone)]
 pub struct Channels {
-    pub name: String,
     pub source: ActorRef<SourceMsg>,
     pub sync: ActorRef<SyncMsg>,
     pub pool: ActorRef<PoolMsg>,
@@ -242,8 +242,8 @@ pub struct Channels {
 }
 
 impl Ports for Channels {
-    async fn work(&mut self, max: usize) -> Result<Option<Vec<Assignment>>> {
-        let worker = self.name.clone();
+    async fn work(&mut self, worker: &str, max: usize) -> Result<Option<Vec<Assignment>>> {
+        let worker = worker.to_string();
         match self.source.call(|reply| SourceMsg::GetWork { worker, max, reply }, None).await? {
             CallResult::Success(work) if !work.is_empty() => Ok(Some(work)),
             // The source stopped (or is gone): this worker's job is done.
@@ -251,14 +251,14 @@ impl Ports for Channels {
         }
     }
 
-    async fn weights(&mut self, held: Option<PolicyVersion>, min: PolicyVersion) -> Result<Option<Arc<WeightSet>>> {
+    async fn weights(&mut self, worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> Result<Option<Arc<WeightSet>>> {
         match self.sync.call(|reply| SyncMsg::GetWeights { have: held, min_version: min, reply }, None).await? {
             CallResult::Success(w) => Ok(w),
-            _ => Err(Error::Unanswered(format!("{}: weight sync is gone", self.name))),
+            _ => Err(Error::Unanswered(format!("{worker}: weight sync is gone"))),
         }
     }
 
-    async fn deliver(&mut self, sampled: Sampled) -> Result<()> {
+    async fn deliver(&mut self, worker: &str, sampled: Sampled) -> Result<()> {
         let Sampled { work, groups, generate_s, .. } = sampled;
         let count: usize = groups.iter().map(Vec::len).sum();
         let tokens: usize = groups.iter().flatten().map(|t| t.tokens.len()).sum();
@@ -272,7 +272,7 @@ impl Ports for Channels {
             let accepted = self
                 .pool
                 .call(|reply| PoolMsg::SubmitGroup { group: assignment.group, trajectories: group, reply }, None)
-                .instrument(tracing::debug_span!("submit", actor = %self.name, group = assignment.group.0))
+                .instrument(tracing::debug_span!("submit", actor = %worker, group = assignment.group.0))
                 .await?;
             if !matches!(accepted, CallResult::Success(true)) {
                 self.metrics.cast(MetricsMsg::InFlightAtShutdown { stage: "rollout", trajectories: n })?;
@@ -281,11 +281,11 @@ impl Ports for Channels {
         Ok(())
     }
 
-    async fn leave(&mut self, why: Leave) {
+    async fn leave(&mut self, worker: &str, why: Leave) {
         // A failed worker's prompts are issued again by its supervisor, which
         // sees the failure; one that stopped holding prompts gives them back.
         if let Leave::Stopped = why {
-            let _ = self.source.cast(SourceMsg::WorkerFailed(self.name.clone()));
+            let _ = self.source.cast(SourceMsg::WorkerFailed(worker.to_string()));
         }
     }
 }

@@ -219,7 +219,6 @@ impl Actor for Supervisor {
                 name: format!("rollout-{i}"),
                 factory: spec.generator.clone(),
                 ports: Channels {
-                    name: format!("rollout-{i}"),
                     source: source.clone(),
                     sync: sync.clone(),
                     pool: pool.clone(),

@@ -190,7 +190,9 @@ impl Remote {
 }
 
 impl Ports for Remote {
-    async fn work(&mut self, max: usize) -> crate::error::Result<Option<Vec<Assignment>>> {
+    // The learner knows this worker by its worker id (from the heartbeats),
+    // not by the actor's name.
+    async fn work(&mut self, _worker: &str, max: usize) -> crate::error::Result<Option<Vec<Assignment>>> {
         let work = self.ask(max).await?;
         if let Some(work) = &work {
             self.in_hand = work.iter().map(|a| a.group.0).collect();
@@ -202,7 +204,7 @@ impl Ports for Remote {
     /// At least `min` and the newest version the heartbeats announced: the
     /// broadcast one when this worker has a broadcast rank and it arrives in
     /// time, else pulled over the Weights stream.
-    async fn weights(&mut self, held: Option<PolicyVersion>, min: PolicyVersion) -> crate::error::Result<Option<Arc<WeightSet>>> {
+    async fn weights(&mut self, _worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> crate::error::Result<Option<Arc<WeightSet>>> {
         let announced = self.membership.borrow().latest_version;
         let want = announced.max(min.0);
         if held.is_some_and(|h| h.0 >= want) {
@@ -235,7 +237,7 @@ impl Ports for Remote {
         self.counters.weight_fetch_ms.fetch_add(ms, Relaxed);
     }
 
-    async fn deliver(&mut self, sampled: Sampled) -> crate::error::Result<()> {
+    async fn deliver(&mut self, _worker: &str, sampled: Sampled) -> crate::error::Result<()> {
         let groups = std::mem::take(&mut self.in_hand);
         let trajectories: Vec<Trajectory> = sampled.groups.into_iter().flatten().collect();
         let tokens: u64 = trajectories.iter().map(|t| t.tokens.len() as u64).sum();
@@ -254,7 +256,7 @@ impl Ports for Remote {
     }
 
     /// Leaving: the learner re-issues whatever this worker still holds.
-    async fn leave(&mut self, why: Leave) {
+    async fn leave(&mut self, _worker: &str, why: Leave) {
         let reason = match &why {
             Leave::Finished => "finished".to_string(),
             Leave::Stopped => "stopped".to_string(),
