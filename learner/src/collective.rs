@@ -26,12 +26,40 @@ pub trait Collective: Send {
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()>;
     /// Copies rank `root`'s `tensors` (contiguous) into every rank's, in place.
     fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()>;
+    /// Sums `input` (contiguous, `world × n` elements) over every rank and
+    /// writes this rank's share of the sum — elements `rank·n .. (rank+1)·n` —
+    /// into `output` (`n` elements): ZeRO's gradient reduce-scatter.
+    fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()>;
+    /// Writes every rank's `input` (`n` elements), in rank order, into
+    /// `output` (`world × n` elements) on every rank: ZeRO's parameter
+    /// all-gather.
+    fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()>;
+}
+
+/// Checks the element counts of a reduce-scatter or all-gather over `world`
+/// ranks: `whole` must hold `world` times `share`, with checked arithmetic.
+pub fn check_shares(world: usize, whole: &Tensor, share: &Tensor) -> std::result::Result<(), String> {
+    let want = share.numel().checked_mul(world);
+    if want != Some(whole.numel()) {
+        return Err(format!(
+            "the whole has {} elements but {world} shares of {} make {}",
+            whole.numel(),
+            share.numel(),
+            want.map_or("more than fits".to_string(), |w| w.to_string())
+        ));
+    }
+    if whole.kind() != share.kind() {
+        return Err(format!("the whole is {:?} but the share {:?}", whole.kind(), share.kind()));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Op {
     Sum,
     Broadcast(usize),
+    ReduceScatter,
+    AllGather,
 }
 
 impl Op {
@@ -39,6 +67,8 @@ impl Op {
         match self {
             Op::Sum => "all-reduce (sum)".into(),
             Op::Broadcast(root) => format!("broadcast from rank {root}"),
+            Op::ReduceScatter => "reduce-scatter (sum)".into(),
+            Op::AllGather => "all-gather".into(),
         }
     }
 }
@@ -110,7 +140,10 @@ impl Local {
         }
     }
 
-    fn run(&self, op: Op, tensors: &[Tensor]) -> Result<()> {
+    /// One collective: every rank's `tensors` go in; each rank's `outputs`
+    /// (the same tensors for the in-place collectives) receive the result, or
+    /// this rank's share of it for a reduce-scatter.
+    fn run(&self, op: Op, tensors: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         let hub = &*self.hub;
         let deadline = Instant::now() + hub.timeout;
         let _guard = tch::no_grad_guard();
@@ -146,8 +179,16 @@ impl Local {
         }
         let r = &mut *self.wait(r, op, deadline, "not every rank joined", |r| r.result.is_some())?;
         let result = r.result.as_ref().expect("checked by wait");
-        for (dst, src) in tensors.iter().zip(result) {
-            dst.shallow_clone().f_copy_(src)?;
+        for (dst, src) in outputs.iter().zip(result) {
+            let src = match op {
+                Op::ReduceScatter => {
+                    let n = dst.numel() as i64;
+                    src.flatten(0, -1).narrow(0, self.rank as i64 * n, n).view_as(dst)
+                }
+                Op::AllGather => src.view_as(dst),
+                _ => src.shallow_clone(),
+            };
+            dst.shallow_clone().f_copy_(&src)?;
         }
         r.taken += 1;
         if r.taken == hub.world {
@@ -173,7 +214,12 @@ fn combine(op: Op, arrived: &mut [Option<Vec<Tensor>>]) -> std::result::Result<V
     }
     Ok(match op {
         Op::Broadcast(root) => all.swap_remove(root.min(all.len() - 1)),
-        Op::Sum => {
+        // Rank order: rank 0's elements first.
+        Op::AllGather => {
+            let parts: Vec<Tensor> = all.iter().map(|ts| ts[0].flatten(0, -1)).collect();
+            vec![Tensor::cat(&parts, 0)]
+        }
+        Op::Sum | Op::ReduceScatter => {
             let mut sum = all.remove(0);
             for ts in &all {
                 for (s, t) in sum.iter_mut().zip(ts) {
@@ -195,14 +241,24 @@ impl Collective for Local {
     }
 
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
-        self.run(Op::Sum, tensors)
+        self.run(Op::Sum, tensors, tensors)
     }
 
     fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
         if root >= self.hub.world {
             return Err(self.fail(Op::Broadcast(root), "no such root".into()));
         }
-        self.run(Op::Broadcast(root), tensors)
+        self.run(Op::Broadcast(root), tensors, tensors)
+    }
+
+    fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        check_shares(self.hub.world, input, output).map_err(|reason| self.fail(Op::ReduceScatter, reason))?;
+        self.run(Op::ReduceScatter, std::slice::from_ref(input), std::slice::from_ref(output))
+    }
+
+    fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        check_shares(self.hub.world, output, input).map_err(|reason| self.fail(Op::AllGather, reason))?;
+        self.run(Op::AllGather, std::slice::from_ref(input), std::slice::from_ref(output))
     }
 }
 
@@ -255,6 +311,52 @@ mod tests {
             assert_eq!(a, vec![3.0, 30.0]);
             assert_eq!(b, vec![102.0]);
         }
+    }
+
+    /// ZeRO's two collectives on 1, 2, 3 and 5 ranks: each rank's share of
+    /// the sum, in rank order, and every rank's share gathered back whole;
+    /// shares of one element and of none (an empty tensor) too.
+    #[test]
+    fn local_ranks_reduce_scatter_and_all_gather() {
+        for (world, n) in [(1, 3), (2, 4), (3, 1), (5, 2), (3, 0)] {
+            let ranks = Local::group(world, Duration::from_secs(10));
+            let out: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
+                let handles: Vec<_> = ranks
+                    .iter()
+                    .map(|c| {
+                        s.spawn(move || {
+                            let r = c.rank() as f64;
+                            // Rank r contributes 1000 r + i at element i (sums exact in f64).
+                            let input = Tensor::arange((world * n) as i64, (Kind::Double, tch::Device::Cpu)) + 1000.0 * r;
+                            let share = Tensor::zeros([n as i64], (Kind::Double, tch::Device::Cpu));
+                            c.reduce_scatter_sum(&input, &share).unwrap();
+                            let whole = Tensor::zeros([(world * n) as i64], (Kind::Double, tch::Device::Cpu));
+                            c.all_gather(&(&share * (r + 1.0)), &whole).unwrap();
+                            (Vec::<f64>::try_from(&share).unwrap(), Vec::<f64>::try_from(&whole).unwrap())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let ranks_sum: f64 = (0..world).map(|r| r as f64).sum();
+            let sum = |i: usize| world as f64 * i as f64 + 1000.0 * ranks_sum;
+            let gathered: Vec<f64> = (0..world).flat_map(|r| (r * n..(r + 1) * n).map(move |i| sum(i) * (r + 1) as f64)).collect();
+            for (rank, (share, whole)) in out.into_iter().enumerate() {
+                let want: Vec<f64> = (rank * n..(rank + 1) * n).map(sum).collect();
+                assert_eq!(share, want, "world {world}, rank {rank}: reduce-scatter share");
+                assert_eq!(whole, gathered, "world {world}, rank {rank}: all-gather");
+            }
+        }
+    }
+
+    #[test]
+    fn shares_that_do_not_add_up_are_refused_by_name() {
+        let ranks = Local::group(2, Duration::from_secs(1));
+        let e = ranks[0].reduce_scatter_sum(&Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)), &Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)));
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("reduce-scatter") && e.contains("5 elements") && e.contains("2 shares of 2 make 4"), "{e}");
+        let e = ranks[1].all_gather(&Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)), &Tensor::zeros([4], (Kind::Double, tch::Device::Cpu)));
+        assert!(e.unwrap_err().to_string().contains("all-gather"));
     }
 
     #[test]

@@ -94,6 +94,10 @@ fn nccl_dtype(kind: Kind) -> Option<nccl::ncclDataType_t> {
 enum Op {
     Broadcast { root: usize },
     AllReduceSum,
+    /// `tensors` = [input (world × n), output (n)].
+    ReduceScatterSum,
+    /// `tensors` = [input (n), output (world × n)].
+    AllGather,
 }
 
 struct Job {
@@ -215,6 +219,25 @@ impl Communicator {
         self.submit(Op::AllReduceSum, "all-reduce (sum)", tensors)
     }
 
+    /// Sums `input` (CUDA, contiguous, `world × n` elements) over every rank
+    /// into this rank's share `output` (`n` elements).
+    pub fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        self.shares("reduce-scatter (sum)", input, output)?;
+        self.submit(Op::ReduceScatterSum, "reduce-scatter (sum)", &[input.shallow_clone(), output.shallow_clone()])
+    }
+
+    /// Every rank's `input` (CUDA, contiguous, `n` elements) in rank order
+    /// into `output` (`world × n` elements).
+    pub fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        self.shares("all-gather", output, input)?;
+        self.submit(Op::AllGather, "all-gather", &[input.shallow_clone(), output.shallow_clone()])
+    }
+
+    fn shares(&self, op: &str, whole: &Tensor, share: &Tensor) -> Result<()> {
+        prism_learner::collective::check_shares(self.world, whole, share)
+            .map_err(|reason| Error::Nccl { rank: self.rank, world: self.world, op: op.into(), reason })
+    }
+
     /// Averages `tensors` over every rank, in place (gradients of data-parallel ranks).
     pub fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<()> {
         self.all_reduce_sum(tensors)?;
@@ -243,6 +266,12 @@ impl prism_learner::Collective for Communicator {
     }
     fn broadcast(&self, tensors: &[Tensor], root: usize) -> prism_learner::Result<()> {
         Communicator::broadcast(self, tensors, root).map_err(|e| prism_learner::Error::Collective(e.to_string()))
+    }
+    fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> prism_learner::Result<()> {
+        Communicator::reduce_scatter_sum(self, input, output).map_err(|e| prism_learner::Error::Collective(e.to_string()))
+    }
+    fn all_gather(&self, input: &Tensor, output: &Tensor) -> prism_learner::Result<()> {
+        Communicator::all_gather(self, input, output).map_err(|e| prism_learner::Error::Collective(e.to_string()))
     }
 }
 
@@ -274,6 +303,8 @@ impl Comm {
         let name = match op {
             Op::Broadcast { root } => format!("broadcast from rank {root}"),
             Op::AllReduceSum => "all-reduce (sum)".to_string(),
+            Op::ReduceScatterSum => "reduce-scatter (sum)".to_string(),
+            Op::AllGather => "all-gather".to_string(),
         };
         let fail = |reason: String| Error::Nccl { rank: self.rank, world: self.world, op: name.clone(), reason };
         for (i, t) in tensors.iter().enumerate() {
@@ -287,6 +318,31 @@ impl Comm {
         // The tensors were written on torch's streams; finish that work first.
         tch::Cuda::synchronize(self.device as i64);
         let stream = self.stream.cu_stream() as nccl::cudaStream_t;
+        if let (Op::ReduceScatterSum | Op::AllGather, [input, output]) = (op, tensors) {
+            // One call over separate buffers (their sizes checked by the caller).
+            let dtype = nccl_dtype(input.kind()).expect("checked above");
+            // SAFETY: both are contiguous CUDA buffers of the checked sizes, kept
+            // alive by `tensors` until the stream is done.
+            let r = unsafe {
+                match op {
+                    Op::ReduceScatterSum => cudarc::nccl::result::reduce_scatter(
+                        input.data_ptr(),
+                        output.data_ptr(),
+                        output.numel(),
+                        dtype,
+                        nccl::ncclRedOp_t::ncclSum,
+                        self.comm,
+                        stream,
+                    ),
+                    _ => cudarc::nccl::result::all_gather(input.data_ptr(), output.data_ptr(), input.numel(), dtype, self.comm, stream),
+                }
+            };
+            r.map_err(|e| fail(format!("{e:?}")))?;
+            return self.wait(&name, 0);
+        }
+        if matches!(op, Op::ReduceScatterSum | Op::AllGather) {
+            return Err(fail(format!("takes one input and one output tensor, not {}", tensors.len())));
+        }
         for (b, bucket) in buckets(tensors, self.bucket_bytes).into_iter().enumerate() {
             cudarc::nccl::result::group_start().map_err(|e| fail(format!("ncclGroupStart: {e:?}")))?;
             for t in bucket {
@@ -299,6 +355,7 @@ impl Comm {
                     match op {
                         Op::Broadcast { root } => cudarc::nccl::result::broadcast(ptr, ptr, count, dtype, *root as i32, self.comm, stream),
                         Op::AllReduceSum => cudarc::nccl::result::all_reduce(ptr, ptr, count, dtype, nccl::ncclRedOp_t::ncclSum, self.comm, stream),
+                        Op::ReduceScatterSum | Op::AllGather => unreachable!("returned above"),
                     }
                 };
                 r.map_err(|e| fail(format!("bucket {b}: {e:?}")))?;

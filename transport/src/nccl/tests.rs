@@ -69,6 +69,28 @@ fn one_rank_broadcast_and_all_reduce_on_the_gpu() {
     assert!(half[1].to_kind(Kind::Float).equal(&want[1].to_kind(Kind::BFloat16).to_kind(Kind::Float)));
 }
 
+/// GPU only: ZeRO's collectives on a one-rank communicator: the reduce-scatter
+/// share of one rank is the whole sum (its input), and the all-gather of one
+/// share is that share; shares that do not add up are refused before NCCL runs.
+#[test]
+fn one_rank_reduce_scatter_and_all_gather_on_the_gpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let dev = tch::Device::Cuda(0);
+    let id = unique_id().unwrap();
+    let comm = Communicator::new(&id, 0, 1, 0, Duration::from_secs(60), 1 << 20).unwrap();
+    let input = Tensor::arange(1000, (Kind::Float, dev)) * 0.5;
+    let share = Tensor::zeros([1000], (Kind::Float, dev));
+    comm.reduce_scatter_sum(&input, &share).unwrap();
+    assert!(share.equal(&input), "reduce-scatter over one rank");
+    let whole = Tensor::zeros([1000], (Kind::Float, dev));
+    comm.all_gather(&share, &whole).unwrap();
+    assert!(whole.equal(&input), "all-gather over one rank");
+    let err = comm.reduce_scatter_sum(&input, &Tensor::zeros([999], (Kind::Float, dev))).unwrap_err().to_string();
+    assert!(err.contains("reduce-scatter") && err.contains("1000 elements"), "{err}");
+}
+
 /// GPU only: rank 0 of two, whose peer never comes, fails within the timeout
 /// with an error naming the rank and the operation.
 #[test]
