@@ -1,6 +1,8 @@
 //! AdamW with its state in plain named tensors (so a checkpoint holds it
 //! exactly), global-norm gradient clipping, and learning-rate schedules.
 
+pub mod sharded;
+
 use crate::config::{Config, Schedule};
 use crate::policy::named_variables;
 use crate::{Error, Result};

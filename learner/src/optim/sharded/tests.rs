@@ -1,0 +1,112 @@
+use super::*;
+use crate::collective::Local;
+use crate::optim::AdamW;
+use std::time::Duration;
+use tch::Device;
+
+/// A store of parameters with `shapes`, the same values on every rank.
+fn store(shapes: &[&[i64]]) -> nn::VarStore {
+    let vs = nn::VarStore::new(Device::Cpu);
+    for (i, shape) in shapes.iter().enumerate() {
+        let n: i64 = shape.iter().product();
+        let init = ((Tensor::arange(n, (Kind::Float, Device::Cpu)) + i as f64).sin() * 0.5).view(*shape);
+        let mut v = vs.root().var(&format!("p{i}"), shape, nn::Init::Const(0.0));
+        tch::no_grad(|| v.copy_(&init));
+    }
+    vs
+}
+
+/// Rank `rank`'s gradient of parameter `i` at step `step`.
+fn gradient(p: &Tensor, i: usize, rank: usize, step: usize) -> Tensor {
+    let n = p.numel() as i64;
+    ((Tensor::arange(n, (Kind::Float, Device::Cpu)) * (rank as f64 + 1.0) + (step * 7 + i) as f64).cos() * (1.0 + rank as f64)).view(p.size().as_slice())
+}
+
+/// Sets each parameter's gradient to the sum of `ranks`' gradients.
+fn set_grads(vs: &nn::VarStore, ranks: &[usize], step: usize) {
+    let params: Vec<Tensor> = named_variables(vs).into_iter().map(|(_, v)| v).collect();
+    let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    for (i, p) in params.iter().enumerate() {
+        let mut p = p.shallow_clone();
+        p.zero_grad();
+        for &r in ranks {
+            loss = loss + (&p * gradient(&p, i, r, step)).sum(Kind::Float);
+        }
+    }
+    loss.backward();
+}
+
+fn values(vs: &nn::VarStore) -> Vec<f32> {
+    named_variables(vs).into_iter().flat_map(|(_, v)| Vec::<f32>::try_from(v.flatten(0, -1)).unwrap()).collect()
+}
+
+const CONFIG: AdamWConfig = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+
+/// Three clipped steps of one AdamW on the gradients summed over `world` ranks.
+fn alone(shapes: &[&[i64]], world: usize) -> Vec<f32> {
+    let vs = store(shapes);
+    let mut adam = AdamW::new(&vs, CONFIG);
+    let ranks: Vec<usize> = (0..world).collect();
+    for step in 0..3 {
+        set_grads(&vs, &ranks, step);
+        adam.clip_grad_norm(0.5).unwrap();
+        adam.step(0.05).unwrap();
+    }
+    values(&vs)
+}
+
+/// The same three steps on `world` sharded ranks; every rank's weights and
+/// the length of its share.
+fn sharded(shapes: &[&[i64]], world: usize, stage: Stage) -> Vec<(Vec<f32>, usize)> {
+    let group = Local::group(world, Duration::from_secs(20));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|dp| {
+                s.spawn(move || {
+                    let vs = store(shapes);
+                    let mut adam = ShardedAdamW::new(&vs, CONFIG, stage, dp.rank(), world).unwrap();
+                    for step in 0..3 {
+                        set_grads(&vs, &[dp.rank()], step);
+                        let (norm, ran) = adam.step(dp, 0.05, 0.5).unwrap();
+                        assert!(ran && norm > 0.5, "clipping is active (norm {norm})");
+                    }
+                    (values(&vs), adam.share_len())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// ZeRO-1 and ZeRO-2 on 1, 2, 3 and 5 ranks end on one AdamW's weights
+/// (the gradients summed, clipped by the global norm): uneven shares (19
+/// elements) and ranks whose share is padding only (3 elements on 5 ranks).
+#[test]
+fn sharded_ranks_step_as_one_adamw_on_the_summed_gradients() {
+    let layouts: [&[&[i64]]; 2] = [&[&[3, 4], &[5], &[2]], &[&[3]]];
+    for shapes in layouts {
+        let total: usize = shapes.iter().map(|s| s.iter().product::<i64>() as usize).sum();
+        for world in [1, 2, 3, 5] {
+            let want = alone(shapes, world);
+            let moved = want.iter().zip(values(&store(shapes))).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(moved > 1e-2, "the steps move the weights");
+            for stage in [Stage::Optimizer, Stage::Gradients] {
+                let ranks = sharded(shapes, world, stage);
+                for (rank, (got, share)) in ranks.iter().enumerate() {
+                    assert_eq!(*share, total.div_ceil(world).max(1), "{stage:?}, world {world}: share length");
+                    assert_eq!(got, &ranks[0].0, "{stage:?}, world {world}: rank {rank} departs from rank 0");
+                    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                    assert!(diff <= 1e-6, "{stage:?}, world {world}, {total} elements: rank {rank} differs from one AdamW by {diff}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_rank_outside_its_world_is_refused() {
+    let vs = store(&[&[2]]);
+    assert!(ShardedAdamW::new(&vs, CONFIG, Stage::Gradients, 2, 2).is_err());
+    assert!(ShardedAdamW::new(&vs, CONFIG, Stage::Gradients, 0, 0).is_err());
+}
