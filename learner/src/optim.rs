@@ -18,6 +18,37 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// One AdamW update of `value`, in place, from `grad` (float32) and the
+    /// moments `exp_avg`, `exp_avg_sq` (float32, updated too), at optimizer
+    /// step `step` (1-based) and learning rate `lr`: decay, moments,
+    /// bias-corrected step, in `torch.optim.AdamW`'s single-tensor order.
+    pub(crate) fn update(&self, value: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, grad: &Tensor, lr: f64, step: u64) -> Result<()> {
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = *self;
+        let t = step as i32;
+        let bias1 = 1.0 - beta1.powi(t);
+        let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        let step_size = lr / bias1;
+        if weight_decay != 0.0 {
+            let _ = value.f_mul_scalar_(1.0 - lr * weight_decay)?;
+        }
+        let _ = exp_avg.f_lerp_(grad, 1.0 - beta1)?;
+        let _ = exp_avg_sq.f_mul_scalar_(beta2)?;
+        let _ = exp_avg_sq.f_addcmul_(&(grad * (1.0 - beta2)), grad)?;
+        let denom = (exp_avg_sq.sqrt() / bias2_sqrt) + eps;
+        let update = (&*exp_avg / denom) * (-step_size);
+        let _ = value.f_add_(&update.to_kind(value.kind()))?;
+        Ok(())
+    }
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` scales gradients of global
+/// norm `norm` by to bring it to at most `max_norm`: `max / (norm + 1e-6)`,
+/// capped at 1.
+pub(crate) fn clip_coefficient(max_norm: f64, norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
 impl From<&Config> for AdamWConfig {
     fn from(c: &Config) -> Self {
         Self { beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay }
@@ -95,7 +126,7 @@ impl AdamW {
     /// capped at 1). Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
         let norm = self.grad_norm()?;
-        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        let coef = clip_coefficient(max_norm, norm);
         if coef < 1.0 {
             tch::no_grad(|| {
                 for mut g in self.grads() {
@@ -111,27 +142,14 @@ impl AdamW {
     /// left alone.
     pub fn step(&mut self, lr: f64) -> Result<()> {
         self.steps += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
-        let t = self.steps as i32;
-        let bias1 = 1.0 - beta1.powi(t);
-        let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let step_size = lr / bias1;
+        let (config, step) = (self.config, self.steps);
         tch::no_grad(|| {
             for p in &mut self.params {
                 let grad = p.value.grad();
                 if !grad.defined() {
                     continue;
                 }
-                let grad = grad.to_kind(Kind::Float);
-                if weight_decay != 0.0 {
-                    let _ = p.value.f_mul_scalar_(1.0 - lr * weight_decay)?;
-                }
-                let _ = p.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
-                let _ = p.exp_avg_sq.f_mul_scalar_(beta2)?;
-                let _ = p.exp_avg_sq.f_addcmul_(&(&grad * (1.0 - beta2)), &grad)?;
-                let denom = (p.exp_avg_sq.sqrt() / bias2_sqrt) + eps;
-                let update = (&p.exp_avg / denom) * (-step_size);
-                let _ = p.value.f_add_(&update.to_kind(p.value.kind()))?;
+                config.update(&mut p.value, &mut p.exp_avg, &mut p.exp_avg_sq, &grad.to_kind(Kind::Float), lr, step)?;
             }
             Ok::<_, Error>(())
         })

@@ -13,10 +13,10 @@
 //!    (stage 1, [`Stage::Optimizer`]);
 //! 2. the global gradient norm from every share's sum of squares, and the
 //!    shares clipped as `torch.nn.utils.clip_grad_norm_` does;
-//! 3. AdamW on the share, with the operations of [`super::AdamW::step`];
+//! 3. AdamW on the share ([`AdamWConfig::update`], as [`super::AdamW::step`]);
 //! 4. the updated shares all-gathered and copied into every parameter.
 
-use super::AdamWConfig;
+use super::{AdamWConfig, clip_coefficient};
 use crate::collective::Collective;
 use crate::policy::named_variables;
 use crate::{Error, Result};
@@ -141,21 +141,10 @@ impl ShardedAdamW {
         if !norm.is_finite() {
             return Ok((norm, false));
         }
-        let grad = if max_norm > 0.0 && max_norm / (norm + 1e-6) < 1.0 { grad * (max_norm / (norm + 1e-6)) } else { grad };
+        let coef = clip_coefficient(max_norm, norm);
+        let grad = if max_norm > 0.0 && coef < 1.0 { grad * coef } else { grad };
         self.steps += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
-        let t = self.steps as i32;
-        let bias1 = 1.0 - beta1.powi(t);
-        let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let step_size = lr / bias1;
-        if weight_decay != 0.0 {
-            let _ = self.master.f_mul_scalar_(1.0 - lr * weight_decay)?;
-        }
-        let _ = self.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
-        let _ = self.exp_avg_sq.f_mul_scalar_(beta2)?;
-        let _ = self.exp_avg_sq.f_addcmul_(&(&grad * (1.0 - beta2)), &grad)?;
-        let denom = (self.exp_avg_sq.sqrt() / bias2_sqrt) + eps;
-        let _ = self.master.f_add_(&((&self.exp_avg / denom) * (-step_size)))?;
+        self.config.update(&mut self.master, &mut self.exp_avg, &mut self.exp_avg_sq, &grad, lr, self.steps)?;
         // Every rank's updated share, back into every parameter.
         let whole = Tensor::zeros([self.share * self.world as i64], (Kind::Float, self.master.device()));
         dp.all_gather(&self.master, &whole)?;
