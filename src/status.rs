@@ -76,7 +76,7 @@ pub fn render(s: &ClusterStatus) -> String {
             let state = w.state.name();
             let _ = writeln!(
                 out,
-                "  {:<12} {:<5} policy v{} (lag {}), {} done ({:.1}/s), {} in flight, {} dropped, seen {:.1} s ago  [{} {}]",
+                "  {:<18} {:<5} policy v{} (lag {}), {} done ({:.1}/s), {} in flight, {} dropped, seen {:.1} s ago  [{} {}]",
                 w.worker_id,
                 state,
                 w.policy_version,

@@ -56,10 +56,10 @@ async fn status_prints_workers_by_role_with_versions_lag_and_queues() {
     assert_eq!(lines[0], "run status-test: policy version 4, step 4/10, trained 96 trajectories, dropped zero_advantage 8");
     assert_eq!(lines[1], "queue prism:r:sampled: 3 waiting, 8 in flight");
     assert_eq!(lines[2], "rollout workers: 1 alive of 1");
-    assert!(lines[3].trim_start().starts_with("rollout-1    alive policy v3 (lag 1), 64 done ("), "{text}");
+    assert!(lines[3].trim_start().starts_with(&format!("{:<18} alive policy v3 (lag 1), 64 done (", r.worker_id)), "{text}");
     assert!(lines[3].ends_with("[host-a cuda:0]"), "{text}");
     assert_eq!(lines[4], "reward workers: 1 alive of 1");
-    assert!(lines[5].contains("reward-2") && lines[5].contains("policy v0 (lag 4)"), "{text}");
+    assert!(lines[5].contains("reward-2-") && lines[5].contains("policy v0 (lag 4)"), "{text}");
 }
 
 /// Under each reward worker with a judge, `prism status` prints its reward
@@ -102,25 +102,25 @@ async fn status_prints_each_reward_workers_health() {
     assert!(out.status.success(), "{}", stderr(&out));
     let health = |id: &str| text.lines().map(str::trim_start).find(|l| l.starts_with(&format!("{id}: "))).map(str::to_string);
     assert_eq!(
-        health(&a).as_deref(),
-        Some(
-            "reward-1: judge p50 1480 ms p95 2900 ms | queue 12/1024 shed 3 | canary fp 0.00 | judge trusted | distill agreement 0.87 (ready)"
-        ),
+        health(&a),
+        Some(format!(
+            "{a}: judge p50 1480 ms p95 2900 ms | queue 12/1024 shed 3 | canary fp 0.00 | judge trusted | distill agreement 0.87 (ready)"
+        )),
         "{text}"
     );
     assert_eq!(
-        health(&b).as_deref(),
-        Some(
-            "reward-2: judge no verdicts yet | queue 12/1024 shed 3 | canary fp 0.12 (over 0.05) | judge distrusted (fallback scores) | \
+        health(&b),
+        Some(format!(
+            "{b}: judge no verdicts yet | queue 12/1024 shed 3 | canary fp 0.12 (over 0.05) | judge distrusted (fallback scores) | \
              distill agreement - (not ready, needs 0.75) | budget refused 2 groups"
-        ),
+        )),
         "{text}"
     );
     assert_eq!(health(&plain), None, "{text}");
     // Each health line follows its worker's line.
     let lines: Vec<&str> = text.lines().collect();
-    let at = lines.iter().position(|l| l.trim_start().starts_with("reward-1 ")).unwrap();
-    assert!(lines[at + 1].trim_start().starts_with("reward-1: judge"), "{text}");
+    let at = lines.iter().position(|l| l.trim_start().starts_with(&format!("{a} "))).unwrap();
+    assert!(lines[at + 1].trim_start().starts_with(&format!("{a}: judge")), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,9 +161,28 @@ impl Cluster {
         }
     }
 
+    /// The last lines each worker process printed, for a failure's message.
+    fn workers_output(&self) -> String {
+        let mut text = String::new();
+        for p in self.rollouts.iter().chain(&self.rewards) {
+            let out = p.output();
+            let lines: Vec<&str> = out.lines().collect();
+            text += &format!("--- {} (last {} lines)\n{}\n", p.name, lines.len().min(40), lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
+        text
+    }
+
     /// Waits for every process to finish by itself and returns summary.json.
     fn finish(&mut self) -> Value {
-        let status = self.learner.wait(Duration::from_secs(240));
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while self.learner.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.learner.child.kill();
+                panic!("{} did not exit within 240 s:\n{}\n{}", self.learner.name, self.learner.output(), self.workers_output());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = self.learner.wait(Duration::ZERO);
         let out = self.learner.output();
         assert!(status.success(), "learner failed ({status}):\n{out}");
         for p in self.rollouts.iter_mut().chain(self.rewards.iter_mut()) {

@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! Next ─▶ Ports::work ─▶ Ports::weights ─▶ load + generate (blocking) ─▶ Ports::deliver ─▶ Next
-//!            │ None                                      │ error
+//!            │ None           │ Void ─▶ Next               │ error
 //!            ▼                                           ▼
 //!    Ports::leave(Finished), stop            Ports::leave(Failed), the actor fails
 //! ```
@@ -49,6 +49,18 @@ pub struct Sampled {
     pub generate_s: f64,
 }
 
+/// What a worker's ports say about the weights for the work in hand.
+pub enum Weights {
+    /// Keep the version held (it is recent enough, or the run is stopping:
+    /// a worker holding too old a version then leaves, giving its work back).
+    Keep,
+    /// Load this set before sampling.
+    Load(Arc<WeightSet>),
+    /// The work in hand no longer stands (the learner that gave it restarted
+    /// and has forgotten it): drop it unsampled and ask for work again.
+    Void,
+}
+
 /// Why a worker leaves.
 pub enum Leave {
     /// No more work: the run is over for it.
@@ -66,9 +78,9 @@ pub trait Ports: Send + 'static {
     /// The next batch of at most `max` prompts (possibly none yet); `None`
     /// when this worker's job is done.
     fn work(&mut self, worker: &str, max: usize) -> impl Future<Output = Result<Option<Vec<Assignment>>>> + Send;
-    /// Weights to load before sampling work that needs at least `min`, given
-    /// the version the worker holds; `None` keeps what it holds.
-    fn weights(&mut self, worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> impl Future<Output = Result<Option<Arc<WeightSet>>>> + Send;
+    /// The weights for work that needs at least version `min`, given the
+    /// version the worker holds.
+    fn weights(&mut self, worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> impl Future<Output = Result<Weights>> + Send;
     /// The weights `weights` gave were loaded.
     fn loaded(&mut self, _version: PolicyVersion) {}
     /// Hands a sampled batch on.
@@ -134,11 +146,18 @@ impl<P: Ports> RolloutState<P> {
             None => return Ok(Turn::Leave(Leave::Finished)),
         };
         let need = work.iter().map(|w| w.min_version).max().unwrap_or_default();
-        let weights = self.ports.weights(&self.name, self.version, need).await?;
-        if weights.is_none() && self.version.is_none_or(|v| v < need) {
-            // Nothing to sample with (the run is stopping): give the prompts back.
-            return Ok(Turn::Leave(Leave::Stopped));
-        }
+        let weights = match self.ports.weights(&self.name, self.version, need).await? {
+            Weights::Load(set) => Some(set),
+            Weights::Keep if self.version.is_none_or(|v| v < need) => {
+                // Nothing to sample with (the run is stopping): give the prompts back.
+                return Ok(Turn::Leave(Leave::Stopped));
+            }
+            Weights::Keep => None,
+            Weights::Void => {
+                tracing::warn!(actor = %self.name, groups = work.len(), "dropping work its learner no longer knows of (the learner restarted)");
+                return Ok(Turn::Again);
+            }
+        };
         let backend = self.backend.take().ok_or_else(|| Error::Thread(format!("{}: backend lost by an earlier failure", self.name)))?;
         let span = tracing::info_span!("generate", actor = %self.name, groups = work.len(), policy_version = tracing::field::Empty);
         let started = Instant::now();
@@ -251,9 +270,9 @@ impl Ports for Channels {
         }
     }
 
-    async fn weights(&mut self, worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> Result<Option<Arc<WeightSet>>> {
+    async fn weights(&mut self, worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> Result<Weights> {
         match self.sync.call(|reply| SyncMsg::GetWeights { have: held, min_version: min, reply }, None).await? {
-            CallResult::Success(w) => Ok(w),
+            CallResult::Success(w) => Ok(w.map_or(Weights::Keep, Weights::Load)),
             _ => Err(Error::Unanswered(format!("{worker}: weight sync is gone"))),
         }
     }

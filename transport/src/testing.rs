@@ -135,7 +135,13 @@ pub struct TestLearner {
 
 impl TestLearner {
     pub async fn start(dist: &crate::Config, grpc: crate::grpc::Config, token: Option<&str>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(0, dist, grpc, token).await
+    }
+
+    /// On loopback port `port` (0: any free one); a learner restarted in
+    /// place starts where the one before it was stopped.
+    pub async fn start_at(port: u16, dist: &crate::Config, grpc: crate::grpc::Config, token: Option<&str>) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let scheme = if grpc.tls_cert.is_empty() { "http" } else { "https" };
         let host = if grpc.tls_cert.is_empty() { "127.0.0.1" } else { "localhost" };

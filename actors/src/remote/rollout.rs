@@ -15,7 +15,7 @@ use prism_transport::nccl_weights::Receiver;
 use prism_transport::weights::WeightsClient;
 use prism_transport::{Error, Result};
 use crate::backend::{Assignment, Generate, WeightSet};
-use crate::rollout_worker::{self as worker, Leave, Ports, RolloutWorker, Sampled};
+use crate::rollout_worker::{self as worker, Leave, Ports, RolloutWorker, Sampled, Weights};
 use prism_core::{PolicyVersion, Trajectory};
 use ractor::Actor;
 use std::future::Future;
@@ -74,6 +74,10 @@ struct Remote {
     stop: watch::Receiver<bool>,
     /// The group ids in hand (taken, not yet delivered).
     in_hand: Vec<u64>,
+    /// The worker id they were taken under: once the heartbeats register
+    /// again under another (the learner restarted, or declared this worker
+    /// dead), the learner has forgotten them.
+    taken_as: String,
     /// How the weights being loaded came, and since when.
     fetching: Option<(bool, Instant)>,
     /// What the worker did and how it ended, read by [`run`].
@@ -151,17 +155,37 @@ impl Remote {
         Ok(staged)
     }
 
-    /// The newest version on the Weights stream, once it is at least `min_version`.
-    async fn pull(&mut self, min_version: u64, started: Instant) -> Result<Arc<WeightSet>> {
+    /// The learner forgot the work in hand: this worker registered again
+    /// since it took it.
+    fn work_forgotten(&self) -> bool {
+        !self.in_hand.is_empty() && self.worker_id() != self.taken_as
+    }
+
+    /// The newest version on the Weights stream, once it is at least
+    /// `min_version`; `None` when the learner forgot the work in hand first
+    /// (it restarted, from a checkpoint of an older version). An unreachable
+    /// learner is waited for, up to `give_up_after`.
+    async fn pull(&mut self, min_version: u64, started: Instant) -> Result<Option<Arc<WeightSet>>> {
         loop {
-            let set = self.weights.fetch(0).await?;
-            if set.version >= min_version {
-                tracing::debug!(policy_version = set.version, bytes = set.total_bytes(), "weights fetched");
-                return Ok(WeightSet::new(PolicyVersion(set.version), set.to_tensors()?));
+            if self.work_forgotten() {
+                return Ok(None);
             }
-            // The learner announced a version it has not published yet.
+            let served = match self.weights.fetch(0).await {
+                Ok(set) if set.version >= min_version => {
+                    tracing::debug!(policy_version = set.version, bytes = set.total_bytes(), "weights fetched");
+                    return Ok(Some(WeightSet::new(PolicyVersion(set.version), set.to_tensors()?)));
+                }
+                Ok(set) => format!("the learner still serves v{}", set.version),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, policy_version = min_version, "fetching weights failed; retrying");
+                    e.to_string()
+                }
+                Err(e) => return Err(e),
+            };
+            // The learner announced a version it has not published yet, or
+            // is restarting.
             if started.elapsed() > self.give_up_after {
-                return Err(Error::Weights { version: min_version, reason: format!("the learner still serves v{}", set.version) });
+                return Err(Error::Weights { version: min_version, reason: served });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -196,6 +220,7 @@ impl Ports for Remote {
         let work = self.ask(max).await?;
         if let Some(work) = &work {
             self.in_hand = work.iter().map(|a| a.group.0).collect();
+            self.taken_as = self.worker_id();
             self.counters.in_flight.store(self.in_hand.len() as u64, Relaxed);
         }
         Ok(work)
@@ -203,20 +228,28 @@ impl Ports for Remote {
 
     /// At least `min` and the newest version the heartbeats announced: the
     /// broadcast one when this worker has a broadcast rank and it arrives in
-    /// time, else pulled over the Weights stream.
-    async fn weights(&mut self, _worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> crate::error::Result<Option<Arc<WeightSet>>> {
+    /// time, else pulled over the Weights stream. Work the learner forgot
+    /// meanwhile is void.
+    async fn weights(&mut self, _worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> crate::error::Result<Weights> {
         let announced = self.membership.borrow().latest_version;
         let want = announced.max(min.0);
         if held.is_some_and(|h| h.0 >= want) {
-            return Ok(None);
+            return Ok(Weights::Keep);
         }
         let started = Instant::now();
         let (set, broadcast) = match self.broadcast_of(want).await? {
             Some(set) => (set, true),
-            None => (self.pull(min.0, started).await?, false),
+            None => match self.pull(min.0, started).await? {
+                Some(set) => (set, false),
+                None => {
+                    self.in_hand.clear();
+                    self.counters.in_flight.store(0, Relaxed);
+                    return Ok(Weights::Void);
+                }
+            },
         };
         self.fetching = Some((broadcast, started));
-        Ok(Some(set))
+        Ok(Weights::Load(set))
     }
 
     fn loaded(&mut self, version: PolicyVersion) {
@@ -306,6 +339,7 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
         health,
         stop,
         in_hand: Vec::new(),
+        taken_as: String::new(),
         fetching: None,
         end: end.clone(),
     };

@@ -83,7 +83,7 @@ impl v1::control_server::Control for Control {
             Role::Reward => 0,
         };
         s.next_id += 1;
-        let worker_id = format!("{}-{}", role.name(), s.next_id);
+        let worker_id = format!("{}-{}-{}", role.name(), s.next_id, s.incarnation);
         tracing::info!(worker_id = %worker_id, name = %r.name, device = %r.device, pid = r.pid, nccl_rank, "worker registered");
         s.workers.insert(
             worker_id.clone(),

@@ -68,6 +68,11 @@ pub(super) struct Inner {
     pub heartbeat: Duration,
     pub dead_after: Duration,
     pub next_id: u64,
+    /// Tells this learner's worker ids from a restarted learner's: ids end in
+    /// it (`rollout-2-3fa9c0`), so a worker still heartbeating under an id
+    /// the learner before the restart gave is told it is gone, never taken for
+    /// another worker given the same number.
+    pub incarnation: String,
     pub workers: BTreeMap<String, Worker>,
     /// Every worker ever declared dead, in order.
     pub dead: Vec<String>,
@@ -111,6 +116,17 @@ impl Inner {
     }
 }
 
+/// Six hex digits that differ between two starts of a learner: the clock's
+/// nanoseconds and the process id, mixed (splitmix64's finalizer).
+fn incarnation() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let mut z = nanos ^ (u64::from(std::process::id()) << 32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^= z >> 31;
+    format!("{:06x}", z & 0xff_ffff)
+}
+
 /// The learner's side of Control: the cluster's state, shared by the gRPC
 /// service and the learner that updates it. Cloning shares it.
 #[derive(Clone, Debug)]
@@ -130,6 +146,7 @@ impl Control {
                 heartbeat: Duration::from_millis(config.heartbeat_ms),
                 dead_after: Duration::from_millis(config.dead_after_ms),
                 next_id: 0,
+                incarnation: incarnation(),
                 workers: BTreeMap::new(),
                 dead: Vec::new(),
                 policy_version: 0,

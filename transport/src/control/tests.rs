@@ -24,21 +24,41 @@ async fn workers_register_heartbeat_and_show_in_status() {
     l.control.set_policy_version(5);
     let mut c = client(&l, None).await.unwrap();
     let r = c.register(Role::Rollout, "pod-a", "cpu").await.unwrap();
-    assert_eq!((r.worker_id.as_str(), r.run_id.as_str(), r.policy_version), ("rollout-1", "test-run", 5));
+    assert!(r.worker_id.starts_with("rollout-1-"), "{}", r.worker_id);
+    assert_eq!((r.run_id.as_str(), r.policy_version), ("test-run", 5));
     let r2 = c.register(Role::Reward, "pod-b", "cpu").await.unwrap();
-    assert_eq!(r2.worker_id, "reward-2");
-    let hb = c.heartbeat("rollout-1", 3, WorkerCounters { processed: 40, in_flight: 2, dropped: 0 }).await.unwrap();
+    assert_eq!(r2.worker_id, format!("reward-2-{}", &r.worker_id["rollout-1-".len()..]), "one learner, one suffix");
+    let hb = c.heartbeat(&r.worker_id, 3, WorkerCounters { processed: 40, in_flight: 2, dropped: 0 }).await.unwrap();
     assert_eq!((hb.latest_version, hb.shutdown), (5, false));
     l.control.set_progress(7, 20, 112);
     l.control.record_dropped("stale", 3);
     let s = c.status().await.unwrap();
     assert_eq!((s.policy_version, s.step, s.total_steps, s.trajectories_trained), (5, 7, 20, 112));
     assert_eq!(s.dropped.get("stale"), Some(&3));
-    let w = s.workers.iter().find(|w| w.worker_id == "rollout-1").unwrap();
+    let w = s.workers.iter().find(|w| w.worker_id == r.worker_id).unwrap();
     assert_eq!((w.role, w.state, w.policy_version, w.lag), (Role::Rollout, WorkerState::Alive, 3, 2));
     assert_eq!(w.counters.processed, 40);
     let e = c.register(Role::Learner, "x", "cpu").await.unwrap_err().to_string();
     assert!(e.contains("dist.learner_ranks = 1") && e.contains("a learner rank cannot join"), "{e}");
+}
+
+/// A learner that restarted numbers its workers from 1 again; a worker still
+/// heartbeating under the id the learner before the restart gave it is told it
+/// is gone (and registers again), never taken for the worker that now has its
+/// number. (Two rollouts of a resumed run used to share one id.)
+#[tokio::test]
+async fn a_restarted_learner_tells_old_ids_from_its_own() {
+    let first = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    let mut c = client(&first, None).await.unwrap();
+    let old = c.register(Role::Rollout, "pod-a", "cpu").await.unwrap().worker_id;
+    drop(first);
+    let restarted = TestLearner::start(&dist(1000, 10_000), grpc::Config::default(), None).await;
+    let mut c = client(&restarted, None).await.unwrap();
+    let new = c.register(Role::Rollout, "pod-b", "cpu").await.unwrap().worker_id;
+    assert!(old.starts_with("rollout-1-") && new.starts_with("rollout-1-") && old != new, "{old} {new}");
+    let err = c.heartbeat(&old, 0, WorkerCounters::default()).await.unwrap_err();
+    assert!(matches!(err, Error::Gone { .. }), "{err}");
+    assert_eq!(c.heartbeat(&new, 0, WorkerCounters::default()).await.unwrap().shutdown, false);
 }
 
 #[tokio::test]

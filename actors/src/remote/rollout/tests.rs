@@ -175,3 +175,112 @@ async fn a_rollout_whose_generation_fails_leaves_the_run_and_returns_the_error()
     assert!(error.contains("generation") && error.contains("out of memory"), "{error}");
     assert_eq!(*failed.lock().unwrap(), vec![worker_id], "the learner heard the worker left");
 }
+
+/// Hands out one prompt needing `min_version`, then waits for the run to
+/// stop (`then_none`: says at once that it stopped); records deliveries.
+struct Scripted {
+    min_version: u64,
+    first_group: u64,
+    then_none: bool,
+    issued: Mutex<u64>,
+    delivered: Arc<Mutex<Vec<(String, Vec<u64>)>>>,
+}
+
+#[prism_transport::async_trait]
+impl control::WorkSource for Scripted {
+    async fn get_work(&self, _worker: &str, _max: usize, wait: Duration) -> Option<Vec<Assignment>> {
+        let issued = {
+            let mut issued = self.issued.lock().unwrap();
+            *issued += 1;
+            *issued
+        };
+        if issued > 1 {
+            if self.then_none {
+                return None;
+            }
+            tokio::time::sleep(wait).await;
+            return Some(Vec::new());
+        }
+        let prompt = testing::trajectory(0, 1).prompt;
+        Some(vec![Assignment { group: GroupId(self.first_group), prompt, min_version: PolicyVersion(self.min_version) }])
+    }
+    fn delivered(&self, worker: &str, groups: &[u64], _: u64, _: u64, _: f64) {
+        self.delivered.lock().unwrap().push((worker.to_string(), groups.to_vec()));
+    }
+    fn worker_failed(&self, _: &str) {}
+}
+
+fn publish(learner: &testing::TestLearner, version: u64) {
+    let set = weights(version);
+    let tensors = set.tensors.lock().unwrap();
+    learner.weights.publish(prism_transport::weights::WeightBytes::from_tensors(version, tensors.iter().map(|(n, t)| (n.as_str(), t))).unwrap());
+    learner.control.set_policy_version(version);
+}
+
+/// The learner is killed while a rollout waits for the weights its work needs
+/// (v5, announced, not yet published), and comes back from an older
+/// checkpoint (v1) on the same address: the rollout waits out the restart,
+/// registers again, drops the work the old learner gave (the new one never
+/// heard of it), and samples the new learner's work with its weights.
+/// (Before, the rollout failed on the first refused fetch, or after waiting
+/// for a v5 the restarted learner never serves.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_survives_its_learner_restarting_from_an_older_checkpoint() {
+    let config = prism_transport::Config { heartbeat_ms: 100, dead_after_ms: 5000, ..Default::default() };
+    let old = testing::TestLearner::start(&config, prism_transport::grpc::Config::default(), None).await;
+    publish(&old, 3);
+    old.control.set_policy_version(5);
+    let old_delivered = Arc::new(Mutex::new(Vec::new()));
+    let old_work = Arc::new(Scripted { min_version: 5, first_group: 1, then_none: false, issued: Mutex::new(0), delivered: old_delivered.clone() });
+    old.control.set_work_source(old_work.clone());
+    let port: u16 = old.addr.rsplit(':').next().unwrap().parse().unwrap();
+
+    let client = control::ControlClient::connect(&old.grpc, Some(&old.addr), None).await.unwrap();
+    let counters = Arc::new(control::Counters::default());
+    let (membership, heartbeats) = control::join(client.clone(), control::Role::Rollout, "box", "cpu", counters.clone()).await.unwrap();
+    let first_id = membership.borrow().worker_id.clone();
+    let redis_server = testing::TestRedis::shared();
+    let redis_cfg = redis::Config { url: redis_server.url.clone(), ..Default::default() };
+    let loaded = Arc::new(Mutex::new(Vec::new()));
+    let args = RolloutArgs {
+        control: client,
+        weights: WeightsClient::connect(&old.grpc, Some(&old.addr), None).await.unwrap(),
+        redis: redis::Redis::connect(&redis_cfg).await.unwrap(),
+        keys: redis::RunKeys::new("prism-test", &testing::unique("restarted-learner")),
+        generator: Box::new(Recorder(loaded.clone())),
+        prompts_per_batch: 1,
+        counters,
+        membership: membership.clone(),
+        give_up_after: Duration::from_secs(20),
+        broadcast: None,
+        health: Default::default(),
+    };
+    let rollout = tokio::spawn({
+        let redis_cfg = redis_cfg.clone();
+        async move { run(args, &redis_cfg, std::future::pending()).await }
+    });
+    // The rollout holds group 1 and waits for v5.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while *old_work.issued.lock().unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the rollout never asked for work");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grpc = old.grpc.clone();
+    drop(old);
+    // Down for a second: fetches and heartbeats are refused meanwhile.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let new = testing::TestLearner::start_at(port, &config, grpc, None).await;
+    publish(&new, 1);
+    let new_delivered = Arc::new(Mutex::new(Vec::new()));
+    new.control.set_work_source(Arc::new(Scripted { min_version: 1, first_group: 100, then_none: true, issued: Mutex::new(0), delivered: new_delivered.clone() }));
+
+    let summary = tokio::time::timeout(Duration::from_secs(60), rollout).await.expect("the rollout finishes").unwrap().unwrap();
+    heartbeats.abort();
+    let second_id = membership.borrow().worker_id.clone();
+    assert_ne!(first_id, second_id, "the rollout registered again");
+    assert_eq!(*new_delivered.lock().unwrap(), vec![(second_id, vec![100])], "the new learner's group, under the new id");
+    assert!(old_delivered.lock().unwrap().is_empty());
+    assert_eq!((summary.groups, summary.weight_pulls), (1, 1), "{summary:?}");
+    assert_eq!(*loaded.lock().unwrap(), vec![1.0], "sampled with the restarted learner's v1");
+}
