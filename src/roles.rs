@@ -64,7 +64,18 @@ const WEIGHTS_GROUP: &str = "weights";
 
 /// Every NCCL communicator's timeout and bucket size in bytes, from `[dist]`.
 fn nccl_limits(config: &Config) -> (Duration, usize) {
-    (Duration::from_millis(config.dist.nccl_timeout_ms), (config.dist.nccl_bucket_mb as usize) << 20)
+    (Duration::from_millis(config.dist.nccl_timeout_ms), (config.dist.nccl_bucket_mb as usize).saturating_mul(1 << 20))
+}
+
+/// How the data-parallel learner ranks shard the optimizer (`dist.shard`).
+fn sharding(config: &Config) -> Option<prism_learner::optim::sharded::Sharding> {
+    use prism_learner::optim::sharded::{Sharding, Stage};
+    let stage = match config.dist.shard {
+        prism_transport::Shard::None => return None,
+        prism_transport::Shard::Optimizer => Stage::Optimizer,
+        prism_transport::Shard::Gradients => Stage::Gradients,
+    };
+    Some(Sharding { stage, bucket_bytes: nccl_limits(config).1 })
 }
 
 /// How to join the weight-broadcast communicator as `rank` of `world`.
@@ -191,9 +202,16 @@ async fn learner_main(config: &Config, run: &RunDir, resuming: bool, nccl_device
         control.set_nccl_id(learner_rank::GROUP, id.clone(), world as u32);
         tracing::info!(world, device, "data-parallel learner: waiting for the other ranks");
         let (timeout, bucket) = nccl_limits(config);
+        let sharding = sharding(config);
+        if sharding.is_some() {
+            // The ranks hold shares of the optimizer state: each checkpoint
+            // rank 0 writes asks them for theirs.
+            let control = control.clone();
+            trainer = trainer.before_checkpoint(Arc::new(move || control.publish_checkpoint()));
+        }
         trainer = tokio::task::spawn_blocking(move || -> Result<_> {
             let comm = nccl::Communicator::new(&id, 0, world, device, timeout, bucket).context("forming the data-parallel learner group")?;
-            trainer.join_data_parallel(Box::new(comm)).map_err(anyhow::Error::msg)?;
+            trainer.join_data_parallel(Box::new(comm), sharding).map_err(anyhow::Error::msg)?;
             Ok(trainer)
         })
         .await??;
@@ -301,7 +319,7 @@ pub fn learner_rank(config: &Config) -> Result<()> {
         health.add_metrics(metrics::worker(Role::Learner, counters.clone()));
         health.set_ready(true);
         let (timeout, bucket) = nccl_limits(config);
-        let trainer = RankLearner::new(learner, device, timeout, bucket);
+        let trainer = RankLearner::new(learner, device, timeout, bucket, sharding(config));
         let args = learner_rank::RankArgs {
             control,
             membership,

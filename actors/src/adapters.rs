@@ -6,6 +6,7 @@ use crate::backend::{
     Assignment, BackendError, BackendResult, DropReason, EvalReport, Generate, Label, LabelFuture, SourcePosition, StepReport, Train, WeightSet,
 };
 use prism_core::{GroupId, LabeledTrajectory, PolicyVersion, Prompt, RewardLabel, Trajectory, TrajectoryId};
+use prism_learner::optim::sharded::Sharding;
 use prism_learner::{CheckpointMeta, Learner};
 use prism_model::{engine, SamplingParams, Tokenizer, Transformer};
 use prism_rollout::sampler;
@@ -199,6 +200,7 @@ pub struct PolicyTrainer {
     evaluator: Evaluator,
     checkpoints: CheckpointPlan,
     extra_state: Option<ExtraState>,
+    announce_checkpoint: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// Writes more state into a checkpoint folder being written (the reward
@@ -209,7 +211,7 @@ impl PolicyTrainer {
     /// `version`: the policy version of the learner's weights (0, or the
     /// checkpoint's step on resume).
     pub fn new(learner: Learner<Transformer>, tokenizer: Tokenizer, version: u64, evaluator: Evaluator, checkpoints: CheckpointPlan) -> Self {
-        Self { learner, tokenizer, version, evaluator, checkpoints, extra_state: None }
+        Self { learner, tokenizer, version, evaluator, checkpoints, extra_state: None, announce_checkpoint: None }
     }
 
     /// Every checkpoint also gets what `write` puts into its folder.
@@ -218,10 +220,17 @@ impl PolicyTrainer {
         self
     }
 
+    /// `announce` runs before each checkpoint is written: data-parallel ranks
+    /// that shard the optimizer hear of it and send their shares.
+    pub fn before_checkpoint(mut self, announce: Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.announce_checkpoint = Some(announce);
+        self
+    }
+
     /// Trains as rank 0 of data-parallel learner ranks from now on (blocks
     /// until every rank has joined; see [`Learner::join_data_parallel`]).
-    pub fn join_data_parallel(&mut self, collective: Box<dyn prism_learner::Collective>) -> BackendResult<()> {
-        self.learner.join_data_parallel(collective).map_err(BackendError::new)
+    pub fn join_data_parallel(&mut self, collective: Box<dyn prism_learner::Collective>, sharding: Option<Sharding>) -> BackendResult<()> {
+        self.learner.join_data_parallel(collective, sharding).map_err(BackendError::new)
     }
 }
 
@@ -263,6 +272,9 @@ impl Train for PolicyTrainer {
         };
         let extra = self.extra_state.clone();
         let extra = move |dir: &std::path::Path| extra.as_ref().map_or(Ok(()), |write| write(dir));
+        if let Some(announce) = &self.announce_checkpoint {
+            announce();
+        }
         let path = self.learner.save_checkpoint_with(&self.checkpoints.dir, &meta, &extra).map_err(BackendError::new)?;
         let prompt_cursor = position.prompt_cursor;
         tracing::info!(checkpoint = %path.display(), step = self.version, prompt_cursor, "checkpoint written");
@@ -294,13 +306,15 @@ pub struct RankLearner {
     device: usize,
     timeout: std::time::Duration,
     bucket_bytes: usize,
+    sharding: Option<Sharding>,
 }
 
 impl RankLearner {
     /// `learner` on CUDA device `device`, every collective failing after
-    /// `timeout`, gradients all-reduced in buckets of `bucket_bytes`.
-    pub fn new(learner: Learner<Transformer>, device: usize, timeout: std::time::Duration, bucket_bytes: usize) -> Self {
-        Self { learner, device, timeout, bucket_bytes }
+    /// `timeout`, gradients all-reduced in buckets of `bucket_bytes`, the
+    /// optimizer sharded as `sharding` says (as rank 0's).
+    pub fn new(learner: Learner<Transformer>, device: usize, timeout: std::time::Duration, bucket_bytes: usize, sharding: Option<Sharding>) -> Self {
+        Self { learner, device, timeout, bucket_bytes, sharding }
     }
 }
 
@@ -308,10 +322,18 @@ impl crate::remote::learner_rank::RankTrainer for RankLearner {
     fn join(&mut self, id: &prism_transport::control::NcclId, rank: usize) -> BackendResult<()> {
         let comm = prism_transport::nccl::Communicator::new(&id.id, rank, id.world_size as usize, self.device, self.timeout, self.bucket_bytes)
             .map_err(BackendError::new)?;
-        self.learner.join_data_parallel(Box::new(comm)).map_err(BackendError::new)
+        self.learner.join_data_parallel(Box::new(comm), self.sharding).map_err(BackendError::new)
     }
 
     fn train(&mut self, groups: Vec<Vec<LabeledTrajectory>>) -> BackendResult<()> {
         self.learner.train_step(&groups).map(|_| ()).map_err(BackendError::new)
+    }
+
+    fn checkpoint(&mut self) -> BackendResult<()> {
+        // Only sharded ranks hold state rank 0 does not.
+        if self.sharding.is_none() {
+            return Ok(());
+        }
+        self.learner.send_checkpoint_shares().map_err(BackendError::new)
     }
 }

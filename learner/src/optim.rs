@@ -64,6 +64,11 @@ struct Param {
 
 /// AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101), update order as
 /// `torch.optim.AdamW` (single-tensor path): decay, moments, bias-corrected step.
+///
+/// Its moments take memory only once used: they are made (zeros, beside
+/// their parameters) by the first step, and restored state waits where it
+/// was read (host memory) until then, so that a data-parallel rank that
+/// shards them ([`sharded::ShardedAdamW`]) never holds them whole.
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<Param>,
@@ -76,12 +81,52 @@ impl AdamW {
         let params = named_variables(vs)
             .into_iter()
             .filter(|(_, v)| v.requires_grad())
-            .map(|(name, value)| {
-                let zeros = || Tensor::zeros_like(&value).to_kind(Kind::Float);
-                Param { exp_avg: zeros(), exp_avg_sq: zeros(), name, value }
-            })
+            .map(|(name, value)| Param { exp_avg: Tensor::new(), exp_avg_sq: Tensor::new(), name, value })
             .collect();
         Self { config, params, steps: 0 }
+    }
+
+    /// The moments, made (zeros) where not yet used and moved beside their
+    /// parameters.
+    pub(crate) fn materialize(&mut self) -> Result<()> {
+        for p in &mut self.params {
+            for m in [&mut p.exp_avg, &mut p.exp_avg_sq] {
+                if !m.defined() {
+                    *m = Tensor::zeros_like(&p.value).to_kind(Kind::Float);
+                } else if m.device() != p.value.device() {
+                    *m = m.f_to_device(p.value.device())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any moment was used or restored.
+    pub(crate) fn has_state(&self) -> bool {
+        self.params.iter().any(|p| p.exp_avg.defined())
+    }
+
+    /// The moments per parameter (`exp_avg`, `exp_avg_sq`), zeros where not
+    /// yet used, wherever they are.
+    pub(crate) fn moments(&self) -> (Vec<Tensor>, Vec<Tensor>) {
+        let or_zeros = |m: &Tensor, p: &Tensor| if m.defined() { m.shallow_clone() } else { Tensor::zeros_like(p).to_kind(Kind::Float) };
+        self.params.iter().map(|p| (or_zeros(&p.exp_avg, &p.value), or_zeros(&p.exp_avg_sq, &p.value))).unzip()
+    }
+
+    /// Frees the moments (a rank that keeps its share of them elsewhere).
+    pub(crate) fn release_state(&mut self) {
+        for p in &mut self.params {
+            (p.exp_avg, p.exp_avg_sq) = (Tensor::new(), Tensor::new());
+        }
+    }
+
+    /// Takes moments per parameter (as [`AdamW::moments`] gives them) after
+    /// `steps` steps; they stay where they are until the next step.
+    pub(crate) fn set_moments(&mut self, exp_avg: Vec<Tensor>, exp_avg_sq: Vec<Tensor>, steps: u64) {
+        for ((p, a), b) in self.params.iter_mut().zip(exp_avg).zip(exp_avg_sq) {
+            (p.exp_avg, p.exp_avg_sq) = (a, b);
+        }
+        self.steps = steps;
     }
 
     /// Optimizer steps taken.
@@ -141,6 +186,7 @@ impl AdamW {
     /// One AdamW update at learning rate `lr`; parameters without a gradient are
     /// left alone.
     pub fn step(&mut self, lr: f64) -> Result<()> {
+        self.materialize()?;
         self.steps += 1;
         let (config, step) = (self.config, self.steps);
         tch::no_grad(|| {
@@ -155,16 +201,14 @@ impl AdamW {
         })
     }
 
-    /// The state as named tensors: `exp_avg.<param>` and `exp_avg_sq.<param>`.
+    /// The state as named tensors: `exp_avg.<param>` and `exp_avg_sq.<param>`
+    /// (zeros where not yet used).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let (avg, sq) = self.moments();
         self.params
             .iter()
-            .flat_map(|p| {
-                [
-                    (format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()),
-                    (format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()),
-                ]
-            })
+            .zip(avg.into_iter().zip(sq))
+            .flat_map(|(p, (a, b))| [(format!("exp_avg.{}", p.name), a), (format!("exp_avg_sq.{}", p.name), b)])
             .collect()
     }
 
@@ -182,14 +226,14 @@ impl AdamW {
                     let name = format!("{prefix}.{}", p.name);
                     let src =
                         tensors.remove(&name).ok_or_else(|| bad(format!("optimizer tensor {name} is missing")))?;
-                    if src.size() != dst.size() {
+                    if src.size() != p.value.size() {
                         return Err(bad(format!(
                             "optimizer tensor {name} has shape {:?}, expected {:?}",
                             src.size(),
-                            dst.size()
+                            p.value.size()
                         )));
                     }
-                    dst.f_copy_(&src)?;
+                    *dst = src.f_to_kind(Kind::Float)?;
                 }
             }
             if let Some(extra) = tensors.keys().min() {

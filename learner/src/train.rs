@@ -9,6 +9,7 @@ use crate::checkpoint::{self, CheckpointMeta, Restored};
 use crate::collective::{Collective, describe, shard};
 use crate::config::Config;
 use crate::loss::{LossConfig, Norm, Sums, TokenData, policy_loss, sft_loss, token_logprobs};
+use crate::optim::sharded::{ShardedAdamW, Sharding, Stage};
 use crate::optim::{AdamW, AdamWConfig, lr_at};
 use crate::policy::{Policy, load_into, named_variables, read_safetensors, write_safetensors};
 use crate::sft::TokenPair;
@@ -174,6 +175,21 @@ struct State {
     learner_config_hash: String,
     optimizer_steps: u64,
     rng: RngState,
+    /// The optimizer state is in one file per rank (sharded ranks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shards: Option<ShardLayout>,
+}
+
+/// How a sharded checkpoint's optimizer files cut the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ShardLayout {
+    world: usize,
+    bucket_bytes: usize,
+}
+
+/// Rank `rank`'s optimizer file of a checkpoint written by `world` sharded ranks.
+fn shard_file(rank: usize, world: usize) -> String {
+    format!("optimizer-{rank:05}-of-{world:05}.safetensors")
 }
 
 const STATE_FORMAT: u32 = 1;
@@ -193,6 +209,9 @@ pub struct Learner<P: Policy> {
     rng: ChaCha8Rng,
     /// The other data-parallel ranks, once joined (see [`Learner::join_data_parallel`]).
     dp: Option<Box<dyn Collective>>,
+    /// This rank's share of the optimizer, when the ranks shard it (then
+    /// `optimizer` holds no moments, only the parameter list and step count).
+    sharded: Option<ShardedAdamW>,
 }
 
 impl<P: Policy> Learner<P> {
@@ -212,6 +231,7 @@ impl<P: Policy> Learner<P> {
             optimizer,
             rng: ChaCha8Rng::seed_from_u64(seed),
             dp: None,
+            sharded: None,
         })
     }
 
@@ -225,14 +245,23 @@ impl<P: Policy> Learner<P> {
     /// update's totals, and the gradients are summed, so every rank takes the
     /// update one learner would take on all the rows, and the weights stay
     /// equal. Statistics are those of the whole update on every rank.
-    pub fn join_data_parallel(&mut self, collective: Box<dyn Collective>) -> Result<()> {
+    ///
+    /// With `sharding` (ZeRO stage 1 or 2, see [`ShardedAdamW`]) each rank
+    /// keeps the optimizer state of its share of the parameters only: rank 0
+    /// hands each rank its share of the state it holds. Such ranks write
+    /// checkpoints together: rank 0 calls [`Learner::save_checkpoint`], every
+    /// other rank [`Learner::send_checkpoint_shares`] at the same point.
+    pub fn join_data_parallel(&mut self, collective: Box<dyn Collective>, sharding: Option<Sharding>) -> Result<()> {
         let (rank, world) = (collective.rank(), collective.world());
         if world == 0 || rank >= world {
             return Err(Error::Collective(format!("data-parallel learner: rank {rank} of {world} ranks")));
         }
+        if self.dp.is_some() {
+            return Err(Error::Collective(format!("data-parallel learner rank {rank}: it already joined")));
+        }
         self.dp = Some(collective);
-        self.receive_rank0_state()?;
-        tracing::info!(rank, world, "learner joined data-parallel training");
+        self.receive_rank0_state(sharding)?;
+        tracing::info!(rank, world, shard = ?sharding.map(|s| s.stage), "learner joined data-parallel training");
         Ok(())
     }
 
@@ -242,15 +271,18 @@ impl<P: Policy> Learner<P> {
     }
 
     /// Every rank's policy, reference, optimizer state, step count and RNG
-    /// become rank 0's.
-    fn receive_rank0_state(&mut self) -> Result<()> {
+    /// become rank 0's (with `sharding`, each rank's share of its optimizer state).
+    fn receive_rank0_state(&mut self, sharding: Option<Sharding>) -> Result<()> {
         let dp = self.dp.as_ref().expect("joined");
         let device = self.policy.var_store().device();
         let mut tensors: Vec<(String, Tensor)> = named_variables(self.policy.var_store());
         if let Some(r) = &self.reference {
             tensors.extend(named_variables(r.var_store()).into_iter().map(|(n, t)| (format!("reference.{n}"), t)));
         }
-        tensors.extend(self.optimizer.state_tensors());
+        if sharding.is_none() {
+            self.optimizer.materialize()?;
+            tensors.extend(self.optimizer.state_tensors());
+        }
         let (count, bytes, signature) = describe(tensors.iter().map(|(n, t)| (n.as_str(), t.size(), t.kind())));
         let seed = self.rng.get_seed();
         let word = |i: usize| i64::from_le_bytes(seed[8 * i..8 * i + 8].try_into().expect("8 bytes"));
@@ -271,6 +303,12 @@ impl<P: Policy> Learner<P> {
             self.rng.get_stream() as i64,
             (pos >> 64) as i64,
             pos as i64,
+            i64::from(self.optimizer.has_state()),
+            sharding.map_or(0, |s| match s.stage {
+                Stage::Optimizer => 1,
+                Stage::Gradients => 2,
+            }),
+            sharding.map_or(0, |s| s.bucket_bytes as i64),
         ];
         let header = Tensor::from_slice(&mine).to_device(device);
         dp.broadcast(std::slice::from_ref(&header), 0)?;
@@ -291,6 +329,13 @@ impl<P: Policy> Learner<P> {
                 dp.rank()
             )));
         }
+        if h[13..] != mine[13..] {
+            return Err(Error::Collective(format!(
+                "data-parallel learner rank {}: its sharding ({sharding:?}) differs from rank 0's: every rank must run the same dist.shard \
+                 and dist.nccl_bucket_mb",
+                dp.rank()
+            )));
+        }
         let values: Vec<Tensor> = tensors.into_iter().map(|(_, t)| t).collect();
         {
             let _guard = tch::no_grad_guard();
@@ -305,22 +350,42 @@ impl<P: Policy> Learner<P> {
         rng.set_stream(h[9] as u64);
         rng.set_word_pos(((h[10] as u64 as u128) << 64) | h[11] as u64 as u128);
         self.rng = rng;
+        if let Some(sharding) = sharding {
+            let steps = h[4] as u64;
+            let (rank, world) = (dp.rank(), dp.world());
+            let mut opt = ShardedAdamW::new(self.policy.var_store(), AdamWConfig::from(&self.config), sharding.stage, rank, world, sharding.bucket_bytes)?;
+            opt.set_steps(steps);
+            if h[12] != 0 {
+                // Rank 0 hands each rank its share of the state it holds, one rank at a time.
+                let whole = (rank == 0).then(|| self.optimizer.moments());
+                let _guard = tch::no_grad_guard();
+                for r in 0..world {
+                    let (avg, sq) = match &whole {
+                        Some((avg, sq)) => (opt.share_of(avg, r), opt.share_of(sq, r)),
+                        None => {
+                            let zeros = || Tensor::zeros([opt.share_len() as i64], (Kind::Float, device));
+                            (zeros(), zeros())
+                        }
+                    };
+                    dp.broadcast(&[avg.shallow_clone(), sq.shallow_clone()], 0)?;
+                    if r == rank {
+                        opt.set_state(&avg, &sq, steps)?;
+                    }
+                }
+            }
+            self.optimizer.release_state();
+            self.sharded = Some(opt);
+        }
         Ok(())
     }
 
-    /// Sums the gradients (and the update's statistics) over the ranks.
+    /// Sums the gradients (unless the optimizer is sharded: it sums them
+    /// itself) and the update's statistics over the ranks.
     fn all_reduce_gradients(&self, sums: &mut Sums) -> Result<()> {
         let Some(dp) = &self.dp else { return Ok(()) };
-        let params = self.optimizer.parameters();
-        let missing: Vec<&Tensor> = params.iter().copied().filter(|p| !p.grad().defined()).collect();
-        if !missing.is_empty() {
-            // A rank whose share of the update was empty has no gradients yet:
-            // it contributes zeros.
-            let zero = missing.iter().map(|p| p.sum(Kind::Float) * 0.0).reduce(|a, b| a + b).expect("not empty");
-            zero.f_backward()?;
+        if self.sharded.is_none() {
+            self.all_reduce_grads(dp.as_ref())?;
         }
-        let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
-        dp.all_reduce_sum(&grads)?;
         // The sums add up; ratio_max is gathered (one slot per rank) and maxed.
         let (rank, world) = (dp.rank(), dp.world());
         let fields = Sums::ADDITIVE;
@@ -332,6 +397,20 @@ impl<P: Policy> Learner<P> {
         dp.all_reduce_sum(std::slice::from_ref(&t))?;
         let v = Vec::<f64>::try_from(t.to_device(tch::Device::Cpu))?;
         *sums = Sums::from_additive(&v, v[fields..].iter().copied().fold(0.0, f64::max));
+        Ok(())
+    }
+
+    fn all_reduce_grads(&self, dp: &dyn Collective) -> Result<()> {
+        let params = self.optimizer.parameters();
+        let missing: Vec<&Tensor> = params.iter().copied().filter(|p| !p.grad().defined()).collect();
+        if !missing.is_empty() {
+            // A rank whose share of the update was empty has no gradients yet:
+            // it contributes zeros.
+            let zero = missing.iter().map(|p| p.sum(Kind::Float) * 0.0).reduce(|a, b| a + b).expect("not empty");
+            zero.f_backward()?;
+        }
+        let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+        dp.all_reduce_sum(&grads)?;
         Ok(())
     }
 
@@ -586,16 +665,27 @@ impl<P: Policy> Learner<P> {
             sums.add(&s);
         }
         self.all_reduce_gradients(&mut sums)?;
-        let grad_norm = if self.config.grad_clip > 0.0 {
-            self.optimizer.clip_grad_norm(self.config.grad_clip)?
-        } else {
-            self.optimizer.grad_norm()?
-        };
         let lr = lr_at(&self.config, self.optimizer.steps());
         let mut stats = UpdateStats::from_sums(&sums);
-        if grad_norm.is_finite() {
-            self.optimizer.step(lr)?;
-        } else {
+        let (grad_norm, ran) = match (&mut self.sharded, &self.dp) {
+            (Some(opt), Some(dp)) => {
+                let (norm, ran) = opt.step(dp.as_ref(), lr, self.config.grad_clip)?;
+                self.optimizer.set_steps(opt.steps());
+                (norm, ran)
+            }
+            _ => {
+                let grad_norm = if self.config.grad_clip > 0.0 {
+                    self.optimizer.clip_grad_norm(self.config.grad_clip)?
+                } else {
+                    self.optimizer.grad_norm()?
+                };
+                if grad_norm.is_finite() {
+                    self.optimizer.step(lr)?;
+                }
+                (grad_norm, grad_norm.is_finite())
+            }
+        };
+        if !ran {
             tracing::warn!(grad_norm, update = self.optimizer.steps() + 1, "non-finite gradient: update skipped");
             stats.skipped = true;
         }
@@ -623,6 +713,14 @@ impl<P: Policy> Learner<P> {
         meta: &CheckpointMeta,
         extra: &dyn Fn(&Path) -> std::result::Result<(), String>,
     ) -> Result<PathBuf> {
+        if let Some(opt) = &self.sharded {
+            let (rank, _) = opt.rank();
+            if rank != 0 {
+                return Err(Error::Collective(format!(
+                    "sharded learner rank {rank}: rank 0 writes the checkpoint; the other ranks call send_checkpoint_shares"
+                )));
+            }
+        }
         let state = State {
             format: STATE_FORMAT,
             meta: meta.clone(),
@@ -633,9 +731,14 @@ impl<P: Policy> Learner<P> {
                 stream: self.rng.get_stream(),
                 word_pos: self.rng.get_word_pos().to_string(),
             },
+            shards: self.sharded.as_ref().map(|opt| ShardLayout { world: opt.rank().1, bucket_bytes: self.bucket_bytes() }),
         };
         let keep = self.config.keep_checkpoints as usize;
         checkpoint::write_atomic(dir, meta.step, keep, |tmp| {
+            // The shares first: the other ranks are waiting to send them.
+            if self.sharded.is_some() {
+                self.exchange_shares(Some(tmp))?;
+            }
             self.policy.save_hf(tmp)?;
             if !tmp.join(MODEL_FILE).is_file() {
                 return Err(Error::Checkpoint {
@@ -643,12 +746,86 @@ impl<P: Policy> Learner<P> {
                     reason: format!("the model wrote no {MODEL_FILE}"),
                 });
             }
-            write_safetensors(&self.optimizer.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
+            if self.sharded.is_none() {
+                write_safetensors(&self.optimizer.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
+            }
             let json = serde_json::to_vec_pretty(&state)
                 .map_err(|e| Error::Checkpoint { path: tmp.join(STATE_FILE), reason: e.to_string() })?;
             std::fs::write(tmp.join(STATE_FILE), json).map_err(|e| Error::io(tmp.join(STATE_FILE), e))?;
             extra(tmp).map_err(|reason| Error::Checkpoint { path: tmp.to_path_buf(), reason })
         })
+    }
+
+    /// A sharded rank other than 0: sends rank 0 its optimizer shares for the
+    /// checkpoint rank 0 is writing ([`Learner::save_checkpoint`], called at
+    /// the same point).
+    pub fn send_checkpoint_shares(&self) -> Result<()> {
+        match &self.sharded {
+            Some(opt) if opt.rank().0 != 0 => self.exchange_shares(None),
+            Some(_) => Err(Error::Collective("sharded learner rank 0 writes the checkpoint (save_checkpoint)".into())),
+            None => Err(Error::Collective("this learner's optimizer is not sharded: rank 0 holds all of it".into())),
+        }
+    }
+
+    /// The bucket size of the sharded optimizer (0 when not sharded).
+    fn bucket_bytes(&self) -> usize {
+        self.sharded.as_ref().map_or(0, |opt| opt.bucket_bytes())
+    }
+
+    /// Every rank's shares of the moments reach rank 0, one rank at a time
+    /// (so no rank holds more than one share beside its own); rank 0 writes
+    /// each into `dir` as it arrives. A write that fails does not stop the
+    /// exchange (the other ranks would wait for it): its error is returned after.
+    fn exchange_shares(&self, dir: Option<&Path>) -> Result<()> {
+        let (Some(opt), Some(dp)) = (&self.sharded, &self.dp) else { return Ok(()) };
+        let (rank, world) = opt.rank();
+        let _guard = tch::no_grad_guard();
+        let mut failed = None;
+        for r in 0..world {
+            let [avg, sq] = opt.moments();
+            let (avg, sq) = if r == rank {
+                (avg.shallow_clone(), sq.shallow_clone())
+            } else {
+                (avg.zeros_like(), sq.zeros_like())
+            };
+            dp.broadcast(&[avg.shallow_clone(), sq.shallow_clone()], r)?;
+            if let (Some(dir), None) = (dir, &failed) {
+                let tensors = [("exp_avg".to_string(), avg.to_device(tch::Device::Cpu)), ("exp_avg_sq".to_string(), sq.to_device(tch::Device::Cpu))];
+                failed = write_safetensors(&tensors, &dir.join(shard_file(r, world))).err();
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// The whole optimizer moments of a checkpoint written by `layout`'s
+    /// sharded ranks, put back together from its per-rank files.
+    fn consolidate(&self, path: &Path, layout: ShardLayout) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+        if layout.world == 0 {
+            return Err(bad(format!("{STATE_FILE}: shards of a world of 0 ranks")));
+        }
+        // The layout of the ranks that wrote it (its state is not used).
+        let writer = ShardedAdamW::new(self.policy.var_store(), AdamWConfig::from(&self.config), Stage::Optimizer, 0, layout.world, layout.bucket_bytes)?;
+        let (mut avg, mut sq) = (Vec::with_capacity(layout.world), Vec::with_capacity(layout.world));
+        for r in 0..layout.world {
+            let file = path.join(shard_file(r, layout.world));
+            let mut t = read_safetensors(&file)?;
+            for (name, into) in [("exp_avg", &mut avg), ("exp_avg_sq", &mut sq)] {
+                let share = t.remove(name).ok_or_else(|| bad(format!("{}: no tensor {name}", file.display())))?;
+                if share.size() != [writer.share_len() as i64] {
+                    return Err(bad(format!(
+                        "{}: {name} has shape {:?}, expected [{}] (the share of {} ranks in buckets of {} bytes)",
+                        file.display(),
+                        share.size(),
+                        writer.share_len(),
+                        layout.world,
+                        layout.bucket_bytes
+                    )));
+                }
+                into.push(share.to_kind(Kind::Float));
+            }
+        }
+        Ok((writer.whole_of(&avg)?, writer.whole_of(&sq)?))
     }
 
     /// Restores the newest intact checkpoint in `dir`; damaged newer ones are
@@ -676,8 +853,21 @@ impl<P: Policy> Learner<P> {
         }
         let model_path = path.join(MODEL_FILE);
         load_into(self.policy.var_store(), read_safetensors(&model_path)?, &model_path)?;
-        let optimizer_path = path.join(OPTIMIZER_FILE);
-        self.optimizer.load_state(read_safetensors(&optimizer_path)?, state.optimizer_steps, &optimizer_path)?;
+        if self.dp.is_some() {
+            return Err(bad("a data-parallel rank resumes before it joins (rank 0 then hands the others its state)".into()));
+        }
+        match state.shards {
+            // Written by sharded ranks: put back together whole, whatever
+            // the number of ranks resuming (rank 0 shares it out on joining).
+            Some(layout) => {
+                let (avg, sq) = self.consolidate(&path, layout)?;
+                self.optimizer.set_moments(avg, sq, state.optimizer_steps);
+            }
+            None => {
+                let optimizer_path = path.join(OPTIMIZER_FILE);
+                self.optimizer.load_state(read_safetensors(&optimizer_path)?, state.optimizer_steps, &optimizer_path)?;
+            }
+        }
         let seed = parse_seed(&state.rng.seed)
             .ok_or_else(|| bad(format!("{STATE_FILE}: bad rng seed {:?}", state.rng.seed)))?;
         let word_pos: u128 = state

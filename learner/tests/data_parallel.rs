@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use prism_learner::collective::Local;
-use prism_learner::{Config, Learner, TrainReport};
+use prism_learner::optim::sharded::{Sharding, Stage};
+use prism_learner::{CheckpointMeta, Config, Learner, TrainReport};
+use std::path::Path;
 use std::time::Duration;
 
 /// Every option whose arithmetic the sharding touches: importance-weight
@@ -52,7 +54,7 @@ fn ranks(config: &Config, world: usize, steps: &[Vec<Vec<prism_core::LabeledTraj
     on_ranks(world, Duration::from_secs(60), |rank, collective| {
         let (model, reference, seed) = if rank == 0 { (7, 7, 11) } else { (100 + rank as u64, 50, 99) };
         let mut learner = Learner::new(config.clone(), TinyLm::new(model), Some(TinyLm::new(reference)), seed).unwrap();
-        learner.join_data_parallel(Box::new(collective)).unwrap();
+        learner.join_data_parallel(Box::new(collective), None).unwrap();
         assert_eq!(learner.rank(), (rank, world));
         let reports = steps.iter().map(|g| learner.train_step(g).unwrap()).collect();
         (learner.policy().weights(), reports)
@@ -113,7 +115,7 @@ fn ranks_with_different_models_are_refused_by_name() {
         let reference = (rank == 0).then(|| TinyLm::new(7));
         let config = Config { kl_coef: if rank == 0 { 0.05 } else { 0.0 }, ..config() };
         let mut learner = Learner::new(config, TinyLm::new(7), reference, 0).unwrap();
-        learner.join_data_parallel(Box::new(collective)).unwrap_err().to_string()
+        learner.join_data_parallel(Box::new(collective), None).unwrap_err().to_string()
     });
     // Rank 1 says why; rank 0, left alone in the next collective, times out
     // with the missing rank named instead of hanging.
@@ -126,7 +128,132 @@ fn ranks_with_different_learner_settings_are_refused() {
     let errors = on_ranks(2, Duration::from_secs(2), |rank, collective| {
         let config = Config { lr: if rank == 0 { 0.05 } else { 0.01 }, ..config() };
         let mut learner = Learner::new(config, TinyLm::new(7), Some(TinyLm::new(7)), 0).unwrap();
-        learner.join_data_parallel(Box::new(collective)).unwrap_err().to_string()
+        learner.join_data_parallel(Box::new(collective), None).unwrap_err().to_string()
     });
     assert!(errors[1].contains("rank 1: its [learner] settings differ from rank 0's"), "{}", errors[1]);
+}
+
+fn sharding(stage: Stage, bucket_bytes: usize) -> Option<Sharding> {
+    Some(Sharding { stage, bucket_bytes })
+}
+
+/// `steps` on `world` ranks sharding the optimizer as `sharding` (only rank
+/// 0 starts from the right model, or resumes from `resume`); after
+/// `checkpoint_after` steps, the ranks write a checkpoint into `save`.
+fn sharded_ranks(
+    config: &Config,
+    world: usize,
+    sharding: Option<Sharding>,
+    steps: &[Vec<Vec<prism_core::LabeledTrajectory>>],
+    resume: Option<&Path>,
+    save: Option<(&Path, usize)>,
+) -> Vec<(Vec<(String, Vec<f32>)>, Vec<TrainReport>)> {
+    on_ranks(world, Duration::from_secs(60), |rank, collective| {
+        let (model, reference, seed) = if rank == 0 { (7, 7, 11) } else { (100 + rank as u64, 50, 99) };
+        let mut learner = Learner::new(config.clone(), TinyLm::new(model), Some(TinyLm::new(reference)), seed).unwrap();
+        if let (0, Some(dir)) = (rank, resume) {
+            learner.resume(dir).unwrap().expect("a checkpoint");
+        }
+        learner.join_data_parallel(Box::new(collective), sharding).unwrap();
+        let mut reports = Vec::new();
+        for (i, g) in steps.iter().enumerate() {
+            reports.push(learner.train_step(g).unwrap());
+            if let Some((dir, after)) = save
+                && i + 1 == after
+            {
+                let meta = CheckpointMeta { step: after as u64, policy_version: after as u64, data_cursor: serde_json::json!({}), config_hash: "h".into() };
+                if rank == 0 {
+                    learner.save_checkpoint(dir, &meta).unwrap();
+                } else {
+                    let e = learner.save_checkpoint(dir, &meta).unwrap_err().to_string();
+                    assert!(e.contains("send_checkpoint_shares"), "{e}");
+                    learner.send_checkpoint_shares().unwrap();
+                }
+            }
+        }
+        (learner.policy().weights(), reports)
+    })
+}
+
+fn steps_of(seed: u64, n: u64) -> Vec<Vec<Vec<prism_core::LabeledTrajectory>>> {
+    (0..n).map(|s| groups(seed + s, 3, 4).into_iter().chain(groups(seed + 30 + s, 1, 1)).collect()).collect()
+}
+
+/// Ranks that shard the optimizer (ZeRO-1) or the gradients too (ZeRO-2),
+/// in one bucket or in buckets of 256 bytes (64 elements: the embedding
+/// alone is two of them), take one learner's updates, with its statistics.
+#[test]
+fn sharded_ranks_take_the_single_learners_updates() {
+    let config = config();
+    let steps = steps_of(40, 3);
+    let (want, want_reports) = alone(&config, &steps);
+    for world in [2, 3, 5] {
+        for stage in [Stage::Optimizer, Stage::Gradients] {
+            for bucket_bytes in [256, 64 << 20] {
+                let out = sharded_ranks(&config, world, sharding(stage, bucket_bytes), &steps, None, None);
+                for (rank, (weights, reports)) in out.iter().enumerate() {
+                    let at = format!("world {world}, {stage:?}, buckets of {bucket_bytes} B, rank {rank}");
+                    assert_eq!(max_diff(weights, &out[0].0), 0.0, "{at}: departs from rank 0");
+                    let d = max_diff(weights, &want);
+                    assert!(d <= 1e-5, "{at}: differs from one learner by {d}");
+                    for (got, want) in reports.iter().zip(&want_reports) {
+                        for (g, w) in got.updates.iter().zip(&want.updates) {
+                            assert_eq!((g.tokens, g.sequences, g.update, g.skipped), (w.tokens, w.sequences, w.update, w.skipped), "{at}");
+                            for (name, g, w) in [("loss", g.loss, w.loss), ("grad_norm", g.grad_norm, w.grad_norm), ("lr", g.lr, w.lr)] {
+                                assert!(relative(g, w) < 1e-4 || (g - w).abs() < 1e-7, "{at}: {name} {g} vs {w}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A checkpoint of 3 sharded ranks holds one optimizer file per rank; 3
+/// ranks resuming from it end bit for bit where the ranks that went on
+/// ended; 2 ranks, or one learner alone, resume from it too (the shares put
+/// back together) and end there up to the order of summation.
+#[test]
+fn sharded_checkpoints_resume_exactly_and_with_other_rank_counts() {
+    let config = config();
+    let steps = steps_of(60, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let through = sharded_ranks(&config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((dir.path(), 2)));
+    let folder = dir.path().join("step-00000002");
+    let mut files: Vec<String> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert!(files.iter().filter(|f| f.starts_with("optimizer-")).eq(["optimizer-00000-of-00003.safetensors", "optimizer-00001-of-00003.safetensors", "optimizer-00002-of-00003.safetensors"].iter()), "{files:?}");
+    assert!(!files.contains(&"optimizer.safetensors".to_string()), "{files:?}");
+
+    let resumed = sharded_ranks(&config, 3, sharding(Stage::Gradients, 256), &steps[2..], Some(dir.path()), None);
+    for (rank, (weights, _)) in resumed.iter().enumerate() {
+        assert_eq!(max_diff(weights, &through[0].0), 0.0, "3 ranks resumed: rank {rank} is not bit-identical");
+    }
+    let fewer = sharded_ranks(&config, 2, sharding(Stage::Optimizer, 1 << 20), &steps[2..], Some(dir.path()), None);
+    let d = max_diff(&fewer[0].0, &through[0].0);
+    assert!(d <= 1e-5, "2 ranks resumed differ by {d}");
+    let mut alone = Learner::new(config.clone(), TinyLm::new(1), Some(TinyLm::new(7)), 0).unwrap();
+    alone.resume(dir.path()).unwrap().unwrap();
+    for g in &steps[2..] {
+        alone.train_step(g).unwrap();
+    }
+    let d = max_diff(&alone.policy().weights(), &through[0].0);
+    assert!(d <= 1e-5, "one learner resumed differs by {d}");
+    // Without the moments (a checkpoint missing a rank's file) it is refused by name.
+    std::fs::remove_file(folder.join("optimizer-00001-of-00003.safetensors")).unwrap();
+    let mut learner = Learner::new(config.clone(), TinyLm::new(7), Some(TinyLm::new(7)), 0).unwrap();
+    let e = learner.resume(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("optimizer-00001-of-00003.safetensors"), "{e}");
+}
+
+/// Ranks that disagree on sharding are refused when they join.
+#[test]
+fn ranks_with_different_sharding_are_refused() {
+    let errors = on_ranks(2, Duration::from_secs(2), |rank, collective| {
+        let mut learner = Learner::new(config(), TinyLm::new(7), Some(TinyLm::new(7)), 0).unwrap();
+        let s = if rank == 0 { sharding(Stage::Gradients, 1024) } else { sharding(Stage::Optimizer, 1024) };
+        learner.join_data_parallel(Box::new(collective), s).map(|_| ()).unwrap_err().to_string()
+    });
+    assert!(errors[1].contains("rank 1: its sharding") && errors[1].contains("dist.shard"), "{}", errors[1]);
 }

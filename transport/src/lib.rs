@@ -123,6 +123,12 @@ prism_core::string_enum! {
     pub enum WeightTransport { Grpc = "grpc", Nccl = "nccl" }
 }
 
+prism_core::string_enum! {
+    /// What data-parallel learner ranks shard (ZeRO stages): nothing, the
+    /// optimizer state (stage 1), or also the gradients (stage 2).
+    pub enum Shard { None = "none", Optimizer = "optimizer", Gradients = "gradients" }
+}
+
 /// `[dist]`: how the processes of a distributed run find and watch each other.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,6 +164,14 @@ pub struct Config {
     /// each step's rows are shared out among them and their gradients
     /// all-reduced. Default 1 (one learner).
     pub learner_ranks: u64,
+    /// With `learner_ranks > 1`: what the ranks shard. `none`: each holds
+    /// the whole optimizer state (AdamW moments, 8 bytes a parameter);
+    /// `optimizer`: each keeps its 1/N share of it, updates its share of the
+    /// weights and all-gathers them (ZeRO-1); `gradients`: the gradients are
+    /// also reduce-scattered to the shares (ZeRO-2). Checkpoints then hold
+    /// one optimizer file per rank and resume with any number of ranks.
+    /// Default `none`.
+    pub shard: Shard,
     /// A group whose trajectories were delivered this long ago and that is
     /// still not fully labeled (a member lost, or undecodable: e.g. written
     /// by another version of prism) is dropped as `incomplete`, and its
@@ -178,6 +192,7 @@ impl Default for Config {
             nccl_bucket_mb: 64,
             nccl_rollouts: 1,
             learner_ranks: 1,
+            shard: Shard::None,
             group_timeout_ms: 600_000,
         }
     }

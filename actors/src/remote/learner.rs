@@ -481,7 +481,11 @@ impl Loop {
     /// Stops the workers and counts what is left where.
     async fn finish(&mut self, why: &Finish, source: &ActorRef<SourceMsg>, drain: Duration) -> Result<(), Error> {
         let _ = source.cast(SourceMsg::Stop);
-        self.core.wrap_up(why).await?;
+        // The final checkpoint is written with the learner ranks (their
+        // optimizer shares); then they train no step after the last one.
+        let wrapped = self.core.wrap_up(why).await;
+        self.control.stop_steps();
+        wrapped?;
         self.control.request_shutdown(&format!("{why:?}"));
         // Workers finish what they are doing, deliver it and leave.
         let alive = |c: &Control| -> Vec<String> { c.alive_workers() };
@@ -608,8 +612,6 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
             l.reserve().await?;
             health.beat();
         };
-        // The learner ranks train no step after the last one (nor after a failure).
-        control.stop_steps();
         l.finish(&why, &source, drain).await?;
         Ok::<_, Error>(why)
     }

@@ -7,6 +7,7 @@
 //! Register (role LEARNER) ──▶ rank r of dist.learner_ranks, heartbeats
 //! GetNcclId "learner-dp"  ──▶ join the communicator; rank 0's weights, optimizer state and RNG arrive
 //! GetStep 0, 1, 2, …      ──▶ the groups rank 0 trains each step on ──▶ train_step (collectives with the others)
+//!         → checkpoint    ──▶ rank 0 writes one: send it this rank's optimizer shares (dist.shard)
 //! GetStep → stopped       ──▶ leave
 //! ```
 //!
@@ -37,6 +38,9 @@ pub trait RankTrainer: Send + 'static {
     fn join(&mut self, id: &NcclId, rank: usize) -> BackendResult<()>;
     /// One step on the same groups as rank 0, in its order.
     fn train(&mut self, groups: Vec<Vec<LabeledTrajectory>>) -> BackendResult<()>;
+    /// Rank 0 writes a checkpoint now: hand it what only this rank holds
+    /// (its optimizer shares, when the ranks shard them).
+    fn checkpoint(&mut self) -> BackendResult<()>;
 }
 
 pub struct RankArgs {
@@ -60,6 +64,8 @@ pub struct RankSummary {
     pub trajectories: u64,
     /// The policy version of the last step trained.
     pub version: u64,
+    /// Checkpoints of rank 0's it took part in.
+    pub checkpoints: u64,
 }
 
 
@@ -94,10 +100,12 @@ pub async fn run(args: RankArgs, shutdown: impl Future<Output = ()>) -> Result<R
     .map_err(|e| failed(format!("joining: {}", e.0)))?;
     tracing::info!(rank, world, "joined: training rank 0's steps");
     let mut summary = RankSummary { rank, world, ..Default::default() };
+    // Steps and checkpoints share one index.
+    let mut next = 0u64;
     loop {
         let worker_id = membership.borrow().worker_id.clone();
         let batch = tokio::select! {
-            r = control.get_step(&worker_id, summary.steps, poll) => r?,
+            r = control.get_step(&worker_id, next, poll) => r?,
             _ = &mut shutdown => break,
         };
         health.beat();
@@ -105,6 +113,18 @@ pub async fn run(args: RankArgs, shutdown: impl Future<Output = ()>) -> Result<R
             StepPoll::Ready(step) => step,
             StepPoll::Waiting => continue,
             StepPoll::Stopped => break,
+            StepPoll::Checkpoint { index } => {
+                trainer = tokio::task::spawn_blocking(move || {
+                    let mut trainer = trainer;
+                    trainer.checkpoint().map(|()| trainer)
+                })
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .map_err(|e| failed(format!("rank 0's checkpoint after step {index}: {}", e.0)))?;
+                summary.checkpoints += 1;
+                next += 1;
+                continue;
+            }
         };
         let groups = batch.groups;
         let trajectories: u64 = groups.iter().map(|g| g.len() as u64).sum();
@@ -116,6 +136,7 @@ pub async fn run(args: RankArgs, shutdown: impl Future<Output = ()>) -> Result<R
         .map_err(|e| failed(e.to_string()))?
         .map_err(|e| failed(format!("step {} (policy version {}): {}", batch.index, batch.version, e.0)))?;
         summary.steps += 1;
+        next += 1;
         summary.trajectories += trajectories;
         summary.version = batch.version;
         counters.processed.fetch_add(trajectories, Relaxed);

@@ -2,24 +2,32 @@
 //! et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
 //! Parameter Models", arXiv 1910.02054).
 //!
-//! The trainable parameters, in name order, are one flat vector padded to a
-//! multiple of the world size; rank `r` owns elements `r·s .. (r+1)·s` of it
-//! (`s` = padded length / world; a rank past the last parameter owns padding
-//! only). Each rank keeps the AdamW moments and float32 master weights of its
-//! share alone, so optimizer state costs 1/N per rank. One update:
+//! The trainable parameters, in name order, are cut into buckets of whole
+//! parameters of about `bucket_bytes` (as float32; a parameter larger than
+//! that is a bucket of its own). Each bucket, flattened, is padded to a
+//! multiple of the world size and shared out: rank `r` owns elements
+//! `r·s .. (r+1)·s` of it (`s` = padded length / world; a rank past a
+//! bucket's last element owns padding only). A rank's *share* is its part of
+//! every bucket, in bucket order. It keeps the AdamW moments and float32
+//! master weights of its share alone, so optimizer state costs 1/N per rank,
+//! and no step holds more than one bucket flattened. One update:
 //!
-//! 1. gradients summed over ranks: reduce-scattered into each rank's share
-//!    (stage 2, [`Stage::Gradients`]), or all-reduced whole and sliced
-//!    (stage 1, [`Stage::Optimizer`]);
+//! 1. gradients summed over ranks, bucket by bucket: reduce-scattered into
+//!    each rank's share (stage 2, [`Stage::Gradients`]), or all-reduced whole
+//!    and sliced (stage 1, [`Stage::Optimizer`]);
 //! 2. the global gradient norm from every share's sum of squares, and the
 //!    shares clipped as `torch.nn.utils.clip_grad_norm_` does;
 //! 3. AdamW on the share ([`AdamWConfig::update`], as [`super::AdamW::step`]);
-//! 4. the updated shares all-gathered and copied into every parameter.
+//! 4. the updated shares all-gathered, bucket by bucket, into every parameter.
+//!
+//! The master weights are the parameters' values at the start (the learner's
+//! parameters are float32, so a checkpoint's weights restore them exactly).
 
 use super::{AdamWConfig, clip_coefficient};
 use crate::collective::Collective;
 use crate::policy::named_variables;
 use crate::{Error, Result};
+use std::ops::Range;
 use tch::{Kind, Tensor, nn};
 
 /// What the ranks shard.
@@ -31,6 +39,55 @@ pub enum Stage {
     Gradients,
 }
 
+/// How data-parallel ranks shard the optimizer (`dist.shard` other than
+/// "none"; see [`crate::Learner::join_data_parallel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sharding {
+    pub stage: Stage,
+    /// Parameters are flattened together up to this many bytes (as float32).
+    pub bucket_bytes: usize,
+}
+
+/// Consecutive parameters flattened together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bucket {
+    /// Indices into the parameters.
+    params: Range<usize>,
+    /// Elements of those parameters.
+    len: i64,
+    /// Elements per rank (the bucket padded to a multiple of the world, divided).
+    share: i64,
+    /// Where this bucket's part starts in a rank's share.
+    offset: i64,
+}
+
+/// The buckets of parameters with `numels` elements, for `world` ranks.
+fn buckets(numels: &[i64], bucket_bytes: usize, world: usize) -> Result<Vec<Bucket>> {
+    let overflow = || Error::Collective("the parameters' element count overflows".into());
+    let cap = (bucket_bytes / 4).max(1) as i64;
+    let mut out: Vec<Bucket> = Vec::new();
+    let mut offset = 0i64;
+    let mut start = 0usize;
+    let mut len = 0i64;
+    let close = |out: &mut Vec<Bucket>, offset: &mut i64, params: Range<usize>, len: i64| -> Result<()> {
+        let share = ((len as u64).div_ceil(world as u64) as i64).max(1);
+        out.push(Bucket { params, len, share, offset: *offset });
+        *offset = offset.checked_add(share).ok_or_else(overflow)?;
+        Ok(())
+    };
+    for (i, &n) in numels.iter().enumerate() {
+        if i > start && len.checked_add(n).ok_or_else(overflow)? > cap {
+            close(&mut out, &mut offset, start..i, len)?;
+            (start, len) = (i, 0);
+        }
+        len = len.checked_add(n).ok_or_else(overflow)?;
+    }
+    if numels.is_empty() || start < numels.len() {
+        close(&mut out, &mut offset, start..numels.len(), len)?;
+    }
+    Ok(out)
+}
+
 /// AdamW over this rank's share of the flattened parameters.
 pub struct ShardedAdamW {
     config: AdamWConfig,
@@ -38,9 +95,9 @@ pub struct ShardedAdamW {
     params: Vec<Tensor>,
     rank: usize,
     world: usize,
-    /// Elements per rank.
-    share: i64,
-    /// This rank's float32 master weights and moments, `[share]`.
+    buckets: Vec<Bucket>,
+    bucket_bytes: usize,
+    /// This rank's float32 master weights and moments, `[share_len]`.
     master: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -49,30 +106,22 @@ pub struct ShardedAdamW {
 
 impl ShardedAdamW {
     /// Rank `rank` of `world` over the trainable variables of `vs` (every
-    /// rank holds the same values), with zero state.
-    pub fn new(vs: &nn::VarStore, config: AdamWConfig, stage: Stage, rank: usize, world: usize) -> Result<Self> {
+    /// rank holds the same values), in buckets of about `bucket_bytes`, with
+    /// zero state.
+    pub fn new(vs: &nn::VarStore, config: AdamWConfig, stage: Stage, rank: usize, world: usize, bucket_bytes: usize) -> Result<Self> {
         if world == 0 || rank >= world {
             return Err(Error::Collective(format!("rank {rank} of a world of {world}")));
         }
         let params: Vec<Tensor> = named_variables(vs).into_iter().map(|(_, v)| v).filter(Tensor::requires_grad).collect();
-        let total = params.iter().try_fold(0i64, |n, p| n.checked_add(p.numel() as i64));
-        let total = total.ok_or_else(|| Error::Collective("the parameters' element count overflows".into()))?;
-        let share = ((total as u64).div_ceil(world as u64) as i64).max(1);
+        let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
+        let buckets = buckets(&numels, bucket_bytes, world)?;
+        let share: i64 = buckets.iter().map(|b| b.share).sum();
         let device = vs.device();
-        let mut sharded = Self {
-            config,
-            stage,
-            rank,
-            world,
-            share,
-            master: Tensor::zeros([share], (Kind::Float, device)),
-            exp_avg: Tensor::zeros([share], (Kind::Float, device)),
-            exp_avg_sq: Tensor::zeros([share], (Kind::Float, device)),
-            params,
-            steps: 0,
-        };
-        let values = tch::no_grad(|| sharded.flat(|p| p.shallow_clone()));
-        sharded.master = tch::no_grad(|| sharded.mine(&values).copy());
+        let zeros = || Tensor::zeros([share], (Kind::Float, device));
+        let mut sharded =
+            Self { config, stage, rank, world, buckets, bucket_bytes, master: zeros(), exp_avg: zeros(), exp_avg_sq: zeros(), params, steps: 0 };
+        let values: Vec<Tensor> = sharded.params.iter().map(Tensor::shallow_clone).collect();
+        sharded.master = tch::no_grad(|| sharded.share_of(&values, rank));
         Ok(sharded)
     }
 
@@ -81,27 +130,96 @@ impl ShardedAdamW {
         self.steps
     }
 
-    /// Elements of the flattened parameters this rank keeps state for.
-    pub fn share_len(&self) -> usize {
-        self.share as usize
+    pub(crate) fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
     }
 
-    /// `f` of every parameter, flattened in order into one float32 vector
-    /// padded with zeros to `world × share` elements.
-    fn flat(&self, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+    /// The bucket size it was made with.
+    pub fn bucket_bytes(&self) -> usize {
+        self.bucket_bytes
+    }
+
+    /// This rank and the world.
+    pub fn rank(&self) -> (usize, usize) {
+        (self.rank, self.world)
+    }
+
+    /// Elements of the flattened parameters this rank keeps state for.
+    pub fn share_len(&self) -> usize {
+        self.master.numel()
+    }
+
+    /// This rank's moments, `[share_len]` each: `exp_avg`, `exp_avg_sq`.
+    pub fn moments(&self) -> [&Tensor; 2] {
+        [&self.exp_avg, &self.exp_avg_sq]
+    }
+
+    /// Takes `exp_avg` and `exp_avg_sq` (this rank's share of them) after
+    /// `steps` steps.
+    pub fn set_state(&mut self, exp_avg: &Tensor, exp_avg_sq: &Tensor, steps: u64) -> Result<()> {
+        for (name, src) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
+            if src.size() != self.exp_avg.size() {
+                return Err(Error::Collective(format!(
+                    "rank {}: a share of {name} of shape {:?}, expected {:?}",
+                    self.rank,
+                    src.size(),
+                    self.exp_avg.size()
+                )));
+            }
+        }
+        tch::no_grad(|| -> Result<()> {
+            self.exp_avg.f_copy_(exp_avg)?;
+            self.exp_avg_sq.f_copy_(exp_avg_sq)?;
+            Ok(())
+        })?;
+        self.steps = steps;
+        Ok(())
+    }
+
+    /// The flattened bucket `b` of `f` of every parameter, as float32, padded
+    /// to `world × share` elements.
+    fn flat(&self, b: &Bucket, f: impl Fn(usize) -> Tensor) -> Tensor {
         let device = self.master.device();
-        let mut parts: Vec<Tensor> = self.params.iter().map(|p| f(p).to_kind(Kind::Float).flatten(0, -1)).collect();
-        let total: i64 = parts.iter().map(|t| t.numel() as i64).sum();
-        let padding = self.share * self.world as i64 - total;
+        let mut parts: Vec<Tensor> = b.params.clone().map(|i| f(i).to_kind(Kind::Float).to_device(device).flatten(0, -1)).collect();
+        let padding = b.share * self.world as i64 - b.len;
         if padding > 0 {
             parts.push(Tensor::zeros([padding], (Kind::Float, device)));
         }
         Tensor::cat(&parts, 0)
     }
 
-    /// This rank's share of a flat vector.
-    fn mine(&self, flat: &Tensor) -> Tensor {
-        flat.narrow(0, self.rank as i64 * self.share, self.share)
+    /// Rank `rank`'s share of per-parameter tensors (`per_param[i]` shaped
+    /// as parameter `i`, e.g. a whole optimizer's moments), `[share_len]`.
+    pub fn share_of(&self, per_param: &[Tensor], rank: usize) -> Tensor {
+        let parts: Vec<Tensor> =
+            self.buckets.iter().map(|b| self.flat(b, |i| per_param[i].shallow_clone()).narrow(0, rank as i64 * b.share, b.share)).collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    /// The per-parameter tensors whose shares are `shares` (one per rank,
+    /// in rank order): the inverse of [`ShardedAdamW::share_of`].
+    pub fn whole_of(&self, shares: &[Tensor]) -> Result<Vec<Tensor>> {
+        if shares.len() != self.world || shares.iter().any(|s| s.size() != self.master.size()) {
+            return Err(Error::Collective(format!(
+                "{} shares of shapes {:?} for {} ranks of {} elements each",
+                shares.len(),
+                shares.iter().map(Tensor::size).collect::<Vec<_>>(),
+                self.world,
+                self.share_len()
+            )));
+        }
+        let mut out = Vec::with_capacity(self.params.len());
+        for b in &self.buckets {
+            let parts: Vec<Tensor> = shares.iter().map(|s| s.narrow(0, b.offset, b.share)).collect();
+            let bucket = Tensor::cat(&parts, 0);
+            let mut at = 0i64;
+            for p in &self.params[b.params.clone()] {
+                let n = p.numel() as i64;
+                out.push(bucket.narrow(0, at, n).view(p.size().as_slice()).copy());
+                at += n;
+            }
+        }
+        Ok(out)
     }
 
     /// One update from this rank's gradients (summed over the ranks here; a
@@ -120,21 +238,26 @@ impl ShardedAdamW {
             )));
         }
         let _guard = tch::no_grad_guard();
-        let grads = self.flat(|p| {
-            let g = p.grad();
-            if g.defined() { g } else { p.zeros_like() }
-        });
-        let grad = match self.stage {
-            Stage::Gradients => {
-                let share = Tensor::zeros([self.share], (Kind::Float, grads.device()));
-                dp.reduce_scatter_sum(&grads, &share)?;
-                share
-            }
-            Stage::Optimizer => {
-                dp.all_reduce_sum(std::slice::from_ref(&grads))?;
-                self.mine(&grads).copy()
-            }
-        };
+        let device = self.master.device();
+        let grad = Tensor::zeros([self.share_len() as i64], (Kind::Float, device));
+        for b in &self.buckets {
+            let flat = self.flat(b, |i| {
+                let g = self.params[i].grad();
+                if g.defined() { g } else { self.params[i].zeros_like() }
+            });
+            let mine = match self.stage {
+                Stage::Gradients => {
+                    let share = Tensor::zeros([b.share], (Kind::Float, device));
+                    dp.reduce_scatter_sum(&flat, &share)?;
+                    share
+                }
+                Stage::Optimizer => {
+                    dp.all_reduce_sum(std::slice::from_ref(&flat))?;
+                    flat.narrow(0, self.rank as i64 * b.share, b.share)
+                }
+            };
+            grad.narrow(0, b.offset, b.share).f_copy_(&mine)?;
+        }
         let squares = grad.square().sum(Kind::Float).reshape([1]);
         dp.all_reduce_sum(std::slice::from_ref(&squares))?;
         let norm = squares.f_double_value(&[0])?.sqrt();
@@ -146,13 +269,15 @@ impl ShardedAdamW {
         self.steps += 1;
         self.config.update(&mut self.master, &mut self.exp_avg, &mut self.exp_avg_sq, &grad, lr, self.steps)?;
         // Every rank's updated share, back into every parameter.
-        let whole = Tensor::zeros([self.share * self.world as i64], (Kind::Float, self.master.device()));
-        dp.all_gather(&self.master, &whole)?;
-        let mut at = 0i64;
-        for p in &self.params {
-            let n = p.numel() as i64;
-            p.shallow_clone().f_copy_(&whole.narrow(0, at, n).view(p.size().as_slice()).to_kind(p.kind()))?;
-            at += n;
+        for b in &self.buckets {
+            let whole = Tensor::zeros([b.share * self.world as i64], (Kind::Float, device));
+            dp.all_gather(&self.master.narrow(0, b.offset, b.share), &whole)?;
+            let mut at = 0i64;
+            for p in &self.params[b.params.clone()] {
+                let n = p.numel() as i64;
+                p.shallow_clone().f_copy_(&whole.narrow(0, at, n).view(p.size().as_slice()).to_kind(p.kind()))?;
+                at += n;
+            }
         }
         Ok((norm, true))
     }

@@ -188,7 +188,20 @@ impl Control {
             version,
             groups: groups.iter().map(|g| v1::StepGroup { trajectories: g.iter().map(Into::into).collect() }).collect(),
             stopped: false,
+            checkpoint: false,
         };
+        s.steps.next += 1;
+        s.steps.current = Some(Arc::new(batch));
+        drop(s);
+        self.step_published.notify_waiters();
+    }
+
+    /// Tells the data-parallel learner ranks that rank 0 writes a checkpoint
+    /// now (after the step it published last): ranks that shard the
+    /// optimizer send it their shares. It takes the next step index.
+    pub fn publish_checkpoint(&self) {
+        let mut s = self.lock();
+        let batch = v1::StepBatch { index: s.steps.next, version: s.policy_version, checkpoint: true, ..Default::default() };
         s.steps.next += 1;
         s.steps.current = Some(Arc::new(batch));
         drop(s);

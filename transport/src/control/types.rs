@@ -311,6 +311,8 @@ pub enum StepPoll {
     Waiting,
     /// Rank 0 trains no more steps.
     Stopped,
+    /// Rank 0 writes a checkpoint now: the ranks send it their optimizer shares.
+    Checkpoint { index: u64 },
 }
 
 impl TryFrom<v1::StepBatch> for StepPoll {
@@ -319,6 +321,9 @@ impl TryFrom<v1::StepBatch> for StepPoll {
     fn try_from(b: v1::StepBatch) -> Result<Self, ConvertError> {
         if b.stopped {
             return Ok(StepPoll::Stopped);
+        }
+        if b.checkpoint {
+            return Ok(StepPoll::Checkpoint { index: b.index });
         }
         if b.groups.is_empty() {
             return Ok(StepPoll::Waiting);

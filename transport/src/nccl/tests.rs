@@ -133,23 +133,27 @@ fn a_one_rank_data_parallel_learner_on_the_gpu_trains_as_one_alone() {
     let weights = |l: &prism_learner::Learner<prism_model::Transformer>| -> Vec<Tensor> {
         prism_learner::policy::named_variables(prism_learner::Policy::var_store(l.policy())).into_iter().map(|(_, t)| t.to_device(tch::Device::Cpu)).collect()
     };
-    let mut alone = prism_learner::Learner::new(config.clone(), model(), Some(model()), 1).unwrap();
-    let mut joined = prism_learner::Learner::new(config, model(), Some(model()), 1).unwrap();
-    let comm = Communicator::new(&unique_id().unwrap(), 0, 1, 0, Duration::from_secs(60), 1 << 20).unwrap();
-    joined.join_data_parallel(Box::new(comm)).unwrap();
-    let before = weights(&alone);
-    for _ in 0..2 {
-        let a = alone.train_step(&groups).unwrap();
-        let b = joined.train_step(&groups).unwrap();
-        assert_eq!(a.updates.len(), b.updates.len());
-        for (x, y) in a.updates.iter().zip(&b.updates) {
-            assert!((x.loss - y.loss).abs() <= 1e-6 * x.loss.abs().max(1.0) && x.tokens == y.tokens, "{x:?} vs {y:?}");
+    use prism_learner::optim::sharded::{Sharding, Stage};
+    // Unsharded, then ZeRO-1 and ZeRO-2 (reduce-scatter and all-gather over NCCL).
+    for sharding in [None, Some(Stage::Optimizer), Some(Stage::Gradients)].map(|s| s.map(|stage| Sharding { stage, bucket_bytes: 4096 })) {
+        let mut alone = prism_learner::Learner::new(config.clone(), model(), Some(model()), 1).unwrap();
+        let mut joined = prism_learner::Learner::new(config.clone(), model(), Some(model()), 1).unwrap();
+        let comm = Communicator::new(&unique_id().unwrap(), 0, 1, 0, Duration::from_secs(60), 1 << 20).unwrap();
+        joined.join_data_parallel(Box::new(comm), sharding).unwrap();
+        let before = weights(&alone);
+        for _ in 0..2 {
+            let a = alone.train_step(&groups).unwrap();
+            let b = joined.train_step(&groups).unwrap();
+            assert_eq!(a.updates.len(), b.updates.len());
+            for (x, y) in a.updates.iter().zip(&b.updates) {
+                assert!((x.loss - y.loss).abs() <= 1e-6 * x.loss.abs().max(1.0) && x.tokens == y.tokens, "{sharding:?}: {x:?} vs {y:?}");
+            }
         }
+        let (a, b) = (weights(&alone), weights(&joined));
+        let moved = a.iter().zip(&before).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
+        eprintln!("one-rank data-parallel learner on cuda:0, shard {sharding:?}: weights moved {moved:.3e}, differ from alone by {diff:.3e}");
+        assert!(moved > 1e-4, "training must move the weights ({moved})");
+        assert!(diff <= 1e-6, "{sharding:?}: the one-rank learner departs from the learner alone by {diff}");
     }
-    let (a, b) = (weights(&alone), weights(&joined));
-    let moved = a.iter().zip(&before).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
-    eprintln!("one-rank data-parallel learner on cuda:0: weights moved {moved:.3e}, differ from alone by {diff:.3e}");
-    assert!(moved > 1e-4, "training must move the weights ({moved})");
-    assert!(diff <= 1e-6, "the one-rank learner departs from the learner alone by {diff}");
 }

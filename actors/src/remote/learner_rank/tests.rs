@@ -53,6 +53,13 @@ impl RankTrainer for Fake {
         self.sums.lock().unwrap().push((mine, summed(c, mine)));
         Ok(())
     }
+
+    fn checkpoint(&mut self) -> BackendResult<()> {
+        // Meets rank 0 in one collective, as the real one sends its shares.
+        let c = self.collective.as_ref().expect("joined");
+        self.sums.lock().unwrap().push((-1.0, summed(c, -1.0)));
+        Ok(())
+    }
 }
 
 fn steps() -> Vec<Vec<Vec<LabeledTrajectory>>> {
@@ -95,6 +102,11 @@ async fn a_learner_rank_trains_every_step_rank_0_publishes_and_leaves_when_it_st
             control.publish_step(10 + s as u64, groups);
             let mine = fingerprint(groups);
             out.push((mine, summed(&rank0, mine)));
+            if s == 1 {
+                // A checkpoint after the second step: the rank meets rank 0 in it.
+                control.publish_checkpoint();
+                out.push((-1.0, summed(&rank0, -1.0)));
+            }
         }
         control.stop_steps();
         out
@@ -103,11 +115,11 @@ async fn a_learner_rank_trains_every_step_rank_0_publishes_and_leaves_when_it_st
     .unwrap();
 
     let summary = tokio::time::timeout(Duration::from_secs(20), rank).await.expect("the rank stops").unwrap().unwrap();
-    assert_eq!(summary, RankSummary { rank: 1, world: 2, steps: 3, trajectories: 24, version: 12 });
+    assert_eq!(summary, RankSummary { rank: 1, world: 2, steps: 3, trajectories: 24, version: 12, checkpoints: 1 });
     assert_eq!(*joined.lock().unwrap(), Some((vec![7; 128], 1, 2)));
     // Both ranks met in every step's collective with the same groups.
     let sums = sums.lock().unwrap().clone();
-    assert_eq!(sums.len(), 3);
+    assert_eq!(sums.len(), 4);
     for ((mine, total), (theirs, total0)) in sums.iter().zip(&rank0_sums) {
         assert_eq!(mine, theirs, "the rank trained on other groups than rank 0");
         assert_eq!((*total, *total0), (2.0 * mine, 2.0 * mine));
@@ -279,7 +291,7 @@ async fn the_learner_loop_hands_each_step_to_the_learner_ranks() {
         .unwrap();
     assert_eq!(summary.finish, crate::learner::Finish::MaxSteps);
     let rank = tokio::time::timeout(Duration::from_secs(20), rank).await.expect("the rank stops").unwrap().unwrap();
-    assert_eq!(rank, RankSummary { rank: 1, world: 2, steps: 3, trajectories: 24, version: 3 });
+    assert_eq!(rank, RankSummary { rank: 1, world: 2, steps: 3, trajectories: 24, version: 3, checkpoints: 0 });
     let (theirs, mine) = (rank0_sums.lock().unwrap().clone(), sums.lock().unwrap().clone());
     assert_eq!(theirs.len(), 3);
     assert_eq!(theirs, mine, "rank 0 and the learner rank trained different groups");

@@ -57,7 +57,7 @@ fn alone(shapes: &[&[i64]], world: usize) -> Vec<f32> {
 
 /// The same three steps on `world` sharded ranks; every rank's weights and
 /// the length of its share.
-fn sharded(shapes: &[&[i64]], world: usize, stage: Stage) -> Vec<(Vec<f32>, usize)> {
+fn sharded(shapes: &[&[i64]], world: usize, stage: Stage, bucket_bytes: usize) -> Vec<(Vec<f32>, usize)> {
     let group = Local::group(world, Duration::from_secs(20));
     std::thread::scope(|s| {
         let handles: Vec<_> = group
@@ -65,7 +65,7 @@ fn sharded(shapes: &[&[i64]], world: usize, stage: Stage) -> Vec<(Vec<f32>, usiz
             .map(|dp| {
                 s.spawn(move || {
                     let vs = store(shapes);
-                    let mut adam = ShardedAdamW::new(&vs, CONFIG, stage, dp.rank(), world).unwrap();
+                    let mut adam = ShardedAdamW::new(&vs, CONFIG, stage, dp.rank(), world, bucket_bytes).unwrap();
                     for step in 0..3 {
                         set_grads(&vs, &[dp.rank()], step);
                         let (norm, ran) = adam.step(dp, 0.05, 0.5).unwrap();
@@ -81,25 +81,60 @@ fn sharded(shapes: &[&[i64]], world: usize, stage: Stage) -> Vec<(Vec<f32>, usiz
 
 /// ZeRO-1 and ZeRO-2 on 1, 2, 3 and 5 ranks end on one AdamW's weights
 /// (the gradients summed, clipped by the global norm): uneven shares (19
-/// elements) and ranks whose share is padding only (3 elements on 5 ranks).
+/// elements) and ranks whose share is padding only (3 elements on 5 ranks),
+/// in one bucket and in buckets of 16 bytes (12, 5 and 2 elements: a
+/// parameter larger than a bucket is one of its own).
 #[test]
 fn sharded_ranks_step_as_one_adamw_on_the_summed_gradients() {
     let layouts: [&[&[i64]]; 2] = [&[&[3, 4], &[5], &[2]], &[&[3]]];
     for shapes in layouts {
-        let total: usize = shapes.iter().map(|s| s.iter().product::<i64>() as usize).sum();
+        let numels: Vec<usize> = shapes.iter().map(|s| s.iter().product::<i64>() as usize).collect();
+        let total: usize = numels.iter().sum();
         for world in [1, 2, 3, 5] {
             let want = alone(shapes, world);
             let moved = want.iter().zip(values(&store(shapes))).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(moved > 1e-2, "the steps move the weights");
-            for stage in [Stage::Optimizer, Stage::Gradients] {
-                let ranks = sharded(shapes, world, stage);
-                for (rank, (got, share)) in ranks.iter().enumerate() {
-                    assert_eq!(*share, total.div_ceil(world).max(1), "{stage:?}, world {world}: share length");
-                    assert_eq!(got, &ranks[0].0, "{stage:?}, world {world}: rank {rank} departs from rank 0");
-                    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                    assert!(diff <= 1e-6, "{stage:?}, world {world}, {total} elements: rank {rank} differs from one AdamW by {diff}");
+            for (bucket_bytes, share_len) in [(1 << 20, total.div_ceil(world).max(1)), (16, numels.iter().map(|n| n.div_ceil(world)).sum())] {
+                for stage in [Stage::Optimizer, Stage::Gradients] {
+                    let ranks = sharded(shapes, world, stage, bucket_bytes);
+                    for (rank, (got, share)) in ranks.iter().enumerate() {
+                        assert_eq!(*share, share_len, "{stage:?}, world {world}, buckets of {bucket_bytes} B: share length");
+                        assert_eq!(got, &ranks[0].0, "{stage:?}, world {world}: rank {rank} departs from rank 0");
+                        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                        assert!(diff <= 1e-6, "{stage:?}, world {world}, {total} elements, buckets of {bucket_bytes} B: rank {rank} differs from one AdamW by {diff}");
+                    }
                 }
             }
+        }
+    }
+}
+
+/// The buckets: whole parameters up to the size, one larger than it alone,
+/// each padded to the world and cut into equal shares.
+#[test]
+fn buckets_hold_whole_parameters_and_pad_to_the_world() {
+    let b = buckets(&[12, 5, 2, 1, 9], 32, 3).unwrap();
+    let got: Vec<_> = b.iter().map(|b| (b.params.clone(), b.len, b.share, b.offset)).collect();
+    assert_eq!(got, vec![(0..1, 12, 4, 0), (1..4, 8, 3, 4), (4..5, 9, 3, 7)]);
+    assert_eq!(buckets(&[], 32, 2).unwrap().len(), 1, "no parameters: one empty bucket");
+}
+
+/// Every rank's share of per-parameter tensors, put back together, gives
+/// them back; a wrong number of shares is refused.
+#[test]
+fn shares_of_whole_tensors_round_trip() {
+    let shapes: &[&[i64]] = &[&[3, 4], &[5], &[2]];
+    let vs = store(shapes);
+    let per_param: Vec<Tensor> = named_variables(&vs).into_iter().map(|(_, v)| v.detach() * 3.0 + 1.0).collect();
+    for world in [1, 2, 3, 5] {
+        for bucket_bytes in [16, 1 << 20] {
+            let adam = ShardedAdamW::new(&vs, CONFIG, Stage::Optimizer, 0, world, bucket_bytes).unwrap();
+            let shares: Vec<Tensor> = (0..world).map(|r| adam.share_of(&per_param, r)).collect();
+            let back = adam.whole_of(&shares).unwrap();
+            for (a, b) in back.iter().zip(&per_param) {
+                assert!(a.equal(b), "world {world}, buckets of {bucket_bytes} B");
+            }
+            assert!(adam.whole_of(&shares[1..]).is_err() || world == 1);
         }
     }
 }
@@ -107,6 +142,6 @@ fn sharded_ranks_step_as_one_adamw_on_the_summed_gradients() {
 #[test]
 fn a_rank_outside_its_world_is_refused() {
     let vs = store(&[&[2]]);
-    assert!(ShardedAdamW::new(&vs, CONFIG, Stage::Gradients, 2, 2).is_err());
-    assert!(ShardedAdamW::new(&vs, CONFIG, Stage::Gradients, 0, 0).is_err());
+    assert!(ShardedAdamW::new(&vs, CONFIG, Stage::Gradients, 2, 2, 1024).is_err());
+    assert!(ShardedAdamW::new(&vs, CONFIG, Stage::Gradients, 0, 0, 1024).is_err());
 }
