@@ -36,6 +36,8 @@ pub enum Command {
     Doctor(ConfigArgs),
     /// Show a distributed run: workers by role, policy versions, queues, lag, throughput.
     Status(StatusArgs),
+    /// The memory a learner rank needs for a model, per dist.shard setting, and whether it fits a GPU.
+    Plan(crate::plan::PlanArgs),
 }
 
 pub use crate::config::ConfigArgs;
@@ -107,6 +109,7 @@ impl Command {
             },
             Command::Doctor(a) => ("doctor", a),
             Command::Status(a) => ("status", &a.common),
+            Command::Plan(a) => ("plan", &a.common),
         }
     }
 }

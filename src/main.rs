@@ -7,6 +7,7 @@ mod config;
 mod doctor;
 mod eval;
 mod export;
+mod plan;
 mod progress;
 mod roles;
 mod run_dir;
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
         cli::Command::LearnerRank(_) => exit_code(roles::learner_rank(&config)),
         cli::Command::Reward(_) => exit_code(roles::reward(&config)),
         cli::Command::Status(a) => status::run(&config, a.learner.as_deref()),
+        cli::Command::Plan(a) => exit_code(plan::run(&a, config.run.seed)),
         cli::Command::Serve(_) => {
             if let Err(e) = config.serve.check_exposure() {
                 eprintln!("prism: {e}");

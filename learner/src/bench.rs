@@ -142,3 +142,28 @@ pub fn flops_per_token<P: Policy>(policy: &P, layers: usize, hidden: usize, voca
     let matmul = total - embed + if untied_head { 0 } else { (vocab * hidden) as i64 };
     6.0 * matmul as f64 + 12.0 * (layers * hidden * seq_len) as f64
 }
+
+/// This process's resident memory peak over a span (Linux: `VmHWM`, reset
+/// at the start through `/proc/self/clear_refs`).
+pub struct Memory {
+    start: Option<u64>,
+}
+
+impl Memory {
+    fn status(field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    }
+
+    pub fn start() -> Self {
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        Self { start: if reset { Self::status("VmRSS:") } else { None } }
+    }
+
+    /// Bytes the peak rose above the resident memory at the start.
+    pub fn peak(&self) -> Option<u64> {
+        Some(Self::status("VmHWM:")?.saturating_sub(self.start?))
+    }
+}

@@ -19,6 +19,7 @@ pub mod collective;
 pub mod config;
 pub mod loss;
 pub mod optim;
+pub mod plan;
 pub mod policy;
 pub mod sft;
 pub mod train;

@@ -107,7 +107,7 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
 
     let prism_model::Loaded { model, .. } = loaded;
     let mut learner = Learner::new(learner_config(args, cuda), model, None, seed)?;
-    let memory = Memory::start();
+    let memory = bench::Memory::start();
     let ours = bench::run(&mut learner, &spec)?;
     let peak = memory.peak();
     let flops = bench::flops_per_token(learner.policy(), config.num_layers, config.hidden_size, config.vocab_size, args.seq_len);
@@ -151,31 +151,6 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
         _ => {}
     }
     Ok(())
-}
-
-/// This process's resident memory peak over a span (Linux: `VmHWM`, reset
-/// at the start through `/proc/self/clear_refs`).
-struct Memory {
-    start: Option<u64>,
-}
-
-impl Memory {
-    fn status(field: &str) -> Option<u64> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find(|l| l.starts_with(field))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        kib.checked_mul(1024)
-    }
-
-    fn start() -> Self {
-        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-        Self { start: if reset { Self::status("VmRSS:") } else { None } }
-    }
-
-    /// Bytes the peak rose above the resident memory at the start.
-    fn peak(&self) -> Option<u64> {
-        Some(Self::status("VmHWM:")?.saturating_sub(self.start?))
-    }
 }
 
 struct Reference {

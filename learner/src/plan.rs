@@ -1,0 +1,197 @@
+//! How much memory a learner rank needs: `prism plan`, before renting a
+//! cluster. Per rank, for every `dist.shard` setting: the weights (float32,
+//! as the learner trains them), the reference model of a KL penalty, the
+//! gradients, the optimizer state, the buffers of sharded updates, and the
+//! peak of the activations of one micro-batch's forward and backward pass,
+//! kept or recomputed per layer (`learner.checkpoint_activations`); and the
+//! KV cache a rollout engine needs for a batch.
+//!
+//! The activation model counts the values autograd keeps per token and
+//! layer in [`prism_model::Transformer`]'s training pass ([`saved_per_layer`];
+//! with those counts the live bytes of CPU steps match within 6 % when glibc
+//! hands every block back, `MALLOC_MMAP_THRESHOLD_=131072`), times
+//! [`ALLOCATOR_FACTOR`] for what the allocator holds beyond them, plus the
+//! vocabulary-sized tensors of the loss over the trained window
+//! ([`LOGIT_COPIES`]). Both factors are measured on CPU training steps of
+//! random-weight models with glibc's default allocator (`prism plan
+//! --measure`; `benches/plan.sh` prints the plan beside the measured peak for
+//! SmolLM2-135M and tiny configs at several shapes). Under CUDA's bf16
+//! autocast the projections' outputs take 2 bytes instead of 4; that part is
+//! derived, not measured here (no GPU). With activations recomputed per layer
+//! the CPU allocator's share is larger and varies more (see `benches/plan.sh`).
+
+use crate::optim::sharded::Stage;
+use prism_model::ModelConfig;
+
+/// Measured: resident bytes of the layers' activations over the values
+/// [`saved_per_layer`] counts (1.20 to 1.42 on the configs of
+/// `benches/plan.sh`: blocks the allocator keeps, gradients in flight).
+pub const ALLOCATOR_FACTOR: f64 = 1.3;
+/// Measured: vocabulary-sized float32 tensors per trained token at the peak
+/// (the logits, their log-softmax and its gradient, entropy's temporaries;
+/// 4.0 to 4.3 measured).
+pub const LOGIT_COPIES: f64 = 4.1;
+
+/// The shape of one micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shape {
+    /// Tokens per sequence (prompt + completion).
+    pub seq_len: u64,
+    /// Trained tokens per sequence (the completion): the head runs on these only.
+    pub window: u64,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: u64,
+    /// `learner.checkpoint_activations`.
+    pub checkpoint_activations: bool,
+    /// Projections under bf16 autocast (CUDA): their outputs take 2 bytes.
+    pub bf16: bool,
+}
+
+/// Bytes one learner rank holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RankBytes {
+    pub weights: u64,
+    /// The frozen reference model of `learner.kl_coef > 0`.
+    pub reference: u64,
+    pub gradients: u64,
+    /// AdamW's moments, and with sharding the share's float32 master weights.
+    pub optimizer: u64,
+    /// A sharded update's flattened bucket, gathered bucket and gradient share.
+    pub buffers: u64,
+    /// The peak of one micro-batch's pass.
+    pub activations: u64,
+}
+
+impl RankBytes {
+    pub fn total(&self) -> u64 {
+        self.weights + self.reference + self.gradients + self.optimizer + self.buffers + self.activations
+    }
+}
+
+/// Trainable parameters of `c` (every weight, biases and norms included).
+pub fn parameters(c: &ModelConfig) -> u64 {
+    let u = |x: usize| x as u64;
+    let (d, f, v) = (u(c.hidden_size), u(c.intermediate_size), u(c.vocab_size));
+    let q = u(c.num_heads) * u(c.head_dim);
+    let kv = u(c.num_kv_heads) * u(c.head_dim);
+    let attention = d * q + 2 * d * kv + q * d + if c.qkv_bias { q + 2 * kv } else { 0 } + if c.o_bias { d } else { 0 };
+    let mlp = 3 * d * f + if c.mlp_bias { 2 * f + d } else { 0 };
+    let layer = attention + mlp + 2 * d + if c.qk_norm { 2 * u(c.head_dim) } else { 0 };
+    v * d + u(c.num_layers) * layer + d + if c.tie_word_embeddings { 0 } else { v * d }
+}
+
+/// Values autograd keeps per token in one decoder layer's training pass:
+/// `(float32 values, projection outputs)` — the latter in the autocast dtype.
+///
+/// - each RMSNorm: its input, the normalised input, the scaled output (3 d;
+///   two norms: 6 d);
+/// - attention: the rotated queries and keys and the values, kept by
+///   scaled-dot-product attention with its output (flash attention keeps no
+///   `T × T` matrix), and the output's copy the output projection keeps:
+///   `(3 h + 2 kv) · head_dim`; with per-head q/k norms (Qwen3) their inputs
+///   and outputs, `2 (h + kv) · head_dim` more;
+/// - the SwiGLU MLP: gate, its SiLU, up, and their product (4 f).
+pub fn saved_per_layer(c: &ModelConfig) -> (u64, u64) {
+    let (d, f) = (c.hidden_size as u64, c.intermediate_size as u64);
+    let (h, kv, hd) = (c.num_heads as u64, c.num_kv_heads as u64, c.head_dim as u64);
+    let attention = (3 * h + 2 * kv) * hd + if c.qk_norm { 2 * (h + kv) * hd } else { 0 };
+    (6 * d, attention + 4 * f)
+}
+
+/// The peak bytes of one micro-batch's forward and backward pass.
+pub fn activation_bytes(c: &ModelConfig, s: &Shape) -> u64 {
+    let tokens = (s.micro_batch * s.seq_len) as f64;
+    let trained = (s.micro_batch * s.window) as f64;
+    let projection = if s.bf16 { 2.0 } else { 4.0 };
+    let (full, proj) = saved_per_layer(c);
+    let layer = ALLOCATOR_FACTOR * (full as f64 * 4.0 + proj as f64 * projection);
+    let layers = c.num_layers as f64;
+    let kept = if s.checkpoint_activations {
+        // Each layer's input (the residual stream, float32), and one layer
+        // recomputed at a time.
+        layers * c.hidden_size as f64 * 4.0 + layer
+    } else {
+        layers * layer
+    };
+    let logits = LOGIT_COPIES * c.vocab_size as f64 * 4.0;
+    (tokens * kept + trained * logits).ceil() as u64
+}
+
+/// What a learner rank holds for `c` with `ranks` ranks sharding as `stage`
+/// (`None`: each rank holds the whole optimizer), flattening `bucket_bytes` at
+/// a time, with a reference model when `reference`.
+pub fn rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, reference: bool) -> RankBytes {
+    let p = parameters(c);
+    let ranks = ranks.max(1);
+    let share = p.div_ceil(ranks);
+    let (optimizer, buffers) = match stage {
+        None => (8 * p, 0),
+        // Moments and master weights of the share; a flattened bucket and the
+        // gathered bucket at a time, and the share's gradient.
+        Some(_) => (12 * share, 2 * bucket_bytes.min(4 * p) + 4 * share),
+    };
+    RankBytes {
+        weights: 4 * p,
+        reference: if reference { 4 * p } else { 0 },
+        // Autograd holds each rank's whole gradient until the update, ZeRO-2
+        // included (it reduce-scatters them, halving the traffic, not the memory).
+        gradients: 4 * p,
+        optimizer,
+        buffers,
+        activations: activation_bytes(c, s),
+    }
+}
+
+/// Bytes of a rollout engine's KV cache: keys and values of every layer for
+/// `sequences` sequences of `tokens` positions, `value_bytes` each (2: bf16).
+pub fn kv_cache_bytes(c: &ModelConfig, sequences: u64, tokens: u64, value_bytes: u64) -> u64 {
+    2 * c.num_layers as u64 * c.num_kv_heads as u64 * c.head_dim as u64 * sequences * tokens * value_bytes
+}
+
+/// Bytes a rollout engine holds for the weights in `value_bytes` each.
+pub fn rollout_weight_bytes(c: &ModelConfig, value_bytes: u64) -> u64 {
+    parameters(c) * value_bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "tie_word_embeddings": true
+        });
+        let hf: prism_model::config::HfConfig = serde_json::from_value(json).unwrap();
+        hf.resolve(std::path::Path::new("config.json")).unwrap()
+    }
+
+    /// SmolLM2-135M's parameter count, as its safetensors hold it.
+    #[test]
+    fn parameters_count_every_weight() {
+        assert_eq!(parameters(&smollm2()), 134_515_008);
+    }
+
+    #[test]
+    fn sharding_divides_the_optimizer_and_not_the_gradients() {
+        let c = smollm2();
+        let s = Shape { seq_len: 256, window: 192, micro_batch: 8, checkpoint_activations: false, bf16: false };
+        let whole = rank_bytes(&c, &s, 4, None, 64 << 20, false);
+        let sharded = rank_bytes(&c, &s, 4, Some(Stage::Optimizer), 64 << 20, false);
+        let p = parameters(&c);
+        assert_eq!((whole.optimizer, whole.gradients, whole.buffers), (8 * p, 4 * p, 0));
+        assert_eq!(sharded.optimizer, 12 * p.div_ceil(4));
+        assert_eq!(sharded.gradients, whole.gradients);
+        assert!(sharded.total() < whole.total());
+        let checkpointed = Shape { checkpoint_activations: true, ..s };
+        assert!(activation_bytes(&c, &checkpointed) < activation_bytes(&c, &s) / 3);
+    }
+
+    #[test]
+    fn the_kv_cache_counts_keys_and_values_of_every_layer() {
+        // 2 × 30 layers × 3 heads × 64 × 16 sequences × 1024 tokens × 2 bytes.
+        assert_eq!(kv_cache_bytes(&smollm2(), 16, 1024, 2), 2 * 30 * 3 * 64 * 16 * 1024 * 2);
+    }
+}
