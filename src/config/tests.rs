@@ -157,6 +157,11 @@ fn distributed_sections_are_validated_with_their_keys() {
     assert!(e.contains("`grpc.learner`: must start with http:// or https://"), "{e}");
     let e = load(&layers(None, &[], &["redis.max_len=0"])).unwrap_err().to_string();
     assert!(e.contains("`redis.max_len`: must be > 0"), "{e}");
+    let e = load(&layers(None, &[], &["dist.shard=gradients"])).unwrap_err().to_string();
+    assert!(e.contains("`dist.shard`") && e.contains("needs dist.learner_ranks > 1 (it is 1)"), "{e}");
+    let e = load(&layers(None, &[], &["dist.shard=zero3"])).unwrap_err().to_string();
+    assert!(e.contains("zero3"), "{e}");
+    load(&layers(None, &[], &["dist.shard=optimizer", "dist.learner_ranks=2"])).unwrap();
 }
 
 #[test]

@@ -221,6 +221,13 @@ impl Config {
             check::positive("dist.nccl_rollouts", self.nccl_rollouts)?;
         }
         check::positive("dist.learner_ranks", self.learner_ranks)?;
+        if self.shard != Shard::None && self.learner_ranks < 2 {
+            return Err(Invalid::new(
+                "dist.shard",
+                self.shard.as_str(),
+                format!("shards the optimizer over data-parallel learner ranks: needs dist.learner_ranks > 1 (it is {})", self.learner_ranks),
+            ));
+        }
         Ok(())
     }
 }
