@@ -9,7 +9,7 @@ use crate::checkpoint::{self, CheckpointMeta, Restored};
 use crate::collective::{Collective, describe, shard};
 use crate::config::Config;
 use crate::loss::{LossConfig, Norm, Sums, TokenData, policy_loss, sft_loss, token_logprobs};
-use crate::optim::sharded::{ShardedAdamW, Sharding, Stage};
+use crate::optim::sharded::{Layout, ShardedAdamW, Sharding, Stage};
 use crate::optim::{AdamW, AdamWConfig, lr_at};
 use crate::policy::{Policy, load_into, named_variables, read_safetensors, write_safetensors};
 use crate::sft::TokenPair;
@@ -361,7 +361,7 @@ impl<P: Policy> Learner<P> {
                 let _guard = tch::no_grad_guard();
                 for r in 0..world {
                     let (avg, sq) = match &whole {
-                        Some((avg, sq)) => (opt.share_of(avg, r), opt.share_of(sq, r)),
+                        Some((avg, sq)) => (opt.layout().share_of(avg, r), opt.layout().share_of(sq, r)),
                         None => {
                             let zeros = || Tensor::zeros([opt.share_len() as i64], (Kind::Float, device));
                             (zeros(), zeros())
@@ -769,7 +769,7 @@ impl<P: Policy> Learner<P> {
 
     /// The bucket size of the sharded optimizer (0 when not sharded).
     fn bucket_bytes(&self) -> usize {
-        self.sharded.as_ref().map_or(0, |opt| opt.bucket_bytes())
+        self.sharded.as_ref().map_or(0, |opt| opt.layout().bucket_bytes())
     }
 
     /// Every rank's shares of the moments reach rank 0, one rank at a time
@@ -804,8 +804,8 @@ impl<P: Policy> Learner<P> {
         if layout.world == 0 {
             return Err(bad(format!("{STATE_FILE}: shards of a world of 0 ranks")));
         }
-        // The layout of the ranks that wrote it (its state is not used).
-        let writer = ShardedAdamW::new(self.policy.var_store(), AdamWConfig::from(&self.config), Stage::Optimizer, 0, layout.world, layout.bucket_bytes)?;
+        // How the ranks that wrote it shared the parameters out.
+        let writer = Layout::new(self.policy.var_store(), layout.world, layout.bucket_bytes)?;
         let (mut avg, mut sq) = (Vec::with_capacity(layout.world), Vec::with_capacity(layout.world));
         for r in 0..layout.world {
             let file = path.join(shard_file(r, layout.world));
@@ -832,6 +832,9 @@ impl<P: Policy> Learner<P> {
     /// skipped and listed in [`Restored::rejected`]. `Ok(None)` when `dir` holds
     /// no checkpoint at all; an error when it holds only damaged ones.
     pub fn resume(&mut self, dir: &Path) -> Result<Option<Restored>> {
+        if self.dp.is_some() {
+            return Err(Error::Collective("a data-parallel rank resumes before it joins (rank 0 then hands the others its state)".into()));
+        }
         let (found, rejected) = checkpoint::latest_intact(dir)?;
         let Some(found) = found else {
             return if rejected.is_empty() {
@@ -853,9 +856,6 @@ impl<P: Policy> Learner<P> {
         }
         let model_path = path.join(MODEL_FILE);
         load_into(self.policy.var_store(), read_safetensors(&model_path)?, &model_path)?;
-        if self.dp.is_some() {
-            return Err(bad("a data-parallel rank resumes before it joins (rank 0 then hands the others its state)".into()));
-        }
         match state.shards {
             // Written by sharded ranks: put back together whole, whatever
             // the number of ranks resuming (rank 0 shares it out on joining).

@@ -88,15 +88,94 @@ fn buckets(numels: &[i64], bucket_bytes: usize, world: usize) -> Result<Vec<Buck
     Ok(out)
 }
 
+/// How the trainable parameters are cut into buckets and shared out among
+/// `world` ranks: what a rank's share holds, and the way back.
+pub struct Layout {
+    params: Vec<Tensor>,
+    world: usize,
+    buckets: Vec<Bucket>,
+    bucket_bytes: usize,
+    /// Elements of one rank's share.
+    share: i64,
+}
+
+impl Layout {
+    /// The trainable variables of `vs` over `world` ranks, in buckets of
+    /// about `bucket_bytes`. Allocates nothing.
+    pub fn new(vs: &nn::VarStore, world: usize, bucket_bytes: usize) -> Result<Self> {
+        if world == 0 {
+            return Err(Error::Collective("a world of 0 ranks".into()));
+        }
+        let params: Vec<Tensor> = named_variables(vs).into_iter().map(|(_, v)| v).filter(Tensor::requires_grad).collect();
+        let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
+        let buckets = buckets(&numels, bucket_bytes, world)?;
+        let share = buckets.iter().map(|b| b.share).sum();
+        Ok(Self { params, world, buckets, bucket_bytes, share })
+    }
+
+    /// Elements of one rank's share.
+    pub fn share_len(&self) -> usize {
+        self.share as usize
+    }
+
+    /// The bucket size it was made with.
+    pub fn bucket_bytes(&self) -> usize {
+        self.bucket_bytes
+    }
+
+    /// The flattened bucket `b` of `f` of every parameter, as float32 on the
+    /// parameters' device, padded to `world × share` elements.
+    fn flat(&self, b: &Bucket, f: impl Fn(usize) -> Tensor) -> Tensor {
+        let device = self.params.first().map_or(tch::Device::Cpu, Tensor::device);
+        let mut parts: Vec<Tensor> = b.params.clone().map(|i| f(i).to_kind(Kind::Float).to_device(device).flatten(0, -1)).collect();
+        let padding = b.share * self.world as i64 - b.len;
+        if padding > 0 {
+            parts.push(Tensor::zeros([padding], (Kind::Float, device)));
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Rank `rank`'s share of per-parameter tensors (`per_param[i]` shaped
+    /// as parameter `i`, e.g. a whole optimizer's moments), `[share_len]`.
+    pub fn share_of(&self, per_param: &[Tensor], rank: usize) -> Tensor {
+        let parts: Vec<Tensor> =
+            self.buckets.iter().map(|b| self.flat(b, |i| per_param[i].shallow_clone()).narrow(0, rank as i64 * b.share, b.share)).collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    /// The per-parameter tensors whose shares are `shares` (one per rank,
+    /// in rank order): the inverse of [`Layout::share_of`].
+    pub fn whole_of(&self, shares: &[Tensor]) -> Result<Vec<Tensor>> {
+        if shares.len() != self.world || shares.iter().any(|s| s.size() != [self.share]) {
+            return Err(Error::Collective(format!(
+                "{} shares of shapes {:?} for {} ranks of {} elements each",
+                shares.len(),
+                shares.iter().map(Tensor::size).collect::<Vec<_>>(),
+                self.world,
+                self.share
+            )));
+        }
+        let mut out = Vec::with_capacity(self.params.len());
+        for b in &self.buckets {
+            let parts: Vec<Tensor> = shares.iter().map(|s| s.narrow(0, b.offset, b.share)).collect();
+            let bucket = Tensor::cat(&parts, 0);
+            let mut at = 0i64;
+            for p in &self.params[b.params.clone()] {
+                let n = p.numel() as i64;
+                out.push(bucket.narrow(0, at, n).view(p.size().as_slice()).copy());
+                at += n;
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// AdamW over this rank's share of the flattened parameters.
 pub struct ShardedAdamW {
     config: AdamWConfig,
     stage: Stage,
-    params: Vec<Tensor>,
     rank: usize,
-    world: usize,
-    buckets: Vec<Bucket>,
-    bucket_bytes: usize,
+    layout: Layout,
     /// This rank's float32 master weights and moments, `[share_len]`.
     master: Tensor,
     exp_avg: Tensor,
@@ -112,17 +191,12 @@ impl ShardedAdamW {
         if world == 0 || rank >= world {
             return Err(Error::Collective(format!("rank {rank} of a world of {world}")));
         }
-        let params: Vec<Tensor> = named_variables(vs).into_iter().map(|(_, v)| v).filter(Tensor::requires_grad).collect();
-        let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
-        let buckets = buckets(&numels, bucket_bytes, world)?;
-        let share: i64 = buckets.iter().map(|b| b.share).sum();
-        let device = vs.device();
-        let zeros = || Tensor::zeros([share], (Kind::Float, device));
-        let mut sharded =
-            Self { config, stage, rank, world, buckets, bucket_bytes, master: zeros(), exp_avg: zeros(), exp_avg_sq: zeros(), params, steps: 0 };
-        let values: Vec<Tensor> = sharded.params.iter().map(Tensor::shallow_clone).collect();
-        sharded.master = tch::no_grad(|| sharded.share_of(&values, rank));
-        Ok(sharded)
+        let layout = Layout::new(vs, world, bucket_bytes)?;
+        let zeros = || Tensor::zeros([layout.share], (Kind::Float, vs.device()));
+        let (exp_avg, exp_avg_sq) = (zeros(), zeros());
+        let values: Vec<Tensor> = layout.params.iter().map(Tensor::shallow_clone).collect();
+        let master = tch::no_grad(|| layout.share_of(&values, rank));
+        Ok(Self { config, stage, rank, layout, master, exp_avg, exp_avg_sq, steps: 0 })
     }
 
     /// Optimizer steps taken.
@@ -134,19 +208,19 @@ impl ShardedAdamW {
         self.steps = steps;
     }
 
-    /// The bucket size it was made with.
-    pub fn bucket_bytes(&self) -> usize {
-        self.bucket_bytes
+    /// How the parameters are shared out.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// This rank and the world.
     pub fn rank(&self) -> (usize, usize) {
-        (self.rank, self.world)
+        (self.rank, self.layout.world)
     }
 
     /// Elements of the flattened parameters this rank keeps state for.
     pub fn share_len(&self) -> usize {
-        self.master.numel()
+        self.layout.share_len()
     }
 
     /// This rank's moments, `[share_len]` each: `exp_avg`, `exp_avg_sq`.
@@ -176,63 +250,18 @@ impl ShardedAdamW {
         Ok(())
     }
 
-    /// The flattened bucket `b` of `f` of every parameter, as float32, padded
-    /// to `world × share` elements.
-    fn flat(&self, b: &Bucket, f: impl Fn(usize) -> Tensor) -> Tensor {
-        let device = self.master.device();
-        let mut parts: Vec<Tensor> = b.params.clone().map(|i| f(i).to_kind(Kind::Float).to_device(device).flatten(0, -1)).collect();
-        let padding = b.share * self.world as i64 - b.len;
-        if padding > 0 {
-            parts.push(Tensor::zeros([padding], (Kind::Float, device)));
-        }
-        Tensor::cat(&parts, 0)
-    }
-
-    /// Rank `rank`'s share of per-parameter tensors (`per_param[i]` shaped
-    /// as parameter `i`, e.g. a whole optimizer's moments), `[share_len]`.
-    pub fn share_of(&self, per_param: &[Tensor], rank: usize) -> Tensor {
-        let parts: Vec<Tensor> =
-            self.buckets.iter().map(|b| self.flat(b, |i| per_param[i].shallow_clone()).narrow(0, rank as i64 * b.share, b.share)).collect();
-        Tensor::cat(&parts, 0)
-    }
-
-    /// The per-parameter tensors whose shares are `shares` (one per rank,
-    /// in rank order): the inverse of [`ShardedAdamW::share_of`].
-    pub fn whole_of(&self, shares: &[Tensor]) -> Result<Vec<Tensor>> {
-        if shares.len() != self.world || shares.iter().any(|s| s.size() != self.master.size()) {
-            return Err(Error::Collective(format!(
-                "{} shares of shapes {:?} for {} ranks of {} elements each",
-                shares.len(),
-                shares.iter().map(Tensor::size).collect::<Vec<_>>(),
-                self.world,
-                self.share_len()
-            )));
-        }
-        let mut out = Vec::with_capacity(self.params.len());
-        for b in &self.buckets {
-            let parts: Vec<Tensor> = shares.iter().map(|s| s.narrow(0, b.offset, b.share)).collect();
-            let bucket = Tensor::cat(&parts, 0);
-            let mut at = 0i64;
-            for p in &self.params[b.params.clone()] {
-                let n = p.numel() as i64;
-                out.push(bucket.narrow(0, at, n).view(p.size().as_slice()).copy());
-                at += n;
-            }
-        }
-        Ok(out)
-    }
-
     /// One update from this rank's gradients (summed over the ranks here; a
     /// parameter without a gradient counts zeros), clipped to the global norm
     /// `max_norm` when it is positive, at learning rate `lr`. Returns the
     /// global gradient norm before clipping and whether the update ran: a
     /// non-finite norm skips it on every rank alike.
     pub fn step(&mut self, dp: &dyn Collective, lr: f64, max_norm: f64) -> Result<(f64, bool)> {
-        if dp.world() != self.world || dp.rank() != self.rank {
+        let (rank, world) = self.rank();
+        if dp.world() != world || dp.rank() != rank {
             return Err(Error::Collective(format!(
                 "the optimizer is rank {} of {}, the collective rank {} of {}",
-                self.rank,
-                self.world,
+                rank,
+                world,
                 dp.rank(),
                 dp.world()
             )));
@@ -240,10 +269,11 @@ impl ShardedAdamW {
         let _guard = tch::no_grad_guard();
         let device = self.master.device();
         let grad = Tensor::zeros([self.share_len() as i64], (Kind::Float, device));
-        for b in &self.buckets {
-            let flat = self.flat(b, |i| {
-                let g = self.params[i].grad();
-                if g.defined() { g } else { self.params[i].zeros_like() }
+        let layout = &self.layout;
+        for b in &layout.buckets {
+            let flat = layout.flat(b, |i| {
+                let g = layout.params[i].grad();
+                if g.defined() { g } else { layout.params[i].zeros_like() }
             });
             let mine = match self.stage {
                 Stage::Gradients => {
@@ -253,7 +283,7 @@ impl ShardedAdamW {
                 }
                 Stage::Optimizer => {
                     dp.all_reduce_sum(std::slice::from_ref(&flat))?;
-                    flat.narrow(0, self.rank as i64 * b.share, b.share)
+                    flat.narrow(0, rank as i64 * b.share, b.share)
                 }
             };
             grad.narrow(0, b.offset, b.share).f_copy_(&mine)?;
@@ -269,11 +299,11 @@ impl ShardedAdamW {
         self.steps += 1;
         self.config.update(&mut self.master, &mut self.exp_avg, &mut self.exp_avg_sq, &grad, lr, self.steps)?;
         // Every rank's updated share, back into every parameter.
-        for b in &self.buckets {
-            let whole = Tensor::zeros([b.share * self.world as i64], (Kind::Float, device));
+        for b in &self.layout.buckets {
+            let whole = Tensor::zeros([b.share * world as i64], (Kind::Float, device));
             dp.all_gather(&self.master.narrow(0, b.offset, b.share), &whole)?;
             let mut at = 0i64;
-            for p in &self.params[b.params.clone()] {
+            for p in &self.layout.params[b.params.clone()] {
                 let n = p.numel() as i64;
                 p.shallow_clone().f_copy_(&whole.narrow(0, at, n).view(p.size().as_slice()).to_kind(p.kind()))?;
                 at += n;
