@@ -41,31 +41,34 @@ if [ "${1:-}" != table ]; then
 fi
 
 # The table: the cheapest setting that fits each model on N x 80 GB (bf16
-# autocast, micro-batch 4 x 2048 tokens, 512 of them prompt).
+# autocast, micro-batch 4 x 2048 tokens, 512 of them prompt): float32
+# weights first, then bf16 weights with float32 masters (model.dtype).
 echo "| model | parameters | 1 x 80 GB | 2 x 80 GB | 4 x 80 GB | 8 x 80 GB |"
 echo "|---|---|---|---|---|---|"
 for m in qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b qwen3-14b llama-3.1-8b; do
   row="| $m |"
   first=1
   for n in 1 2 4 8; do
-    out=$("$prism" plan --model "configs/models/$m.json" --ranks "$n" --seq-len 2048 --prompt-len 512 --micro-batch 4)
-    if [ $first = 1 ]; then
-      row+=" $(sed -nE 's/.*, ([0-9.]+)M parameters.*/\1/p' <<<"$out" | awk '{printf "%.2fB", $1/1000}') |"
-      first=0
-    fi
-    kept=($(grep '^total, activations kept' <<<"$out" | awk '{print $(NF-2), $(NF-1), $NF}'))
-    recomputed=($(grep '^total, recomputed' <<<"$out" | awk '{print $(NF-2), $(NF-1), $NF}'))
     cell="does not fit"
-    # Cheapest first: no sharding, then sharded optimizer; activations kept, then recomputed.
-    for choice in "kept 0 none" "kept 1 optimizer" "recomputed 0 none" "recomputed 1 optimizer"; do
-      set -- $choice
-      # One rank has nothing to shard with.
-      [ "$n" = 1 ] && [ "$2" = 1 ] && continue
-      if [ "$1" = kept ]; then gbs=${kept[$2]}; else gbs=${recomputed[$2]}; fi
-      if awk -v g="$gbs" 'BEGIN{exit !(g <= 80)}'; then
-        cell="shard $3, activations $1 ($gbs GB)"
-        break
+    for dtype in f32 bf16; do
+      out=$("$prism" plan --model "configs/models/$m.json" --ranks "$n" --seq-len 2048 --prompt-len 512 --micro-batch 4 --dtype "$dtype")
+      if [ $first = 1 ]; then
+        row+=" $(sed -nE 's/.*, ([0-9.]+)M parameters.*/\1/p' <<<"$out" | awk '{printf "%.2fB", $1/1000}') |"
+        first=0
       fi
+      kept=($(grep '^total, activations kept' <<<"$out" | awk '{print $(NF-2), $(NF-1), $NF}'))
+      recomputed=($(grep '^total, recomputed' <<<"$out" | awk '{print $(NF-2), $(NF-1), $NF}'))
+      # Cheapest first: no sharding, then sharded optimizer; activations kept, then recomputed.
+      for choice in "kept 0 none" "kept 1 optimizer" "recomputed 0 none" "recomputed 1 optimizer"; do
+        set -- $choice
+        # One rank has nothing to shard with.
+        [ "$n" = 1 ] && [ "$2" = 1 ] && continue
+        if [ "$1" = kept ]; then gbs=${kept[$2]}; else gbs=${recomputed[$2]}; fi
+        if awk -v g="$gbs" 'BEGIN{exit !(g <= 80)}'; then
+          cell="$dtype, shard $3, activations $1 ($gbs GB)"
+          break 2
+        fi
+      done
     done
     row+=" $cell |"
   done

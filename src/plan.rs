@@ -45,6 +45,11 @@ pub struct PlanArgs {
     /// Sequences a rollout engine decodes together (for its KV cache).
     #[arg(long, default_value_t = 64)]
     pub rollout_batch: u64,
+    /// The learner's weights (`model.dtype`): `f32`, or `bf16` (weights,
+    /// reference and gradients in bf16, float32 master weights in the
+    /// optimizer state).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
     /// Plan the CPU learner (float32 activations) instead of CUDA's bf16 autocast.
     #[arg(long)]
     pub cpu: bool,
@@ -109,6 +114,9 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
     if args.seq_len == 0 || args.micro_batch == 0 || args.ranks == 0 || prompt_len >= args.seq_len {
         bail!("--seq-len, --micro-batch and --ranks must be >= 1 and --prompt-len below --seq-len");
     }
+    if args.measure && args.dtype != "f32" {
+        bail!("--measure trains float32 weights on the CPU (its activation model is float32's); leave out --dtype {}", args.dtype);
+    }
     let gpu = parse_bytes(&args.gpu_memory)?;
     let (name, c) = model_config(&args.model)?;
     let cpu = args.cpu || args.measure;
@@ -120,8 +128,9 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         bf16: !cpu,
     };
     let p = plan::parameters(&c);
+    let weight_bytes = if args.dtype == "bf16" { 2 } else { 4 };
     println!(
-        "prism plan: {name}, {:.1}M parameters, {} learner rank{} of {} GB, micro-batch {} × {} tokens ({} trained), {}",
+        "prism plan: {name}, {:.1}M parameters, {} learner rank{} of {} GB, micro-batch {} × {} tokens ({} trained), {} weights, {}",
         p as f64 / 1e6,
         args.ranks,
         if args.ranks == 1 { "" } else { "s" },
@@ -129,6 +138,7 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         args.micro_batch,
         args.seq_len,
         shape.window,
+        args.dtype,
         if cpu { "float32 (CPU learner)" } else { "bf16 autocast (CUDA learner)" }
     );
     let settings = [("none", None), ("optimizer", Some(Stage::Optimizer)), ("gradients", Some(Stage::Gradients))];
@@ -137,7 +147,7 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         .iter()
         .map(|(_, stage)| {
             let at = |checkpoint_activations| {
-                plan::rank_bytes(&c, &Shape { checkpoint_activations, ..shape }, args.ranks, *stage, bucket, args.reference)
+                plan::rank_bytes(&c, &Shape { checkpoint_activations, ..shape }, args.ranks, *stage, bucket, args.reference, weight_bytes)
             };
             (at(false), at(true))
         })
@@ -150,7 +160,7 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         }
         println!();
     };
-    row("weights (float32)", &|(k, _)| k.weights);
+    row(&format!("weights ({})", if weight_bytes == 2 { "bf16" } else { "float32" }), &|(k, _)| k.weights);
     if args.reference {
         row("reference model", &|(k, _)| k.reference);
     }

@@ -58,12 +58,25 @@ impl From<&Config> for AdamWConfig {
 struct Param {
     name: String,
     value: Tensor,
+    /// The float32 values the updates apply to when `value` is of a
+    /// narrower type (a bf16 or f16 model), which `value` then copies after
+    /// each update: at lr 1e-6 an update is far below bf16's resolution
+    /// (8 bits of mantissa), so applied to `value` itself it would round away.
+    /// Undefined for float32 parameters (`value` is its own master).
+    master: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
 
 /// AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101), update order as
 /// `torch.optim.AdamW` (single-tensor path): decay, moments, bias-corrected step.
+///
+/// Parameters held in bf16 or f16 are trained through float32 master
+/// weights (mixed precision as Micikevicius et al. 2018, arXiv 1710.03740,
+/// without loss scaling, which bf16's range does not need): the gradients
+/// stay in the parameters' type, the update is applied to the masters, and
+/// the parameters are the masters rounded. The masters are optimizer state:
+/// checkpointed (`master.<param>`) and sharded like the moments.
 ///
 /// Its moments take memory only once used: they are made (zeros, beside
 /// their parameters) by the first step, and restored state waits where it
@@ -81,15 +94,23 @@ impl AdamW {
         let params = named_variables(vs)
             .into_iter()
             .filter(|(_, v)| v.requires_grad())
-            .map(|(name, value)| Param { exp_avg: Tensor::new(), exp_avg_sq: Tensor::new(), name, value })
+            .map(|(name, value)| Param { master: Tensor::new(), exp_avg: Tensor::new(), exp_avg_sq: Tensor::new(), name, value })
             .collect();
         Self { config, params, steps: 0 }
     }
 
     /// The moments, made (zeros) where not yet used and moved beside their
-    /// parameters.
+    /// parameters; so are the master weights of narrow parameters (their
+    /// values in float32).
     pub(crate) fn materialize(&mut self) -> Result<()> {
         for p in &mut self.params {
+            if p.value.kind() != Kind::Float {
+                if !p.master.defined() {
+                    p.master = p.value.detach().to_kind(Kind::Float);
+                } else if p.master.device() != p.value.device() {
+                    p.master = p.master.f_to_device(p.value.device())?;
+                }
+            }
             for m in [&mut p.exp_avg, &mut p.exp_avg_sq] {
                 if !m.defined() {
                     *m = Tensor::zeros_like(&p.value).to_kind(Kind::Float);
@@ -113,18 +134,40 @@ impl AdamW {
         self.params.iter().map(|p| (or_zeros(&p.exp_avg, &p.value), or_zeros(&p.exp_avg_sq, &p.value))).unzip()
     }
 
-    /// Frees the moments (a rank that keeps its share of them elsewhere).
+    /// The float32 master weights per parameter, wherever they are: a
+    /// narrow parameter's master (its value in float32 where not yet made),
+    /// a float32 parameter's value.
+    pub(crate) fn masters(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|p| if p.master.defined() { p.master.shallow_clone() } else { p.value.detach().to_kind(Kind::Float) })
+            .collect()
+    }
+
+    /// Whether some parameter is narrower than float32 (has a master).
+    pub(crate) fn has_masters(&self) -> bool {
+        self.params.iter().any(|p| p.value.kind() != Kind::Float)
+    }
+
+    /// Frees the moments and masters (a rank that keeps its share of them elsewhere).
     pub(crate) fn release_state(&mut self) {
         for p in &mut self.params {
-            (p.exp_avg, p.exp_avg_sq) = (Tensor::new(), Tensor::new());
+            (p.master, p.exp_avg, p.exp_avg_sq) = (Tensor::new(), Tensor::new(), Tensor::new());
         }
     }
 
-    /// Takes moments per parameter (as [`AdamW::moments`] gives them) after
-    /// `steps` steps; they stay where they are until the next step.
-    pub(crate) fn set_moments(&mut self, exp_avg: Vec<Tensor>, exp_avg_sq: Vec<Tensor>, steps: u64) {
+    /// Takes moments per parameter (as [`AdamW::moments`] gives them), and
+    /// master weights (as [`AdamW::masters`] gives them; those of float32
+    /// parameters are not kept), after `steps` steps; they stay where they
+    /// are until the next step.
+    pub(crate) fn set_moments(&mut self, exp_avg: Vec<Tensor>, exp_avg_sq: Vec<Tensor>, masters: Option<Vec<Tensor>>, steps: u64) {
         for ((p, a), b) in self.params.iter_mut().zip(exp_avg).zip(exp_avg_sq) {
             (p.exp_avg, p.exp_avg_sq) = (a, b);
+        }
+        for (p, m) in self.params.iter_mut().zip(masters.into_iter().flatten()) {
+            if p.value.kind() != Kind::Float {
+                p.master = m;
+            }
         }
         self.steps = steps;
     }
@@ -195,21 +238,34 @@ impl AdamW {
                 if !grad.defined() {
                     continue;
                 }
-                config.update(&mut p.value, &mut p.exp_avg, &mut p.exp_avg_sq, &grad.to_kind(Kind::Float), lr, step)?;
+                let grad = grad.to_kind(Kind::Float);
+                if p.master.defined() {
+                    config.update(&mut p.master, &mut p.exp_avg, &mut p.exp_avg_sq, &grad, lr, step)?;
+                    let _ = p.value.f_copy_(&p.master)?;
+                } else {
+                    config.update(&mut p.value, &mut p.exp_avg, &mut p.exp_avg_sq, &grad, lr, step)?;
+                }
             }
             Ok::<_, Error>(())
         })
     }
 
     /// The state as named tensors: `exp_avg.<param>` and `exp_avg_sq.<param>`
-    /// (zeros where not yet used).
+    /// (zeros where not yet used), and `master.<param>` for each parameter
+    /// narrower than float32.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let (avg, sq) = self.moments();
-        self.params
+        let masters = self.masters();
+        let mut out: Vec<(String, Tensor)> = self
+            .params
             .iter()
             .zip(avg.into_iter().zip(sq))
             .flat_map(|(p, (a, b))| [(format!("exp_avg.{}", p.name), a), (format!("exp_avg_sq.{}", p.name), b)])
-            .collect()
+            .collect();
+        out.extend(
+            self.params.iter().zip(masters).filter(|(p, _)| p.value.kind() != Kind::Float).map(|(p, m)| (format!("master.{}", p.name), m)),
+        );
+        out
     }
 
     /// Restores the state written by [`AdamW::state_tensors`] after `steps` steps.
@@ -222,10 +278,18 @@ impl AdamW {
         let bad = |reason: String| Error::Checkpoint { path: origin.to_path_buf(), reason };
         tch::no_grad(|| {
             for p in &mut self.params {
-                for (prefix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+                let narrow = p.value.kind() != Kind::Float;
+                let mut slots = vec![("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)];
+                if narrow {
+                    slots.push(("master", &mut p.master));
+                }
+                for (prefix, dst) in slots {
                     let name = format!("{prefix}.{}", p.name);
                     let src =
-                        tensors.remove(&name).ok_or_else(|| bad(format!("optimizer tensor {name} is missing")))?;
+                        tensors.remove(&name).ok_or_else(|| {
+                        let why = if prefix == "master" { " (the model is narrower than float32, so it needs its master weights: was the checkpoint written by a float32 model?)" } else { "" };
+                        bad(format!("optimizer tensor {name} is missing{why}"))
+                    })?;
                     if src.size() != p.value.size() {
                         return Err(bad(format!(
                             "optimizer tensor {name} has shape {:?}, expected {:?}",

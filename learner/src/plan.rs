@@ -1,6 +1,7 @@
 //! How much memory a learner rank needs: `prism plan`, before renting a
-//! cluster. Per rank, for every `dist.shard` setting: the weights (float32,
-//! as the learner trains them), the reference model of a KL penalty, the
+//! cluster. Per rank, for every `dist.shard` setting: the weights (in
+//! `model.dtype`: float32, or bf16 trained through float32 master weights,
+//! which are optimizer state), the reference model of a KL penalty, the
 //! gradients, the optimizer state, the buffers of sharded updates, and the
 //! peak of the activations of one micro-batch's forward and backward pass,
 //! kept or recomputed per layer (`learner.checkpoint_activations`); and the
@@ -54,7 +55,8 @@ pub struct RankBytes {
     /// The frozen reference model of `learner.kl_coef > 0`.
     pub reference: u64,
     pub gradients: u64,
-    /// AdamW's moments, and with sharding the share's float32 master weights.
+    /// AdamW's moments, and the float32 master weights (of the share with
+    /// sharding; of every parameter of a bf16 model without).
     pub optimizer: u64,
     /// A sharded update's flattened bucket, gathered bucket and gradient share.
     pub buffers: u64,
@@ -119,23 +121,27 @@ pub fn activation_bytes(c: &ModelConfig, s: &Shape) -> u64 {
 
 /// What a learner rank holds for `c` with `ranks` ranks sharding as `stage`
 /// (`None`: each rank holds the whole optimizer), flattening `bucket_bytes` at
-/// a time, with a reference model when `reference`.
-pub fn rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, reference: bool) -> RankBytes {
+/// a time, with a reference model when `reference`, its weights (and
+/// gradients) taking `weight_bytes` each (4: float32, 2: bf16).
+pub fn rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, reference: bool, weight_bytes: u64) -> RankBytes {
     let p = parameters(c);
     let ranks = ranks.max(1);
     let share = p.div_ceil(ranks);
+    let masters = if weight_bytes < 4 { 4 * p } else { 0 };
     let (optimizer, buffers) = match stage {
-        None => (8 * p, 0),
-        // Moments and master weights of the share; a flattened bucket and the
-        // gathered bucket at a time, and the share's gradient.
-        Some(_) => (12 * share, 2 * bucket_bytes.min(4 * p) + 4 * share),
+        None => (8 * p + masters, 0),
+        // Moments and master weights of the share; a flattened bucket
+        // (float32) and the gathered bucket (in the weights' type) at a
+        // time, and the share's gradient.
+        Some(_) => (12 * share, bucket_bytes.min(4 * p) * (4 + weight_bytes) / 4 + 4 * share),
     };
     RankBytes {
-        weights: 4 * p,
-        reference: if reference { 4 * p } else { 0 },
-        // Autograd holds each rank's whole gradient until the update, ZeRO-2
-        // included (it reduce-scatters them, halving the traffic, not the memory).
-        gradients: 4 * p,
+        weights: weight_bytes * p,
+        reference: if reference { weight_bytes * p } else { 0 },
+        // Autograd holds each rank's whole gradient, in the weights' type,
+        // until the update, ZeRO-2 included (it reduce-scatters them,
+        // halving the traffic, not the memory).
+        gradients: weight_bytes * p,
         optimizer,
         buffers,
         activations: activation_bytes(c, s),
@@ -178,13 +184,18 @@ mod tests {
     fn sharding_divides_the_optimizer_and_not_the_gradients() {
         let c = smollm2();
         let s = Shape { seq_len: 256, window: 192, micro_batch: 8, checkpoint_activations: false, bf16: false };
-        let whole = rank_bytes(&c, &s, 4, None, 64 << 20, false);
-        let sharded = rank_bytes(&c, &s, 4, Some(Stage::Optimizer), 64 << 20, false);
+        let whole = rank_bytes(&c, &s, 4, None, 64 << 20, false, 4);
+        let sharded = rank_bytes(&c, &s, 4, Some(Stage::Optimizer), 64 << 20, false, 4);
         let p = parameters(&c);
         assert_eq!((whole.optimizer, whole.gradients, whole.buffers), (8 * p, 4 * p, 0));
         assert_eq!(sharded.optimizer, 12 * p.div_ceil(4));
         assert_eq!(sharded.gradients, whole.gradients);
         assert!(sharded.total() < whole.total());
+        // bf16 weights and gradients; float32 masters beside the moments.
+        let bf16 = rank_bytes(&c, &s, 4, None, 64 << 20, true, 2);
+        assert_eq!((bf16.weights, bf16.reference, bf16.gradients, bf16.optimizer), (2 * p, 2 * p, 2 * p, 12 * p));
+        let bf16_sharded = rank_bytes(&c, &s, 4, Some(Stage::Gradients), 64 << 20, true, 2);
+        assert_eq!((bf16_sharded.weights, bf16_sharded.optimizer), (2 * p, 12 * p.div_ceil(4)));
         let checkpointed = Shape { checkpoint_activations: true, ..s };
         assert!(activation_bytes(&c, &checkpointed) < activation_bytes(&c, &s) / 3);
     }

@@ -356,20 +356,28 @@ impl<P: Policy> Learner<P> {
             let mut opt = ShardedAdamW::new(self.policy.var_store(), AdamWConfig::from(&self.config), sharding.stage, rank, world, sharding.bucket_bytes)?;
             opt.set_steps(steps);
             if h[12] != 0 {
-                // Rank 0 hands each rank its share of the state it holds, one rank at a time.
-                let whole = (rank == 0).then(|| self.optimizer.moments());
+                // Rank 0 hands each rank its share of the state it holds, one
+                // rank at a time: the moments, and the master weights of a
+                // model narrower than float32 (its values are them rounded).
+                let masters = opt.has_masters();
+                let whole = (rank == 0).then(|| (self.optimizer.moments(), self.optimizer.masters()));
                 let _guard = tch::no_grad_guard();
                 for r in 0..world {
-                    let (avg, sq) = match &whole {
-                        Some((avg, sq)) => (opt.layout().share_of(avg, r), opt.layout().share_of(sq, r)),
-                        None => {
-                            let zeros = || Tensor::zeros([opt.share_len() as i64], (Kind::Float, device));
-                            (zeros(), zeros())
+                    let mut state: Vec<Tensor> = match &whole {
+                        Some(((avg, sq), master)) => {
+                            let layout = opt.layout();
+                            let mut state = vec![layout.share_of(avg, r), layout.share_of(sq, r)];
+                            if masters {
+                                state.push(layout.share_of(master, r));
+                            }
+                            state
                         }
+                        None => (0..2 + usize::from(masters)).map(|_| Tensor::zeros([opt.share_len() as i64], (Kind::Float, device))).collect(),
                     };
-                    dp.broadcast(&[avg.shallow_clone(), sq.shallow_clone()], 0)?;
+                    dp.broadcast(&state, 0)?;
                     if r == rank {
-                        opt.set_state(&avg, &sq, steps)?;
+                        let master = masters.then(|| state.pop().expect("three"));
+                        opt.set_state(&state[0], &state[1], master.as_ref(), steps)?;
                     }
                 }
             }
@@ -781,37 +789,46 @@ impl<P: Policy> Learner<P> {
         let (rank, world) = opt.rank();
         let _guard = tch::no_grad_guard();
         let mut failed = None;
+        let [avg, sq] = opt.moments();
+        let mut mine = vec![("exp_avg", avg), ("exp_avg_sq", sq)];
+        if opt.has_masters() {
+            mine.push(("master", opt.master()));
+        }
         for r in 0..world {
-            let [avg, sq] = opt.moments();
-            let (avg, sq) = if r == rank {
-                (avg.shallow_clone(), sq.shallow_clone())
-            } else {
-                (avg.zeros_like(), sq.zeros_like())
-            };
-            dp.broadcast(&[avg.shallow_clone(), sq.shallow_clone()], r)?;
+            let state: Vec<Tensor> = mine.iter().map(|(_, t)| if r == rank { t.shallow_clone() } else { t.zeros_like() }).collect();
+            dp.broadcast(&state, r)?;
             if let (Some(dir), None) = (dir, &failed) {
-                let tensors = [("exp_avg".to_string(), avg.to_device(tch::Device::Cpu)), ("exp_avg_sq".to_string(), sq.to_device(tch::Device::Cpu))];
+                let tensors: Vec<(String, Tensor)> = mine.iter().zip(&state).map(|((name, _), t)| (name.to_string(), t.to_device(tch::Device::Cpu))).collect();
                 failed = write_safetensors(&tensors, &dir.join(shard_file(r, world))).err();
             }
         }
         failed.map_or(Ok(()), Err)
     }
 
-    /// The whole optimizer moments of a checkpoint written by `layout`'s
-    /// sharded ranks, put back together from its per-rank files.
-    fn consolidate(&self, path: &Path, layout: ShardLayout) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    /// The whole optimizer moments (and master weights, for a model
+    /// narrower than float32) of a checkpoint written by `layout`'s sharded
+    /// ranks, put back together from its per-rank files.
+    fn consolidate(&self, path: &Path, layout: ShardLayout) -> Result<(Vec<Tensor>, Vec<Tensor>, Option<Vec<Tensor>>)> {
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
         if layout.world == 0 {
             return Err(bad(format!("{STATE_FILE}: shards of a world of 0 ranks")));
         }
         // How the ranks that wrote it shared the parameters out.
         let writer = Layout::new(self.policy.var_store(), layout.world, layout.bucket_bytes)?;
-        let (mut avg, mut sq) = (Vec::with_capacity(layout.world), Vec::with_capacity(layout.world));
+        let masters = self.optimizer.has_masters();
+        let (mut avg, mut sq, mut master) = (Vec::with_capacity(layout.world), Vec::with_capacity(layout.world), Vec::new());
         for r in 0..layout.world {
             let file = path.join(shard_file(r, layout.world));
             let mut t = read_safetensors(&file)?;
-            for (name, into) in [("exp_avg", &mut avg), ("exp_avg_sq", &mut sq)] {
-                let share = t.remove(name).ok_or_else(|| bad(format!("{}: no tensor {name}", file.display())))?;
+            let mut slots = vec![("exp_avg", &mut avg), ("exp_avg_sq", &mut sq)];
+            if masters {
+                slots.push(("master", &mut master));
+            }
+            for (name, into) in slots {
+                let share = t.remove(name).ok_or_else(|| {
+                    let why = if name == "master" { " (the model is narrower than float32, so it needs the master weights: was it written by a float32 model?)" } else { "" };
+                    bad(format!("{}: no tensor {name}{why}", file.display()))
+                })?;
                 if share.size() != [writer.share_len() as i64] {
                     return Err(bad(format!(
                         "{}: {name} has shape {:?}, expected [{}] (the share of {} ranks in buckets of {} bytes)",
@@ -825,7 +842,8 @@ impl<P: Policy> Learner<P> {
                 into.push(share.to_kind(Kind::Float));
             }
         }
-        Ok((writer.whole_of(&avg)?, writer.whole_of(&sq)?))
+        let master = if masters { Some(writer.whole_of(&master)?) } else { None };
+        Ok((writer.whole_of(&avg)?, writer.whole_of(&sq)?, master))
     }
 
     /// Restores the newest intact checkpoint in `dir`; damaged newer ones are
@@ -860,8 +878,8 @@ impl<P: Policy> Learner<P> {
             // Written by sharded ranks: put back together whole, whatever
             // the number of ranks resuming (rank 0 shares it out on joining).
             Some(layout) => {
-                let (avg, sq) = self.consolidate(&path, layout)?;
-                self.optimizer.set_moments(avg, sq, state.optimizer_steps);
+                let (avg, sq, master) = self.consolidate(&path, layout)?;
+                self.optimizer.set_moments(avg, sq, master, state.optimizer_steps);
             }
             None => {
                 let optimizer_path = path.join(OPTIMIZER_FILE);

@@ -34,7 +34,12 @@ fn config() -> Config {
 
 /// Three steps of one learner alone.
 fn alone(config: &Config, steps: &[Vec<Vec<prism_core::LabeledTrajectory>>]) -> (Vec<(String, Vec<f32>)>, Vec<TrainReport>) {
-    let mut learner = Learner::new(config.clone(), TinyLm::new(7), Some(TinyLm::new(7)), 11).unwrap();
+    alone_of(TinyLm::new, config, steps)
+}
+
+/// [`alone`] with the models `make` gives (float32 or bf16).
+fn alone_of(make: fn(u64) -> TinyLm, config: &Config, steps: &[Vec<Vec<prism_core::LabeledTrajectory>>]) -> (Vec<(String, Vec<f32>)>, Vec<TrainReport>) {
+    let mut learner = Learner::new(config.clone(), make(7), Some(make(7)), 11).unwrap();
     let reports = steps.iter().map(|g| learner.train_step(g).unwrap()).collect();
     (learner.policy().weights(), reports)
 }
@@ -148,9 +153,22 @@ fn sharded_ranks(
     resume: Option<&Path>,
     save: Option<(&Path, usize)>,
 ) -> Vec<(Vec<(String, Vec<f32>)>, Vec<TrainReport>)> {
+    sharded_ranks_of(TinyLm::new, config, world, sharding, steps, resume, save)
+}
+
+/// [`sharded_ranks`] with the models `make` gives (float32 or bf16).
+fn sharded_ranks_of(
+    make: fn(u64) -> TinyLm,
+    config: &Config,
+    world: usize,
+    sharding: Option<Sharding>,
+    steps: &[Vec<Vec<prism_core::LabeledTrajectory>>],
+    resume: Option<&Path>,
+    save: Option<(&Path, usize)>,
+) -> Vec<(Vec<(String, Vec<f32>)>, Vec<TrainReport>)> {
     on_ranks(world, Duration::from_secs(60), |rank, collective| {
         let (model, reference, seed) = if rank == 0 { (7, 7, 11) } else { (100 + rank as u64, 50, 99) };
-        let mut learner = Learner::new(config.clone(), TinyLm::new(model), Some(TinyLm::new(reference)), seed).unwrap();
+        let mut learner = Learner::new(config.clone(), make(model), Some(make(reference)), seed).unwrap();
         if let (0, Some(dir)) = (rank, resume) {
             learner.resume(dir).unwrap().expect("a checkpoint");
         }
@@ -256,4 +274,86 @@ fn ranks_with_different_sharding_are_refused() {
         learner.join_data_parallel(Box::new(collective), s).map(|_| ()).unwrap_err().to_string()
     });
     assert!(errors[1].contains("rank 1: its sharding") && errors[1].contains("dist.shard"), "{}", errors[1]);
+}
+
+/// The float32 master weights of a checkpoint's optimizer state, by
+/// parameter in name order: `master.<param>` of one learner's file, or the
+/// `master` shares of `world` sharded ranks' files put back together.
+fn checkpoint_masters(folder: &Path, world: Option<usize>) -> Vec<Vec<f32>> {
+    use prism_learner::policy::read_safetensors;
+    let flat = |t: &tch::Tensor| Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap();
+    let model = TinyLm::bf16(7);
+    let names: Vec<String> = prism_learner::policy::named_variables(prism_learner::Policy::var_store(&model)).into_iter().map(|(n, _)| n).collect();
+    match world {
+        None => {
+            let mut t = read_safetensors(&folder.join("optimizer.safetensors")).unwrap();
+            names.iter().map(|n| flat(&t.remove(&format!("master.{n}")).expect("a master per parameter"))).collect()
+        }
+        Some(world) => {
+            let shares: Vec<tch::Tensor> = (0..world)
+                .map(|r| read_safetensors(&folder.join(format!("optimizer-{r:05}-of-{world:05}.safetensors"))).unwrap().remove("master").expect("a master share"))
+                .collect();
+            let layout = prism_learner::optim::sharded::Layout::new(prism_learner::Policy::var_store(&model), world, 256).unwrap();
+            layout.whole_of(&shares).unwrap().iter().map(flat).collect()
+        }
+    }
+}
+
+fn mean_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let (sum, n) = a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y)).fold((0.0, 0usize), |(s, n), (x, y)| (s + f64::from((x - y).abs()), n + 1));
+    sum / n.max(1) as f64
+}
+
+/// A bf16 model on sharded ranks keeps float32 master weights for its
+/// share only (the bf16 values are all-gathered): at a learning rate whose
+/// updates are under bf16's spacing, the ranks' masters, put back together
+/// from a checkpoint, are one bf16 learner's masters up to the order the
+/// gradients are summed in (one learner adds every micro-batch's in bf16;
+/// the ranks add their sums in float32): within 1 % of how far training
+/// moved them. The ranks stay equal to each other; 3 ranks resume bit for
+/// bit, and one learner resumes from their checkpoint.
+#[test]
+fn a_bf16_model_on_sharded_ranks_keeps_float32_masters_per_share() {
+    let config = Config { lr: 2e-4, ..config() };
+    let steps = steps_of(80, 4);
+    let meta = CheckpointMeta { step: 4, policy_version: 4, data_cursor: serde_json::json!({}), config_hash: "h".into() };
+    let one = tempfile::tempdir().unwrap();
+    let mut alone = Learner::new(config.clone(), TinyLm::bf16(7), Some(TinyLm::bf16(7)), 11).unwrap();
+    for g in &steps {
+        alone.train_step(g).unwrap();
+    }
+    alone.save_checkpoint(one.path(), &meta).unwrap();
+    let want = checkpoint_masters(&one.path().join("step-00000004"), None);
+    let start: Vec<Vec<f32>> = TinyLm::bf16(7).weights().into_iter().map(|(_, v)| v).collect();
+    let moved = mean_abs(&want, &start);
+    for world in [2, 3] {
+        for stage in [Stage::Optimizer, Stage::Gradients] {
+            let dir = tempfile::tempdir().unwrap();
+            let out = sharded_ranks_of(TinyLm::bf16, &config, world, sharding(stage, 256), &steps, None, Some((dir.path(), 4)));
+            let at = format!("world {world}, {stage:?}");
+            for (rank, (weights, _)) in out.iter().enumerate() {
+                assert_eq!(max_diff(weights, &out[0].0), 0.0, "{at}: rank {rank} departs from rank 0");
+            }
+            let got = checkpoint_masters(&dir.path().join("step-00000004"), Some(world));
+            let d = mean_abs(&got, &want);
+            assert!(d <= 0.01 * moved, "{at}: the masters differ from one bf16 learner's by {d} on average; training moved them {moved}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let through = sharded_ranks_of(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((dir.path(), 2)));
+    let resumed = sharded_ranks_of(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps[2..], Some(dir.path()), None);
+    for (rank, (weights, _)) in resumed.iter().enumerate() {
+        assert_eq!(max_diff(weights, &through[0].0), 0.0, "3 bf16 ranks resumed: rank {rank} is not bit-identical");
+    }
+    let mut alone = Learner::new(config.clone(), TinyLm::bf16(1), Some(TinyLm::bf16(7)), 0).unwrap();
+    alone.resume(dir.path()).unwrap().unwrap();
+    for g in &steps[2..] {
+        alone.train_step(g).unwrap();
+    }
+    alone.save_checkpoint(one.path(), &CheckpointMeta { step: 5, ..meta }).unwrap();
+    let resumed_alone = checkpoint_masters(&one.path().join("step-00000005"), None);
+    let through_dir = tempfile::tempdir().unwrap();
+    sharded_ranks_of(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((through_dir.path(), 4)));
+    let d = mean_abs(&resumed_alone, &checkpoint_masters(&through_dir.path().join("step-00000004"), Some(3)));
+    assert!(d <= 0.01 * moved, "one bf16 learner resumed from 3 ranks' checkpoint: its masters differ by {d} on average (moved {moved})");
 }

@@ -1,6 +1,8 @@
 //! Exact resume across processes: 4 steps straight equal, bit for bit, 2 steps
 //! in one process, a checkpoint, and 2 more in a new process that resumes —
-//! with the tiny test model and with the real transformer (`builtin:tiny-arith`).
+//! with the tiny test model and with the real transformer (`builtin:tiny-arith`),
+//! in float32 and in bf16 (trained through float32 master weights, which the
+//! checkpoint must keep).
 
 mod common;
 
@@ -33,27 +35,32 @@ fn config() -> Config {
     }
 }
 
-/// Which model a run uses: `tiny` (tests/common's TinyLm) or `tiny-arith`.
+/// Which model a run uses: `tiny` (tests/common's TinyLm) or `tiny-arith`,
+/// in float32 or bf16.
 trait Model: Policy + Sized {
-    fn make(seed: u64) -> Self;
+    fn make(seed: u64, bf16: bool) -> Self;
 }
 
 impl Model for TinyLm {
-    fn make(seed: u64) -> Self {
-        TinyLm::new(seed)
+    fn make(seed: u64, bf16: bool) -> Self {
+        if bf16 { TinyLm::bf16(seed) } else { TinyLm::new(seed) }
     }
 }
 
 impl Model for prism_model::Transformer {
-    fn make(seed: u64) -> Self {
-        tiny_arith(seed)
+    fn make(seed: u64, bf16: bool) -> Self {
+        if !bf16 {
+            return tiny_arith(seed);
+        }
+        let opts = prism_model::LoadOptions { seed, dtype: prism_model::Dtype::Bf16, ..Default::default() };
+        prism_model::load("builtin:tiny-arith", &opts).unwrap().model
     }
 }
 
 /// A learner whose starting weights come from `seed`; the reference is always the
 /// same initial model (the caller rebuilds it on resume, it is not checkpointed).
-fn learner<M: Model>(seed: u64) -> Learner<M> {
-    Learner::new(config(), M::make(seed), Some(M::make(11)), 42).unwrap()
+fn learner<M: Model>(seed: u64, bf16: bool) -> Learner<M> {
+    Learner::new(config(), M::make(seed, bf16), Some(M::make(11, bf16)), 42).unwrap()
 }
 
 fn train<M: Model>(learner: &mut Learner<M>, steps: std::ops::Range<u64>) {
@@ -83,8 +90,9 @@ fn run_child(dir: &Path, model: &str, phase: &str) {
 }
 
 fn resume_identity<M: Model>(name: &str) {
+    let bf16 = name.ends_with("-bf16");
     let dir = tempfile::tempdir().unwrap();
-    let mut straight = learner::<M>(11);
+    let mut straight = learner::<M>(11, bf16);
     train(&mut straight, 0..4);
     let want = bits(&weights(straight.policy()));
 
@@ -99,7 +107,7 @@ fn resume_identity<M: Model>(name: &str) {
         assert_eq!(differing, 0, "{name}: {differing} of {} values differ after resume", w.len());
     }
     // And training did move the weights, so the comparison means something.
-    assert_ne!(want, bits(&weights(&M::make(11))));
+    assert_ne!(want, bits(&weights(&M::make(11, bf16))));
 }
 
 #[test]
@@ -112,11 +120,19 @@ fn resume_is_bit_identical_across_processes_with_the_transformer() {
     resume_identity::<prism_model::Transformer>("tiny-arith");
 }
 
-fn child<M: Model>(dir: &Path, phase: &str) {
+/// A bf16 model resumes bit for bit only if the checkpoint keeps its
+/// float32 master weights (its bf16 values are them rounded).
+#[test]
+fn a_bf16_model_resumes_bit_identically_across_processes() {
+    resume_identity::<TinyLm>("tiny-bf16");
+    resume_identity::<prism_model::Transformer>("tiny-arith-bf16");
+}
+
+fn child<M: Model>(dir: &Path, phase: &str, bf16: bool) {
     let checkpoints = dir.join("checkpoints");
     match phase {
         "first" => {
-            let mut l = learner::<M>(11);
+            let mut l = learner::<M>(11, bf16);
             train(&mut l, 0..2);
             let meta = CheckpointMeta {
                 step: 2,
@@ -128,7 +144,7 @@ fn child<M: Model>(dir: &Path, phase: &str) {
         }
         "second" => {
             // Different starting weights: everything must come from the checkpoint.
-            let mut l = learner::<M>(99);
+            let mut l = learner::<M>(99, bf16);
             let restored = l.resume(&checkpoints).unwrap().expect("the first process wrote a checkpoint");
             assert!(restored.rejected.is_empty());
             assert_eq!(restored.meta.config_hash, prism_learner::checkpoint::config_hash(&config()));
@@ -146,9 +162,11 @@ fn child<M: Model>(dir: &Path, phase: &str) {
 fn resume_child() {
     let dir = PathBuf::from(std::env::var(DIR_ENV).expect("run by resume_is_bit_identical_across_processes"));
     let phase = std::env::var(PHASE_ENV).unwrap();
-    match std::env::var(MODEL_ENV).unwrap().as_str() {
-        "tiny" => child::<TinyLm>(&dir, &phase),
-        "tiny-arith" => child::<prism_model::Transformer>(&dir, &phase),
+    let model = std::env::var(MODEL_ENV).unwrap();
+    let bf16 = model.ends_with("-bf16");
+    match model.trim_end_matches("-bf16") {
+        "tiny" => child::<TinyLm>(&dir, &phase, bf16),
+        "tiny-arith" => child::<prism_model::Transformer>(&dir, &phase, bf16),
         other => panic!("unknown model {other}"),
     }
 }

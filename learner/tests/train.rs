@@ -255,3 +255,45 @@ fn a_trajectory_the_model_cannot_take_is_refused_not_a_panic() {
     let report = learner.train_step(&[good]).unwrap();
     assert_eq!(report.groups, 1);
 }
+
+/// A bf16 model (`model.dtype = "bf16"`) trains at a small learning rate
+/// as the same model in float32 does: its updates (1e-4 a step) are under
+/// bf16's spacing for most weights (2^-9 near 0.3), so they must accumulate
+/// in float32 master weights. Applied to the bf16 weights, they round away
+/// and only weights near zero move.
+#[test]
+fn a_bf16_model_learns_at_a_small_learning_rate_as_float32_does() {
+    let config = Config { lr: 1e-4, grad_clip: 0.0, weight_decay: 0.0, ..Config::default() };
+    let start = TinyLm::bf16(7).weights();
+    let run = |policy: TinyLm| {
+        let mut learner = Learner::new(config.clone(), policy, None, 3).unwrap();
+        for step in 0..40 {
+            learner.train_step(&groups(300 + step, 3, 4)).unwrap();
+        }
+        learner.policy().weights()
+    };
+    // The float32 model starts from the same (bf16-rounded) values.
+    let float = TinyLm::new(7);
+    tch::no_grad(|| {
+        for (mut v, (_, s)) in prism_learner::policy::named_variables(float.var_store()).into_iter().map(|(_, v)| v).zip(&start) {
+            v.copy_(&Tensor::from_slice(s).view(v.size().as_slice()));
+        }
+    });
+    let f32_end = run(float);
+    let bf16_end = run(TinyLm::bf16(7));
+    let (mut moved_f32, mut moved_bf16, mut agree, mut both) = (0.0f64, 0.0f64, 0usize, 0usize);
+    for (((_, s), (_, a)), (_, b)) in start.iter().zip(&f32_end).zip(&bf16_end) {
+        for ((s, a), b) in s.iter().zip(a).zip(b) {
+            let (da, db) = (f64::from(a - s), f64::from(b - s));
+            moved_f32 += da.abs();
+            moved_bf16 += db.abs();
+            if da != 0.0 && db != 0.0 {
+                both += 1;
+                agree += usize::from(da.signum() == db.signum());
+            }
+        }
+    }
+    let ratio = moved_bf16 / moved_f32;
+    assert!((0.7..1.3).contains(&ratio), "the bf16 model moved {moved_bf16:.4} in all, the float32 one {moved_f32:.4} (ratio {ratio:.3})");
+    assert!(agree as f64 >= 0.9 * both as f64, "{agree} of {both} weights moved the same way");
+}

@@ -177,7 +177,9 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<Loaded> {
 pub struct Config {
     /// An HF folder, a `.gguf` file or a builtin preset. Default `builtin:tiny-arith`.
     pub source: String,
-    /// Parameter precision: `f32`, `bf16` or `f16`. Default `f32`.
+    /// Parameter precision: `f32`, `bf16` or `f16`. The learner trains a
+    /// bf16 or f16 model through float32 master weights (optimizer state).
+    /// Default `f32`.
     pub dtype: String,
     /// `cpu`, `cuda` or `cuda:N`. Default `cpu`.
     pub device: String,

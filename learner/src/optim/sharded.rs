@@ -18,10 +18,11 @@
 //! 2. the global gradient norm from every share's sum of squares, and the
 //!    shares clipped as `torch.nn.utils.clip_grad_norm_` does;
 //! 3. AdamW on the share ([`AdamWConfig::update`], as [`super::AdamW::step`]);
-//! 4. the updated shares all-gathered, bucket by bucket, into every parameter.
+//! 4. the updated shares all-gathered, bucket by bucket, into every
+//!    parameter, in the parameters' type (bf16 models move half the bytes).
 //!
-//! The master weights are the parameters' values at the start (the learner's
-//! parameters are float32, so a checkpoint's weights restore them exactly).
+//! The master weights are the parameters' values at the start, or the
+//! masters rank 0 holds (a bf16 model resumed: [`super::AdamW`]'s masters).
 
 use super::{AdamWConfig, clip_coefficient};
 use crate::collective::Collective;
@@ -228,10 +229,21 @@ impl ShardedAdamW {
         [&self.exp_avg, &self.exp_avg_sq]
     }
 
-    /// Takes `exp_avg` and `exp_avg_sq` (this rank's share of them) after
-    /// `steps` steps.
-    pub fn set_state(&mut self, exp_avg: &Tensor, exp_avg_sq: &Tensor, steps: u64) -> Result<()> {
-        for (name, src) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
+    /// This rank's float32 master weights, `[share_len]`.
+    pub fn master(&self) -> &Tensor {
+        &self.master
+    }
+
+    /// Whether some parameter is narrower than float32: its master weights
+    /// are more than its values, and a checkpoint keeps them.
+    pub fn has_masters(&self) -> bool {
+        self.layout.params.iter().any(|p| p.kind() != Kind::Float)
+    }
+
+    /// Takes `exp_avg`, `exp_avg_sq` and, when given, the master weights
+    /// (this rank's share of each) after `steps` steps.
+    pub fn set_state(&mut self, exp_avg: &Tensor, exp_avg_sq: &Tensor, master: Option<&Tensor>, steps: u64) -> Result<()> {
+        for (name, src) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)].into_iter().chain(master.map(|m| ("master", m))) {
             if src.size() != self.exp_avg.size() {
                 return Err(Error::Collective(format!(
                     "rank {}: a share of {name} of shape {:?}, expected {:?}",
@@ -244,6 +256,9 @@ impl ShardedAdamW {
         tch::no_grad(|| -> Result<()> {
             self.exp_avg.f_copy_(exp_avg)?;
             self.exp_avg_sq.f_copy_(exp_avg_sq)?;
+            if let Some(m) = master {
+                self.master.f_copy_(m)?;
+            }
             Ok(())
         })?;
         self.steps = steps;
@@ -298,14 +313,18 @@ impl ShardedAdamW {
         let grad = if max_norm > 0.0 && coef < 1.0 { grad * coef } else { grad };
         self.steps += 1;
         self.config.update(&mut self.master, &mut self.exp_avg, &mut self.exp_avg_sq, &grad, lr, self.steps)?;
-        // Every rank's updated share, back into every parameter.
+        // Every rank's updated share, back into every parameter, in the
+        // parameters' type (float32 where a bucket mixes types).
         for b in &self.layout.buckets {
-            let whole = Tensor::zeros([b.share * world as i64], (Kind::Float, device));
-            dp.all_gather(&self.master.narrow(0, b.offset, b.share), &whole)?;
+            let params = &self.layout.params[b.params.clone()];
+            let kind = params.first().map_or(Kind::Float, Tensor::kind);
+            let kind = if params.iter().all(|p| p.kind() == kind) { kind } else { Kind::Float };
+            let whole = Tensor::zeros([b.share * world as i64], (kind, device));
+            dp.all_gather(&self.master.narrow(0, b.offset, b.share).to_kind(kind), &whole)?;
             let mut at = 0i64;
-            for p in &self.layout.params[b.params.clone()] {
+            for p in params {
                 let n = p.numel() as i64;
-                p.shallow_clone().f_copy_(&whole.narrow(0, at, n).view(p.size().as_slice()).to_kind(p.kind()))?;
+                p.shallow_clone().f_copy_(&whole.narrow(0, at, n).view(p.size().as_slice()))?;
                 at += n;
             }
         }

@@ -59,3 +59,44 @@ fn clipping_scales_to_the_max_norm() {
     opt.zero_grad();
     assert_eq!(opt.grad_norm().unwrap(), 0.0);
 }
+
+/// A bf16 parameter steps through a float32 master: the master follows the
+/// float32 optimizer on the same gradients bit for bit, the parameter is it
+/// rounded, and the checkpoint state holds the master. Applied to the bf16
+/// values themselves, these updates (1e-3 against a spacing of 2^-9 near
+/// 0.3) would round away.
+#[test]
+fn a_bf16_parameter_steps_through_a_float32_master() {
+    let init = Tensor::from_slice(&[0.3f32, -0.4, 0.2, 0.45]).to_kind(Kind::BFloat16).to_kind(Kind::Float);
+    let make = |kind: Kind| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut p = vs.root().var("w", &[4], Init::Const(0.0));
+        tch::no_grad(|| p.copy_(&init));
+        let mut vs = vs;
+        if kind == Kind::BFloat16 {
+            vs.bfloat16();
+        }
+        let p = vs.root().get("w").unwrap();
+        assert_eq!(p.kind(), kind);
+        (vs, p)
+    };
+    let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let (vs32, p32) = make(Kind::Float);
+    let (vs16, p16) = make(Kind::BFloat16);
+    let (mut opt32, mut opt16) = (AdamW::new(&vs32, config), AdamW::new(&vs16, config));
+    for step in 0..5 {
+        // Gradients bf16 can hold exactly, so both optimizers see the same ones.
+        let g = Tensor::from_slice(&[0.5f32, -0.25, 1.0 + step as f32, -2.0]);
+        for (p, opt) in [(&p32, &mut opt32), (&p16, &mut opt16)] {
+            opt.zero_grad();
+            (p * g.to_kind(p.kind())).sum(Kind::Float).backward();
+            opt.step(1e-3).unwrap();
+        }
+    }
+    let master = opt16.state_tensors().into_iter().find(|(n, _)| n == "master.w").expect("a master in the state").1;
+    assert!(master.equal(&p32), "master {master} vs float32 {p32}");
+    assert!(p16.equal(&p32.to_kind(Kind::BFloat16)), "{p16} is not the master rounded");
+    assert!(!p16.to_kind(Kind::Float).equal(&init), "the bf16 parameter moved");
+    // A float32 parameter has no master in the state.
+    assert!(opt32.state_tensors().iter().all(|(n, _)| !n.starts_with("master.")));
+}

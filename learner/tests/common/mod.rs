@@ -56,6 +56,14 @@ impl TinyLm {
         Self { vs, embed, up, mix, head }
     }
 
+    /// [`TinyLm::new`]'s weights rounded to bf16, held in bf16 (a model
+    /// loaded with `model.dtype = "bf16"`).
+    pub fn bf16(seed: u64) -> Self {
+        let mut m = Self::new(seed);
+        m.vs.bfloat16();
+        m
+    }
+
     /// Every parameter's values, by name.
     pub fn weights(&self) -> Vec<(String, Vec<f32>)> {
         weights(self)
@@ -87,9 +95,9 @@ impl Policy for TinyLm {
         let x = self.embed.forward(input_ids);
         let t = x.size()[1];
         let positions = Tensor::arange_start(1, t + 1, (Kind::Float, x.device())).view([1, t, 1]);
-        let running_mean = x.cumsum(1, Kind::Float) / positions;
+        let running_mean = (x.cumsum(1, Kind::Float) / positions).to_kind(x.kind());
         let h = (self.up.forward(&x) + self.mix.forward(&running_mean)).tanh();
-        Ok(self.head.forward(&h))
+        Ok(self.head.forward(&h).to_kind(Kind::Float))
     }
 
     fn var_store(&self) -> &nn::VarStore {
