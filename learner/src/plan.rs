@@ -78,7 +78,8 @@ pub fn parameters(c: &ModelConfig) -> u64 {
     let kv = u(c.num_kv_heads) * u(c.head_dim);
     let attention = d * q + 2 * d * kv + q * d + if c.qkv_bias { q + 2 * kv } else { 0 } + if c.o_bias { d } else { 0 };
     let mlp = 3 * d * f + if c.mlp_bias { 2 * f + d } else { 0 };
-    let layer = attention + mlp + 2 * d + if c.qk_norm { 2 * u(c.head_dim) } else { 0 };
+    let norms = if c.gemma.is_some() { 4 } else { 2 };
+    let layer = attention + mlp + norms * d + if c.qk_norm { 2 * u(c.head_dim) } else { 0 };
     v * d + u(c.num_layers) * layer + d + if c.tie_word_embeddings { 0 } else { v * d }
 }
 
@@ -86,7 +87,7 @@ pub fn parameters(c: &ModelConfig) -> u64 {
 /// `(float32 values, projection outputs)` — the latter in the autocast dtype.
 ///
 /// - each RMSNorm: its input, the normalised input, the scaled output (3 d;
-///   two norms: 6 d);
+///   two norms: 6 d; Gemma's four: 12 d);
 /// - attention: the rotated queries and keys and the values, kept by
 ///   scaled-dot-product attention with its output (flash attention keeps no
 ///   `T × T` matrix), and the output's copy the output projection keeps:
@@ -97,7 +98,8 @@ pub fn saved_per_layer(c: &ModelConfig) -> (u64, u64) {
     let (d, f) = (c.hidden_size as u64, c.intermediate_size as u64);
     let (h, kv, hd) = (c.num_heads as u64, c.num_kv_heads as u64, c.head_dim as u64);
     let attention = (3 * h + 2 * kv) * hd + if c.qk_norm { 2 * (h + kv) * hd } else { 0 };
-    (6 * d, attention + 4 * f)
+    let norms = if c.gemma.is_some() { 12 * d } else { 6 * d };
+    (norms, attention + 4 * f)
 }
 
 /// The peak bytes of one micro-batch's forward and backward pass.

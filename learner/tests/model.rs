@@ -155,6 +155,29 @@ fn activation_checkpointing_gives_the_plain_gradients() {
     let (diff, largest) = checkpointed_vs_plain(&qwen3, &ids, None);
     eprintln!("qwen3-style, window 7: max |checkpointed - plain| = {diff} (largest gradient {largest})");
     assert!(largest > 1e-3 && diff <= 1e-6, "{diff}");
+
+    // Gemma 3-style: sliding and full layers (each with its mask and RoPE
+    // tables), norms around each block, q/k norms, soft caps; left-padded.
+    let config = prism_model::ModelConfig {
+        family: prism_model::Family::Gemma3,
+        qk_norm: true,
+        head_dim: 24,
+        tie_word_embeddings: true,
+        sliding_window: Some(7),
+        gemma: Some(prism_model::config::Gemma {
+            query_pre_attn_scalar: 20.0,
+            attn_logit_softcapping: Some(5.0),
+            final_logit_softcapping: Some(10.0),
+            sliding_layers: vec![true, false, true, false],
+            local_rope_theta: Some(100.0),
+        }),
+        ..prism_model::builtin::tiny_arith_config()
+    };
+    assert_eq!(config.num_layers, 4);
+    let gemma = prism_model::Transformer::new(config, tch::Device::Cpu, prism_model::Dtype::F32, 5).unwrap();
+    let (diff, largest) = checkpointed_vs_plain(&gemma, &ids, Some(&mask));
+    eprintln!("gemma3-style, window 7, left-padded: max |checkpointed - plain| = {diff} (largest gradient {largest})");
+    assert!(largest > 1e-3 && diff <= 1e-6, "{diff}");
 }
 
 /// Whole train steps with `learner.checkpoint_activations` end on the weights

@@ -82,6 +82,7 @@ pub fn tiny_arith_config() -> ModelConfig {
         mlp_bias: false,
         tie_word_embeddings: true,
         sliding_window: None,
+        gemma: None,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         pad_token_id: Some(0),

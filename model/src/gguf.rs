@@ -533,6 +533,7 @@ impl GgufFile {
             mlp_bias: self.tensors.contains_key("blk.0.ffn_up.bias"),
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
             sliding_window: None,
+            gemma: None,
             bos_token_id: tok("bos_token_id"),
             eos_token_ids: tok("eos_token_id").into_iter().collect(),
             pad_token_id: tok("padding_token_id"),

@@ -1,7 +1,9 @@
 //! The decoder-only transformer of the Llama / Mistral / Qwen2 / Qwen3 /
-//! SmolLM family: RMSNorm, RoPE (with linear or Llama 3 scaling), grouped-query
-//! attention, SwiGLU MLP, optional q/k/v bias, optional RMSNorm of each query
-//! and key head (Qwen3), tied or untied embeddings.
+//! SmolLM / Gemma 2 / Gemma 3 family: RMSNorm, RoPE (with linear or Llama 3
+//! scaling), grouped-query attention, SwiGLU MLP, optional q/k/v bias,
+//! optional RMSNorm of each query and key head (Qwen3, Gemma 3), tied or
+//! untied embeddings, sliding-window layers (Mistral, Gemma); and Gemma's
+//! changes to the layer (see [`crate::config::Gemma`]).
 //!
 //! Parameters live in a [`VarStore`] under exactly the Hugging Face names, so the
 //! store saved as safetensors is an HF checkpoint and weight sync is a copy of
@@ -48,8 +50,14 @@ struct Mlp {
 struct Layer {
     input_norm: Tensor,
     attn: Attention,
+    /// `post_attention_layernorm`: the MLP's input norm, or Gemma's norm of
+    /// the attention's output.
     post_norm: Tensor,
+    /// Gemma's norms before and after the MLP.
+    ff_norms: Option<[Tensor; 2]>,
     mlp: Mlp,
+    /// Attends within the sliding window only.
+    sliding: bool,
 }
 
 /// The model. Owns its [`VarStore`].
@@ -65,7 +73,38 @@ pub struct Transformer {
     /// first half of `sin` negated (see [`apply_rope`]).
     cos: Tensor,
     sin: Tensor,
+    /// The sliding layers' own tables (Gemma 3's local RoPE base).
+    local_rope: Option<(Tensor, Tensor)>,
     tokenizer: Option<Tokenizer>,
+}
+
+/// The RoPE tables at a call's positions, `[B, 1, T, head_dim]` in the
+/// weights' type: every layer's, and the sliding layers' own where they differ.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    local: Option<(Tensor, Tensor)>,
+}
+
+impl Rope {
+    fn of(&self, layer: &Layer) -> (&Tensor, &Tensor) {
+        match (&self.local, layer.sliding) {
+            (Some((cos, sin)), true) => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        }
+    }
+}
+
+/// The masks of one call: the full layers', and the sliding layers'.
+struct Masks {
+    full: Mask,
+    sliding: Mask,
+}
+
+impl Masks {
+    fn of(&self, layer: &Layer) -> &Mask {
+        if layer.sliding { &self.sliding } else { &self.full }
+    }
 }
 
 fn var(p: &tch::nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
@@ -94,8 +133,10 @@ fn fused(paths: &[&tch::nn::Path], name: &str, rows: &[i64], cols: Option<i64>) 
 }
 
 impl Layer {
-    fn new(p: &tch::nn::Path, c: &ModelConfig) -> Self {
+    fn new(p: &tch::nn::Path, c: &ModelConfig, index: usize) -> Self {
         let (d, f) = (c.hidden_size as i64, c.intermediate_size as i64);
+        // Gemma stores norm weights as offsets from 1.
+        let unit = Init::Const(if c.gemma.is_some() { 0.0 } else { 1.0 });
         let q_dim = (c.num_heads * c.head_dim) as i64;
         let kv_dim = (c.num_kv_heads * c.head_dim) as i64;
         let zero = Init::Const(0.0);
@@ -122,8 +163,8 @@ impl Layer {
             v_bias,
             qkv_bias,
             o_bias: c.o_bias.then(|| var(&(&a / "o_proj"), "bias", &[d], zero)),
-            q_norm: c.qk_norm.then(|| var(&(&a / "q_norm"), "weight", &[c.head_dim as i64], Init::Const(1.0))),
-            k_norm: c.qk_norm.then(|| var(&(&a / "k_norm"), "weight", &[c.head_dim as i64], Init::Const(1.0))),
+            q_norm: c.qk_norm.then(|| var(&(&a / "q_norm"), "weight", &[c.head_dim as i64], unit)),
+            k_norm: c.qk_norm.then(|| var(&(&a / "k_norm"), "weight", &[c.head_dim as i64], unit)),
         };
         let m = p / "mlp";
         let (gp, upp) = (&m / "gate_proj", &m / "up_proj");
@@ -138,10 +179,14 @@ impl Layer {
         };
         let mlp = Mlp { gate, up, gate_up, down: var(&(&m / "down_proj"), "weight", &[d, f], zero), biases, gate_up_bias };
         Layer {
-            input_norm: var(&(p / "input_layernorm"), "weight", &[d], Init::Const(1.0)),
+            input_norm: var(&(p / "input_layernorm"), "weight", &[d], unit),
             attn,
-            post_norm: var(&(p / "post_attention_layernorm"), "weight", &[d], Init::Const(1.0)),
+            post_norm: var(&(p / "post_attention_layernorm"), "weight", &[d], unit),
+            ff_norms: c.gemma.is_some().then(|| {
+                [var(&(p / "pre_feedforward_layernorm"), "weight", &[d], unit), var(&(p / "post_feedforward_layernorm"), "weight", &[d], unit)]
+            }),
             mlp,
+            sliding: c.sliding_window.is_some() && c.gemma.as_ref().is_none_or(|g| g.sliding_layers.get(index).copied().unwrap_or(false)),
         }
     }
 }
@@ -156,6 +201,44 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let xf = x.to_kind(Kind::Float);
     let var = xf.square().mean_dim(-1, true, Kind::Float);
     weight * (xf * (var + eps).rsqrt()).to_kind(kind)
+}
+
+/// The model's RMSNorm: [`rms_norm`], or Gemma's (`x̂ · (1 + w)`, in
+/// float32, cast back after the weight).
+fn norm(x: &Tensor, weight: &Tensor, c: &ModelConfig) -> Tensor {
+    if c.gemma.is_none() {
+        return rms_norm(x, weight, c.rms_norm_eps);
+    }
+    let kind = x.kind();
+    let xf = x.to_kind(Kind::Float);
+    let var = xf.square().mean_dim(-1, true, Kind::Float);
+    ((xf * (var + c.rms_norm_eps).rsqrt()) * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
+}
+
+/// Attention with Gemma 2's soft-capped scores, `cap · tanh(q·k · scale /
+/// cap)`, before the mask, as transformers' eager attention computes it
+/// (scaled dot-product attention has no soft cap): `[B, h, T, hd]`.
+fn softcapped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64, cap: f64) -> Tensor {
+    let (h, hkv) = (q.size()[1], k.size()[1]);
+    let (k, v) = if h != hkv {
+        // Query head i reads key/value head i / (h / hkv), as repeat_kv pairs them.
+        (k.repeat_interleave_self_int(h / hkv, 1, None), v.repeat_interleave_self_int(h / hkv, 1, None))
+    } else {
+        (k.shallow_clone(), v.shallow_clone())
+    };
+    let scores = q.matmul(&k.transpose(2, 3)) * scale;
+    let scores = (scores / cap).tanh() * cap;
+    let (t, s) = (q.size()[2], k.size()[2]);
+    let allowed = match mask {
+        Mask::Causal => Some(Tensor::ones([t, s], (Kind::Bool, q.device())).tril(s - t)),
+        Mask::Explicit(m) => Some(m.shallow_clone()),
+        Mask::None => None,
+    };
+    let scores = match allowed {
+        Some(m) => scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY),
+        None => scores,
+    };
+    scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
 }
 
 /// `x * cos + rotate_half(x) * sin`, the rotate-half RoPE convention of HF Llama,
@@ -200,11 +283,11 @@ fn residual(x: &Tensor, y: &Tensor, w: &Tensor, b: Option<&Tensor>, decoding: bo
 }
 
 /// How the attention of one call is masked.
-enum Mask<'a> {
+enum Mask {
     /// Plain causal attention over the call's own tokens (no cache, no padding).
     Causal,
     /// An explicit boolean mask `[B, 1, T, S]`, true = may attend.
-    Explicit(&'a Tensor),
+    Explicit(Tensor),
     /// No mask: every query sees every key (one decode step, no padding).
     None,
 }
@@ -229,7 +312,7 @@ impl Layer {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (h, hkv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
         let a = &self.attn;
-        let xn = rms_norm(x, &self.input_norm, c.rms_norm_eps);
+        let xn = norm(x, &self.input_norm, c);
         let decoding = cache.is_some();
         let (q, k, v) = if decoding {
             let qkv = decode_product(&xn, &a.qkv, a.qkv_bias.as_ref(), None); // [B, T, (h + 2 hkv) hd]
@@ -239,7 +322,7 @@ impl Layer {
                 (Some(qn), Some(kn)) => {
                     // One norm over h + hkv heads, each with its weights: `[h + hkv, 1, hd]`.
                     let w = Tensor::cat(&[qn.expand([h, hd], false), kn.expand([hkv, hd], false)], 0).unsqueeze(1);
-                    rms_norm(&qk, &w, c.rms_norm_eps)
+                    norm(&qk, &w, c)
                 }
                 _ => qk,
             };
@@ -251,7 +334,7 @@ impl Layer {
             let k = linear(&xn, &a.k, a.k_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
             let v = linear(&xn, &a.v, a.v_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
             let (q, k) = match (&a.q_norm, &a.k_norm) {
-                (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps), rms_norm(&k, kn, c.rms_norm_eps)),
+                (Some(qn), Some(kn)) => (norm(&q, qn, c), norm(&k, kn, c)),
                 _ => (q, k),
             };
             (apply_rope(&q, cos, sin), apply_rope(&k, cos, sin), v)
@@ -265,35 +348,50 @@ impl Layer {
             None => (k, v),
         };
         let gqa = hkv != h;
-        let y = if decoding && t == 1 && !matches!(mask, Mask::Causal) {
+        let scale = c.gemma.as_ref().map(|g| g.query_pre_attn_scalar.powf(-0.5));
+        let y = if let Some(cap) = c.gemma.as_ref().and_then(|g| g.attn_logit_softcapping) {
+            let scale = scale.unwrap_or((hd as f64).powf(-0.5));
+            softcapped_attention(&q, &k, &v, mask, scale, cap).transpose(1, 2).reshape([b, t, h * hd])
+        } else if decoding && t == 1 && !matches!(mask, Mask::Causal) {
             // [B, hkv, h / hkv, hd]: query head i reads key/value head i / (h / hkv),
             // as transformers' repeat_kv pairs them; the mask [B, 1, 1, S] broadcasts.
             let q = q.reshape([b, hkv, h / hkv, hd]);
             let m = match mask {
-                Mask::Explicit(m) => Some(*m),
+                Mask::Explicit(m) => Some(m),
                 _ => None,
             };
-            Tensor::scaled_dot_product_attention(&q, &k, &v, m, 0.0, false, None, false).reshape([b, 1, h * hd])
+            Tensor::scaled_dot_product_attention(&q, &k, &v, m, 0.0, false, scale, false).reshape([b, 1, h * hd])
         } else {
             let y = match mask {
-                Mask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, true, None, gqa),
-                Mask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(*m), 0.0, false, None, gqa),
-                Mask::None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, gqa),
+                Mask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, true, scale, gqa),
+                Mask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
+                Mask::None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, scale, gqa),
             };
             y.transpose(1, 2).reshape([b, t, h * hd])
         };
-        let x = residual(x, &y, &a.o, a.o_bias.as_ref(), decoding);
-        let xn = rms_norm(&x, &self.post_norm, c.rms_norm_eps);
         let m = &self.mlp;
         let f = m.down.size()[1];
         let bias = |i: usize| m.biases.as_ref().map(|bs| &bs[i]);
-        let hidden = if decoding {
-            let gu = decode_product(&xn, &m.gate_up, m.gate_up_bias.as_ref(), None);
-            gu.narrow(2, 0, f).silu() * gu.narrow(2, f, f)
-        } else {
-            linear(&xn, &m.gate, bias(0)).silu() * linear(&xn, &m.up, bias(1))
+        // SwiGLU, or Gemma's GeGLU (tanh-approximated GELU).
+        let act = |g: Tensor| if c.gemma.is_some() { g.gelu("tanh") } else { g.silu() };
+        let mlp = |xn: &Tensor| {
+            if decoding {
+                let gu = decode_product(xn, &m.gate_up, m.gate_up_bias.as_ref(), None);
+                act(gu.narrow(2, 0, f)) * gu.narrow(2, f, f)
+            } else {
+                act(linear(xn, &m.gate, bias(0))) * linear(xn, &m.up, bias(1))
+            }
         };
-        residual(&x, &hidden, &m.down, bias(2), decoding)
+        if let Some([pre_ff, post_ff]) = &self.ff_norms {
+            // Gemma: each block's output normalised before it joins the residual stream.
+            let project = |y: &Tensor, w: &Tensor, b: Option<&Tensor>| if decoding { decode_product(y, w, b, None) } else { linear(y, w, b) };
+            let x = x + norm(&project(&y, &a.o, a.o_bias.as_ref()), &self.post_norm, c);
+            let hidden = mlp(&norm(&x, pre_ff, c));
+            return &x + norm(&project(&hidden, &m.down, bias(2)), post_ff, c);
+        }
+        let x = residual(x, &y, &a.o, a.o_bias.as_ref(), decoding);
+        let xn = norm(&x, &self.post_norm, c);
+        residual(&x, &mlp(&xn), &m.down, bias(2), decoding)
     }
 }
 
@@ -365,14 +463,15 @@ impl Transformer {
         let model = &root / "model";
         let (v, d) = (c.vocab_size as i64, c.hidden_size as i64);
         let embed = var(&(&model / "embed_tokens"), "weight", &[v, d], Init::Const(0.0));
-        let layers = (0..c.num_layers).map(|i| Layer::new(&(&model / "layers" / i), c)).collect();
-        let norm = var(&(&model / "norm"), "weight", &[d], Init::Const(1.0));
+        let layers = (0..c.num_layers).map(|i| Layer::new(&(&model / "layers" / i), c, i)).collect();
+        let norm = var(&(&model / "norm"), "weight", &[d], Init::Const(if c.gemma.is_some() { 0.0 } else { 1.0 }));
         let lm_head = if c.tie_word_embeddings {
             embed.shallow_clone()
         } else {
             var(&(&root / "lm_head"), "weight", &[v, d], Init::Const(0.0))
         };
-        let (cos, sin) = rope_tables(c, vs.device());
+        let (cos, sin) = rope_tables(c, c.rope_theta, c.rope_scaling, vs.device());
+        let local_rope = c.gemma.as_ref().and_then(|g| g.local_rope_theta).map(|theta| rope_tables(c, theta, RopeScaling::None, vs.device()));
         Ok(Self {
             vs: VarStore::new(vs.device()),
             config,
@@ -382,6 +481,7 @@ impl Transformer {
             lm_head,
             cos,
             sin,
+            local_rope,
             tokenizer: None,
         })
     }
@@ -398,7 +498,8 @@ impl Transformer {
             for (name, mut t) in named {
                 let n = t.numel();
                 let values: Vec<f32> = if name.ends_with("norm.weight") {
-                    vec![1.0; n]
+                    // Gemma's norm weights are offsets from 1.
+                    vec![if self.config.gemma.is_some() { 0.0 } else { 1.0 }; n]
                 } else if name.ends_with(".bias") {
                     vec![0.0; n]
                 } else {
@@ -511,19 +612,32 @@ impl Transformer {
         })
     }
 
-    fn embed_and_rope(&self, input_ids: &Tensor, positions: &Tensor) -> (Tensor, Tensor, Tensor) {
+    fn embed_and_rope(&self, input_ids: &Tensor, positions: &Tensor) -> (Tensor, Rope) {
         let x = Tensor::embedding(&self.embed, input_ids, -1, false, false);
         let kind = x.kind();
+        // Gemma scales the embeddings by sqrt(hidden_size), rounded to their type.
+        let x = if self.config.gemma.is_some() {
+            let scale = Tensor::from((self.config.hidden_size as f64).sqrt() as f32).to_kind(kind).to_device(x.device());
+            x * scale
+        } else {
+            x
+        };
         // [B, 1, T, head_dim], broadcast over heads.
-        let cos = self.cos.index_select(0, &positions.flatten(0, -1)).view([positions.size()[0], 1, positions.size()[1], -1]);
-        let sin = self.sin.index_select(0, &positions.flatten(0, -1)).view([positions.size()[0], 1, positions.size()[1], -1]);
-        (x, cos.to_kind(kind), sin.to_kind(kind))
+        let at = |table: &Tensor| {
+            table.index_select(0, &positions.flatten(0, -1)).view([positions.size()[0], 1, positions.size()[1], -1]).to_kind(kind)
+        };
+        let local = self.local_rope.as_ref().map(|(cos, sin)| (at(cos), at(sin)));
+        (x, Rope { cos: at(&self.cos), sin: at(&self.sin), local })
     }
 
     fn head(&self, x: &Tensor, decoding: bool) -> Tensor {
-        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps);
+        let x = norm(x, &self.norm, &self.config);
         let logits = if decoding { decode_product(&x, &self.lm_head, None, None) } else { x.linear(&self.lm_head, None::<&Tensor>) };
-        logits.to_kind(Kind::Float)
+        let logits = logits.to_kind(Kind::Float);
+        match self.config.gemma.as_ref().and_then(|g| g.final_logit_softcapping) {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
     }
 
     /// Logits `[B, T, V]` (float32 whatever the weights' dtype) for `input_ids`
@@ -539,13 +653,10 @@ impl Transformer {
     /// position) runs on those positions alone, e.g. a trainer's completion
     /// tokens. Differentiable.
     pub fn forward_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Tensor {
-        let (mut x, cos, sin, mask) = self.prepare(input_ids, attention_mask);
-        let mask = match &mask {
-            Some(m) => Mask::Explicit(m),
-            None => Mask::Causal,
-        };
+        let (mut x, rope, masks) = self.prepare(input_ids, attention_mask);
         for layer in &self.layers {
-            x = layer.forward(&x, &self.config, &cos, &sin, &mask, None);
+            let (cos, sin) = rope.of(layer);
+            x = layer.forward(&x, &self.config, cos, sin, masks.of(layer), None);
         }
         self.head(&x.narrow(1, start, len), false)
     }
@@ -575,21 +686,18 @@ impl Transformer {
             scope(&mut || out = Some(f()));
             out.expect("the scope runs what it is given")
         };
-        let (x0, cos, sin, mask) = {
+        let (x0, rope, masks) = {
             let mut prepared = None;
             scope(&mut || prepared = Some(self.prepare(input_ids, attention_mask)));
             prepared.expect("the scope runs what it is given")
-        };
-        let mask = match &mask {
-            Some(m) => Mask::Explicit(m),
-            None => Mask::Causal,
         };
         // Forward: each layer's input, kept without a graph.
         let mut inputs = Vec::with_capacity(self.layers.len());
         let mut x = x0.detach();
         tch::no_grad(|| {
             for layer in &self.layers {
-                let next = in_scope(&mut || layer.forward(&x, &self.config, &cos, &sin, &mask, None));
+                let (cos, sin) = rope.of(layer);
+                let next = in_scope(&mut || layer.forward(&x, &self.config, cos, sin, masks.of(layer), None));
                 inputs.push(std::mem::replace(&mut x, next));
             }
         });
@@ -609,7 +717,8 @@ impl Transformer {
         // Backward: one layer at a time, recomputed from its input.
         for (layer, input) in self.layers.iter().zip(inputs).rev() {
             let input = input.set_requires_grad(true);
-            let output = in_scope(&mut || layer.forward(&input, &self.config, &cos, &sin, &mask, None));
+            let (cos, sin) = rope.of(layer);
+            let output = in_scope(&mut || layer.forward(&input, &self.config, cos, sin, masks.of(layer), None));
             // d/d(output) of sum(output * grad) is grad: the layer's backward with `grad` flowing in.
             (output * &grad).sum(output_kind(&grad)).f_backward()?;
             grad = input.grad();
@@ -622,42 +731,29 @@ impl Transformer {
     }
 
     /// The embedded inputs, the RoPE tables at their positions and the
-    /// attention mask (`None`: plain causal) of a full-sequence pass.
-    fn prepare(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> (Tensor, Tensor, Tensor, Option<Tensor>) {
+    /// attention masks of a full-sequence pass.
+    fn prepare(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> (Tensor, Rope, Masks) {
         let device = self.device();
         let input_ids = input_ids.to_device(device);
         let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
-        let windowed = self.config.sliding_window.is_some_and(|w| t > w as i64);
-        let (positions, mask) = match attention_mask {
-            None => {
-                let positions = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false);
-                (positions, windowed.then(|| self.causal(t, 0, device).unsqueeze(0).unsqueeze(0)))
-            }
+        let m = attention_mask.map(|m| m.to_device(device).to_kind(Kind::Bool));
+        let mask = |window: Option<usize>| match &m {
+            None if window.is_some_and(|w| t > w as i64) => Mask::Explicit(causal(t, 0, window, device).unsqueeze(0).unsqueeze(0)),
+            None => Mask::Causal,
             Some(m) => {
-                let m = m.to_device(device).to_kind(Kind::Bool);
-                let positions = (m.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
-                let causal = self.causal(t, 0, device);
                 let eye = Tensor::eye(t, (Kind::Bool, device));
                 // A padded query sees itself, so no row of the softmax is empty (NaN).
-                let full = causal.unsqueeze(0).logical_and(&m.unsqueeze(1)).logical_or(&eye.unsqueeze(0));
-                (positions, Some(full.unsqueeze(1)))
+                let full = causal(t, 0, window, device).unsqueeze(0).logical_and(&m.unsqueeze(1)).logical_or(&eye.unsqueeze(0));
+                Mask::Explicit(full.unsqueeze(1))
             }
         };
-        let (x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
-        (x, cos, sin, mask)
-    }
-
-    /// Which keys each of `t` queries after `len` cached positions may attend,
-    /// `[t, len + t]`: those at or before it and, with a sliding window, within
-    /// the window (counted in cache positions, as transformers counts them).
-    fn causal(&self, t: i64, len: i64, device: Device) -> Tensor {
-        let q_idx = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1) + len; // [T, 1]
-        let k_idx = Tensor::arange(len + t, (Kind::Int64, device)).unsqueeze(0); // [1, S]
-        let causal = k_idx.le_tensor(&q_idx);
-        match self.config.sliding_window {
-            Some(w) => causal.logical_and(&k_idx.gt_tensor(&(q_idx - w as i64))),
-            None => causal,
-        }
+        let masks = Masks { full: mask(None), sliding: mask(self.config.sliding_window) };
+        let positions = match &m {
+            None => Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false),
+            Some(m) => (m.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0),
+        };
+        let (x, rope) = self.embed_and_rope(&input_ids, &positions);
+        (x, rope, masks)
     }
 
     /// An empty cache for `batch` sequences of up to `capacity` positions.
@@ -726,35 +822,38 @@ impl Transformer {
         let len = cache.len;
         cache.key_mask.narrow(1, len, t).copy_(&m);
         let total = len + t;
-        let (mut x, cos, sin) = self.embed_and_rope(&input_ids, &positions);
+        let (mut x, rope) = self.embed_and_rope(&input_ids, &positions);
         // Keys beyond the sliding window need the explicit mask (and the torch path).
         let windowed = self.config.sliding_window.is_some_and(|w| total > w as i64);
         if t == 1
             && allow_fused
             && !windowed
-            && let Some(y) = self.decode_fused(&x, &cos, &sin, cache)
+            && let Some(y) = self.decode_fused(&x, &rope.cos, &rope.sin, cache)
         {
             cache.len = total;
             return Ok((self.head(&y, true), true));
         }
-        let explicit;
-        let mask = if t == 1 && cache.dense && !windowed {
-            Mask::None
-        } else if len == 0 && cache.dense && !windowed {
-            Mask::Causal
-        } else {
-            let keys = cache.key_mask.narrow(1, 0, total); // [B, S]
-            let q_idx = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1) + len; // [T, 1]
-            let k_idx = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0); // [1, S]
-            let causal = self.causal(t, len, device); // [T, S]
-            let diag = k_idx.eq_tensor(&q_idx);
-            explicit = causal.unsqueeze(0).logical_and(&keys.unsqueeze(1)).logical_or(&diag.unsqueeze(0)).unsqueeze(1);
-            Mask::Explicit(&explicit)
+        let mask = |window: Option<usize>| {
+            let windowed = window.is_some_and(|w| total > w as i64);
+            if t == 1 && cache.dense && !windowed {
+                Mask::None
+            } else if len == 0 && cache.dense && !windowed {
+                Mask::Causal
+            } else {
+                let keys = cache.key_mask.narrow(1, 0, total); // [B, S]
+                let q_idx = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1) + len; // [T, 1]
+                let k_idx = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0); // [1, S]
+                let diag = k_idx.eq_tensor(&q_idx);
+                let allowed = causal(t, len, window, device).unsqueeze(0).logical_and(&keys.unsqueeze(1)); // [B, T, S]
+                Mask::Explicit(allowed.logical_or(&diag.unsqueeze(0)).unsqueeze(1))
+            }
         };
+        let masks = Masks { full: mask(None), sliding: mask(self.config.sliding_window) };
         for (i, layer) in self.layers.iter().enumerate() {
             let (kc, vc) = (&mut cache.keys[i], &mut cache.values[i]);
             // Split borrows: keys and values are separate vectors.
-            x = layer.forward(&x, &self.config, &cos, &sin, &mask, Some((kc, vc, len)));
+            let (cos, sin) = rope.of(layer);
+            x = layer.forward(&x, &self.config, cos, sin, masks.of(layer), Some((kc, vc, len)));
         }
         cache.len = total;
         if last_only {
@@ -768,8 +867,8 @@ impl Transformer {
     /// `cache.len` (which the caller advances); `None` where it does not apply.
     fn decode_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &KvCache) -> Option<Tensor> {
         let c = &self.config;
-        if c.qk_norm {
-            // The kernel has no per-head norm of queries and keys.
+        if c.qk_norm || c.gemma.is_some() {
+            // The kernel has no per-head norm of queries and keys, nor Gemma's layer.
             return None;
         }
         let key_mask = (!cache.dense).then_some(&cache.key_mask);
@@ -815,15 +914,28 @@ fn output_kind(t: &Tensor) -> Kind {
     if t.kind() == Kind::Double { Kind::Double } else { Kind::Float }
 }
 
+/// Which keys each of `t` queries after `len` cached positions may attend,
+/// `[t, len + t]`: those at or before it and, with a sliding `window`,
+/// within the window (counted in cache positions, as transformers counts them).
+fn causal(t: i64, len: i64, window: Option<usize>, device: Device) -> Tensor {
+    let q_idx = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1) + len; // [T, 1]
+    let k_idx = Tensor::arange(len + t, (Kind::Int64, device)).unsqueeze(0); // [1, S]
+    let causal = k_idx.le_tensor(&q_idx);
+    match window {
+        Some(w) => causal.logical_and(&k_idx.gt_tensor(&(q_idx - w as i64))),
+        None => causal,
+    }
+}
+
 /// RoPE tables as transformers builds them: `inv_freq = 1 / theta^(2i/d)` in
 /// float32, angles `position * inv_freq` (positions divided by the linear
 /// factor), duplicated to the full head dimension; sin with its first half
 /// negated, as [`apply_rope`] takes it.
-fn rope_tables(c: &ModelConfig, device: Device) -> (Tensor, Tensor) {
+fn rope_tables(c: &ModelConfig, theta: f64, scaling: RopeScaling, device: Device) -> (Tensor, Tensor) {
     let d = c.head_dim as i64;
     let exponents = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / d as f64;
-    let inv_freq = Tensor::from(c.rope_theta as f32).pow(&exponents).reciprocal();
-    let inv_freq = match c.rope_scaling {
+    let inv_freq = Tensor::from(theta as f32).pow(&exponents).reciprocal();
+    let inv_freq = match scaling {
         RopeScaling::None => inv_freq,
         RopeScaling::Linear { factor } => inv_freq / factor,
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {

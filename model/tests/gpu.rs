@@ -45,6 +45,7 @@ fn qwen_like() -> ModelConfig {
         mlp_bias: false,
         tie_word_embeddings: false,
         sliding_window: None,
+        gemma: None,
         bos_token_id: None,
         eos_token_ids: vec![],
         pad_token_id: None,

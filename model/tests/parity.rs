@@ -2,8 +2,11 @@
 //! `.venv` by model/tests/reference/*.py): tiny random Llama (GQA, linear RoPE
 //! scaling, untied), Llama 3.1 (its RoPE scaling, tied), Qwen2 (q/k/v bias,
 //! tied, sharded safetensors), Qwen3 (per-head q/k norms, a head dimension
-//! of its own) and Mistral (a sliding window shorter than the inputs) logits in float32 and greedy continuations, and prism's HF
-//! export reloaded by transformers.
+//! of its own), Mistral (a sliding window shorter than the inputs), Gemma 2
+//! (soft caps, sliding and full layers, GeGLU, norms around each block) and
+//! Gemma 3 (q/k norms, a local RoPE base, linear scaling on the full layers)
+//! logits in float32 and greedy continuations, and prism's HF export
+//! reloaded by transformers.
 
 mod common;
 use common::*;
@@ -28,7 +31,7 @@ fn tiny_dir() -> &'static std::path::Path {
 }
 
 /// The tiny checkpoints tiny_hf.py writes, one per family or RoPE variant.
-const FAMILIES: [&str; 5] = ["llama", "llama3", "mistral", "qwen2", "qwen3"];
+const FAMILIES: [&str; 7] = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"];
 
 #[test]
 fn tiny_llama_and_qwen_logits_match_transformers() {
@@ -45,11 +48,25 @@ fn tiny_llama_and_qwen_logits_match_transformers() {
             "qwen3" => assert!(c.qk_norm && !c.qkv_bias && !c.tie_word_embeddings && c.head_dim == 24),
             "llama3" => assert!(matches!(c.rope_scaling, prism_model::RopeScaling::Llama3 { factor, .. } if factor == 8.0)),
             "mistral" => assert_eq!(c.sliding_window, Some(5)),
+            "gemma2" => {
+                let g = c.gemma.as_ref().expect("gemma");
+                assert!(c.tie_word_embeddings && !c.qk_norm && c.sliding_window == Some(5));
+                assert_eq!((g.attn_logit_softcapping, g.final_logit_softcapping, g.query_pre_attn_scalar), (Some(0.1), Some(0.5), 24.0));
+                assert_eq!((g.sliding_layers.as_slice(), g.local_rope_theta), ([true, false].as_slice(), None));
+            }
+            "gemma3" => {
+                let g = c.gemma.as_ref().expect("gemma");
+                assert!(c.tie_word_embeddings && c.qk_norm && g.attn_logit_softcapping.is_none());
+                assert_eq!((g.sliding_layers.as_slice(), g.local_rope_theta, c.rope_theta), ([true, false].as_slice(), Some(10000.0), 1e6));
+                assert!(matches!(c.rope_scaling, prism_model::RopeScaling::Linear { factor } if factor == 2.0));
+            }
             _ => {
                 assert!(!c.tie_word_embeddings);
                 assert!(matches!(c.rope_scaling, prism_model::RopeScaling::Linear { factor } if factor == 2.0));
             }
         }
+        let held: i64 = model.var_store().variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(c.num_parameters() as i64, held, "{name}: the parameter count");
         let ours = tch::no_grad(|| model.forward(ids, None)).to_device(tch::Device::Cpu);
         let diff = max_abs_diff(&ours, &reference[&format!("{name}.logits")]);
         assert!(diff <= 1e-4, "{name}: max |logits - transformers| = {diff}");
@@ -115,7 +132,7 @@ fn kv_cached_decode_equals_full_forward() {
 
 /// A model written by `save_hf` loads in transformers with the same logits and
 /// the same tokenizer: prism's tiny-arith preset (Llama), and the Qwen2, Qwen3,
-/// Llama 3.1 and Mistral above (logits).
+/// Llama 3.1, Mistral, Gemma 2 and Gemma 3 above (logits).
 #[test]
 fn export_reloads_in_transformers() {
     let out = tempfile::tempdir().unwrap();
@@ -124,7 +141,14 @@ fn export_reloads_in_transformers() {
     arith.model.save_hf_with(&arith_dir, &arith.tokenizer, &arith.generation).unwrap();
     let mut exported = vec![(arith, arith_dir, "LlamaForCausalLM")];
     for (name, class) in
-        [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"), ("llama3", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM")]
+        [
+            ("qwen2", "Qwen2ForCausalLM"),
+            ("qwen3", "Qwen3ForCausalLM"),
+            ("llama3", "LlamaForCausalLM"),
+            ("mistral", "MistralForCausalLM"),
+            ("gemma2", "Gemma2ForCausalLM"),
+            ("gemma3", "Gemma3ForCausalLM"),
+        ]
     {
         let loaded = load(tiny_dir().join(name).to_str().unwrap(), &load_options()).unwrap();
         let dir = out.path().join(name);

@@ -1,9 +1,9 @@
 """Reference for prism's transformer: tiny random Llama (linear and Llama 3.1
-RoPE scaling), Mistral (sliding window), Qwen2 and Qwen3 checkpoints saved by
-transformers, and their float32 logits.
+RoPE scaling), Mistral (sliding window), Qwen2, Qwen3, Gemma 2 and Gemma 3
+checkpoints saved by transformers, and their float32 logits.
 
 usage: tiny_hf.py OUT_DIR
-writes OUT_DIR/{llama,llama3,mistral,qwen2,qwen3}/ (HF folders; qwen2 sharded) and
+writes OUT_DIR/{llama,llama3,mistral,qwen2,qwen3,gemma2,gemma3}/ (HF folders; qwen2 sharded) and
 OUT_DIR/reference.safetensors with `ids`, `mask`, `positions` and, per model,
 `<name>.logits` (no mask), `<name>.logits_masked` (left-padded second row) and
 `<name>.greedy` (32 greedy tokens after the first row, no eos).
@@ -12,6 +12,7 @@ import sys, os
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM
 
 out = sys.argv[1]
 torch.manual_seed(0)
@@ -34,6 +35,18 @@ models = {
     # Qwen3: q/k norms per head and a head dimension that is not hidden / heads.
     "qwen3": Qwen3ForCausalLM(Qwen3Config(**common, head_dim=24, tie_word_embeddings=False,
                                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Gemma 2: alternating sliding (5 positions) and full layers, a query
+    # scale of its own, and soft caps small enough to bend these scores and
+    # logits (Gemma 2's own, 50 and 30, leave a random tiny model's linear).
+    "gemma2": Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+                                             attn_logit_softcapping=0.1, final_logit_softcapping=0.5,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Gemma 3: q/k norms, a sliding layer with its own RoPE base and a full
+    # layer with linear scaling, as Gemma 3 4B and up have.
+    "gemma3": Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+                                                 layer_types=["sliding_attention", "full_attention"],
+                                                 rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                                                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
 }
 ids = torch.randint(0, 64, (2, 12))
 mask = torch.ones(2, 12, dtype=torch.long)
