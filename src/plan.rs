@@ -36,6 +36,10 @@ pub struct PlanArgs {
     /// Plan for `learner.checkpoint_activations` (the totals use recomputed activations).
     #[arg(long)]
     pub checkpoint_activations: bool,
+    /// Plan for `learner.logit_chunk`: the loss over the vocabulary this many
+    /// positions at a time (0: the whole window).
+    #[arg(long, default_value_t = 0)]
+    pub logit_chunk: u64,
     /// A KL penalty's reference model is held too (`learner.kl_coef > 0`).
     #[arg(long)]
     pub reference: bool,
@@ -126,6 +130,7 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         micro_batch: args.micro_batch,
         checkpoint_activations: args.checkpoint_activations,
         bf16: !cpu,
+        logit_chunk: args.logit_chunk,
     };
     let p = plan::parameters(&c);
     let weight_bytes = if args.dtype == "bf16" { 2 } else { 4 };
@@ -215,6 +220,7 @@ fn measure(args: &PlanArgs, c: &ModelConfig, shape: &Shape, prompt_len: u64, pla
         ppo_epochs: 1,
         mini_batches: 1,
         checkpoint_activations: shape.checkpoint_activations,
+        logit_chunk: u32::try_from(shape.logit_chunk).context("--logit-chunk")?,
         ..prism_learner::Config::default()
     };
     let mut learner = prism_learner::Learner::new(config, model, None, seed)?;

@@ -127,6 +127,12 @@ pub struct Config {
     /// layer's activations (plus each layer's input) at the cost of a second
     /// forward pass. Gradients are the same. Default false.
     pub checkpoint_activations: bool,
+    /// Compute the loss's log-probs and entropies over the vocabulary this
+    /// many positions (of every sequence of a micro-batch) at a time, so its
+    /// vocabulary-sized tensors are those of a chunk, not of every trained
+    /// token; the output layer runs twice. 0 = the whole window at once.
+    /// Same loss and gradients. Default 0.
+    pub logit_chunk: u32,
     /// Checkpoints kept in a run's `checkpoints/` folder. Default 3.
     pub keep_checkpoints: u32,
 
@@ -181,6 +187,7 @@ impl Default for Config {
             bf16: true,
             bf16_cpu: false,
             checkpoint_activations: false,
+            logit_chunk: 0,
             keep_checkpoints: 3,
             max_staleness: 0,
             stale_groups: StaleGroups::Drop,

@@ -15,6 +15,7 @@ pub mod autocast;
 pub mod batch;
 pub mod bench;
 pub mod checkpoint;
+pub mod chunked;
 pub mod collective;
 pub mod config;
 pub mod loss;

@@ -193,10 +193,19 @@ pub fn aggregate(values: &Tensor, mask: &Tensor, aggregation: Aggregation, norm:
 /// The loss of one micro-batch given its logits window `[B, S, V]`, and its sums.
 pub fn policy_loss(logits: &Tensor, data: &TokenData, c: &LossConfig, norm: Norm) -> Result<(Tensor, Sums)> {
     let (logp, log_probs) = token_logprobs(logits, data.targets, c.temperature);
+    let ent = if c.entropy_coef > 0.0 { entropy(&log_probs) } else { tch::no_grad(|| entropy(&log_probs.detach())) };
+    policy_loss_of(&logp, &ent, data, c, norm)
+}
+
+/// [`policy_loss`] from the targets' log-probs `logp` and the entropies
+/// `ent` of the positions, `[B, S]` each (differentiable as far as the loss
+/// needs: `ent` only when `entropy_coef > 0`): what a loss over the
+/// vocabulary in chunks computes first (see [`crate::chunked`]).
+pub fn policy_loss_of(logp: &Tensor, ent: &Tensor, data: &TokenData, c: &LossConfig, norm: Norm) -> Result<(Tensor, Sums)> {
     let mask = data.mask;
     let adv = data.advantages;
     let base = data.prox_logprobs.filter(|_| c.is_cap > 0.0).unwrap_or(data.old_logprobs);
-    let log_ratio = (&logp - base).clamp(-20.0, 20.0);
+    let log_ratio = (logp - base).clamp(-20.0, 20.0);
     let ratio = log_ratio.exp();
     let neg_adv = -adv;
     let pg1 = &neg_adv * &ratio;
@@ -222,18 +231,14 @@ pub fn policy_loss(logits: &Tensor, data: &TokenData, c: &LossConfig, norm: Norm
     let mut kl_ref = None;
     if c.kl_coef > 0.0 {
         if let Some(reference) = data.ref_logprobs {
-            let kl = kl_estimate(&logp, reference, c.kl_estimator);
+            let kl = kl_estimate(logp, reference, c.kl_estimator);
             per_token = per_token + &kl * c.kl_coef;
             kl_ref = Some(kl);
         }
     }
-    let ent = if c.entropy_coef > 0.0 {
-        let h = entropy(&log_probs);
-        per_token = per_token - &h * c.entropy_coef;
-        h
-    } else {
-        tch::no_grad(|| entropy(&log_probs.detach()))
-    };
+    if c.entropy_coef > 0.0 {
+        per_token = per_token - ent * c.entropy_coef;
+    }
     let loss = aggregate(&per_token, mask, c.aggregation, norm, c.loss_norm_len);
 
     // Every statistic in one tensor, read back with one device sync.
@@ -273,9 +278,16 @@ pub fn policy_loss(logits: &Tensor, data: &TokenData, c: &LossConfig, norm: Norm
 /// mini-batch's tokens (logits at temperature 1).
 pub fn sft_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor, norm: Norm) -> Result<(Tensor, Sums)> {
     let (logp, log_probs) = token_logprobs(logits, targets, 1.0);
-    let loss = aggregate(&(-&logp), mask, Aggregation::TokenMean, norm, 1.0);
+    let ent = tch::no_grad(|| entropy(&log_probs.detach()));
+    sft_loss_of(&logp, &ent, mask, norm)
+}
+
+/// [`sft_loss`] from the targets' log-probs and the positions' entropies
+/// (statistics only), `[B, S]` each.
+pub fn sft_loss_of(logp: &Tensor, ent: &Tensor, mask: &Tensor, norm: Norm) -> Result<(Tensor, Sums)> {
+    let loss = aggregate(&(-logp), mask, Aggregation::TokenMean, norm, 1.0);
     let sums = tch::no_grad(|| -> Result<Sums> {
-        let ent = entropy(&log_probs.detach());
+        let ent = ent.detach();
         let values = Tensor::stack(
             &[
                 loss.detach().to_kind(Kind::Double),

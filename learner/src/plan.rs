@@ -46,6 +46,9 @@ pub struct Shape {
     pub checkpoint_activations: bool,
     /// Projections under bf16 autocast (CUDA): their outputs take 2 bytes.
     pub bf16: bool,
+    /// `learner.logit_chunk`: the loss's vocabulary-sized tensors are those
+    /// of this many positions of each sequence (0: of the whole window).
+    pub logit_chunk: u64,
 }
 
 /// Bytes one learner rank holds.
@@ -105,7 +108,8 @@ pub fn saved_per_layer(c: &ModelConfig) -> (u64, u64) {
 /// The peak bytes of one micro-batch's forward and backward pass.
 pub fn activation_bytes(c: &ModelConfig, s: &Shape) -> u64 {
     let tokens = (s.micro_batch * s.seq_len) as f64;
-    let trained = (s.micro_batch * s.window) as f64;
+    let positions = if s.logit_chunk > 0 { s.window.min(s.logit_chunk) } else { s.window };
+    let trained = (s.micro_batch * positions) as f64;
     let projection = if s.bf16 { 2.0 } else { 4.0 };
     let (full, proj) = saved_per_layer(c);
     let layer = ALLOCATOR_FACTOR * (full as f64 * 4.0 + proj as f64 * projection);
@@ -185,7 +189,7 @@ mod tests {
     #[test]
     fn sharding_divides_the_optimizer_and_not_the_gradients() {
         let c = smollm2();
-        let s = Shape { seq_len: 256, window: 192, micro_batch: 8, checkpoint_activations: false, bf16: false };
+        let s = Shape { seq_len: 256, window: 192, micro_batch: 8, checkpoint_activations: false, bf16: false, logit_chunk: 0 };
         let whole = rank_bytes(&c, &s, 4, None, 64 << 20, false, 4);
         let sharded = rank_bytes(&c, &s, 4, Some(Stage::Optimizer), 64 << 20, false, 4);
         let p = parameters(&c);
@@ -200,6 +204,10 @@ mod tests {
         assert_eq!((bf16_sharded.weights, bf16_sharded.optimizer), (2 * p, 12 * p.div_ceil(4)));
         let checkpointed = Shape { checkpoint_activations: true, ..s };
         assert!(activation_bytes(&c, &checkpointed) < activation_bytes(&c, &s) / 3);
+        // The loss a chunk of 32 positions at a time: the logits' share shrinks by 192 / 32.
+        let chunked = Shape { logit_chunk: 32, ..s };
+        let logits = |s: &Shape| (LOGIT_COPIES * 49152.0 * 4.0 * (8 * s.window.min(if s.logit_chunk > 0 { s.logit_chunk } else { s.window })) as f64) as u64;
+        assert_eq!(activation_bytes(&c, &s) - activation_bytes(&c, &chunked), logits(&s) - logits(&chunked));
     }
 
     #[test]

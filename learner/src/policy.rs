@@ -26,13 +26,31 @@ pub trait Policy {
         Ok(self.forward(input_ids, attention_mask)?.f_narrow(1, start, len)?)
     }
 
-    /// The loss `loss_of(logits)` of `input_ids` (the logits of the positions
-    /// `window.0..window.0 + window.1`), backpropagated into the
+    /// The hidden states of positions `start..start + len` that
+    /// [`Policy::head`] turns into [`Policy::forward_window`]'s logits, for a
+    /// loss that runs the output layer over a few positions at a time
+    /// (`learner.logit_chunk`). The default splits nothing off: the logits
+    /// themselves, and an identity head.
+    fn hidden_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Result<Tensor> {
+        self.forward_window(input_ids, attention_mask, start, len)
+    }
+
+    /// The float32 logits `[B, n, V]` of hidden states `[B, n, ..]` from
+    /// [`Policy::hidden_window`] (any `n` of its positions). Differentiable.
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.shallow_clone())
+    }
+
+    /// The loss `loss_of(hidden)` of `input_ids` (`hidden`: the
+    /// [`Policy::hidden_window`] of the positions `window.0..window.0 +
+    /// window.1`, which [`Policy::head`] makes logits), backpropagated into the
     /// parameters' gradients with each decoder layer's activations recomputed
     /// in the backward pass instead of kept (`learner.checkpoint_activations`),
-    /// where the model can; returns the loss, detached. Forward computations
-    /// run inside `scope` (the autocast span), backward passes outside it.
-    /// The default keeps the activations: a plain forward and backward.
+    /// where the model can; returns the loss, detached. The layers' forward
+    /// computations run inside `scope` (the autocast span), backward passes
+    /// outside it; `loss_of` runs outside it and runs its own forward
+    /// computations (the head) in it. The default keeps the activations: a
+    /// plain forward and backward.
     fn forward_backward_checkpointed(
         &self,
         input_ids: &Tensor,
@@ -41,11 +59,10 @@ pub trait Policy {
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let mut loss = None;
-        scope(&mut || {
-            loss = Some(self.forward_window(input_ids, attention_mask, window.0, window.1).and_then(|logits| loss_of(&logits)))
-        });
-        let loss = loss.ok_or_else(|| Error::Model("the scope did not run the forward pass".into()))??;
+        let mut hidden = None;
+        scope(&mut || hidden = Some(self.hidden_window(input_ids, attention_mask, window.0, window.1)));
+        let hidden = hidden.ok_or_else(|| Error::Model("the scope did not run the forward pass".into()))??;
+        let loss = loss_of(&hidden)?;
         loss.f_backward()?;
         Ok(loss.detach())
     }
@@ -197,6 +214,14 @@ impl Policy for prism_model::Transformer {
 
     fn forward_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Result<Tensor> {
         Ok(prism_model::Transformer::forward_window(self, input_ids, attention_mask, start, len))
+    }
+
+    fn hidden_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Result<Tensor> {
+        Ok(prism_model::Transformer::hidden_window(self, input_ids, attention_mask, start, len))
+    }
+
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(prism_model::Transformer::head_logits(self, hidden))
     }
 
     fn var_store(&self) -> &nn::VarStore {

@@ -8,7 +8,7 @@ use crate::batch::{Batch, Row};
 use crate::checkpoint::{self, CheckpointMeta, Restored};
 use crate::collective::{Collective, describe, shard};
 use crate::config::Config;
-use crate::loss::{LossConfig, Norm, Sums, TokenData, policy_loss, sft_loss, token_logprobs};
+use crate::loss::{LossConfig, Norm, Sums, TokenData, entropy, policy_loss_of, sft_loss_of, token_logprobs};
 use crate::optim::sharded::{Layout, ShardedAdamW, Sharding, Stage};
 use crate::optim::{AdamW, AdamWConfig, lr_at};
 use crate::policy::{Policy, load_into, named_variables, read_safetensors, write_safetensors};
@@ -154,7 +154,7 @@ impl TrainReport {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Objective {
     Policy,
     Sft,
@@ -634,8 +634,8 @@ impl<P: Policy> Learner<P> {
         for micro in mine.chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
             let batch = Batch::new(&refs, device)?;
-            // The logits of the window's positions (the completion tokens) only.
-            let loss_of = |window: &Tensor| -> Result<(Tensor, Sums)> {
+            // The loss from the targets' log-probs and the positions' entropies.
+            let loss_from = |logp: &Tensor, ent: &Tensor| -> Result<(Tensor, Sums)> {
                 match objective {
                     Objective::Policy => {
                         let data = TokenData {
@@ -646,27 +646,47 @@ impl<P: Policy> Learner<P> {
                             prox_logprobs: batch.prox_logprobs.as_ref(),
                             ref_logprobs: batch.ref_logprobs.as_ref(),
                         };
-                        policy_loss(&window, &data, &self.loss, norm)
+                        policy_loss_of(logp, ent, &data, &self.loss, norm)
                     }
-                    Objective::Sft => sft_loss(&window, &batch.targets, &batch.mask, norm),
+                    Objective::Sft => sft_loss_of(logp, ent, &batch.mask, norm),
                 }
             };
-            // Forward passes run in the autocast span, backward passes after it.
+            let temperature = if objective == Objective::Sft { 1.0 } else { self.loss.temperature };
+            let entropy_grad = objective == Objective::Policy && self.loss.entropy_coef > 0.0;
+            let chunk = i64::from(self.config.logit_chunk);
+            let policy = &self.policy;
+            // Forward computations run in the autocast span, backward passes outside it.
             let (bf16, bf16_cpu) = (self.config.bf16, self.config.bf16_cpu);
+            let scope = |f: &mut dyn FnMut()| autocast::bf16(bf16, bf16_cpu, device, f);
+            // The loss of the window's hidden states (the completion tokens
+            // only): a chunk of positions at a time with `learner.logit_chunk`
+            // (then a surrogate to backpropagate), else all at once.
+            let loss_of = |hidden: &Tensor| -> Result<(Tensor, Sums)> {
+                if chunk > 0 {
+                    return crate::chunked::loss(hidden, &|h| policy.head(h), &scope, &batch.targets, temperature, chunk, entropy_grad, &mut |l, e| loss_from(l, e));
+                }
+                let mut out = None;
+                scope(&mut || {
+                    out = Some(policy.head(hidden).and_then(|logits| {
+                        let (logp, log_probs) = token_logprobs(&logits, &batch.targets, temperature);
+                        let ent = if entropy_grad { entropy(&log_probs) } else { tch::no_grad(|| entropy(&log_probs.detach())) };
+                        loss_from(&logp, &ent)
+                    }))
+                });
+                out.ok_or_else(|| Error::Model("the scope did not run the loss".into()))?
+            };
             let s = if self.config.checkpoint_activations {
                 let mut sums = None;
-                let scope = |f: &mut dyn FnMut()| autocast::bf16(bf16, bf16_cpu, device, f);
                 let window = (batch.offset, batch.window());
-                let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, window, &scope, &mut |logits| {
-                    let (loss, s) = loss_of(logits)?;
+                let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, window, &scope, &mut |hidden| {
+                    let (loss, s) = loss_of(hidden)?;
                     sums = Some(s);
                     Ok(loss)
                 })?;
                 sums.ok_or_else(|| Error::Model("the checkpointed pass computed no loss".into()))?
             } else {
-                let (loss, s) = autocast::bf16(bf16, bf16_cpu, device, || {
-                    loss_of(&self.policy.forward_window(&batch.input_ids, None, batch.offset, batch.window())?)
-                })?;
+                let hidden = autocast::bf16(bf16, bf16_cpu, device, || self.policy.hidden_window(&batch.input_ids, None, batch.offset, batch.window()))?;
+                let (loss, s) = loss_of(&hidden)?;
                 loss.f_backward()?;
                 s
             };

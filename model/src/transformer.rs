@@ -653,16 +653,32 @@ impl Transformer {
     /// position) runs on those positions alone, e.g. a trainer's completion
     /// tokens. Differentiable.
     pub fn forward_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Tensor {
+        self.head(&self.hidden_window(input_ids, attention_mask, start, len), false)
+    }
+
+    /// The last layer's output at positions `start..start + len`, `[B, len,
+    /// d]`, which [`Self::head_logits`] turns into [`Self::forward_window`]'s
+    /// logits (a loss may run the head over a few positions at a time).
+    /// Differentiable.
+    pub fn hidden_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Tensor {
         let (mut x, rope, masks) = self.prepare(input_ids, attention_mask);
         for layer in &self.layers {
             let (cos, sin) = rope.of(layer);
             x = layer.forward(&x, &self.config, cos, sin, masks.of(layer), None);
         }
-        self.head(&x.narrow(1, start, len), false)
+        x.narrow(1, start, len)
+    }
+
+    /// Float32 logits `[B, T, V]` of hidden states `[B, T, d]` from
+    /// [`Self::hidden_window`]: the final norm, the output layer, Gemma's soft cap.
+    pub fn head_logits(&self, hidden: &Tensor) -> Tensor {
+        self.head(hidden, false)
     }
 
     /// [`Self::forward_window`] (positions `window.0..window.0 + window.1`)
-    /// and the backward pass of `loss_of(logits)` in one, with
+    /// and the backward pass of `loss_of(hidden)` in one (`hidden`: the
+    /// window's [`Self::hidden_window`], which [`Self::head_logits`] makes
+    /// logits), with
     /// activation checkpointing: the layers run forward without keeping their
     /// activations, only each layer's input; the backward pass recomputes one
     /// layer at a time from its input and carries the gradient down. The
@@ -670,9 +686,11 @@ impl Transformer {
     /// (the same operations, so equal up to the order of a few float sums);
     /// memory holds one layer's activations instead of every layer's.
     ///
-    /// Every forward computation runs inside `scope` (e.g. an autocast span)
-    /// and every backward pass outside it, as a plain forward in `scope`
-    /// followed by `loss.backward()` would. Returns the loss, detached.
+    /// Every forward computation of the layers runs inside `scope` (e.g. an
+    /// autocast span) and every backward pass outside it, as a plain forward
+    /// in `scope` followed by `loss.backward()` would; `loss_of` runs outside
+    /// it, and runs its own forward computations (the head) in it. Returns
+    /// the loss, detached.
     pub fn forward_backward_checkpointed<E: From<tch::TchError>>(
         &self,
         input_ids: &Tensor,
@@ -701,16 +719,10 @@ impl Transformer {
                 inputs.push(std::mem::replace(&mut x, next));
             }
         });
-        // The head and the loss, with the last hidden state as a leaf.
+        // The loss of the window, with the last hidden state as a leaf
+        // (outside the scope: the loss runs its own forward computations in it).
         let hidden = x.set_requires_grad(true);
-        let mut loss_of = Some(loss_of);
-        let mut loss = None;
-        scope(&mut || {
-            if let Some(f) = loss_of.take() {
-                loss = Some(f(&self.head(&hidden.narrow(1, window.0, window.1), false)));
-            }
-        });
-        let loss = loss.expect("the scope runs what it is given")?;
+        let loss = loss_of(&hidden.narrow(1, window.0, window.1))?;
         loss.f_backward()?;
         let mut grad = hidden.grad();
         drop(hidden);

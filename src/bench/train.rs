@@ -52,6 +52,10 @@ pub struct TrainArgs {
     /// recomputed in the backward pass).
     #[arg(long)]
     pub checkpoint_activations: bool,
+    /// Train with `learner.logit_chunk` (the loss over the vocabulary this
+    /// many positions at a time; 0: all at once).
+    #[arg(long, default_value_t = 0)]
+    pub logit_chunk: u32,
     #[command(flatten)]
     pub common: crate::config::ConfigArgs,
 }
@@ -82,6 +86,7 @@ fn learner_config(args: &TrainArgs, cuda: bool) -> prism_learner::Config {
         bf16: cuda,
         bf16_cpu: args.bf16 && !cuda,
         checkpoint_activations: args.checkpoint_activations,
+        logit_chunk: args.logit_chunk,
         ..prism_learner::Config::default()
     }
 }
