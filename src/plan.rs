@@ -40,6 +40,11 @@ pub struct PlanArgs {
     /// positions at a time (0: the whole window).
     #[arg(long, default_value_t = 0)]
     pub logit_chunk: u64,
+    /// Plan LoRA adapters of this rank on every projection instead of
+    /// training the whole model (planned only: prism does not train LoRA
+    /// adapters yet).
+    #[arg(long)]
+    pub lora: Option<u64>,
     /// A KL penalty's reference model is held too (`learner.kl_coef > 0`).
     #[arg(long)]
     pub reference: bool,
@@ -118,6 +123,12 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
     if args.seq_len == 0 || args.micro_batch == 0 || args.ranks == 0 || prompt_len >= args.seq_len {
         bail!("--seq-len, --micro-batch and --ranks must be >= 1 and --prompt-len below --seq-len");
     }
+    if args.lora == Some(0) {
+        bail!("--lora 0: a LoRA rank is at least 1");
+    }
+    if args.measure && args.lora.is_some() {
+        bail!("--measure trains the whole model; prism does not train LoRA adapters yet, so --lora is planned only");
+    }
     if args.measure && args.dtype != "f32" {
         bail!("--measure trains float32 weights on the CPU (its activation model is float32's); leave out --dtype {}", args.dtype);
     }
@@ -152,11 +163,21 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         .iter()
         .map(|(_, stage)| {
             let at = |checkpoint_activations| {
-                plan::rank_bytes(&c, &Shape { checkpoint_activations, ..shape }, args.ranks, *stage, bucket, args.reference, weight_bytes)
+                let s = Shape { checkpoint_activations, ..shape };
+                match args.lora {
+                    Some(r) => plan::lora_rank_bytes(&c, &s, args.ranks, *stage, bucket, weight_bytes, r),
+                    None => plan::rank_bytes(&c, &s, args.ranks, *stage, bucket, args.reference, weight_bytes),
+                }
             };
             (at(false), at(true))
         })
         .collect();
+    if let Some(r) = args.lora {
+        println!(
+            "LoRA rank {r} on every projection: {:.1}M adapter parameters (float32) beside the frozen base; planned only, prism does not train LoRA adapters yet",
+            plan::lora_parameters(&c, r) as f64 / 1e6
+        );
+    }
     println!("{:<34}{:>12}{:>12}{:>12}", "per rank, GB (dist.shard =)", "none", "optimizer", "gradients");
     let row = |label: &str, f: &dyn Fn(&(RankBytes, RankBytes)) -> u64| {
         print!("{label:<34}");
@@ -165,8 +186,9 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         }
         println!();
     };
-    row(&format!("weights ({})", if weight_bytes == 2 { "bf16" } else { "float32" }), &|(k, _)| k.weights);
-    if args.reference {
+    let weights_label = format!("weights ({}{})", if weight_bytes == 2 { "bf16" } else { "float32" }, if args.lora.is_some() { " + adapters" } else { "" });
+    row(&weights_label, &|(k, _)| k.weights);
+    if args.reference && args.lora.is_none() {
         row("reference model", &|(k, _)| k.reference);
     }
     row("gradients", &|(k, _)| k.gradients);

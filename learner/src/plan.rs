@@ -154,6 +154,41 @@ pub fn rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, 
     }
 }
 
+/// Parameters of LoRA adapters of rank `r` (Hu et al. 2021, arXiv
+/// 2106.09685) on every linear projection of every layer (q, k, v, o, gate,
+/// up, down; `A` is `r × in`, `B` is `out × r`).
+pub fn lora_parameters(c: &ModelConfig, r: u64) -> u64 {
+    let u = |x: usize| x as u64;
+    let (d, f) = (u(c.hidden_size), u(c.intermediate_size));
+    let q = u(c.num_heads) * u(c.head_dim);
+    let kv = u(c.num_kv_heads) * u(c.head_dim);
+    let per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d);
+    u(c.num_layers) * r * per_layer
+}
+
+/// What a rank holds training LoRA adapters of rank `r` instead of the
+/// whole model: the frozen base in its type (`weight_bytes` a parameter, no
+/// gradients and no optimizer state; with the adapters off it is the KL
+/// reference too, so no copy), the adapters in float32 with their gradients
+/// and AdamW state (sharded as `stage` says), and the activations of full
+/// training (the backward pass still runs through every layer).
+pub fn lora_rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, weight_bytes: u64, r: u64) -> RankBytes {
+    let a = lora_parameters(c, r);
+    let share = a.div_ceil(ranks.max(1));
+    let (optimizer, buffers) = match stage {
+        None => (8 * a, 0),
+        Some(_) => (12 * share, 2 * bucket_bytes.min(4 * a) + 4 * share),
+    };
+    RankBytes {
+        weights: weight_bytes * parameters(c) + 4 * a,
+        reference: 0,
+        gradients: 4 * a,
+        optimizer,
+        buffers,
+        activations: activation_bytes(c, s),
+    }
+}
+
 /// Bytes of a rollout engine's KV cache: keys and values of every layer for
 /// `sequences` sequences of `tokens` positions, `value_bytes` each (2: bf16).
 pub fn kv_cache_bytes(c: &ModelConfig, sequences: u64, tokens: u64, value_bytes: u64) -> u64 {
@@ -208,6 +243,19 @@ mod tests {
         let chunked = Shape { logit_chunk: 32, ..s };
         let logits = |s: &Shape| (LOGIT_COPIES * 49152.0 * 4.0 * (8 * s.window.min(if s.logit_chunk > 0 { s.logit_chunk } else { s.window })) as f64) as u64;
         assert_eq!(activation_bytes(&c, &s) - activation_bytes(&c, &chunked), logits(&s) - logits(&chunked));
+    }
+
+    /// SmolLM2-135M's rank-16 adapters on all seven projections: 30 layers ×
+    /// 16 × (2 × 576 + 2 × (576 + 192) + 2 × 576 + 2 × (576 + 1536) + 2112).
+    #[test]
+    fn lora_counts_the_adapters_and_keeps_the_base_frozen() {
+        let c = smollm2();
+        assert_eq!(lora_parameters(&c, 16), 30 * 16 * (2 * 576 + 2 * 768 + 2 * 576 + 2 * 2112 + 2112));
+        let s = Shape { seq_len: 256, window: 192, micro_batch: 8, checkpoint_activations: false, bf16: false, logit_chunk: 0 };
+        let lora = lora_rank_bytes(&c, &s, 1, None, 64 << 20, 2, 16);
+        let a = lora_parameters(&c, 16);
+        assert_eq!((lora.weights, lora.reference, lora.gradients, lora.optimizer), (2 * parameters(&c) + 4 * a, 0, 4 * a, 8 * a));
+        assert_eq!(lora.activations, activation_bytes(&c, &s));
     }
 
     #[test]
