@@ -32,13 +32,8 @@ fn config() -> Config {
     }
 }
 
-/// Three steps of one learner alone.
-fn alone(config: &Config, steps: &[Vec<Vec<prism_core::LabeledTrajectory>>]) -> (Vec<(String, Vec<f32>)>, Vec<TrainReport>) {
-    alone_of(TinyLm::new, config, steps)
-}
-
-/// [`alone`] with the models `make` gives (float32 or bf16).
-fn alone_of(make: fn(u64) -> TinyLm, config: &Config, steps: &[Vec<Vec<prism_core::LabeledTrajectory>>]) -> (Vec<(String, Vec<f32>)>, Vec<TrainReport>) {
+/// Three steps of one learner alone, on the models `make` gives (float32 or bf16).
+fn alone(make: fn(u64) -> TinyLm, config: &Config, steps: &[Vec<Vec<prism_core::LabeledTrajectory>>]) -> (Vec<(String, Vec<f32>)>, Vec<TrainReport>) {
     let mut learner = Learner::new(config.clone(), make(7), Some(make(7)), 11).unwrap();
     let reports = steps.iter().map(|g| learner.train_step(g).unwrap()).collect();
     (learner.policy().weights(), reports)
@@ -76,7 +71,7 @@ fn data_parallel_ranks_take_the_single_learners_updates() {
     // 13 rows per step over 3 mini-batches: shares of 2 and 1 rows on 3 ranks,
     // and on 5 ranks some ranks have nothing to do in some updates.
     let steps: Vec<_> = (0..3).map(|s| groups(40 + s, 3, 4).into_iter().chain(groups(70 + s, 1, 1)).collect()).collect();
-    let (want, want_reports) = alone(&config, &steps);
+    let (want, want_reports) = alone(TinyLm::new, &config, &steps);
     let initial = TinyLm::new(7).weights();
     let moved = max_diff(&want, &initial);
     assert!(moved > 1e-2, "training must move the weights ({moved})");
@@ -142,22 +137,11 @@ fn sharding(stage: Stage, bucket_bytes: usize) -> Option<Sharding> {
     Some(Sharding { stage, bucket_bytes })
 }
 
-/// `steps` on `world` ranks sharding the optimizer as `sharding` (only rank
-/// 0 starts from the right model, or resumes from `resume`); after
+/// `steps` on `world` ranks sharding the optimizer as `sharding`, on the
+/// models `make` gives (only rank 0 starts from the right model, or resumes
+/// from `resume`); after
 /// `checkpoint_after` steps, the ranks write a checkpoint into `save`.
 fn sharded_ranks(
-    config: &Config,
-    world: usize,
-    sharding: Option<Sharding>,
-    steps: &[Vec<Vec<prism_core::LabeledTrajectory>>],
-    resume: Option<&Path>,
-    save: Option<(&Path, usize)>,
-) -> Vec<(Vec<(String, Vec<f32>)>, Vec<TrainReport>)> {
-    sharded_ranks_of(TinyLm::new, config, world, sharding, steps, resume, save)
-}
-
-/// [`sharded_ranks`] with the models `make` gives (float32 or bf16).
-fn sharded_ranks_of(
     make: fn(u64) -> TinyLm,
     config: &Config,
     world: usize,
@@ -204,11 +188,11 @@ fn steps_of(seed: u64, n: u64) -> Vec<Vec<Vec<prism_core::LabeledTrajectory>>> {
 fn sharded_ranks_take_the_single_learners_updates() {
     let config = config();
     let steps = steps_of(40, 3);
-    let (want, want_reports) = alone(&config, &steps);
+    let (want, want_reports) = alone(TinyLm::new, &config, &steps);
     for world in [2, 3, 5] {
         for stage in [Stage::Optimizer, Stage::Gradients] {
             for bucket_bytes in [256, 64 << 20] {
-                let out = sharded_ranks(&config, world, sharding(stage, bucket_bytes), &steps, None, None);
+                let out = sharded_ranks(TinyLm::new, &config, world, sharding(stage, bucket_bytes), &steps, None, None);
                 for (rank, (weights, reports)) in out.iter().enumerate() {
                     let at = format!("world {world}, {stage:?}, buckets of {bucket_bytes} B, rank {rank}");
                     assert_eq!(max_diff(weights, &out[0].0), 0.0, "{at}: departs from rank 0");
@@ -237,18 +221,18 @@ fn sharded_checkpoints_resume_exactly_and_with_other_rank_counts() {
     let config = config();
     let steps = steps_of(60, 4);
     let dir = tempfile::tempdir().unwrap();
-    let through = sharded_ranks(&config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((dir.path(), 2)));
+    let through = sharded_ranks(TinyLm::new, &config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((dir.path(), 2)));
     let folder = dir.path().join("step-00000002");
     let mut files: Vec<String> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     files.sort();
     assert!(files.iter().filter(|f| f.starts_with("optimizer-")).eq(["optimizer-00000-of-00003.safetensors", "optimizer-00001-of-00003.safetensors", "optimizer-00002-of-00003.safetensors"].iter()), "{files:?}");
     assert!(!files.contains(&"optimizer.safetensors".to_string()), "{files:?}");
 
-    let resumed = sharded_ranks(&config, 3, sharding(Stage::Gradients, 256), &steps[2..], Some(dir.path()), None);
+    let resumed = sharded_ranks(TinyLm::new, &config, 3, sharding(Stage::Gradients, 256), &steps[2..], Some(dir.path()), None);
     for (rank, (weights, _)) in resumed.iter().enumerate() {
         assert_eq!(max_diff(weights, &through[0].0), 0.0, "3 ranks resumed: rank {rank} is not bit-identical");
     }
-    let fewer = sharded_ranks(&config, 2, sharding(Stage::Optimizer, 1 << 20), &steps[2..], Some(dir.path()), None);
+    let fewer = sharded_ranks(TinyLm::new, &config, 2, sharding(Stage::Optimizer, 1 << 20), &steps[2..], Some(dir.path()), None);
     let d = max_diff(&fewer[0].0, &through[0].0);
     assert!(d <= 1e-5, "2 ranks resumed differ by {d}");
     let mut alone = Learner::new(config.clone(), TinyLm::new(1), Some(TinyLm::new(7)), 0).unwrap();
@@ -329,7 +313,7 @@ fn a_bf16_model_on_sharded_ranks_keeps_float32_masters_per_share() {
     for world in [2, 3] {
         for stage in [Stage::Optimizer, Stage::Gradients] {
             let dir = tempfile::tempdir().unwrap();
-            let out = sharded_ranks_of(TinyLm::bf16, &config, world, sharding(stage, 256), &steps, None, Some((dir.path(), 4)));
+            let out = sharded_ranks(TinyLm::bf16, &config, world, sharding(stage, 256), &steps, None, Some((dir.path(), 4)));
             let at = format!("world {world}, {stage:?}");
             for (rank, (weights, _)) in out.iter().enumerate() {
                 assert_eq!(max_diff(weights, &out[0].0), 0.0, "{at}: rank {rank} departs from rank 0");
@@ -340,8 +324,8 @@ fn a_bf16_model_on_sharded_ranks_keeps_float32_masters_per_share() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let through = sharded_ranks_of(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((dir.path(), 2)));
-    let resumed = sharded_ranks_of(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps[2..], Some(dir.path()), None);
+    let through = sharded_ranks(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((dir.path(), 2)));
+    let resumed = sharded_ranks(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps[2..], Some(dir.path()), None);
     for (rank, (weights, _)) in resumed.iter().enumerate() {
         assert_eq!(max_diff(weights, &through[0].0), 0.0, "3 bf16 ranks resumed: rank {rank} is not bit-identical");
     }
@@ -353,7 +337,7 @@ fn a_bf16_model_on_sharded_ranks_keeps_float32_masters_per_share() {
     alone.save_checkpoint(one.path(), &CheckpointMeta { step: 5, ..meta }).unwrap();
     let resumed_alone = checkpoint_masters(&one.path().join("step-00000005"), None);
     let through_dir = tempfile::tempdir().unwrap();
-    sharded_ranks_of(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((through_dir.path(), 4)));
+    sharded_ranks(TinyLm::bf16, &config, 3, sharding(Stage::Gradients, 256), &steps, None, Some((through_dir.path(), 4)));
     let d = mean_abs(&resumed_alone, &checkpoint_masters(&through_dir.path().join("step-00000004"), Some(3)));
     assert!(d <= 0.01 * moved, "one bf16 learner resumed from 3 ranks' checkpoint: its masters differ by {d} on average (moved {moved})");
 }
