@@ -158,6 +158,15 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> (T
     (taken, log_probs)
 }
 
+/// The targets' log-probs under `logits / temperature` and each position's
+/// entropy, `[B, S]` each; the entropy differentiable only when
+/// `entropy_grad` (a loss with an entropy bonus), else a statistic.
+pub fn logprobs_and_entropy(logits: &Tensor, targets: &Tensor, temperature: f64, entropy_grad: bool) -> (Tensor, Tensor) {
+    let (logp, log_probs) = token_logprobs(logits, targets, temperature);
+    let ent = if entropy_grad { entropy(&log_probs) } else { tch::no_grad(|| entropy(&log_probs.detach())) };
+    (logp, ent)
+}
+
 /// Entropy of each position's distribution, `[B, S]`.
 pub fn entropy(log_probs: &Tensor) -> Tensor {
     -(log_probs.exp() * log_probs).sum_dim_intlist(-1, false, Kind::Float)
@@ -192,8 +201,7 @@ pub fn aggregate(values: &Tensor, mask: &Tensor, aggregation: Aggregation, norm:
 
 /// The loss of one micro-batch given its logits window `[B, S, V]`, and its sums.
 pub fn policy_loss(logits: &Tensor, data: &TokenData, c: &LossConfig, norm: Norm) -> Result<(Tensor, Sums)> {
-    let (logp, log_probs) = token_logprobs(logits, data.targets, c.temperature);
-    let ent = if c.entropy_coef > 0.0 { entropy(&log_probs) } else { tch::no_grad(|| entropy(&log_probs.detach())) };
+    let (logp, ent) = logprobs_and_entropy(logits, data.targets, c.temperature, c.entropy_coef > 0.0);
     policy_loss_of(&logp, &ent, data, c, norm)
 }
 
@@ -277,8 +285,7 @@ pub fn policy_loss_of(logp: &Tensor, ent: &Tensor, data: &TokenData, c: &LossCon
 /// SFT: mean negative log-likelihood of the completion tokens over the
 /// mini-batch's tokens (logits at temperature 1).
 pub fn sft_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor, norm: Norm) -> Result<(Tensor, Sums)> {
-    let (logp, log_probs) = token_logprobs(logits, targets, 1.0);
-    let ent = tch::no_grad(|| entropy(&log_probs.detach()));
+    let (logp, ent) = logprobs_and_entropy(logits, targets, 1.0, false);
     sft_loss_of(&logp, &ent, mask, norm)
 }
 

@@ -68,6 +68,13 @@ struct Param {
     exp_avg_sq: Tensor,
 }
 
+impl Param {
+    /// Narrower than float32: trained through a master.
+    fn narrow(&self) -> bool {
+        self.value.kind() != Kind::Float
+    }
+}
+
 /// AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101), update order as
 /// `torch.optim.AdamW` (single-tensor path): decay, moments, bias-corrected step.
 ///
@@ -104,7 +111,7 @@ impl AdamW {
     /// values in float32).
     pub(crate) fn materialize(&mut self) -> Result<()> {
         for p in &mut self.params {
-            if p.value.kind() != Kind::Float {
+            if p.narrow() {
                 if !p.master.defined() {
                     p.master = p.value.detach().to_kind(Kind::Float);
                 } else if p.master.device() != p.value.device() {
@@ -146,7 +153,7 @@ impl AdamW {
 
     /// Whether some parameter is narrower than float32 (has a master).
     pub(crate) fn has_masters(&self) -> bool {
-        self.params.iter().any(|p| p.value.kind() != Kind::Float)
+        self.params.iter().any(Param::narrow)
     }
 
     /// Frees the moments and masters (a rank that keeps its share of them elsewhere).
@@ -165,7 +172,7 @@ impl AdamW {
             (p.exp_avg, p.exp_avg_sq) = (a, b);
         }
         for (p, m) in self.params.iter_mut().zip(masters.into_iter().flatten()) {
-            if p.value.kind() != Kind::Float {
+            if p.narrow() {
                 p.master = m;
             }
         }
@@ -263,7 +270,7 @@ impl AdamW {
             .flat_map(|(p, (a, b))| [(format!("exp_avg.{}", p.name), a), (format!("exp_avg_sq.{}", p.name), b)])
             .collect();
         out.extend(
-            self.params.iter().zip(masters).filter(|(p, _)| p.value.kind() != Kind::Float).map(|(p, m)| (format!("master.{}", p.name), m)),
+            self.params.iter().zip(masters).filter(|(p, _)| p.narrow()).map(|(p, m)| (format!("master.{}", p.name), m)),
         );
         out
     }
@@ -278,7 +285,7 @@ impl AdamW {
         let bad = |reason: String| Error::Checkpoint { path: origin.to_path_buf(), reason };
         tch::no_grad(|| {
             for p in &mut self.params {
-                let narrow = p.value.kind() != Kind::Float;
+                let narrow = p.narrow();
                 let mut slots = vec![("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)];
                 if narrow {
                     slots.push(("master", &mut p.master));

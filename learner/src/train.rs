@@ -8,7 +8,7 @@ use crate::batch::{Batch, Row};
 use crate::checkpoint::{self, CheckpointMeta, Restored};
 use crate::collective::{Collective, describe, shard};
 use crate::config::Config;
-use crate::loss::{LossConfig, Norm, Sums, TokenData, entropy, policy_loss_of, sft_loss_of, token_logprobs};
+use crate::loss::{LossConfig, Norm, Sums, TokenData, logprobs_and_entropy, policy_loss_of, sft_loss_of, token_logprobs};
 use crate::optim::sharded::{Layout, ShardedAdamW, Sharding, Stage};
 use crate::optim::{AdamW, AdamWConfig, lr_at};
 use crate::policy::{Policy, load_into, named_variables, read_safetensors, write_safetensors};
@@ -668,8 +668,7 @@ impl<P: Policy> Learner<P> {
                 let mut out = None;
                 scope(&mut || {
                     out = Some(policy.head(hidden).and_then(|logits| {
-                        let (logp, log_probs) = token_logprobs(&logits, &batch.targets, temperature);
-                        let ent = if entropy_grad { entropy(&log_probs) } else { tch::no_grad(|| entropy(&log_probs.detach())) };
+                        let (logp, ent) = logprobs_and_entropy(&logits, &batch.targets, temperature, entropy_grad);
                         loss_from(&logp, &ent)
                     }))
                 });
