@@ -311,7 +311,8 @@ pub fn learner_rank(config: &Config) -> Result<()> {
     };
     runtime()?.block_on(async {
         let health = health(config).await?;
-        let model = train::load_model(config)?.model;
+        let mut model = train::load_model(config)?.model;
+        train::attach_lora(config, &mut model)?;
         // The weights are rank 0's once joined; only the shapes must agree.
         let reference = if config.learner.kl_coef > 0.0 { Some(train::load_model(config)?.model) } else { None };
         let learner = prism_learner::Learner::new(config.learner.clone(), model, reference, config.run.seed)?;

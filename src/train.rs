@@ -46,6 +46,17 @@ pub(crate) fn load_model(config: &Config) -> Result<Loaded> {
     prism_model::load(&config.model.source, &opts).with_context(|| format!("loading model {}", config.model.source))
 }
 
+/// Attaches `learner.lora`'s adapters (drawn from the run's seed) to the
+/// policy the learner trains, when set; the adapter records `model.source`
+/// as its base unless that is a builtin, which transformers cannot load.
+pub(crate) fn attach_lora(config: &Config, model: &mut Transformer) -> Result<()> {
+    if let Some(lora) = &config.learner.lora {
+        let base = (!config.model.source.starts_with("builtin:")).then(|| config.model.source.clone());
+        model.attach_lora(lora, config.run.seed, base).context("learner.lora")?;
+    }
+    Ok(())
+}
+
 fn task(config: &Config, tokenizer: &Tokenizer) -> Result<Task> {
     let tok = tokenizer.clone();
     let render = move |question: &str| {
@@ -120,6 +131,8 @@ pub(crate) async fn prepare(config: &Config, run: &RunDir, resuming: bool) -> Re
     } else {
         None
     };
+    let mut model = model;
+    attach_lora(config, &mut model)?;
     let mut learner = Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
     let mut restored_from = None;
     let (version, position) = match has_checkpoint {
@@ -389,7 +402,8 @@ async fn sft(config: &Config, run: &RunDir) -> Result<()> {
     if config.train.sft_data.as_os_str().is_empty() {
         bail!("learner.mode = \"sft\" needs train.sft_data (a JSONL file of {{\"prompt\", \"completion\"}} pairs)");
     }
-    let Loaded { model, tokenizer, generation } = load_model(config)?;
+    let Loaded { mut model, tokenizer, generation } = load_model(config)?;
+    attach_lora(config, &mut model)?;
     let eos = generation.eos_token_ids.first().copied();
     let pairs: Vec<TokenPair> = prism_learner::sft::read_jsonl(&config.train.sft_data)?
         .into_iter()

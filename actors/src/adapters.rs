@@ -7,7 +7,7 @@ use crate::backend::{
 };
 use prism_core::{GroupId, LabeledTrajectory, PolicyVersion, Prompt, RewardLabel, Trajectory, TrajectoryId};
 use prism_learner::optim::sharded::Sharding;
-use prism_learner::{CheckpointMeta, Learner};
+use prism_learner::{CheckpointMeta, Learner, Policy};
 use prism_model::{engine, SamplingParams, Tokenizer, Transformer};
 use prism_rollout::sampler;
 use std::path::PathBuf;
@@ -241,10 +241,9 @@ impl Train for PolicyTrainer {
 
     fn weights(&self) -> BackendResult<Arc<WeightSet>> {
         let _guard = tch::no_grad_guard();
-        let tensors = prism_learner::policy::named_variables(self.learner.policy().var_store())
-            .into_iter()
-            .map(|(name, t)| (name, t.detach().copy()))
-            .collect();
+        // The merged weights are new tensors already; plain parameters are copied.
+        let adapters = self.learner.policy().has_adapters();
+        let tensors = self.learner.policy().published().into_iter().map(|(name, t)| (name, if adapters { t } else { t.copy() })).collect();
         Ok(WeightSet::new(PolicyVersion(self.version), tensors))
     }
 

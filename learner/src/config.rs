@@ -133,6 +133,12 @@ pub struct Config {
     /// token; the output layer runs twice. 0 = the whole window at once.
     /// Same loss and gradients. Default 0.
     pub logit_chunk: u32,
+    /// `[learner.lora]`: train LoRA adapters (`rank`, `alpha`, `dropout`,
+    /// `targets`) over the frozen model instead of the whole model; the
+    /// optimizer holds state for the adapters only, rollouts run merged
+    /// weights, checkpoints add the adapter in PEFT's layout. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<prism_model::LoraConfig>,
     /// Checkpoints kept in a run's `checkpoints/` folder. Default 3.
     pub keep_checkpoints: u32,
 
@@ -188,6 +194,7 @@ impl Default for Config {
             bf16_cpu: false,
             checkpoint_activations: false,
             logit_chunk: 0,
+            lora: None,
             keep_checkpoints: 3,
             max_staleness: 0,
             stale_groups: StaleGroups::Drop,
@@ -291,6 +298,17 @@ impl Config {
         check::positive("learner.ppo_epochs", self.ppo_epochs)?;
         check::positive("learner.mini_batches", self.mini_batches)?;
         check::positive("learner.keep_checkpoints", self.keep_checkpoints)?;
+        if let Some(lora) = &self.lora {
+            lora.validate("learner.lora")?;
+            if lora.dropout > 0.0 && self.checkpoint_activations {
+                // The recomputed layer would draw other dropout masks than the forward pass did.
+                return Err(Invalid::new(
+                    "learner.lora.dropout",
+                    lora.dropout,
+                    "must be 0 with learner.checkpoint_activations (a recomputed layer would draw new dropout masks)",
+                ));
+            }
+        }
         if self.stale_groups == StaleGroups::ImportanceWeight && self.is_cap < 1.0 {
             return Err(Invalid::new(
                 "learner.stale_groups",

@@ -70,6 +70,23 @@ pub trait Policy {
     /// The parameters.
     fn var_store(&self) -> &nn::VarStore;
 
+    /// The variables the optimizer trains: [`Policy::var_store`]'s, or LoRA
+    /// adapters of their own (`learner.lora`) over a frozen `var_store`.
+    fn trainable(&self) -> &nn::VarStore {
+        self.var_store()
+    }
+
+    /// Whether [`Policy::trainable`] is a store of adapters beside the frozen model.
+    fn has_adapters(&self) -> bool {
+        !std::ptr::eq(self.trainable(), self.var_store())
+    }
+
+    /// The weights rollouts run, under [`Policy::var_store`]'s names,
+    /// detached: the parameters, or with adapters merged into them.
+    fn published(&self) -> Vec<(String, Tensor)> {
+        named_variables(self.var_store()).into_iter().map(|(n, t)| (n, t.detach())).collect()
+    }
+
     /// The vocabulary size and the most positions one sequence may have,
     /// where the model knows them: inputs past either are refused before they
     /// reach the model (an embedding lookup past the vocabulary panics).
@@ -228,12 +245,23 @@ impl Policy for prism_model::Transformer {
         prism_model::Transformer::var_store(self)
     }
 
+    fn trainable(&self) -> &nn::VarStore {
+        self.adapter_store().unwrap_or_else(|| prism_model::Transformer::var_store(self))
+    }
+
+    fn published(&self) -> Vec<(String, Tensor)> {
+        self.merged_weights()
+    }
+
     fn limits(&self) -> Option<(usize, usize)> {
         let c = self.config();
         Some((c.vocab_size, c.max_position_embeddings))
     }
 
+    /// The model; with adapters, the frozen base and the adapter in PEFT's
+    /// layout beside it (`adapter_config.json`, `adapter_model.safetensors`).
     fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.save_adapter(dir).map_err(|e| Error::Model(e.to_string()))?;
         match self.tokenizer() {
             Some(tokenizer) => {
                 prism_model::Transformer::save_hf(self, dir, tokenizer).map_err(|e| Error::Model(e.to_string()))

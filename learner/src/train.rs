@@ -222,7 +222,14 @@ impl<P: Policy> Learner<P> {
         if config.kl_coef > 0.0 && reference.is_none() {
             return Err(Error::Model("learner.kl_coef > 0 needs a reference model".into()));
         }
-        let optimizer = AdamW::new(policy.var_store(), AdamWConfig::from(&config));
+        if config.lora.is_some() != policy.has_adapters() {
+            return Err(Error::Model(if policy.has_adapters() {
+                "the policy carries LoRA adapters but learner.lora is not set".into()
+            } else {
+                "learner.lora is set but the policy carries no adapters (attach them before making the learner)".into()
+            }));
+        }
+        let optimizer = AdamW::new(policy.trainable(), AdamWConfig::from(&config));
         Ok(Self {
             loss: LossConfig::from(&config),
             config,
@@ -276,6 +283,9 @@ impl<P: Policy> Learner<P> {
         let dp = self.dp.as_ref().expect("joined");
         let device = self.policy.var_store().device();
         let mut tensors: Vec<(String, Tensor)> = named_variables(self.policy.var_store());
+        if self.policy.has_adapters() {
+            tensors.extend(named_variables(self.policy.trainable()));
+        }
         if let Some(r) = &self.reference {
             tensors.extend(named_variables(r.var_store()).into_iter().map(|(n, t)| (format!("reference.{n}"), t)));
         }
@@ -353,7 +363,7 @@ impl<P: Policy> Learner<P> {
         if let Some(sharding) = sharding {
             let steps = h[4] as u64;
             let (rank, world) = (dp.rank(), dp.world());
-            let mut opt = ShardedAdamW::new(self.policy.var_store(), AdamWConfig::from(&self.config), sharding.stage, rank, world, sharding.bucket_bytes)?;
+            let mut opt = ShardedAdamW::new(self.policy.trainable(), AdamWConfig::from(&self.config), sharding.stage, rank, world, sharding.bucket_bytes)?;
             opt.set_steps(steps);
             if h[12] != 0 {
                 // Rank 0 hands each rank its share of the state it holds, one
@@ -833,7 +843,7 @@ impl<P: Policy> Learner<P> {
             return Err(bad(format!("{STATE_FILE}: shards of a world of 0 ranks")));
         }
         // How the ranks that wrote it shared the parameters out.
-        let writer = Layout::new(self.policy.var_store(), layout.world, layout.bucket_bytes)?;
+        let writer = Layout::new(self.policy.trainable(), layout.world, layout.bucket_bytes)?;
         let masters = self.optimizer.has_masters();
         let (mut avg, mut sq, mut master) = (Vec::with_capacity(layout.world), Vec::with_capacity(layout.world), Vec::new());
         for r in 0..layout.world {
@@ -893,6 +903,16 @@ impl<P: Policy> Learner<P> {
         }
         let model_path = path.join(MODEL_FILE);
         load_into(self.policy.var_store(), read_safetensors(&model_path)?, &model_path)?;
+        if self.policy.has_adapters() {
+            let adapter_path = path.join(prism_model::lora::ADAPTER_WEIGHTS);
+            if !adapter_path.is_file() {
+                return Err(bad(format!(
+                    "{}: no LoRA adapter, but learner.lora is set (was it written by a run that trained the whole model?)",
+                    prism_model::lora::ADAPTER_WEIGHTS
+                )));
+            }
+            load_into(self.policy.trainable(), read_safetensors(&adapter_path)?, &adapter_path)?;
+        }
         match state.shards {
             // Written by sharded ranks: put back together whole, whatever
             // the number of ranks resuming (rank 0 shares it out on joining).

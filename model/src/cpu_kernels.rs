@@ -105,7 +105,7 @@ pub(crate) fn decode_layer_enabled() -> bool {
 }
 
 /// Whether autograd records operations on this thread now.
-fn grad_enabled() -> bool {
+pub(crate) fn grad_enabled() -> bool {
     // SAFETY: sets the thread's grad mode and puts it back as it was.
     unsafe {
         let was = torch_sys::at_grad_set_enabled(0);

@@ -31,6 +31,10 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     config.check_sizes(values_in(&files)?, &config_path)?;
     let mut model = Transformer::empty(config, opts.device, opts.dtype)?;
     load_safetensors(&model, &files)?;
+    // A LoRA checkpoint: the base, and a PEFT adapter beside it to merge.
+    if dir.join(crate::lora::ADAPTER_CONFIG).exists() {
+        model.merge_adapter(dir)?;
+    }
     model.set_tokenizer(tokenizer.clone());
     Ok(Loaded { model, tokenizer, generation })
 }
@@ -84,6 +88,16 @@ fn values_in(files: &[PathBuf]) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// Every tensor of one safetensors file, by name, on the CPU.
+pub(crate) fn read_safetensors_file(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: as in load_safetensors.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::Format { path: path.into(), reason: format!("not a safetensors file: {e}") })?;
+    st.tensors().into_iter().map(|(name, view)| Ok((name.clone(), view_to_tensor(&view, path, &name)?))).collect()
 }
 
 /// A tensor of a safetensors file as a CPU tensor of its own dtype.
@@ -181,7 +195,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 
 /// Writes named CPU tensors as one safetensors file with `{"format": "pt"}`
 /// metadata (transformers refuses files without it).
-fn write_safetensors(named: &[(String, Tensor)], path: &Path) -> Result<()> {
+pub(crate) fn write_safetensors(named: &[(String, Tensor)], path: &Path) -> Result<()> {
     struct View {
         dtype: StDtype,
         shape: Vec<usize>,

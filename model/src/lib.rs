@@ -16,6 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod gguf;
 pub mod hf;
+pub mod lora;
 mod cpu_kernels;
 pub mod tokenizer;
 pub mod transformer;
@@ -23,6 +24,7 @@ mod weight_set;
 
 pub use config::{Family, GenerationConfig, HfConfig, ModelConfig, RopeScaling};
 pub use engine::{Sample, SamplingParams};
+pub use lora::LoraConfig;
 pub use tokenizer::Tokenizer;
 pub use transformer::{KvCache, Transformer};
 pub use weight_set::WeightSet;

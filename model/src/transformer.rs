@@ -12,6 +12,7 @@
 //! with a pre-allocated [`KvCache`]) used by the engine.
 
 use crate::config::{ModelConfig, RopeScaling};
+use crate::lora::{Adapter, Lora};
 use crate::{Dtype, Error, Result, Tokenizer};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -47,7 +48,7 @@ struct Mlp {
     gate_up_bias: Option<Tensor>,
 }
 
-struct Layer {
+pub(crate) struct Layer {
     input_norm: Tensor,
     attn: Attention,
     /// `post_attention_layernorm`: the MLP's input norm, or Gemma's norm of
@@ -58,14 +59,16 @@ struct Layer {
     mlp: Mlp,
     /// Attends within the sliding window only.
     sliding: bool,
+    /// LoRA adapters of the projections, in [`crate::lora::TARGETS`] order.
+    pub(crate) lora: [Option<Adapter>; 7],
 }
 
 /// The model. Owns its [`VarStore`].
 pub struct Transformer {
-    vs: VarStore,
+    pub(crate) vs: VarStore,
     config: ModelConfig,
     embed: Tensor,
-    layers: Vec<Layer>,
+    pub(crate) layers: Vec<Layer>,
     norm: Tensor,
     /// `lm_head.weight`, or the embedding when tied.
     lm_head: Tensor,
@@ -76,6 +79,8 @@ pub struct Transformer {
     /// The sliding layers' own tables (Gemma 3's local RoPE base).
     local_rope: Option<(Tensor, Tensor)>,
     tokenizer: Option<Tokenizer>,
+    /// LoRA adapters over the frozen parameters, once attached.
+    pub(crate) lora: Option<Lora>,
 }
 
 /// The RoPE tables at a call's positions, `[B, 1, T, head_dim]` in the
@@ -187,7 +192,14 @@ impl Layer {
             }),
             mlp,
             sliding: c.sliding_window.is_some() && c.gemma.as_ref().is_none_or(|g| g.sliding_layers.get(index).copied().unwrap_or(false)),
+            lora: std::array::from_fn(|_| None),
         }
+    }
+
+    /// The weight of projection `target` ([`crate::lora::TARGETS`] order).
+    pub(crate) fn projection(&self, target: usize) -> Tensor {
+        let (a, m) = (&self.attn, &self.mlp);
+        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down][target].shallow_clone()
     }
 }
 
@@ -255,6 +267,14 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     x.linear(w, b)
 }
 
+/// [`linear`], plus the LoRA adapter's output where the projection has one.
+fn adapted(x: &Tensor, w: &Tensor, b: Option<&Tensor>, adapter: &Option<Adapter>) -> Tensor {
+    match adapter {
+        Some(adapter) => linear(x, w, b) + adapter.apply(x),
+        None => linear(x, w, b),
+    }
+}
+
 /// `res + y · wᵀ + b` over the last dimension of `y` (`res`, when given,
 /// shaped like the result) in a decode step: the small-batch kernel where it
 /// applies (see `cpu_kernels`), torch's product otherwise; with `res`, the sum
@@ -277,9 +297,9 @@ fn decode_product(y: &Tensor, w: &Tensor, b: Option<&Tensor>, res: Option<&Tenso
     out.view(size.as_slice())
 }
 
-/// `x + linear(y, w, b)`; decoding, by [`decode_product`].
-fn residual(x: &Tensor, y: &Tensor, w: &Tensor, b: Option<&Tensor>, decoding: bool) -> Tensor {
-    if decoding { decode_product(y, w, b, Some(x)) } else { x + linear(y, w, b) }
+/// `x + adapted(y, w, b, adapter)`; with `fused` (decoding, no adapters), by [`decode_product`].
+fn residual(x: &Tensor, y: &Tensor, w: &Tensor, b: Option<&Tensor>, adapter: &Option<Adapter>, fused: bool) -> Tensor {
+    if fused { decode_product(y, w, b, Some(x)) } else { x + adapted(y, w, b, adapter) }
 }
 
 /// How the attention of one call is masked.
@@ -314,7 +334,11 @@ impl Layer {
         let a = &self.attn;
         let xn = norm(x, &self.input_norm, c);
         let decoding = cache.is_some();
-        let (q, k, v) = if decoding {
+        // Decoding runs the fused matrices, unless adapters ride on the
+        // projections (a LoRA model decoding itself, e.g. to evaluate).
+        let fused = decoding && self.lora.iter().all(Option::is_none);
+        let ad = &self.lora;
+        let (q, k, v) = if fused {
             let qkv = decode_product(&xn, &a.qkv, a.qkv_bias.as_ref(), None); // [B, T, (h + 2 hkv) hd]
             // q and k rotate together: one RoPE call over h + hkv heads.
             let qk = qkv.narrow(2, 0, (h + hkv) * hd).reshape([b, t, h + hkv, hd]).transpose(1, 2);
@@ -330,9 +354,9 @@ impl Layer {
             let v = qkv.narrow(2, (h + hkv) * hd, hkv * hd).reshape([b, t, hkv, hd]).transpose(1, 2);
             (qk.narrow(1, 0, h), qk.narrow(1, h, hkv), v)
         } else {
-            let q = linear(&xn, &a.q, a.q_bias.as_ref()).view([b, t, h, hd]).transpose(1, 2);
-            let k = linear(&xn, &a.k, a.k_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
-            let v = linear(&xn, &a.v, a.v_bias.as_ref()).view([b, t, hkv, hd]).transpose(1, 2);
+            let q = adapted(&xn, &a.q, a.q_bias.as_ref(), &ad[0]).view([b, t, h, hd]).transpose(1, 2);
+            let k = adapted(&xn, &a.k, a.k_bias.as_ref(), &ad[1]).view([b, t, hkv, hd]).transpose(1, 2);
+            let v = adapted(&xn, &a.v, a.v_bias.as_ref(), &ad[2]).view([b, t, hkv, hd]).transpose(1, 2);
             let (q, k) = match (&a.q_norm, &a.k_norm) {
                 (Some(qn), Some(kn)) => (norm(&q, qn, c), norm(&k, kn, c)),
                 _ => (q, k),
@@ -375,23 +399,25 @@ impl Layer {
         // SwiGLU, or Gemma's GeGLU (tanh-approximated GELU).
         let act = |g: Tensor| if c.gemma.is_some() { g.gelu("tanh") } else { g.silu() };
         let mlp = |xn: &Tensor| {
-            if decoding {
+            if fused {
                 let gu = decode_product(xn, &m.gate_up, m.gate_up_bias.as_ref(), None);
                 act(gu.narrow(2, 0, f)) * gu.narrow(2, f, f)
             } else {
-                act(linear(xn, &m.gate, bias(0))) * linear(xn, &m.up, bias(1))
+                act(adapted(xn, &m.gate, bias(0), &ad[4])) * adapted(xn, &m.up, bias(1), &ad[5])
             }
         };
         if let Some([pre_ff, post_ff]) = &self.ff_norms {
             // Gemma: each block's output normalised before it joins the residual stream.
-            let project = |y: &Tensor, w: &Tensor, b: Option<&Tensor>| if decoding { decode_product(y, w, b, None) } else { linear(y, w, b) };
-            let x = x + norm(&project(&y, &a.o, a.o_bias.as_ref()), &self.post_norm, c);
+            let project = |y: &Tensor, w: &Tensor, b: Option<&Tensor>, adapter: &Option<Adapter>| {
+                if fused { decode_product(y, w, b, None) } else { adapted(y, w, b, adapter) }
+            };
+            let x = x + norm(&project(&y, &a.o, a.o_bias.as_ref(), &ad[3]), &self.post_norm, c);
             let hidden = mlp(&norm(&x, pre_ff, c));
-            return &x + norm(&project(&hidden, &m.down, bias(2)), post_ff, c);
+            return &x + norm(&project(&hidden, &m.down, bias(2), &ad[6]), post_ff, c);
         }
-        let x = residual(x, &y, &a.o, a.o_bias.as_ref(), decoding);
+        let x = residual(x, &y, &a.o, a.o_bias.as_ref(), &ad[3], fused);
         let xn = norm(&x, &self.post_norm, c);
-        residual(&x, &mlp(&xn), &m.down, bias(2), decoding)
+        residual(&x, &mlp(&xn), &m.down, bias(2), &ad[6], fused)
     }
 }
 
@@ -483,6 +509,7 @@ impl Transformer {
             sin,
             local_rope,
             tokenizer: None,
+            lora: None,
         })
     }
 
@@ -879,8 +906,8 @@ impl Transformer {
     /// `cache.len` (which the caller advances); `None` where it does not apply.
     fn decode_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &KvCache) -> Option<Tensor> {
         let c = &self.config;
-        if c.qk_norm || c.gemma.is_some() {
-            // The kernel has no per-head norm of queries and keys, nor Gemma's layer.
+        if c.qk_norm || c.gemma.is_some() || self.lora.is_some() {
+            // The kernel has no per-head norm of queries and keys, nor Gemma's layer, nor adapters.
             return None;
         }
         let key_mask = (!cache.dense).then_some(&cache.key_mask);
