@@ -41,8 +41,7 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 0)]
     pub logit_chunk: u64,
     /// Plan LoRA adapters of this rank on every projection instead of
-    /// training the whole model (planned only: prism does not train LoRA
-    /// adapters yet).
+    /// training the whole model (`learner.lora`; with `--measure`, alpha 2R).
     #[arg(long)]
     pub lora: Option<u64>,
     /// A KL penalty's reference model is held too (`learner.kl_coef > 0`).
@@ -126,9 +125,6 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
     if args.lora == Some(0) {
         bail!("--lora 0: a LoRA rank is at least 1");
     }
-    if args.measure && args.lora.is_some() {
-        bail!("--measure trains the whole model; prism does not train LoRA adapters yet, so --lora is planned only");
-    }
     if args.measure && args.dtype != "f32" {
         bail!("--measure trains float32 weights on the CPU (its activation model is float32's); leave out --dtype {}", args.dtype);
     }
@@ -174,7 +170,7 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         .collect();
     if let Some(r) = args.lora {
         println!(
-            "LoRA rank {r} on every projection: {:.1}M adapter parameters (float32) beside the frozen base; planned only, prism does not train LoRA adapters yet",
+            "LoRA rank {r} on every projection: {:.1}M adapter parameters beside the frozen base (learner.lora)",
             plan::lora_parameters(&c, r) as f64 / 1e6
         );
     }
@@ -229,7 +225,15 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
 fn measure(args: &PlanArgs, c: &ModelConfig, shape: &Shape, prompt_len: u64, plan: &(RankBytes, RankBytes), seed: u64) -> anyhow::Result<()> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     tch::set_num_threads(threads as i32);
-    let model = prism_model::Transformer::new(c.clone(), tch::Device::Cpu, prism_model::Dtype::F32, seed)?;
+    let mut model = prism_model::Transformer::new(c.clone(), tch::Device::Cpu, prism_model::Dtype::F32, seed)?;
+    let lora = args.lora.map(|r| -> anyhow::Result<prism_model::LoraConfig> {
+        let rank = u32::try_from(r).context("--lora")?;
+        Ok(prism_model::LoraConfig { rank, alpha: 2.0 * f64::from(rank), ..Default::default() })
+    });
+    let lora = lora.transpose()?;
+    if let Some(l) = &lora {
+        model.attach_lora(l, seed, None)?;
+    }
     let config = prism_learner::Config {
         advantage: prism_learner::config::Estimator::Grpo,
         std_unbiased: false,
@@ -243,6 +247,7 @@ fn measure(args: &PlanArgs, c: &ModelConfig, shape: &Shape, prompt_len: u64, pla
         mini_batches: 1,
         checkpoint_activations: shape.checkpoint_activations,
         logit_chunk: u32::try_from(shape.logit_chunk).context("--logit-chunk")?,
+        lora,
         ..prism_learner::Config::default()
     };
     let mut learner = prism_learner::Learner::new(config, model, None, seed)?;

@@ -314,7 +314,7 @@ pub fn learner_rank(config: &Config) -> Result<()> {
         let mut model = train::load_model(config)?.model;
         train::attach_lora(config, &mut model)?;
         // The weights are rank 0's once joined; only the shapes must agree.
-        let reference = if config.learner.kl_coef > 0.0 { Some(train::load_model(config)?.model) } else { None };
+        let reference = if config.learner.kl_coef > 0.0 && config.learner.lora.is_none() { Some(train::load_model(config)?.model) } else { None };
         let learner = prism_learner::Learner::new(config.learner.clone(), model, reference, config.run.seed)?;
         let (control, _token, counters, membership) = join(config, Role::Learner, &config.model.device).await?;
         health.add_metrics(metrics::worker(Role::Learner, counters.clone()));

@@ -124,7 +124,8 @@ pub(crate) async fn prepare(config: &Config, run: &RunDir, resuming: bool) -> Re
         println!("warm start: {}", cache.display());
     }
 
-    let reference = if config.learner.kl_coef > 0.0 {
+    // A LoRA policy's reference is its own base, the adapters off.
+    let reference = if config.learner.kl_coef > 0.0 && config.learner.lora.is_none() {
         let mut r = load_model(config)?.model;
         r.copy_weights_from(&model)?;
         Some(r)

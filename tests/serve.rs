@@ -76,3 +76,32 @@ fn export_writes_a_folder_prism_loads_back() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("/no/such/dir"), "{}", stderr(&out));
 }
+
+/// A LoRA checkpoint (the base with a PEFT adapter beside it) exports as
+/// one merged model: no adapter files, the adapted model's logits.
+#[test]
+fn export_merges_a_lora_adapter_into_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (from, to) = (dir.path().join("lora"), dir.path().join("merged"));
+    let loaded = prism_model::load("builtin:tiny-arith", &Default::default()).unwrap();
+    let mut model = loaded.model;
+    model.save_hf_with(&from, &loaded.tokenizer, &loaded.generation).unwrap();
+    model.attach_lora(&prism_model::LoraConfig { rank: 4, ..Default::default() }, 1, None).unwrap();
+    tch::manual_seed(2);
+    let mut vars: Vec<_> = model.adapter_store().unwrap().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| vars.iter().filter(|(n, _)| n.contains("lora_B")).for_each(|(_, t)| t.shallow_clone().copy_(&(t.randn_like() * 0.05))));
+    model.save_adapter(&from).unwrap();
+
+    let out = prism().args(["export", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(to.join("model.safetensors").exists() && !to.join("adapter_config.json").exists());
+    let ids = tch::Tensor::from_slice2(&[[1i64, 5, 9, 12, 7, 3]]);
+    let merged = prism_model::load(to.to_str().unwrap(), &Default::default()).unwrap().model;
+    let base = prism_model::load("builtin:tiny-arith", &Default::default()).unwrap().model;
+    let _guard = tch::no_grad_guard();
+    let want = model.forward(&ids, None);
+    let diff = (merged.forward(&ids, None) - &want).abs().max().double_value(&[]);
+    let moved = (base.forward(&ids, None) - &want).abs().max().double_value(&[]);
+    assert!(moved > 1e-3 && diff < 1e-5, "the adapter moved the logits {moved}; merged vs adapted {diff}");
+}

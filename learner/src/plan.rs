@@ -170,22 +170,26 @@ pub fn lora_parameters(c: &ModelConfig, r: u64) -> u64 {
 }
 
 /// What a rank holds training LoRA adapters of rank `r` instead of the
-/// whole model: the frozen base in its type (`weight_bytes` a parameter, no
-/// gradients and no optimizer state; with the adapters off it is the KL
-/// reference too, so no copy), the adapters in float32 with their gradients
-/// and AdamW state (sharded as `stage` says), and the activations of full
-/// training (the backward pass still runs through every layer).
+/// whole model (`learner.lora`): the frozen base in its type (`weight_bytes`
+/// a parameter, no gradients and no optimizer state; with the adapters off it
+/// is the KL reference too, so no copy), and the adapters held as a whole
+/// model's parameters would be ([`rank_bytes`]: in the weights' type, with
+/// their gradients, AdamW moments and float32 masters when narrower, sharded
+/// as `stage` says), and the activations of full training (the backward pass
+/// still runs through every layer).
 pub fn lora_rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, weight_bytes: u64, r: u64) -> RankBytes {
     let a = lora_parameters(c, r);
-    let share = a.div_ceil(ranks.max(1));
+    let ranks = ranks.max(1);
+    let share = a.div_ceil(ranks);
+    let masters = if weight_bytes < 4 { 4 * a } else { 0 };
     let (optimizer, buffers) = match stage {
-        None => (8 * a, 0),
-        Some(_) => (12 * share, 2 * bucket_bytes.min(4 * a) + 4 * share),
+        None => (8 * a + masters, 0),
+        Some(_) => (12 * share, bucket_bytes.min(4 * a) * (4 + weight_bytes) / 4 + 4 * share),
     };
     RankBytes {
-        weights: weight_bytes * parameters(c) + 4 * a,
+        weights: weight_bytes * (parameters(c) + a),
         reference: 0,
-        gradients: 4 * a,
+        gradients: weight_bytes * a,
         optimizer,
         buffers,
         activations: activation_bytes(c, s),
@@ -257,7 +261,8 @@ mod tests {
         let s = Shape { seq_len: 256, window: 192, micro_batch: 8, checkpoint_activations: false, bf16: false, logit_chunk: 0 };
         let lora = lora_rank_bytes(&c, &s, 1, None, 64 << 20, 2, 16);
         let a = lora_parameters(&c, 16);
-        assert_eq!((lora.weights, lora.reference, lora.gradients, lora.optimizer), (2 * parameters(&c) + 4 * a, 0, 4 * a, 8 * a));
+        // bf16: the adapters in bf16, their gradients too, moments and masters in float32.
+        assert_eq!((lora.weights, lora.reference, lora.gradients, lora.optimizer), (2 * (parameters(&c) + a), 0, 2 * a, 12 * a));
         assert_eq!(lora.activations, activation_bytes(&c, &s));
     }
 

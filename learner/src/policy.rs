@@ -81,6 +81,10 @@ pub trait Policy {
         !std::ptr::eq(self.trainable(), self.var_store())
     }
 
+    /// Switches [`Policy::trainable`]'s adapters off (the model then computes
+    /// as its frozen base) or back on; no-op without adapters.
+    fn set_adapters_enabled(&self, _on: bool) {}
+
     /// The weights rollouts run, under [`Policy::var_store`]'s names,
     /// detached: the parameters, or with adapters merged into them.
     fn published(&self) -> Vec<(String, Tensor)> {
@@ -251,6 +255,10 @@ impl Policy for prism_model::Transformer {
 
     fn published(&self) -> Vec<(String, Tensor)> {
         self.merged_weights()
+    }
+
+    fn set_adapters_enabled(&self, on: bool) {
+        prism_model::Transformer::set_adapters_enabled(self, on)
     }
 
     fn limits(&self) -> Option<(usize, usize)> {

@@ -216,11 +216,16 @@ pub struct Learner<P: Policy> {
 
 impl<P: Policy> Learner<P> {
     /// A learner for `policy` with fresh optimizer state. `reference` is the
-    /// frozen model of the KL penalty, required when `learner.kl_coef > 0`.
+    /// frozen model of the KL penalty, required when `learner.kl_coef > 0`
+    /// unless the policy trains LoRA adapters: then its base (the adapters
+    /// switched off) is the reference, and `reference` must be `None`.
     pub fn new(config: Config, policy: P, reference: Option<P>, seed: u64) -> Result<Self> {
         config.validate().map_err(|e| Error::Batch(e.to_string()))?;
-        if config.kl_coef > 0.0 && reference.is_none() {
+        if config.kl_coef > 0.0 && reference.is_none() && !policy.has_adapters() {
             return Err(Error::Model("learner.kl_coef > 0 needs a reference model".into()));
+        }
+        if reference.is_some() && policy.has_adapters() {
+            return Err(Error::Model("a LoRA policy's reference is its own frozen base: pass no reference model".into()));
         }
         if config.lora.is_some() != policy.has_adapters() {
             return Err(Error::Model(if policy.has_adapters() {
@@ -550,8 +555,17 @@ impl<P: Policy> Learner<P> {
             }
         }
         if self.config.kl_coef > 0.0 {
-            let reference = self.reference.as_ref().ok_or_else(|| Error::Model("no reference model".into()))?;
-            let lps = self.score(reference, &rows)?;
+            let lps = match &self.reference {
+                Some(reference) => self.score(reference, &rows),
+                None if self.policy.has_adapters() => {
+                    // The frozen base is the reference: the adapters off.
+                    self.policy.set_adapters_enabled(false);
+                    let lps = self.score(&self.policy, &rows);
+                    self.policy.set_adapters_enabled(true);
+                    lps
+                }
+                None => Err(Error::Model("no reference model".into())),
+            }?;
             for (row, lp) in rows.iter_mut().zip(lps) {
                 row.ref_logprobs = Some(lp);
             }

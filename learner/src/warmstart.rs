@@ -28,9 +28,11 @@ pub struct Plan {
 impl Plan {
     /// `base` (the run's learner settings: AdamW moments, weight decay, the
     /// gradient clip) made an SFT step at this plan's learning rate, constant,
-    /// without KL, one micro-batch per step.
+    /// without KL, one micro-batch per step, of the whole model (a LoRA run's
+    /// adapters are attached to the warm-started model after it).
     pub fn sft_config(&self, base: &Config) -> Config {
         let mut sft = base.clone();
+        sft.lora = None;
         sft.mode = crate::config::Mode::Sft;
         sft.lr = self.lr;
         sft.schedule = crate::config::Schedule::Constant;

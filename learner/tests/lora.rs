@@ -268,3 +268,29 @@ fn sharded_ranks_train_the_adapters_as_one_learner_does() {
     assert!(max_diff(&want, &adapters(&adapted(8, &lora()))) > 1e-4, "the adapters did not train");
 }
 
+
+/// With `kl_coef > 0` and no reference model, the KL term is to the frozen
+/// base: zero while the adapters are fresh (B = 0), positive once they
+/// change the model; the adapters are back on for training afterwards.
+#[test]
+fn a_lora_runs_kl_reference_is_its_base_with_the_adapters_off() {
+    let config = Config { kl_coef: 0.1, ..config() };
+    let err = Learner::new(config.clone(), adapted(5, &lora()), Some(tiny_arith(5)), 0).err().unwrap().to_string();
+    assert!(err.contains("reference"), "{err}");
+    let kl = |model: Transformer| {
+        let mut learner = Learner::new(config.clone(), model, None, 0).unwrap();
+        let report = learner.train_step(&groups(1, 2, 4)).unwrap();
+        (report.updates[0].kl_ref, learner)
+    };
+    let mut fresh = tiny_arith(5);
+    fresh.attach_lora(&lora(), 1, None).unwrap();
+    let (at_start, _) = kl(fresh);
+    let (adapted_kl, learner) = kl(adapted(5, &lora()));
+    eprintln!("KL to the base: {at_start:.3e} with fresh adapters, {adapted_kl:.3e} with trained ones");
+    assert!(at_start.abs() < 1e-7, "fresh adapters: KL {at_start}");
+    assert!(adapted_kl > 1e-4, "adapted policy: KL {adapted_kl}");
+    let ids = Tensor::from_slice2(&ids());
+    let base = tch::no_grad(|| tiny_arith(5).forward(&ids, None));
+    let ours = tch::no_grad(|| Policy::forward(learner.policy(), &ids, None).unwrap());
+    assert!(max_abs_diff(&ours, &base) > 1e-3, "the adapters were left off");
+}

@@ -15,6 +15,8 @@ use crate::{Error, Result, Transformer};
 use prism_core::config::Invalid;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::path::Path;
 use tch::nn::{Init, VarStore};
 use tch::{Kind, Tensor};
@@ -89,6 +91,9 @@ impl LoraConfig {
 
 /// The adapter of one projection.
 pub(crate) struct Adapter {
+    /// Shared by a model's adapters: off, the model computes as its base
+    /// (the KL reference of a LoRA run, without a copy of the base).
+    enabled: Arc<AtomicBool>,
     /// `[r, in]`.
     a: Tensor,
     /// `[out, r]`.
@@ -98,10 +103,16 @@ pub(crate) struct Adapter {
 }
 
 impl Adapter {
+    /// Whether the adapter is on (see [`Transformer::set_adapters_enabled`]).
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
     /// `s · B A x` for `x` `[.., in]`, dropout on `x` first in a training pass.
     pub(crate) fn apply(&self, x: &Tensor) -> Tensor {
         let x = if self.dropout > 0.0 && crate::cpu_kernels::grad_enabled() { x.dropout(self.dropout, true) } else { x.shallow_clone() };
-        x.linear(&self.a, None::<&Tensor>).linear(&self.b, None::<&Tensor>) * self.scale
+        // Scaled at rank r, not at the output's width (PEFT scales the output: equal up to rounding).
+        (x.linear(&self.a, None::<&Tensor>) * self.scale).linear(&self.b, None::<&Tensor>)
     }
 
     /// `W + s B A` in `w`'s type (the product in float32).
@@ -117,6 +128,7 @@ pub(crate) struct Lora {
     pub(crate) config: LoraConfig,
     /// `base_model_name_or_path` of the written `adapter_config.json`.
     pub(crate) base: Option<String>,
+    enabled: Arc<AtomicBool>,
 }
 
 /// The HF name of the base weight `layer`'s `target` adapts.
@@ -140,6 +152,7 @@ impl Transformer {
         vs.set_kind(self.vs.kind());
         let r = i64::from(config.rank);
         let root = vs.root();
+        let enabled = Arc::new(AtomicBool::new(true));
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for target in (0..TARGETS.len()).filter(|&t| config.targets_index(t)) {
                 let w = layer.projection(target);
@@ -150,12 +163,20 @@ impl Transformer {
                 let bound = 1.0 / (inp as f64).sqrt();
                 let values: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
                 tch::no_grad(|| a.shallow_clone().f_copy_(&Tensor::from_slice(&values).view([r, inp])))?;
-                layer.lora[target] = Some(Adapter { a, b, scale: config.scale(), dropout: config.dropout });
+                layer.lora[target] = Some(Adapter { enabled: enabled.clone(), a, b, scale: config.scale(), dropout: config.dropout });
             }
         }
         self.vs.freeze();
-        self.lora = Some(Lora { vs, config: config.clone(), base });
+        self.lora = Some(Lora { vs, config: config.clone(), base, enabled });
         Ok(())
+    }
+
+    /// Switches the adapters off (the model computes as its frozen base,
+    /// e.g. a LoRA run's KL reference) or back on. No-op without adapters.
+    pub fn set_adapters_enabled(&self, on: bool) {
+        if let Some(lora) = &self.lora {
+            lora.enabled.store(on, Ordering::Relaxed);
+        }
     }
 
     /// The adapters' store (PEFT names), when adapters are attached.
@@ -264,7 +285,7 @@ impl Transformer {
                     return Err(Error::WrongShape { path: weights_path.clone(), name: name.clone(), got: t.size(), want: want.to_vec() });
                 }
             }
-            let adapter = Adapter { a: a.to_device(w.device()), b: b.to_device(w.device()), scale, dropout: 0.0 };
+            let adapter = Adapter { enabled: Arc::new(AtomicBool::new(true)), a: a.to_device(w.device()), b: b.to_device(w.device()), scale, dropout: 0.0 };
             let merged = adapter.merge(&w);
             tch::no_grad(|| w.shallow_clone().f_copy_(&merged))?;
             pairs += 1;

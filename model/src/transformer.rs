@@ -270,8 +270,8 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
 /// [`linear`], plus the LoRA adapter's output where the projection has one.
 fn adapted(x: &Tensor, w: &Tensor, b: Option<&Tensor>, adapter: &Option<Adapter>) -> Tensor {
     match adapter {
-        Some(adapter) => linear(x, w, b) + adapter.apply(x),
-        None => linear(x, w, b),
+        Some(adapter) if adapter.enabled() => linear(x, w, b) + adapter.apply(x),
+        _ => linear(x, w, b),
     }
 }
 

@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// many positions at a time; 0: all at once).
     #[arg(long, default_value_t = 0)]
     pub logit_chunk: u32,
+    /// Then train rank-R LoRA adapters (`learner.lora`, alpha 2R, every
+    /// projection) over the same model, and compare with full fine-tuning.
+    #[arg(long)]
+    pub lora: Option<u32>,
     #[command(flatten)]
     pub common: crate::config::ConfigArgs,
 }
@@ -95,6 +99,9 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
     if args.batch == 0 || args.micro_batch == 0 || args.steps == 0 || args.prompt_len == 0 || args.prompt_len >= args.seq_len {
         bail!("--batch, --micro-batch and --steps must be >= 1 and --prompt-len in 1..--seq-len");
     }
+    if args.lora == Some(0) {
+        bail!("--lora 0: a LoRA rank is at least 1");
+    }
     let (threads, source, loaded) = super::load_model(args.model.as_deref(), args.threads, model_cfg, seed)?;
     let config = loaded.model.config().clone();
     let cuda = model_cfg.device.starts_with("cuda");
@@ -116,6 +123,22 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
     let ours = bench::run(&mut learner, &spec)?;
     let peak = memory.peak();
     let flops = bench::flops_per_token(learner.policy(), config.num_layers, config.hidden_size, config.vocab_size, args.seq_len);
+    drop(learner);
+    // LoRA over a fresh copy of the same model, after the full run's memory is freed.
+    let lora = match args.lora {
+        Some(rank) => {
+            let mut model = super::load_model(args.model.as_deref(), args.threads, model_cfg, seed)?.2.model;
+            let lora = prism_model::LoraConfig { rank, alpha: 2.0 * f64::from(rank), ..Default::default() };
+            model.attach_lora(&lora, seed, None)?;
+            let adapters: i64 = model.adapter_store().map_or(0, |vs| vs.variables().values().map(|t| t.numel() as i64).sum());
+            let config = prism_learner::Config { lora: Some(lora), ..learner_config(args, cuda) };
+            let mut learner = Learner::new(config, model, None, seed)?;
+            let memory = bench::Memory::start();
+            let timing = bench::run(&mut learner, &spec)?;
+            Some((rank, adapters, timing, memory.peak()))
+        }
+        None => None,
+    };
 
     println!(
         "prism bench train: {} ({} parameters, {}{}, {threads} threads), batch {} x {} tokens ({} prompt), micro-batch {}, {} timed steps",
@@ -147,6 +170,11 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
         );
         println!("{:<26}{:>13.2}x", "prism / pytorch", ours.tokens_per_s / r.tokens_per_s);
     }
+    if let Some((rank, _, timing, _)) = &lora {
+        // Its GFLOP/s would need another count: no weight gradients of the base.
+        println!("{:<26}{:>14.1}{:>14.3}{:>14}", format!("prism LoRA r={rank}"), timing.tokens_per_s, median(&timing.step_seconds), "-");
+        println!("{:<26}{:>13.2}x", "LoRA / full", timing.tokens_per_s / ours.tokens_per_s);
+    }
     match peak {
         Some(bytes) if !cuda => println!(
             "prism peak memory of the steps: {:.2} GiB above the loaded model (activations {})",
@@ -154,6 +182,15 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
             if args.checkpoint_activations { "recomputed per layer" } else { "kept" }
         ),
         _ => {}
+    }
+    if let Some((rank, adapters, _, Some(bytes))) = &lora
+        && !cuda
+    {
+        println!(
+            "prism LoRA r={rank} ({:.2}M adapter parameters): peak memory of the steps {:.2} GiB above the loaded model",
+            *adapters as f64 / 1e6,
+            *bytes as f64 / (1u64 << 30) as f64
+        );
     }
     Ok(())
 }
