@@ -70,6 +70,7 @@ string_enum! {
         Numeric = "numeric",
         Boxed = "boxed",
         Regex = "regex",
+        Contains = "contains",
     }
 }
 

@@ -72,6 +72,7 @@ impl OutcomeVerifier {
         match self.kind_for(task) {
             OutcomeKind::Arithmetic => ARITH_ANSWER.captures_iter(completion).last().map(|c| c[1].to_string()),
             OutcomeKind::Regex => from_regex(),
+            OutcomeKind::Contains => NUMBER.find_iter(completion).last().map(|m| m.as_str().to_string()),
             OutcomeKind::Numeric => from_regex().or_else(|| numeric_answer(completion)),
             OutcomeKind::Boxed | OutcomeKind::Auto => {
                 from_regex().or_else(|| extract_boxed(completion)).or_else(|| numeric_answer(completion))
@@ -94,6 +95,10 @@ impl OutcomeVerifier {
         let correct = match (&answer, kind) {
             (None, _) => false,
             (Some(a), OutcomeKind::Arithmetic) => a.trim().parse::<i64>().ok() == reference.parse::<i64>().ok(),
+            // Any number of the completion (TRL's "the right integer appears" reward).
+            (Some(_), OutcomeKind::Contains) => parse_number(&reference).is_some_and(|want| {
+                NUMBER.find_iter(completion).any(|m| parse_number(m.as_str()).is_some_and(|got| numbers_match(got, want, self.tolerance)))
+            }),
             (Some(a), OutcomeKind::Numeric) => match (parse_number(a), parse_number(&reference)) {
                 (Some(x), Some(y)) => numbers_match(x, y, self.tolerance),
                 _ => normalize(a) == normalize(&reference),

@@ -54,6 +54,15 @@ fn numeric_gsm8k_forms() {
 }
 
 #[test]
+fn contains_accepts_the_answer_anywhere() {
+    let v = verifier(OutcomeKind::Contains, "");
+    let p = prompt("jsonl", "Compute 3+4*5.", Some("23"));
+    for (completion, want) in [("23", 1.0), ("4*5 = 20, 3 + 20 = 23. So 23.", 1.0), ("It is 23, or maybe 24", 1.0), ("24", 0.0), ("2 3", 0.0), ("none", 0.0)] {
+        assert_eq!(v.verify(&p, completion).score, want, "{completion:?}");
+    }
+}
+
+#[test]
 fn tolerance_is_relative_above_one() {
     assert!(numbers_match(1000.0005, 1000.0, 1e-6));
     assert!(!numbers_match(1000.01, 1000.0, 1e-6));
