@@ -3,8 +3,8 @@ benchmark), alternating them in one command, and the step-time ratio.
 
     .venv/bin/python benches/trl_twin.py [--steps 12] [--skip 2] [--rounds 2] [--threads 2]
 
-The workload: SmolLM2-135M-Instruct (the GGUF scripts/setup fetches, loaded
-as float32 by both), on the CPU with 2 threads; per step one prompt
+The workload: SmolLM2-135M-Instruct (the GGUF scripts/setup fetches, exported
+by prism to one float32 HF folder that both load), on the CPU with 2 threads; per step one prompt
 "Compute a+b*c. Reply with just the number." (a, b, c drawn from 1-20 with a
 fixed seed) and 8 sampled completions of at most 64 tokens at temperature 1;
 reward 1 when the right integer appears in the completion; GRPO, no KL
@@ -67,7 +67,7 @@ def problems(n, seed):
 
 def run_trl(args, rows, out_path):
     """One TRL run in a child process (its own threads and memory)."""
-    cmd = [sys.executable, __file__, "_trl", "--steps", str(args.steps), "--threads", str(args.threads),
+    cmd = [sys.executable, __file__, "_trl", "--model", str(args.model), "--steps", str(args.steps), "--threads", str(args.threads),
            "--seed", str(args.seed), "--out", str(out_path)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     subprocess.run(cmd, check=True, env=env)
@@ -84,9 +84,8 @@ def trl_child(args):
     torch.set_num_threads(args.threads)
     rows = problems(args.steps * 8, args.seed)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in rows])
-    folder, name = str(GGUF.parent), GGUF.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
     def right_integer(completions, answer, **_):
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
@@ -128,7 +127,7 @@ def trl_child(args):
 def run_prism(args, data_path, work):
     run_dir = work / "prism-runs"
     cmd = [str(REPO / "target/release/prism"), "train", "--config", str(REPO / "configs/trl-twin.toml"),
-           "--set", f"task.jsonl.train={data_path}", "--set", f"run.dir={run_dir}", "--set", f"train.steps={args.steps}",
+           "--set", f"model.source={args.model}", "--set", f"task.jsonl.train={data_path}", "--set", f"run.dir={run_dir}", "--set", f"train.steps={args.steps}",
            "--set", f"train.threads={args.threads}", "--set", f"run.seed={args.seed}"]
     before = set(run_dir.glob("*")) if run_dir.exists() else set()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
@@ -137,7 +136,10 @@ def run_prism(args, data_path, work):
     rows = [r for r in rows if r.get("kind") == "step"]
     times = [r["time_s"] for r in rows]
     step_s = [b - a for a, b in zip([0.0] + times, times)]
-    return {"step_s": step_s, "generate_s": [r["rollout_busy_s"] for r in rows], "train_s": [r["train_s"] for r in rows]}
+    # rollout_busy_s is the rollout worker's busy time so far.
+    busy = [r["rollout_busy_s"] for r in rows]
+    generate_s = [b - a for a, b in zip([0.0] + busy, busy)]
+    return {"step_s": step_s, "generate_s": generate_s, "train_s": [r["train_s"] for r in rows]}
 
 
 def median_after(xs, skip):
@@ -154,6 +156,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
+    p.add_argument("--model", help="(internal) the HF folder both sides load")
     args = p.parse_args()
     if args.mode == "_trl":
         return trl_child(args)
@@ -163,6 +166,11 @@ def main():
         sys.exit("trl_twin: target/release/prism is missing: cargo build --release")
     ensure_trl()
     work = Path(tempfile.mkdtemp(prefix="trl-twin-"))
+    # One float32 HF folder for both (transformers refuses to train a model
+    # it loaded from GGUF, which it counts as quantized).
+    args.model = work / "smollm2-135m-instruct"
+    subprocess.run([str(REPO / "target/release/prism"), "export", "--from", str(GGUF), "--to", str(args.model)],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in problems(args.steps * 8, args.seed)))
     results = {"prism": [], "trl": []}
