@@ -211,7 +211,10 @@ pub fn checkpoint(config: &Config, args: &crate::cli::CheckpointEvalArgs) -> any
         Some(n) => n,
         None => config.train.eval_problems,
     };
-    let loaded = prism_model::load(&source, &config.model.load_options(config.run.seed)?).with_context(|| format!("loading {source}"))?;
+    let loaded = prism_model::load(&source, &config.model.load_options(config.run.seed)?)
+        .with_context(|| format!("loading {source}"))?
+        .with_chat_template_kwargs(&config.model.chat_template_kwargs)
+        .context("model.chat_template_kwargs")?;
     let tok = loaded.tokenizer.clone();
     let render = move |q: &str| {
         tok.apply_chat_template(&[prism_model::chat::ChatMessage::new("user", q)], true).unwrap_or_else(|_| q.to_string())

@@ -7,7 +7,10 @@ use prism_serve::{Config, default_name};
 pub fn main(model: &prism_model::Config, serve: &Config, seed: u64) -> anyhow::Result<()> {
     let opts = model.load_options(seed)?;
     let started = std::time::Instant::now();
-    let loaded = prism_model::load(&model.source, &opts).with_context(|| format!("loading {}", model.source))?;
+    let loaded = prism_model::load(&model.source, &opts)
+        .with_context(|| format!("loading {}", model.source))?
+        .with_chat_template_kwargs(&model.chat_template_kwargs)
+        .context("model.chat_template_kwargs")?;
     let name = if serve.name.is_empty() { default_name(&model.source) } else { serve.name.clone() };
     tracing::info!(model = %model.source, name = %name, seconds = started.elapsed().as_secs_f64(), "model loaded");
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;

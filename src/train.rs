@@ -43,7 +43,8 @@ pub fn main(config: &Config, resume: Option<&Path>) -> Result<()> {
 
 pub(crate) fn load_model(config: &Config) -> Result<Loaded> {
     let opts = config.model.load_options(config.run.seed)?;
-    prism_model::load(&config.model.source, &opts).with_context(|| format!("loading model {}", config.model.source))
+    let loaded = prism_model::load(&config.model.source, &opts).with_context(|| format!("loading model {}", config.model.source))?;
+    loaded.with_chat_template_kwargs(&config.model.chat_template_kwargs).context("model.chat_template_kwargs")
 }
 
 /// Attaches `learner.lora`'s adapters (drawn from the run's seed) to the

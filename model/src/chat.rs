@@ -21,15 +21,30 @@ impl ChatMessage {
     }
 }
 
+/// The template variables prism sets itself, which `kwargs` may not.
+pub const RESERVED: [&str; 4] = ["messages", "add_generation_prompt", "bos_token", "eos_token"];
+
+/// Checks template variables given by a user: none may be [`RESERVED`].
+pub fn check_kwargs(kwargs: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    match kwargs.keys().find(|k| RESERVED.contains(&k.as_str())) {
+        Some(k) => Err(Error::Template(format!("the chat template variable `{k}` is set by prism itself, not by chat_template_kwargs"))),
+        None => Ok(()),
+    }
+}
+
 /// Renders `template` for `messages`. `bos_token`/`eos_token` are the strings
-/// templates may reference.
+/// templates may reference; `kwargs` are further variables the template sees,
+/// as transformers' `apply_chat_template(**kwargs)` passes them (e.g.
+/// Qwen3's `enable_thinking`).
 pub fn render(
     template: &str,
     messages: &[ChatMessage],
     add_generation_prompt: bool,
     bos_token: Option<&str>,
     eos_token: Option<&str>,
+    kwargs: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<String> {
+    check_kwargs(kwargs)?;
     let mut env = Environment::new();
     let syntax = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)
@@ -47,8 +62,25 @@ pub fn render(
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
+        ..Value::from(kwargs.iter().map(|(k, v)| (k.clone(), json_value(v))).collect::<std::collections::BTreeMap<String, Value>>())
     };
     tmpl.render(ctx).map_err(|e| Error::Template(e.to_string()))
+}
+
+/// A JSON value as the template sees it.
+fn json_value(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(f)) => Value::from(f),
+            _ => Value::from(n.to_string()),
+        },
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(a) => Value::from(a.iter().map(json_value).collect::<Vec<_>>()),
+        serde_json::Value::Object(o) => Value::from(o.iter().map(|(k, v)| (k.clone(), json_value(v))).collect::<std::collections::BTreeMap<String, Value>>()),
+    }
 }
 
 fn messages_value(messages: &[ChatMessage]) -> Value {

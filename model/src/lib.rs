@@ -154,6 +154,18 @@ pub struct Loaded {
     pub generation: GenerationConfig,
 }
 
+impl Loaded {
+    /// Sets `model.chat_template_kwargs` on the tokenizer (and the model's
+    /// copy of it): variables every chat prompt's template sees.
+    pub fn with_chat_template_kwargs(mut self, kwargs: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        self.tokenizer.set_chat_template_kwargs(kwargs.clone())?;
+        if self.model.tokenizer().is_some() {
+            self.model.set_tokenizer(self.tokenizer.clone());
+        }
+        Ok(self)
+    }
+}
+
 /// Loads `source`: a Hugging Face folder (config.json, safetensors, tokenizer),
 /// a `.gguf` file, or a builtin preset such as `builtin:tiny-arith`.
 pub fn load(source: &str, opts: &LoadOptions) -> Result<Loaded> {
@@ -185,6 +197,12 @@ pub struct Config {
     pub dtype: String,
     /// `cpu`, `cuda` or `cuda:N`. Default `cpu`.
     pub device: String,
+    /// Variables the chat template sees besides the messages, as
+    /// transformers' `apply_chat_template(**kwargs)` passes them, e.g.
+    /// `{ enable_thinking = false }` for Qwen3: rollouts, evaluation and
+    /// `prism serve` render prompts with them. Default none.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Config {
@@ -196,6 +214,9 @@ impl Config {
         }
         prism_core::config::check::one_of("model.dtype", &self.dtype, &["f32", "bf16", "f16"])?;
         parse_device(&self.device).map_err(|_| Invalid::new("model.device", &self.device, "expected cpu, cuda or cuda:N"))?;
+        if let Some(k) = self.chat_template_kwargs.keys().find(|k| chat::RESERVED.contains(&k.as_str())) {
+            return Err(Invalid::new("model.chat_template_kwargs", k, "is a variable prism sets itself"));
+        }
         Ok(())
     }
 

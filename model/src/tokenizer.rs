@@ -21,6 +21,10 @@ pub struct Tokenizer {
     pub add_bos: bool,
     /// The Jinja chat template, if the model has one.
     pub chat_template: Option<String>,
+    /// Variables every chat prompt's template sees besides the messages
+    /// (`model.chat_template_kwargs`, e.g. `enable_thinking = false` for
+    /// Qwen3); see [`Tokenizer::set_chat_template_kwargs`].
+    chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A token given as a string or as an AddedToken object `{"content": ...}`.
@@ -46,6 +50,7 @@ impl Tokenizer {
             unk_token: None,
             add_bos: false,
             chat_template: None,
+            chat_template_kwargs: serde_json::Map::new(),
         })
     }
 
@@ -165,14 +170,41 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// Variables every chat prompt's template sees from now on besides the
+    /// messages, as transformers' `apply_chat_template(**kwargs)` passes
+    /// them; none may be one prism sets itself ([`chat::RESERVED`]).
+    pub fn set_chat_template_kwargs(&mut self, kwargs: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+        chat::check_kwargs(&kwargs)?;
+        self.chat_template_kwargs = kwargs;
+        Ok(())
+    }
+
+    /// The variables set by [`Tokenizer::set_chat_template_kwargs`].
+    pub fn chat_template_kwargs(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.chat_template_kwargs
+    }
+
     /// The prompt text for `messages`, as transformers' `apply_chat_template`
     /// with `tokenize=False` renders it.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`Tokenizer::apply_chat_template`] with `extra` template variables
+    /// (a request's `chat_template_kwargs`) over the tokenizer's own.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
             .ok_or_else(|| Error::Template("this model's tokenizer has no chat template".into()))?;
-        chat::render(template, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
+        let mut kwargs = self.chat_template_kwargs.clone();
+        kwargs.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        chat::render(template, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref(), &kwargs)
     }
 
     /// Token ids of the chat prompt for `messages` (the template rendered as
@@ -182,7 +214,18 @@ impl Tokenizer {
     /// becomes control tokens. Messages that spell none (nearly all) encode
     /// exactly as the rendered text does.
     pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
-        let text = self.apply_chat_template(messages, add_generation_prompt)?;
+        self.encode_chat_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`Tokenizer::encode_chat`] with `extra` template variables (see
+    /// [`Tokenizer::apply_chat_template_with`]).
+    pub fn encode_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template_with(messages, add_generation_prompt, extra)?;
         let specials: Vec<String> =
             self.inner.get_added_tokens_decoder().into_values().filter(|t| t.special && !t.content.is_empty()).map(|t| t.content).collect();
         if !messages.iter().any(|m| specials.iter().any(|s| m.content.contains(s.as_str()))) {

@@ -360,6 +360,11 @@ struct ChatBody {
     top_logprobs: Option<usize>,
     #[serde(default)]
     stream: bool,
+    /// Variables for the chat template over the server's own
+    /// (`model.chat_template_kwargs`), as vLLM takes them: e.g.
+    /// `{"enable_thinking": false}` for Qwen3.
+    #[serde(default)]
+    chat_template_kwargs: serde_json::Map<String, Value>,
 }
 
 /// Parses a JSON body; errors name the field.
@@ -654,7 +659,8 @@ async fn chat_inner(s: Arc<AppState>, body: Bytes) -> Result<Response, Response>
         check_top(k, "top_logprobs")?;
     }
     // A message that spells a special token keeps it as text.
-    let prompt = s.tokenizer.encode_chat(&b.messages, true).map_err(|e| bad(e.to_string(), "messages"))?;
+    prism_model::chat::check_kwargs(&b.chat_template_kwargs).map_err(|e| bad(e.to_string(), "chat_template_kwargs"))?;
+    let prompt = s.tokenizer.encode_chat_with(&b.messages, true, &b.chat_template_kwargs).map_err(|e| bad(e.to_string(), "messages"))?;
     let common = Common {
         max_tokens: b.max_completion_tokens.or(b.max_tokens),
         temperature: b.temperature,

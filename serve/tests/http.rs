@@ -21,7 +21,7 @@ impl Server {
 
     /// With `change` made to the default settings.
     fn start_with(source: &str, change: impl FnOnce(&mut prism_serve::Config)) -> Self {
-        let model = prism_model::Config { source: source.into(), dtype: "f32".into(), device: "cpu".into() };
+        let model = prism_model::Config { source: source.into(), dtype: "f32".into(), device: "cpu".into(), chat_template_kwargs: Default::default() };
         let loaded = prism_model::load(source, &model.load_options(0).unwrap()).unwrap();
         let mut config = config("127.0.0.1:0");
         change(&mut config);
@@ -339,4 +339,38 @@ fn a_server_reachable_from_other_hosts_needs_an_api_key() {
     // SAFETY: the variable name is unique to this test.
     unsafe { std::env::set_var(&var, "k") };
     config("0.0.0.0:8000", &var, false).check_exposure().unwrap();
+}
+
+/// `chat_template_kwargs` of a chat request reach the template (as vLLM
+/// takes them); prism's own variables and a non-object are refused by name.
+#[test]
+fn chat_template_kwargs_reach_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = prism_model::load("builtin:tiny-arith", &Default::default()).unwrap();
+    loaded.model.save_hf_with(dir.path(), &loaded.tokenizer, &loaded.generation).unwrap();
+    // A template in tiny-arith's alphabet, with an optional variable.
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = json!("{% for m in messages %}Q:{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}A:{% if lead is defined %}{{ lead }}{% endif %}{% endif %}");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let server = Server::start(dir.path().to_str().unwrap());
+    let name = prism_serve::default_name(dir.path().to_str().unwrap());
+    let ask = |extra: Value| {
+        let mut req = json!({"model": name, "messages": [{"role": "user", "content": "1+2"}], "max_tokens": 1, "temperature": 0});
+        if !extra.is_null() {
+            req["chat_template_kwargs"] = extra;
+        }
+        server.post("/v1/chat/completions", &req)
+    };
+    let (status, plain) = ask(Value::Null);
+    assert_eq!(status, 200, "{plain}");
+    let (status, led) = ask(json!({"lead": "3=3\n"}));
+    assert_eq!(status, 200, "{led}");
+    let tokens = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(tokens(&led), tokens(&plain) + 4, "{plain} {led}");
+    for bad in [json!({"add_generation_prompt": false}), json!("lead")] {
+        let (status, r) = ask(bad.clone());
+        assert_eq!(status, 400, "{bad}: {r}");
+        assert!(r.to_string().contains("chat_template_kwargs"), "{bad}: {r}");
+    }
 }
