@@ -134,16 +134,7 @@ pub fn activation_bytes(c: &ModelConfig, s: &Shape) -> u64 {
 /// gradients) taking `weight_bytes` each (4: float32, 2: bf16).
 pub fn rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, reference: bool, weight_bytes: u64) -> RankBytes {
     let p = parameters(c);
-    let ranks = ranks.max(1);
-    let share = p.div_ceil(ranks);
-    let masters = if weight_bytes < 4 { 4 * p } else { 0 };
-    let (optimizer, buffers) = match stage {
-        None => (8 * p + masters, 0),
-        // Moments and master weights of the share; a flattened bucket
-        // (float32) and the gathered bucket (in the weights' type) at a
-        // time, and the share's gradient.
-        Some(_) => (12 * share, bucket_bytes.min(4 * p) * (4 + weight_bytes) / 4 + 4 * share),
-    };
+    let (optimizer, buffers) = optimizer_bytes(p, ranks, stage, bucket_bytes, weight_bytes);
     RankBytes {
         weights: weight_bytes * p,
         reference: if reference { weight_bytes * p } else { 0 },
@@ -154,6 +145,20 @@ pub fn rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, 
         optimizer,
         buffers,
         activations: activation_bytes(c, s),
+    }
+}
+
+/// AdamW's state and the sharded update's buffers for `p` trained
+/// parameters held in `weight_bytes` each, on one of `ranks` ranks.
+fn optimizer_bytes(p: u64, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, weight_bytes: u64) -> (u64, u64) {
+    let share = p.div_ceil(ranks.max(1));
+    let masters = if weight_bytes < 4 { 4 * p } else { 0 };
+    match stage {
+        None => (8 * p + masters, 0),
+        // Moments and master weights of the share; a flattened bucket
+        // (float32) and the gathered bucket (in the weights' type) at a
+        // time, and the share's gradient.
+        Some(_) => (12 * share, bucket_bytes.min(4 * p) * (4 + weight_bytes) / 4 + 4 * share),
     }
 }
 
@@ -179,13 +184,7 @@ pub fn lora_parameters(c: &ModelConfig, r: u64) -> u64 {
 /// still runs through every layer).
 pub fn lora_rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, weight_bytes: u64, r: u64) -> RankBytes {
     let a = lora_parameters(c, r);
-    let ranks = ranks.max(1);
-    let share = a.div_ceil(ranks);
-    let masters = if weight_bytes < 4 { 4 * a } else { 0 };
-    let (optimizer, buffers) = match stage {
-        None => (8 * a + masters, 0),
-        Some(_) => (12 * share, bucket_bytes.min(4 * a) * (4 + weight_bytes) / 4 + 4 * share),
-    };
+    let (optimizer, buffers) = optimizer_bytes(a, ranks, stage, bucket_bytes, weight_bytes);
     RankBytes {
         weights: weight_bytes * (parameters(c) + a),
         reference: 0,
