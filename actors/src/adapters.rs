@@ -241,7 +241,9 @@ impl Train for PolicyTrainer {
 
     fn weights(&self) -> BackendResult<Arc<WeightSet>> {
         let _guard = tch::no_grad_guard();
-        // The merged weights are new tensors already; plain parameters are copied.
+        // Merged weights are new tensors, and the rest of a LoRA model is its
+        // frozen base, which training never writes: neither needs a copy.
+        // A whole model's parameters are copied (the next step writes them).
         let adapters = self.learner.policy().has_adapters();
         let tensors = self.learner.policy().published().into_iter().map(|(name, t)| (name, if adapters { t } else { t.copy() })).collect();
         Ok(WeightSet::new(PolicyVersion(self.version), tensors))
