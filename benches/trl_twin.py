@@ -129,6 +129,8 @@ def run_prism(args, data_path, work):
     cmd = [str(REPO / "target/release/prism"), "train", "--config", str(REPO / "configs/trl-twin.toml"),
            "--set", f"model.source={args.model}", "--set", f"task.jsonl.train={data_path}", "--set", f"run.dir={run_dir}", "--set", f"train.steps={args.steps}",
            "--set", f"train.threads={args.threads}", "--set", f"run.seed={args.seed}"]
+    for kv in args.prism_set:
+        cmd += ["--set", kv]
     before = set(run_dir.glob("*")) if run_dir.exists() else set()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     (run,) = set(run_dir.glob("*")) - before - {run_dir / "cache"}
@@ -156,6 +158,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
+    p.add_argument("--prism-set", action="append", default=[], metavar="KEY=VALUE", help="an override for prism's runs (repeatable)")
+    p.add_argument("--sides", default="prism,trl", help="which to run (comma-separated)")
     p.add_argument("--model", help="(internal) the HF folder both sides load")
     args = p.parse_args()
     if args.mode == "_trl":
@@ -175,17 +179,19 @@ def main():
     data.write_text("".join(json.dumps(r) + "\n" for r in problems(args.steps * 8, args.seed)))
     results = {"prism": [], "trl": []}
     for r in range(args.rounds):
-        for side in ("prism", "trl"):
+        for side in [s for s in ("prism", "trl") if s in args.sides.split(",")]:
             out = run_prism(args, data, work) if side == "prism" else run_trl(args, None, work / f"trl-{r}.json")
             step = median_after(out["step_s"], args.skip)
             gen = median_after(out["generate_s"], args.skip)
             upd = median_after(out["train_s"], args.skip) if side == "prism" else step - gen
             results[side].append((step, gen, upd))
             print(f"round {r + 1} {side:<6} step {step:7.2f} s   generation {gen:6.2f} s   update {upd:6.2f} s", flush=True)
-    med = {s: [statistics.median(x[i] for x in v) for i in range(3)] for s, v in results.items()}
+    med = {s: [statistics.median(x[i] for x in v) for i in range(3)] for s, v in results.items() if v}
     print(f"\nmedians over {args.rounds} rounds, {args.steps} steps each ({args.skip} left out), {args.threads} threads:")
-    for s in ("prism", "trl"):
+    for s in med:
         print(f"  {s:<6} step {med[s][0]:7.2f} s   generation {med[s][1]:6.2f} s   update {med[s][2]:6.2f} s")
+    if len(med) < 2:
+        return
     print(f"  TRL / prism step time: {med['trl'][0] / med['prism'][0]:.2f}x "
           f"(generation {med['trl'][1] / med['prism'][1]:.2f}x, update {med['trl'][2] / med['prism'][2]:.2f}x)")
 

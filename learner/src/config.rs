@@ -133,6 +133,13 @@ pub struct Config {
     /// token; the output layer runs twice. 0 = the whole window at once.
     /// Same loss and gradients. Default 0.
     pub logit_chunk: u32,
+    /// Rows of a micro-batch that share their prompt (a group's samples)
+    /// run it once: the prompt's pass, then the completions attending to its
+    /// keys and values, instead of the prompt once per row. The update's rows
+    /// are put in micro-batches by prompt first. Same loss and gradients
+    /// (up to the order of sums); not with `checkpoint_activations`, which
+    /// keeps the per-row pass. Default false.
+    pub share_prompts: bool,
     /// `[learner.lora]`: train LoRA adapters (`rank`, `alpha`, `dropout`,
     /// `targets`) over the frozen model instead of the whole model; the
     /// optimizer holds state for the adapters only, rollouts run merged
@@ -194,6 +201,7 @@ impl Default for Config {
             bf16_cpu: false,
             checkpoint_activations: false,
             logit_chunk: 0,
+            share_prompts: false,
             lora: None,
             keep_checkpoints: 3,
             max_staleness: 0,

@@ -41,6 +41,14 @@ pub trait Policy {
         Ok(hidden.shallow_clone())
     }
 
+    /// [`Policy::hidden_window`] of rows that all begin with one `prompt`
+    /// `[1, P]` and go on with `completions` `[B, C]` (right-padded), at the
+    /// window `(P - 1, C)`, with the prompt computed once; `None` where the
+    /// model cannot (the learner then runs the padded rows).
+    fn hidden_shared_prompt(&self, _prompt: &Tensor, _completions: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// The loss `loss_of(hidden)` of `input_ids` (`hidden`: the
     /// [`Policy::hidden_window`] of the positions `window.0..window.0 +
     /// window.1`, which [`Policy::head`] makes logits), backpropagated into the
@@ -243,6 +251,10 @@ impl Policy for prism_model::Transformer {
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(prism_model::Transformer::head_logits(self, hidden))
+    }
+
+    fn hidden_shared_prompt(&self, prompt: &Tensor, completions: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(prism_model::Transformer::hidden_shared_prompt(self, prompt, completions)))
     }
 
     fn var_store(&self) -> &nn::VarStore {

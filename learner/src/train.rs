@@ -655,9 +655,13 @@ impl<P: Policy> Learner<P> {
         let mut sums = Sums::default();
         let (rank, world) = self.rank();
         let mine = &indices[shard(indices.len(), rank, world)];
-        for micro in mine.chunks(self.config.micro_batch_size as usize) {
+        let share = self.config.share_prompts && !self.config.checkpoint_activations;
+        // With shared prompts, the rows of one prompt are micro-batched together.
+        let runs: Vec<Vec<usize>> = if share { by_prompt(rows, mine) } else { vec![mine.to_vec()] };
+        for micro in runs.iter().flat_map(|run| run.chunks(self.config.micro_batch_size as usize)) {
             let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
             let batch = Batch::new(&refs, device)?;
+            let shared = share && refs.len() > 1 && refs.iter().all(|r| r.prompt == refs[0].prompt);
             // The loss from the targets' log-probs and the positions' entropies.
             let loss_from = |logp: &Tensor, ent: &Tensor| -> Result<(Tensor, Sums)> {
                 match objective {
@@ -708,7 +712,17 @@ impl<P: Policy> Learner<P> {
                 })?;
                 sums.ok_or_else(|| Error::Model("the checkpointed pass computed no loss".into()))?
             } else {
-                let hidden = autocast::bf16(bf16, bf16_cpu, device, || self.policy.hidden_window(&batch.input_ids, None, batch.offset, batch.window()))?;
+                let hidden = autocast::bf16(bf16, bf16_cpu, device, || {
+                    let p = refs[0].prompt.len() as i64;
+                    let prompt = || batch.input_ids.narrow(0, 0, 1).narrow(1, 0, p);
+                    match shared {
+                        true => match self.policy.hidden_shared_prompt(&prompt(), &batch.input_ids.narrow(1, p, batch.window()))? {
+                            Some(hidden) => Ok(hidden),
+                            None => self.policy.hidden_window(&batch.input_ids, None, batch.offset, batch.window()),
+                        },
+                        false => self.policy.hidden_window(&batch.input_ids, None, batch.offset, batch.window()),
+                    }
+                })?;
                 let (loss, s) = loss_of(&hidden)?;
                 loss.f_backward()?;
                 s
@@ -953,6 +967,21 @@ impl<P: Policy> Learner<P> {
         tracing::info!(checkpoint = %path.display(), step = state.meta.step, "resumed");
         Ok(Some(Restored { path, meta: state.meta, rejected }))
     }
+}
+
+/// `indices` in runs of rows with the same prompt, each run in the order its
+/// rows come, the runs in the order of their first row.
+fn by_prompt(rows: &[Row], indices: &[usize]) -> Vec<Vec<usize>> {
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    let mut run_of: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+    for &i in indices {
+        let r = *run_of.entry(rows[i].prompt.as_slice()).or_insert_with(|| {
+            runs.push(Vec::new());
+            runs.len() - 1
+        });
+        runs[r].push(i);
+    }
+    runs
 }
 
 fn parse_seed(hex: &str) -> Option<[u8; 32]> {

@@ -283,3 +283,26 @@ fn a_loss_computed_a_few_positions_at_a_time_trains_as_the_whole_window() {
     let ((whole, whole_loss), (chunked, chunked_loss)) = (sft(0), sft(4));
     assert!(max_diff(&whole, &chunked) <= 1e-6 && (whole_loss - chunked_loss).abs() <= 1e-6, "SFT: {} {whole_loss} {chunked_loss}", max_diff(&whole, &chunked));
 }
+
+/// `learner.share_prompts`: a group's rows run their prompt once (and are
+/// micro-batched by prompt), and the update is the padded rows' one. Micro-
+/// batches of 3 from groups of 4 leave single rows (the padded path) beside
+/// shared ones, and two shuffled mini-batches mix the groups.
+#[test]
+fn shared_prompt_passes_train_as_the_padded_rows() {
+    let base = linear_adam(Config {
+        advantage: prism_learner::config::Estimator::TpGrpo,
+        kl_coef: 0.05,
+        entropy_coef: 0.01,
+        micro_batch_size: 3,
+        mini_batches: 2,
+        ..Config::default()
+    });
+    let plain = trained(&base);
+    let shared = trained(&Config { share_prompts: true, ..base.clone() });
+    let moved = max_diff(&plain, &weights(&tiny_arith(3)));
+    let diff = max_diff(&shared, &plain);
+    eprintln!("moved {moved}, shared prompts vs padded rows: {diff}");
+    assert!(moved > 1e-3);
+    assert!(diff <= 1e-5, "{diff}");
+}

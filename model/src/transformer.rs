@@ -335,8 +335,11 @@ impl Layer {
         let xn = norm(x, &self.input_norm, c);
         let decoding = cache.is_some();
         // Decoding runs the fused matrices, unless adapters ride on the
-        // projections (a LoRA model decoding itself, e.g. to evaluate).
-        let fused = decoding && self.lora.iter().all(Option::is_none);
+        // projections (a LoRA model decoding itself, e.g. to evaluate) or
+        // autograd records (completions trained over a shared prompt's keys,
+        // [`Transformer::hidden_shared_prompt`]): the fused matrices pass no
+        // gradient to the HF-named parameters.
+        let fused = decoding && self.lora.iter().all(Option::is_none) && !crate::cpu_kernels::grad_enabled();
         let ad = &self.lora;
         let (q, k, v) = if fused {
             let qkv = decode_product(&xn, &a.qkv, a.qkv_bias.as_ref(), None); // [B, T, (h + 2 hkv) hd]
@@ -696,6 +699,41 @@ impl Transformer {
         x.narrow(1, start, len)
     }
 
+    /// The hidden states of completions `[B, C]` (int64, right-padded) that
+    /// all continue one `prompt` `[1, P]`, at the positions whose logits
+    /// predict the completion tokens (`P - 1 .. P + C - 1`, `[B, C, d]`):
+    /// what [`Self::hidden_window`] gives for the padded rows `prompt +
+    /// completion` and the window `(P - 1, C)`, with the prompt computed once
+    /// instead of once a row (a GRPO group's samples share their prompt).
+    /// Each layer runs the prompt, then the completions attending to the
+    /// prompt's keys and values and their own. Differentiable.
+    pub fn hidden_shared_prompt(&self, prompt: &Tensor, completions: &Tensor) -> Tensor {
+        let c = &self.config;
+        let device = self.device();
+        let (p, (b, t)) = (prompt.size()[1], (completions.size()[0], completions.size()[1]));
+        let (hkv, hd) = (c.num_kv_heads as i64, c.head_dim as i64);
+        let (mut xp, rope_p, masks_p) = self.prepare(prompt, None);
+        let positions = (Tensor::arange(t, (Kind::Int64, device)) + p).unsqueeze(0).expand([b, t], false);
+        let (mut xc, rope_c) = self.embed_and_rope(&completions.to_device(device), &positions);
+        let mask = |window: Option<usize>| Mask::Explicit(causal(t, p, window, device).unsqueeze(0).unsqueeze(0));
+        let masks_c = Masks { full: mask(None), sliding: mask(c.sliding_window) };
+        let kind = xp.kind();
+        for layer in &self.layers {
+            // The prompt's keys and values, written by its pass (autograd records the writes).
+            let (mut kp, mut vp) = (Tensor::zeros([1, hkv, p, hd], (kind, device)), Tensor::zeros([1, hkv, p, hd], (kind, device)));
+            let (cos, sin) = rope_p.of(layer);
+            xp = layer.forward(&xp, c, cos, sin, masks_p.of(layer), Some((&mut kp, &mut vp, 0)));
+            // Every completion row reads them (their gradients add up), then its own.
+            let room = Tensor::zeros([b, hkv, t, hd], (kind, device));
+            let mut kc = Tensor::cat(&[kp.expand([b, hkv, p, hd], false), room.shallow_clone()], 2);
+            let mut vc = Tensor::cat(&[vp.expand([b, hkv, p, hd], false), room], 2);
+            let (cos, sin) = rope_c.of(layer);
+            xc = layer.forward(&xc, c, cos, sin, masks_c.of(layer), Some((&mut kc, &mut vc, p)));
+        }
+        let d = xp.size()[2];
+        Tensor::cat(&[xp.narrow(1, p - 1, 1).expand([b, 1, d], false), xc.narrow(1, 0, t - 1)], 1)
+    }
+
     /// Float32 logits `[B, T, V]` of hidden states `[B, T, d]` from
     /// [`Self::hidden_window`]: the final norm, the output layer, Gemma's soft cap.
     pub fn head_logits(&self, hidden: &Tensor) -> Tensor {
@@ -1003,6 +1041,62 @@ mod tests {
 
     fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+    }
+
+    /// Completions over a shared prompt (computed once) give the padded
+    /// rows' hidden states at the completion positions, and the same
+    /// gradients: with grouped-query attention, q/k norms, biases and a
+    /// sliding window shorter than the rows.
+    #[test]
+    fn a_shared_prompt_pass_equals_the_padded_rows() {
+        let config = ModelConfig {
+            hidden_size: 48,
+            intermediate_size: 80,
+            num_layers: 3,
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 8,
+            qkv_bias: true,
+            qk_norm: true,
+            sliding_window: Some(7),
+            ..crate::builtin::tiny_arith_config()
+        };
+        let model = Transformer::new(config, Device::Cpu, Dtype::F32, 5).unwrap();
+        let prompt = [3i64, 7, 9, 11, 4];
+        let completions: [&[i64]; 3] = [&[5, 6, 2, 8, 9, 10], &[12, 13], &[1, 2, 3, 4]];
+        let (p, c) = (prompt.len() as i64, 6i64);
+        let padded: Vec<i64> = completions.iter().flat_map(|r| prompt.iter().chain(r.iter()).copied().chain(std::iter::repeat(0)).take((p + c) as usize)).collect();
+        let padded = Tensor::from_slice(&padded).view([3, p + c]);
+        let comps = padded.narrow(1, p, c);
+        // Only positions before each row's padding count.
+        let real: Vec<f32> = completions.iter().flat_map(|r| (0..c).map(move |j| if j < r.len() as i64 { 1.0 } else { 0.0 })).collect();
+        let real = Tensor::from_slice(&real).view([3, c, 1]);
+        tch::manual_seed(3);
+        let weights = Tensor::randn([3, c, 48], (Kind::Float, Device::Cpu)) * &real;
+        let run = |hidden: Tensor| {
+            for (_, t) in model.vs.variables() {
+                let mut g = t.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            (&hidden * &weights).sum(Kind::Float).backward();
+            let mut grads: Vec<(String, Tensor)> = model.vs.variables().into_iter().map(|(n, t)| {
+                // The head's parameters get none: the hidden states stop before it.
+                let g = t.grad();
+                (n, if g.defined() { g.copy() } else { t.zeros_like() })
+            }).collect();
+            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            (hidden.detach() * &real, grads)
+        };
+        let (want, want_grads) = run(model.hidden_window(&padded, None, p - 1, c));
+        let (got, got_grads) = run(model.hidden_shared_prompt(&Tensor::from_slice(&prompt).view([1, p]), &comps));
+        let diff = relative_diff(&got, &want);
+        assert!(diff < 1e-5, "hidden states differ by {diff} (relative)");
+        for ((name, g), (_, w)) in got_grads.iter().zip(&want_grads) {
+            let d = (g - w).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "{name}: gradients differ by {d}");
+        }
     }
 
     /// The fused decode kernel against the torch path on the same model: GQA,
