@@ -143,6 +143,20 @@ pub fn flops_per_token<P: Policy>(policy: &P, layers: usize, hidden: usize, voca
     6.0 * matmul as f64 + 12.0 * (layers * hidden * seq_len) as f64
 }
 
+/// Hands freed heap memory back to the system (glibc); elsewhere nothing.
+fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only releases free memory of glibc's arenas.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 /// This process's resident memory peak over a span (Linux: `VmHWM`, reset
 /// at the start through `/proc/self/clear_refs`).
 pub struct Memory {
@@ -157,7 +171,11 @@ impl Memory {
         kib.checked_mul(1024)
     }
 
+    /// Starts a span. Memory freed before it (a previous run in the same
+    /// process) is first handed back to the system where the allocator
+    /// keeps it (glibc's `malloc_trim`), so that reusing it counts as growth.
     pub fn start() -> Self {
+        trim();
         let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
         Self { start: if reset { Self::status("VmRSS:") } else { None } }
     }
