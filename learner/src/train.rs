@@ -713,14 +713,15 @@ impl<P: Policy> Learner<P> {
                 sums.ok_or_else(|| Error::Model("the checkpointed pass computed no loss".into()))?
             } else {
                 let hidden = autocast::bf16(bf16, bf16_cpu, device, || {
+                    // The rows share their prompt: it is the first row's first P tokens.
                     let p = refs[0].prompt.len() as i64;
-                    let prompt = || batch.input_ids.narrow(0, 0, 1).narrow(1, 0, p);
-                    match shared {
-                        true => match self.policy.hidden_shared_prompt(&prompt(), &batch.input_ids.narrow(1, p, batch.window()))? {
-                            Some(hidden) => Ok(hidden),
-                            None => self.policy.hidden_window(&batch.input_ids, None, batch.offset, batch.window()),
-                        },
-                        false => self.policy.hidden_window(&batch.input_ids, None, batch.offset, batch.window()),
+                    let once = match shared {
+                        true => self.policy.hidden_shared_prompt(&batch.input_ids.narrow(0, 0, 1).narrow(1, 0, p), &batch.input_ids.narrow(1, p, batch.window()))?,
+                        false => None,
+                    };
+                    match once {
+                        Some(hidden) => Ok(hidden),
+                        None => self.policy.hidden_window(&batch.input_ids, None, batch.offset, batch.window()),
                     }
                 })?;
                 let (loss, s) = loss_of(&hidden)?;
