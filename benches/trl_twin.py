@@ -65,7 +65,7 @@ def problems(n, seed):
     return out
 
 
-def run_trl(args, rows, out_path):
+def run_trl(args, out_path):
     """One TRL run in a child process (its own threads and memory)."""
     cmd = [sys.executable, __file__, "_trl", "--model", str(args.model), "--steps", str(args.steps), "--threads", str(args.threads),
            "--seed", str(args.seed), "--out", str(out_path)]
@@ -180,7 +180,7 @@ def main():
     results = {"prism": [], "trl": []}
     for r in range(args.rounds):
         for side in [s for s in ("prism", "trl") if s in args.sides.split(",")]:
-            out = run_prism(args, data, work) if side == "prism" else run_trl(args, None, work / f"trl-{r}.json")
+            out = run_prism(args, data, work) if side == "prism" else run_trl(args, work / f"trl-{r}.json")
             step = median_after(out["step_s"], args.skip)
             gen = median_after(out["generate_s"], args.skip)
             upd = median_after(out["train_s"], args.skip) if side == "prism" else step - gen

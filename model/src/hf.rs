@@ -178,12 +178,8 @@ impl Transformer {
             gen_config.eos_token_ids = config.eos_token_ids.clone();
         }
         write_json(&dir.join("generation_config.json"), &gen_config.to_hf_json())?;
-        let vars: HashMap<String, Tensor> = self.var_store().variables();
-        let mut named: Vec<(String, Tensor)> =
-            vars.into_iter().map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
         let path = dir.join("model.safetensors");
-        write_safetensors(&named, &path)?;
+        write_safetensors(&on_cpu_by_name(self.var_store()), &path)?;
         tokenizer.save(dir)
     }
 }
@@ -191,6 +187,15 @@ impl Transformer {
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("JSON serialises");
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// The variables of `vs`, detached, contiguous on the CPU, sorted by name:
+/// what a safetensors file of them holds.
+pub(crate) fn on_cpu_by_name(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
 }
 
 /// Writes named CPU tensors as one safetensors file with `{"format": "pt"}`

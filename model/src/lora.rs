@@ -184,11 +184,6 @@ impl Transformer {
         self.lora.as_ref().map(|l| &l.vs)
     }
 
-    /// The attached adapters' configuration.
-    pub fn lora_config(&self) -> Option<&LoraConfig> {
-        self.lora.as_ref().map(|l| &l.config)
-    }
-
     /// Every parameter under its HF name, with the adapters merged into the
     /// weights they adapt (`W + s B A`, new tensors), detached: the model a
     /// rollout runs or an export writes. Without adapters, the parameters
@@ -212,10 +207,7 @@ impl Transformer {
     /// `adapter_config.json` in `dir`. Nothing without adapters.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
         let Some(lora) = &self.lora else { return Ok(()) };
-        let mut named: Vec<(String, Tensor)> =
-            lora.vs.variables().into_iter().map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        crate::hf::write_safetensors(&named, &dir.join(ADAPTER_WEIGHTS))?;
+        crate::hf::write_safetensors(&crate::hf::on_cpu_by_name(&lora.vs), &dir.join(ADAPTER_WEIGHTS))?;
         let c = &lora.config;
         // The keys PEFT 0.22's LoraConfig reads; the rest keep its defaults.
         let json = serde_json::json!({
