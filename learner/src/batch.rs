@@ -148,6 +148,82 @@ impl Batch {
     }
 }
 
+/// A micro-batch's rows end to end in one sequence, without padding
+/// (`learner.pack`): the model reads [`Packing::ids`] as separate sequences
+/// of [`Packing::lens`] ([`prism_model::Tokens::Packed`]) and returns the
+/// hidden states of the completion-predicting positions only,
+/// [`Packing::select`]; their log-probs go back to the [`Batch`]'s `[B, S]`
+/// layout ([`Packing::spread`]) for the loss, which is then the padded
+/// path's.
+#[derive(Debug)]
+pub struct Packing {
+    /// `[1, N]` int64, every row's prompt and completion, row after row.
+    pub ids: Tensor,
+    /// Each row's length, summing to `N`.
+    pub lens: Vec<i64>,
+    /// `[M]` int64: the positions of `ids` whose logits predict a completion
+    /// token, row after row (`M` the completion tokens).
+    pub select: Tensor,
+    /// `[1, M]` int64: the token each selected position predicts.
+    pub targets: Tensor,
+    /// `[M]` int64: where each selected position sits in the batch's
+    /// flattened `[B, S]`.
+    place: Tensor,
+    /// The batch's `(B, S)`.
+    shape: (i64, i64),
+}
+
+impl Packing {
+    /// The packing of `rows`, laid out as `batch` (built from the same rows).
+    pub fn new(rows: &[&Row], batch: &Batch, device: Device) -> Result<Self> {
+        let (b, s) = (batch.targets.size()[0], batch.window());
+        if rows.len() as i64 != b {
+            return Err(Error::Batch(format!("{} rows packed for a batch of {b}", rows.len())));
+        }
+        let n: usize = rows.iter().map(|r| r.prompt.len() + r.completion.len()).sum();
+        let m: usize = rows.iter().map(|r| r.completion.len()).sum();
+        let (mut ids, mut lens) = (Vec::with_capacity(n), Vec::with_capacity(rows.len()));
+        let (mut select, mut targets, mut place) = (Vec::with_capacity(m), Vec::with_capacity(m), Vec::with_capacity(m));
+        for (i, r) in rows.iter().enumerate() {
+            let at = ids.len() as i64;
+            ids.extend(r.prompt.iter().chain(&r.completion).map(|&t| t as i64));
+            lens.push((r.prompt.len() + r.completion.len()) as i64);
+            // Position p predicts token p + 1: the completion's j-th token is
+            // predicted at prompt_len - 1 + j, which sits at column
+            // prompt_len - 1 + j - offset of the batch's window.
+            let first = r.prompt.len() as i64 - 1;
+            for (j, &tok) in r.completion.iter().enumerate() {
+                select.push(at + first + j as i64);
+                targets.push(tok as i64);
+                place.push(i as i64 * s + first - batch.offset + j as i64);
+            }
+        }
+        let m = m as i64;
+        Ok(Packing {
+            ids: Tensor::from_slice(&ids).view([1, n as i64]).to_device(device),
+            lens,
+            select: Tensor::from_slice(&select).to_device(device),
+            targets: Tensor::from_slice(&targets).view([1, m]).to_device(device),
+            place: Tensor::from_slice(&place).to_device(device),
+            shape: (b, s),
+        })
+    }
+
+    /// The model's input: these sequences, the selected positions read.
+    pub fn tokens(&self) -> prism_model::Tokens<'_> {
+        prism_model::Tokens::Packed { ids: &self.ids, lens: &self.lens, select: &self.select }
+    }
+
+    /// Per-position values `[1, M]` of the selected positions in the batch's
+    /// `[B, S]` layout, zeros elsewhere (where the batch's mask is 0).
+    /// Differentiable in `values`.
+    pub fn spread(&self, values: &Tensor) -> Tensor {
+        let (b, s) = self.shape;
+        let zeros = Tensor::zeros([b * s], (values.kind(), values.device()));
+        zeros.index_put(&[Some(&self.place)], &values.reshape([-1]), false).view([b, s])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +245,18 @@ mod tests {
         assert_eq!(ids, vec![10, 11, 12, 20, 21, 30, 40, 41, 42, 0]);
         let unpadded = batch.unpad(&(batch.targets.to_kind(Kind::Float))).unwrap();
         assert_eq!(unpadded, vec![vec![20.0, 21.0], vec![40.0, 41.0, 42.0]]);
+
+        // Packed: a's 5 tokens then b's 4; a predicts from 2, 3; b from 5 + 0 .. 5 + 2.
+        let packing = Packing::new(&[&a, &b], &batch, Device::Cpu).unwrap();
+        let ids: Vec<i64> = Vec::try_from(packing.ids.view([-1])).unwrap();
+        assert_eq!(ids, vec![10, 11, 12, 20, 21, 30, 40, 41, 42]);
+        assert_eq!(packing.lens, vec![5, 4]);
+        let select: Vec<i64> = Vec::try_from(&packing.select).unwrap();
+        assert_eq!(select, vec![2, 3, 5, 6, 7]);
+        let targets: Vec<i64> = Vec::try_from(packing.targets.view([-1])).unwrap();
+        assert_eq!(targets, vec![20, 21, 40, 41, 42]);
+        // Spread back, the packed targets are the batch's (zeros under the mask's zeros).
+        let spread = packing.spread(&packing.targets.to_kind(Kind::Float));
+        assert!(spread.equal(&batch.targets.to_kind(Kind::Float)));
     }
 }

@@ -140,6 +140,12 @@ pub struct Config {
     /// (up to the order of sums); not with `checkpoint_activations`, which
     /// keeps the per-row pass. Default false.
     pub share_prompts: bool,
+    /// Train on a micro-batch's rows end to end, without padding: each row
+    /// keeps its own positions and attends within itself, and the output
+    /// layer runs at completion positions only. Same loss and gradients as
+    /// the padded rows (up to the order of sums); rows that share a prompt
+    /// under `share_prompts` take that pass instead. Default true.
+    pub pack: bool,
     /// `[learner.lora]`: train LoRA adapters (`rank`, `alpha`, `dropout`,
     /// `targets`) over the frozen model instead of the whole model; the
     /// optimizer holds state for the adapters only, rollouts run merged
@@ -202,6 +208,7 @@ impl Default for Config {
             checkpoint_activations: false,
             logit_chunk: 0,
             share_prompts: false,
+            pack: true,
             lora: None,
             keep_checkpoints: 3,
             max_staleness: 0,

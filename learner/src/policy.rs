@@ -5,6 +5,7 @@ use safetensors::tensor::{Dtype, View};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
+use prism_model::Tokens;
 use tch::{Kind, Tensor, nn};
 
 /// A trainable causal language model.
@@ -35,6 +36,23 @@ pub trait Policy {
         self.forward_window(input_ids, attention_mask, start, len)
     }
 
+    /// The hidden states of the positions `tokens` reads: rows' window
+    /// ([`Policy::hidden_window`]) or packed sequences' selected positions,
+    /// which only a model whose [`Policy::packs`] is true takes.
+    fn hidden(&self, tokens: Tokens) -> Result<Tensor> {
+        match tokens {
+            Tokens::Rows { ids, mask, window } => self.hidden_window(ids, mask, window.0, window.1),
+            Tokens::Packed { .. } => Err(Error::Model("this model takes padded rows only, not packed sequences".into())),
+        }
+    }
+
+    /// Whether [`Policy::hidden`] takes packed sequences
+    /// ([`Tokens::Packed`]): the learner then trains without padding
+    /// (`learner.pack`).
+    fn packs(&self) -> bool {
+        false
+    }
+
     /// The float32 logits `[B, n, V]` of hidden states `[B, n, ..]` from
     /// [`Policy::hidden_window`] (any `n` of its positions). Differentiable.
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -49,9 +67,8 @@ pub trait Policy {
         Ok(None)
     }
 
-    /// The loss `loss_of(hidden)` of `input_ids` (`hidden`: the
-    /// [`Policy::hidden_window`] of the positions `window.0..window.0 +
-    /// window.1`, which [`Policy::head`] makes logits), backpropagated into the
+    /// The loss `loss_of(hidden)` of `tokens` (`hidden`: their
+    /// [`Policy::hidden`], which [`Policy::head`] makes logits), backpropagated into the
     /// parameters' gradients with each decoder layer's activations recomputed
     /// in the backward pass instead of kept (`learner.checkpoint_activations`),
     /// where the model can; returns the loss, detached. The layers' forward
@@ -61,14 +78,12 @@ pub trait Policy {
     /// plain forward and backward.
     fn forward_backward_checkpointed(
         &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        window: (i64, i64),
+        tokens: Tokens,
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let mut hidden = None;
-        scope(&mut || hidden = Some(self.hidden_window(input_ids, attention_mask, window.0, window.1)));
+        scope(&mut || hidden = Some(self.hidden(tokens)));
         let hidden = hidden.ok_or_else(|| Error::Model("the scope did not run the forward pass".into()))??;
         let loss = loss_of(&hidden)?;
         loss.f_backward()?;
@@ -232,13 +247,19 @@ impl Policy for prism_model::Transformer {
 
     fn forward_backward_checkpointed(
         &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        window: (i64, i64),
+        tokens: Tokens,
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        prism_model::Transformer::forward_backward_checkpointed(self, input_ids, attention_mask, window, scope, loss_of)
+        prism_model::Transformer::forward_backward_checkpointed(self, tokens, scope, loss_of)
+    }
+
+    fn hidden(&self, tokens: Tokens) -> Result<Tensor> {
+        Ok(prism_model::Transformer::hidden(self, tokens))
+    }
+
+    fn packs(&self) -> bool {
+        true
     }
 
     fn forward_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Result<Tensor> {

@@ -4,13 +4,14 @@
 
 use crate::advantage::{DropReason, GroupAdvantages, estimate_group, flawed_positives};
 use crate::autocast;
-use crate::batch::{Batch, Row};
+use crate::batch::{Batch, Packing, Row};
 use crate::checkpoint::{self, CheckpointMeta, Restored};
 use crate::collective::{Collective, describe, shard};
 use crate::config::Config;
 use crate::loss::{LossConfig, Norm, Sums, TokenData, logprobs_and_entropy, policy_loss_of, sft_loss_of, token_logprobs};
 use crate::optim::sharded::{Layout, ShardedAdamW, Sharding, Stage};
 use crate::optim::{AdamW, AdamWConfig, lr_at};
+use prism_model::Tokens;
 use crate::policy::{Policy, load_into, named_variables, read_safetensors, write_safetensors};
 use crate::sft::TokenPair;
 use crate::{Error, Result};
@@ -609,10 +610,16 @@ impl<P: Policy> Learner<P> {
         let mine = shard(rows.len(), rank, world);
         let mut out = Vec::with_capacity(rows.len());
         let _guard = tch::no_grad_guard();
+        let pack = self.config.pack && model.packs();
         for chunk in rows[mine.clone()].chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = chunk.iter().collect();
             let batch = Batch::new(&refs, device)?;
+            let packing = if pack { Some(Packing::new(&refs, &batch, device)?) } else { None };
             let logp = autocast::bf16(self.config.bf16, self.config.bf16_cpu, device, || -> Result<Tensor> {
+                if let Some(p) = &packing {
+                    let logits = model.head(&model.hidden(p.tokens())?)?;
+                    return Ok(p.spread(&token_logprobs(&logits, &p.targets, self.config.temperature).0));
+                }
                 let window = model.forward_window(&batch.input_ids, None, batch.offset, batch.window())?;
                 Ok(token_logprobs(&window, &batch.targets, self.config.temperature).0)
             })?;
@@ -656,14 +663,29 @@ impl<P: Policy> Learner<P> {
         let (rank, world) = self.rank();
         let mine = &indices[shard(indices.len(), rank, world)];
         let share = self.config.share_prompts && !self.config.checkpoint_activations;
+        let pack = self.config.pack && self.policy.packs();
         // With shared prompts, the rows of one prompt are micro-batched together.
         let runs: Vec<Vec<usize>> = if share { by_prompt(rows, mine) } else { vec![mine.to_vec()] };
         for micro in runs.iter().flat_map(|run| run.chunks(self.config.micro_batch_size as usize)) {
             let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
             let batch = Batch::new(&refs, device)?;
             let shared = share && refs.len() > 1 && refs.iter().all(|r| r.prompt == refs[0].prompt);
+            // Without padding, the model reads the rows end to end and the
+            // head runs at their completion positions, `[1, M]`; the loss
+            // reads those in the batch's `[B, S]` layout.
+            let packing = if pack && !shared { Some(Packing::new(&refs, &batch, device)?) } else { None };
+            let head_targets = packing.as_ref().map_or(&batch.targets, |p| &p.targets);
+            let tokens = match &packing {
+                Some(p) => p.tokens(),
+                None => Tokens::Rows { ids: &batch.input_ids, mask: None, window: (batch.offset, batch.window()) },
+            };
             // The loss from the targets' log-probs and the positions' entropies.
             let loss_from = |logp: &Tensor, ent: &Tensor| -> Result<(Tensor, Sums)> {
+                let (logp, ent) = match &packing {
+                    Some(p) => (p.spread(logp), p.spread(ent)),
+                    None => (logp.shallow_clone(), ent.shallow_clone()),
+                };
+                let (logp, ent) = (&logp, &ent);
                 match objective {
                     Objective::Policy => {
                         let data = TokenData {
@@ -691,12 +713,12 @@ impl<P: Policy> Learner<P> {
             // (then a surrogate to backpropagate), else all at once.
             let loss_of = |hidden: &Tensor| -> Result<(Tensor, Sums)> {
                 if chunk > 0 {
-                    return crate::chunked::loss(hidden, &|h| policy.head(h), &scope, &batch.targets, temperature, chunk, entropy_grad, &mut |l, e| loss_from(l, e));
+                    return crate::chunked::loss(hidden, &|h| policy.head(h), &scope, head_targets, temperature, chunk, entropy_grad, &mut |l, e| loss_from(l, e));
                 }
                 let mut out = None;
                 scope(&mut || {
                     out = Some(policy.head(hidden).and_then(|logits| {
-                        let (logp, ent) = logprobs_and_entropy(&logits, &batch.targets, temperature, entropy_grad);
+                        let (logp, ent) = logprobs_and_entropy(&logits, head_targets, temperature, entropy_grad);
                         loss_from(&logp, &ent)
                     }))
                 });
@@ -704,8 +726,7 @@ impl<P: Policy> Learner<P> {
             };
             let s = if self.config.checkpoint_activations {
                 let mut sums = None;
-                let window = (batch.offset, batch.window());
-                let _loss = self.policy.forward_backward_checkpointed(&batch.input_ids, None, window, &scope, &mut |hidden| {
+                let _loss = self.policy.forward_backward_checkpointed(tokens, &scope, &mut |hidden| {
                     let (loss, s) = loss_of(hidden)?;
                     sums = Some(s);
                     Ok(loss)
@@ -721,7 +742,7 @@ impl<P: Policy> Learner<P> {
                     };
                     match once {
                         Some(hidden) => Ok(hidden),
-                        None => self.policy.hidden_window(&batch.input_ids, None, batch.offset, batch.window()),
+                        None => self.policy.hidden(tokens),
                     }
                 })?;
                 let (loss, s) = loss_of(&hidden)?;

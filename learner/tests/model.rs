@@ -116,7 +116,8 @@ fn checkpointed_vs_plain(model: &prism_model::Transformer, ids: &Tensor, mask: O
     let plain_loss = loss_of(&window).unwrap();
     plain_loss.backward();
     let plain = take_grads(model);
-    let loss = Policy::forward_backward_checkpointed(model, ids, mask, (start, len), &|f| f(), &mut |h| loss_of(&Policy::head(model, h)?)).unwrap();
+    let tokens = prism_model::Tokens::Rows { ids, mask, window: (start, len) };
+    let loss = Policy::forward_backward_checkpointed(model, tokens, &|f| f(), &mut |h| loss_of(&Policy::head(model, h)?)).unwrap();
     assert!((loss.double_value(&[]) - plain_loss.double_value(&[])).abs() < 1e-9, "the same loss");
     let checkpointed = take_grads(model);
     let largest = plain.iter().flat_map(|(_, v)| v.iter().map(|x| x.abs())).fold(0.0, f32::max);
@@ -305,4 +306,44 @@ fn shared_prompt_passes_train_as_the_padded_rows() {
     eprintln!("moved {moved}, shared prompts vs padded rows: {diff}");
     assert!(moved > 1e-3);
     assert!(diff <= 1e-5, "{diff}");
+}
+
+/// `learner.pack`: a micro-batch's rows end to end without padding train as
+/// the padded rows do (policy loss with KL to a packed-scored reference, an
+/// entropy bonus, uneven micro-batches, two mini-batches), also with
+/// recomputed layers and chunked logits, and in SFT.
+#[test]
+fn packed_rows_train_as_the_padded_rows() {
+    let base = linear_adam(Config {
+        advantage: prism_learner::config::Estimator::TpGrpo,
+        kl_coef: 0.05,
+        entropy_coef: 0.01,
+        micro_batch_size: 5,
+        mini_batches: 2,
+        pack: false,
+        ..Config::default()
+    });
+    let padded = trained(&base);
+    let moved = max_diff(&padded, &weights(&tiny_arith(3)));
+    assert!(moved > 1e-3);
+    for (name, config) in [
+        ("packed", Config { pack: true, ..base.clone() }),
+        ("packed, recomputed layers, chunked logits", Config { pack: true, checkpoint_activations: true, logit_chunk: 3, ..base.clone() }),
+    ] {
+        let diff = max_diff(&trained(&config), &padded);
+        eprintln!("moved {moved}, {name} vs padded rows: {diff}");
+        assert!(diff <= 1e-5, "{name}: {diff}");
+    }
+    let pairs: Vec<prism_learner::TokenPair> = groups(9, 2, 3)
+        .into_iter()
+        .flatten()
+        .map(|lt| prism_learner::TokenPair { prompt: lt.trajectory.prompt_tokens, completion: lt.trajectory.tokens })
+        .collect();
+    let sft = |pack: bool| {
+        let mut learner = Learner::new(Config { pack, micro_batch_size: 4, ..linear_adam(Config::default()) }, tiny_arith(3), None, 0).unwrap();
+        let stats = learner.sft_step(&pairs).unwrap();
+        (weights(learner.policy()), stats.loss)
+    };
+    let ((a, a_loss), (b, b_loss)) = (sft(false), sft(true));
+    assert!(max_diff(&a, &b) <= 1e-6 && (a_loss - b_loss).abs() <= 1e-6, "SFT: {} {a_loss} {b_loss}", max_diff(&a, &b));
 }

@@ -100,6 +100,21 @@ impl Rope {
     }
 }
 
+/// The tokens of a training pass and the positions whose hidden states it
+/// reads.
+#[derive(Clone, Copy)]
+pub enum Tokens<'a> {
+    /// Rows `[B, T]` (int64); `mask` `[B, T]` marks real tokens with 1
+    /// (`None`: plain causal attention); the positions `window.0..window.0 +
+    /// window.1` of every row, `[B, len, d]`.
+    Rows { ids: &'a Tensor, mask: Option<&'a Tensor>, window: (i64, i64) },
+    /// Sequences of lengths `lens` end to end in one row `ids` `[1, N]`
+    /// (int64, `N` their sum), without padding: each has its own positions
+    /// (from 0) and attends within itself alone. The positions `select` `[M]`
+    /// (int64, indices into the `N`), `[1, M, d]`.
+    Packed { ids: &'a Tensor, lens: &'a [i64], select: &'a Tensor },
+}
+
 /// The masks of one call: the full layers', and the sliding layers'.
 struct Masks {
     full: Mask,
@@ -245,6 +260,7 @@ fn softcapped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: 
         Mask::Causal => Some(Tensor::ones([t, s], (Kind::Bool, q.device())).tril(s - t)),
         Mask::Explicit(m) => Some(m.shallow_clone()),
         Mask::None => None,
+        Mask::Segments(_) => unreachable!("segments are split before attention"),
     };
     let scores = match allowed {
         Some(m) => scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY),
@@ -310,6 +326,11 @@ enum Mask {
     Explicit(Tensor),
     /// No mask: every query sees every key (one decode step, no padding).
     None,
+    /// Sequences packed end to end (no padding): each segment of the call's
+    /// positions, in order, attends within itself alone, by its own mask
+    /// (`Causal`, or `Explicit` `[1, 1, L, L]` for a sliding window shorter
+    /// than the segment).
+    Segments(Vec<(i64, Mask)>),
 }
 
 impl Layer {
@@ -376,9 +397,23 @@ impl Layer {
         };
         let gqa = hkv != h;
         let scale = c.gemma.as_ref().map(|g| g.query_pre_attn_scalar.powf(-0.5));
-        let y = if let Some(cap) = c.gemma.as_ref().and_then(|g| g.attn_logit_softcapping) {
-            let scale = scale.unwrap_or((hd as f64).powf(-0.5));
-            softcapped_attention(&q, &k, &v, mask, scale, cap).transpose(1, 2).reshape([b, t, h * hd])
+        let cap = c.gemma.as_ref().and_then(|g| g.attn_logit_softcapping);
+        // Attention of queries over keys under one mask, `[B, h, T, hd]`.
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask| match (cap, mask) {
+            (Some(cap), _) => softcapped_attention(q, k, v, mask, scale.unwrap_or((hd as f64).powf(-0.5)), cap),
+            (None, Mask::Causal) => Tensor::scaled_dot_product_attention(q, k, v, None::<&Tensor>, 0.0, true, scale, gqa),
+            (None, Mask::Explicit(m)) => Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, gqa),
+            (None, Mask::None) => Tensor::scaled_dot_product_attention(q, k, v, None::<&Tensor>, 0.0, false, scale, gqa),
+            (None, Mask::Segments(_)) => unreachable!("segments are split before attention"),
+        };
+        let y = if let Mask::Segments(segments) = mask {
+            // Packed sequences: each attends within itself, none across.
+            let lens: Vec<i64> = segments.iter().map(|(len, _)| *len).collect();
+            let (qs, ks, vs) = (q.split_with_sizes(&lens, 2), k.split_with_sizes(&lens, 2), v.split_with_sizes(&lens, 2));
+            let parts: Vec<Tensor> = segments.iter().enumerate().map(|(i, (_, m))| attend(&qs[i], &ks[i], &vs[i], m)).collect();
+            Tensor::cat(&parts, 2).transpose(1, 2).reshape([b, t, h * hd])
+        } else if cap.is_some() {
+            attend(&q, &k, &v, mask).transpose(1, 2).reshape([b, t, h * hd])
         } else if decoding && t == 1 && !matches!(mask, Mask::Causal) {
             // [B, hkv, h / hkv, hd]: query head i reads key/value head i / (h / hkv),
             // as transformers' repeat_kv pairs them; the mask [B, 1, 1, S] broadcasts.
@@ -389,12 +424,7 @@ impl Layer {
             };
             Tensor::scaled_dot_product_attention(&q, &k, &v, m, 0.0, false, scale, false).reshape([b, 1, h * hd])
         } else {
-            let y = match mask {
-                Mask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, true, scale, gqa),
-                Mask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
-                Mask::None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, scale, gqa),
-            };
-            y.transpose(1, 2).reshape([b, t, h * hd])
+            attend(&q, &k, &v, mask).transpose(1, 2).reshape([b, t, h * hd])
         };
         let m = &self.mlp;
         let f = m.down.size()[1];
@@ -691,12 +721,18 @@ impl Transformer {
     /// logits (a loss may run the head over a few positions at a time).
     /// Differentiable.
     pub fn hidden_window(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, start: i64, len: i64) -> Tensor {
-        let (mut x, rope, masks) = self.prepare(input_ids, attention_mask);
+        self.hidden(Tokens::Rows { ids: input_ids, mask: attention_mask, window: (start, len) })
+    }
+
+    /// The last layer's output at the positions `tokens` reads (see
+    /// [`Tokens`]), which [`Self::head_logits`] makes logits. Differentiable.
+    pub fn hidden(&self, tokens: Tokens) -> Tensor {
+        let (mut x, rope, masks) = self.prepare_tokens(tokens);
         for layer in &self.layers {
             let (cos, sin) = rope.of(layer);
             x = layer.forward(&x, &self.config, cos, sin, masks.of(layer), None);
         }
-        x.narrow(1, start, len)
+        pick(&x, tokens)
     }
 
     /// The hidden states of completions `[B, C]` (int64, right-padded) that
@@ -740,11 +776,9 @@ impl Transformer {
         self.head(hidden, false)
     }
 
-    /// [`Self::forward_window`] (positions `window.0..window.0 + window.1`)
-    /// and the backward pass of `loss_of(hidden)` in one (`hidden`: the
-    /// window's [`Self::hidden_window`], which [`Self::head_logits`] makes
-    /// logits), with
-    /// activation checkpointing: the layers run forward without keeping their
+    /// [`Self::hidden`] of `tokens` and the backward pass of
+    /// `loss_of(hidden)` in one ([`Self::head_logits`] makes `hidden`
+    /// logits), with activation checkpointing: the layers run forward without keeping their
     /// activations, only each layer's input; the backward pass recomputes one
     /// layer at a time from its input and carries the gradient down. The
     /// parameters' gradients accumulate as `loss.backward()` would leave them
@@ -758,9 +792,7 @@ impl Transformer {
     /// the loss, detached.
     pub fn forward_backward_checkpointed<E: From<tch::TchError>>(
         &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        window: (i64, i64),
+        tokens: Tokens,
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: impl FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
     ) -> std::result::Result<Tensor, E> {
@@ -771,7 +803,7 @@ impl Transformer {
         };
         let (x0, rope, masks) = {
             let mut prepared = None;
-            scope(&mut || prepared = Some(self.prepare(input_ids, attention_mask)));
+            scope(&mut || prepared = Some(self.prepare_tokens(tokens)));
             prepared.expect("the scope runs what it is given")
         };
         // Forward: each layer's input, kept without a graph.
@@ -787,7 +819,7 @@ impl Transformer {
         // The loss of the window, with the last hidden state as a leaf
         // (outside the scope: the loss runs its own forward computations in it).
         let hidden = x.set_requires_grad(true);
-        let loss = loss_of(&hidden.narrow(1, window.0, window.1))?;
+        let loss = loss_of(&pick(&hidden, tokens))?;
         loss.f_backward()?;
         let mut grad = hidden.grad();
         drop(hidden);
@@ -805,6 +837,27 @@ impl Transformer {
             (&x0 * &grad).sum(output_kind(&grad)).f_backward()?;
         }
         Ok(loss.detach())
+    }
+
+    /// [`Self::prepare`] of rows, or of packed sequences: each with its
+    /// own positions from 0 and attention within itself.
+    fn prepare_tokens(&self, tokens: Tokens) -> (Tensor, Rope, Masks) {
+        let (ids, lens) = match tokens {
+            Tokens::Rows { ids, mask, .. } => return self.prepare(ids, mask),
+            Tokens::Packed { ids, lens, .. } => (ids, lens),
+        };
+        let device = self.device();
+        let segments = |window: Option<usize>| {
+            let masks = lens.iter().map(|&len| match window {
+                Some(w) if len > w as i64 => (len, Mask::Explicit(causal(len, 0, window, device).unsqueeze(0).unsqueeze(0))),
+                _ => (len, Mask::Causal),
+            });
+            Mask::Segments(masks.collect())
+        };
+        let masks = Masks { full: segments(None), sliding: segments(self.config.sliding_window) };
+        let positions: Vec<Tensor> = lens.iter().map(|&len| Tensor::arange(len, (Kind::Int64, device))).collect();
+        let (x, rope) = self.embed_and_rope(&ids.to_device(device), &Tensor::cat(&positions, 0).unsqueeze(0));
+        (x, rope, masks)
     }
 
     /// The embedded inputs, the RoPE tables at their positions and the
@@ -987,6 +1040,14 @@ impl Transformer {
 
 /// The kind a sum of `t` is taken in: float32 for float32 and lower precisions
 /// (the gradient's surrogate loss), float64 as it is.
+/// The positions of the last layer's output `x` that `tokens` reads.
+fn pick(x: &Tensor, tokens: Tokens) -> Tensor {
+    match tokens {
+        Tokens::Rows { window: (start, len), .. } => x.narrow(1, start, len),
+        Tokens::Packed { select, .. } => x.index_select(1, &select.to_device(x.device())),
+    }
+}
+
 fn output_kind(t: &Tensor) -> Kind {
     if t.kind() == Kind::Double { Kind::Double } else { Kind::Float }
 }
@@ -1096,6 +1157,99 @@ mod tests {
         for ((name, g), (_, w)) in got_grads.iter().zip(&want_grads) {
             let d = (g - w).abs().max().double_value(&[]);
             assert!(d < 1e-5, "{name}: gradients differ by {d}");
+        }
+    }
+
+    /// Rows packed end to end give each row's own hidden states at its
+    /// completion positions, and the same gradients as the rows one at a
+    /// time: with GQA, q/k norms, biases and a sliding window shorter than
+    /// some rows; and Gemma 2's soft-capped attention with sliding layers.
+    #[test]
+    fn packed_rows_equal_each_row_alone() {
+        let llama = ModelConfig {
+            hidden_size: 48,
+            intermediate_size: 80,
+            num_layers: 3,
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 8,
+            qkv_bias: true,
+            qk_norm: true,
+            sliding_window: Some(7),
+            ..crate::builtin::tiny_arith_config()
+        };
+        let gemma = ModelConfig {
+            gemma: Some(crate::config::Gemma {
+                query_pre_attn_scalar: 8.0,
+                attn_logit_softcapping: Some(5.0),
+                final_logit_softcapping: Some(3.0),
+                sliding_layers: vec![true, false, true],
+                local_rope_theta: None,
+            }),
+            qkv_bias: false,
+            qk_norm: false,
+            tie_word_embeddings: true,
+            ..llama.clone()
+        };
+        let rows: [(&[i64], usize); 3] = [(&[3, 7, 9, 11, 4, 5, 6, 2, 8, 9, 10], 5), (&[1, 12, 13], 1), (&[2, 4, 6, 8, 1, 2, 3, 4], 4)];
+        for config in [llama, gemma] {
+            let model = Transformer::new(config, Device::Cpu, Dtype::F32, 5).unwrap();
+            let zero_grads = || {
+                for (_, t) in model.vs.variables() {
+                    let mut g = t.grad();
+                    if g.defined() {
+                        let _ = g.zero_();
+                    }
+                }
+            };
+            let grads = || {
+                let mut grads: Vec<(String, Tensor)> = model.vs.variables().into_iter().map(|(n, t)| {
+                    let g = t.grad();
+                    (n, if g.defined() { g.copy() } else { t.zeros_like() })
+                }).collect();
+                grads.sort_by(|a, b| a.0.cmp(&b.0));
+                grads
+            };
+            tch::manual_seed(3);
+            let weights: Vec<Tensor> = rows.iter().map(|(ids, p)| Tensor::randn([1, (ids.len() - p) as i64, 48], (Kind::Float, Device::Cpu))).collect();
+            // Each row alone, its completion-predicting window.
+            zero_grads();
+            let mut want = Vec::new();
+            for ((ids, p), w) in rows.iter().zip(&weights) {
+                let t = Tensor::from_slice(ids).view([1, ids.len() as i64]);
+                let hidden = model.hidden_window(&t, None, *p as i64 - 1, (ids.len() - p) as i64);
+                (&hidden * w).sum(Kind::Float).backward();
+                want.push(hidden.detach());
+            }
+            let want_grads = grads();
+            // Packed.
+            zero_grads();
+            let ids: Vec<i64> = rows.iter().flat_map(|(ids, _)| ids.iter().copied()).collect();
+            let lens: Vec<i64> = rows.iter().map(|(ids, _)| ids.len() as i64).collect();
+            let mut select = Vec::new();
+            let mut at = 0i64;
+            for (ids, p) in &rows {
+                select.extend((*p as i64 - 1..ids.len() as i64 - 1).map(|j| at + j));
+                at += ids.len() as i64;
+            }
+            let (ids, select) = (Tensor::from_slice(&ids).view([1, at]), Tensor::from_slice(&select));
+            let got = model.hidden(Tokens::Packed { ids: &ids, lens: &lens, select: &select });
+            (&got * Tensor::cat(&weights, 1)).sum(Kind::Float).backward();
+            let diff = relative_diff(&got.detach(), &Tensor::cat(&want, 1));
+            assert!(diff < 1e-5, "hidden states differ by {diff} (relative)");
+            for ((name, g), (_, w)) in grads().iter().zip(&want_grads) {
+                let d = (g - w).abs().max().double_value(&[]) / (w.abs().max().double_value(&[]) + 1e-30);
+                assert!(d < 1e-5, "{name}: gradients differ by {d} (relative)");
+            }
+            // Checkpointed, packed: the same gradients.
+            zero_grads();
+            let w = Tensor::cat(&weights, 1);
+            let tokens = Tokens::Packed { ids: &ids, lens: &lens, select: &select };
+            let _ = model.forward_backward_checkpointed::<tch::TchError>(tokens, &|f| f(), |h| Ok((h * &w).sum(Kind::Float))).unwrap();
+            for ((name, g), (_, w)) in grads().iter().zip(&want_grads) {
+                let d = (g - w).abs().max().double_value(&[]) / (w.abs().max().double_value(&[]) + 1e-30);
+                assert!(d < 1e-5, "checkpointed {name}: gradients differ by {d} (relative)");
+            }
         }
     }
 
