@@ -11,6 +11,7 @@
 
 pub mod judge_server;
 pub mod reward;
+pub mod rollout;
 pub mod train;
 
 use anyhow::{Context, bail};

@@ -81,6 +81,8 @@ pub enum BenchCommand {
     Generate(crate::bench::GenerateArgs),
     /// Training throughput against the same step in PyTorch eager.
     Train(crate::bench::train::TrainArgs),
+    /// The rollout engine on the run's task: one batch at a time against continuous batching.
+    Rollout(crate::bench::rollout::RolloutArgs),
     /// Labeling throughput against a loopback judge that answers after a fixed delay.
     Reward(crate::bench::reward::RewardArgs),
     /// A realistic OpenAI-compatible judge for benchmarks: grades arithmetic steps, flips
@@ -105,6 +107,7 @@ impl Command {
                 BenchCommand::Generate(g) => ("bench", &g.common),
                 BenchCommand::Train(t) => ("bench", &t.common),
                 BenchCommand::Reward(r) => ("bench", &r.common),
+                BenchCommand::Rollout(r) => ("bench", &r.common),
                 BenchCommand::JudgeServer(j) => ("bench", &j.common),
             },
             Command::Doctor(a) => ("doctor", a),

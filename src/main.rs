@@ -105,6 +105,7 @@ fn main() -> ExitCode {
             cli::BenchCommand::Generate(g) => exit_code(bench::generate(g, &config.model, config.run.seed)),
             cli::BenchCommand::Train(t) => exit_code(bench::train::train(t, &config.model, config.run.seed)),
             cli::BenchCommand::Reward(r) => bench::reward::reward(&config, r),
+            cli::BenchCommand::Rollout(r) => exit_code(bench::rollout::rollout(&config, r)),
             cli::BenchCommand::JudgeServer(j) => bench::judge_server::judge_server(j),
         },
         cli::Command::Report(a) => match prism_report::run(&a.run, a.out.as_deref()) {

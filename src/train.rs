@@ -58,7 +58,7 @@ pub(crate) fn attach_lora(config: &Config, model: &mut Transformer) -> Result<()
     Ok(())
 }
 
-fn task(config: &Config, tokenizer: &Tokenizer) -> Result<Task> {
+pub(crate) fn task(config: &Config, tokenizer: &Tokenizer) -> Result<Task> {
     let tok = tokenizer.clone();
     let render = move |question: &str| {
         tok.apply_chat_template(&[ChatMessage::new("user", question)], true).unwrap_or_else(|_| question.to_string())

@@ -117,3 +117,21 @@ fn a_learner_whose_redis_does_not_answer_fails_naming_it() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains(&format!("redis {url}: unreachable")), "{}", stderr(&out));
 }
+
+/// `prism bench rollout` samples the run's task both ways (one batch at a
+/// time, continuous batching) on the same prompts and prints both and their
+/// ratio.
+#[test]
+fn bench_rollout_compares_continuous_batching_with_one_batch_at_a_time() {
+    let out = prism()
+        .args(["bench", "rollout", "--prompts", "6", "--max-rows", "12", "--rounds", "1", "--threads", "1"])
+        .args(["--set", "rollout.group_size=4", "--set", "rollout.prompts_per_batch=2", "--set", "rollout.max_new_tokens=8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("builtin:tiny-arith (arithmetic), 6 prompts x 4 samples, at most 8 new tokens, 1 threads"), "{text}");
+    assert!(text.contains("one batch at a time: 2 prompts per call"), "{text}");
+    assert!(text.contains("continuous: 6 prompts per call, 12 rows"), "{text}");
+    assert!(text.contains("x samples per second"), "{text}");
+}

@@ -7,7 +7,7 @@
 //! draw of each row comes from its own ChaCha stream seeded from the request's
 //! seed, so a seed reproduces samples on any device and in any batch.
 
-use crate::{Error, Result, Tokenizer, Transformer};
+use crate::{Error, KvCache, Result, Tokenizer, Transformer};
 use prism_core::FinishReason;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -116,7 +116,23 @@ pub enum Event<'a> {
 
 /// `n` samples for each prompt, decoded with the model's tokenizer.
 pub fn generate(model: &Transformer, prompts: &[Vec<u32>], params: &SamplingParams) -> Result<Vec<Vec<Sample>>> {
-    generate_prompts(model, prompts, params, None)
+    generate_prompts(model, prompts, params, None, 0)
+}
+
+/// [`generate`] with continuous batching: at most `max_rows` rows (samples)
+/// decode at once (0: every prompt's at once), waiting prompts' samples
+/// joining the batch in the decode loop once finished rows free a quarter
+/// of it; with `at_step`, asked at every step boundary as in
+/// [`generate_stepped`]. The same samples as [`generate`] (each row draws
+/// from its own stream), up to float sums in other batch shapes.
+pub fn generate_batched(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    max_rows: usize,
+    at_step: Option<&mut StepHook<'_>>,
+) -> Result<Vec<Vec<Sample>>> {
+    generate_prompts(model, prompts, params, at_step, max_rows)
 }
 
 /// Asked when a row's newest token ends a step (its text holds a line
@@ -132,7 +148,7 @@ pub fn generate_stepped(
     params: &SamplingParams,
     at_step: &mut StepHook<'_>,
 ) -> Result<Vec<Vec<Sample>>> {
-    generate_prompts(model, prompts, params, Some(at_step))
+    generate_prompts(model, prompts, params, Some(at_step), 0)
 }
 
 /// One request per prompt, each with its own seed mixed from `params.seed`
@@ -142,6 +158,7 @@ fn generate_prompts(
     prompts: &[Vec<u32>],
     params: &SamplingParams,
     at_step: Option<&mut StepHook<'_>>,
+    max_rows: usize,
 ) -> Result<Vec<Vec<Sample>>> {
     let tokenizer = model
         .tokenizer()
@@ -159,7 +176,7 @@ fn generate_prompts(
         return Ok(Vec::new());
     }
     check_requests(model, &requests)?;
-    tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, at_step))
+    tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, at_step, max_rows)).map(|(samples, _)| samples)
 }
 
 /// SplitMix64 of `a` combined with `b`: independent streams per (seed, index).
@@ -195,7 +212,7 @@ pub fn generate_requests(
         return Ok(Vec::new());
     }
     check_requests(model, requests)?;
-    tch::no_grad(|| run(model, tokenizer, requests, on_event, cancelled, None))
+    tch::no_grad(|| run(model, tokenizer, requests, on_event, cancelled, None, 0)).map(|(samples, _)| samples)
 }
 
 fn check_requests(model: &Transformer, requests: &[Request]) -> Result<()> {
@@ -216,6 +233,66 @@ fn check_requests(model: &Transformer, requests: &[Request]) -> Result<()> {
     Ok(())
 }
 
+/// Prefills the prompts of `requests[take]` together (left-padded to one
+/// length, logits of the last position only) into a cache with room for
+/// `room` more positions, and repeats each prompt's cache rows and logits for
+/// its `n` samples.
+fn prefill(model: &Transformer, requests: &[Request], take: &[usize], room: usize) -> Result<(KvCache, Tensor)> {
+    let device = model.device();
+    let pad = model.config().pad_token_id.unwrap_or(0) as i64;
+    let prompt_len = take.iter().map(|&i| requests[i].prompt.len()).max().unwrap_or(0);
+    let p = take.len() as i64;
+    let mut ids = vec![pad; take.len() * prompt_len];
+    let mut mask = vec![0i64; take.len() * prompt_len];
+    for (k, &i) in take.iter().enumerate() {
+        let r = &requests[i];
+        let off = k * prompt_len + prompt_len - r.prompt.len();
+        for (j, &t) in r.prompt.iter().enumerate() {
+            ids[off + j] = t as i64;
+            mask[off + j] = 1;
+        }
+    }
+    let padded = take.iter().any(|&i| requests[i].prompt.len() != prompt_len);
+    let ids = Tensor::from_slice(&ids).view([p, prompt_len as i64]).to_device(device);
+    let mask = padded.then(|| Tensor::from_slice(&mask).view([p, prompt_len as i64]).to_device(device));
+    let mut cache = model.new_cache(take.len(), prompt_len + room);
+    let logits = model.forward_cached(&ids, mask.as_ref(), &mut cache, true)?.squeeze_dim(1);
+    let expand: Vec<i64> = take.iter().enumerate().flat_map(|(k, &i)| std::iter::repeat_n(k as i64, requests[i].params.n)).collect();
+    if expand.iter().enumerate().all(|(j, &k)| j as i64 == k) {
+        return Ok((cache, logits));
+    }
+    cache.select_rows(&expand);
+    Ok((cache, logits.index_select(0, &Tensor::from_slice(&expand).to_device(device))))
+}
+
+/// The requests to start now: those next in the queue whose rows fit beside
+/// `running` rows within `max_rows` (0: no limit), in order; at least one when
+/// nothing runs.
+fn admit(queue: &mut std::collections::VecDeque<usize>, requests: &[Request], running: usize, max_rows: usize) -> Vec<usize> {
+    let mut take = Vec::new();
+    let mut rows = running;
+    while let Some(&i) = queue.front() {
+        let n = requests[i].params.n;
+        if max_rows > 0 && rows + n > max_rows && rows > 0 {
+            break;
+        }
+        take.push(i);
+        rows += n;
+        queue.pop_front();
+    }
+    take
+}
+
+/// [`generate_requests`]' loop. With `max_rows` above 0 (continuous
+/// batching), at most that many rows decode at once (a request with more
+/// samples runs alone): requests start in order as rows finish and make
+/// room (once a quarter of the rows is free, so that a join's prefill and
+/// cache copy serve several requests), their prompts prefilled apart and
+/// their rows joined to the batch in the same decode loop, so the batch
+/// stays full while requests wait. Each
+/// row draws from its own stream, so a row's tokens do not depend on which
+/// rows it ran beside (up to float sums in other batch shapes). Returns the
+/// samples and how many times requests joined rows already decoding.
 fn run(
     model: &Transformer,
     tokenizer: &Tokenizer,
@@ -223,17 +300,18 @@ fn run(
     on_event: &mut dyn FnMut(Event),
     cancelled: &dyn Fn(usize) -> bool,
     mut at_step: Option<&mut StepHook<'_>>,
-) -> Result<Vec<Vec<Sample>>> {
+    max_rows: usize,
+) -> Result<(Vec<Vec<Sample>>, usize)> {
     // Whether a token's text holds a line break, per token id met.
     let mut ends_step: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
     let device = model.device();
-    let prompt_len = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let max_new = requests.iter().map(|r| r.params.max_new_tokens).max().unwrap_or(0);
-    let pad = model.config().pad_token_id.unwrap_or(0) as i64;
 
     let mut rows: Vec<Row> = Vec::new();
-    let mut expand: Vec<i64> = Vec::new();
+    // The index in `rows` of each request's first row.
+    let mut first_row: Vec<usize> = Vec::with_capacity(requests.len());
     for (i, r) in requests.iter().enumerate() {
+        first_row.push(rows.len());
         for s in 0..r.params.n {
             rows.push(Row {
                 request: i,
@@ -244,89 +322,94 @@ fn run(
                 top: Vec::new(),
                 finish: None,
             });
-            expand.push(i as i64);
         }
     }
-    if max_new > 0 {
-        // Prefill: prompts left-padded to one length, logits of the last position only.
-        let p = requests.len() as i64;
-        let mut ids = vec![pad; requests.len() * prompt_len];
-        let mut mask = vec![0i64; requests.len() * prompt_len];
-        for (i, r) in requests.iter().enumerate() {
-            let off = i * prompt_len + prompt_len - r.prompt.len();
-            for (j, &t) in r.prompt.iter().enumerate() {
-                ids[off + j] = t as i64;
-                mask[off + j] = 1;
+    let mut queue: std::collections::VecDeque<usize> = if max_new > 0 { (0..requests.len()).collect() } else { Default::default() };
+    let mut batch: Option<(KvCache, Tensor)> = None;
+    // active[k] = index into `rows` of batch row k.
+    let mut active: Vec<usize> = Vec::new();
+    let mut joins = 0;
+    // Decode steps and the rows they ran, for the trace.
+    let (mut steps, mut row_steps) = (0usize, 0usize);
+    loop {
+        // Requests that fit start: prefilled apart, their rows joined to the batch.
+        // Joining costs a prefill and a copy of the cache: rows join a running
+        // batch once a quarter of it is free (or nothing runs), several at once.
+        let free = max_rows.saturating_sub(active.len());
+        let take = if active.is_empty() || free >= (max_rows / 4).max(1) { admit(&mut queue, requests, active.len(), max_rows) } else { Vec::new() };
+        if !take.is_empty() {
+            active.extend(take.iter().flat_map(|&i| first_row[i]..first_row[i] + requests[i].params.n));
+            // Room for the most tokens any row of the batch may still add.
+            let room = active.iter().map(|&r| requests[rows[r].request].params.max_new_tokens.saturating_sub(rows[r].tokens.len())).max().unwrap_or(0);
+            // Joining rows are copied into a cache with that room; a new batch is their own.
+            let (cache, logits) = prefill(model, requests, &take, if batch.is_none() { room } else { 0 })?;
+            batch = Some(match batch.take() {
+                None => (cache, logits),
+                Some((mut running, before)) => {
+                    joins += 1;
+                    running.append(&cache, room);
+                    (running, Tensor::cat(&[before, logits], 0))
+                }
+            });
+        }
+        let Some((cache, logits)) = batch.as_mut() else { break };
+        steps += 1;
+        row_steps += active.len();
+        let picks = sample_step(logits, &active, &mut rows, requests)?;
+        let mut any_done = false;
+        for (k, pick) in picks.into_iter().enumerate() {
+            let row = &mut rows[active[k]];
+            let params = &requests[row.request].params;
+            row.tokens.push(pick.token);
+            row.logprobs.push(pick.logprob);
+            if let Some(t) = pick.top {
+                row.top.push(t);
+            }
+            on_event(Event::Token { request: row.request, sample: row.sample, tokens: &row.tokens });
+            let finish = if params.eos.contains(&pick.token) {
+                Some(prism_core::FinishReason::Eos)
+            } else if !params.stop.is_empty() && contains_stop(tokenizer, &row.tokens, &params.stop)? {
+                Some(FinishReason::Stop)
+            } else if row.tokens.len() >= params.max_new_tokens {
+                Some(FinishReason::Length)
+            } else if let Some(hook) = at_step.as_deref_mut()
+                && *ends_step.entry(pick.token).or_insert_with(|| tokenizer.token_text(pick.token).contains('\n'))
+                && hook(row.request, row.sample, &row.tokens)
+            {
+                Some(FinishReason::Rejected)
+            } else {
+                None
+            };
+            if let Some(f) = finish {
+                row.finish = Some(f);
+                any_done = true;
+                on_event(Event::Finished { request: row.request, sample: row.sample, finish: f });
             }
         }
-        let padded = requests.iter().any(|r| r.prompt.len() != prompt_len);
-        let ids = Tensor::from_slice(&ids).view([p, prompt_len as i64]).to_device(device);
-        let mask = padded.then(|| Tensor::from_slice(&mask).view([p, prompt_len as i64]).to_device(device));
-        let mut cache = model.new_cache(requests.len(), prompt_len + max_new);
-        let logits = model.forward_cached(&ids, mask.as_ref(), &mut cache, true)?.squeeze_dim(1);
-        let identity = expand.iter().enumerate().all(|(i, &r)| i as i64 == r);
-        let mut logits = if identity {
-            logits
-        } else {
-            cache.select_rows(&expand);
-            logits.index_select(0, &Tensor::from_slice(&expand).to_device(device))
-        };
-        // active[k] = index into `rows` of batch row k.
-        let mut active: Vec<usize> = (0..rows.len()).collect();
-        loop {
-            let picks = sample_step(&logits, &active, &mut rows, requests)?;
-            let mut any_done = false;
-            for (k, pick) in picks.into_iter().enumerate() {
-                let row = &mut rows[active[k]];
-                let params = &requests[row.request].params;
-                row.tokens.push(pick.token);
-                row.logprobs.push(pick.logprob);
-                if let Some(t) = pick.top {
-                    row.top.push(t);
-                }
-                on_event(Event::Token { request: row.request, sample: row.sample, tokens: &row.tokens });
-                let finish = if params.eos.contains(&pick.token) {
-                    Some(prism_core::FinishReason::Eos)
-                } else if !params.stop.is_empty() && contains_stop(tokenizer, &row.tokens, &params.stop)? {
-                    Some(FinishReason::Stop)
-                } else if row.tokens.len() >= params.max_new_tokens {
-                    Some(FinishReason::Length)
-                } else if let Some(hook) = at_step.as_deref_mut()
-                    && *ends_step.entry(pick.token).or_insert_with(|| tokenizer.token_text(pick.token).contains('\n'))
-                    && hook(row.request, row.sample, &row.tokens)
-                {
-                    Some(FinishReason::Rejected)
-                } else {
-                    None
-                };
-                if let Some(f) = finish {
-                    row.finish = Some(f);
-                    any_done = true;
-                    on_event(Event::Finished { request: row.request, sample: row.sample, finish: f });
-                }
+        for &r in &active {
+            let row = &mut rows[r];
+            if row.finish.is_none() && cancelled(row.request) {
+                row.finish = Some(FinishReason::Length);
+                any_done = true;
             }
-            for &r in &active {
-                let row = &mut rows[r];
-                if row.finish.is_none() && cancelled(row.request) {
-                    row.finish = Some(FinishReason::Length);
-                    any_done = true;
-                }
-            }
-            let keep: Vec<i64> =
-                (0..active.len()).filter(|&k| rows[active[k]].finish.is_none()).map(|k| k as i64).collect();
-            if keep.is_empty() {
-                break;
-            }
-            let mut next: Vec<i64> = active.iter().map(|&r| *rows[r].tokens.last().expect("a token") as i64).collect();
-            if any_done {
-                cache.select_rows(&keep);
-                active = keep.iter().map(|&k| active[k as usize]).collect();
-                next = keep.iter().map(|&k| next[k as usize]).collect();
-            }
-            let ids = Tensor::from_slice(&next).view([active.len() as i64, 1]).to_device(device);
-            logits = model.forward_cached(&ids, None, &mut cache, true)?.squeeze_dim(1);
         }
+        let keep: Vec<i64> = (0..active.len()).filter(|&k| rows[active[k]].finish.is_none()).map(|k| k as i64).collect();
+        if keep.is_empty() {
+            // Every row finished: what the queue still holds starts a new batch.
+            active.clear();
+            batch = None;
+            continue;
+        }
+        let mut next: Vec<i64> = active.iter().map(|&r| *rows[r].tokens.last().expect("a token") as i64).collect();
+        if any_done {
+            cache.select_rows(&keep);
+            active = keep.iter().map(|&k| active[k as usize]).collect();
+            next = keep.iter().map(|&k| next[k as usize]).collect();
+        }
+        let ids = Tensor::from_slice(&next).view([active.len() as i64, 1]).to_device(device);
+        *logits = model.forward_cached(&ids, None, cache, true)?.squeeze_dim(1);
     }
+    tracing::debug!(steps, mean_rows = row_steps as f64 / steps.max(1) as f64, joins, "generated");
 
     let mut out: Vec<Vec<Sample>> = requests.iter().map(|r| Vec::with_capacity(r.params.n)).collect();
     for row in rows {
@@ -341,7 +424,7 @@ fn run(
             top_logprobs: row.top,
         });
     }
-    Ok(out)
+    Ok((out, joins))
 }
 
 fn contains_stop(tokenizer: &Tokenizer, tokens: &[u32], stop: &[String]) -> Result<bool> {
@@ -483,4 +566,61 @@ pub fn score(model: &Transformer, prompt: &[u32], completion: &[u32]) -> Result<
         let lp = logp.gather(2, &target, false).flatten(0, -1).to_device(tch::Device::Cpu);
         Ok(Vec::<f32>::try_from(lp)?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Continuous batching: with room for fewer rows than the requests
+    /// hold, requests join rows already decoding (of other lengths, left
+    /// padding on either side of the join) and every sample is the one the
+    /// whole batch at once gives: same tokens, log-probs within 1e-4, same
+    /// finish. Rows end early on eos ids and stop strings, at other times.
+    #[test]
+    fn requests_joining_a_running_batch_sample_what_one_batch_samples() {
+        let loaded = crate::load("builtin:tiny-arith", &crate::LoadOptions { seed: 21, ..Default::default() }).unwrap();
+        let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+        let texts = ["Q:1+2\n", "Q:7+3*4-2\n", "Q:9\n", "Q:12*12-100+5\n", "Q:3*3\n", "Q:40-1\n", "Q:8+8+8\n"];
+        let eos: Vec<u32> = tokenizer.encode("37", false).unwrap();
+        let requests: Vec<Request> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Request {
+                prompt: tokenizer.encode(t, true).unwrap(),
+                params: SamplingParams {
+                    n: 1 + i % 3,
+                    temperature: 1.0,
+                    max_new_tokens: 6 + 3 * i,
+                    stop: if i % 2 == 0 { vec!["5".into()] } else { Vec::new() },
+                    eos: eos.clone(),
+                    seed: 100 + i as u64,
+                    ..Default::default()
+                },
+                top_logprobs: None,
+            })
+            .collect();
+        let go = |max_rows: usize| tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, None, max_rows)).unwrap();
+        let (whole, none) = go(0);
+        assert_eq!(none, 0);
+        let mut finishes: Vec<FinishReason> = whole.iter().flatten().map(|s| s.finish).collect();
+        finishes.dedup_by_key(|f| format!("{f:?}"));
+        finishes.sort_by_key(|f| format!("{f:?}"));
+        finishes.dedup();
+        assert!(finishes.len() >= 2, "rows end in more than one way: {finishes:?}");
+        for max_rows in [2, 3, 5] {
+            let (joined, joins) = go(max_rows);
+            assert!(joins > 0, "max_rows {max_rows}: requests joined a running batch");
+            for (i, (a, b)) in whole.iter().zip(&joined).enumerate() {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    assert_eq!(x.tokens, y.tokens, "max_rows {max_rows}, request {i}");
+                    assert_eq!(x.finish, y.finish, "max_rows {max_rows}, request {i}");
+                    for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
+                        assert!((p - q).abs() < 1e-4, "max_rows {max_rows}, request {i}: {p} vs {q}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -502,6 +502,44 @@ impl KvCache {
         self.key_mask = self.key_mask.index_select(0, &idx);
         self.next_pos = self.next_pos.index_select(0, &idx);
     }
+
+    /// Appends `other`'s rows after this cache's (continuous batching: rows
+    /// prefilled apart join rows already decoding). Both are right-aligned
+    /// on the filled length, the shorter side's rows padded on the left
+    /// (masked keys, as a left-padded prefill leaves them); columns that no
+    /// row of a cache holds a real key in are dropped first. The result holds
+    /// `room` more positions after the filled ones.
+    pub fn append(&mut self, other: &KvCache, room: usize) {
+        // The first column any row holds a real key in (the filled length when none does).
+        let first = |c: &KvCache| -> i64 {
+            let any = c.key_mask.narrow(1, 0, c.len).any_dim(0, false).to_device(Device::Cpu);
+            Vec::<bool>::try_from(&any).ok().and_then(|v| v.iter().position(|&b| b)).map_or(c.len, |i| i as i64)
+        };
+        let (s1, s2) = (first(self), first(other));
+        let (l1, l2) = (self.len - s1, other.len - s2);
+        let len = l1.max(l2);
+        let capacity = len + room as i64;
+        let (b1, b2) = (self.batch() as i64, other.batch() as i64);
+        // `mine` and `theirs` `[B, .., capacity, ..]` side by side along the rows,
+        // each right-aligned at `len` along dimension `dim`.
+        let join = |mine: &Tensor, theirs: &Tensor, dim: i64| {
+            let mut size = mine.size();
+            size[0] = b1 + b2;
+            size[dim as usize] = capacity;
+            let out = Tensor::zeros(size.as_slice(), (mine.kind(), mine.device()));
+            out.narrow(0, 0, b1).narrow(dim, len - l1, l1).copy_(&mine.narrow(dim, s1, l1));
+            out.narrow(0, b1, b2).narrow(dim, len - l2, l2).copy_(&theirs.narrow(dim, s2, l2));
+            out
+        };
+        for (mine, theirs) in self.keys.iter_mut().zip(&other.keys).chain(self.values.iter_mut().zip(&other.values)) {
+            *mine = join(mine, theirs, 2);
+        }
+        self.key_mask = join(&self.key_mask, &other.key_mask, 1);
+        self.next_pos = Tensor::cat(&[&self.next_pos, &other.next_pos], 0);
+        self.dense = self.dense && other.dense && l1 == l2 && s1 == 0 && s2 == 0;
+        self.len = len;
+        self.capacity = capacity;
+    }
 }
 
 impl Transformer {

@@ -61,6 +61,15 @@ pub struct Config {
     /// still labeled and trained on, as a failure), so decoding goes to the
     /// samples still in the running. 0 = off. Default 0.
     pub reject_below: f64,
+    /// Continuous batching: at most this many samples decode at once; a
+    /// waiting prompt's group joins the running batch once finished samples
+    /// free a quarter of it (its prompt prefilled, its rows added in the
+    /// decode loop), so the batch stays nearly full until the work runs out.
+    /// The same samples as one batch. It pays where a decode step costs
+    /// about the same at any batch (a large model on a GPU) and completion
+    /// lengths vary; with `prompts_per_batch` above `max_batch_rows /
+    /// group_size`. 0 = every prompt of a batch at once. Default 0.
+    pub max_batch_rows: usize,
 }
 
 impl Default for Config {
@@ -75,6 +84,7 @@ impl Default for Config {
             top_k: 0,
             stop: Vec::new(),
             reject_below: 0.0,
+            max_batch_rows: 0,
         }
     }
 }

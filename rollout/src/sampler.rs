@@ -53,11 +53,14 @@ pub fn sample_groups(
     let started = Instant::now();
     let params = params(config, g, eos, seed);
     let samples = match reject {
-        None => engine::generate(model, &prompts, &params)?,
-        Some(reject) => engine::generate_stepped(model, &prompts, &params, &mut |request, _sample, tokens| {
-            // A completion that cannot be decoded is let through: the labeler reports it.
-            tokenizer.decode(tokens, true).is_ok_and(|text| reject(request, &text))
-        })?,
+        None => engine::generate_batched(model, &prompts, &params, config.max_batch_rows, None)?,
+        Some(reject) => {
+            let mut at_step = |request: usize, _sample: usize, tokens: &[u32]| {
+                // A completion that cannot be decoded is let through: the labeler reports it.
+                tokenizer.decode(tokens, true).is_ok_and(|text| reject(request, &text))
+            };
+            engine::generate_batched(model, &prompts, &params, config.max_batch_rows, Some(&mut at_step))?
+        }
     };
     let generate_ms = started.elapsed().as_millis() as u64;
     Ok(work

@@ -71,6 +71,12 @@ impl Assembler {
         Some(self.partial.remove(&group).map(|p| p.entries).unwrap_or_default())
     }
 
+    /// Whether `group` failed or was given up on: it is counted as dropped
+    /// whole, so members of it still in a stream are not in flight.
+    pub fn has_failed(&self, group: GroupId) -> bool {
+        self.failed.contains(&group)
+    }
+
     /// Trajectories skipped as already ingested.
     pub fn duplicates(&self) -> u64 {
         self.consumer.duplicates()

@@ -509,6 +509,18 @@ impl Loop {
                 // The buffer's entries are still in the stream, counted above.
                 n = n.saturating_sub(held);
             }
+            // Members of groups already dropped whole (failed, or given up on
+            // after dist.group_timeout_ms while these were still on their
+            // way) are counted in that drop, not again as in flight.
+            let ids = match stage {
+                "sampled stream" => self.redis.groups_in::<prism_core::Trajectory>(stream).await?.0,
+                _ => self.redis.groups_in::<prism_core::LabelResult>(stream).await?.0,
+            };
+            let counted: u64 = ids.iter().filter(|(g, _)| self.assembler.has_failed(GroupId(**g))).map(|(_, t)| t.len() as u64).sum();
+            if counted > 0 {
+                tracing::info!(stage, trajectories = counted, "members of dropped groups left in the stream; counted in their drop");
+            }
+            n = n.saturating_sub(counted);
             self.metrics.cast(MetricsMsg::InFlightAtShutdown { stage, trajectories: n })?;
         }
         Ok(())
