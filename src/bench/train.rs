@@ -160,6 +160,17 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
         s[s.len() / 2]
     };
     println!("{:<26}{:>14.1}{:>14.3}{:>14.1}", "prism", ours.tokens_per_s, median(&ours.step_seconds), gflops(ours.tokens_per_s));
+    if !cuda && !args.bf16 {
+        // The machine's own rate on the step's largest products (the MLP's), same threads.
+        let (m, k, n) = ((args.micro_batch * args.seq_len) as i64, config.hidden_size as i64, config.intermediate_size as i64);
+        let rate = matmul_rate(m, k, n);
+        println!(
+            "{:<26}{:>42.1}   prism at {:.0}% of it",
+            format!("f32 matmul {m}x{k}x{n}"),
+            rate,
+            100.0 * gflops(ours.tokens_per_s) / rate
+        );
+    }
     if let Some(r) = &reference {
         println!(
             "{:<26}{:>14.1}{:>14.3}{:>14.1}",
@@ -193,6 +204,22 @@ pub fn train(args: &TrainArgs, model_cfg: &prism_model::Config, seed: u64) -> an
         );
     }
     Ok(())
+}
+
+/// GFLOP/s of torch's float32 product `[m, k] x [k, n]` on the CPU, the
+/// best of 10 after a warm-up.
+fn matmul_rate(m: i64, k: i64, n: i64) -> f64 {
+    let a = tch::Tensor::randn([m, k], (tch::Kind::Float, tch::Device::Cpu));
+    let b = tch::Tensor::randn([k, n], (tch::Kind::Float, tch::Device::Cpu));
+    let _ = a.matmul(&b);
+    let best = (0..10)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            let _ = a.matmul(&b);
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    2.0 * (m * k * n) as f64 / best / 1e9
 }
 
 struct Reference {
