@@ -171,6 +171,9 @@ pub struct Packing {
     place: Tensor,
     /// The batch's `(B, S)`.
     shape: (i64, i64),
+    /// [`Packing::shared`]: the shared prompt's length (`lens` are then the
+    /// completions').
+    prompt: Option<i64>,
 }
 
 impl Packing {
@@ -206,12 +209,51 @@ impl Packing {
             targets: Tensor::from_slice(&targets).view([1, m]).to_device(device),
             place: Tensor::from_slice(&place).to_device(device),
             shape: (b, s),
+            prompt: None,
+        })
+    }
+
+    /// The packing of `rows` that all share their prompt: the prompt once,
+    /// then every completion ([`prism_model::Tokens::Shared`]), laid out as
+    /// `batch` (built from the same rows). Each completion's first token is
+    /// predicted from the prompt's last position, the others from its own.
+    pub fn shared(rows: &[&Row], batch: &Batch, device: Device) -> Result<Self> {
+        let (b, s) = (batch.targets.size()[0], batch.window());
+        let Some(first) = rows.first() else { return Err(Error::Batch("empty micro-batch".into())) };
+        if rows.len() as i64 != b || rows.iter().any(|r| r.prompt != first.prompt) {
+            return Err(Error::Batch("a shared packing needs the batch's rows, all with one prompt".into()));
+        }
+        let p = first.prompt.len() as i64;
+        let mut ids: Vec<i64> = first.prompt.iter().map(|&t| t as i64).collect();
+        let (mut lens, mut select, mut targets, mut place) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, r) in rows.iter().enumerate() {
+            let at = ids.len() as i64;
+            ids.extend(r.completion.iter().map(|&t| t as i64));
+            lens.push(r.completion.len() as i64);
+            for (j, &tok) in r.completion.iter().enumerate() {
+                select.push(if j == 0 { p - 1 } else { at + j as i64 - 1 });
+                targets.push(tok as i64);
+                place.push(i as i64 * s + p - 1 - batch.offset + j as i64);
+            }
+        }
+        let (n, m) = (ids.len() as i64, targets.len() as i64);
+        Ok(Packing {
+            ids: Tensor::from_slice(&ids).view([1, n]).to_device(device),
+            lens,
+            select: Tensor::from_slice(&select).to_device(device),
+            targets: Tensor::from_slice(&targets).view([1, m]).to_device(device),
+            place: Tensor::from_slice(&place).to_device(device),
+            shape: (b, s),
+            prompt: Some(p),
         })
     }
 
     /// The model's input: these sequences, the selected positions read.
     pub fn tokens(&self) -> prism_model::Tokens<'_> {
-        prism_model::Tokens::Packed { ids: &self.ids, lens: &self.lens, select: &self.select }
+        match self.prompt {
+            Some(prompt) => prism_model::Tokens::Shared { ids: &self.ids, prompt, lens: &self.lens, select: &self.select },
+            None => prism_model::Tokens::Packed { ids: &self.ids, lens: &self.lens, select: &self.select },
+        }
     }
 
     /// Per-position values `[1, M]` of the selected positions in the batch's

@@ -136,15 +136,18 @@ pub struct Config {
     /// Rows of a micro-batch that share their prompt (a group's samples)
     /// run it once: the prompt's pass, then the completions attending to its
     /// keys and values, instead of the prompt once per row. The update's rows
-    /// are put in micro-batches by prompt first. Same loss and gradients
-    /// (up to the order of sums); not with `checkpoint_activations`, which
-    /// keeps the per-row pass. Default false.
+    /// are put in micro-batches by prompt first. With `pack`, the prompt and
+    /// the completions run as one sequence without padding, each completion
+    /// attending to the prompt and itself (also with
+    /// `checkpoint_activations`); without it, the completions padded over
+    /// the prompt's keys (not with `checkpoint_activations`). Same loss and
+    /// gradients (up to the order of sums). Default false.
     pub share_prompts: bool,
     /// Train on a micro-batch's rows end to end, without padding: each row
     /// keeps its own positions and attends within itself, and the output
     /// layer runs at completion positions only. Same loss and gradients as
-    /// the padded rows (up to the order of sums); rows that share a prompt
-    /// under `share_prompts` take that pass instead. Default true.
+    /// the padded rows (up to the order of sums); with `share_prompts`, rows
+    /// of one prompt run it once in the packing. Default true.
     pub pack: bool,
     /// `[learner.lora]`: train LoRA adapters (`rank`, `alpha`, `dropout`,
     /// `targets`) over the frozen model instead of the whole model; the

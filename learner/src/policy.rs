@@ -42,7 +42,7 @@ pub trait Policy {
     fn hidden(&self, tokens: Tokens) -> Result<Tensor> {
         match tokens {
             Tokens::Rows { ids, mask, window } => self.hidden_window(ids, mask, window.0, window.1),
-            Tokens::Packed { .. } => Err(Error::Model("this model takes padded rows only, not packed sequences".into())),
+            Tokens::Packed { .. } | Tokens::Shared { .. } => Err(Error::Model("this model takes padded rows only, not packed sequences".into())),
         }
     }
 

@@ -614,7 +614,12 @@ impl<P: Policy> Learner<P> {
         for chunk in rows[mine.clone()].chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = chunk.iter().collect();
             let batch = Batch::new(&refs, device)?;
-            let packing = if pack { Some(Packing::new(&refs, &batch, device)?) } else { None };
+            let one_prompt = self.config.share_prompts && refs.len() > 1 && refs.iter().all(|r| r.prompt == refs[0].prompt);
+            let packing = match (pack, one_prompt) {
+                (true, true) => Some(Packing::shared(&refs, &batch, device)?),
+                (true, false) => Some(Packing::new(&refs, &batch, device)?),
+                (false, _) => None,
+            };
             let logp = autocast::bf16(self.config.bf16, self.config.bf16_cpu, device, || -> Result<Tensor> {
                 if let Some(p) = &packing {
                     let logits = model.head(&model.hidden(p.tokens())?)?;
@@ -662,8 +667,10 @@ impl<P: Policy> Learner<P> {
         let mut sums = Sums::default();
         let (rank, world) = self.rank();
         let mine = &indices[shard(indices.len(), rank, world)];
-        let share = self.config.share_prompts && !self.config.checkpoint_activations;
         let pack = self.config.pack && self.policy.packs();
+        // Packed, a shared prompt is one more packing (recomputed layers too);
+        // padded, its own pass (without them).
+        let share = self.config.share_prompts && (pack || !self.config.checkpoint_activations);
         // With shared prompts, the rows of one prompt are micro-batched together.
         let runs: Vec<Vec<usize>> = if share { by_prompt(rows, mine) } else { vec![mine.to_vec()] };
         for micro in runs.iter().flat_map(|run| run.chunks(self.config.micro_batch_size as usize)) {
@@ -673,7 +680,11 @@ impl<P: Policy> Learner<P> {
             // Without padding, the model reads the rows end to end and the
             // head runs at their completion positions, `[1, M]`; the loss
             // reads those in the batch's `[B, S]` layout.
-            let packing = if pack && !shared { Some(Packing::new(&refs, &batch, device)?) } else { None };
+            let packing = match (pack, shared) {
+                (true, true) => Some(Packing::shared(&refs, &batch, device)?),
+                (true, false) => Some(Packing::new(&refs, &batch, device)?),
+                (false, _) => None,
+            };
             let head_targets = packing.as_ref().map_or(&batch.targets, |p| &p.targets);
             let tokens = match &packing {
                 Some(p) => p.tokens(),
@@ -736,7 +747,7 @@ impl<P: Policy> Learner<P> {
                 let hidden = autocast::bf16(bf16, bf16_cpu, device, || {
                     // The rows share their prompt: it is the first row's first P tokens.
                     let p = refs[0].prompt.len() as i64;
-                    let once = match shared {
+                    let once = match shared && packing.is_none() {
                         true => self.policy.hidden_shared_prompt(&batch.input_ids.narrow(0, 0, 1).narrow(1, 0, p), &batch.input_ids.narrow(1, p, batch.window()))?,
                         false => None,
                     };

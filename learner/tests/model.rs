@@ -285,13 +285,14 @@ fn a_loss_computed_a_few_positions_at_a_time_trains_as_the_whole_window() {
     assert!(max_diff(&whole, &chunked) <= 1e-6 && (whole_loss - chunked_loss).abs() <= 1e-6, "SFT: {} {whole_loss} {chunked_loss}", max_diff(&whole, &chunked));
 }
 
-/// `learner.share_prompts`: a group's rows run their prompt once (and are
-/// micro-batched by prompt), and the update is the padded rows' one. Micro-
-/// batches of 3 from groups of 4 leave single rows (the padded path) beside
-/// shared ones, and two shuffled mini-batches mix the groups.
+/// `learner.share_prompts` unpacked: a group's rows run their prompt once
+/// (and are micro-batched by prompt), and the update is the padded rows' one.
+/// Micro-batches of 3 from groups of 4 leave single rows (the padded path)
+/// beside shared ones, and two shuffled mini-batches mix the groups.
 #[test]
 fn shared_prompt_passes_train_as_the_padded_rows() {
     let base = linear_adam(Config {
+        pack: false,
         advantage: prism_learner::config::Estimator::TpGrpo,
         kl_coef: 0.05,
         entropy_coef: 0.01,
@@ -329,6 +330,8 @@ fn packed_rows_train_as_the_padded_rows() {
     for (name, config) in [
         ("packed", Config { pack: true, ..base.clone() }),
         ("packed, recomputed layers, chunked logits", Config { pack: true, checkpoint_activations: true, logit_chunk: 3, ..base.clone() }),
+        ("packed over shared prompts", Config { pack: true, share_prompts: true, ..base.clone() }),
+        ("packed over shared prompts, recomputed layers", Config { pack: true, share_prompts: true, checkpoint_activations: true, ..base.clone() }),
     ] {
         let diff = max_diff(&trained(&config), &padded);
         eprintln!("moved {moved}, {name} vs padded rows: {diff}");

@@ -113,6 +113,13 @@ pub enum Tokens<'a> {
     /// (from 0) and attends within itself alone. The positions `select` `[M]`
     /// (int64, indices into the `N`), `[1, M, d]`.
     Packed { ids: &'a Tensor, lens: &'a [i64], select: &'a Tensor },
+    /// Completions of one prompt end to end after it, in one row `ids`
+    /// `[1, N]`: the prompt's `prompt` tokens, then completions of lengths
+    /// `lens`, without padding. Each completion continues the prompt (its
+    /// positions from `prompt` on) and attends to the prompt and to itself,
+    /// not to the other completions; the prompt runs once. The positions
+    /// `select` `[M]`, `[1, M, d]`.
+    Shared { ids: &'a Tensor, prompt: i64, lens: &'a [i64], select: &'a Tensor },
 }
 
 /// The masks of one call: the full layers', and the sliding layers'.
@@ -883,6 +890,7 @@ impl Transformer {
         let (ids, lens) = match tokens {
             Tokens::Rows { ids, mask, .. } => return self.prepare(ids, mask),
             Tokens::Packed { ids, lens, .. } => (ids, lens),
+            Tokens::Shared { ids, prompt, lens, .. } => return self.prepare_shared(ids, prompt, lens),
         };
         let device = self.device();
         let segments = |window: Option<usize>| {
@@ -895,6 +903,34 @@ impl Transformer {
         let masks = Masks { full: segments(None), sliding: segments(self.config.sliding_window) };
         let positions: Vec<Tensor> = lens.iter().map(|&len| Tensor::arange(len, (Kind::Int64, device))).collect();
         let (x, rope) = self.embed_and_rope(&ids.to_device(device), &Tensor::cat(&positions, 0).unsqueeze(0));
+        (x, rope, masks)
+    }
+
+    /// [`Self::prepare_tokens`] of [`Tokens::Shared`]: positions from 0
+    /// through the prompt and on from it in each completion; a query sees
+    /// the keys at or before it in its own segment and the prompt's (within
+    /// a sliding window, by position).
+    fn prepare_shared(&self, ids: &Tensor, prompt: i64, lens: &[i64]) -> (Tensor, Rope, Masks) {
+        let device = self.device();
+        let (mut segment, mut position) = (vec![0i64; prompt as usize], (0..prompt).collect::<Vec<i64>>());
+        for (i, &len) in lens.iter().enumerate() {
+            segment.extend(std::iter::repeat_n(i as i64 + 1, len as usize));
+            position.extend(prompt..prompt + len);
+        }
+        let n = position.len() as i64;
+        let (segment, position) = (Tensor::from_slice(&segment).to_device(device), Tensor::from_slice(&position).to_device(device));
+        let index = Tensor::arange(n, (Kind::Int64, device));
+        let (q, k) = (|t: &Tensor| t.unsqueeze(1), |t: &Tensor| t.unsqueeze(0));
+        let visible = k(&index).le_tensor(&q(&index)).logical_and(&k(&segment).eq_tensor(&q(&segment)).logical_or(&k(&segment).eq(0)));
+        let mask = |window: Option<usize>| {
+            let allowed = match window {
+                Some(w) => visible.logical_and(&(q(&position) - k(&position)).lt(w as i64)),
+                None => visible.shallow_clone(),
+            };
+            Mask::Explicit(allowed.unsqueeze(0).unsqueeze(0))
+        };
+        let masks = Masks { full: mask(None), sliding: mask(self.config.sliding_window) };
+        let (x, rope) = self.embed_and_rope(&ids.to_device(device), &position.unsqueeze(0));
         (x, rope, masks)
     }
 
@@ -1082,7 +1118,7 @@ impl Transformer {
 fn pick(x: &Tensor, tokens: Tokens) -> Tensor {
     match tokens {
         Tokens::Rows { window: (start, len), .. } => x.narrow(1, start, len),
-        Tokens::Packed { select, .. } => x.index_select(1, &select.to_device(x.device())),
+        Tokens::Packed { select, .. } | Tokens::Shared { select, .. } => x.index_select(1, &select.to_device(x.device())),
     }
 }
 
@@ -1278,6 +1314,41 @@ mod tests {
             for ((name, g), (_, w)) in grads().iter().zip(&want_grads) {
                 let d = (g - w).abs().max().double_value(&[]) / (w.abs().max().double_value(&[]) + 1e-30);
                 assert!(d < 1e-5, "{name}: gradients differ by {d} (relative)");
+            }
+            // One prompt's completions after it, the prompt once: each row alone's.
+            let prompt = [3i64, 7, 9, 11, 4];
+            let completions: [&[i64]; 3] = [&[5, 6, 2, 8, 9, 10], &[12, 13], &[1, 2, 3, 4]];
+            tch::manual_seed(4);
+            let shared_weights: Vec<Tensor> = completions.iter().map(|c| Tensor::randn([1, c.len() as i64, 48], (Kind::Float, Device::Cpu))).collect();
+            zero_grads();
+            let mut want_shared = Vec::new();
+            for (c, w) in completions.iter().zip(&shared_weights) {
+                let row: Vec<i64> = prompt.iter().chain(c.iter()).copied().collect();
+                let t = Tensor::from_slice(&row).view([1, row.len() as i64]);
+                let hidden = model.hidden_window(&t, None, prompt.len() as i64 - 1, c.len() as i64);
+                (&hidden * w).sum(Kind::Float).backward();
+                want_shared.push(hidden.detach());
+            }
+            let want_shared_grads = grads();
+            zero_grads();
+            let shared_ids: Vec<i64> = prompt.iter().chain(completions.iter().flat_map(|c| c.iter())).copied().collect();
+            let shared_lens: Vec<i64> = completions.iter().map(|c| c.len() as i64).collect();
+            let mut shared_select = Vec::new();
+            let mut at = prompt.len() as i64;
+            for c in &completions {
+                // The first token is predicted from the prompt's last position, the rest from the completion's own.
+                shared_select.push(prompt.len() as i64 - 1);
+                shared_select.extend(at..at + c.len() as i64 - 1);
+                at += c.len() as i64;
+            }
+            let (sids, ssel) = (Tensor::from_slice(&shared_ids).view([1, at]), Tensor::from_slice(&shared_select));
+            let got = model.hidden(Tokens::Shared { ids: &sids, prompt: prompt.len() as i64, lens: &shared_lens, select: &ssel });
+            (&got * Tensor::cat(&shared_weights, 1)).sum(Kind::Float).backward();
+            let diff = relative_diff(&got.detach(), &Tensor::cat(&want_shared, 1));
+            assert!(diff < 1e-5, "shared prompt: hidden states differ by {diff} (relative)");
+            for ((name, g), (_, w)) in grads().iter().zip(&want_shared_grads) {
+                let d = (g - w).abs().max().double_value(&[]) / (w.abs().max().double_value(&[]) + 1e-30);
+                assert!(d < 1e-5, "shared prompt {name}: gradients differ by {d} (relative)");
             }
             // Checkpointed, packed: the same gradients.
             zero_grads();
