@@ -15,6 +15,15 @@ fn linear_adam(config: Config) -> Config {
     Config { lr: 0.05, eps: 1.0, weight_decay: 0.0, grad_clip: 0.0, ..config }
 }
 
+/// SFT pairs: the samples of two groups of three.
+fn sft_pairs(seed: u64) -> Vec<prism_learner::TokenPair> {
+    groups(seed, 2, 3)
+        .into_iter()
+        .flatten()
+        .map(|lt| prism_learner::TokenPair { prompt: lt.trajectory.prompt_tokens, completion: lt.trajectory.tokens })
+        .collect()
+}
+
 fn trained(config: &Config) -> Vec<(String, Vec<f32>)> {
     let mut learner = Learner::new(config.clone(), tiny_arith(3), Some(tiny_arith(3)), 0).unwrap();
     for step in 0..2 {
@@ -271,11 +280,7 @@ fn a_loss_computed_a_few_positions_at_a_time_trains_as_the_whole_window() {
         }
     }
     // SFT.
-    let pairs: Vec<prism_learner::TokenPair> = groups(7, 2, 3)
-        .into_iter()
-        .flatten()
-        .map(|lt| prism_learner::TokenPair { prompt: lt.trajectory.prompt_tokens, completion: lt.trajectory.tokens })
-        .collect();
+    let pairs = sft_pairs(7);
     let sft = |chunk: u32| {
         let mut learner = Learner::new(Config { logit_chunk: chunk, ..linear_adam(Config::default()) }, tiny_arith(3), None, 0).unwrap();
         let stats = learner.sft_step(&pairs).unwrap();
@@ -337,11 +342,7 @@ fn packed_rows_train_as_the_padded_rows() {
         eprintln!("moved {moved}, {name} vs padded rows: {diff}");
         assert!(diff <= 1e-5, "{name}: {diff}");
     }
-    let pairs: Vec<prism_learner::TokenPair> = groups(9, 2, 3)
-        .into_iter()
-        .flatten()
-        .map(|lt| prism_learner::TokenPair { prompt: lt.trajectory.prompt_tokens, completion: lt.trajectory.tokens })
-        .collect();
+    let pairs = sft_pairs(9);
     let sft = |pack: bool| {
         let mut learner = Learner::new(Config { pack, micro_batch_size: 4, ..linear_adam(Config::default()) }, tiny_arith(3), None, 0).unwrap();
         let stats = learner.sft_step(&pairs).unwrap();

@@ -1174,17 +1174,10 @@ fn rope_tables(c: &ModelConfig, theta: f64, scaling: RopeScaling, device: Device
 mod tests {
     use super::*;
 
-    fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
-    }
-
-    /// Completions over a shared prompt (computed once) give the padded
-    /// rows' hidden states at the completion positions, and the same
-    /// gradients: with grouped-query attention, q/k norms, biases and a
-    /// sliding window shorter than the rows.
-    #[test]
-    fn a_shared_prompt_pass_equals_the_padded_rows() {
-        let config = ModelConfig {
+    /// A small model with grouped-query attention, q/k norms, biases and a
+    /// sliding window of 7.
+    fn small_config() -> ModelConfig {
+        ModelConfig {
             hidden_size: 48,
             intermediate_size: 80,
             num_layers: 3,
@@ -1195,8 +1188,20 @@ mod tests {
             qk_norm: true,
             sliding_window: Some(7),
             ..crate::builtin::tiny_arith_config()
-        };
-        let model = Transformer::new(config, Device::Cpu, Dtype::F32, 5).unwrap();
+        }
+    }
+
+    fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+    }
+
+    /// Completions over a shared prompt (computed once) give the padded
+    /// rows' hidden states at the completion positions, and the same
+    /// gradients: with grouped-query attention, q/k norms, biases and a
+    /// sliding window shorter than the rows.
+    #[test]
+    fn a_shared_prompt_pass_equals_the_padded_rows() {
+        let model = Transformer::new(small_config(), Device::Cpu, Dtype::F32, 5).unwrap();
         let prompt = [3i64, 7, 9, 11, 4];
         let completions: [&[i64]; 3] = [&[5, 6, 2, 8, 9, 10], &[12, 13], &[1, 2, 3, 4]];
         let (p, c) = (prompt.len() as i64, 6i64);
@@ -1240,18 +1245,7 @@ mod tests {
     /// some rows; and Gemma 2's soft-capped attention with sliding layers.
     #[test]
     fn packed_rows_equal_each_row_alone() {
-        let llama = ModelConfig {
-            hidden_size: 48,
-            intermediate_size: 80,
-            num_layers: 3,
-            num_heads: 6,
-            num_kv_heads: 2,
-            head_dim: 8,
-            qkv_bias: true,
-            qk_norm: true,
-            sliding_window: Some(7),
-            ..crate::builtin::tiny_arith_config()
-        };
+        let llama = small_config();
         let gemma = ModelConfig {
             gemma: Some(crate::config::Gemma {
                 query_pre_attn_scalar: 8.0,
