@@ -248,6 +248,12 @@ impl Packing {
         })
     }
 
+    /// [`Packing::shared`] when `one_prompt` (the rows share their prompt),
+    /// else [`Packing::new`].
+    pub fn of(rows: &[&Row], batch: &Batch, device: Device, one_prompt: bool) -> Result<Self> {
+        if one_prompt { Self::shared(rows, batch, device) } else { Self::new(rows, batch, device) }
+    }
+
     /// The model's input: these sequences, the selected positions read.
     pub fn tokens(&self) -> prism_model::Tokens<'_> {
         match self.prompt {

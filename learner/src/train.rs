@@ -615,11 +615,7 @@ impl<P: Policy> Learner<P> {
             let refs: Vec<&Row> = chunk.iter().collect();
             let batch = Batch::new(&refs, device)?;
             let one_prompt = self.config.share_prompts && refs.len() > 1 && refs.iter().all(|r| r.prompt == refs[0].prompt);
-            let packing = match (pack, one_prompt) {
-                (true, true) => Some(Packing::shared(&refs, &batch, device)?),
-                (true, false) => Some(Packing::new(&refs, &batch, device)?),
-                (false, _) => None,
-            };
+            let packing = if pack { Some(Packing::of(&refs, &batch, device, one_prompt)?) } else { None };
             let logp = autocast::bf16(self.config.bf16, self.config.bf16_cpu, device, || -> Result<Tensor> {
                 if let Some(p) = &packing {
                     let logits = model.head(&model.hidden(p.tokens())?)?;
@@ -680,11 +676,7 @@ impl<P: Policy> Learner<P> {
             // Without padding, the model reads the rows end to end and the
             // head runs at their completion positions, `[1, M]`; the loss
             // reads those in the batch's `[B, S]` layout.
-            let packing = match (pack, shared) {
-                (true, true) => Some(Packing::shared(&refs, &batch, device)?),
-                (true, false) => Some(Packing::new(&refs, &batch, device)?),
-                (false, _) => None,
-            };
+            let packing = if pack { Some(Packing::of(&refs, &batch, device, shared)?) } else { None };
             let head_targets = packing.as_ref().map_or(&batch.targets, |p| &p.targets);
             let tokens = match &packing {
                 Some(p) => p.tokens(),

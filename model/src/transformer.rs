@@ -1278,6 +1278,13 @@ mod tests {
                 grads.sort_by(|a, b| a.0.cmp(&b.0));
                 grads
             };
+            // Every parameter's gradient within 1e-5 of the reference's largest.
+            let same_grads = |got: &[(String, Tensor)], want: &[(String, Tensor)], what: &str| {
+                for ((name, g), (_, w)) in got.iter().zip(want) {
+                    let d = (g - w).abs().max().double_value(&[]) / (w.abs().max().double_value(&[]) + 1e-30);
+                    assert!(d < 1e-5, "{what} {name}: gradients differ by {d} (relative)");
+                }
+            };
             tch::manual_seed(3);
             let weights: Vec<Tensor> = rows.iter().map(|(ids, p)| Tensor::randn([1, (ids.len() - p) as i64, 48], (Kind::Float, Device::Cpu))).collect();
             // Each row alone, its completion-predicting window.
@@ -1305,10 +1312,7 @@ mod tests {
             (&got * Tensor::cat(&weights, 1)).sum(Kind::Float).backward();
             let diff = relative_diff(&got.detach(), &Tensor::cat(&want, 1));
             assert!(diff < 1e-5, "hidden states differ by {diff} (relative)");
-            for ((name, g), (_, w)) in grads().iter().zip(&want_grads) {
-                let d = (g - w).abs().max().double_value(&[]) / (w.abs().max().double_value(&[]) + 1e-30);
-                assert!(d < 1e-5, "{name}: gradients differ by {d} (relative)");
-            }
+            same_grads(&grads(), &want_grads, "packed");
             // One prompt's completions after it, the prompt once: each row alone's.
             let prompt = [3i64, 7, 9, 11, 4];
             let completions: [&[i64]; 3] = [&[5, 6, 2, 8, 9, 10], &[12, 13], &[1, 2, 3, 4]];
@@ -1340,19 +1344,13 @@ mod tests {
             (&got * Tensor::cat(&shared_weights, 1)).sum(Kind::Float).backward();
             let diff = relative_diff(&got.detach(), &Tensor::cat(&want_shared, 1));
             assert!(diff < 1e-5, "shared prompt: hidden states differ by {diff} (relative)");
-            for ((name, g), (_, w)) in grads().iter().zip(&want_shared_grads) {
-                let d = (g - w).abs().max().double_value(&[]) / (w.abs().max().double_value(&[]) + 1e-30);
-                assert!(d < 1e-5, "shared prompt {name}: gradients differ by {d} (relative)");
-            }
+            same_grads(&grads(), &want_shared_grads, "shared prompt");
             // Checkpointed, packed: the same gradients.
             zero_grads();
             let w = Tensor::cat(&weights, 1);
             let tokens = Tokens::Packed { ids: &ids, lens: &lens, select: &select };
             let _ = model.forward_backward_checkpointed::<tch::TchError>(tokens, &|f| f(), |h| Ok((h * &w).sum(Kind::Float))).unwrap();
-            for ((name, g), (_, w)) in grads().iter().zip(&want_grads) {
-                let d = (g - w).abs().max().double_value(&[]) / (w.abs().max().double_value(&[]) + 1e-30);
-                assert!(d < 1e-5, "checkpointed {name}: gradients differ by {d} (relative)");
-            }
+            same_grads(&grads(), &want_grads, "checkpointed");
         }
     }
 
