@@ -29,6 +29,22 @@ impl AdamWConfig {
         let bias1 = 1.0 - beta1.powi(t);
         let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         let step_size = lr / bias1;
+        if fused_cpu(value, exp_avg, exp_avg_sq, grad, |p, m, v, g| {
+            // The torch ops below, element by element in one pass (float32 scalars, as torch applies them).
+            let (decay, b1c, b2, b2c) = ((1.0 - lr * weight_decay) as f32, (1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+            let (b2s, eps, neg_step) = (bias2_sqrt as f32, eps as f32, (-step_size) as f32);
+            for i in 0..p.len() {
+                if weight_decay != 0.0 {
+                    p[i] *= decay;
+                }
+                m[i] += b1c * (g[i] - m[i]);
+                v[i] = v[i] * b2 + (g[i] * b2c) * g[i];
+                let denom = v[i].sqrt() / b2s + eps;
+                p[i] += (m[i] / denom) * neg_step;
+            }
+        }) {
+            return Ok(());
+        }
         if weight_decay != 0.0 {
             let _ = value.f_mul_scalar_(1.0 - lr * weight_decay)?;
         }
@@ -40,6 +56,56 @@ impl AdamWConfig {
         let _ = value.f_add_(&update.to_kind(value.kind()))?;
         Ok(())
     }
+}
+
+/// Runs `kernel(value, exp_avg, exp_avg_sq, grad)` over the four tensors'
+/// float32 elements on the CPU, split across torch's intra-op threads, and
+/// returns true; false (nothing run) unless all four are contiguous float32
+/// CPU tensors of one size with distinct storage. One pass where the torch
+/// ops make about ten over each parameter's state (on SmolLM2-135M an
+/// update took 0.64–0.96 s in those ops against 0.075 s in torch's own
+/// fused kernel, which tch does not expose).
+fn fused_cpu(
+    value: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    grad: &Tensor,
+    kernel: impl Fn(&mut [f32], &mut [f32], &mut [f32], &[f32]) + Sync,
+) -> bool {
+    let all = [value, exp_avg, exp_avg_sq, grad];
+    let n = value.numel();
+    if all.iter().any(|t| t.device() != tch::Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() || t.numel() != n) {
+        return false;
+    }
+    let ptrs: Vec<usize> = all.iter().map(|t| t.data_ptr() as usize).collect();
+    if (0..4).any(|i| (i + 1..4).any(|j| ptrs[i] == ptrs[j])) || ptrs.contains(&0) {
+        return false;
+    }
+    // SAFETY: four distinct contiguous float32 CPU buffers of `n` elements
+    // each (checked above), alive for the call; no other code touches them
+    // meanwhile (the caller holds the optimizer, autograd is not running).
+    let (p, m, v, g) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(ptrs[0] as *mut f32, n),
+            std::slice::from_raw_parts_mut(ptrs[1] as *mut f32, n),
+            std::slice::from_raw_parts_mut(ptrs[2] as *mut f32, n),
+            std::slice::from_raw_parts(ptrs[3] as *const f32, n),
+        )
+    };
+    let threads = (tch::get_num_threads().max(1) as usize).min(n.div_ceil(1 << 16));
+    if threads <= 1 {
+        kernel(p, m, v, g);
+        return true;
+    }
+    let chunk = n.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts = p.chunks_mut(chunk).zip(m.chunks_mut(chunk)).zip(v.chunks_mut(chunk)).zip(g.chunks(chunk));
+        for (((p, m), v), g) in parts {
+            let kernel = &kernel;
+            scope.spawn(move || kernel(p, m, v, g));
+        }
+    });
+    true
 }
 
 /// The factor `torch.nn.utils.clip_grad_norm_` scales gradients of global

@@ -100,3 +100,33 @@ fn a_bf16_parameter_steps_through_a_float32_master() {
     // A float32 parameter has no master in the state.
     assert!(opt32.state_tensors().iter().all(|(n, _)| !n.starts_with("master.")));
 }
+
+/// The one-pass CPU kernel gives what the torch ops give (they run where
+/// the kernel does not apply: here on transposed, non-contiguous copies),
+/// with and without weight decay, over several steps.
+#[test]
+fn the_fused_cpu_update_equals_the_torch_ops() {
+    tch::manual_seed(7);
+    for weight_decay in [0.0, 0.1] {
+        let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay };
+        let fresh = || [Tensor::randn([300, 257], (Kind::Float, tch::Device::Cpu)), Tensor::zeros([300, 257], (Kind::Float, tch::Device::Cpu))];
+        let [start, _] = fresh();
+        let (mut p, mut m, mut v) = (start.copy(), start.zeros_like(), start.zeros_like());
+        // The same values, stored transposed: not contiguous, so the torch ops run.
+        let t = |x: &Tensor| x.tr().contiguous().tr();
+        let (mut pt, mut mt, mut vt) = (t(&start), t(&m), t(&v));
+        assert!(!pt.is_contiguous());
+        for step in 1..=4 {
+            let g = Tensor::randn([300, 257], (Kind::Float, tch::Device::Cpu));
+            config.update(&mut p, &mut m, &mut v, &g, 1e-2, step).unwrap();
+            config.update(&mut pt, &mut mt, &mut vt, &t(&g), 1e-2, step).unwrap();
+        }
+        let moved = (&p - &start).abs().max().double_value(&[]);
+        let diff = (&p - &pt).abs().max().double_value(&[]);
+        assert!(moved > 1e-2, "{moved}");
+        // Up to a rounding of the values (an ulp of a value near 4 is 4.8e-7).
+        let largest = p.abs().max().double_value(&[]);
+        assert!(diff <= 1e-6 * largest, "weight decay {weight_decay}: {diff} (values up to {largest}) after moving {moved}");
+        assert!((&m - &mt).abs().max().double_value(&[]) <= 1e-6 && (&v - &vt).abs().max().double_value(&[]) <= 1e-6);
+    }
+}
