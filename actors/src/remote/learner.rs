@@ -251,6 +251,10 @@ struct Loop {
     /// dropped) before their Delivered report arrived, with their sizes
     /// (rare: the others are counted already and need no remembering).
     ingested: std::collections::HashMap<u64, u64>,
+    /// Groups counted at the end as partly lost (members in no stream), with
+    /// the trajectory ids that were in a stream then: members that reach a
+    /// stream afterwards were counted in that drop, not in flight.
+    lost_at_end: std::collections::HashMap<u64, std::collections::HashSet<u64>>,
     core: Core,
     control: Control,
     weights: Weights,
@@ -455,6 +459,7 @@ impl Loop {
             if present < size && !self.ingested.contains_key(&g) {
                 tracing::warn!(group = g, lost = size - present, "members of a delivered group are in no stream at the end; dropped as incomplete");
                 self.core.dropped_uncredited(DropReason::Incomplete, size - present)?;
+                self.lost_at_end.insert(g, in_streams.get(&g).cloned().unwrap_or_default());
             }
         }
         let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
@@ -511,12 +516,21 @@ impl Loop {
             }
             // Members of groups already dropped whole (failed, or given up on
             // after dist.group_timeout_ms while these were still on their
-            // way) are counted in that drop, not again as in flight.
+            // way), or counted lost just above while still being labeled,
+            // are counted in that drop, not again as in flight.
             let ids = match stage {
                 "sampled stream" => self.redis.groups_in::<prism_core::Trajectory>(stream).await?.0,
                 _ => self.redis.groups_in::<prism_core::LabelResult>(stream).await?.0,
             };
-            let counted: u64 = ids.iter().filter(|(g, _)| self.assembler.has_failed(GroupId(**g))).map(|(_, t)| t.len() as u64).sum();
+            let counted: u64 = ids
+                .iter()
+                .map(|(g, t)| match self.lost_at_end.get(g) {
+                    _ if self.assembler.has_failed(GroupId(*g)) => t.len() as u64,
+                    // Members that were in no stream when the group was counted as partly lost.
+                    Some(then) => t.difference(then).count() as u64,
+                    None => 0,
+                })
+                .sum();
             if counted > 0 {
                 tracing::info!(stage, trajectories = counted, "members of dropped groups left in the stream; counted in their drop");
             }
@@ -574,6 +588,7 @@ pub async fn run(role: LearnerRole, redis_cfg: &redis::Config, shutdown: impl Fu
         max_outstanding: max_outstanding as u64,
         reserved: 0,
         ingested: Default::default(),
+        lost_at_end: Default::default(),
         core: Core::new(trainer, plan, source.clone(), metrics.clone()),
         control: control.clone(),
         weights,
