@@ -1,7 +1,7 @@
 //! Chat templates: the Jinja `chat_template` of a tokenizer rendered with
 //! minijinja the way transformers' `apply_chat_template` renders it
-//! (`trim_blocks` and `lstrip_blocks` on, `raise_exception`, the common Python
-//! string and dict methods templates call).
+//! (`trim_blocks` and `lstrip_blocks` on, `raise_exception`, `strftime_now`,
+//! the common Python string and dict methods templates call).
 
 use crate::{Error, Result};
 use minijinja::value::{Value, ValueKind};
@@ -54,6 +54,10 @@ pub fn render(
     env.set_syntax(syntax);
     env.add_function("raise_exception", |message: String| -> std::result::Result<Value, minijinja::Error> {
         Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+    });
+    env.add_function("strftime_now", |format: String| -> std::result::Result<Value, minijinja::Error> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        strftime(&format, now).map(Value::from)
     });
     env.set_unknown_method_callback(python_method);
     let tmpl = env.template_from_str(template).map_err(|e| Error::Template(e.to_string()))?;
@@ -156,5 +160,94 @@ fn python_method(
             _ => Err(unknown()),
         },
         _ => Err(unknown()),
+    }
+}
+
+/// Python's `strftime(format)` for `seconds` since the Unix epoch, in UTC, in
+/// the C locale: what transformers' `strftime_now` gives templates (Llama 3.2
+/// dates its system prompt with `strftime_now("%d %b %Y")`). transformers reads
+/// the local clock; prism reads UTC, the same on every host.
+fn strftime(format: &str, seconds: u64) -> std::result::Result<String, minijinja::Error> {
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+    let days = (seconds / 86_400) as i64;
+    let (secs, weekday) = (seconds % 86_400, ((days + 4) % 7) as usize);
+    let (year, month, day) = civil_from_days(days);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let before: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = before[month as usize - 1] + day + u32::from(leap && month > 2);
+    let (hour, minute, second) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let Some(d) = chars.next() else {
+            return Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now({format:?}): a lone % at the end")));
+        };
+        let month_name = MONTHS[month as usize - 1];
+        let piece = match d {
+            'Y' => year.to_string(),
+            'y' => format!("{:02}", year.rem_euclid(100)),
+            'm' => format!("{month:02}"),
+            'd' => format!("{day:02}"),
+            'e' => format!("{day:2}"),
+            'j' => format!("{yday:03}"),
+            'B' => month_name.to_string(),
+            'b' | 'h' => month_name[..3].to_string(),
+            'A' => DAYS[weekday].to_string(),
+            'a' => DAYS[weekday][..3].to_string(),
+            'w' => weekday.to_string(),
+            'u' => (if weekday == 0 { 7 } else { weekday }).to_string(),
+            'H' => format!("{hour:02}"),
+            'I' => format!("{:02}", (hour + 11) % 12 + 1),
+            'p' => (if hour < 12 { "AM" } else { "PM" }).to_string(),
+            'M' => format!("{minute:02}"),
+            'S' => format!("{second:02}"),
+            'F' => format!("{year}-{month:02}-{day:02}"),
+            'T' => format!("{hour:02}:{minute:02}:{second:02}"),
+            '%' => "%".to_string(),
+            other => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now({format:?}): %{other} is not supported"),
+                ));
+            }
+        };
+        out.push_str(&piece);
+    }
+    Ok(out)
+}
+
+/// The proleptic Gregorian (year, month, day) of `days` since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strftime;
+
+    /// Expected strings from Python: `datetime.fromtimestamp(t, timezone.utc).strftime(f)`.
+    #[test]
+    fn strftime_formats_as_python_does() {
+        let f = "%Y-%m-%d %H:%M:%S|%d %b %Y|%A %a %B %j %I%p %y %e %w %u %F %T %%";
+        assert_eq!(strftime(f, 0).unwrap(), "1970-01-01 00:00:00|01 Jan 1970|Thursday Thu January 001 12AM 70  1 4 4 1970-01-01 00:00:00 %");
+        assert_eq!(strftime(f, 1_709_251_199).unwrap(), "2024-02-29 23:59:59|29 Feb 2024|Thursday Thu February 060 11PM 24 29 4 4 2024-02-29 23:59:59 %");
+        assert_eq!(strftime(f, 1_735_689_600).unwrap(), "2025-01-01 00:00:00|01 Jan 2025|Wednesday Wed January 001 12AM 25  1 3 3 2025-01-01 00:00:00 %");
+        assert_eq!(strftime(f, 1_798_675_200).unwrap(), "2026-12-31 00:00:00|31 Dec 2026|Thursday Thu December 365 12AM 26 31 4 4 2026-12-31 00:00:00 %");
+        assert!(strftime("%Q", 0).unwrap_err().to_string().contains("%Q"));
     }
 }
