@@ -38,6 +38,18 @@ if [ "${1:-}" != table ]; then
     done
   done
   echo
+  # Two in-process ranks, activations recomputed, 16 MB buckets: ZeRO-1
+  # holds every gradient; ZeRO-2 streams each layer's out of the backward pass.
+  echo "model                 ranks x micro-batch x seq   dist.shard    measured GB  planned GB  plan - measured"
+  for shard in optimizer gradients; do
+    line=$("$prism" plan --model "$tmp/smollm2-135m.json" --ranks 2 --micro-batch 8 --seq-len 256 --prompt-len 64 \
+      --checkpoint-activations --bucket-mb 16 --measure --shard $shard | grep '^measured:')
+    measured=$(sed -E 's/^measured: ([0-9.]+) GB.*/\1/' <<<"$line")
+    planned=$(sed -E 's/.*activations ([0-9.]+) GB.*/\1/' <<<"$line")
+    pct=$(sed -E 's/.*\(([-+0-9.]+%)\)$/\1/' <<<"$line")
+    printf '%-22s%-28s%-14s%12s%12s%17s\n' smollm2-135m "2 x 8 x 256 (64)" "$shard" "$measured" "$planned" "$pct"
+  done
+  echo
 fi
 
 # The table: the cheapest setting that fits each model on N x 80 GB (bf16
@@ -59,8 +71,10 @@ for m in qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b qwen3-14b llama-3.1-8b; do
       fi
       kept=($(grep '^total, activations kept' <<<"$out" | awk '{print $(NF-2), $(NF-1), $NF}'))
       recomputed=($(grep '^total, recomputed' <<<"$out" | awk '{print $(NF-2), $(NF-1), $NF}'))
-      # Cheapest first: no sharding, then sharded optimizer; activations kept, then recomputed.
-      for choice in "kept 0 none" "kept 1 optimizer" "recomputed 0 none" "recomputed 1 optimizer"; do
+      # Cheapest first: no sharding, then sharded optimizer; activations
+      # kept, then recomputed; then the gradients sharded too (ZeRO-2 frees
+      # them layer by layer only with the layers recomputed).
+      for choice in "kept 0 none" "kept 1 optimizer" "recomputed 0 none" "recomputed 1 optimizer" "recomputed 2 gradients"; do
         set -- $choice
         # One rank has nothing to shard with.
         [ "$n" = 1 ] && [ "$2" = 1 ] && continue

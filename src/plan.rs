@@ -62,10 +62,14 @@ pub struct PlanArgs {
     #[arg(long)]
     pub cpu: bool,
     /// Also train the model (random weights, on the CPU) for two steps at this
-    /// shape and print the measured peak memory beside the plan (implies --cpu;
-    /// one rank, no sharding).
+    /// shape and print the measured peak memory beside the plan (implies
+    /// --cpu). With --ranks N, N in-process ranks train together, sharding as
+    /// --shard, each its micro-batch, and the peak is set beside N ranks' plans.
     #[arg(long)]
     pub measure: bool,
+    /// The `dist.shard` setting --measure trains N ranks with.
+    #[arg(long, default_value = "none", value_parser = ["none", "optimizer", "gradients"])]
+    pub shard: String,
     /// Torch threads of --measure (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -187,7 +191,8 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
     if args.reference && args.lora.is_none() {
         row("reference model", &|(k, _)| k.reference);
     }
-    row("gradients", &|(k, _)| k.gradients);
+    row("gradients, activations kept", &|(k, _)| k.gradients);
+    row("gradients, recomputed", &|(_, r)| r.gradients);
     row("optimizer state", &|(k, _)| k.optimizer);
     row("sharded update buffers", &|(k, _)| k.buffers);
     row("activations, kept", &|(k, _)| k.activations);
@@ -211,28 +216,33 @@ pub fn run(args: &PlanArgs, seed: u64) -> anyhow::Result<()> {
         gb(weights + kv)
     );
     if args.ranks > 1 {
-        println!("sharding divides the optimizer state; prism's ZeRO-2 halves the gradient traffic, not their memory");
+        println!(
+            "sharding divides the optimizer state; ZeRO-2 (gradients) frees each layer's gradients as the backward pass makes them only with \
+             the layers recomputed (--checkpoint-activations): with activations kept, autograd holds them whole"
+        );
     }
     if args.measure {
-        measure(args, &c, &shape, prompt_len, &plans[0], seed)?;
+        let setting = settings.iter().position(|(name, _)| *name == args.shard).expect("clap checks --shard");
+        measure(args, &c, &shape, prompt_len, settings[setting].1, &plans[setting], seed)?;
     }
     Ok(())
 }
 
-/// Two train steps of `c` with random weights at `shape`, on the CPU; the
-/// peak above the loaded model beside the plan's gradients, optimizer and
-/// activations.
-fn measure(args: &PlanArgs, c: &ModelConfig, shape: &Shape, prompt_len: u64, plan: &(RankBytes, RankBytes), seed: u64) -> anyhow::Result<()> {
+/// Two train steps of `c` with random weights at `shape`, on the CPU, by
+/// `args.ranks` in-process ranks sharding as `stage`; the peak above the
+/// loaded models beside the ranks' planned gradients, optimizer state,
+/// sharded-update buffers and activations.
+fn measure(args: &PlanArgs, c: &ModelConfig, shape: &Shape, prompt_len: u64, stage: Option<Stage>, plan: &(RankBytes, RankBytes), seed: u64) -> anyhow::Result<()> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     tch::set_num_threads(threads as i32);
-    let mut model = prism_model::Transformer::new(c.clone(), tch::Device::Cpu, prism_model::Dtype::F32, seed)?;
     let lora = args.lora.map(|r| -> anyhow::Result<prism_model::LoraConfig> {
         let rank = u32::try_from(r).context("--lora")?;
         Ok(prism_model::LoraConfig { rank, alpha: 2.0 * f64::from(rank), ..Default::default() })
     });
     let lora = lora.transpose()?;
-    if let Some(l) = &lora {
-        model.attach_lora(l, seed, None)?;
+    let world = usize::try_from(args.ranks).context("--ranks")?;
+    if stage.is_some() && world < 2 {
+        bail!("--measure --shard {}: sharding needs --ranks 2 or more", args.shard);
     }
     let config = prism_learner::Config {
         advantage: prism_learner::config::Estimator::Grpo,
@@ -247,12 +257,20 @@ fn measure(args: &PlanArgs, c: &ModelConfig, shape: &Shape, prompt_len: u64, pla
         mini_batches: 1,
         checkpoint_activations: shape.checkpoint_activations,
         logit_chunk: u32::try_from(shape.logit_chunk).context("--logit-chunk")?,
-        lora,
+        lora: lora.clone(),
         ..prism_learner::Config::default()
     };
-    let mut learner = prism_learner::Learner::new(config, model, None, seed)?;
+    let mut learners = Vec::with_capacity(world);
+    for _ in 0..world {
+        let mut model = prism_model::Transformer::new(c.clone(), tch::Device::Cpu, prism_model::Dtype::F32, seed)?;
+        if let Some(l) = &lora {
+            model.attach_lora(l, seed, None)?;
+        }
+        learners.push(prism_learner::Learner::new(config.clone(), model, None, seed)?);
+    }
+    // Each rank trains its micro-batch of the group's rows.
     let spec = prism_learner::bench::Spec {
-        batch: args.micro_batch as usize,
+        batch: args.micro_batch as usize * world,
         seq_len: args.seq_len as usize,
         prompt_len: prompt_len as usize,
         steps: 1,
@@ -261,12 +279,36 @@ fn measure(args: &PlanArgs, c: &ModelConfig, shape: &Shape, prompt_len: u64, pla
         seed,
     };
     let memory = prism_learner::bench::Memory::start();
-    prism_learner::bench::run(&mut learner, &spec)?;
+    if world == 1 {
+        prism_learner::bench::run(&mut learners[0], &spec)?;
+    } else {
+        let sharding = stage.map(|stage| prism_learner::optim::sharded::Sharding { stage, bucket_bytes: args.bucket_mb.saturating_mul(1 << 20) as usize });
+        let group = prism_learner::collective::Local::group(world, std::time::Duration::from_secs(3600));
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let ranks: Vec<_> = learners
+                .iter_mut()
+                .zip(group)
+                .map(|(learner, collective)| {
+                    let spec = &spec;
+                    s.spawn(move || -> anyhow::Result<()> {
+                        learner.join_data_parallel(Box::new(collective), sharding)?;
+                        prism_learner::bench::run(learner, spec)?;
+                        Ok(())
+                    })
+                })
+                .collect();
+            for rank in ranks {
+                rank.join().map_err(|_| anyhow::anyhow!("--measure: a rank panicked"))??;
+            }
+            Ok(())
+        })?;
+    }
     let Some(measured) = memory.peak() else { bail!("--measure: this system does not report a peak resident size (/proc/self/status)") };
     let plan = if shape.checkpoint_activations { plan.1 } else { plan.0 };
-    let planned = plan.gradients + plan.optimizer + plan.activations;
+    let planned = (plan.gradients + plan.optimizer + plan.buffers + plan.activations) * args.ranks;
+    let ranks = if world == 1 { String::new() } else { format!(" of {world} ranks (dist.shard = {})", args.shard) };
     println!(
-        "measured: {} GB peak above the loaded model over two CPU steps; planned gradients + optimizer + activations {} GB ({:+.1}%)",
+        "measured: {} GB peak above the loaded model{ranks} over two CPU steps; planned gradients + optimizer + buffers + activations {} GB ({:+.1}%)",
         gb(measured),
         gb(planned),
         (planned as f64 / measured as f64 - 1.0) * 100.0

@@ -78,15 +78,40 @@ impl RankBytes {
 
 /// Trainable parameters of `c` (every weight, biases and norms included).
 pub fn parameters(c: &ModelConfig) -> u64 {
+    let (d, v) = (c.hidden_size as u64, c.vocab_size as u64);
+    v * d + c.num_layers as u64 * layer_parameters(c) + d + if c.tie_word_embeddings { 0 } else { v * d }
+}
+
+/// Parameters of one decoder layer of `c`.
+pub fn layer_parameters(c: &ModelConfig) -> u64 {
     let u = |x: usize| x as u64;
-    let (d, f, v) = (u(c.hidden_size), u(c.intermediate_size), u(c.vocab_size));
+    let (d, f) = (u(c.hidden_size), u(c.intermediate_size));
     let q = u(c.num_heads) * u(c.head_dim);
     let kv = u(c.num_kv_heads) * u(c.head_dim);
     let attention = d * q + 2 * d * kv + q * d + if c.qkv_bias { q + 2 * kv } else { 0 } + if c.o_bias { d } else { 0 };
     let mlp = 3 * d * f + if c.mlp_bias { 2 * f + d } else { 0 };
     let norms = if c.gemma.is_some() { 4 } else { 2 };
-    let layer = attention + mlp + norms * d + if c.qk_norm { 2 * u(c.head_dim) } else { 0 };
-    v * d + u(c.num_layers) * layer + d + if c.tie_word_embeddings { 0 } else { v * d }
+    attention + mlp + norms * d + if c.qk_norm { 2 * u(c.head_dim) } else { 0 }
+}
+
+/// Gradient bytes a rank holds for `p` trained parameters, `per_layer` of
+/// them in each of `layers` decoder layers, `weight_bytes` each. Autograd
+/// holds the whole gradient until the update, except with ZeRO-2 and the
+/// layers recomputed (`streamed`): then the backward pass hands each layer's
+/// gradients to the optimizer as it makes them, which reduce-scatters every
+/// bucket whose parameters all have theirs and lets them go
+/// ([`crate::optim::sharded::ShardedAdamW::take_layer`]). A rank then holds
+/// the gradients outside the layers (embedding, head, final norm: in
+/// `.grad`), the layer just handed over, and the part of the one bucket
+/// that spans it and the next layer down, waiting for that one (buckets
+/// follow the layers: [`crate::optim::sharded::Order::Layers`]). The
+/// float32 share of the sum is one of the sharded update's buffers.
+fn gradient_bytes(p: u64, per_layer: u64, layers: u64, stage: Option<Stage>, streamed: bool, bucket_bytes: u64, weight_bytes: u64) -> u64 {
+    if stage != Some(Stage::Gradients) || !streamed {
+        return weight_bytes * p;
+    }
+    let outside = p.saturating_sub(layers * per_layer);
+    weight_bytes * (outside + per_layer + bucket_bytes / 4).min(p)
 }
 
 /// Values autograd keeps per token in one decoder layer's training pass:
@@ -138,10 +163,7 @@ pub fn rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, 
     RankBytes {
         weights: weight_bytes * p,
         reference: if reference { weight_bytes * p } else { 0 },
-        // Autograd holds each rank's whole gradient, in the weights' type,
-        // until the update, ZeRO-2 included (it reduce-scatters them,
-        // halving the traffic, not the memory).
-        gradients: weight_bytes * p,
+        gradients: gradient_bytes(p, layer_parameters(c), c.num_layers as u64, stage, s.checkpoint_activations, bucket_bytes, weight_bytes),
         optimizer,
         buffers,
         activations: activation_bytes(c, s),
@@ -188,7 +210,7 @@ pub fn lora_rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Sta
     RankBytes {
         weights: weight_bytes * (parameters(c) + a),
         reference: 0,
-        gradients: weight_bytes * a,
+        gradients: gradient_bytes(a, a / (c.num_layers as u64).max(1), c.num_layers as u64, stage, s.checkpoint_activations, bucket_bytes, weight_bytes),
         optimizer,
         buffers,
         activations: activation_bytes(c, s),
@@ -228,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn sharding_divides_the_optimizer_and_not_the_gradients() {
+    fn sharding_divides_the_optimizer_and_streamed_zero2_the_gradients() {
         let c = smollm2();
         let s = Shape { seq_len: 256, window: 192, micro_batch: 8, checkpoint_activations: false, bf16: false, logit_chunk: 0 };
         let whole = rank_bytes(&c, &s, 4, None, 64 << 20, false, 4);
@@ -245,6 +267,15 @@ mod tests {
         assert_eq!((bf16_sharded.weights, bf16_sharded.optimizer), (2 * p, 12 * p.div_ceil(4)));
         let checkpointed = Shape { checkpoint_activations: true, ..s };
         assert!(activation_bytes(&c, &checkpointed) < activation_bytes(&c, &s) / 3);
+        // ZeRO-2 with recomputed layers: the gradients of the embedding
+        // (576 × 49152) and the final norm, one layer's (3.54M parameters)
+        // and a bucket's worth (64 MB as float32: 16.8M) waiting.
+        let layer = layer_parameters(&c);
+        assert_eq!(layer, 3_540_096);
+        assert_eq!(rank_bytes(&c, &checkpointed, 4, Some(Stage::Optimizer), 64 << 20, false, 4).gradients, 4 * p);
+        assert_eq!(rank_bytes(&c, &s, 4, Some(Stage::Gradients), 64 << 20, false, 4).gradients, 4 * p);
+        let streamed = rank_bytes(&c, &checkpointed, 4, Some(Stage::Gradients), 64 << 20, false, 4);
+        assert_eq!(streamed.gradients, 4 * (576 * 49152 + 576 + layer + (16 << 20)));
         // The loss a chunk of 32 positions at a time: the logits' share shrinks by 192 / 32.
         let chunked = Shape { logit_chunk: 32, ..s };
         let logits = |s: &Shape| (LOGIT_COPIES * 49152.0 * 4.0 * (8 * s.window.min(if s.logit_chunk > 0 { s.logit_chunk } else { s.window })) as f64) as u64;

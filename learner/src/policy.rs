@@ -1,11 +1,11 @@
 //! What the learner needs from a model.
 
 use crate::{Error, Result};
+use prism_model::{LayerGrads, Tokens};
 use safetensors::tensor::{Dtype, View};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
-use prism_model::Tokens;
 use tch::{Kind, Tensor, nn};
 
 /// A trainable causal language model.
@@ -74,13 +74,16 @@ pub trait Policy {
     /// where the model can; returns the loss, detached. The layers' forward
     /// computations run inside `scope` (the autocast span), backward passes
     /// outside it; `loss_of` runs outside it and runs its own forward
-    /// computations (the head) in it. The default keeps the activations: a
-    /// plain forward and backward.
+    /// computations (the head) in it. With a `sink`, the decoder layers'
+    /// gradients go to it layer by layer ([`LayerGrads`]) where the model
+    /// can, instead of into `.grad`. The default keeps the activations: a
+    /// plain forward and backward, every gradient into `.grad`.
     fn forward_backward_checkpointed(
         &self,
         tokens: Tokens,
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+        _sink: Option<&mut dyn LayerGrads>,
     ) -> Result<Tensor> {
         let mut hidden = None;
         scope(&mut || hidden = Some(self.hidden(tokens)));
@@ -88,6 +91,12 @@ pub trait Policy {
         let loss = loss_of(&hidden)?;
         loss.f_backward()?;
         Ok(loss.detach())
+    }
+
+    /// Whether [`Policy::forward_backward_checkpointed`] hands a sink every
+    /// decoder layer's gradients (Hugging Face names: `layers.N.`).
+    fn hands_over_layer_grads(&self) -> bool {
+        false
     }
 
     /// The parameters.
@@ -250,8 +259,13 @@ impl Policy for prism_model::Transformer {
         tokens: Tokens,
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+        sink: Option<&mut dyn LayerGrads>,
     ) -> Result<Tensor> {
-        prism_model::Transformer::forward_backward_checkpointed(self, tokens, scope, loss_of)
+        prism_model::Transformer::forward_backward_checkpointed(self, tokens, scope, loss_of, sink)
+    }
+
+    fn hands_over_layer_grads(&self) -> bool {
+        true
     }
 
     fn hidden(&self, tokens: Tokens) -> Result<Tensor> {

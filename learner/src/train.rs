@@ -9,13 +9,13 @@ use crate::checkpoint::{self, CheckpointMeta, Restored};
 use crate::collective::{Collective, describe, shard};
 use crate::config::Config;
 use crate::loss::{LossConfig, Norm, Sums, TokenData, logprobs_and_entropy, policy_loss_of, sft_loss_of, token_logprobs};
-use crate::optim::sharded::{Layout, ShardedAdamW, Sharding, Stage};
+use crate::optim::sharded::{Layout, Order, ShardedAdamW, Sharding, Stage};
 use crate::optim::{AdamW, AdamWConfig, lr_at};
-use prism_model::Tokens;
 use crate::policy::{Policy, load_into, named_variables, read_safetensors, write_safetensors};
 use crate::sft::TokenPair;
 use crate::{Error, Result};
 use prism_core::LabeledTrajectory;
+use prism_model::{LayerGrads, Tokens};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -186,6 +186,9 @@ struct State {
 struct ShardLayout {
     world: usize,
     bucket_bytes: usize,
+    /// Absent in checkpoints written before the layer order: by name.
+    #[serde(default)]
+    order: Order,
 }
 
 /// Rank `rank`'s optimizer file of a checkpoint written by `world` sharded ranks.
@@ -276,6 +279,11 @@ impl<P: Policy> Learner<P> {
         self.receive_rank0_state(sharding)?;
         tracing::info!(rank, world, shard = ?sharding.map(|s| s.stage), "learner joined data-parallel training");
         Ok(())
+    }
+
+    /// The sharded optimizer of a rank that joined with `dist.shard`.
+    pub fn sharded_optimizer(&self) -> Option<&ShardedAdamW> {
+        self.sharded.as_ref()
     }
 
     /// This learner's data-parallel rank and the number of ranks (0 of 1 alone).
@@ -614,8 +622,7 @@ impl<P: Policy> Learner<P> {
         for chunk in rows[mine.clone()].chunks(self.config.micro_batch_size as usize) {
             let refs: Vec<&Row> = chunk.iter().collect();
             let batch = Batch::new(&refs, device)?;
-            let one_prompt = self.config.share_prompts && refs.len() > 1 && refs.iter().all(|r| r.prompt == refs[0].prompt);
-            let packing = if pack { Some(Packing::of(&refs, &batch, device, one_prompt)?) } else { None };
+            let packing = if pack { Some(Packing::of(&refs, &batch, device, self.config.share_prompts && one_prompt(&refs))?) } else { None };
             let logp = autocast::bf16(self.config.bf16, self.config.bf16_cpu, device, || -> Result<Tensor> {
                 if let Some(p) = &packing {
                     let logits = model.head(&model.hidden(p.tokens())?)?;
@@ -662,17 +669,32 @@ impl<P: Policy> Learner<P> {
         self.optimizer.zero_grad();
         let mut sums = Sums::default();
         let (rank, world) = self.rank();
-        let mine = &indices[shard(indices.len(), rank, world)];
         let pack = self.config.pack && self.policy.packs();
         // Packed, a shared prompt is one more packing (recomputed layers too);
         // padded, its own pass (without them).
         let share = self.config.share_prompts && (pack || !self.config.checkpoint_activations);
-        // With shared prompts, the rows of one prompt are micro-batched together.
-        let runs: Vec<Vec<usize>> = if share { by_prompt(rows, mine) } else { vec![mine.to_vec()] };
-        for micro in runs.iter().flat_map(|run| run.chunks(self.config.micro_batch_size as usize)) {
+        // Rank `r`'s micro-batches: with shared prompts, the rows of one prompt together.
+        let micro_batches = |r: usize| -> Vec<Vec<usize>> {
+            let mine = &indices[shard(indices.len(), r, world)];
+            let runs = if share { by_prompt(rows, mine) } else { vec![mine.to_vec()] };
+            runs.iter().flat_map(|run| run.chunks(self.config.micro_batch_size as usize).map(<[usize]>::to_vec)).collect()
+        };
+        let mine = micro_batches(rank);
+        // ZeRO-2 with recomputed layers: each micro-batch's gradients are
+        // reduce-scattered layer by layer as the backward pass makes them, so
+        // every rank runs as many micro-batches as the rank with the most.
+        let stream = self.config.checkpoint_activations && self.policy.hands_over_layer_grads() && self.sharded.as_ref().is_some_and(ShardedAdamW::streams);
+        let rounds = if stream { (0..world).map(|r| micro_batches(r).len()).max().unwrap_or(0) } else { mine.len() };
+        for round in 0..rounds {
+            let Some(micro) = mine.get(round) else {
+                if let (Some(opt), Some(dp)) = (&mut self.sharded, &self.dp) {
+                    opt.idle_micro_batch(dp.as_ref())?;
+                }
+                continue;
+            };
             let refs: Vec<&Row> = micro.iter().map(|&i| &rows[i]).collect();
             let batch = Batch::new(&refs, device)?;
-            let shared = share && refs.len() > 1 && refs.iter().all(|r| r.prompt == refs[0].prompt);
+            let shared = share && one_prompt(&refs);
             // Without padding, the model reads the rows end to end and the
             // head runs at their completion positions, `[1, M]`; the loss
             // reads those in the batch's `[B, S]` layout.
@@ -729,11 +751,23 @@ impl<P: Policy> Learner<P> {
             };
             let s = if self.config.checkpoint_activations {
                 let mut sums = None;
-                let _loss = self.policy.forward_backward_checkpointed(tokens, &scope, &mut |hidden| {
-                    let (loss, s) = loss_of(hidden)?;
-                    sums = Some(s);
-                    Ok(loss)
-                })?;
+                let mut sink = match (stream, &mut self.sharded, &self.dp) {
+                    (true, Some(opt), Some(dp)) => Some(Streamer { opt, dp: dp.as_ref() }),
+                    _ => None,
+                };
+                let _loss = self.policy.forward_backward_checkpointed(
+                    tokens,
+                    &scope,
+                    &mut |hidden| {
+                        let (loss, s) = loss_of(hidden)?;
+                        sums = Some(s);
+                        Ok(loss)
+                    },
+                    sink.as_mut().map(|s| s as &mut dyn LayerGrads),
+                )?;
+                if let Some(Streamer { opt, dp }) = sink {
+                    opt.finish_micro_batch(dp)?;
+                }
                 sums.ok_or_else(|| Error::Model("the checkpointed pass computed no loss".into()))?
             } else {
                 let hidden = autocast::bf16(bf16, bf16_cpu, device, || {
@@ -821,7 +855,7 @@ impl<P: Policy> Learner<P> {
                 stream: self.rng.get_stream(),
                 word_pos: self.rng.get_word_pos().to_string(),
             },
-            shards: self.sharded.as_ref().map(|opt| ShardLayout { world: opt.rank().1, bucket_bytes: self.bucket_bytes() }),
+            shards: self.sharded.as_ref().map(|opt| ShardLayout { world: opt.rank().1, bucket_bytes: self.bucket_bytes(), order: opt.layout().order() }),
         };
         let keep = self.config.keep_checkpoints as usize;
         checkpoint::write_atomic(dir, meta.step, keep, |tmp| {
@@ -896,7 +930,7 @@ impl<P: Policy> Learner<P> {
             return Err(bad(format!("{STATE_FILE}: shards of a world of 0 ranks")));
         }
         // How the ranks that wrote it shared the parameters out.
-        let writer = Layout::new(self.policy.trainable(), layout.world, layout.bucket_bytes)?;
+        let writer = Layout::new(self.policy.trainable(), layout.world, layout.bucket_bytes, layout.order)?;
         let masters = self.optimizer.has_masters();
         let (mut avg, mut sq, mut master) = (Vec::with_capacity(layout.world), Vec::with_capacity(layout.world), Vec::new());
         for r in 0..layout.world {
@@ -996,6 +1030,28 @@ impl<P: Policy> Learner<P> {
 
 /// `indices` in runs of rows with the same prompt, each run in the order its
 /// rows come, the runs in the order of their first row.
+/// Whether `rows` are more than one, all with one prompt.
+fn one_prompt(rows: &[&Row]) -> bool {
+    rows.len() > 1 && rows.iter().all(|r| r.prompt == rows[0].prompt)
+}
+
+/// ZeRO-2's gradients streamed out of the recomputing backward pass: each
+/// decoder layer's, reduce-scattered into this rank's share as it is made.
+struct Streamer<'a> {
+    opt: &'a mut ShardedAdamW,
+    dp: &'a dyn Collective,
+}
+
+impl LayerGrads for Streamer<'_> {
+    fn params(&self, layer: usize) -> Vec<Tensor> {
+        self.opt.layout().layer_params(layer)
+    }
+
+    fn take(&mut self, layer: usize, grads: Vec<Tensor>) {
+        self.opt.take_layer(self.dp, layer, grads);
+    }
+}
+
 fn by_prompt(rows: &[Row], indices: &[usize]) -> Vec<Vec<usize>> {
     let mut runs: Vec<Vec<usize>> = Vec::new();
     let mut run_of: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();

@@ -126,7 +126,7 @@ fn checkpointed_vs_plain(model: &prism_model::Transformer, ids: &Tensor, mask: O
     plain_loss.backward();
     let plain = take_grads(model);
     let tokens = prism_model::Tokens::Rows { ids, mask, window: (start, len) };
-    let loss = Policy::forward_backward_checkpointed(model, tokens, &|f| f(), &mut |h| loss_of(&Policy::head(model, h)?)).unwrap();
+    let loss = Policy::forward_backward_checkpointed(model, tokens, &|f| f(), &mut |h| loss_of(&Policy::head(model, h)?), None).unwrap();
     assert!((loss.double_value(&[]) - plain_loss.double_value(&[])).abs() < 1e-9, "the same loss");
     let checkpointed = take_grads(model);
     let largest = plain.iter().flat_map(|(_, v)| v.iter().map(|x| x.abs())).fold(0.0, f32::max);

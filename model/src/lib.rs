@@ -26,7 +26,7 @@ pub use config::{Family, GenerationConfig, HfConfig, ModelConfig, RopeScaling};
 pub use engine::{Sample, SamplingParams};
 pub use lora::LoraConfig;
 pub use tokenizer::Tokenizer;
-pub use transformer::{KvCache, Tokens, Transformer};
+pub use transformer::{KvCache, LayerGrads, Tokens, Transformer};
 pub use weight_set::WeightSet;
 
 use std::path::{Path, PathBuf};

@@ -100,6 +100,17 @@ impl Rope {
     }
 }
 
+/// Where [`Transformer::forward_backward_checkpointed`] hands each decoder
+/// layer's parameter gradients, in place of their `.grad`.
+pub trait LayerGrads {
+    /// The tensors of decoder layer `layer` whose gradients it takes (each
+    /// requires a gradient); empty for none.
+    fn params(&self, layer: usize) -> Vec<Tensor>;
+    /// Layer `layer`'s gradients, in the order of [`LayerGrads::params`]
+    /// (undefined where a tensor got none this pass).
+    fn take(&mut self, layer: usize, grads: Vec<Tensor>);
+}
+
 /// The tokens of a training pass and the positions whose hidden states it
 /// reads.
 #[derive(Clone, Copy)]
@@ -835,11 +846,20 @@ impl Transformer {
     /// in `scope` followed by `loss.backward()` would; `loss_of` runs outside
     /// it, and runs its own forward computations (the head) in it. Returns
     /// the loss, detached.
+    ///
+    /// With a `sink`, each decoder layer's gradients with respect to
+    /// `sink.params(layer)` are handed to it as the layer's backward pass
+    /// makes them, layer by layer from the last, instead of accumulating in
+    /// those tensors' `.grad` (the head's and the embedding's still do): the
+    /// sink can sum them over data-parallel ranks and let them go, so no
+    /// more than a layer's gradients need be held (ZeRO-2). `take` is called
+    /// for every layer, in that order, even where it has no parameters.
     pub fn forward_backward_checkpointed<E: From<tch::TchError>>(
         &self,
         tokens: Tokens,
         scope: &dyn Fn(&mut dyn FnMut()),
         loss_of: impl FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
+        mut sink: Option<&mut dyn LayerGrads>,
     ) -> std::result::Result<Tensor, E> {
         let in_scope = |f: &mut dyn FnMut() -> Tensor| {
             let mut out = None;
@@ -869,13 +889,27 @@ impl Transformer {
         let mut grad = hidden.grad();
         drop(hidden);
         // Backward: one layer at a time, recomputed from its input.
-        for (layer, input) in self.layers.iter().zip(inputs).rev() {
+        for (index, (layer, input)) in self.layers.iter().zip(inputs).enumerate().rev() {
             let input = input.set_requires_grad(true);
             let (cos, sin) = rope.of(layer);
             let output = in_scope(&mut || layer.forward(&input, &self.config, cos, sin, masks.of(layer), None));
             // d/d(output) of sum(output * grad) is grad: the layer's backward with `grad` flowing in.
-            (output * &grad).sum(output_kind(&grad)).f_backward()?;
-            grad = input.grad();
+            let root = (output * &grad).sum(output_kind(&grad));
+            match sink.as_deref_mut() {
+                // The layer's parameter gradients go to the sink, not into `.grad`.
+                Some(sink) => {
+                    let params = sink.params(index);
+                    let mut wrt: Vec<&Tensor> = vec![&input];
+                    wrt.extend(params.iter());
+                    let mut grads = Tensor::f_run_backward(&[root], &wrt, false, false)?;
+                    grad = grads.remove(0);
+                    sink.take(index, grads);
+                }
+                None => {
+                    root.f_backward()?;
+                    grad = input.grad();
+                }
+            }
         }
         // Into the embedding.
         if x0.requires_grad() {
@@ -1243,6 +1277,31 @@ mod tests {
     /// completion positions, and the same gradients as the rows one at a
     /// time: with GQA, q/k norms, biases and a sliding window shorter than
     /// some rows; and Gemma 2's soft-capped attention with sliding layers.
+    /// A [`LayerGrads`] that keeps every layer's gradients by name.
+    struct Collect<'a> {
+        vs: &'a VarStore,
+        got: Vec<(usize, Vec<(String, Tensor)>)>,
+    }
+
+    impl Collect<'_> {
+        fn named(&self, layer: usize) -> Vec<(String, Tensor)> {
+            let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().filter(|(n, _)| n.contains(&format!("layers.{layer}."))).collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            named
+        }
+    }
+
+    impl LayerGrads for Collect<'_> {
+        fn params(&self, layer: usize) -> Vec<Tensor> {
+            self.named(layer).into_iter().map(|(_, t)| t).collect()
+        }
+
+        fn take(&mut self, layer: usize, grads: Vec<Tensor>) {
+            let names = self.named(layer).into_iter().map(|(n, _)| n);
+            self.got.push((layer, names.zip(grads).collect()));
+        }
+    }
+
     #[test]
     fn packed_rows_equal_each_row_alone() {
         let llama = small_config();
@@ -1349,8 +1408,27 @@ mod tests {
             zero_grads();
             let w = Tensor::cat(&weights, 1);
             let tokens = Tokens::Packed { ids: &ids, lens: &lens, select: &select };
-            let _ = model.forward_backward_checkpointed::<tch::TchError>(tokens, &|f| f(), |h| Ok((h * &w).sum(Kind::Float))).unwrap();
+            let _ = model.forward_backward_checkpointed::<tch::TchError>(tokens, &|f| f(), |h| Ok((h * &w).sum(Kind::Float)), None).unwrap();
             same_grads(&grads(), &want_grads, "checkpointed");
+            // With a sink: each layer's gradients handed over, in order from
+            // the last layer, none left in the layers' `.grad`.
+            zero_grads();
+            let mut sink = Collect { vs: &model.vs, got: Vec::new() };
+            let _ = model.forward_backward_checkpointed::<tch::TchError>(tokens, &|f| f(), |h| Ok((h * &w).sum(Kind::Float)), Some(&mut sink)).unwrap();
+            let layers = model.layers.len();
+            assert_eq!(sink.got.iter().map(|(l, _)| *l).collect::<Vec<_>>(), (0..layers).rev().collect::<Vec<_>>());
+            let mut handed: Vec<(String, Tensor)> = Vec::new();
+            for (_, named) in sink.got {
+                handed.extend(named);
+            }
+            assert!(handed.len() > 4 * layers, "{} gradients handed over", handed.len());
+            let mut got = grads();
+            for (name, g) in &handed {
+                let slot = got.iter_mut().find(|(n, _)| n == name).expect("a variable");
+                assert_eq!(slot.1.abs().max().double_value(&[]), 0.0, "{name}: the layer's gradient also went to .grad");
+                slot.1 = g.shallow_clone();
+            }
+            same_grads(&got, &want_grads, "checkpointed, through a sink");
         }
     }
 

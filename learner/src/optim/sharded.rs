@@ -31,6 +31,21 @@ use crate::{Error, Result};
 use std::ops::Range;
 use tch::{Kind, Tensor, nn};
 
+/// The order in which the trainable parameters are flattened into buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// By name: how checkpoints written before [`Order::Layers`] cut their
+    /// state (a checkpoint that names no order).
+    #[default]
+    Names,
+    /// The parameters outside the decoder layers first, then layer by layer
+    /// (by name within one): a bucket holds neighbouring layers, so the
+    /// streamed ZeRO-2 backward pass ([`ShardedAdamW::take_layer`]) finds at
+    /// most one bucket waiting for a layer still to come.
+    Layers,
+}
+
 /// What the ranks shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -89,10 +104,25 @@ fn buckets(numels: &[i64], bucket_bytes: usize, world: usize) -> Result<Vec<Buck
     Ok(out)
 }
 
+/// The decoder layer a parameter named `name` belongs to: `N` of a
+/// `layers.N.` in it (Hugging Face names, and PEFT's over them).
+fn layer_of(name: &str) -> Option<usize> {
+    name.match_indices("layers.").find_map(|(at, _)| {
+        let (digits, rest) = name[at + 7..].split_at(name[at + 7..].find(|c: char| !c.is_ascii_digit())?);
+        (!digits.is_empty() && rest.starts_with('.')).then(|| digits.parse().ok()).flatten()
+    })
+}
+
 /// How the trainable parameters are cut into buckets and shared out among
 /// `world` ranks: what a rank's share holds, and the way back.
 pub struct Layout {
+    /// The trainable parameters in bucket order.
     params: Vec<Tensor>,
+    /// Where each of them is among the parameters in name order.
+    by_name: Vec<usize>,
+    order: Order,
+    /// The decoder layer of each parameter (`layers.N.` in its name), if any.
+    layers: Vec<Option<usize>>,
     world: usize,
     buckets: Vec<Bucket>,
     bucket_bytes: usize,
@@ -102,16 +132,34 @@ pub struct Layout {
 
 impl Layout {
     /// The trainable variables of `vs` over `world` ranks, in buckets of
-    /// about `bucket_bytes`. Allocates nothing.
-    pub fn new(vs: &nn::VarStore, world: usize, bucket_bytes: usize) -> Result<Self> {
+    /// about `bucket_bytes`, flattened in `order`. Allocates nothing.
+    pub fn new(vs: &nn::VarStore, world: usize, bucket_bytes: usize, order: Order) -> Result<Self> {
         if world == 0 {
             return Err(Error::Collective("a world of 0 ranks".into()));
         }
-        let params: Vec<Tensor> = named_variables(vs).into_iter().map(|(_, v)| v).filter(Tensor::requires_grad).collect();
+        let mut named: Vec<(usize, Option<usize>, Tensor)> =
+            named_variables(vs).into_iter().filter(|(_, v)| v.requires_grad()).enumerate().map(|(i, (n, v))| (i, layer_of(&n), v)).collect();
+        if order == Order::Layers {
+            // Stable: by name within a layer; outside the layers (None) first.
+            named.sort_by_key(|(_, layer, _)| *layer);
+        }
+        let mut by_name = Vec::with_capacity(named.len());
+        let mut layers = Vec::with_capacity(named.len());
+        let mut params = Vec::with_capacity(named.len());
+        for (i, layer, v) in named {
+            by_name.push(i);
+            layers.push(layer);
+            params.push(v);
+        }
         let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
         let buckets = buckets(&numels, bucket_bytes, world)?;
         let share = buckets.iter().map(|b| b.share).sum();
-        Ok(Self { params, world, buckets, bucket_bytes, share })
+        Ok(Self { params, by_name, order, layers, world, buckets, bucket_bytes, share })
+    }
+
+    /// The order it flattens the parameters in.
+    pub fn order(&self) -> Order {
+        self.order
     }
 
     /// Elements of one rank's share.
@@ -124,9 +172,14 @@ impl Layout {
         self.bucket_bytes
     }
 
+    /// The trainable tensors of decoder layer `layer`, in name order.
+    pub fn layer_params(&self, layer: usize) -> Vec<Tensor> {
+        self.params.iter().zip(&self.layers).filter(|(_, l)| **l == Some(layer)).map(|(p, _)| p.shallow_clone()).collect()
+    }
+
     /// The flattened bucket `b` of `f` of every parameter, as float32 on the
     /// parameters' device, padded to `world × share` elements.
-    fn flat(&self, b: &Bucket, f: impl Fn(usize) -> Tensor) -> Tensor {
+    fn flat(&self, b: &Bucket, mut f: impl FnMut(usize) -> Tensor) -> Tensor {
         let device = self.params.first().map_or(tch::Device::Cpu, Tensor::device);
         let mut parts: Vec<Tensor> = b.params.clone().map(|i| f(i).to_kind(Kind::Float).to_device(device).flatten(0, -1)).collect();
         let padding = b.share * self.world as i64 - b.len;
@@ -137,10 +190,14 @@ impl Layout {
     }
 
     /// Rank `rank`'s share of per-parameter tensors (`per_param[i]` shaped
-    /// as parameter `i`, e.g. a whole optimizer's moments), `[share_len]`.
+    /// as parameter `i` in name order, e.g. a whole optimizer's moments), `[share_len]`.
     pub fn share_of(&self, per_param: &[Tensor], rank: usize) -> Tensor {
-        let parts: Vec<Tensor> =
-            self.buckets.iter().map(|b| self.flat(b, |i| per_param[i].shallow_clone()).narrow(0, rank as i64 * b.share, b.share)).collect();
+        self.share_with(|k| per_param[self.by_name[k]].shallow_clone(), rank)
+    }
+
+    /// Rank `rank`'s share of `f(k)` of the parameters in bucket order.
+    fn share_with(&self, f: impl Fn(usize) -> Tensor, rank: usize) -> Tensor {
+        let parts: Vec<Tensor> = self.buckets.iter().map(|b| self.flat(b, &f).narrow(0, rank as i64 * b.share, b.share)).collect();
         Tensor::cat(&parts, 0)
     }
 
@@ -156,19 +213,44 @@ impl Layout {
                 self.share
             )));
         }
-        let mut out = Vec::with_capacity(self.params.len());
+        let mut out: Vec<Option<Tensor>> = (0..self.params.len()).map(|_| None).collect();
         for b in &self.buckets {
             let parts: Vec<Tensor> = shares.iter().map(|s| s.narrow(0, b.offset, b.share)).collect();
             let bucket = Tensor::cat(&parts, 0);
             let mut at = 0i64;
-            for p in &self.params[b.params.clone()] {
+            for k in b.params.clone() {
+                let p = &self.params[k];
                 let n = p.numel() as i64;
-                out.push(bucket.narrow(0, at, n).view(p.size().as_slice()).copy());
+                out[self.by_name[k]] = Some(bucket.narrow(0, at, n).view(p.size().as_slice()).copy());
                 at += n;
             }
         }
-        Ok(out)
+        Ok(out.into_iter().map(|t| t.expect("every parameter is in a bucket")).collect())
     }
+}
+
+/// ZeRO-2 with the gradients streamed ([`ShardedAdamW::take_layer`]): each
+/// micro-batch's gradients are reduce-scattered bucket by bucket as the
+/// recomputing backward pass makes them, and summed into this rank's share.
+struct Stream {
+    /// Per bucket: the decoder layer after whose backward pass every one of
+    /// its parameters has its gradient (the lowest of their layers: the pass
+    /// goes from the last), or `None` when some parameter is in no layer:
+    /// reduced at the end of the micro-batch.
+    ready_at: Vec<Option<usize>>,
+    /// The layers some bucket waits for, from the last.
+    ready_layers: Vec<usize>,
+    /// This micro-batch's gradients handed over and not yet reduced, per parameter.
+    pending: Vec<Option<Tensor>>,
+    /// The buckets reduced this micro-batch.
+    reduced: Vec<bool>,
+    /// This update's gradient share so far, `[share_len]` float32.
+    grad: Option<Tensor>,
+    /// The first failure in a layer's hand-over, reported at the micro-batch's end.
+    error: Option<Error>,
+    /// Gradient elements handed over and held now, and the most held at once.
+    held: i64,
+    peak_held: i64,
 }
 
 /// AdamW over this rank's share of the flattened parameters.
@@ -182,6 +264,7 @@ pub struct ShardedAdamW {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     steps: u64,
+    stream: Stream,
 }
 
 impl ShardedAdamW {
@@ -192,12 +275,139 @@ impl ShardedAdamW {
         if world == 0 || rank >= world {
             return Err(Error::Collective(format!("rank {rank} of a world of {world}")));
         }
-        let layout = Layout::new(vs, world, bucket_bytes)?;
+        let layout = Layout::new(vs, world, bucket_bytes, Order::Layers)?;
         let zeros = || Tensor::zeros([layout.share], (Kind::Float, vs.device()));
         let (exp_avg, exp_avg_sq) = (zeros(), zeros());
-        let values: Vec<Tensor> = layout.params.iter().map(Tensor::shallow_clone).collect();
-        let master = tch::no_grad(|| layout.share_of(&values, rank));
-        Ok(Self { config, stage, rank, layout, master, exp_avg, exp_avg_sq, steps: 0 })
+        let master = tch::no_grad(|| layout.share_with(|k| layout.params[k].shallow_clone(), rank));
+        let ready_at: Vec<Option<usize>> =
+            layout.buckets.iter().map(|b| layout.layers[b.params.clone()].iter().copied().collect::<Option<Vec<usize>>>()?.into_iter().min()).collect();
+        let mut ready_layers: Vec<usize> = ready_at.iter().flatten().copied().collect();
+        ready_layers.sort_unstable_by(|a, b| b.cmp(a));
+        ready_layers.dedup();
+        let stream = Stream {
+            ready_at,
+            ready_layers,
+            pending: (0..layout.params.len()).map(|_| None).collect(),
+            reduced: vec![false; layout.buckets.len()],
+            grad: None,
+            error: None,
+            held: 0,
+            peak_held: 0,
+        };
+        Ok(Self { config, stage, rank, layout, master, exp_avg, exp_avg_sq, steps: 0, stream })
+    }
+
+    /// The most gradient elements handed over by [`ShardedAdamW::take_layer`]
+    /// and held at once, waiting for their buckets, since it was made.
+    pub fn peak_streamed(&self) -> usize {
+        self.stream.peak_held as usize
+    }
+
+    /// The elements of the largest bucket.
+    pub fn largest_bucket(&self) -> usize {
+        self.layout.buckets.iter().map(|b| b.len).max().unwrap_or(0) as usize
+    }
+
+    /// Whether the gradients can be streamed: ZeRO-2.
+    pub fn streams(&self) -> bool {
+        self.stage == Stage::Gradients
+    }
+
+    /// Decoder layer `layer`'s gradients of this micro-batch (for
+    /// [`Layout::layer_params`], undefined for none), from a recomputing
+    /// backward pass that goes from the last layer to the first and hands
+    /// over every layer: each bucket whose parameters all have theirs is
+    /// reduce-scattered into this rank's gradient share, and the gradients
+    /// it held are let go. Every rank hands over the same layers in the same
+    /// order ([`ShardedAdamW::idle_micro_batch`] where it has no rows). A
+    /// failure is kept for [`ShardedAdamW::finish_micro_batch`].
+    pub fn take_layer(&mut self, dp: &dyn Collective, layer: usize, grads: Vec<Tensor>) {
+        let indices: Vec<usize> = (0..self.layout.params.len()).filter(|&i| self.layout.layers[i] == Some(layer)).collect();
+        for (i, g) in indices.into_iter().zip(grads) {
+            if g.defined() {
+                if self.stream.pending[i].is_none() {
+                    self.stream.held += g.numel() as i64;
+                }
+                let slot = &mut self.stream.pending[i];
+                *slot = Some(match slot.take() {
+                    Some(sum) => sum + g,
+                    None => g,
+                });
+            }
+        }
+        self.stream.peak_held = self.stream.peak_held.max(self.stream.held);
+        if self.stream.error.is_none()
+            && let Err(e) = self.reduce_ready(dp, Some(layer))
+        {
+            self.stream.error = Some(e);
+        }
+    }
+
+    /// Reduce-scatters the buckets not yet reduced this micro-batch that are
+    /// ready at `layer` (`None`: all of them), in bucket order.
+    fn reduce_ready(&mut self, dp: &dyn Collective, layer: Option<usize>) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let device = self.master.device();
+        for (k, b) in self.layout.buckets.iter().enumerate() {
+            if self.stream.reduced[k] || layer.is_some_and(|l| self.stream.ready_at[k] != Some(l)) {
+                continue;
+            }
+            let pending = &mut self.stream.pending;
+            let params = &self.layout.params;
+            // What the backward pass handed over, and what reached `.grad`.
+            let held = &mut self.stream.held;
+            let flat = self.layout.flat(b, |i| {
+                let g = params[i].grad();
+                let handed = pending[i].take();
+                if let Some(h) = &handed {
+                    *held -= h.numel() as i64;
+                }
+                match (handed, g.defined()) {
+                    (Some(p), true) => p.to_kind(Kind::Float) + g.to_kind(Kind::Float),
+                    (Some(p), false) => p,
+                    (None, true) => g,
+                    (None, false) => params[i].zeros_like(),
+                }
+            });
+            let share = Tensor::zeros([b.share], (Kind::Float, device));
+            dp.reduce_scatter_sum(&flat, &share)?;
+            drop(flat);
+            let grad = self.stream.grad.get_or_insert_with(|| Tensor::zeros([self.layout.share], (Kind::Float, device)));
+            let _ = grad.narrow(0, b.offset, b.share).f_add_(&share)?;
+            self.stream.reduced[k] = true;
+        }
+        Ok(())
+    }
+
+    /// Ends a streamed micro-batch: the buckets left (those with parameters
+    /// outside the decoder layers, whose gradients are in `.grad`) are
+    /// reduce-scattered too, and every gradient is cleared for the next.
+    pub fn finish_micro_batch(&mut self, dp: &dyn Collective) -> Result<()> {
+        let outcome = match self.stream.error.take() {
+            Some(e) => Err(e),
+            None => self.reduce_ready(dp, None),
+        };
+        for p in &mut self.stream.pending {
+            *p = None;
+        }
+        self.stream.held = 0;
+        self.stream.reduced.fill(false);
+        for p in &self.layout.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+        outcome
+    }
+
+    /// A streamed micro-batch of no rows, on a rank that has fewer of them
+    /// than another: the same collectives, with zeros.
+    pub fn idle_micro_batch(&mut self, dp: &dyn Collective) -> Result<()> {
+        for layer in self.stream.ready_layers.clone() {
+            self.reduce_ready(dp, Some(layer))?;
+        }
+        self.finish_micro_batch(dp)
     }
 
     /// Optimizer steps taken.
@@ -283,9 +493,13 @@ impl ShardedAdamW {
         }
         let _guard = tch::no_grad_guard();
         let device = self.master.device();
-        let grad = Tensor::zeros([self.share_len() as i64], (Kind::Float, device));
+        let streamed = self.stream.grad.take();
+        let grad = match &streamed {
+            Some(g) => g.shallow_clone(),
+            None => Tensor::zeros([self.share_len() as i64], (Kind::Float, device)),
+        };
         let layout = &self.layout;
-        for b in &layout.buckets {
+        for b in layout.buckets.iter().filter(|_| streamed.is_none()) {
             let flat = layout.flat(b, |i| {
                 let g = layout.params[i].grad();
                 if g.defined() { g } else { layout.params[i].zeros_like() }

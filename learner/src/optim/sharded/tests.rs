@@ -146,3 +146,44 @@ fn a_rank_outside_its_world_is_refused() {
     assert!(ShardedAdamW::new(&vs, CONFIG, Stage::Gradients, 2, 2, 1024).is_err());
     assert!(ShardedAdamW::new(&vs, CONFIG, Stage::Gradients, 0, 0, 1024).is_err());
 }
+
+/// A parameter's decoder layer is the `N` of a `layers.N.` in its name.
+#[test]
+fn layers_are_read_from_the_names() {
+    assert_eq!(layer_of("model.layers.12.mlp.up_proj.weight"), Some(12));
+    assert_eq!(layer_of("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"), Some(3));
+    assert_eq!(layer_of("model.embed_tokens.weight"), None);
+    assert_eq!(layer_of("model.layers.x.weight"), None);
+    assert_eq!(layer_of("model.layers.7"), None);
+    assert_eq!(layer_of("model.sublayers.2.w"), Some(2));
+}
+
+/// In layer order the parameters outside the layers come first, then layer
+/// 0, 1, 2, 10 (by number, where names put 10 before 2); shares still map
+/// to and from the parameters in name order, in either order, and the two
+/// orders cut the state differently (an old checkpoint must name its own).
+#[test]
+fn the_layer_order_follows_the_layers_and_shares_round_trip_in_name_order() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let names = ["lm_head.w", "model.layers.0.a", "model.layers.0.b", "model.layers.1.a", "model.layers.10.a", "model.layers.2.a", "model.norm.w"];
+    for (i, name) in names.iter().enumerate() {
+        let n = 2 + i as i64;
+        let (path, leaf) = name.rsplit_once('.').unwrap();
+        let mut v = path.split('.').fold(vs.root(), |p, seg| p / seg).var(leaf, &[n], nn::Init::Const(0.0));
+        tch::no_grad(|| v.copy_(&(Tensor::arange(n, (Kind::Float, Device::Cpu)) + 10.0 * i as f64)));
+    }
+    let by_name: Vec<Tensor> = named_variables(&vs).into_iter().map(|(_, v)| v.detach().copy()).collect();
+    let layers = Layout::new(&vs, 2, 16, Order::Layers).unwrap();
+    let first = |t: &Tensor| t.double_value(&[0]) as i64 / 10;
+    assert_eq!(layers.params.iter().map(first).collect::<Vec<_>>(), vec![0, 6, 1, 2, 3, 5, 4]);
+    assert_eq!(layers.layer_params(0).len(), 2);
+    assert_eq!(layers.layer_params(10).len(), 1);
+    let names_order = Layout::new(&vs, 2, 16, Order::Names).unwrap();
+    for layout in [&layers, &names_order] {
+        let shares: Vec<Tensor> = (0..2).map(|r| layout.share_of(&by_name, r)).collect();
+        for (a, b) in layout.whole_of(&shares).unwrap().iter().zip(&by_name) {
+            assert!(a.equal(b), "{:?}", layout.order());
+        }
+    }
+    assert!(!layers.share_of(&by_name, 0).equal(&names_order.share_of(&by_name, 0)));
+}
