@@ -337,6 +337,12 @@ pub fn learner_rank(config: &Config) -> Result<()> {
 
 /// `prism rollout`: samples the learner's prompts with the newest weights.
 pub fn rollout(config: &Config) -> Result<()> {
+    if config.rollout.inflight_updates {
+        anyhow::bail!(
+            "rollout.inflight_updates = true: in-flight weight updates run in one process (prism train) for now; a rollout \
+             process samples each batch on one version: set it to false"
+        );
+    }
     let _telemetry = telemetry::init_role(&config.log, None, "rollout", &config.dist.run_id).context("log.otlp_endpoint")?;
     threads(config);
     let nccl_device = nccl_device(config)?;

@@ -90,7 +90,7 @@ fn evaluator(config: &Config, task: &Task, eos: Vec<u32>) -> Result<Evaluator> {
 /// checkpointed: a resumed run starts it again from the policy it resumes.
 pub(crate) fn implicit_prm(config: &Config, weights: Option<&prism_actors::backend::WeightSet>) -> Result<prism_reward::implicit::ImplicitPrm> {
     let copy = || -> Result<Box<dyn prism_reward::implicit::TokenModel>> {
-        let Loaded { mut model, .. } = load_model(config)?;
+        let Loaded { model, .. } = load_model(config)?;
         if let Some(w) = weights {
             let tensors = w.tensors.lock().map_err(|_| anyhow::anyhow!("weight set poisoned"))?;
             model.load_named(tensors.iter().map(|(n, t)| (n.clone(), t.copy())))?;

@@ -320,6 +320,7 @@ fn sampled(a: &prism_core::Assignment, n: u32) -> Vec<prism_core::Trajectory> {
             text: "A:0\n".into(),
             finish: FinishReason::Eos,
             generate_ms: 1,
+            version_changes: Vec::new(),
         })
         .collect()
 }

@@ -47,13 +47,60 @@ impl ModelGenerator {
 
 impl Generate for ModelGenerator {
     fn load_weights(&mut self, weights: &WeightSet) -> BackendResult<()> {
-        let tensors = weights.tensors.lock().map_err(|_| BackendError::new("weight set poisoned"))?;
-        let copies: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        drop(tensors);
-        self.model.load_named(copies).map_err(BackendError::new)
+        load_into(&self.model, weights)
     }
 
     fn generate(&mut self, work: &[Assignment], version: PolicyVersion) -> BackendResult<Vec<Vec<Trajectory>>> {
+        self.sample(work, version, None)
+    }
+
+    fn generate_inflight(
+        &mut self,
+        work: &[Assignment],
+        version: PolicyVersion,
+        newer: &mut crate::backend::NewerWeights<'_>,
+    ) -> BackendResult<(Vec<Vec<Trajectory>>, PolicyVersion)> {
+        if !self.rollout.inflight_updates {
+            return Ok((self.generate(work, version)?, version));
+        }
+        let model = &self.model;
+        let (mut held, mut failed) = (version, None);
+        let mut refresh = || -> Option<u64> {
+            let weights = newer(held).filter(|w| w.version > held)?;
+            if failed.is_some() {
+                return None;
+            }
+            match load_into(model, &weights) {
+                Ok(()) => {
+                    held = weights.version;
+                    tracing::debug!(policy_version = held.0, "in-flight weight update");
+                    Some(held.0)
+                }
+                Err(e) => {
+                    failed = Some(BackendError(format!("loading weights v{} in flight: {}", weights.version.0, e.0)));
+                    None
+                }
+            }
+        };
+        let groups = self.sample(work, version, Some(&mut refresh))?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((groups, held)),
+        }
+    }
+}
+
+/// Copies a published weight set into `model`, in place.
+fn load_into(model: &Transformer, weights: &WeightSet) -> BackendResult<()> {
+    let tensors = weights.tensors.lock().map_err(|_| BackendError::new("weight set poisoned"))?;
+    let copies: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    drop(tensors);
+    model.load_named(copies).map_err(BackendError::new)
+}
+
+impl ModelGenerator {
+    /// Samples the work's groups, with `refresh` asked between decode steps.
+    fn sample(&self, work: &[Assignment], version: PolicyVersion, refresh: Option<&mut engine::Refresh<'_>>) -> BackendResult<Vec<Vec<Trajectory>>> {
         let pairs: Vec<(GroupId, &Prompt)> = work.iter().map(|a| (a.group, &a.prompt)).collect();
         let below = self.rollout.reject_below;
         let mut reject = self.scorer.as_ref().filter(|_| below > 0.0).map(|score| {
@@ -61,7 +108,7 @@ impl Generate for ModelGenerator {
             move |i: usize, text: &str| score(pairs[i].1, text).is_some_and(|s| f64::from(s) < below)
         });
         let reject = reject.as_mut().map(|r| r as &mut sampler::RejectStep<'_>);
-        sampler::sample_groups(&self.model, &self.tokenizer, &pairs, &self.rollout, &self.eos, version, self.seed, reject)
+        sampler::sample_groups(&self.model, &self.tokenizer, &pairs, &self.rollout, &self.eos, version, self.seed, reject, refresh)
             .map_err(BackendError::new)
     }
 }
@@ -137,6 +184,7 @@ impl Evaluator {
                         token_ends: s.token_ends,
                         finish: s.finish,
                         generate_ms: 0,
+                        version_changes: Vec::new(),
                     };
                     let label = self.runtime.block_on(self.labeler.label(&t));
                     graded.samples.push((t.text, label));

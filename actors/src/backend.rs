@@ -35,7 +35,23 @@ pub trait Generate: Send + 'static {
     /// Samples each assignment's group (G trajectories each, ids derived from the
     /// group id) with the currently loaded weights, tagged `version`.
     fn generate(&mut self, work: &[Assignment], version: PolicyVersion) -> BackendResult<Vec<Vec<Trajectory>>>;
+    /// [`Generate::generate`], where `newer` may be asked between decode
+    /// steps for weights published since (`rollout.inflight_updates`): the
+    /// backend loads them and samples on with them, and each trajectory
+    /// records where ([`Trajectory::version_changes`]). Returns the groups
+    /// and the version loaded at the end. The default ignores `newer`.
+    fn generate_inflight(
+        &mut self,
+        work: &[Assignment],
+        version: PolicyVersion,
+        _newer: &mut NewerWeights<'_>,
+    ) -> BackendResult<(Vec<Vec<Trajectory>>, PolicyVersion)> {
+        Ok((self.generate(work, version)?, version))
+    }
 }
+
+/// Weights published after `held`, if any (answers at once, without waiting).
+pub type NewerWeights<'a> = dyn FnMut(PolicyVersion) -> Option<Arc<WeightSet>> + Send + 'a;
 
 /// Boxed future returned by [`Label::label`].
 pub type LabelFuture<'a> = Pin<Box<dyn Future<Output = BackendResult<RewardLabel>> + Send + 'a>>;

@@ -212,9 +212,10 @@ impl Core {
         let (reward, accuracy, step_accuracy) = batch_outcomes(batch.iter().flat_map(|(g, _)| g.iter()));
         let sources = score_sources(batch.iter().flat_map(|(g, _)| g.iter()));
         let outcomes: Vec<(PromptId, f32)> = batch.iter().filter_map(|(g, _)| group_outcome(g)).collect();
+        let version = self.version();
+        let token_lags = crate::metrics::token_lags(batch.iter().flat_map(|(g, _)| g.iter().map(|l| &l.trajectory)), version);
         let groups: Vec<Vec<LabeledTrajectory>> = batch.into_iter().map(|(g, _)| g).collect();
         let started = Instant::now();
-        let version = self.version();
         let span = tracing::info_span!("train", actor = "learner", policy_version = version.0, groups = n);
         let lags_for_step = lags.clone();
         let (report, weights) = self
@@ -237,6 +238,7 @@ impl Core {
             train_s,
             wait_s,
             curriculum: None,
+            token_lags,
         };
         Ok((weights, StepDone { groups: n, outcomes, event }))
     }

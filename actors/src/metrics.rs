@@ -121,6 +121,22 @@ pub struct StepEvent {
     pub wait_s: f64,
     /// The prompt source's curriculum after this step's groups retired.
     pub curriculum: Option<prism_rollout::curriculum::State>,
+    /// Trained completion tokens by how many versions behind the learner the
+    /// version that sampled each was (with in-flight weight updates one
+    /// trajectory's tokens can have several).
+    pub token_lags: BTreeMap<u64, u64>,
+}
+
+/// Versions behind `current`, per completion token of `trajectories`:
+/// lag → tokens.
+pub fn token_lags<'a>(trajectories: impl Iterator<Item = &'a prism_core::Trajectory>, current: prism_core::PolicyVersion) -> BTreeMap<u64, u64> {
+    let mut lags = BTreeMap::new();
+    for t in trajectories {
+        for v in t.token_versions() {
+            *lags.entry(v.lag_behind(current)).or_default() += 1;
+        }
+    }
+    lags
 }
 
 pub enum MetricsMsg {
@@ -246,6 +262,10 @@ impl Actor for Metrics {
                 state.last.reward = Some(e.reward);
                 state.last.step_accuracy = e.step_accuracy;
                 state.last.mean_lag = Some(mean_lag);
+                let token_lag_mean = {
+                    let tokens: u64 = e.token_lags.values().sum();
+                    e.token_lags.iter().map(|(lag, n)| lag * n).sum::<u64>() as f64 / tokens.max(1) as f64
+                };
                 let elapsed = state.started.elapsed().as_secs_f64();
                 let mut line = serde_json::json!({
                     "kind": "step",
@@ -258,6 +278,8 @@ impl Actor for Metrics {
                     "lag_mean": mean_lag,
                     "lag_max": e.lags.iter().copied().max().unwrap_or(0),
                     "lag_hist": lag_hist,
+                    "token_lag_mean": token_lag_mean,
+                    "token_lag_hist": e.token_lags.iter().map(|(lag, n)| (lag.to_string(), *n)).collect::<BTreeMap<String, u64>>(),
                     "train_s": e.train_s,
                     "wait_s": e.wait_s,
                     "made": state.ledger.made,

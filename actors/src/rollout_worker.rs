@@ -17,7 +17,7 @@
 //!    Ports::leave(Finished), stop            Ports::leave(Failed), the actor fails
 //! ```
 
-use crate::backend::{Assignment, BackendError, Factory, Generate, WeightSet};
+use crate::backend::{Assignment, BackendError, Factory, Generate, NewerWeights, WeightSet};
 use crate::error::{Error, Result};
 use crate::metrics::MetricsMsg;
 use crate::reward_pool::PoolMsg;
@@ -83,6 +83,12 @@ pub trait Ports: Send + 'static {
     fn weights(&mut self, worker: &str, held: Option<PolicyVersion>, min: PolicyVersion) -> impl Future<Output = Result<Weights>> + Send;
     /// The weights `weights` gave were loaded.
     fn loaded(&mut self, _version: PolicyVersion) {}
+    /// For in-flight weight updates (`rollout.inflight_updates`): a poll a
+    /// generation thread can ask between decode steps for weights published
+    /// after a version, answering at once. `None` where these ports cannot.
+    fn newer(&self) -> Option<Box<NewerWeights<'static>>> {
+        None
+    }
     /// Hands a sampled batch on.
     fn deliver(&mut self, worker: &str, sampled: Sampled) -> impl Future<Output = Result<()>> + Send;
     /// The worker stops.
@@ -163,6 +169,7 @@ impl<P: Ports> RolloutState<P> {
         let started = Instant::now();
         let held = self.version;
         let loading = weights.is_some();
+        let newer = self.ports.newer();
         let (backend, result) = tokio::task::spawn_blocking({
             let span = span.clone();
             move || {
@@ -176,22 +183,26 @@ impl<P: Ports> RolloutState<P> {
                     None => held.unwrap_or_default(),
                 };
                 span.record("policy_version", version.0);
-                let out = backend.generate(&work, version).map(|groups| (version, groups, work)).map_err(|e| (None, e));
-                (backend, out)
+                let out = match newer {
+                    Some(mut newer) => backend.generate_inflight(&work, version, &mut *newer),
+                    None => backend.generate(&work, version).map(|groups| (groups, version)),
+                };
+                (backend, out.map(|(groups, last)| (version, last, groups, work)).map_err(|e| (None, e)))
             }
         })
         .await
         .map_err(|e| Error::Thread(format!("{}: the generation thread failed: {e}", self.name)))?;
         self.backend = Some(backend);
-        let (version, groups, work) = match result {
+        let (version, last, groups, work) = match result {
             Ok(sampled) => sampled,
             Err((Some(v), e)) => return Err(Error::backend(format!("{}: loading weights v{}", self.name, v.0), e)),
             Err((None, e)) => return Err(Error::backend(format!("{}: generation", self.name), e)),
         };
-        if loading {
-            self.ports.loaded(version);
+        if loading || last != version {
+            self.ports.loaded(last);
         }
-        self.version = Some(version);
+        // Newer weights loaded in flight are what the worker holds now.
+        self.version = Some(last);
         if groups.len() != work.len() {
             let e = BackendError(format!("returned {} groups for {} prompts", groups.len(), work.len()));
             return Err(Error::backend(format!("{}: generation", self.name), e));
@@ -275,6 +286,10 @@ impl Ports for Channels {
             CallResult::Success(w) => Ok(w.map_or(Weights::Keep, Weights::Load)),
             _ => Err(Error::Unanswered(format!("{worker}: weight sync is gone"))),
         }
+    }
+
+    fn newer(&self) -> Option<Box<NewerWeights<'static>>> {
+        crate::weight_sync::poll_newer(self.sync.clone())
     }
 
     async fn deliver(&mut self, worker: &str, sampled: Sampled) -> Result<()> {

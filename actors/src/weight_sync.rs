@@ -16,6 +16,10 @@ pub enum SyncMsg {
     /// Newer weights than `have`, if any, once `min_version` is available;
     /// `None` when the caller is already current (or the sync has stopped).
     GetWeights { have: Option<PolicyVersion>, min_version: PolicyVersion, reply: RpcReplyPort<Option<Arc<WeightSet>>> },
+    /// The newest published weights if newer than `have`, at once (no
+    /// waiting): what a generation asks between decode steps for in-flight
+    /// weight updates.
+    GetNewer { have: PolicyVersion, reply: RpcReplyPort<Option<Arc<WeightSet>>> },
     /// The newest published version.
     GetVersion(RpcReplyPort<Option<PolicyVersion>>),
     Stop,
@@ -65,6 +69,11 @@ impl Actor for WeightSync {
                 }
                 None => state.waiting.push((have, min_version, reply)),
             },
+            SyncMsg::GetNewer { have, reply } => {
+                if !reply.is_closed() {
+                    let _ = reply.send(state.latest.as_ref().filter(|w| w.version > have).cloned());
+                }
+            }
             SyncMsg::GetVersion(reply) => {
                 if !reply.is_closed() {
                     let _ = reply.send(state.latest.as_ref().map(|w| w.version));
@@ -90,5 +99,46 @@ fn answer_waiting(state: &mut SyncState) {
             }
             None => state.waiting.push((have, min_version, reply)),
         }
+    }
+}
+
+/// A poll of `sync` for weights newer than a version, for a generation's
+/// blocking thread between decode steps (in-flight weight updates): the
+/// runtime's handle waits for the answer, which comes at once (a sync gone
+/// or stuck past 5 s reads as nothing newer). `None` outside a runtime.
+pub fn poll_newer(sync: ActorRef<SyncMsg>) -> Option<Box<crate::backend::NewerWeights<'static>>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    Some(Box::new(move |held: PolicyVersion| {
+        let ask = sync.call(|reply| SyncMsg::GetNewer { have: held, reply }, Some(std::time::Duration::from_secs(5)));
+        match runtime.block_on(ask) {
+            Ok(ractor::rpc::CallResult::Success(newer)) => newer,
+            _ => None,
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// From a blocking thread, the poll answers at once: nothing newer than
+    /// the version held, then the version published since, and nothing
+    /// before any is (it does not wait for one).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_generation_thread_polls_for_newer_weights_without_waiting() {
+        let (sync, _handle) = Actor::spawn(None, WeightSync, None).await.unwrap();
+        let mut poll = poll_newer(sync.clone()).expect("in a runtime");
+        let started = std::time::Instant::now();
+        let (none_yet, poll) = tokio::task::spawn_blocking(move || (poll(PolicyVersion(0)).map(|w| w.version), poll)).await.unwrap();
+        assert_eq!(none_yet, None);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "it waited for weights");
+        let set = |v| WeightSet::new(PolicyVersion(v), vec![("w".to_string(), tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)))]);
+        sync.cast(SyncMsg::WeightsPublished(set(3))).unwrap();
+        let mut poll = poll;
+        let got = tokio::task::spawn_blocking(move || [poll(PolicyVersion(2)), poll(PolicyVersion(3)), poll(PolicyVersion(4))].map(|w| w.map(|w| w.version)))
+            .await
+            .unwrap();
+        assert_eq!(got, [Some(PolicyVersion(3)), None, None]);
+        sync.stop(None);
     }
 }

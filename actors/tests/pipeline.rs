@@ -55,6 +55,7 @@ impl Generate for FakeGen {
                         // The last sample of a group stands for one stopped by early rejection.
                         finish: if s == G - 1 { FinishReason::Rejected } else { FinishReason::Eos },
                         generate_ms: 2,
+                        version_changes: Vec::new(),
                     })
                     .collect()
             })

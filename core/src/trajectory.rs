@@ -59,9 +59,37 @@ pub struct Trajectory {
     pub finish: FinishReason,
     /// Wall-clock milliseconds spent generating the group this sample belongs to.
     pub generate_ms: u64,
+    /// Where newer weights took over during the generation
+    /// (`rollout.inflight_updates`): `(i, v)` means tokens from index `i` on
+    /// were sampled by version `v` (before the first, by `policy_version`);
+    /// token indices increasing, versions above `policy_version` and
+    /// increasing. Empty when one version sampled it all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub version_changes: Vec<(u32, PolicyVersion)>,
 }
 
 impl Trajectory {
+    /// The version that sampled each completion token.
+    pub fn token_versions(&self) -> impl Iterator<Item = PolicyVersion> + '_ {
+        let mut changes = self.version_changes.iter().peekable();
+        let mut version = self.policy_version;
+        (0..self.tokens.len() as u32).map(move |i| {
+            while let Some(&&(at, v)) = changes.peek() {
+                if at > i {
+                    break;
+                }
+                version = v;
+                changes.next();
+            }
+            version
+        })
+    }
+
+    /// The newest version that sampled any of its tokens.
+    pub fn newest_version(&self) -> PolicyVersion {
+        self.version_changes.last().map_or(self.policy_version, |&(_, v)| v.max(self.policy_version))
+    }
+
     /// The token range `[first, last+1)` covering the bytes `text_span` of the
     /// completion: every token that overlaps the span.
     pub fn token_span(&self, text_span: &Range<u32>) -> Range<u32> {
@@ -117,7 +145,27 @@ mod tests {
             token_ends,
             finish: FinishReason::Eos,
             generate_ms: 0,
+            version_changes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn each_token_has_the_version_that_sampled_it() {
+        let mut t = trajectory("abcde", vec![1, 2, 3, 4, 5]);
+        t.policy_version = PolicyVersion(3);
+        assert_eq!(t.token_versions().map(|v| v.0).collect::<Vec<_>>(), vec![3; 5]);
+        assert_eq!(t.newest_version(), PolicyVersion(3));
+        t.version_changes = vec![(2, PolicyVersion(4)), (4, PolicyVersion(6))];
+        assert_eq!(t.token_versions().map(|v| v.0).collect::<Vec<_>>(), vec![3, 3, 4, 4, 6]);
+        assert_eq!(t.newest_version(), PolicyVersion(6));
+        // Serialized only when there are changes; read back either way.
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.contains("version_changes"));
+        assert_eq!(serde_json::from_str::<Trajectory>(&json).unwrap(), t);
+        t.version_changes.clear();
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(!json.contains("version_changes"));
+        assert_eq!(serde_json::from_str::<Trajectory>(&json).unwrap(), t);
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub fn synthetic_group(spec: &Spec) -> Vec<LabeledTrajectory> {
                     text: String::new(),
                     finish: FinishReason::Length,
                     generate_ms: 0,
+                    version_changes: Vec::new(),
                 },
                 label: RewardLabel {
                     outcome: (i % 2) as f32,

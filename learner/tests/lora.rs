@@ -154,7 +154,7 @@ fn the_learner_trains_adapters_only_and_resumes_them_exactly() {
 
     // Rollouts get the merged weights: the adapted model's logits from plain weights.
     let published: HashMap<String, Tensor> = learner.policy().published().into_iter().collect();
-    let mut plain = tiny_arith(0);
+    let plain = tiny_arith(0);
     plain.load_named(published.iter().map(|(n, t)| (n.clone(), t.shallow_clone()))).unwrap();
     let ids = Tensor::from_slice2(&ids());
     let ours = tch::no_grad(|| Policy::forward(learner.policy(), &ids, None).unwrap());

@@ -91,6 +91,10 @@ pub struct Sample {
     pub finish: FinishReason,
     /// Per token, when the request asked for `top_logprobs`.
     pub top_logprobs: Vec<TokenLogprobs>,
+    /// Where a [`Refresh`] loaded newer weights while the sample was being
+    /// generated: `(i, v)`, tokens from index `i` on were sampled by version
+    /// `v` (before the first, by the weights the call began with).
+    pub versions: Vec<(u32, u64)>,
 }
 
 /// One prompt with its own sampling settings (the server batches requests
@@ -116,7 +120,7 @@ pub enum Event<'a> {
 
 /// `n` samples for each prompt, decoded with the model's tokenizer.
 pub fn generate(model: &Transformer, prompts: &[Vec<u32>], params: &SamplingParams) -> Result<Vec<Vec<Sample>>> {
-    generate_prompts(model, prompts, params, None, 0)
+    generate_prompts(model, prompts, params, None, 0, None)
 }
 
 /// [`generate`] with continuous batching: at most `max_rows` rows (samples)
@@ -132,7 +136,29 @@ pub fn generate_batched(
     max_rows: usize,
     at_step: Option<&mut StepHook<'_>>,
 ) -> Result<Vec<Vec<Sample>>> {
-    generate_prompts(model, prompts, params, at_step, max_rows)
+    generate_prompts(model, prompts, params, at_step, max_rows, None)
+}
+
+/// Asked before every decode step; it may load newer weights into the
+/// model (in place, as [`Transformer::load_named`] does) and then answers
+/// their version, which every running row records from its next token on
+/// (in-flight weight updates: a long generation picks up a new version
+/// instead of finishing on the old one; the keys and values cached so far
+/// stay those the old weights computed). `None`: the weights are unchanged.
+pub type Refresh<'a> = dyn FnMut() -> Option<u64> + 'a;
+
+/// [`generate_batched`] with in-flight weight updates: `refresh` is asked
+/// before every decode step ([`Refresh`]), and each sample records where
+/// newer weights took over ([`Sample::versions`]).
+pub fn generate_refreshed(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    max_rows: usize,
+    at_step: Option<&mut StepHook<'_>>,
+    refresh: &mut Refresh<'_>,
+) -> Result<Vec<Vec<Sample>>> {
+    generate_prompts(model, prompts, params, at_step, max_rows, Some(refresh))
 }
 
 /// Asked when a row's newest token ends a step (its text holds a line
@@ -148,7 +174,7 @@ pub fn generate_stepped(
     params: &SamplingParams,
     at_step: &mut StepHook<'_>,
 ) -> Result<Vec<Vec<Sample>>> {
-    generate_prompts(model, prompts, params, Some(at_step), 0)
+    generate_prompts(model, prompts, params, Some(at_step), 0, None)
 }
 
 /// One request per prompt, each with its own seed mixed from `params.seed`
@@ -159,6 +185,7 @@ fn generate_prompts(
     params: &SamplingParams,
     at_step: Option<&mut StepHook<'_>>,
     max_rows: usize,
+    refresh: Option<&mut Refresh<'_>>,
 ) -> Result<Vec<Vec<Sample>>> {
     let tokenizer = model
         .tokenizer()
@@ -176,7 +203,7 @@ fn generate_prompts(
         return Ok(Vec::new());
     }
     check_requests(model, &requests)?;
-    tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, at_step, max_rows)).map(|(samples, _)| samples)
+    tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, at_step, max_rows, refresh)).map(|(samples, _)| samples)
 }
 
 /// SplitMix64 of `a` combined with `b`: independent streams per (seed, index).
@@ -195,6 +222,7 @@ struct Row {
     logprobs: Vec<f32>,
     top: Vec<TokenLogprobs>,
     finish: Option<FinishReason>,
+    versions: Vec<(u32, u64)>,
 }
 
 /// Samples for each request, in request order; `on_event` sees every token
@@ -212,7 +240,7 @@ pub fn generate_requests(
         return Ok(Vec::new());
     }
     check_requests(model, requests)?;
-    tch::no_grad(|| run(model, tokenizer, requests, on_event, cancelled, None, 0)).map(|(samples, _)| samples)
+    tch::no_grad(|| run(model, tokenizer, requests, on_event, cancelled, None, 0, None)).map(|(samples, _)| samples)
 }
 
 fn check_requests(model: &Transformer, requests: &[Request]) -> Result<()> {
@@ -301,6 +329,7 @@ fn run(
     cancelled: &dyn Fn(usize) -> bool,
     mut at_step: Option<&mut StepHook<'_>>,
     max_rows: usize,
+    mut refresh: Option<&mut Refresh<'_>>,
 ) -> Result<(Vec<Vec<Sample>>, usize)> {
     // Whether a token's text holds a line break, per token id met.
     let mut ends_step: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
@@ -321,6 +350,7 @@ fn run(
                 logprobs: Vec::with_capacity(r.params.max_new_tokens),
                 top: Vec::new(),
                 finish: None,
+                versions: Vec::new(),
             });
         }
     }
@@ -329,6 +359,8 @@ fn run(
     // active[k] = index into `rows` of batch row k.
     let mut active: Vec<usize> = Vec::new();
     let mut joins = 0;
+    // The version a refresh loaded last: rows that start after it start on it.
+    let mut loaded: Option<u64> = None;
     // Decode steps and the rows they ran, for the trace.
     let (mut steps, mut row_steps) = (0usize, 0usize);
     loop {
@@ -338,7 +370,13 @@ fn run(
         let free = max_rows.saturating_sub(active.len());
         let take = if active.is_empty() || free >= (max_rows / 4).max(1) { admit(&mut queue, requests, active.len(), max_rows) } else { Vec::new() };
         if !take.is_empty() {
-            active.extend(take.iter().flat_map(|&i| first_row[i]..first_row[i] + requests[i].params.n));
+            let joining = take.iter().flat_map(|&i| first_row[i]..first_row[i] + requests[i].params.n);
+            if let Some(v) = loaded {
+                for r in joining.clone() {
+                    rows[r].versions.push((0, v));
+                }
+            }
+            active.extend(joining);
             // Room for the most tokens any row of the batch may still add.
             let room = active.iter().map(|&r| requests[rows[r].request].params.max_new_tokens.saturating_sub(rows[r].tokens.len())).max().unwrap_or(0);
             // Joining rows are copied into a cache with that room; a new batch is their own.
@@ -406,6 +444,14 @@ fn run(
             active = keep.iter().map(|&k| active[k as usize]).collect();
             next = keep.iter().map(|&k| next[k as usize]).collect();
         }
+        // Newer weights, if any, sample every running row's next token on.
+        if let Some(v) = refresh.as_deref_mut().and_then(|r| r()) {
+            loaded = Some(v);
+            for &r in &active {
+                let at = rows[r].tokens.len() as u32;
+                rows[r].versions.push((at, v));
+            }
+        }
         let ids = Tensor::from_slice(&next).view([active.len() as i64, 1]).to_device(device);
         *logits = model.forward_cached(&ids, None, cache, true)?.squeeze_dim(1);
     }
@@ -422,6 +468,7 @@ fn run(
             token_ends,
             finish,
             top_logprobs: row.top,
+            versions: row.versions,
         });
     }
     Ok((out, joins))
@@ -572,6 +619,49 @@ pub fn score(model: &Transformer, prompt: &[u32], completion: &[u32]) -> Result<
 mod tests {
     use super::*;
 
+    /// In-flight weight updates: a generation that newer weights reach
+    /// after its third decode step samples its first tokens as the old
+    /// weights alone would (same tokens, same log-probs), records from which
+    /// token the new version sampled, and samples on with the new weights
+    /// (the rest differs from the old weights' run); rows that join the batch
+    /// afterwards start on the new version.
+    #[test]
+    fn a_generation_picks_up_newer_weights_between_decode_steps() {
+        let load = |seed| crate::load("builtin:tiny-arith", &crate::LoadOptions { seed, ..Default::default() }).unwrap();
+        let (old, new) = (load(21), load(22));
+        let tokenizer = &old.tokenizer;
+        let prompts: Vec<Vec<u32>> = ["Q:1+2\n", "Q:7+3*4-2\n", "Q:9*9\n"].iter().map(|t| tokenizer.encode(t, true).unwrap()).collect();
+        let params = SamplingParams { n: 2, temperature: 1.0, max_new_tokens: 12, seed: 5, ..Default::default() };
+        let alone = generate_batched(&old.model, &prompts, &params, 4, None).unwrap();
+        let model = load(21).model;
+        let mut steps = 0;
+        let mut refresh = || {
+            steps += 1;
+            (steps == 3).then(|| {
+                model.load_named(new.model.var_store().variables()).unwrap();
+                9
+            })
+        };
+        let got = generate_refreshed(&model, &prompts, &params, 4, None, &mut refresh).unwrap();
+        let (mut switched, mut joined) = (0, 0);
+        for (g, a) in got.iter().flatten().zip(alone.iter().flatten()) {
+            match g.versions.as_slice() {
+                [] => assert_eq!((&g.tokens, &g.logprobs), (&a.tokens, &a.logprobs), "a sample the new weights never reached"),
+                [(0, 9)] => joined += 1,
+                [(at, 9)] => {
+                    let at = *at as usize;
+                    assert_eq!(at, 3, "the third step's refresh samples the fourth token on");
+                    assert_eq!((&g.tokens[..at], &g.logprobs[..at]), (&a.tokens[..at], &a.logprobs[..at]));
+                    assert_ne!((&g.tokens[at..], &g.logprobs[at..]), (&a.tokens[at..], &a.logprobs[at..]), "the new weights sampled the rest");
+                    switched += 1;
+                }
+                other => panic!("versions {other:?}"),
+            }
+        }
+        assert_eq!(switched, 4, "the four rows running at the switch");
+        assert_eq!(joined, 2, "the two rows that joined after it");
+    }
+
     /// Continuous batching: with room for fewer rows than the requests
     /// hold, requests join rows already decoding (of other lengths, left
     /// padding on either side of the join) and every sample is the one the
@@ -600,7 +690,7 @@ mod tests {
                 top_logprobs: None,
             })
             .collect();
-        let go = |max_rows: usize| tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, None, max_rows)).unwrap();
+        let go = |max_rows: usize| tch::no_grad(|| run(model, tokenizer, &requests, &mut |_| {}, &|_| false, None, max_rows, None)).unwrap();
         let (whole, none) = go(0);
         assert_eq!(none, 0);
         let mut finishes: Vec<FinishReason> = whole.iter().flatten().map(|s| s.finish).collect();

@@ -703,8 +703,10 @@ impl Transformer {
 
     /// Copies named parameters (Hugging Face names, e.g. published by a learner)
     /// into this model, casting dtype and moving device as needed. Every
-    /// parameter of this model must be given, with its shape.
-    pub fn load_named(&mut self, theirs: impl IntoIterator<Item = (String, Tensor)>) -> Result<()> {
+    /// parameter of this model must be given, with its shape. The values are
+    /// copied in place, so this may run between the decode steps of a
+    /// generation (in-flight weight updates, [`crate::engine::Refresh`]).
+    pub fn load_named(&self, theirs: impl IntoIterator<Item = (String, Tensor)>) -> Result<()> {
         let theirs: std::collections::HashMap<String, Tensor> = theirs.into_iter().collect();
         let ours = self.vs.variables();
         if theirs.len() != ours.len() {

@@ -20,6 +20,8 @@ pub enum ConvertError {
     LengthMismatch { id: u64, field: &'static str, got: usize, want: usize },
     #[error("{message}: cannot decode protobuf ({reason})")]
     Decode { message: &'static str, reason: String },
+    #[error("trajectory {id}: {reason}")]
+    Invalid { id: u64, reason: String },
 }
 
 /// Result alias of this crate.
@@ -128,6 +130,7 @@ pub fn trajectory_to_wire(t: &core::Trajectory, mut timings: v1::Timings) -> v1:
         token_ends: t.token_ends.clone(),
         finish: v1::FinishReason::from(t.finish) as i32,
         timings: Some(timings),
+        version_changes: t.version_changes.iter().map(|&(token, v)| v1::VersionChange { token, version: v.0 }).collect(),
     }
 }
 
@@ -147,6 +150,22 @@ impl TryFrom<v1::Trajectory> for core::Trajectory {
             }
         }
         let prompt = t.prompt.ok_or(ConvertError::Missing { message: "Trajectory", field: "prompt" })?;
+        // Token indices within the completion and increasing; versions above
+        // the first and increasing.
+        let (mut token, mut version) = (0u32, t.policy_version);
+        for (i, c) in t.version_changes.iter().enumerate() {
+            if (i > 0 && c.token <= token) || c.token as usize > want || c.version <= version {
+                return Err(ConvertError::Invalid {
+                    id: t.id,
+                    reason: format!(
+                        "version change {i} (token {}, version {}) after token {token}, version {version} of {want} tokens",
+                        c.token, c.version
+                    ),
+                });
+            }
+            (token, version) = (c.token, c.version);
+        }
+        let version_changes = t.version_changes.iter().map(|c| (c.token, core::PolicyVersion(c.version))).collect();
         Ok(Self {
             id: core::TrajectoryId(t.id),
             group: core::GroupId(t.group),
@@ -161,6 +180,7 @@ impl TryFrom<v1::Trajectory> for core::Trajectory {
             token_ends: t.token_ends,
             finish: finish_reason(t.finish)?,
             generate_ms: t.timings.map_or(0, |x| x.generate_ms),
+            version_changes,
         })
     }
 }

@@ -123,7 +123,8 @@ fn figures(rows: &[Value]) -> Vec<Figure> {
             title: "policy lag of the trained groups",
             panels: vec![Panel::new("policy lag", "versions behind", YAxis::FromZero)
                 .with("mean lag", BLUE, Style::Smoothed, p("lag_mean"))
-                .with("max lag", ORANGE, Style::Smoothed, p("lag_max"))],
+                .with("max lag", ORANGE, Style::Smoothed, p("lag_max"))
+                .with("mean token lag", GREEN, Style::Smoothed, p("token_lag_mean"))],
         },
         Figure {
             file: "throughput",

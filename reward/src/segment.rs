@@ -172,6 +172,7 @@ mod tests {
             token_ends: vec![3, 7, 9, 14, 17, 19, 20],
             finish: FinishReason::Eos,
             generate_ms: 0,
+            version_changes: Vec::new(),
         };
         let steps = seg(Segmentation::Line, "").steps(&t);
         assert_eq!(steps.len(), 3);

@@ -425,5 +425,6 @@ pub fn trajectory(
         token_ends,
         finish: FinishReason::Eos,
         generate_ms: 0,
+        version_changes: Vec::new(),
     }
 }

@@ -70,6 +70,14 @@ pub struct Config {
     /// lengths vary; with `prompts_per_batch` above `max_batch_rows /
     /// group_size`. 0 = every prompt of a batch at once. Default 0.
     pub max_batch_rows: usize,
+    /// In-flight weight updates: a generation asks for newly published
+    /// weights before every decode step and samples on with them instead of
+    /// finishing on the version it began with (the keys and values cached so
+    /// far stay the old weights'); each trajectory records from which token
+    /// each version sampled, the behaviour log-probs are per token anyway,
+    /// and the lag metrics count tokens by version. One process only for
+    /// now. Default false.
+    pub inflight_updates: bool,
 }
 
 impl Default for Config {
@@ -85,6 +93,7 @@ impl Default for Config {
             stop: Vec::new(),
             reject_below: 0.0,
             max_batch_rows: 0,
+            inflight_updates: false,
         }
     }
 }

@@ -35,7 +35,10 @@ pub type RejectStep<'a> = dyn FnMut(usize, &str) -> bool + 'a;
 /// Samples `config.group_size` completions for each `(group, prompt)` with the
 /// model's current weights, tagged `version`. Trajectory ids are
 /// `group * G + sample`, unique within a run because group ids are. With
-/// `reject`, a completion it rejects at a step boundary stops there.
+/// `reject`, a completion it rejects at a step boundary stops there. With
+/// `refresh` (`rollout.inflight_updates`), newer weights may take over
+/// between decode steps ([`engine::Refresh`]); each trajectory records
+/// where ([`Trajectory::version_changes`]).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_groups(
     model: &Transformer,
@@ -46,21 +49,24 @@ pub fn sample_groups(
     version: PolicyVersion,
     seed: u64,
     reject: Option<&mut RejectStep<'_>>,
+    refresh: Option<&mut engine::Refresh<'_>>,
 ) -> Result<Vec<Vec<Trajectory>>> {
     let g = config.group_size;
     let prompts: Vec<Vec<u32>> = work.iter().map(|(_, p)| encode_prompt(tokenizer, p)).collect::<Result<_>>()?;
     let seed = hash64(&[seed, work.first().map_or(0, |(id, _)| id.0), version.0]);
     let started = Instant::now();
     let params = params(config, g, eos, seed);
-    let samples = match reject {
-        None => engine::generate_batched(model, &prompts, &params, config.max_batch_rows, None)?,
-        Some(reject) => {
-            let mut at_step = |request: usize, _sample: usize, tokens: &[u32]| {
-                // A completion that cannot be decoded is let through: the labeler reports it.
-                tokenizer.decode(tokens, true).is_ok_and(|text| reject(request, &text))
-            };
-            engine::generate_batched(model, &prompts, &params, config.max_batch_rows, Some(&mut at_step))?
-        }
+    let reject_given = reject.is_some();
+    let mut reject = reject;
+    let mut at_step = |request: usize, _sample: usize, tokens: &[u32]| {
+        // A completion that cannot be decoded is let through: the labeler reports it.
+        let reject = reject.as_deref_mut().expect("asked only with a reject hook");
+        tokenizer.decode(tokens, true).is_ok_and(|text| reject(request, &text))
+    };
+    let at_step = if reject_given { Some(&mut at_step as &mut engine::StepHook<'_>) } else { None };
+    let samples = match refresh {
+        None => engine::generate_batched(model, &prompts, &params, config.max_batch_rows, at_step)?,
+        Some(refresh) => engine::generate_refreshed(model, &prompts, &params, config.max_batch_rows, at_step, refresh)?,
     };
     let generate_ms = started.elapsed().as_millis() as u64;
     Ok(work
@@ -85,6 +91,7 @@ pub fn sample_groups(
                     token_ends: s.token_ends,
                     finish: s.finish,
                     generate_ms,
+                    version_changes: s.versions.iter().filter(|&&(_, v)| v > version.0).map(|&(at, v)| (at, PolicyVersion(v))).collect(),
                 })
                 .collect()
         })
@@ -106,7 +113,7 @@ mod tests {
         let config = Config { group_size: 4, max_new_tokens: 12, ..Config::default() };
         let eos = loaded.generation.eos_token_ids.clone();
         let groups =
-            sample_groups(&loaded.model, &loaded.tokenizer, &work, &config, &eos, PolicyVersion(7), 1, None).unwrap();
+            sample_groups(&loaded.model, &loaded.tokenizer, &work, &config, &eos, PolicyVersion(7), 1, None, None).unwrap();
         assert_eq!(groups.len(), 3);
         for (gi, group) in groups.iter().enumerate() {
             assert_eq!(group.len(), 4);
@@ -124,6 +131,26 @@ mod tests {
         }
         // An untrained model's samples differ within a group.
         assert!(groups[0].iter().any(|t| t.tokens != groups[0][0].tokens));
+        assert!(groups.iter().flatten().all(|t| t.version_changes.is_empty()));
+        // Newer weights after the second decode step (version 9): every
+        // trajectory still running records that tokens 2.. are version 9's.
+        let other = prism_model::load("builtin:tiny-arith", &LoadOptions { seed: 5, ..Default::default() }).unwrap();
+        let mut calls = 0;
+        let mut refresh = || {
+            calls += 1;
+            (calls == 2).then(|| {
+                loaded.model.load_named(other.model.var_store().variables()).unwrap();
+                9
+            })
+        };
+        let groups =
+            sample_groups(&loaded.model, &loaded.tokenizer, &work, &config, &eos, PolicyVersion(7), 1, None, Some(&mut refresh)).unwrap();
+        for t in groups.iter().flatten().filter(|t| t.tokens.len() > 2) {
+            assert_eq!(t.version_changes, vec![(2, PolicyVersion(9))]);
+            let versions: Vec<u64> = t.token_versions().map(|v| v.0).collect();
+            assert_eq!(&versions[..3], &[7, 7, 9]);
+        }
+        assert!(groups.iter().flatten().any(|t| t.tokens.len() > 2));
     }
 
     /// A step hook that rejects every partial completion at its second line
@@ -139,7 +166,7 @@ mod tests {
         let config = Config { group_size: 8, max_new_tokens: 40, ..Config::default() };
         let eos = loaded.generation.eos_token_ids.clone();
         let (m, tok) = (&loaded.model, &loaded.tokenizer);
-        let plain = sample_groups(m, tok, &work, &config, &eos, PolicyVersion(1), 3, None).unwrap();
+        let plain = sample_groups(m, tok, &work, &config, &eos, PolicyVersion(1), 3, None, None).unwrap();
         let mut asked = 0;
         let mut reject = |i: usize, text: &str| {
             assert!(i < work.len());
@@ -147,7 +174,7 @@ mod tests {
             asked += 1;
             text.matches('\n').count() >= 2
         };
-        let hooked = sample_groups(m, tok, &work, &config, &eos, PolicyVersion(1), 3, Some(&mut reject)).unwrap();
+        let hooked = sample_groups(m, tok, &work, &config, &eos, PolicyVersion(1), 3, Some(&mut reject), None).unwrap();
         assert!(asked > 0, "the hook was asked at step boundaries");
         let mut rejected = 0;
         for (a, b) in plain.iter().flatten().zip(hooked.iter().flatten()) {

@@ -53,7 +53,7 @@ pub fn rollout(config: &Config, args: &RolloutArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let (mut samples, mut tokens) = (0, 0);
         for (k, part) in work.chunks(chunk).enumerate() {
-            let groups = sampler::sample_groups(&loaded.model, &loaded.tokenizer, part, &cfg, &eos, PolicyVersion(k as u64), config.run.seed, None)
+            let groups = sampler::sample_groups(&loaded.model, &loaded.tokenizer, part, &cfg, &eos, PolicyVersion(k as u64), config.run.seed, None, None)
                 .context("sampling")?;
             samples += groups.iter().map(Vec::len).sum::<usize>();
             tokens += groups.iter().flatten().map(|t| t.tokens.len()).sum::<usize>();

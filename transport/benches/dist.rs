@@ -39,6 +39,7 @@ fn trajectory(id: u64, len: usize) -> Trajectory {
         text,
         finish: FinishReason::Eos,
         generate_ms: 1000,
+        version_changes: Vec::new(),
     }
 }
 

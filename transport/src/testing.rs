@@ -113,6 +113,7 @@ pub fn trajectory(id: u64, len: usize) -> Trajectory {
         text,
         finish: FinishReason::Eos,
         generate_ms: 7,
+        version_changes: Vec::new(),
     }
 }
 

@@ -41,6 +41,7 @@ fn sample(id: u64, n: usize, outcome: f32, steps: &[(Range<u32>, Option<f32>)]) 
             token_ends: (1..=n as u32).collect(),
             finish: FinishReason::Eos,
             generate_ms: 0,
+            version_changes: Vec::new(),
         },
         label: RewardLabel {
             outcome,

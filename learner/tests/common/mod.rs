@@ -180,6 +180,7 @@ pub fn labeled(
             token_ends: (1..=n).collect(),
             finish: FinishReason::Eos,
             generate_ms: 0,
+            version_changes: Vec::new(),
         },
         label: RewardLabel {
             outcome,

@@ -36,7 +36,7 @@ fn adapted(lora: &LoraConfig) -> Transformer {
 }
 
 fn merged_model(model: &Transformer) -> Transformer {
-    let mut plain = Transformer::new(config(), Device::Cpu, Dtype::F32, 0).unwrap();
+    let plain = Transformer::new(config(), Device::Cpu, Dtype::F32, 0).unwrap();
     plain.load_named(model.merged_weights()).unwrap();
     plain
 }

@@ -26,6 +26,7 @@ fn trajectory() -> Trajectory {
         text,
         finish: FinishReason::Stop,
         generate_ms: 1234,
+        version_changes: Vec::new(),
     }
 }
 
@@ -48,6 +49,28 @@ fn trajectory_round_trips_through_bytes() {
     let bytes = v1::Trajectory::from(&t).encode_to_vec();
     let back: Trajectory = decode::<v1::Trajectory>("Trajectory", &bytes).unwrap().try_into().unwrap();
     assert_eq!(back, t);
+}
+
+/// Version changes of an in-flight update travel; out-of-order or
+/// out-of-range ones are refused by name.
+#[test]
+fn version_changes_round_trip_and_bad_ones_are_refused() {
+    let mut t = trajectory();
+    t.version_changes = vec![(1, PolicyVersion(13)), (3, PolicyVersion(15))];
+    let wire = v1::Trajectory::from(&t);
+    let back: Trajectory = decode::<v1::Trajectory>("Trajectory", &wire.encode_to_vec()).unwrap().try_into().unwrap();
+    assert_eq!(back, t);
+    for (changes, what) in [
+        (vec![(1, 12)], "not above policy_version"),
+        (vec![(2, 13), (2, 14)], "token not increasing"),
+        (vec![(1, 14), (2, 13)], "version not increasing"),
+        (vec![(5, 13)], "past the tokens"),
+    ] {
+        let mut bad = wire.clone();
+        bad.version_changes = changes.iter().map(|&(token, version)| v1::VersionChange { token, version }).collect();
+        let err = Trajectory::try_from(bad).unwrap_err().to_string();
+        assert!(err.contains("trajectory 41") && err.contains("version change"), "{what}: {err}");
+    }
 }
 
 #[test]
