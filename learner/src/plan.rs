@@ -8,29 +8,48 @@
 //! KV cache a rollout engine needs for a batch.
 //!
 //! The activation model counts the values autograd keeps per token and
-//! layer in [`prism_model::Transformer`]'s training pass ([`saved_per_layer`];
-//! with those counts the live bytes of CPU steps match within 6 % when glibc
-//! hands every block back, `MALLOC_MMAP_THRESHOLD_=131072`), times
-//! [`ALLOCATOR_FACTOR`] for what the allocator holds beyond them, plus the
-//! vocabulary-sized tensors of the loss over the trained window
-//! ([`LOGIT_COPIES`]). Both factors are measured on CPU training steps of
-//! random-weight models with glibc's default allocator (`prism plan
-//! --measure`; `benches/plan.sh` prints the plan beside the measured peak for
-//! SmolLM2-135M and tiny configs at several shapes). Under CUDA's bf16
-//! autocast the projections' outputs take 2 bytes instead of 4; that part is
-//! derived, not measured here (no GPU). With activations recomputed per layer
-//! the plan is within 7 % on SmolLM2-135M, but tiny deep and wide configs
-//! at 16 × 512 peak about 0.6 GB above it whatever their layer size (the same
-//! with one malloc arena, one thread, or no grouped-query attention): not
-//! explained yet (see `benches/plan.sh`).
+//! layer in [`prism_model::Transformer`]'s training pass ([`saved_per_layer`])
+//! and the vocabulary-sized tensors of the loss over the trained window
+//! ([`LOGIT_COPIES`]), with the gradients in flight beside them
+//! ([`TRANSIENT_FACTOR`], [`RECOMPUTED_FACTOR`]): the live bytes, which
+//! match CPU steps within 5 % when glibc hands every freed block back
+//! (`MALLOC_MMAP_THRESHOLD_=131072`). With glibc's default allocator the
+//! process holds more: tensors up to its mmap threshold (which rises to 32
+//! MiB) come from its heap, and a freed block there stays resident and is
+//! split by smaller requests, so the next large ones grow the heap. That
+//! free heap ([`RETAINED_HEAP`], [`retained_bytes`]) is what the plan missed
+//! with activations recomputed on tiny configs (deep: 0.41 GB live, 0.97
+//! GB resident) and with LoRA (SmolLM2-135M 8 × 256: 3.93 GB live, 6.27
+//! resident); full training hid it because the gradients and AdamW's
+//! moments, allocated after the first backward pass, take those blocks
+//! ([`activations_beside`]). The factors are measured on CPU training steps
+//! of random-weight models (`prism plan --measure`; `benches/plan.sh`
+//! prints the plan beside the measured peak for SmolLM2-135M and tiny
+//! configs at several shapes). Under CUDA's bf16 autocast the projections'
+//! outputs take 2 bytes instead of 4 (derived, not measured here: no GPU),
+//! and the plan counts the live bytes only: CUDA's caching allocator hands
+//! freed blocks out again to requests of their size, and what it holds
+//! beyond them is unmeasured.
 
 use crate::optim::sharded::Stage;
 use prism_model::ModelConfig;
 
-/// Measured: resident bytes of the layers' activations over the values
-/// [`saved_per_layer`] counts (1.20 to 1.42 on the configs of
-/// `benches/plan.sh`: blocks the allocator keeps, gradients in flight).
-pub const ALLOCATOR_FACTOR: f64 = 1.3;
+/// Measured: live bytes of the kept layers' activations at the peak over
+/// the values [`saved_per_layer`] counts (1.05 to 1.10 with every freed
+/// block handed back): the gradients of the last layer's values, in flight
+/// when its backward pass starts.
+pub const TRANSIENT_FACTOR: f64 = 1.1;
+/// Measured: live bytes of one recomputed layer at its peak over the values
+/// it keeps (1.41 to 1.45 with every freed block handed back): its backward
+/// pass holds their gradients, up to about half as much again, beside them.
+pub const RECOMPUTED_FACTOR: f64 = 1.45;
+/// Measured: free heap glibc keeps resident at the peak of two training
+/// steps, as a share of the bytes of the values every layer keeps in one
+/// pass (the resident peak less the live one, [`saved_per_layer`] × layers:
+/// 0.25 to 0.81 on the configs of `benches/plan.sh`, kept or recomputed,
+/// LoRA or not). Each layer's forward and backward pass frees blocks that
+/// the next requests split, so the heap keeps growing by the largest ones.
+pub const RETAINED_HEAP: f64 = 0.4;
 /// Measured: vocabulary-sized float32 tensors per trained token at the peak
 /// (the logits, their log-softmax and its gradient, entropy's temporaries;
 /// 4.0 to 4.3 measured).
@@ -133,24 +152,62 @@ pub fn saved_per_layer(c: &ModelConfig) -> (u64, u64) {
     (norms, attention + 4 * f)
 }
 
-/// The peak bytes of one micro-batch's forward and backward pass.
+/// Bytes of the values one decoder layer keeps in a pass of `s`.
+fn layer_values(c: &ModelConfig, s: &Shape) -> f64 {
+    let projection = if s.bf16 { 2.0 } else { 4.0 };
+    let (full, proj) = saved_per_layer(c);
+    (s.micro_batch * s.seq_len) as f64 * (full as f64 * 4.0 + proj as f64 * projection)
+}
+
+/// The peak bytes of one micro-batch's forward and backward pass: the live
+/// bytes, and the free heap the allocator holds beside them
+/// ([`retained_bytes`]) as if nothing else took it (see
+/// [`activations_beside`]).
 pub fn activation_bytes(c: &ModelConfig, s: &Shape) -> u64 {
+    live_bytes(c, s) + retained_bytes(c, s)
+}
+
+/// The bytes of one micro-batch's pass that are live at its peak.
+pub fn live_bytes(c: &ModelConfig, s: &Shape) -> u64 {
     let tokens = (s.micro_batch * s.seq_len) as f64;
     let positions = if s.logit_chunk > 0 { s.window.min(s.logit_chunk) } else { s.window };
     let trained = (s.micro_batch * positions) as f64;
-    let projection = if s.bf16 { 2.0 } else { 4.0 };
-    let (full, proj) = saved_per_layer(c);
-    let layer = ALLOCATOR_FACTOR * (full as f64 * 4.0 + proj as f64 * projection);
+    let layer = layer_values(c, s);
     let layers = c.num_layers as f64;
-    let kept = if s.checkpoint_activations {
-        // Each layer's input (the residual stream, float32), and one layer
-        // recomputed at a time.
-        layers * c.hidden_size as f64 * 4.0 + layer
+    let logits = trained * LOGIT_COPIES * c.vocab_size as f64 * 4.0;
+    // Each layer's input (the residual stream, float32).
+    let inputs = tokens * layers * c.hidden_size as f64 * 4.0;
+    let live = if s.checkpoint_activations {
+        // The loss runs, and lets its logits go, before the first layer is
+        // recomputed: beside the layers' inputs, the larger of the two.
+        inputs + logits.max(RECOMPUTED_FACTOR * layer)
     } else {
-        layers * layer
+        // The loss runs with every layer's values kept.
+        TRANSIENT_FACTOR * layers * layer + logits
     };
-    let logits = LOGIT_COPIES * c.vocab_size as f64 * 4.0;
-    (tokens * kept + trained * logits).ceil() as u64
+    live.ceil() as u64
+}
+
+/// Free heap the allocator keeps resident at the peak ([`RETAINED_HEAP`]
+/// of the values every layer keeps in a pass, kept or recomputed: both free
+/// every layer's blocks once a step). It stays resident into the next
+/// step's loss, so it adds to the logits as much as to the layers.
+/// CUDA plans (bf16 autocast) count none: its caching allocator hands
+/// freed blocks out again to requests of their size, and what it holds
+/// beyond the live bytes is not measured here (no GPU).
+pub fn retained_bytes(c: &ModelConfig, s: &Shape) -> u64 {
+    if s.bf16 {
+        return 0;
+    }
+    (RETAINED_HEAP * c.num_layers as f64 * layer_values(c, s)).ceil() as u64
+}
+
+/// [`activation_bytes`] beside `state` bytes of gradients, optimizer state
+/// and update buffers: those are allocated in the first step's backward
+/// pass and update, into the blocks its activations freed, so the free heap
+/// the allocator keeps counts only where it exceeds them.
+pub fn activations_beside(c: &ModelConfig, s: &Shape, state: u64) -> u64 {
+    live_bytes(c, s) + retained_bytes(c, s).saturating_sub(state)
 }
 
 /// What a learner rank holds for `c` with `ranks` ranks sharding as `stage`
@@ -160,13 +217,14 @@ pub fn activation_bytes(c: &ModelConfig, s: &Shape) -> u64 {
 pub fn rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, reference: bool, weight_bytes: u64) -> RankBytes {
     let p = parameters(c);
     let (optimizer, buffers) = optimizer_bytes(p, ranks, stage, bucket_bytes, weight_bytes);
+    let gradients = gradient_bytes(p, layer_parameters(c), c.num_layers as u64, stage, s.checkpoint_activations, bucket_bytes, weight_bytes);
     RankBytes {
         weights: weight_bytes * p,
         reference: if reference { weight_bytes * p } else { 0 },
-        gradients: gradient_bytes(p, layer_parameters(c), c.num_layers as u64, stage, s.checkpoint_activations, bucket_bytes, weight_bytes),
+        gradients,
         optimizer,
         buffers,
-        activations: activation_bytes(c, s),
+        activations: activations_beside(c, s, gradients + optimizer + buffers),
     }
 }
 
@@ -203,17 +261,19 @@ pub fn lora_parameters(c: &ModelConfig, r: u64) -> u64 {
 /// model's parameters would be ([`rank_bytes`]: in the weights' type, with
 /// their gradients, AdamW moments and float32 masters when narrower, sharded
 /// as `stage` says), and the activations of full training (the backward pass
-/// still runs through every layer).
+/// still runs through every layer), beside the adapters' state: too small to
+/// take the free heap the pass leaves, which then shows ([`activations_beside`]).
 pub fn lora_rank_bytes(c: &ModelConfig, s: &Shape, ranks: u64, stage: Option<Stage>, bucket_bytes: u64, weight_bytes: u64, r: u64) -> RankBytes {
     let a = lora_parameters(c, r);
     let (optimizer, buffers) = optimizer_bytes(a, ranks, stage, bucket_bytes, weight_bytes);
+    let gradients = gradient_bytes(a, a / (c.num_layers as u64).max(1), c.num_layers as u64, stage, s.checkpoint_activations, bucket_bytes, weight_bytes);
     RankBytes {
         weights: weight_bytes * (parameters(c) + a),
         reference: 0,
-        gradients: gradient_bytes(a, a / (c.num_layers as u64).max(1), c.num_layers as u64, stage, s.checkpoint_activations, bucket_bytes, weight_bytes),
+        gradients,
         optimizer,
         buffers,
-        activations: activation_bytes(c, s),
+        activations: activations_beside(c, s, gradients + optimizer + buffers),
     }
 }
 
@@ -266,7 +326,9 @@ mod tests {
         let bf16_sharded = rank_bytes(&c, &s, 4, Some(Stage::Gradients), 64 << 20, true, 2);
         assert_eq!((bf16_sharded.weights, bf16_sharded.optimizer), (2 * p, 12 * p.div_ceil(4)));
         let checkpointed = Shape { checkpoint_activations: true, ..s };
-        assert!(activation_bytes(&c, &checkpointed) < activation_bytes(&c, &s) / 3);
+        // The live bytes: the free heap the allocator keeps is of the same
+        // order either way (measured), so it is left out of the comparison.
+        assert!(live_bytes(&c, &checkpointed) < live_bytes(&c, &s) / 3);
         // ZeRO-2 with recomputed layers: the gradients of the embedding
         // (576 × 49152) and the final norm, one layer's (3.54M parameters)
         // and a bucket's worth (64 MB as float32: 16.8M) waiting.
@@ -293,7 +355,10 @@ mod tests {
         let a = lora_parameters(&c, 16);
         // bf16: the adapters in bf16, their gradients too, moments and masters in float32.
         assert_eq!((lora.weights, lora.reference, lora.gradients, lora.optimizer), (2 * (parameters(&c) + a), 0, 2 * a, 12 * a));
-        assert_eq!(lora.activations, activation_bytes(&c, &s));
+        // The adapters' state is too small to fill the heap the pass frees:
+        // the free heap the allocator keeps shows, as it does measured.
+        assert_eq!(lora.activations, activations_beside(&c, &s, lora.gradients + lora.optimizer + lora.buffers));
+        assert!(lora.activations > live_bytes(&c, &s) + retained_bytes(&c, &s) / 2);
     }
 
     #[test]
