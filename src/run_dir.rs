@@ -71,7 +71,7 @@ pub fn latest_resumable(root: &Path, run_id: &str) -> std::io::Result<Option<Pat
 /// sort by start time and two runs started in the same second do not collide.
 pub fn new_run_id(now: SystemTime, suffix: u16) -> String {
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let (y, m, d) = prism_model::chat::civil_from_days((secs / 86_400) as i64);
     let s = secs % 86_400;
     format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{suffix:04x}", s / 3600, s % 3600 / 60, s % 60)
 }
@@ -80,20 +80,6 @@ fn random_suffix() -> u16 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     (SystemTime::now(), std::process::id()).hash(&mut h);
     h.finish() as u16
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard
-/// Hinnant's `civil_from_days` algorithm (http://howardhinnant.github.io/date_algorithms.html).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]

@@ -223,8 +223,9 @@ fn strftime(format: &str, seconds: u64) -> std::result::Result<String, minijinja
 }
 
 /// The proleptic Gregorian (year, month, day) of `days` since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+/// (Howard Hinnant's `civil_from_days`,
+/// http://howardhinnant.github.io/date_algorithms.html).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
