@@ -1028,8 +1028,6 @@ impl<P: Policy> Learner<P> {
     }
 }
 
-/// `indices` in runs of rows with the same prompt, each run in the order its
-/// rows come, the runs in the order of their first row.
 /// Whether `rows` are more than one, all with one prompt.
 fn one_prompt(rows: &[&Row]) -> bool {
     rows.len() > 1 && rows.iter().all(|r| r.prompt == rows[0].prompt)
@@ -1052,6 +1050,8 @@ impl LayerGrads for Streamer<'_> {
     }
 }
 
+/// `indices` in runs of rows with the same prompt, each run in the order its
+/// rows come, the runs in the order of their first row.
 fn by_prompt(rows: &[Row], indices: &[usize]) -> Vec<Vec<usize>> {
     let mut runs: Vec<Vec<usize>> = Vec::new();
     let mut run_of: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
