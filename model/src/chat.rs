@@ -61,14 +61,17 @@ pub fn render(
     });
     env.set_unknown_method_callback(python_method);
     let tmpl = env.template_from_str(template).map_err(|e| Error::Template(e.to_string()))?;
-    let ctx = minijinja::context! {
-        messages => messages_value(messages),
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token.unwrap_or(""),
-        eos_token => eos_token.unwrap_or(""),
-        ..Value::from(kwargs.iter().map(|(k, v)| (k.clone(), json_value(v))).collect::<std::collections::BTreeMap<String, Value>>())
-    };
-    tmpl.render(ctx).map_err(|e| Error::Template(e.to_string()))
+    // A special token the tokenizer lacks is left undefined, as transformers
+    // passes only the tokens its tokenizer has.
+    let mut vars: std::collections::BTreeMap<String, Value> = kwargs.iter().map(|(k, v)| (k.clone(), json_value(v))).collect();
+    vars.insert("messages".into(), messages_value(messages));
+    vars.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
+    for (name, token) in [("bos_token", bos_token), ("eos_token", eos_token)] {
+        if let Some(t) = token {
+            vars.insert(name.into(), Value::from(t));
+        }
+    }
+    tmpl.render(Value::from(vars)).map_err(|e| Error::Template(e.to_string()))
 }
 
 /// A JSON value as the template sees it.
@@ -242,6 +245,17 @@ mod tests {
     use super::strftime;
 
     /// Expected strings from Python: `datetime.fromtimestamp(t, timezone.utc).strftime(f)`.
+    /// A tokenizer without a bos token leaves `bos_token` undefined, as
+    /// transformers does (it passes only the special tokens it has); it
+    /// renders empty where a template just prints it.
+    #[test]
+    fn a_missing_special_token_is_undefined() {
+        let t = "{% if bos_token is defined %}bos={{ bos_token }}{% else %}no bos{% endif %}|{{ bos_token }}|{{ eos_token }}|{{ x }}";
+        let kwargs: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"x": 3}"#).unwrap();
+        assert_eq!(super::render(t, &[], false, None, Some("</s>"), &kwargs).unwrap(), "no bos||</s>|3");
+        assert_eq!(super::render(t, &[], false, Some("<s>"), Some("</s>"), &kwargs).unwrap(), "bos=<s>|<s>|</s>|3");
+    }
+
     #[test]
     fn strftime_formats_as_python_does() {
         let f = "%Y-%m-%d %H:%M:%S|%d %b %Y|%A %a %B %j %I%p %y %e %w %u %F %T %%";
