@@ -124,17 +124,20 @@ impl WorkSource for SourceBridge {
         if !earlier.is_empty() {
             tracing::warn!(worker, groups = earlier.len(), "groups delivered that an earlier learner of the run issued (dropped as superseded)");
         }
+        // Reported and awaited in one step, under the `reported` lock the
+        // learner's ingestion also holds (see `ingest`): else a group
+        // ingested between the two would be awaited after it was taken, and
+        // counted lost at the end besides trained or dropped.
         let fresh: Vec<u64> = {
             let mut seen = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-            ours.iter().copied().filter(|g| seen.insert(*g)).collect()
-        };
-        if fresh.len() < ours.len() {
-            tracing::warn!(worker, groups = ours.len() - fresh.len(), "groups delivered a second time (not counted again)");
-        }
-        {
+            let fresh: Vec<u64> = ours.iter().copied().filter(|g| seen.insert(*g)).collect();
             let mut awaiting = self.awaiting.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             awaiting.extend(fresh.iter().map(|g| (*g, (now, per_group))));
+            fresh
+        };
+        if fresh.len() < ours.len() {
+            tracing::warn!(worker, groups = ours.len() - fresh.len(), "groups delivered a second time (not counted again)");
         }
         let fresh = fresh.len() as u64;
         for g in groups {
@@ -377,10 +380,15 @@ impl Loop {
                     (group.0, trajectories.len() as u64)
                 }
             };
-            if !self.reported.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
-                self.ingested.insert(id, size);
+            {
+                // Under the `reported` lock, as a Delivered report records its
+                // groups: the report comes wholly before this or wholly after.
+                let reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+                if !reported.contains(&id) {
+                    self.ingested.insert(id, size);
+                }
+                self.awaiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             }
-            self.awaiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             match group {
                 Assembled::Failed { entries, .. } | Assembled::Complete { entries, .. } if id < self.first_group => {
                     tracing::info!(group = id, trajectories = size, "dropping a group an earlier learner of the run issued");
