@@ -66,10 +66,10 @@ impl Generate for ModelGenerator {
         let model = &self.model;
         let (mut held, mut failed) = (version, None);
         let mut refresh = || -> Option<u64> {
-            let weights = newer(held).filter(|w| w.version > held)?;
             if failed.is_some() {
                 return None;
             }
+            let weights = newer(held).filter(|w| w.version > held)?;
             match load_into(model, &weights) {
                 Ok(()) => {
                     held = weights.version;

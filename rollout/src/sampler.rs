@@ -56,14 +56,13 @@ pub fn sample_groups(
     let seed = hash64(&[seed, work.first().map_or(0, |(id, _)| id.0), version.0]);
     let started = Instant::now();
     let params = params(config, g, eos, seed);
-    let reject_given = reject.is_some();
-    let mut reject = reject;
-    let mut at_step = |request: usize, _sample: usize, tokens: &[u32]| {
-        // A completion that cannot be decoded is let through: the labeler reports it.
-        let reject = reject.as_deref_mut().expect("asked only with a reject hook");
-        tokenizer.decode(tokens, true).is_ok_and(|text| reject(request, &text))
-    };
-    let at_step = if reject_given { Some(&mut at_step as &mut engine::StepHook<'_>) } else { None };
+    let mut at_step = reject.map(|reject| {
+        move |request: usize, _sample: usize, tokens: &[u32]| {
+            // A completion that cannot be decoded is let through: the labeler reports it.
+            tokenizer.decode(tokens, true).is_ok_and(|text| reject(request, &text))
+        }
+    });
+    let at_step = at_step.as_mut().map(|f| f as &mut engine::StepHook<'_>);
     let samples = match refresh {
         None => engine::generate_batched(model, &prompts, &params, config.max_batch_rows, at_step)?,
         Some(refresh) => engine::generate_refreshed(model, &prompts, &params, config.max_batch_rows, at_step, refresh)?,
