@@ -1,5 +1,5 @@
-// y = res + x · wᵀ for a few rows of x, in float32: the matrix products of a
-// decode step of 1 to 64 sequences, where MKL's sgemm (with w as torch stores
+// y = res + x · wᵀ for a few rows of x, in float32 (w in float32 or
+// bfloat16): the matrix products of a decode step of 1 to 64 sequences, where MKL's sgemm (with w as torch stores
 // it, [N, K] row-major) reaches about a fifth of the machine's FMA rate. The
 // kernel is in gemm.h; row blocks are split over torch's OpenMP threads (the
 // same pool, so no thread competes with torch's).
@@ -13,10 +13,11 @@
 
 extern "C" {
 
-// 1 when this CPU has AVX-512F and FMA, else 0.
+// 1 when this CPU has AVX-512 (F, BW, VL) and FMA, else 0.
 int prism_small_gemm_supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
 }
 
 // The most rows of x one call takes.
@@ -31,7 +32,17 @@ PRISM_AVX512 int prism_small_gemm(const float* x, int64_t ldx, const float* w, i
                                   const float* res, int64_t ldr, int64_t M, int64_t N, int64_t K, int threads) {
   if (M < 1 || M > prism::kMaxRows || ldw != K) return -1;
 #pragma omp parallel num_threads(threads < 1 ? 1 : threads)
-  prism::gemm_for(x, ldx, w, K, y, ldy, res, ldr, nullptr, M, N);
+  prism::gemm_for(x, ldx, w, K, y, ldy, res, ldr, static_cast<const float*>(nullptr), M, N);
+  return 0;
+}
+
+// prism_small_gemm with w in bfloat16 (x, y and res float32; y not rounded).
+PRISM_AVX512 int prism_small_gemm_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y,
+                                       int64_t ldy, const float* res, int64_t ldr, int64_t M, int64_t N, int64_t K,
+                                       int threads) {
+  if (M < 1 || M > prism::kMaxRows || ldw != K) return -1;
+#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+  prism::gemm_for(x, ldx, w, K, y, ldy, res, ldr, static_cast<const float*>(nullptr), M, N);
   return 0;
 }
 
