@@ -398,8 +398,8 @@ pub fn rollout(config: &Config) -> Result<()> {
         };
         let summary = rollout::run(args, &config.redis, train::ctrl_c()).await?;
         println!(
-            "rollout: {} groups ({} trajectories) sampled, {} weight versions pulled, {} received by broadcast",
-            summary.groups, summary.trajectories, summary.weight_pulls, summary.weight_broadcasts
+            "rollout: {} groups ({} trajectories) sampled, {} weight versions pulled ({} bytes), {} received by broadcast",
+            summary.groups, summary.trajectories, summary.weight_pulls, summary.weight_bytes, summary.weight_broadcasts
         );
         Ok(())
     })

@@ -122,8 +122,14 @@ struct Cluster {
 }
 
 fn start(redis_url: &str, steps: u64) -> Cluster {
+    start_with(redis_url, steps, &[])
+}
+
+/// [`start`] with `extra` settings for every process.
+fn start_with(redis_url: &str, steps: u64, extra: &[&str]) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
-    let sets = settings(dir.path(), redis_url, free_port(), steps);
+    let mut sets = settings(dir.path(), redis_url, free_port(), steps);
+    sets.extend(extra.iter().map(|s| s.to_string()));
     let learner = Proc::spawn(dir.path(), "learner", "learner", &sets);
     let rollouts = (0..2).map(|i| Proc::spawn(dir.path(), &format!("rollout{i}"), "rollout", &sets)).collect();
     let rewards = (0..2).map(|i| Proc::spawn(dir.path(), &format!("reward{i}"), "reward", &sets)).collect();
@@ -235,6 +241,47 @@ fn learner_two_rollouts_and_two_rewards_train_and_balance() {
         })
         .sum();
     assert!(labeled >= summary["ledger"]["trained"].as_u64().unwrap(), "{labeled} labeled: {summary}");
+}
+
+/// `line` without its ANSI colour codes (`ESC [ … m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A LoRA learner (`learner.lora`) sends each rollout process its frozen
+/// base once and then each version's adapters alone, which the rollout
+/// merges: the run trains and balances, and the bytes a rollout fetched are
+/// the base's plus a few percent of it per later version.
+#[test]
+fn a_lora_learner_sends_its_base_once_and_then_adapters_alone() {
+    let redis = TestRedis::start();
+    let mut c = start_with(&redis.url, 4, &["learner.lora.rank=4", "learner.lora.alpha=8", "learner.lr=1e-3"]);
+    let summary = c.finish();
+    let learner = c.learner.output();
+    assert_balanced(&summary, 4, &learner);
+    for p in &c.rollouts {
+        let out = p.output();
+        let line = out.lines().find(|l| l.starts_with("rollout: ")).unwrap_or_else(|| panic!("{}:\n{out}", p.name));
+        // "rollout: G groups (T trajectories) sampled, N weight versions pulled (B bytes), …"
+        let pulled = line.split(", ").nth(1).unwrap();
+        let pulls: u64 = pulled.split(' ').next().unwrap().parse().unwrap();
+        let bytes: u64 = pulled.split('(').nth(1).and_then(|b| b.split(' ').next()).unwrap().parse().unwrap();
+        let fetched: Vec<String> = out.lines().filter(|l| l.contains("frozen base fetched")).map(without_colours).collect();
+        assert_eq!(fetched.len(), 1, "{}: the base once:\n{out}", p.name);
+        let base: u64 = fetched[0].split("bytes=").nth(1).and_then(|b| b.split(|c: char| !c.is_ascii_digit()).next()).unwrap().parse().unwrap();
+        eprintln!("{}: {line}; the base {base} bytes", p.name);
+        assert!(pulls >= 1, "{line}");
+        assert!(bytes > base && bytes - base < pulls * base / 5, "{}: {bytes} bytes over {pulls} pulls with a base of {base}: {line}", p.name);
+    }
 }
 
 #[test]

@@ -8,10 +8,10 @@ use crate::backend::{
 use prism_core::{GroupId, LabeledTrajectory, PolicyVersion, Prompt, RewardLabel, Trajectory, TrajectoryId};
 use prism_learner::optim::sharded::Sharding;
 use prism_learner::{CheckpointMeta, Learner, Policy};
-use prism_model::{engine, SamplingParams, Tokenizer, Transformer};
+use prism_model::{engine, LoraParts, SamplingParams, Tokenizer, Transformer};
 use prism_rollout::sampler;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The cheap score of the newest step of a partial completion of a prompt
 /// (see [`prism_reward::Labeler::score_partial`]), for early rejection.
@@ -289,12 +289,21 @@ impl Train for PolicyTrainer {
 
     fn weights(&self) -> BackendResult<Arc<WeightSet>> {
         let _guard = tch::no_grad_guard();
-        // Merged weights are new tensors, and the rest of a LoRA model is its
-        // frozen base, which training never writes: neither needs a copy.
         // A whole model's parameters are copied (the next step writes them).
-        let adapters = self.learner.policy().has_adapters();
-        let tensors = self.learner.policy().published().into_iter().map(|(name, t)| (name, if adapters { t } else { t.copy() })).collect();
-        Ok(WeightSet::new(PolicyVersion(self.version), tensors))
+        // A LoRA model's merged weights are new tensors, the rest is its
+        // frozen base, which training never writes, and the adapters come
+        // copied: none needs a copy here.
+        let policy = self.learner.policy();
+        let version = PolicyVersion(self.version);
+        let Some((scale, adapters)) = policy.published_adapters() else {
+            let tensors = policy.published().into_iter().map(|(name, t)| (name, t.copy())).collect();
+            return Ok(WeightSet::new(version, tensors));
+        };
+        // The frozen base, shared: what a transport sends once, the adapters
+        // after it (`LoraParts`).
+        let base = prism_learner::policy::named_variables(policy.var_store()).into_iter().map(|(n, t)| (n, t.detach())).collect();
+        let parts = LoraParts { scale, base: Mutex::new(base), adapters: Mutex::new(adapters) };
+        Ok(WeightSet::with_lora(version, policy.published(), parts))
     }
 
     fn admit(&self, group: &[LabeledTrajectory]) -> Result<(), DropReason> {

@@ -123,6 +123,14 @@ pub trait Policy {
         named_variables(self.var_store()).into_iter().map(|(n, t)| (n, t.detach())).collect()
     }
 
+    /// With adapters: their scale and themselves under their PEFT names,
+    /// copied ([`prism_model::lora::merge_named`] over the frozen
+    /// [`Policy::var_store`] makes [`Policy::published`] of them); `None`
+    /// without.
+    fn published_adapters(&self) -> Option<(f64, Vec<(String, Tensor)>)> {
+        None
+    }
+
     /// The vocabulary size and the most positions one sequence may have,
     /// where the model knows them: inputs past either are refused before they
     /// reach the model (an embedding lookup past the vocabulary panics).
@@ -302,6 +310,10 @@ impl Policy for prism_model::Transformer {
 
     fn published(&self) -> Vec<(String, Tensor)> {
         self.merged_weights()
+    }
+
+    fn published_adapters(&self) -> Option<(f64, Vec<(String, Tensor)>)> {
+        self.adapter_weights()
     }
 
     fn set_adapters_enabled(&self, on: bool) {

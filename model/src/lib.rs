@@ -27,7 +27,7 @@ pub use engine::{Sample, SamplingParams};
 pub use lora::LoraConfig;
 pub use tokenizer::Tokenizer;
 pub use transformer::{KvCache, LayerGrads, Tokens, Transformer};
-pub use weight_set::WeightSet;
+pub use weight_set::{LoraParts, WeightSet};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -258,38 +258,73 @@ impl Transformer {
         let alpha = field("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
         let scale = alpha / r as f64;
         let weights_path = dir.join(ADAPTER_WEIGHTS);
-        let mut tensors = crate::hf::read_safetensors_file(&weights_path)?;
-        let mut ours = self.vs.variables();
-        let mut pairs = 0;
-        while let Some(a_name) = tensors.keys().find(|k| k.ends_with(".lora_A.weight")).cloned() {
-            let a = tensors.remove(&a_name).expect("present");
-            let module = a_name
-                .strip_prefix("base_model.model.")
-                .and_then(|m| m.strip_suffix(".lora_A.weight"))
-                .ok_or_else(|| bad(&weights_path, format!("tensor `{a_name}` is not named base_model.model.<module>.lora_A.weight")))?;
-            let b_name = format!("base_model.model.{module}.lora_B.weight");
-            let b = tensors.remove(&b_name).ok_or_else(|| Error::MissingTensor { path: weights_path.clone(), name: b_name.clone() })?;
-            let w_name = format!("{module}.weight");
-            let w = ours.remove(&w_name).ok_or_else(|| bad(&weights_path, format!("`{a_name}` adapts `{w_name}`, which this model does not have")))?;
-            let (out, inp) = (w.size()[0], w.size()[1]);
-            for (name, t, want) in [(&a_name, &a, [r as i64, inp]), (&b_name, &b, [out, r as i64])] {
-                if t.size() != want {
-                    return Err(Error::WrongShape { path: weights_path.clone(), name: name.clone(), got: t.size(), want: want.to_vec() });
-                }
-            }
-            let adapter = Adapter { enabled: Arc::new(AtomicBool::new(true)), a: a.to_device(w.device()), b: b.to_device(w.device()), scale, dropout: 0.0 };
-            let merged = adapter.merge(&w);
-            tch::no_grad(|| w.shallow_clone().f_copy_(&merged))?;
-            pairs += 1;
-        }
-        if let Some(extra) = tensors.keys().min() {
-            return Err(bad(&weights_path, format!("tensor `{extra}` is not a LoRA A matrix with its B")));
-        }
-        if pairs == 0 {
-            return Err(bad(&weights_path, "holds no LoRA adapters".into()));
+        let tensors = crate::hf::read_safetensors_file(&weights_path)?;
+        let ours = self.vs.variables();
+        let merged = merge_named(&ours, tensors, scale, Some(r as i64), &weights_path)?;
+        for (name, w) in merged {
+            tch::no_grad(|| ours[&name].shallow_clone().f_copy_(&w))?;
         }
         Ok(())
     }
+
+    /// The adapters under their PEFT names (`base_model.model.<module>.lora_A.weight`,
+    /// `…lora_B.weight`), copied, and their scale `alpha / rank`; `None`
+    /// without adapters. With the frozen base, [`merge_named`] makes
+    /// [`Self::merged_weights`] of them (a rollout receiving only these).
+    pub fn adapter_weights(&self) -> Option<(f64, Vec<(String, Tensor)>)> {
+        let lora = self.lora.as_ref()?;
+        let mut named: Vec<(String, Tensor)> = lora.vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Some((lora.config.scale(), named))
+    }
+}
+
+/// The weights `adapters` (PEFT names, every `lora_A` with its `lora_B`)
+/// adapt in `weights` (HF names), merged: `(name, W + scale · B A)` in `W`'s
+/// dtype and device, the product in float32 (as [`Transformer::merged_weights`]
+/// computes it, so the two are equal). `rank`, when known, is every A's row
+/// count. `source` (a file, or what sent them) names bad adapters in the
+/// errors: a tensor that is not an A with its B, a module `weights` lacks, a
+/// wrong shape.
+pub fn merge_named(
+    weights: &HashMap<String, Tensor>,
+    mut adapters: HashMap<String, Tensor>,
+    scale: f64,
+    rank: Option<i64>,
+    source: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    let bad = |reason: String| Error::Format { path: source.to_path_buf(), reason };
+    let mut merged = Vec::new();
+    while let Some(a_name) = adapters.keys().filter(|k| k.ends_with(".lora_A.weight")).min().cloned() {
+        let a = adapters.remove(&a_name).expect("present");
+        let module = a_name
+            .strip_prefix("base_model.model.")
+            .and_then(|m| m.strip_suffix(".lora_A.weight"))
+            .ok_or_else(|| bad(format!("tensor `{a_name}` is not named base_model.model.<module>.lora_A.weight")))?;
+        let b_name = format!("base_model.model.{module}.lora_B.weight");
+        let b = adapters.remove(&b_name).ok_or_else(|| Error::MissingTensor { path: source.to_path_buf(), name: b_name.clone() })?;
+        let w_name = format!("{module}.weight");
+        let w = weights.get(&w_name).ok_or_else(|| bad(format!("`{a_name}` adapts `{w_name}`, which this model does not have")))?;
+        if w.dim() != 2 || a.dim() != 2 {
+            return Err(bad(format!("`{a_name}` or `{w_name}` is not a matrix")));
+        }
+        let (out, inp) = (w.size()[0], w.size()[1]);
+        let r = rank.unwrap_or(a.size()[0]);
+        for (name, t, want) in [(&a_name, &a, [r, inp]), (&b_name, &b, [out, r])] {
+            if t.size() != want {
+                return Err(Error::WrongShape { path: source.to_path_buf(), name: name.clone(), got: t.size(), want: want.to_vec() });
+            }
+        }
+        let adapter = Adapter { enabled: Arc::new(AtomicBool::new(true)), a: a.to_device(w.device()), b: b.to_device(w.device()), scale, dropout: 0.0 };
+        merged.push((w_name, tch::no_grad(|| adapter.merge(w))));
+    }
+    if let Some(extra) = adapters.keys().min() {
+        return Err(bad(format!("tensor `{extra}` is not a LoRA A matrix with its B")));
+    }
+    if merged.is_empty() {
+        return Err(bad("holds no LoRA adapters".into()));
+    }
+    Ok(merged)
 }
 
 /// The adapter's weights file, as PEFT names it.

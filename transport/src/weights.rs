@@ -1,7 +1,9 @@
 //! The Weights service: the learner publishes each policy version as a set of
 //! named tensors (the model's Hugging Face names); rollout processes pull the
 //! newest one as a stream of chunks, each tagged with its version and carrying
-//! a CRC-32 of its bytes, and copy it into their `VarStore` by name.
+//! a CRC-32 of its bytes, and copy it into their `VarStore` by name. A LoRA
+//! policy's versions are its adapters alone, over a frozen base published
+//! once ([`Part`]).
 //!
 //! - [`data`]: [`WeightBytes`], a version as named tensors' bytes;
 //! - [`server`]: [`Weights`], the learner's side;
@@ -11,7 +13,7 @@ pub mod data;
 pub mod client;
 pub mod server;
 
-pub use data::{TensorData, WeightBytes};
+pub use data::{Part, TensorData, WeightBytes, base_id};
 pub use client::WeightsClient;
 pub use server::{MAX_STREAMS, Weights};
 

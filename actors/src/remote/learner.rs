@@ -26,7 +26,7 @@ use prism_transport::assembly::{Assembled, Assembler};
 use prism_transport::control::{Control, WorkSource};
 use prism_transport::redis::{self, Redis, RunKeys, LEARNER_GROUP, REWARD_GROUP};
 use prism_transport::weights::Weights;
-use prism_transport::weights::WeightBytes;
+use prism_transport::weights::{Part, WeightBytes};
 use crate::error::Error;
 use crate::backend::{Assignment, BackendError, DropReason, Label, LabelFuture, Train, WeightSet};
 use crate::learner::{Core, Finish, LearnerPlan};
@@ -280,12 +280,37 @@ impl Loop {
             // Fails the run if an earlier broadcast failed (a rank is gone).
             b.publish(weights.clone())?;
         }
-        let set = tokio::task::spawn_blocking(move || {
-            let tensors = weights.tensors.lock().map_err(|_| Error::Thread("weight set poisoned".into()))?;
-            Ok::<_, Error>(WeightBytes::from_tensors(weights.version.0, tensors.iter().map(|(n, t)| (n.as_str(), t)))?)
+        // A LoRA policy's versions go out as their adapters (a few percent
+        // of the model's bytes), merged by each rollout process over the
+        // frozen base, which goes out once; every other policy's whole.
+        let base_held = self.weights.base_id();
+        let (set, base) = tokio::task::spawn_blocking(move || {
+            let poisoned = || Error::Thread("weight set poisoned".into());
+            let version = weights.version.0;
+            let Some(lora) = &weights.lora else {
+                let tensors = weights.tensors.lock().map_err(|_| poisoned())?;
+                return Ok::<_, Error>((WeightBytes::from_tensors(version, tensors.iter().map(|(n, t)| (n.as_str(), t)))?, None));
+            };
+            let base = match base_held {
+                0 => {
+                    let mut tensors = lora.base.lock().map_err(|_| poisoned())?.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>();
+                    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+                    let base = WeightBytes::from_tensors(0, tensors.iter().map(|(n, t)| (n.as_str(), t)))?;
+                    let id = prism_transport::weights::base_id(&base.tensors);
+                    Some(base.with_part(Part::Base { id }))
+                }
+                _ => None,
+            };
+            let id = base.as_ref().map_or(base_held, |b| b.part.to_wire().0);
+            let adapters = lora.adapters.lock().map_err(|_| poisoned())?;
+            let set = WeightBytes::from_tensors(version, adapters.iter().map(|(n, t)| (n.as_str(), t)))?;
+            Ok((set.with_part(Part::Adapters { base: id, scale: lora.scale }), base))
         })
         .await
         .map_err(|e| Error::Thread(format!("converting the weights: {e}")))??;
+        if let Some(base) = base {
+            self.weights.publish_base(base);
+        }
         let version = set.version;
         self.weights.publish(set);
         self.control.set_policy_version(version);

@@ -3,7 +3,9 @@
 //! to the newest version over the Weights stream or the NCCL broadcast between
 //! generations (never during one), samples each group on a blocking thread,
 //! adds the trajectories to the sampled stream (waiting while it is at its
-//! cap), then reports them (`Control.Delivered`) so their leases end.
+//! cap), then reports them (`Control.Delivered`) so their leases end. A LoRA
+//! learner's versions come as their adapters, merged here over the frozen
+//! base, which is fetched once.
 //!
 //! A generation that fails makes the worker leave the run at once (its prompts
 //! are issued again) and return the error; the process supervisor (compose,
@@ -12,7 +14,7 @@
 use prism_transport::control::{ControlClient, Counters, Membership};
 use prism_transport::redis::{self, Redis, RunKeys};
 use prism_transport::nccl_weights::Receiver;
-use prism_transport::weights::WeightsClient;
+use prism_transport::weights::{Part, WeightBytes, WeightsClient};
 use prism_transport::{Error, Result};
 use crate::backend::{Assignment, Generate, WeightSet};
 use crate::rollout_worker::{self as worker, Leave, Ports, RolloutWorker, Sampled, Weights};
@@ -55,6 +57,9 @@ pub struct RolloutSummary {
     pub weight_pulls: u64,
     /// Weight versions received by NCCL broadcast.
     pub weight_broadcasts: u64,
+    /// Bytes fetched over the Weights stream (versions, and a LoRA policy's
+    /// frozen base once).
+    pub weight_bytes: u64,
 }
 
 /// The ports of a rollout process's worker: work from the learner's Control
@@ -80,6 +85,10 @@ struct Remote {
     taken_as: String,
     /// How the weights being loaded came, and since when.
     fetching: Option<(bool, Instant)>,
+    /// A LoRA policy's frozen base (its id, its tensors), which each
+    /// version's adapters are merged over. (A mutex only to keep the ports
+    /// `Sync`: tensors are not.)
+    base: Mutex<Option<(u64, std::collections::HashMap<String, tch::Tensor>)>>,
     /// What the worker did and how it ended, read by [`run`].
     end: Arc<Mutex<End>>,
 }
@@ -172,8 +181,10 @@ impl Remote {
             }
             let served = match self.weights.fetch(0).await {
                 Ok(set) if set.version >= min_version => {
-                    tracing::debug!(policy_version = set.version, bytes = set.total_bytes(), "weights fetched");
-                    return Ok(Some(WeightSet::new(PolicyVersion(set.version), set.to_tensors()?)));
+                    tracing::debug!(policy_version = set.version, bytes = set.total_bytes(), part = ?set.part, "weights fetched");
+                    self.end().summary.weight_bytes += set.total_bytes();
+                    let version = PolicyVersion(set.version);
+                    return Ok(Some(WeightSet::new(version, self.weights_of(set).await?)));
                 }
                 Ok(set) => format!("the learner still serves v{}", set.version),
                 Err(e) if e.is_transient() => {
@@ -189,6 +200,35 @@ impl Remote {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The model's weights from a fetched version: its tensors, or (a LoRA
+    /// policy's version) its adapters merged over the frozen base, which is
+    /// fetched the first time and again whenever the learner names another.
+    async fn weights_of(&mut self, set: WeightBytes) -> Result<Vec<(String, tch::Tensor)>> {
+        let Part::Adapters { base, scale } = set.part else {
+            return set.to_tensors();
+        };
+        let bad = |reason: String| Error::Weights { version: set.version, reason };
+        let held_id = self.base.get_mut().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(id, _)| *id);
+        if held_id != Some(base) {
+            let fetched = self.weights.fetch_base().await?;
+            if fetched.part != (Part::Base { id: base }) {
+                return Err(bad(format!("its adapters are over base {base:#x}, but the learner serves {:?}", fetched.part)));
+            }
+            tracing::info!(base = format!("{base:#x}"), bytes = fetched.total_bytes(), "frozen base fetched");
+            self.end().summary.weight_bytes += fetched.total_bytes();
+            *self.base.get_mut().unwrap_or_else(|p| p.into_inner()) = Some((base, fetched.to_tensors()?.into_iter().collect()));
+        }
+        let held = &self.base.get_mut().unwrap_or_else(|p| p.into_inner()).as_ref().expect("fetched above").1;
+        let source = std::path::PathBuf::from(format!("weights v{} (LoRA adapters from the learner)", set.version));
+        let merged = prism_model::lora::merge_named(held, set.to_tensors()?.into_iter().collect(), scale, None, &source)
+            .map_err(|e| bad(e.to_string()))?;
+        let mut all: std::collections::HashMap<String, tch::Tensor> = held.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        all.extend(merged);
+        let mut all: Vec<(String, tch::Tensor)> = all.into_iter().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
     }
 
     /// Tells the learner of delivered groups, retried while it is
@@ -341,6 +381,7 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
         in_hand: Vec::new(),
         taken_as: String::new(),
         fetching: None,
+        base: Mutex::new(None),
         end: end.clone(),
     };
     let args = worker::RolloutArgs { name: "rollout".into(), factory: worker::once(generator), ports, prompts_per_batch };

@@ -139,3 +139,33 @@ fn bad_settings_name_their_key() {
     }
     LoraConfig::default().validate("learner.lora").unwrap();
 }
+
+/// What a rollout receiving the adapters alone computes: the frozen base
+/// with [`merge_named`] of [`Transformer::adapter_weights`] is the learner's
+/// [`Transformer::merged_weights`], bit for bit; a set with a lone A or a
+/// module the model lacks is refused, naming what sent it.
+#[test]
+fn adapters_merged_over_the_base_are_the_merged_weights_exactly() {
+    let lora = LoraConfig { rank: 4, alpha: 8.0, targets: vec!["q_proj".into(), "down_proj".into()], ..LoraConfig::default() };
+    let model = adapted(&lora);
+    let (scale, adapters) = model.adapter_weights().expect("adapters");
+    assert_eq!(scale, 2.0);
+    // Two layers × two targets, an A and a B each.
+    assert_eq!(adapters.len(), 8);
+    let base: HashMap<String, Tensor> = model.var_store().variables();
+    let source = Path::new("weights v3 from the learner");
+    let merged = merge_named(&base, adapters.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), scale, None, source).unwrap();
+    assert_eq!(merged.len(), 4);
+    let want: HashMap<String, Tensor> = model.merged_weights().into_iter().collect();
+    for (name, w) in &merged {
+        assert!(w.equal(&want[name]), "{name} differs from the learner's merge");
+        assert!(!w.equal(&base[name]), "{name}: the adapter changed nothing");
+    }
+
+    let without = |skip: &str| adapters.iter().filter(|(n, _)| !n.contains(skip)).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let e = merge_named(&base, without("layers.1.mlp.down_proj.lora_B"), scale, None, source).unwrap_err().to_string();
+    assert!(e.contains("weights v3 from the learner") && e.contains("layers.1.mlp.down_proj.lora_B"), "{e}");
+    let one_layer: HashMap<String, Tensor> = base.iter().filter(|(n, _)| !n.contains("layers.1.")).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let e = merge_named(&one_layer, without("nothing"), scale, None, source).unwrap_err().to_string();
+    assert!(e.contains("weights v3 from the learner") && e.contains("does not have"), "{e}");
+}

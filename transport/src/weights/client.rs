@@ -2,7 +2,7 @@
 //! one or more connections and checks every chunk (version tag, position,
 //! CRC-32) and every tensor (whole, as announced) before handing it on.
 
-use super::data::{TensorData, WeightBytes};
+use super::data::{Part, TensorData, WeightBytes};
 use super::server::MAX_STREAMS;
 use crate::grpc::{self, ClientAuth, Token};
 use crate::{Error, Result};
@@ -26,8 +26,8 @@ pub struct WeightsClient {
 
 /// One stream's chunks, checksummed, in the order they came.
 pub(super) struct Received {
-    /// (version, tensor_count) of the first chunk; None = the stream was empty.
-    pub(super) tag: Option<(u64, u32)>,
+    /// (version, tensor_count, part) of the first chunk; None = the stream was empty.
+    pub(super) tag: Option<(u64, u32, Part)>,
     pub(super) chunks: Vec<v1::WeightChunk>,
 }
 
@@ -69,7 +69,7 @@ impl WeightsClient {
         loop {
             // One stream needs no pinning: the server sends whatever is newest.
             let want = if version == 0 && self.inners.len() > 1 { self.latest_version().await? } else { version };
-            let result = self.fetch_split(want).await;
+            let result = self.fetch_split(want, false).await;
             let replaced = match &result {
                 Err(Error::Gone { .. }) => want != 0,
                 Err(Error::Weights { reason, .. }) => reason.starts_with(MIXED),
@@ -84,7 +84,13 @@ impl WeightsClient {
         }
     }
 
-    async fn fetch_split(&self, version: u64) -> Result<WeightBytes> {
+    /// Downloads the frozen base the newest version's LoRA adapters are over
+    /// ([`super::Part::Base`]), checked as [`Self::fetch`] checks a version.
+    pub async fn fetch_base(&mut self) -> Result<WeightBytes> {
+        self.fetch_split(0, true).await
+    }
+
+    async fn fetch_split(&self, version: u64, base: bool) -> Result<WeightBytes> {
         let shards = self.inners.len() as u32;
         let tasks: Vec<_> = self
             .inners
@@ -92,7 +98,7 @@ impl WeightsClient {
             .enumerate()
             .map(|(shard, inner)| {
                 let (inner, addr) = (inner.clone(), self.addr.clone());
-                tokio::spawn(receive(inner, addr, v1::FetchWeightsRequest { version, shard: shard as u32, shards }))
+                tokio::spawn(receive(inner, addr, v1::FetchWeightsRequest { version, shard: shard as u32, shards, base }))
             })
             .collect();
         let mut streams = Vec::with_capacity(tasks.len());
@@ -131,6 +137,8 @@ impl WeightsClient {
 
 /// Start of the error for streams of one fetch that carried different versions.
 const MIXED: &str = "the streams of one fetch carried versions";
+/// The error for chunks of one version that disagree on what they hold.
+const MIXED_PARTS: &str = "chunks of one version disagree on its part";
 
 /// Receives one stream whole, checking each chunk's CRC-32 and that the
 /// stream carries one version.
@@ -141,9 +149,13 @@ async fn receive(mut inner: Inner, addr: String, request: v1::FetchWeightsReques
     let mut name = String::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(WeightsClient::err(&addr, "Fetch"))?;
-        let (v, _) = *got.tag.get_or_insert((chunk.version, chunk.tensor_count));
+        let part = Part::from_wire(chunk.base, chunk.adapter_scale, chunk.is_base);
+        let (v, _, first) = *got.tag.get_or_insert((chunk.version, chunk.tensor_count, part));
         if chunk.version != v {
             return Err(Error::Weights { version: v, reason: format!("a chunk of version {} arrived mid-stream", chunk.version) });
+        }
+        if part != first {
+            return Err(Error::Weights { version: v, reason: format!("{MIXED_PARTS} ({first:?} and {part:?})") });
         }
         if let Some(h) = &chunk.header {
             name.clone_from(&h.name);
@@ -160,12 +172,15 @@ async fn receive(mut inner: Inner, addr: String, request: v1::FetchWeightsReques
 /// Puts the streams of one fetch (in shard order) back together as a set,
 /// checking that they make every tensor whole, in order, exactly once.
 pub(super) fn assemble(version: u64, streams: Vec<Received>) -> Result<WeightBytes> {
-    let tags: Vec<(u64, u32)> = streams.iter().filter_map(|s| s.tag).collect();
-    let Some(&(v, count)) = tags.first() else {
+    let tags: Vec<(u64, u32, Part)> = streams.iter().filter_map(|s| s.tag).collect();
+    let Some(&(v, count, part)) = tags.first() else {
         return Err(Error::Weights { version, reason: "the stream was empty".into() });
     };
-    if let Some((other, _)) = tags.iter().find(|(w, _)| *w != v) {
+    if let Some((other, _, _)) = tags.iter().find(|(w, _, _)| *w != v) {
         return Err(Error::Weights { version: v, reason: format!("{MIXED} {v} and {other}") });
+    }
+    if let Some((_, _, other)) = tags.iter().find(|(_, _, p)| *p != part) {
+        return Err(Error::Weights { version: v, reason: format!("{MIXED_PARTS} ({part:?} and {other:?})") });
     }
     let mut tensors: Vec<TensorData> = Vec::new();
     // The tensor being received: its index, header and pieces so far.
@@ -219,5 +234,5 @@ pub(super) fn assemble(version: u64, streams: Vec<Received>) -> Result<WeightByt
     if tensors.len() != count as usize {
         return Err(Error::Weights { version: v, reason: format!("stream ended after {} of {count} tensors", tensors.len()) });
     }
-    Ok(WeightBytes { version: v, tensors })
+    Ok(WeightBytes { version: v, part, tensors })
 }

@@ -40,11 +40,65 @@ impl PartialEq for TensorData {
     }
 }
 
-/// A policy version: every parameter of the model, by name.
+/// A policy version: every parameter of the model, by name; or a LoRA
+/// policy's version as its adapters, or its frozen base (see [`Part`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightBytes {
     pub version: u64,
+    pub part: Part,
     pub tensors: Vec<TensorData>,
+}
+
+/// What a [`WeightBytes`] holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Part {
+    /// Every parameter of the model at the version.
+    Whole,
+    /// The version's LoRA adapters (PEFT names), merged over the frozen base
+    /// `base` at `scale` (alpha / rank) to make the version.
+    Adapters { base: u64, scale: f64 },
+    /// The frozen base `id` itself (its version is 0).
+    Base { id: u64 },
+}
+
+impl Part {
+    /// `(base, adapter_scale, is_base)` as a chunk carries them (see `WeightChunk`).
+    pub fn to_wire(self) -> (u64, f64, bool) {
+        match self {
+            Part::Whole => (0, 0.0, false),
+            Part::Adapters { base, scale } => (base, scale, false),
+            Part::Base { id } => (id, 0.0, true),
+        }
+    }
+
+    /// The part chunks tagged `(base, adapter_scale, is_base)` hold.
+    pub fn from_wire(base: u64, scale: f64, is_base: bool) -> Self {
+        match (base, is_base) {
+            (0, _) => Part::Whole,
+            (id, true) => Part::Base { id },
+            (base, false) => Part::Adapters { base, scale },
+        }
+    }
+}
+
+/// The id of a frozen base: a hash of its names, shapes, dtypes and bytes
+/// (never 0), the same in every process that holds the same base, so that a
+/// restarted learner's rollouts keep the base they have.
+pub fn base_id(tensors: &[TensorData]) -> u64 {
+    let mut h = crc32fast::Hasher::new();
+    let mut total = 0u64;
+    for t in tensors {
+        h.update(t.name.as_bytes());
+        h.update(&(t.dtype as i32).to_le_bytes());
+        for d in &t.shape {
+            h.update(&d.to_le_bytes());
+        }
+        for p in &t.pieces {
+            h.update(p);
+        }
+        total = total.wrapping_add(t.len() as u64);
+    }
+    (total << 32 | u64::from(h.finalize())).max(1)
 }
 
 fn dtype_of(kind: Kind) -> Option<v1::DType> {
@@ -88,7 +142,12 @@ impl WeightBytes {
                 Ok(TensorData { name: name.to_string(), dtype, shape: t.size(), pieces: vec![data.into()] })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { version, tensors })
+        Ok(Self { version, part: Part::Whole, tensors })
+    }
+
+    /// The same tensors, holding `part`.
+    pub fn with_part(self, part: Part) -> Self {
+        Self { part, ..self }
     }
 
     /// Every variable of `vs`, sorted by name.
@@ -110,7 +169,11 @@ impl WeightBytes {
             .map(|t| {
                 let bad = |reason: String| Error::Tensor { version: self.version, name: t.name.clone(), reason };
                 let (kind, elt) = kind_of(t.dtype).ok_or_else(|| bad("unspecified dtype".into()))?;
-                let want = t.shape.iter().product::<i64>() as usize * elt;
+                let want = t
+                    .shape
+                    .iter()
+                    .try_fold(elt, |n, &d| usize::try_from(d).ok().and_then(|d| n.checked_mul(d)))
+                    .ok_or_else(|| bad(format!("shape {:?} is negative or too large", t.shape)))?;
                 if t.len() != want {
                     return Err(bad(format!("has {} bytes, its shape and dtype need {want}", t.len())));
                 }
@@ -127,6 +190,12 @@ impl WeightBytes {
     /// (converting dtype and device as needed). The set and the store must have
     /// exactly the same names and shapes; nothing is copied otherwise.
     pub fn apply_to(&self, vs: &tch::nn::VarStore) -> Result<()> {
+        if self.part != Part::Whole {
+            return Err(Error::Weights {
+                version: self.version,
+                reason: format!("holds {:?}, not the whole model: merge the adapters over their base first", self.part),
+            });
+        }
         let vars = vs.variables();
         let bad = |name: &str, reason: String| Error::Tensor { version: self.version, name: name.to_string(), reason };
         for t in &self.tensors {

@@ -63,6 +63,7 @@ impl Published {
         let n = self.spans.len();
         let (lo, hi) = (shard * n / shards, (shard + 1) * n / shards);
         let count = self.set.tensors.len() as u32;
+        let (base, adapter_scale, is_base) = self.set.part.to_wire();
         (lo..hi).map(move |i| {
             let s = self.spans[i];
             let t = &self.set.tensors[s.tensor];
@@ -80,15 +81,20 @@ impl Published {
                 offset: s.offset,
                 crc32: s.crc,
                 data,
+                base,
+                adapter_scale,
+                is_base,
             }
         })
     }
 }
 
-/// The learner's side: holds the newest version. Cloning shares it.
+/// The learner's side: holds the newest version (and a LoRA policy's frozen
+/// base, which its versions' adapters are merged over). Cloning shares it.
 #[derive(Clone, Debug)]
 pub struct Weights {
     latest: Arc<watch::Sender<Option<Arc<Published>>>>,
+    base: Arc<std::sync::Mutex<Option<Arc<Published>>>>,
     chunk_bytes: usize,
 }
 
@@ -98,7 +104,20 @@ pub const MAX_STREAMS: u32 = 64;
 impl Weights {
     /// Serves chunks of `chunk_bytes`.
     pub fn new(chunk_bytes: usize) -> Self {
-        Self { latest: Arc::new(watch::channel(None).0), chunk_bytes: chunk_bytes.max(1) }
+        Self { latest: Arc::new(watch::channel(None).0), base: Arc::default(), chunk_bytes: chunk_bytes.max(1) }
+    }
+
+    /// Holds `set` (a [`super::Part::Base`]) as the frozen base later
+    /// versions' adapters ([`super::Part::Adapters`]) name; fetched with
+    /// `FetchWeightsRequest.base`.
+    pub fn publish_base(&self, set: WeightBytes) {
+        tracing::info!(base = set.part.to_wire().0, tensors = set.tensors.len(), bytes = set.total_bytes(), "frozen base published");
+        *self.base.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Published::new(set, self.chunk_bytes)));
+    }
+
+    /// The id of the base held (0 = none).
+    pub fn base_id(&self) -> u64 {
+        self.base.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |p| p.set.part.to_wire().0)
     }
 
     /// Makes `set` the version every new fetch gets (computing its chunks'
@@ -145,6 +164,15 @@ impl v1::weights_server::Weights for Weights {
                 "fetch: shard {} of {} is not a shard (shards must be 1..={MAX_STREAMS}, shard below it)",
                 r.shard, r.shards
             )));
+        }
+        if r.base {
+            if r.version != 0 {
+                return Err(Status::invalid_argument(format!("fetch: a base has no version (asked for the base with version {})", r.version)));
+            }
+            let Some(base) = self.base.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+                return Err(grpc::gone(tonic::Code::NotFound, "fetch: no frozen base is held (the policy has no LoRA adapters)"));
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::iter(base.chunks(r.shard as usize, shards as usize).map(Ok)))));
         }
         let Some(published) = self.latest.borrow().clone() else {
             return Err(grpc::not_ready("fetch: no weights published yet"));

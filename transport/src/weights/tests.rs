@@ -176,7 +176,7 @@ async fn a_shard_that_is_not_one_is_refused() {
     let l = learner().await;
     l.weights.publish(WeightBytes::from_var_store(2, &store(1)).unwrap());
     let mut c = WeightsClient::connect(&l.grpc, Some(&l.addr), None).await.unwrap();
-    let err = c.inners[0].fetch(v1::FetchWeightsRequest { version: 0, shard: 2, shards: 2 }).await.unwrap_err();
+    let err = c.inners[0].fetch(v1::FetchWeightsRequest { version: 0, shard: 2, shards: 2, base: false }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("shard 2 of 2 is not a shard"), "{}", err.message());
 }
@@ -217,7 +217,7 @@ async fn a_version_replaced_mid_fetch_is_fetched_again_as_the_newest() {
 fn streams_that_do_not_make_each_tensor_whole_are_refused() {
     let set = WeightBytes::from_var_store(6, &store(1)).unwrap();
     let published = Arc::new(Published::new(set.clone(), 1024));
-    let stream = |shard: usize, shards: usize| Received { tag: Some((6, 4)), chunks: published.clone().chunks(shard, shards).collect() };
+    let stream = |shard: usize, shards: usize| Received { tag: Some((6, 4, Part::Whole)), chunks: published.clone().chunks(shard, shards).collect() };
     assert_eq!(assemble(6, vec![stream(0, 3), stream(1, 3), stream(2, 3)]).unwrap(), set);
     // out of shard order: the second run's continuation of the embedding comes first
     let err = assemble(6, vec![stream(1, 3), stream(0, 3), stream(2, 3)]).unwrap_err().to_string();
@@ -230,7 +230,53 @@ fn streams_that_do_not_make_each_tensor_whole_are_refused() {
     assert!(err.contains("model.embed_tokens.weight"), "{err}");
     // versions mixed across streams
     let mut other = stream(1, 2);
-    other.tag = Some((7, 4));
+    other.tag = Some((7, 4, Part::Whole));
     let err = assemble(6, vec![stream(0, 2), other]).unwrap_err().to_string();
     assert!(err.contains("the streams of one fetch carried versions 6 and 7"), "{err}");
+}
+
+/// A LoRA policy's versions: the frozen base published once and fetched
+/// once, then each version's adapters alone, tagged with the base's id and
+/// the scale, over any number of connections; a whole version after them
+/// is whole again; asking for a base that is not held, or with a version,
+/// is refused; an adapters set cannot be applied as if whole.
+#[tokio::test]
+async fn a_lora_policy_sends_its_base_once_and_then_its_adapters_alone() {
+    let l = learner().await;
+    let mut c = WeightsClient::connect(&l.grpc, Some(&l.addr), None).await.unwrap();
+    let err = c.fetch_base().await.unwrap_err().to_string();
+    assert!(err.contains("no frozen base is held"), "{err}");
+
+    let base = WeightBytes::from_var_store(0, &store(1)).unwrap();
+    let id = base_id(&base.tensors);
+    assert_ne!(id, 0);
+    assert_eq!(id, base_id(&WeightBytes::from_var_store(0, &store(1)).unwrap().tensors), "the same base, the same id");
+    assert_ne!(id, base_id(&WeightBytes::from_var_store(0, &store(2)).unwrap().tensors), "another base, another id");
+    l.weights.publish_base(base.clone().with_part(Part::Base { id }));
+    assert_eq!(l.weights.base_id(), id);
+
+    let adapters_of = |version: u64| {
+        let vs = VarStore::new(Device::Cpu);
+        randn(&vs, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", &[2, 16]);
+        randn(&vs, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", &[16, 2]);
+        WeightBytes::from_var_store(version, &vs).unwrap().with_part(Part::Adapters { base: id, scale: 4.0 })
+    };
+    // Version 0 (a warm start's) too: adapters, not the base.
+    for version in [0, 5, 6] {
+        let adapters = adapters_of(version);
+        assert!(adapters.total_bytes() * 4 < base.total_bytes(), "{} against {}", adapters.total_bytes(), base.total_bytes());
+        l.weights.publish(adapters.clone());
+        for streams in [1, 3] {
+            let mut c = WeightsClient::connect(&crate::grpc::Config { weight_streams: streams, ..l.grpc.clone() }, Some(&l.addr), None).await.unwrap();
+            assert_eq!(c.fetch(0).await.unwrap(), adapters, "{streams} streams");
+            assert_eq!(c.fetch_base().await.unwrap(), base.clone().with_part(Part::Base { id }), "{streams} streams");
+        }
+        let err = adapters.apply_to(&store(1)).unwrap_err().to_string();
+        assert!(err.contains("merge the adapters"), "{err}");
+    }
+    l.weights.publish(WeightBytes::from_var_store(7, &store(3)).unwrap());
+    assert_eq!(c.fetch(0).await.unwrap().part, Part::Whole);
+
+    let err = c.inners[0].fetch(v1::FetchWeightsRequest { version: 7, base: true, ..Default::default() }).await.unwrap_err();
+    assert!(err.message().contains("a base has no version"), "{err}");
 }

@@ -284,3 +284,126 @@ async fn a_rollout_survives_its_learner_restarting_from_an_older_checkpoint() {
     assert_eq!((summary.groups, summary.weight_pulls), (1, 1), "{summary:?}");
     assert_eq!(*loaded.lock().unwrap(), vec![1.0], "sampled with the restarted learner's v1");
 }
+
+/// Hands out one prompt needing v1, then publishes v2's adapters and hands
+/// out one needing v2, then says the run stopped.
+struct LoraSteps {
+    learner: Arc<testing::TestLearner>,
+    v2: Mutex<Option<prism_transport::weights::WeightBytes>>,
+    issued: Mutex<u64>,
+}
+
+#[prism_transport::async_trait]
+impl control::WorkSource for LoraSteps {
+    async fn get_work(&self, _worker: &str, _max: usize, _wait: Duration) -> Option<Vec<Assignment>> {
+        let issued = {
+            let mut issued = self.issued.lock().unwrap();
+            *issued += 1;
+            *issued
+        };
+        let version = match issued {
+            1 => 1,
+            2 => {
+                self.learner.weights.publish(self.v2.lock().unwrap().take().unwrap());
+                self.learner.control.set_policy_version(2);
+                2
+            }
+            _ => return None,
+        };
+        let prompt = testing::trajectory(0, 1).prompt;
+        Some(vec![Assignment { group: GroupId(issued), prompt, min_version: PolicyVersion(version) }])
+    }
+    fn delivered(&self, _: &str, _: &[u64], _: u64, _: u64, _: f64) {}
+    fn worker_failed(&self, _: &str) {}
+}
+
+/// Keeps a copy of every weight set it loads.
+struct Keeper(Arc<Mutex<Vec<Vec<(String, tch::Tensor)>>>>);
+
+impl crate::backend::Generate for Keeper {
+    fn load_weights(&mut self, w: &WeightSet) -> crate::backend::BackendResult<()> {
+        let tensors = w.tensors.lock().unwrap().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        self.0.lock().unwrap().push(tensors);
+        Ok(())
+    }
+    fn generate(&mut self, work: &[crate::backend::Assignment], version: PolicyVersion) -> crate::backend::BackendResult<Vec<Vec<prism_core::Trajectory>>> {
+        Recorder(Arc::default()).generate(work, version)
+    }
+}
+
+/// A LoRA learner's versions reach a rollout process as the frozen base,
+/// fetched once, and each version's adapters alone: what the rollout loads
+/// is the learner's merged weights bit for bit, and the bytes it fetched
+/// are the base's once plus two adapter sets (not two whole models).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lora_rollout_fetches_the_base_once_then_adapters_and_loads_the_merged_weights() {
+    use prism_transport::weights::{Part, WeightBytes, base_id};
+    let mut model = prism_model::Transformer::new(prism_model::builtin::tiny_arith_config(), Device::Cpu, prism_model::Dtype::F32, 3).unwrap();
+    let lora = prism_model::LoraConfig { rank: 4, alpha: 8.0, ..Default::default() };
+    model.attach_lora(&lora, 9, None).unwrap();
+    // A version: the adapters' B drawn anew (as training moves them), its
+    // adapters' bytes and the merged weights it stands for.
+    let version = |v: u64| {
+        tch::no_grad(|| {
+            tch::manual_seed(v as i64);
+            for (name, t) in model.adapter_store().unwrap().variables() {
+                if name.contains("lora_B") {
+                    t.shallow_clone().copy_(&(t.randn_like() * 0.05));
+                }
+            }
+        });
+        let (scale, adapters) = model.adapter_weights().unwrap();
+        let bytes = WeightBytes::from_tensors(v, adapters.iter().map(|(n, t)| (n.as_str(), t))).unwrap();
+        (bytes, scale, model.merged_weights())
+    };
+    let mut vars: Vec<(String, tch::Tensor)> = model.var_store().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let base = WeightBytes::from_tensors(0, vars.iter().map(|(n, t)| (n.as_str(), t))).unwrap();
+    let id = base_id(&base.tensors);
+    let (v1, scale, merged1) = version(1);
+    let (v2, _, merged2) = version(2);
+    assert!(!merged1.iter().zip(&merged2).all(|(a, b)| a.1.equal(&b.1)), "the versions differ");
+    let total = base.total_bytes() + v1.total_bytes() + v2.total_bytes();
+    assert!(v1.total_bytes() * 5 < base.total_bytes(), "{} adapter bytes against {}", v1.total_bytes(), base.total_bytes());
+
+    let config = prism_transport::Config { heartbeat_ms: 100, dead_after_ms: 5000, ..Default::default() };
+    let learner = Arc::new(testing::TestLearner::start(&config, prism_transport::grpc::Config::default(), None).await);
+    learner.weights.publish_base(base.with_part(Part::Base { id }));
+    learner.weights.publish(v1.with_part(Part::Adapters { base: id, scale }));
+    learner.control.set_policy_version(1);
+    let v2 = v2.with_part(Part::Adapters { base: id, scale });
+    learner.control.set_work_source(Arc::new(LoraSteps { learner: learner.clone(), v2: Mutex::new(Some(v2)), issued: Mutex::new(0) }));
+
+    let client = control::ControlClient::connect(&learner.grpc, Some(&learner.addr), None).await.unwrap();
+    let counters = Arc::new(control::Counters::default());
+    let (membership, heartbeats) = control::join(client.clone(), control::Role::Rollout, "box", "cpu", counters.clone()).await.unwrap();
+    let redis_server = testing::TestRedis::shared();
+    let redis_cfg = redis::Config { url: redis_server.url.clone(), ..Default::default() };
+    let loaded = Arc::new(Mutex::new(Vec::new()));
+    let args = RolloutArgs {
+        control: client,
+        weights: WeightsClient::connect(&learner.grpc, Some(&learner.addr), None).await.unwrap(),
+        redis: redis::Redis::connect(&redis_cfg).await.unwrap(),
+        keys: redis::RunKeys::new("prism-test", &testing::unique("lora-rollout")),
+        generator: Box::new(Keeper(loaded.clone())),
+        prompts_per_batch: 1,
+        counters,
+        membership,
+        give_up_after: Duration::from_secs(5),
+        broadcast: None,
+        health: Default::default(),
+    };
+    let summary = tokio::time::timeout(Duration::from_secs(60), run(args, &redis_cfg, std::future::pending())).await.expect("the rollout finishes").unwrap();
+    heartbeats.abort();
+    assert_eq!((summary.groups, summary.weight_pulls), (2, 2), "{summary:?}");
+    assert_eq!(summary.weight_bytes, total, "the base once and two adapter sets: {summary:?}");
+    let loaded = loaded.lock().unwrap();
+    assert_eq!(loaded.len(), 2);
+    for (got, want) in loaded.iter().zip([&merged1, &merged2]) {
+        assert_eq!(got.len(), want.len());
+        for ((name, t), (want_name, w)) in got.iter().zip(want.iter()) {
+            assert_eq!(name, want_name);
+            assert!(t.equal(w), "{name} differs from the learner's merged weights");
+        }
+    }
+}
