@@ -317,8 +317,11 @@ impl control::WorkSource for LoraSteps {
     fn worker_failed(&self, _: &str) {}
 }
 
+/// Weight sets as loaded, in order.
+type Loaded = Arc<Mutex<Vec<Vec<(String, tch::Tensor)>>>>;
+
 /// Keeps a copy of every weight set it loads.
-struct Keeper(Arc<Mutex<Vec<Vec<(String, tch::Tensor)>>>>);
+struct Keeper(Loaded);
 
 impl crate::backend::Generate for Keeper {
     fn load_weights(&mut self, w: &WeightSet) -> crate::backend::BackendResult<()> {
