@@ -337,10 +337,11 @@ pub fn learner_rank(config: &Config) -> Result<()> {
 
 /// `prism rollout`: samples the learner's prompts with the newest weights.
 pub fn rollout(config: &Config) -> Result<()> {
-    if config.rollout.inflight_updates {
+    if config.rollout.inflight_updates && config.dist.weights == prism_transport::WeightTransport::Nccl {
         anyhow::bail!(
-            "rollout.inflight_updates = true: in-flight weight updates run in one process (prism train) for now; a rollout \
-             process samples each batch on one version: set it to false"
+            "rollout.inflight_updates = true with dist.weights = \"nccl\": a rollout process picks up versions in flight \
+             over the Weights stream only (a broadcast needs every rank between generations): set dist.weights = \"grpc\" \
+             or rollout.inflight_updates = false"
         );
     }
     let _telemetry = telemetry::init_role(&config.log, None, "rollout", &config.dist.run_id).context("log.otlp_endpoint")?;
@@ -395,6 +396,7 @@ pub fn rollout(config: &Config) -> Result<()> {
             give_up_after: Duration::from_millis(config.redis.retry_for_ms),
             broadcast,
             health: health.clone(),
+            inflight: config.rollout.inflight_updates,
         };
         let summary = rollout::run(args, &config.redis, train::ctrl_c()).await?;
         println!(

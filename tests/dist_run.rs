@@ -259,12 +259,14 @@ fn without_colours(line: &str) -> String {
 
 /// A LoRA learner (`learner.lora`) sends each rollout process its frozen
 /// base once and then each version's adapters alone, which the rollout
-/// merges: the run trains and balances, and the bytes a rollout fetched are
-/// the base's plus a few percent of it per later version.
+/// merges, between generations and (`rollout.inflight_updates`) between
+/// decode steps: the run trains and balances, and the bytes a rollout
+/// fetched are the base's plus a few percent of it per later version.
 #[test]
-fn a_lora_learner_sends_its_base_once_and_then_adapters_alone() {
+fn a_lora_run_with_inflight_updates_sends_the_base_once_and_then_adapters_alone() {
     let redis = TestRedis::start();
-    let mut c = start_with(&redis.url, 4, &["learner.lora.rank=4", "learner.lora.alpha=8", "learner.lr=1e-3"]);
+    let extra = ["learner.lora.rank=4", "learner.lora.alpha=8", "learner.lr=1e-3", "rollout.inflight_updates=true", "learner.max_staleness=1"];
+    let mut c = start_with(&redis.url, 4, &extra);
     let summary = c.finish();
     let learner = c.learner.output();
     assert_balanced(&summary, 4, &learner);

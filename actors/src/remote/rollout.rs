@@ -1,7 +1,9 @@
 //! The rollout role: the in-process [`RolloutWorker`] with remote ports. It
 //! asks the learner for prompts (`Control.GetWork`), brings its policy copy up
 //! to the newest version over the Weights stream or the NCCL broadcast between
-//! generations (never during one), samples each group on a blocking thread,
+//! generations (and, with `rollout.inflight_updates`, between the decode
+//! steps of one: announced versions are fetched while it generates), samples
+//! each group on a blocking thread,
 //! adds the trajectories to the sampled stream (waiting while it is at its
 //! cap), then reports them (`Control.Delivered`) so their leases end. A LoRA
 //! learner's versions come as their adapters, merged here over the frozen
@@ -16,11 +18,13 @@ use prism_transport::redis::{self, Redis, RunKeys};
 use prism_transport::nccl_weights::Receiver;
 use prism_transport::weights::{Part, WeightBytes, WeightsClient};
 use prism_transport::{Error, Result};
-use crate::backend::{Assignment, Generate, WeightSet};
+use crate::backend::{Assignment, Generate, NewerWeights, WeightSet};
 use crate::rollout_worker::{self as worker, Leave, Ports, RolloutWorker, Sampled, Weights};
 use prism_core::{PolicyVersion, Trajectory};
 use ractor::Actor;
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +50,10 @@ pub struct RolloutArgs {
     /// Its liveness: every answer from the learner and every batch sampled
     /// is progress.
     pub health: prism_transport::health::Health,
+    /// In-flight weight updates (`rollout.inflight_updates`; over the
+    /// Weights stream): versions announced while the worker generates are
+    /// fetched at once and loaded between decode steps.
+    pub inflight: bool,
 }
 
 /// Counts at the end of a rollout process.
@@ -53,7 +61,8 @@ pub struct RolloutArgs {
 pub struct RolloutSummary {
     pub groups: u64,
     pub trajectories: u64,
-    /// Weight versions pulled from the learner (over the Weights stream).
+    /// Weight versions taken from the Weights stream (between generations,
+    /// or between decode steps with in-flight updates).
     pub weight_pulls: u64,
     /// Weight versions received by NCCL broadcast.
     pub weight_broadcasts: u64,
@@ -85,10 +94,16 @@ struct Remote {
     taken_as: String,
     /// How the weights being loaded came, and since when.
     fetching: Option<(bool, Instant)>,
-    /// A LoRA policy's frozen base (its id, its tensors), which each
-    /// version's adapters are merged over. (A mutex only to keep the ports
-    /// `Sync`: tensors are not.)
-    base: Mutex<Option<(u64, std::collections::HashMap<String, tch::Tensor>)>>,
+    /// A LoRA policy's frozen base, which each version's adapters are merged
+    /// over (shared with the in-flight prefetch; a mutex also keeps the
+    /// ports `Sync`: tensors are not).
+    base: Arc<Mutex<Base>>,
+    /// With in-flight updates: the newest version fetched while the worker
+    /// generates, not yet loaded.
+    staged: Option<Arc<Mutex<Option<Arc<WeightSet>>>>>,
+    /// The newest version handed to the worker to load (shared with the
+    /// in-flight prefetch, which fetches only versions above it).
+    taken: Arc<AtomicU64>,
     /// What the worker did and how it ended, read by [`run`].
     end: Arc<Mutex<End>>,
 }
@@ -184,7 +199,7 @@ impl Remote {
                     tracing::debug!(policy_version = set.version, bytes = set.total_bytes(), part = ?set.part, "weights fetched");
                     self.end().summary.weight_bytes += set.total_bytes();
                     let version = PolicyVersion(set.version);
-                    return Ok(Some(WeightSet::new(version, self.weights_of(set).await?)));
+                    return Ok(Some(WeightSet::new(version, weights_of(&mut self.weights, &self.base, &self.end, set).await?)));
                 }
                 Ok(set) => format!("the learner still serves v{}", set.version),
                 Err(e) if e.is_transient() => {
@@ -200,35 +215,6 @@ impl Remote {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    /// The model's weights from a fetched version: its tensors, or (a LoRA
-    /// policy's version) its adapters merged over the frozen base, which is
-    /// fetched the first time and again whenever the learner names another.
-    async fn weights_of(&mut self, set: WeightBytes) -> Result<Vec<(String, tch::Tensor)>> {
-        let Part::Adapters { base, scale } = set.part else {
-            return set.to_tensors();
-        };
-        let bad = |reason: String| Error::Weights { version: set.version, reason };
-        let held_id = self.base.get_mut().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(id, _)| *id);
-        if held_id != Some(base) {
-            let fetched = self.weights.fetch_base().await?;
-            if fetched.part != (Part::Base { id: base }) {
-                return Err(bad(format!("its adapters are over base {base:#x}, but the learner serves {:?}", fetched.part)));
-            }
-            tracing::info!(base = format!("{base:#x}"), bytes = fetched.total_bytes(), "frozen base fetched");
-            self.end().summary.weight_bytes += fetched.total_bytes();
-            *self.base.get_mut().unwrap_or_else(|p| p.into_inner()) = Some((base, fetched.to_tensors()?.into_iter().collect()));
-        }
-        let held = &self.base.get_mut().unwrap_or_else(|p| p.into_inner()).as_ref().expect("fetched above").1;
-        let source = std::path::PathBuf::from(format!("weights v{} (LoRA adapters from the learner)", set.version));
-        let merged = prism_model::lora::merge_named(held, set.to_tensors()?.into_iter().collect(), scale, None, &source)
-            .map_err(|e| bad(e.to_string()))?;
-        let mut all: std::collections::HashMap<String, tch::Tensor> = held.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        all.extend(merged);
-        let mut all: Vec<(String, tch::Tensor)> = all.into_iter().collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(all)
     }
 
     /// Tells the learner of delivered groups, retried while it is
@@ -277,19 +263,45 @@ impl Ports for Remote {
             return Ok(Weights::Keep);
         }
         let started = Instant::now();
+        let staged = self.staged.as_ref().and_then(|s| s.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(set) = staged.filter(|s| s.version.0 >= want) {
+            self.end().summary.weight_pulls += 1;
+            self.taken.fetch_max(set.version.0, Relaxed);
+            self.fetching = Some((false, started));
+            return Ok(Weights::Load(set));
+        }
         let (set, broadcast) = match self.broadcast_of(want).await? {
             Some(set) => (set, true),
             None => match self.pull(min.0, started).await? {
-                Some(set) => (set, false),
+                Some(set) => {
+                    self.end().summary.weight_pulls += 1;
+                    (set, false)
+                }
                 None => {
                     self.in_hand.clear();
                     self.counters.in_flight.store(0, Relaxed);
+                    // The learner restarted: its versions may start below the old ones.
+                    self.taken.store(0, Relaxed);
                     return Ok(Weights::Void);
                 }
             },
         };
+        self.taken.fetch_max(set.version.0, Relaxed);
         self.fetching = Some((broadcast, started));
         Ok(Weights::Load(set))
+    }
+
+    fn newer(&self) -> Option<Box<NewerWeights<'static>>> {
+        let (staged, end, taken) = (self.staged.clone()?, self.end.clone(), self.taken.clone());
+        Some(Box::new(move |after: PolicyVersion| {
+            let mut staged = staged.lock().unwrap_or_else(|p| p.into_inner());
+            let newer = staged.as_ref().is_some_and(|s| s.version > after).then(|| staged.take()).flatten();
+            if let Some(set) = &newer {
+                end.lock().unwrap_or_else(|p| p.into_inner()).summary.weight_pulls += 1;
+                taken.fetch_max(set.version.0, Relaxed);
+            }
+            newer
+        }))
     }
 
     fn loaded(&mut self, version: PolicyVersion) {
@@ -297,13 +309,8 @@ impl Ports for Remote {
         let via = if broadcast { "nccl broadcast" } else { "weights stream" };
         let ms = started.elapsed().as_millis() as u64;
         tracing::info!(policy_version = version.0, via, ms, "weights loaded");
-        {
-            let mut end = self.end();
-            if broadcast {
-                end.summary.weight_broadcasts += 1;
-            } else {
-                end.summary.weight_pulls += 1;
-            }
+        if broadcast {
+            self.end().summary.weight_broadcasts += 1;
         }
         self.counters.policy_version.store(version.0, Relaxed);
         self.counters.weight_fetches.fetch_add(1, Relaxed);
@@ -345,10 +352,90 @@ impl Ports for Remote {
     }
 }
 
+/// A LoRA policy's frozen base as a rollout process holds it: its id and tensors.
+type Base = Option<(u64, HashMap<String, tch::Tensor>)>;
+
+/// The model's weights from a fetched version: its tensors, or (a LoRA
+/// policy's version) its adapters merged over the frozen base in `base`,
+/// which is fetched the first time and again whenever the learner names
+/// another. Fetched bytes are counted in `end`.
+async fn weights_of(weights: &mut WeightsClient, base: &Mutex<Base>, end: &Mutex<End>, set: WeightBytes) -> Result<Vec<(String, tch::Tensor)>> {
+    let Part::Adapters { base: id, scale } = set.part else {
+        return set.to_tensors();
+    };
+    let bad = |reason: String| Error::Weights { version: set.version, reason };
+    let lock = || base.lock().unwrap_or_else(|p| p.into_inner());
+    if lock().as_ref().map(|(held, _)| *held) != Some(id) {
+        let fetched = weights.fetch_base().await?;
+        if fetched.part != (Part::Base { id }) {
+            return Err(bad(format!("its adapters are over base {id:#x}, but the learner serves {:?}", fetched.part)));
+        }
+        tracing::info!(base = format!("{id:#x}"), bytes = fetched.total_bytes(), "frozen base fetched");
+        end.lock().unwrap_or_else(|p| p.into_inner()).summary.weight_bytes += fetched.total_bytes();
+        *lock() = Some((id, fetched.to_tensors()?.into_iter().collect()));
+    }
+    let held = lock();
+    let held = &held.as_ref().expect("fetched above").1;
+    let source = std::path::PathBuf::from(format!("weights v{} (LoRA adapters from the learner)", set.version));
+    let merged = prism_model::lora::merge_named(held, set.to_tensors()?.into_iter().collect(), scale, None, &source).map_err(|e| bad(e.to_string()))?;
+    let mut all: HashMap<String, tch::Tensor> = held.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    all.extend(merged);
+    let mut all: Vec<(String, tch::Tensor)> = all.into_iter().collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(all)
+}
+
+/// In-flight weight updates (`rollout.inflight_updates`): fetches each
+/// version the heartbeats announce as soon as they announce it, while the
+/// worker generates (once it holds a version), into `staged`, which the generation takes between two
+/// decode steps (or the next `weights` call, when the generation ended
+/// first). A failed fetch is logged and left to the next announcement or to
+/// the worker's own pull between generations.
+async fn prefetch(
+    mut weights: WeightsClient,
+    mut news: watch::Receiver<Membership>,
+    taken: Arc<AtomicU64>,
+    staged: Arc<Mutex<Option<Arc<WeightSet>>>>,
+    base: Arc<Mutex<Base>>,
+    end: Arc<Mutex<End>>,
+) {
+    let mut have = 0;
+    loop {
+        let announced = news.borrow_and_update().latest_version;
+        // The worker fetches its first version itself; after that, each
+        // announced version above the one it holds is fetched here.
+        let held = taken.load(Relaxed);
+        have = have.max(held);
+        if held > 0 && announced > have {
+            let fetched = match weights.fetch(0).await {
+                Ok(set) if set.version > have => {
+                    end.lock().unwrap_or_else(|p| p.into_inner()).summary.weight_bytes += set.total_bytes();
+                    let version = set.version;
+                    weights_of(&mut weights, &base, &end, set).await.map(|t| Some(WeightSet::new(PolicyVersion(version), t)))
+                }
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match fetched {
+                Ok(Some(set)) => {
+                    have = set.version.0;
+                    tracing::debug!(policy_version = have, "weights staged for the generation in flight");
+                    *staged.lock().unwrap_or_else(|p| p.into_inner()) = Some(set);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, policy_version = announced, "fetching announced weights in flight failed; the next announcement or pull tries again"),
+            }
+        }
+        if news.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Samples until the learner says the run is over, `shutdown` resolves, or a
 /// generation fails: one [`RolloutWorker`] whose ports are the learner's services.
 pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Future<Output = ()>) -> crate::error::Result<RolloutSummary> {
-    let RolloutArgs { control, weights, redis, keys, generator, prompts_per_batch, counters, membership, give_up_after, broadcast, health } =
+    let RolloutArgs { control, weights, redis, keys, generator, prompts_per_batch, counters, membership, give_up_after, broadcast, health, inflight } =
         args;
     // Announcements reach the receiver while this worker generates, so that
     // it joins the learner's broadcasts without delaying them.
@@ -367,6 +454,12 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
     let producer = redis.producer::<Trajectory>(&keys.sampled).await?;
     let (stop_tx, stop) = watch::channel(false);
     let end = Arc::new(Mutex::new(End::default()));
+    let base = Arc::new(Mutex::new(None));
+    let staged = inflight.then(|| Arc::new(Mutex::new(None)));
+    let taken = Arc::new(AtomicU64::new(0));
+    let prefetcher = staged.as_ref().map(|staged| {
+        tokio::spawn(prefetch(weights.clone(), membership.clone(), taken.clone(), staged.clone(), base.clone(), end.clone()))
+    });
     let ports = Remote {
         control,
         weights,
@@ -381,7 +474,9 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
         in_hand: Vec::new(),
         taken_as: String::new(),
         fetching: None,
-        base: Mutex::new(None),
+        base,
+        staged,
+        taken,
         end: end.clone(),
     };
     let args = worker::RolloutArgs { name: "rollout".into(), factory: worker::once(generator), ports, prompts_per_batch };
@@ -398,8 +493,8 @@ pub async fn run(args: RolloutArgs, config: &redis::Config, shutdown: impl Futur
         }
     }
     drop(actor);
-    if let Some(a) = announcer {
-        a.abort();
+    for task in announcer.into_iter().chain(prefetcher) {
+        task.abort();
     }
     let mut end = end.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     match end.failure.take() {

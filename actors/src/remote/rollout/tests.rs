@@ -99,6 +99,7 @@ async fn a_rollout_with_a_rank_loads_broadcast_weights_between_generations() {
         give_up_after: Duration::from_secs(5),
         broadcast: Some((Arc::new(receiver), Duration::from_secs(10))),
         health: Default::default(),
+        inflight: false,
     };
     let summary = tokio::time::timeout(Duration::from_secs(60), run(args, &redis_cfg, std::future::pending())).await.expect("the rollout finishes").unwrap();
     heartbeats.abort();
@@ -168,6 +169,7 @@ async fn a_rollout_whose_generation_fails_leaves_the_run_and_returns_the_error()
         give_up_after: Duration::from_secs(5),
         broadcast: None,
         health: Default::default(),
+        inflight: false,
     };
     let result = tokio::time::timeout(Duration::from_secs(60), run(args, &redis_cfg, std::future::pending())).await.expect("the rollout returns");
     heartbeats.abort();
@@ -254,6 +256,7 @@ async fn a_rollout_survives_its_learner_restarting_from_an_older_checkpoint() {
         give_up_after: Duration::from_secs(20),
         broadcast: None,
         health: Default::default(),
+        inflight: false,
     };
     let rollout = tokio::spawn({
         let redis_cfg = redis_cfg.clone();
@@ -395,6 +398,7 @@ async fn a_lora_rollout_fetches_the_base_once_then_adapters_and_loads_the_merged
         give_up_after: Duration::from_secs(5),
         broadcast: None,
         health: Default::default(),
+        inflight: false,
     };
     let summary = tokio::time::timeout(Duration::from_secs(60), run(args, &redis_cfg, std::future::pending())).await.expect("the rollout finishes").unwrap();
     heartbeats.abort();
@@ -409,4 +413,89 @@ async fn a_lora_rollout_fetches_the_base_once_then_adapters_and_loads_the_merged
             assert!(t.equal(w), "{name} differs from the learner's merged weights");
         }
     }
+}
+
+/// Polls `newer` between "decode steps", as the engine's refresh does, until
+/// a newer version comes; remembers each version's `model.b` it loaded.
+struct PollsInFlight {
+    loaded: Arc<Mutex<Vec<f64>>>,
+    generating: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::backend::Generate for PollsInFlight {
+    fn load_weights(&mut self, w: &WeightSet) -> crate::backend::BackendResult<()> {
+        self.loaded.lock().unwrap().push(value(w, "model.b").double_value(&[0, 0]));
+        Ok(())
+    }
+    fn generate(&mut self, work: &[crate::backend::Assignment], version: PolicyVersion) -> crate::backend::BackendResult<Vec<Vec<prism_core::Trajectory>>> {
+        Recorder(Arc::default()).generate(work, version)
+    }
+    fn generate_inflight(
+        &mut self,
+        work: &[crate::backend::Assignment],
+        version: PolicyVersion,
+        newer: &mut crate::backend::NewerWeights<'_>,
+    ) -> crate::backend::BackendResult<(Vec<Vec<prism_core::Trajectory>>, PolicyVersion)> {
+        self.generating.store(true, Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(w) = newer(version) {
+                self.loaded.lock().unwrap().push(value(&w, "model.b").double_value(&[0, 0]));
+                return Ok((self.generate(work, version)?, w.version));
+            }
+            if Instant::now() > deadline {
+                return Err(crate::backend::BackendError::new("no newer weights arrived in flight"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// With in-flight updates a rollout process fetches a version announced
+/// while it generates (v2, published mid-generation) and hands it to the
+/// generation between decode steps: the generation loads v1 first, then v2
+/// in flight, and the worker holds v2 after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_with_inflight_updates_loads_a_version_announced_mid_generation() {
+    let config = prism_transport::Config { heartbeat_ms: 100, dead_after_ms: 5000, ..Default::default() };
+    let learner = testing::TestLearner::start(&config, prism_transport::grpc::Config::default(), None).await;
+    publish(&learner, 1);
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    learner.control.set_work_source(Arc::new(Scripted { min_version: 1, first_group: 1, then_none: true, issued: Mutex::new(0), delivered: delivered.clone() }));
+    let client = control::ControlClient::connect(&learner.grpc, Some(&learner.addr), None).await.unwrap();
+    let counters = Arc::new(control::Counters::default());
+    let (membership, heartbeats) = control::join(client.clone(), control::Role::Rollout, "box", "cpu", counters.clone()).await.unwrap();
+    let redis_server = testing::TestRedis::shared();
+    let redis_cfg = redis::Config { url: redis_server.url.clone(), ..Default::default() };
+    let (loaded, generating) = (Arc::new(Mutex::new(Vec::new())), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let args = RolloutArgs {
+        control: client,
+        weights: WeightsClient::connect(&learner.grpc, Some(&learner.addr), None).await.unwrap(),
+        redis: redis::Redis::connect(&redis_cfg).await.unwrap(),
+        keys: redis::RunKeys::new("prism-test", &testing::unique("inflight-rollout")),
+        generator: Box::new(PollsInFlight { loaded: loaded.clone(), generating: generating.clone() }),
+        prompts_per_batch: 1,
+        counters: counters.clone(),
+        membership,
+        give_up_after: Duration::from_secs(5),
+        broadcast: None,
+        health: Default::default(),
+        inflight: true,
+    };
+    let rollout = tokio::spawn({
+        let redis_cfg = redis_cfg.clone();
+        async move { run(args, &redis_cfg, std::future::pending()).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !generating.load(Relaxed) {
+        assert!(Instant::now() < deadline, "the rollout never generated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publish(&learner, 2);
+    let summary = tokio::time::timeout(Duration::from_secs(60), rollout).await.expect("the rollout finishes").unwrap().unwrap();
+    heartbeats.abort();
+    assert_eq!(*loaded.lock().unwrap(), vec![1.0, 2.0], "v1, then v2 in flight");
+    assert_eq!((summary.groups, summary.weight_pulls), (1, 2), "{summary:?}");
+    assert_eq!(counters.policy_version.load(Relaxed), 2, "the worker holds v2");
+    assert_eq!(delivered.lock().unwrap().len(), 1);
 }
