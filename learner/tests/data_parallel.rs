@@ -360,7 +360,8 @@ fn zero2_with_recomputed_layers_streams_each_layers_gradients_and_takes_the_sing
     let want_reports: Vec<TrainReport> = steps.iter().map(|g| one.train_step(g).unwrap()).collect();
     let want = weights(one.policy());
     let start = weights(&tiny_arith(7));
-    assert!(max_diff(&want, &start) > 1e-3, "one learner did not train");
+    let moved = max_diff(&want, &start);
+    assert!(moved > 1e-3, "one learner did not train");
     // tiny-arith's layers hold 196,864 parameters each.
     let layer: usize = start.iter().filter(|(n, _)| n.contains("layers.0.")).map(|(_, v)| v.len()).sum();
     assert_eq!(layer, 196_864);
@@ -385,8 +386,13 @@ fn zero2_with_recomputed_layers_streams_each_layers_gradients_and_takes_the_sing
                 assert!(*peak >= layer, "{at}: the layers' gradients were not handed over ({peak} elements at most)");
                 assert!(*peak <= layer + bucket, "{at}: {peak} gradient elements held at once, above a layer's {layer} and a bucket's {bucket}");
                 assert_eq!(max_diff(w, &out[0].0), 0.0, "{at}: departs from rank 0");
+                // Within 0.5 % of how far the weights moved (1.15e-2): the
+                // order of summation, which AdamW's 1/sqrt(v) enlarges where
+                // v is small (measured up to 1.25e-5 = 0.11 % on 5 ranks on
+                // an AVX-512 machine, below 1e-5 on an AVX2 one); a lost or
+                // doubled bucket moves its weights by whole updates.
                 let d = max_diff(w, &want);
-                assert!(d <= 1e-5, "{at}: differs from one learner by {d}");
+                assert!(d <= 0.005 * moved, "{at}: differs from one learner by {d} (the weights moved {moved})");
                 for (got, want) in reports.iter().zip(&want_reports) {
                     assert_eq!(got.updates.len(), want.updates.len(), "{at}");
                     for (g, w) in got.updates.iter().zip(&want.updates) {
