@@ -305,6 +305,9 @@ pub(super) struct Retrying {
     url: String,
     retry_for: Duration,
     max_delay: Duration,
+    /// Commands that failed transiently and were retried, so far: a reply
+    /// may have been lost with the connection (see `Consumer::recv`).
+    pub(super) retried: u64,
 }
 
 impl Retrying {
@@ -314,6 +317,7 @@ impl Retrying {
             url: redis.url.clone(),
             retry_for: Duration::from_millis(redis.config.retry_for_ms),
             max_delay: Duration::from_millis(redis.config.reconnect_max_delay_ms),
+            retried: 0,
         }
     }
 
@@ -328,7 +332,10 @@ impl Retrying {
         loop {
             match attempt(self.conn.clone()).await {
                 Ok(v) => return Ok(v),
-                Err(e) if transient(&e) => self.backoff(start, &mut delay, op, key, &e).await?,
+                Err(e) if transient(&e) => {
+                    self.retried += 1;
+                    self.backoff(start, &mut delay, op, key, &e).await?
+                }
                 Err(source) => return Err(Error::Redis { url: self.url.clone(), op, key: key.to_string(), source }),
             }
         }

@@ -152,6 +152,12 @@ pub struct Consumer<T> {
     seal: Option<Seal>,
     keep_own: redis::Script,
     own_pending_checked: bool,
+    /// Entries this consumer was handed and has not acknowledged.
+    held: std::collections::HashSet<String>,
+    /// A read was retried after a transient failure: Redis may have handed
+    /// it entries whose reply was lost, which only a read of this consumer's
+    /// own pending entries finds (see [`Consumer::recv`]).
+    recheck_own: bool,
     claim_cursor: String,
     duplicates: u64,
     _t: PhantomData<fn() -> T>,
@@ -177,6 +183,8 @@ impl<T: Entry> Consumer<T> {
             seal,
             keep_own: redis::Script::new(KEEP_OWN),
             own_pending_checked: false,
+            held: Default::default(),
+            recheck_own: false,
             claim_cursor: "0-0".into(),
             duplicates: 0,
             _t: PhantomData,
@@ -241,9 +249,23 @@ impl<T: Entry> Consumer<T> {
     /// restart with the same name), then entries idle for `redis.claim_idle_ms`
     /// in other consumers (unless [`Consumer::without_reclaim`]), then new
     /// ones (waiting up to `redis.block_ms`). Empty when nothing arrived in time.
+    ///
+    /// After a read that was retried (the connection dropped, Redis
+    /// restarted), this consumer's own pending entries are read again and
+    /// those it was never handed are delivered: Redis may have handed them
+    /// over with a reply that was lost, and a consumer that takes nothing
+    /// back from idle (the learner) would otherwise never see them.
     pub async fn recv(&mut self, config: &Config) -> Result<Batch<T>> {
         let mut raw: Vec<(StreamId, bool)> = Vec::new();
-        if !self.own_pending_checked {
+        if self.recheck_own && self.own_pending_checked {
+            self.recheck_own = false;
+            let lost = self.own_pending_not_held(config).await?;
+            if !lost.is_empty() {
+                tracing::warn!(stream = %self.stream, consumer = %self.name, count = lost.len(), "entries handed over with a reply lost to a dropped connection, read again");
+            }
+            raw.extend(lost.into_iter().map(|e| (e, false)));
+        }
+        if raw.is_empty() && !self.own_pending_checked {
             let reply = self.read("0", config, None).await?;
             self.own_pending_checked = true;
             raw.extend(reply.into_iter().map(|e| (e, false)));
@@ -270,6 +292,22 @@ impl<T: Entry> Consumer<T> {
             raw.extend(reply.into_iter().map(|e| (e, false)));
         }
         self.decode(raw).await
+    }
+
+    /// This consumer's pending entries that it was not handed (in pages).
+    async fn own_pending_not_held(&mut self, config: &Config) -> Result<Vec<StreamId>> {
+        let (mut from, mut out) = ("0".to_string(), Vec::new());
+        loop {
+            let page = self.read(&from, config, None).await?;
+            let Some(last) = page.last() else { break };
+            from = last.id.clone();
+            let full = page.len() >= config.batch;
+            out.extend(page.into_iter().filter(|e| !self.held.contains(&e.id)));
+            if !full {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Takes over every entry `dead` read and did not acknowledge (a worker the
@@ -302,10 +340,23 @@ impl<T: Entry> Consumer<T> {
         pipe.atomic();
         pipe.cmd("XACK").arg(&self.stream).arg(&self.group).arg(entries).ignore();
         pipe.cmd("XDEL").arg(&self.stream).arg(entries).ignore();
-        self.conn.pipe::<()>("XACK", &self.stream, &pipe).await
+        self.conn.pipe::<()>("XACK", &self.stream, &pipe).await?;
+        for e in entries {
+            self.held.remove(e);
+        }
+        Ok(())
     }
 
     async fn read(&mut self, from: &str, config: &Config, block: Option<u64>) -> Result<Vec<StreamId>> {
+        let retried = self.conn.retried;
+        let out = self.read_once(from, config, block).await;
+        if self.conn.retried != retried {
+            self.recheck_own = true;
+        }
+        out
+    }
+
+    async fn read_once(&mut self, from: &str, config: &Config, block: Option<u64>) -> Result<Vec<StreamId>> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP").arg(&self.group).arg(&self.name).arg("COUNT").arg(config.batch);
         if let Some(ms) = block {
@@ -387,6 +438,7 @@ impl<T: Entry> Consumer<T> {
         }
         self.duplicates += duplicates;
         self.ack(&to_ack).await?;
+        self.held.extend(items.iter().map(|d| d.entry.clone()));
         Ok(Batch { items, dropped, duplicates })
     }
 }

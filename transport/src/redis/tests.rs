@@ -565,3 +565,46 @@ async fn drain_deliveries<T: Entry>(c: &mut Consumer<T>, cfg: &Config, want: usi
     .await;
     got
 }
+
+/// Redis handed a consumer that takes nothing back from idle (the learner)
+/// entries whose reply it never got (the connection dropped with the reply;
+/// here: read for it by another connection, then its connection killed):
+/// after its read is retried it reads its own pending entries again and
+/// delivers those it was never handed, once. (Before, they stayed pending
+/// to it forever: their groups never completed, and a distributed run
+/// stalled after a Redis restart until `dist.group_timeout_ms`.)
+#[tokio::test]
+async fn entries_handed_over_with_a_lost_reply_are_delivered_after_a_dropped_connection() {
+    let server = TestRedis::private(&[]);
+    let cfg = config(&server.url);
+    let keys = RunKeys::new("prism", &unique("lost-reply"));
+    let redis = Redis::connect(&cfg).await.unwrap();
+    let mut c = redis.consumer::<Trajectory>(&keys.sampled, REWARD_GROUP, "learner", None).await.unwrap().without_reclaim();
+    let mut p = redis.producer::<Trajectory>(&keys.sampled).await.unwrap();
+    p.send(&[trajectory(0, 8)], &cfg).await.unwrap();
+    // Held, not acknowledged (a member waiting for its group).
+    let held = eventually("the first entry", Duration::from_secs(20), async || {
+        let batch = c.recv(&cfg).await.unwrap();
+        (!batch.items.is_empty()).then_some(batch.items)
+    })
+    .await;
+    assert_eq!(held.iter().map(|d| d.item.id.0).collect::<Vec<_>>(), vec![0]);
+    p.send(&[trajectory(1, 8), trajectory(2, 8)], &cfg).await.unwrap();
+    // Handed to "learner", the reply lost.
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP").arg("GROUP").arg(REWARD_GROUP).arg("learner").arg("STREAMS").arg(&keys.sampled).arg(">").query_async(&mut raw).await.unwrap();
+    // Its connection drops: the next read fails once and is retried.
+    let _: redis::Value = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").arg("SKIPME").arg("yes").query_async(&mut raw).await.unwrap();
+    let rest = drain(&mut c, &cfg, 2).await;
+    let mut ids: Vec<u64> = rest.iter().map(|t| t.id.0).collect();
+    ids.sort();
+    assert_eq!(ids, vec![1, 2], "the entries whose reply was lost");
+    // Nothing comes twice: not the entry it holds (0), not these.
+    let _: redis::Value = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").arg("SKIPME").arg("yes").query_async(&mut raw).await.unwrap();
+    for _ in 0..3 {
+        assert!(c.recv(&cfg).await.unwrap().items.is_empty());
+    }
+    let d = redis.depth(&keys.sampled, REWARD_GROUP).await.unwrap();
+    assert_eq!((d.waiting, d.pending), (0, 1), "the held entry is still pending");
+}
