@@ -217,6 +217,17 @@ fn assert_balanced(summary: &Value, steps: u64, learner: &str) {
     assert!(learner.contains("trajectories: made"), "{learner}");
 }
 
+/// A rollout process's closing line, "rollout: G groups (T trajectories)
+/// sampled, N weight versions pulled (B bytes), …", with its N and B.
+fn rollout_line(p: &Proc) -> (String, u64, u64) {
+    let out = p.output();
+    let line = out.lines().find(|l| l.starts_with("rollout: ")).unwrap_or_else(|| panic!("{}:\n{out}", p.name)).to_string();
+    let pulled = line.split(", ").nth(1).unwrap_or_else(|| panic!("{line}"));
+    let pulls = pulled.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+    let bytes = pulled.split('(').nth(1).and_then(|b| b.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+    (line, pulls, bytes)
+}
+
 #[test]
 fn learner_two_rollouts_and_two_rewards_train_and_balance() {
     let redis = TestRedis::start();
@@ -226,9 +237,7 @@ fn learner_two_rollouts_and_two_rewards_train_and_balance() {
     assert_balanced(&summary, 4, &learner);
     // Both rollout processes sampled and pulled weights; both reward processes labeled.
     for p in &c.rollouts {
-        let out = p.output();
-        let line = out.lines().find(|l| l.starts_with("rollout: ")).unwrap_or_else(|| panic!("{}:\n{out}", p.name));
-        let pulls: u64 = line.split(", ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+        let (line, pulls, _) = rollout_line(p);
         assert!(pulls >= 1, "{line}");
     }
     let labeled: u64 = c
@@ -271,12 +280,8 @@ fn a_lora_run_with_inflight_updates_sends_the_base_once_and_then_adapters_alone(
     let learner = c.learner.output();
     assert_balanced(&summary, 4, &learner);
     for p in &c.rollouts {
+        let (line, pulls, bytes) = rollout_line(p);
         let out = p.output();
-        let line = out.lines().find(|l| l.starts_with("rollout: ")).unwrap_or_else(|| panic!("{}:\n{out}", p.name));
-        // "rollout: G groups (T trajectories) sampled, N weight versions pulled (B bytes), …"
-        let pulled = line.split(", ").nth(1).unwrap();
-        let pulls: u64 = pulled.split(' ').next().unwrap().parse().unwrap();
-        let bytes: u64 = pulled.split('(').nth(1).and_then(|b| b.split(' ').next()).unwrap().parse().unwrap();
         let fetched: Vec<String> = out.lines().filter(|l| l.contains("frozen base fetched")).map(without_colours).collect();
         assert_eq!(fetched.len(), 1, "{}: the base once:\n{out}", p.name);
         let base: u64 = fetched[0].split("bytes=").nth(1).and_then(|b| b.split(|c: char| !c.is_ascii_digit()).next()).unwrap().parse().unwrap();
