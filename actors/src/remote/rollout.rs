@@ -197,9 +197,7 @@ impl Remote {
             let served = match self.weights.fetch(0).await {
                 Ok(set) if set.version >= min_version => {
                     tracing::debug!(policy_version = set.version, bytes = set.total_bytes(), part = ?set.part, "weights fetched");
-                    self.end().summary.weight_bytes += set.total_bytes();
-                    let version = PolicyVersion(set.version);
-                    return Ok(Some(WeightSet::new(version, weights_of(&mut self.weights, &self.base, &self.end, set).await?)));
+                    return Ok(Some(weight_set_of(&mut self.weights, &self.base, &self.end, set).await?));
                 }
                 Ok(set) => format!("the learner still serves v{}", set.version),
                 Err(e) if e.is_transient() => {
@@ -355,13 +353,15 @@ impl Ports for Remote {
 /// A LoRA policy's frozen base as a rollout process holds it: its id and tensors.
 type Base = Option<(u64, HashMap<String, tch::Tensor>)>;
 
-/// The model's weights from a fetched version: its tensors, or (a LoRA
+/// The model's weights at a fetched version: its tensors, or (a LoRA
 /// policy's version) its adapters merged over the frozen base in `base`,
 /// which is fetched the first time and again whenever the learner names
-/// another. Fetched bytes are counted in `end`.
-async fn weights_of(weights: &mut WeightsClient, base: &Mutex<Base>, end: &Mutex<End>, set: WeightBytes) -> Result<Vec<(String, tch::Tensor)>> {
+/// another. The bytes fetched (the version's, the base's) are counted in `end`.
+async fn weight_set_of(weights: &mut WeightsClient, base: &Mutex<Base>, end: &Mutex<End>, set: WeightBytes) -> Result<Arc<WeightSet>> {
+    end.lock().unwrap_or_else(|p| p.into_inner()).summary.weight_bytes += set.total_bytes();
+    let version = PolicyVersion(set.version);
     let Part::Adapters { base: id, scale } = set.part else {
-        return set.to_tensors();
+        return Ok(WeightSet::new(version, set.to_tensors()?));
     };
     let bad = |reason: String| Error::Weights { version: set.version, reason };
     let lock = || base.lock().unwrap_or_else(|p| p.into_inner());
@@ -382,14 +382,14 @@ async fn weights_of(weights: &mut WeightsClient, base: &Mutex<Base>, end: &Mutex
     all.extend(merged);
     let mut all: Vec<(String, tch::Tensor)> = all.into_iter().collect();
     all.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(all)
+    Ok(WeightSet::new(version, all))
 }
 
 /// In-flight weight updates (`rollout.inflight_updates`): fetches each
 /// version the heartbeats announce as soon as they announce it, while the
-/// worker generates (once it holds a version), into `staged`, which the generation takes between two
-/// decode steps (or the next `weights` call, when the generation ended
-/// first). A failed fetch is logged and left to the next announcement or to
+/// worker generates (once it holds a version), into `staged`, which the
+/// generation takes between two decode steps (or the next `weights` call,
+/// when the generation ended first). A failed fetch is logged and left to the next announcement or to
 /// the worker's own pull between generations.
 async fn prefetch(
     mut weights: WeightsClient,
@@ -408,11 +408,7 @@ async fn prefetch(
         have = have.max(held);
         if held > 0 && announced > have {
             let fetched = match weights.fetch(0).await {
-                Ok(set) if set.version > have => {
-                    end.lock().unwrap_or_else(|p| p.into_inner()).summary.weight_bytes += set.total_bytes();
-                    let version = set.version;
-                    weights_of(&mut weights, &base, &end, set).await.map(|t| Some(WeightSet::new(PolicyVersion(version), t)))
-                }
+                Ok(set) if set.version > have => weight_set_of(&mut weights, &base, &end, set).await.map(Some),
                 Ok(_) => Ok(None),
                 Err(e) => Err(e),
             };
